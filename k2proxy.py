@@ -1,0 +1,1631 @@
+#!/usr/bin/env python3
+"""k2proxy: MBZUAI's K2-Think, served through the K2Think web site, behind the OpenAI API.
+
+One module that reads top to bottom: settings, upstream protocol parsing, tool
+calls, token pool, upstream client, OpenAI handlers, admin API, app factory.
+aiohttp is the only dependency.
+"""
+
+import argparse
+import asyncio
+import base64
+import binascii
+import codecs
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+
+__version__ = "1.0.0"
+log = logging.getLogger("k2proxy")
+HERE = Path(__file__).resolve().parent
+
+
+# ─── Settings ────────────────────────────────────────────────────────────────
+# One table: defaults, descriptions, parsers. `--help`, the README table and
+# `load_settings` all come from it.
+
+
+class SettingsError(ValueError):
+    """A setting that stops start-up; the message names it."""
+
+
+def _text(value):
+    return value.strip()
+
+
+def _int_between(low, high):
+    def parse(value):
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if not low <= number <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return number
+    return parse
+
+
+def _positive(value):
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError("must be a number") from None
+    if not 0 < number < float("inf"):
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _boolean(value):
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _one_of(*choices):
+    def parse(value):
+        lowered = value.strip().lower()
+        if lowered not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}")
+        return lowered
+    return parse
+
+
+def _csv(value):
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
+def _url(value):
+    value = value.strip().rstrip("/")
+    if value and not re.match(r"^https?://[^/\s]+", value):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+def _url_path(value):
+    value = value.strip()
+    if not re.fullmatch(r"/[A-Za-z0-9_\-/]*", value) or "//" in value:
+        raise ValueError("must be a path like /admin")
+    return value.rstrip("/") or "/admin"
+
+
+def _log_level(value):
+    level = value.strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+    return level
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    parse: object
+    help: str
+    secret: bool = False
+
+
+SETTINGS = (
+    Setting("HOST", "0.0.0.0", _text, "Address to listen on"),
+    Setting("PORT", "8001", _int_between(1, 65535), "Port to listen on"),
+    Setting("VALID_API_KEY", "", _csv, "API keys clients must send, comma-separated; empty: a random key is generated and printed at start-up", True),
+    Setting("ADMIN_KEY", "", _text, "Key for the admin page and API; empty: the first API key", True),
+    Setting("PROXY_MODE", "guest", _one_of("guest", "user"), "guest (no account) or user (account tokens from USER_TOKENS_FILE)"),
+    Setting("K2THINK_BASE_URL", "https://www.k2think.ai", _url, "Upstream site; every upstream path hangs off it"),
+    Setting("GUEST_API_URL", "", _url, "Full URL of the guest chat endpoint; empty: K2THINK_BASE_URL/api/guest/chat/completions"),
+    Setting("USER_API_URL", "", _url, "Full URL of the user chat endpoint; empty: K2THINK_BASE_URL/api/chat/completions"),
+    Setting("MODELS", "MBZUAI-IFM/K2-Think", _csv, "Model ids listed by /v1/models, comma-separated (each also as ID-nothink)"),
+    Setting("THINKING_FORMAT", "reasoning_content", _one_of("reasoning_content", "think_tags"), "How reasoning reaches clients: the reasoning_content field, or think_tags inline in content"),
+    Setting("TOOL_SUPPORT", "true", _boolean, "Emulate OpenAI function calling for requests with tools"),
+    Setting("MAX_REQUEST_MB", "32", _positive, "Largest request body accepted, in MB"),
+    Setting("REQUEST_TIMEOUT", "120", _positive, "Seconds to wait for upstream's first byte, and between its frames"),
+    Setting("KEEPALIVE_SECONDS", "15", _positive, "Seconds of upstream silence before a stream gets an SSE comment"),
+    Setting("USER_TOKENS_FILE", "tokens.txt", _text, "Token file of user mode, one JWT per line"),
+    Setting("GUEST_TOKENS_FILE", "tokens_guest.txt", _text, "Token file of guest mode (optional; empty means no Authorization)"),
+    Setting("MAX_RETRIES", "3", _int_between(0, 20), "Further tokens tried when upstream fails before the client got anything"),
+    Setting("MAX_TOKEN_FAILURES", "3", _int_between(1, 1000), "Failures in a row that disable a token"),
+    Setting("TOKEN_COOLDOWN", "300", _positive, "Seconds before a token disabled by upstream errors is tried again"),
+    Setting("CORS_ORIGINS", "*", _csv, "Origins allowed to call /v1 from a browser, comma-separated, or *"),
+    Setting("ADMIN_PAGE_PATH", "/admin", _url_path, "Path of the admin page"),
+    Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+)
+
+
+class Settings:
+    """Every setting, parsed once at start-up; attributes are the names in lower case."""
+
+    def __init__(self, values):
+        self.__dict__.update(values)
+
+    def public(self):
+        """The settings an admin may see: everything but secrets."""
+        return {s.name: getattr(self, s.name.lower()) for s in SETTINGS if not s.secret}
+
+
+def parse_dotenv(text):
+    """Reads a .env file: KEY=value lines, comments, quoted values; raises SettingsError on a bad line."""
+    values = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("export "):
+            line = line[7:].lstrip()
+        key, sep, value = line.partition("=")
+        key = key.strip()
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise SettingsError(f".env line {number}: expected KEY=value")
+        value = value.strip()
+        if value[:1] in ("'", '"'):
+            quote = value[0]
+            end = value.find(quote, 1)
+            while quote == '"' and end > 0 and value[end - 1] == "\\":
+                end = value.find(quote, end + 1)
+            if end < 0:
+                raise SettingsError(f".env line {number}: {key} has no closing {quote}")
+            value = value[1:end]
+            if quote == '"':
+                value = value.replace('\\"', '"').replace("\\n", "\n")
+        else:
+            value = re.split(r"\s+#", value, maxsplit=1)[0].strip()
+        values[key] = value
+    return values
+
+
+def load_settings(environ, dotenv_text=None):
+    """Builds Settings from the environment over .env over defaults; the first bad value raises."""
+    source = dict(parse_dotenv(dotenv_text) if dotenv_text else {})
+    source.update(environ)
+    values = {}
+    for setting in SETTINGS:
+        raw = source.get(setting.name, setting.default)
+        try:
+            values[setting.name.lower()] = setting.parse(raw)
+        except ValueError as exc:
+            shown = "(hidden)" if setting.secret else repr(raw)
+            raise SettingsError(f"setting {setting.name}={shown} is invalid: {exc}") from None
+    if not values["models"]:
+        raise SettingsError("setting MODELS is invalid: needs at least one model id")
+    values["api_key_generated"] = not values["valid_api_key"]
+    if values["api_key_generated"]:
+        values["valid_api_key"] = ["sk-" + secrets.token_urlsafe(32)]
+    values["admin_key"] = values["admin_key"] or values["valid_api_key"][0]
+    base = values["k2think_base_url"]
+    values["guest_api_url"] = values["guest_api_url"] or base + "/api/guest/chat/completions"
+    values["user_api_url"] = values["user_api_url"] or base + "/api/chat/completions"
+    return Settings(values)
+
+
+def settings_help():
+    """The settings table printed by --help."""
+    width = max(len(s.name) for s in SETTINGS)
+    lines = ["settings (environment variables, or KEY=value lines in ./.env):"]
+    for s in SETTINGS:
+        lines.append(f"  {s.name:<{width}}  {s.help} (default: {s.default or 'empty'})")
+    return "\n".join(lines)
+
+
+# ─── Upstream protocol parsing ───────────────────────────────────────────────
+# Pure code, no I/O: bytes → SSE payloads → frames → (reasoning, answer) pieces.
+# Every step does work proportional to what its input added.
+
+MAX_FRAME_BYTES = 16 * 1024 * 1024
+
+
+class UpstreamError(Exception):
+    """Upstream failed; `status` is what the client gets, `charge` whether the token is to blame."""
+
+    def __init__(self, message, status=502, code="upstream_error", charge=True, retryable=True,
+                 retry_after=None, auth=False, rate_limited=False):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.charge = charge
+        self.retryable = retryable
+        self.retry_after = retry_after
+        self.auth = auth
+        self.rate_limited = rate_limited
+
+
+class ApiError(Exception):
+    """An error answered to the client as an OpenAI error body with a real HTTP status."""
+
+    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None, retry_after=None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+
+class SSEDecoder:
+    """Splits upstream bytes into frames, whatever the TCP, line and UTF-8 cut points."""
+
+    def __init__(self):
+        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._partial = []
+        self._partial_size = 0
+
+    def feed(self, data, final=False):
+        """The frames completed by `data`; `final` flushes the last line."""
+        text = self._decode(data, final)
+        self._partial.append(text)
+        if "\n" not in text and not final:
+            self._partial_size += len(text)
+            if self._partial_size > MAX_FRAME_BYTES:
+                raise UpstreamError("upstream sent a frame larger than 16 MB", charge=False, retryable=False)
+            return []
+        lines = "".join(self._partial).split("\n")
+        rest = "" if final else lines.pop()
+        self._partial = [rest]
+        self._partial_size = len(rest)
+        return [frame for frame in map(parse_frame, filter(None, map(sse_payload, lines))) if frame]
+
+
+def sse_payload(line):
+    """The payload of one SSE line, or '' for comments, other fields and blank lines."""
+    line = line.strip()
+    if line.startswith("data:"):
+        return line[5:].strip()
+    if line.startswith("{"):
+        return line
+    return ""
+
+
+@dataclass
+class Frame:
+    text: str = None
+    usage: dict = None
+    finish_reason: str = None
+    done: bool = False
+    error: str = None
+
+
+END_MARKERS = frozenset(("[DONE]", "DONE", "done"))
+
+
+def parse_frame(payload):
+    """Reads one upstream payload (SSE data or a whole JSON answer); None for noise such as -1."""
+    if payload in END_MARKERS:
+        return Frame(done=True)
+    try:
+        obj = json.loads(payload)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    problem = obj.get("error") or obj.get("detail")
+    if problem:
+        return Frame(error=error_text(problem))
+    frame = Frame(done=obj.get("done") is True)
+    choices = obj.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        choice = choices[0]
+        part = choice.get("delta") or choice.get("message")
+        if isinstance(part, dict) and isinstance(part.get("content"), str):
+            frame.text = part["content"]
+        if isinstance(choice.get("finish_reason"), str):
+            frame.finish_reason = choice["finish_reason"]
+    elif isinstance(obj.get("content"), str):
+        frame.text = obj["content"]
+    if isinstance(obj.get("usage"), dict):
+        frame.usage = obj["usage"]
+    return frame
+
+
+def error_text(problem):
+    """A short human message out of whatever upstream put in an error field."""
+    if isinstance(problem, dict):
+        problem = problem.get("message") or problem.get("detail") or json.dumps(problem)
+    elif isinstance(problem, list):
+        problem = "; ".join(error_text(item) for item in problem)
+    return str(problem)[:500]
+
+
+def held_tag_prefix(text, tag):
+    """Length of the end of `text` that could be the start of `tag`, to hold back until more arrives."""
+    for size in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:size]):
+            return size
+    return 0
+
+
+class TrimmedText:
+    """One side of the answer (reasoning or answer) as it streams, without leading or trailing blanks."""
+
+    __slots__ = ("parts", "_held")
+
+    def __init__(self):
+        self.parts = []
+        self._held = ""
+
+    def add(self, text):
+        """Takes raw text, returns what can be shown now; trailing blanks wait for more text."""
+        if not text:
+            return ""
+        text = self._held + text if self.parts else text.lstrip()
+        shown = text.rstrip()
+        self._held = text[len(shown):]
+        if shown:
+            self.parts.append(shown)
+        return shown
+
+    def text(self):
+        return "".join(self.parts)
+
+
+class MarkupSplitter:
+    """Separates K2-Think's reasoning markup (<think>, <details>, <answer>) from the answer, piece by piece."""
+
+    OPENERS = ("<think>", "<answer>", "<details")
+
+    def __init__(self):
+        self.reasoning = TrimmedText()
+        self.answer = TrimmedText()
+        self._state = self._start
+        self._pending = ""
+        self._undecided = []
+        self._line_start = True
+        self._out_reasoning = []
+        self._out_answer = []
+
+    def feed(self, text):
+        """Adds raw text; returns the (reasoning, answer) text it completes."""
+        self._pending += text
+        while self._pending and self._state():
+            pass
+        return self._take()
+
+    def finish(self):
+        """Ends the text: whatever was held back is settled."""
+        rest = "".join(self._undecided) + self._pending
+        self._undecided, self._pending = [], ""
+        if self._state in (self._think, self._details):
+            self._reason(rest)
+        else:
+            self._say(rest)
+        self._state = self._answer
+        return self._take()
+
+    def _take(self):
+        reasoning, answer = "".join(self._out_reasoning), "".join(self._out_answer)
+        self._out_reasoning.clear()
+        self._out_answer.clear()
+        return reasoning, answer
+
+    def _reason(self, text):
+        self._out_reasoning.append(self.reasoning.add(text))
+
+    def _say(self, text):
+        self._out_answer.append(self.answer.add(text))
+
+    def _consume(self, size, state):
+        self._pending = self._pending[size:]
+        self._state = state
+        return True
+
+    def _start(self):
+        text = self._pending.lstrip()
+        self._pending = text
+        if not text:
+            return False
+        if text.startswith("<think>"):
+            return self._consume(7, self._think)
+        if text.startswith("<answer>"):
+            return self._consume(8, self._answer)
+        if text.startswith("<details"):
+            end = text.find(">")
+            if end < 0 and len(text) < 512:
+                return False
+            if 'type="reasoning"' in text[:end]:
+                self._line_start = True
+                return self._consume(end + 1, self._details)
+        elif any(tag.startswith(text) for tag in self.OPENERS):
+            return False
+        self._state = self._undecided_text
+        return True
+
+    def _undecided_text(self):
+        """Text with no opening marker: reasoning if a lone </think> or <answer> follows, else answer."""
+        text = self._pending
+        for tag, state in (("</think>", self._after_reasoning), ("<answer>", self._answer)):
+            index = text.find(tag)
+            if index >= 0:
+                self._reason("".join(self._undecided) + text[:index])
+                self._undecided = []
+                return self._consume(index + len(tag), state)
+        keep = max(held_tag_prefix(text, "</think>"), held_tag_prefix(text, "<answer>"))
+        self._undecided.append(text[:len(text) - keep])
+        self._pending = text[len(text) - keep:]
+        return False
+
+    def _think(self):
+        return self._until("</think>", self._reason, self._after_reasoning)
+
+    def _answer(self):
+        return self._until("</answer>", self._say, self._answer)
+
+    def _until(self, tag, emit, next_state):
+        text = self._pending
+        index = text.find(tag)
+        if index >= 0:
+            emit(text[:index])
+            return self._consume(index + len(tag), next_state)
+        keep = held_tag_prefix(text, tag)
+        emit(text[:len(text) - keep])
+        self._pending = text[len(text) - keep:]
+        return False
+
+    def _details(self):
+        """Open WebUI's reasoning block: drops <summary> and the '> ' quoting of each line."""
+        text = self._pending
+        if self._line_start:
+            for marker in ("</details>", "<summary", "> ", ">"):
+                if text.startswith(marker):
+                    break
+                if marker.startswith(text):
+                    return False
+            else:
+                marker = None
+            if marker == "</details>":
+                return self._consume(len(marker), self._after_reasoning)
+            if marker == "<summary":
+                end = text.find("</summary>")
+                return end >= 0 and self._consume(end + 10, self._details)
+            if marker:
+                self._pending = text[len(marker):]
+            self._line_start = False
+            return True
+        newline, end = text.find("\n"), text.find("</details>")
+        if end >= 0 and (newline < 0 or end < newline):
+            self._reason(text[:end])
+            return self._consume(end + 10, self._after_reasoning)
+        if newline >= 0:
+            self._reason(text[:newline + 1])
+            self._line_start = True
+            self._pending = text[newline + 1:]
+            return True
+        keep = held_tag_prefix(text, "</details>")
+        self._reason(text[:len(text) - keep])
+        self._pending = text[len(text) - keep:]
+        return False
+
+    def _after_reasoning(self):
+        text = self._pending.lstrip()
+        self._pending = text
+        if text.startswith("<answer>"):
+            return self._consume(8, self._answer)
+        if not text or "<answer>".startswith(text):
+            return False
+        self._state = self._answer
+        return True
+
+
+class UpstreamText:
+    """Turns upstream text frames, whole-answer snapshots or new pieces, into reasoning and answer deltas."""
+
+    def __init__(self):
+        self._raw = []
+        self._raw_size = 0
+        self._snapshots = False
+        self.splitter = MarkupSplitter()
+
+    def feed(self, text):
+        if self._raw and len(text) >= self._raw_size:
+            raw = self._raw[0] if len(self._raw) == 1 else "".join(self._raw)
+            self._raw = [raw]
+            if text.startswith(raw):
+                self._snapshots = True
+                self._raw = [text]
+                self._raw_size = len(text)
+                return self.splitter.feed(text[len(raw):])
+        if self._snapshots:
+            rewritten = self._reparse(text)
+            if rewritten:
+                return rewritten
+        self._raw.append(text)
+        self._raw_size += len(text)
+        return self.splitter.feed(text)
+
+    def _reparse(self, text):
+        """A snapshot whose markup changed (Open WebUI rewrites the reasoning tag): keep it if its texts only grew."""
+        fresh = MarkupSplitter()
+        fresh.feed(text)
+        old_reasoning, old_answer = self.splitter.reasoning.text(), self.splitter.answer.text()
+        new_reasoning, new_answer = fresh.reasoning.text(), fresh.answer.text()
+        if not (new_reasoning.startswith(old_reasoning) and new_answer.startswith(old_answer)):
+            return None
+        self.splitter = fresh
+        self._raw = [text]
+        self._raw_size = len(text)
+        return new_reasoning[len(old_reasoning):], new_answer[len(old_answer):]
+
+    def finish(self):
+        return self.splitter.finish()
+
+
+def upstream_error(status, body, retry_after=None):
+    """The UpstreamError for a non-200 answer, from its status and body text."""
+    try:
+        detail = error_text(json.loads(body)) if body.strip() else ""
+    except ValueError:
+        detail = body.strip()[:200]
+    shown = f"upstream answered HTTP {status}" + (f": {detail}" if detail else "")
+    if "model not found" in detail.lower():
+        return UpstreamError(shown, 404, "model_not_found", charge=False, retryable=False)
+    if status in (401, 403):
+        return UpstreamError(shown + " (the account token was refused)", 502, "upstream_auth_failed", auth=True)
+    if status == 429:
+        seconds = float(retry_after) if retry_after and retry_after.strip().isdigit() else None
+        return UpstreamError(shown, 429, "rate_limited", charge=False, retry_after=seconds, rate_limited=True)
+    if 300 <= status < 400:
+        return UpstreamError(shown + " (redirect not followed)", 502, charge=False, retryable=False)
+    if status in (400, 413, 422):
+        return UpstreamError(shown, 400 if status != 413 else 413, "upstream_rejected", charge=False, retryable=False)
+    if status < 500:
+        return UpstreamError(shown, 502, charge=False, retryable=False)
+    return UpstreamError(shown, 502)
+
+
+def upstream_payload(model, messages, params, now=None):
+    """The chat payload the K2Think web page itself sends."""
+    now = now or time.localtime()
+    return {
+        "stream": True, "model": model, "messages": messages, "params": params,
+        "features": {"image_generation": False, "code_interpreter": False, "web_search": False},
+        "variables": {"{{CURRENT_DATETIME}}": time.strftime("%Y-%m-%d %H:%M:%S", now),
+                      "{{USER_LANGUAGE}}": "en-US"},
+        "chat_id": str(uuid.uuid4()), "id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()),
+        "background_tasks": {"title_generation": False, "tags_generation": False},
+    }
+
+
+# ─── Token pool ──────────────────────────────────────────────────────────────
+# Round-robin over usable tokens; failures disable, 429 cools down, expired
+# JWTs are never sent. The file is watched by polling, which also works on
+# bind mounts.
+
+
+def parse_tokens_file(text):
+    """Tokens of a tokens file in order: one per line, blanks and # comments skipped, duplicates once."""
+    seen = {}
+    for line in text.splitlines():
+        token = line.strip()
+        if token and not token.startswith("#"):
+            seen.setdefault(token, None)
+    return list(seen)
+
+
+def jwt_expiry(token):
+    """The `exp` of a JWT read without its key, or None when the token is not a JWT with one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+def mask_token(token):
+    """A token as shown anywhere but the token editor: enough to recognise, never enough to use."""
+    if len(token) <= 12:
+        return "…" + token[-2:]
+    return f"{token[:4]}…{token[-3:]}"
+
+
+@dataclass(eq=False)
+class Token:
+    value: str
+    expires_at: float = None
+    failures: int = 0
+    requests: int = 0
+    successes: int = 0
+    last_used: float = None
+    last_error: str = None
+    disabled: str = None
+    disabled_at: float = None
+    cooling_until: float = None
+
+    def status(self, now):
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        if self.disabled:
+            return "disabled"
+        if self.cooling_until and self.cooling_until > now:
+            return "cooling"
+        return "active"
+
+
+NO_TOKEN = Token("")
+
+
+class TokenPool:
+    """The tokens of one mode, with their health; requests take them round-robin."""
+
+    def __init__(self, mode, path, settings, clock=time.time):
+        self.mode = mode
+        self.path = Path(path)
+        self.max_failures = settings.max_token_failures
+        self.cooldown = settings.token_cooldown
+        self.clock = clock
+        self.tokens = []
+        self._next = 0
+        self.file_state = None
+
+    def load(self, text, readmit=False):
+        """Replaces the tokens with those of `text`; tokens still present keep their stats."""
+        known = {token.value: token for token in self.tokens}
+        self.tokens = [known.get(value) or Token(value, jwt_expiry(value)) for value in parse_tokens_file(text)]
+        self._next = 0
+        if readmit:
+            for token in self.tokens:
+                self.reset(token)
+
+    def _readmit(self, token, now):
+        if token.disabled == "failures" and now - token.disabled_at >= self.cooldown:
+            token.disabled = None
+            token.failures = self.max_failures - 1
+
+    def acquire(self, tried=()):
+        """The next usable token not yet tried, NO_TOKEN for a tokenless guest pool, or None."""
+        if not self.tokens:
+            return NO_TOKEN if self.mode == "guest" else None
+        now = self.clock()
+        count = len(self.tokens)
+        for step in range(count):
+            token = self.tokens[(self._next + step) % count]
+            self._readmit(token, now)
+            if token not in tried and token.status(now) == "active":
+                self._next = (self._next + step + 1) % count
+                token.requests += 1
+                token.last_used = now
+                return token
+        return None
+
+    def succeed(self, token):
+        token.failures = 0
+        token.successes += 1
+
+    def fail(self, token, error):
+        """Charges a failure to `token` when it was its fault; 429 only cools it down."""
+        if token is NO_TOKEN:
+            return
+        token.last_error = str(error)[:200]
+        if error.rate_limited:
+            token.cooling_until = self.clock() + (error.retry_after or 60)
+            return
+        if not error.charge:
+            return
+        token.failures += 1
+        if token.failures >= self.max_failures:
+            token.disabled = "auth" if error.auth else "failures"
+            token.disabled_at = self.clock()
+
+    def reset(self, token):
+        token.failures = 0
+        token.disabled = token.disabled_at = token.cooling_until = token.last_error = None
+
+    def counts(self):
+        now = self.clock()
+        counts = dict.fromkeys(("total", "active", "cooling", "disabled", "expired"), 0)
+        for token in self.tokens:
+            self._readmit(token, now)
+            counts[token.status(now)] += 1
+        counts["total"] = len(self.tokens)
+        return counts
+
+    def stats(self):
+        now = self.clock()
+        return [{"index": index, "masked": mask_token(t.value), "status": t.status(now),
+                 "failures": t.failures, "requests": t.requests, "successes": t.successes,
+                 "last_used": t.last_used, "last_error": t.last_error, "expires_at": t.expires_at,
+                 "cooling_until": t.cooling_until if t.status(now) == "cooling" else None}
+                for index, t in enumerate(self.tokens)]
+
+    def unavailable(self):
+        """The error for a request that found no usable token."""
+        if not self.tokens:
+            return ApiError(503, f"No tokens: put account tokens in {self.path.name}, one per line",
+                            "service_unavailable", code="no_tokens")
+        now = self.clock()
+        cooling = [t.cooling_until - now for t in self.tokens if t.status(now) == "cooling"]
+        if cooling and all(t.status(now) in ("cooling", "active") for t in self.tokens):
+            return ApiError(429, "Every token is rate limited by upstream; try again later",
+                            "rate_limit_error", code="rate_limited", retry_after=max(1, round(min(cooling))))
+        return ApiError(503, f"No usable token left in {self.path.name} (disabled or expired); "
+                             "fix the file or reset tokens on the admin page",
+                        "service_unavailable", code="no_usable_tokens")
+
+    # File I/O runs in a thread, off the event loop.
+
+    def _file_state(self):
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+    def read_file(self):
+        """The file's text and state; a missing file reads as empty."""
+        state = self._file_state()
+        try:
+            return self.path.read_text(encoding="utf-8", errors="replace"), state
+        except FileNotFoundError:
+            return "", None
+
+    def write_file(self, tokens=None, content=None):
+        """Saves tokens atomically (temporary file, fsync, rename), keeping the file's comment lines."""
+        if content is None:
+            old = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
+            comments = [line for line in old.splitlines() if line.strip().startswith("#")]
+            content = "\n".join(comments + list(tokens)) + "\n"
+        directory = self.path.parent
+        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                out.write(content)
+                out.flush()
+                os.fsync(out.fileno())
+            if self.path.exists():
+                os.chmod(temporary, self.path.stat().st_mode & 0o777)
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return content, self._file_state()
+
+    async def reload(self, force=False):
+        """Reads the file in a thread and loads it if it changed; `force` also re-admits disabled tokens."""
+        state = await asyncio.to_thread(self._file_state)
+        if state == self.file_state and not force:
+            return False
+        text, state = await asyncio.to_thread(self.read_file)
+        self.apply(text, state, readmit=force)
+        return True
+
+    def apply(self, text, state, readmit=False):
+        self.file_state = state
+        self.load(text, readmit)
+        if state is None:
+            log.warning("%s mode: token file %s not found; the pool is empty", self.mode, self.path)
+        else:
+            log.info("%s mode: %d tokens loaded from %s", self.mode, len(self.tokens), self.path)
+
+
+# ─── Upstream client ─────────────────────────────────────────────────────────
+# One HTTP session for the process; each completion tries tokens in turn until
+# one answers, as long as the client has seen no content.
+
+BROWSER_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+                      "(KHTML, like Gecko) Chrome/142.0.0.0 Safari/537.36")
+
+
+class Upstream:
+    """The K2Think side: the HTTP session, the token pool of each mode, the active mode."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.mode = settings.proxy_mode
+        self.pools = {"guest": TokenPool("guest", settings.guest_tokens_file, settings),
+                      "user": TokenPool("user", settings.user_tokens_file, settings)}
+        self.urls = {"guest": settings.guest_api_url, "user": settings.user_api_url}
+        self.timeout = ClientTimeout(total=None, sock_connect=settings.request_timeout,
+                                     sock_read=settings.request_timeout)
+        self.origin = re.match(r"^https?://[^/]+", settings.k2think_base_url).group(0)
+        self.session = None
+
+    @property
+    def pool(self):
+        return self.pools[self.mode]
+
+    @property
+    def url(self):
+        return self.urls[self.mode]
+
+    async def start(self):
+        self.session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=300),
+                                     timeout=self.timeout, auto_decompress=True)
+        await self.pool.reload()
+
+    async def close(self):
+        if self.session:
+            await self.session.close()
+
+    def headers(self, token, chat_id):
+        referer = f"{self.origin}/c/{chat_id}" if self.mode == "user" else f"{self.origin}/guest"
+        headers = {"Origin": self.origin, "Referer": referer, "User-Agent": BROWSER_USER_AGENT,
+                   "Content-Type": "application/json", "Accept": "text/event-stream"}
+        if token.value:
+            headers["Authorization"] = f"Bearer {token.value}"
+        return headers
+
+    async def complete(self, payload, sink):
+        """Runs one completion into `sink`, failing over to the next token while the client has seen nothing."""
+        pool, url = self.pool, self.url
+        body = json.dumps(payload, ensure_ascii=False).encode()
+        tried, error = [], None
+        for _ in range(self.settings.max_retries + 1):
+            token = pool.acquire(tried)
+            if token is None:
+                break
+            tried.append(token)
+            try:
+                await self._attempt(url, body, self.headers(token, payload["chat_id"]), sink)
+            except UpstreamError as failure:
+                pool.fail(token, failure)
+                error = failure
+                log.info("upstream attempt failed (%s token %d of %d): %s", pool.mode, len(tried),
+                         self.settings.max_retries + 1, failure)
+                if sink.committed or not failure.retryable:
+                    raise
+                sink.reset()
+                continue
+            pool.succeed(token)
+            return
+        raise error or pool.unavailable()
+
+    async def _attempt(self, url, body, headers, sink):
+        parser = UpstreamText()
+        try:
+            response = await self.session.post(url, data=body, headers=headers, allow_redirects=False)
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"upstream did not answer within {self.settings.request_timeout:g} s",
+                                504, "upstream_timeout") from None
+        except (ClientError, OSError) as exc:
+            raise UpstreamError(f"cannot reach upstream ({type(exc).__name__})", 502, charge=False) from None
+        try:
+            async for frame in self._frames(response):
+                if frame.error:
+                    raise upstream_error(502, json.dumps({"detail": frame.error}))
+                if frame.text is not None:
+                    await sink.add(*parser.feed(frame.text))
+                if frame.usage:
+                    sink.usage = frame.usage
+                if frame.finish_reason in ("length", "content_filter"):
+                    sink.finish_reason = frame.finish_reason
+                if frame.done:
+                    break
+            await sink.add(*parser.finish())
+        except asyncio.TimeoutError:
+            raise UpstreamError(f"upstream sent nothing for {self.settings.request_timeout:g} s",
+                                504, "upstream_timeout") from None
+        except (ClientError, OSError) as exc:
+            raise UpstreamError(f"upstream connection broke mid-answer ({type(exc).__name__})", 502) from None
+        finally:
+            response.close()
+
+    async def _frames(self, response):
+        """The frames of an upstream answer, SSE or one JSON document, decided by its content type."""
+        if response.status != 200:
+            body = await response.content.read(65536)
+            raise upstream_error(response.status, body.decode("utf-8", "replace"),
+                                 response.headers.get("Retry-After"))
+        kind = response.content_type
+        if kind == "application/json":
+            frame = parse_frame((await response.content.read(MAX_FRAME_BYTES)).decode("utf-8", "replace"))
+            if frame is None:
+                raise UpstreamError("upstream answered JSON that is not a chat answer")
+            yield frame
+            return
+        if kind != "text/event-stream":
+            raise UpstreamError(f"upstream answered {kind or 'no content type'}, not a stream", charge=False,
+                                retryable=False)
+        decoder = SSEDecoder()
+        async for chunk in response.content.iter_any():
+            for frame in decoder.feed(chunk):
+                yield frame
+        for frame in decoder.feed(b"", final=True):
+            yield frame
+
+
+# ─── OpenAI handlers ─────────────────────────────────────────────────────────
+# Requests are checked and translated by pure functions; the two sinks turn
+# reasoning and answer deltas into OpenAI chunks or one OpenAI message.
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class AppState:
+    """Everything a running proxy keeps: settings, the upstream side, request figures."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.upstream = Upstream(settings)
+        self.started = int(time.time())
+        self.stats = {"requests": 0, "errors": 0, "in_flight": 0, "ttfb_total": 0.0, "ttfb_count": 0}
+        self.admin_page = None
+        self.save_lock = asyncio.Lock()
+
+
+STATE = web.AppKey("state", AppState)
+NOTHINK = "-nothink"
+
+
+def _expect(condition, message, param, code="invalid_value"):
+    if not condition:
+        raise ApiError(400, message, param=param, code=code)
+
+
+def _number(body, name, low, high):
+    value = body.get(name)
+    if value is None:
+        return None
+    _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high,
+            f"'{name}' must be a number between {low} and {high}", name)
+    return value
+
+
+def _integer(body, name, low):
+    value = body.get(name)
+    if value is None:
+        return None
+    _expect(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+            f"'{name}' must be an integer of at least {low}", name)
+    return value
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    upstream_model: str
+    show_reasoning: bool
+    stream: bool
+    include_usage: bool
+    messages: list
+    params: dict
+    prompt_chars: int = 0
+
+
+def model_ids(settings):
+    """Every id a client may ask for: each model and its -nothink twin."""
+    return [name for model in settings.models for name in (model, model + NOTHINK)]
+
+
+def resolve_model(requested, settings):
+    """(upstream model, show reasoning) for a client's model id, or a 404 naming the ids there are."""
+    base = requested[:-len(NOTHINK)] if requested.endswith(NOTHINK) else requested
+    if base not in settings.models:
+        raise ApiError(404, f"The model '{requested}' does not exist; available: {', '.join(model_ids(settings))}",
+                       param="model", code="model_not_found")
+    return base, base == requested
+
+
+def message_text(content, index):
+    """A message's content as upstream takes it: a string, or a list of parts when it holds images."""
+    if content is None or isinstance(content, str):
+        return content or ""
+    _expect(isinstance(content, list), f"messages[{index}].content must be a string or a list of parts",
+            f"messages[{index}].content", "invalid_type")
+    parts = []
+    for number, part in enumerate(content):
+        where = f"messages[{index}].content[{number}]"
+        _expect(isinstance(part, dict) and isinstance(part.get("type"), str),
+                f"{where} must be an object with a 'type'", where, "invalid_type")
+        kind = part["type"]
+        if kind == "text":
+            _expect(isinstance(part.get("text"), str), f"{where}.text must be a string", where, "invalid_type")
+            parts.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            _expect(isinstance(url, str) and url, f"{where}.image_url.url is missing", where, "invalid_type")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            raise ApiError(400, f"{where} has type '{kind}', which is not supported (text, image_url)",
+                           param=where, code="unsupported_content")
+    if all(part["type"] == "text" for part in parts):
+        return "\n".join(part["text"] for part in parts)
+    return parts
+
+
+def upstream_messages(messages):
+    """OpenAI messages as Open WebUI takes them: developer becomes system, reasoning_content is dropped."""
+    _expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages",
+            "invalid_type" if not isinstance(messages, list) else "invalid_value")
+    rendered = []
+    for index, message in enumerate(messages):
+        _expect(isinstance(message, dict), f"messages[{index}] must be an object", f"messages[{index}]",
+                "invalid_type")
+        role = message.get("role")
+        _expect(role in ROLES, f"messages[{index}].role must be one of {', '.join(ROLES)}",
+                f"messages[{index}].role")
+        content = message_text(message.get("content"), index)
+        role = {"developer": "system", "tool": "user", "function": "user"}.get(role, role)
+        rendered.append({"role": role, "content": content})
+    return rendered
+
+
+def parse_chat_request(body, settings):
+    """Checks an OpenAI chat request and translates it; every problem is a 400 naming the field."""
+    _expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
+    model = body.get("model")
+    _expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
+    upstream_model, show_reasoning = resolve_model(model, settings)
+    stream = body.get("stream", False)
+    _expect(stream is None or isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
+    n = _integer(body, "n", 1)
+    _expect(n in (None, 1), "Only n=1 is supported", "n")
+    options = body.get("stream_options") or {}
+    _expect(isinstance(options, dict), "'stream_options' must be an object", "stream_options", "invalid_type")
+    params = {}
+    for name, value in (("temperature", _number(body, "temperature", 0, 2)),
+                        ("top_p", _number(body, "top_p", 0, 1)),
+                        ("max_tokens", _integer(body, "max_completion_tokens", 1) or _integer(body, "max_tokens", 1))):
+        if value is not None:
+            params[name] = value
+    stop = body.get("stop")
+    if stop is not None:
+        _expect(isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+                "'stop' must be a string or a list of strings", "stop", "invalid_type")
+        params["stop"] = [stop] if isinstance(stop, str) else stop
+    messages = upstream_messages(body.get("messages"))
+    prompt_chars = sum(len(m["content"]) if isinstance(m["content"], str) else 0 for m in messages)
+    return ChatRequest(model, upstream_model, show_reasoning, bool(stream),
+                       bool(options.get("include_usage")), messages, params, prompt_chars)
+
+
+def error_body(message, type_="invalid_request_error", param=None, code=None):
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def api_error_of(error):
+    """The client-facing ApiError for an upstream failure."""
+    if isinstance(error, ApiError):
+        return error
+    kind = {429: "rate_limit_error", 404: "invalid_request_error", 400: "invalid_request_error",
+            413: "invalid_request_error", 504: "timeout_error"}.get(error.status, "upstream_error")
+    return ApiError(error.status, str(error), kind, code=error.code,
+                    retry_after=round(error.retry_after) if error.retry_after else None)
+
+
+def estimate_tokens(chars):
+    return max(1, round(chars / 4)) if chars else 0
+
+
+class Completion:
+    """What both sinks share: turning reasoning and answer deltas into OpenAI deltas in the chosen format."""
+
+    def __init__(self, request, chat, settings):
+        self.request = request
+        self.chat = chat
+        self.think_tags = settings.thinking_format == "think_tags"
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.started = time.monotonic()
+        self.reset()
+
+    def reset(self):
+        """Forgets an attempt that failed before the client saw any of it."""
+        self.usage = None
+        self.finish_reason = None
+        self.committed = False
+        self._in_think = False
+        self._chars = 0
+
+    async def add(self, reasoning, answer):
+        content = ""
+        delta = {}
+        if reasoning and self.chat.show_reasoning:
+            if self.think_tags:
+                content = reasoning if self._in_think else "<think>" + reasoning
+                self._in_think = True
+            else:
+                delta["reasoning_content"] = reasoning
+        if answer:
+            if self._in_think:
+                content += "</think>\n\n"
+                self._in_think = False
+            content += answer
+        if content:
+            delta["content"] = content
+        if delta:
+            if not self.committed:
+                self.committed = True
+                self.request["ttfb"] = time.monotonic() - self.started
+            self._chars += len(reasoning) + len(answer)
+            await self.emit(delta)
+
+    async def close_think(self):
+        if self._in_think:
+            self._in_think = False
+            await self.emit({"content": "</think>"})
+
+    def final_usage(self):
+        if self.usage:
+            return self.usage
+        prompt, completion = estimate_tokens(self.chat.prompt_chars), estimate_tokens(self._chars)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+class StreamSink(Completion):
+    """Streams the completion as OpenAI chunks over SSE; the response opens with the first byte it sends."""
+
+    def __init__(self, request, chat, settings):
+        super().__init__(request, chat, settings)
+        self.response = None
+        self._open_lock = asyncio.Lock()
+        self._keepalive_every = settings.keepalive_seconds
+        self._last_write = time.monotonic()
+        head = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                           "model": chat.model}, ensure_ascii=False)
+        self._chunk_head = b"data: " + head[:-1].encode() + b',"choices":[{"index":0,"delta":'
+        self._role_sent = False
+        self._keepalive = asyncio.ensure_future(self._keep_alive())
+
+    async def _write(self, data):
+        if self.response is None:
+            async with self._open_lock:
+                if self.response is None:
+                    response = web.StreamResponse(headers={
+                        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                        "X-Accel-Buffering": "no"})
+                    await response.prepare(self.request)
+                    self.response = response
+        self._last_write = time.monotonic()
+        await self.response.write(data)
+
+    async def _keep_alive(self):
+        """Sends an SSE comment after each KEEPALIVE_SECONDS of silence, so proxies keep the stream open."""
+        try:
+            while True:
+                idle = time.monotonic() - self._last_write
+                if idle >= self._keepalive_every:
+                    await self._write(b": keep-alive\n\n")
+                else:
+                    await asyncio.sleep(self._keepalive_every - idle)
+        except (ConnectionError, RuntimeError):
+            pass
+
+    def _chunk(self, delta, finish_reason=None):
+        if not self._role_sent:
+            self._role_sent = True
+            delta = {"role": "assistant", **delta}
+        finish = b"null" if finish_reason is None else b'"%s"' % finish_reason.encode()
+        return (self._chunk_head + json.dumps(delta, ensure_ascii=False).encode()
+                + b',"finish_reason":' + finish + b"}]}\n\n")
+
+    async def emit(self, delta):
+        await self._write(self._chunk(delta))
+
+    async def finish(self):
+        await self.close_think()
+        self._keepalive.cancel()
+        data = self._chunk({}, self.finish_reason or "stop")
+        if self.chat.include_usage:
+            usage = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                                "model": self.chat.model, "choices": [], "usage": self.final_usage()})
+            data += b"data: " + usage.encode() + b"\n\n"
+        await self._write(data + b"data: [DONE]\n\n")
+        await self.response.write_eof()
+        return self.response
+
+    async def fail(self, error):
+        """Ends the stream with an error event, or raises it as an HTTP error while nothing was sent."""
+        self._keepalive.cancel()
+        error = api_error_of(error)
+        self.request["failed"] = True
+        if self.response is None:
+            raise error
+        body = error_body(error.message, error.type, error.param, error.code)
+        await self._write(b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n")
+        await self.response.write_eof()
+        return self.response
+
+    def cancel(self):
+        self._keepalive.cancel()
+
+
+class CollectSink(Completion):
+    """Gathers the whole completion for a non-streamed answer."""
+
+    def reset(self):
+        super().reset()
+        self.reasoning = []
+        self.content = []
+
+    async def emit(self, delta):
+        if "reasoning_content" in delta:
+            self.reasoning.append(delta["reasoning_content"])
+        if "content" in delta:
+            self.content.append(delta["content"])
+
+    async def finish(self):
+        await self.close_think()
+        message = {"role": "assistant", "content": "".join(self.content)}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        return web.json_response({
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.chat.model,
+            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason or "stop"}],
+            "usage": self.final_usage()}, dumps=lambda obj: json.dumps(obj, ensure_ascii=False))
+
+    async def fail(self, error):
+        self.request["failed"] = True
+        raise api_error_of(error)
+
+    def cancel(self):
+        pass
+
+
+async def read_json(request):
+    """The request body as JSON, with a 4xx for anything that is not a JSON object in UTF-8."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        limit = request.app[STATE].settings.max_request_mb
+        raise ApiError(413, f"The request body is larger than MAX_REQUEST_MB ({limit:g} MB)",
+                       code="request_too_large") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "The request body is not valid UTF-8", code="invalid_encoding") from None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+
+
+async def chat_completions(request):
+    state = request.app[STATE]
+    chat = parse_chat_request(await read_json(request), state.settings)
+    request["model"], request["stream"] = chat.model, chat.stream
+    sink = (StreamSink if chat.stream else CollectSink)(request, chat, state.settings)
+    payload = upstream_payload(chat.upstream_model, chat.messages, chat.params)
+    try:
+        await state.upstream.complete(payload, sink)
+    except (UpstreamError, ApiError) as error:
+        return await sink.fail(error)
+    finally:
+        sink.cancel()
+    return await sink.finish()
+
+
+def model_card(model_id, created):
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "MBZUAI-IFM"}
+
+
+async def list_models(request):
+    state = request.app[STATE]
+    return web.json_response({"object": "list",
+                              "data": [model_card(m, state.started) for m in model_ids(state.settings)]})
+
+
+async def get_model(request):
+    state = request.app[STATE]
+    model_id = request.match_info["model"]
+    resolve_model(model_id, state.settings)
+    return web.json_response(model_card(model_id, state.started))
+
+
+async def health(request):
+    state = request.app[STATE]
+    return web.json_response({"status": "ok", "version": __version__, "mode": state.upstream.mode,
+                              "tokens": state.upstream.pool.counts()})
+
+
+async def index(request):
+    state = request.app[STATE]
+    return web.json_response({"name": "k2proxy", "version": __version__,
+                              "description": "K2-Think behind the OpenAI API",
+                              "endpoints": ["POST /v1/chat/completions", "GET /v1/models", "GET /health",
+                                            f"GET {state.settings.admin_page_path}"]})
+
+
+# ─── Admin API ───────────────────────────────────────────────────────────────
+# Every route needs the admin key. Only /admin/tokens/content returns whole
+# tokens; everything else shows them masked.
+
+ADMIN_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
+                               "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
+                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+
+
+def ok(message, **extra):
+    return web.json_response({"ok": True, "message": message, **extra})
+
+
+async def admin_page(request):
+    page = request.app[STATE].admin_page
+    if page is None:
+        raise ApiError(404, "admin.html is missing next to k2proxy.py", code="not_found")
+    return web.Response(body=page, content_type="text/html", charset="utf-8", headers=ADMIN_PAGE_HEADERS)
+
+
+async def admin_status(request):
+    state = request.app[STATE]
+    upstream, stats = state.upstream, state.stats
+    return web.json_response({
+        "mode": upstream.mode, "upstream_url": upstream.url, "tokens_file": str(upstream.pool.path),
+        "counts": upstream.pool.counts(), "version": __version__, "uptime_s": int(time.time()) - state.started,
+        "stats": {"requests": stats["requests"], "errors": stats["errors"], "in_flight": stats["in_flight"],
+                  "avg_ttfb_ms": round(stats["ttfb_total"] / stats["ttfb_count"] * 1000, 1)
+                  if stats["ttfb_count"] else None},
+        "settings": state.settings.public()})
+
+
+async def admin_token_stats(request):
+    pool = request.app[STATE].upstream.pool
+    return web.json_response({"mode": pool.mode, "tokens": pool.stats()})
+
+
+async def admin_reset_token(request):
+    pool = request.app[STATE].upstream.pool
+    index = request.match_info["index"]
+    _expect(index.isdigit() and int(index) < len(pool.tokens),
+            f"No token {index}: indexes go from 0 to {len(pool.tokens) - 1}" if pool.tokens
+            else f"No token {index}: the {pool.mode} pool is empty", "index")
+    pool.reset(pool.tokens[int(index)])
+    return ok(f"Token {index} reset")
+
+
+async def admin_reset_all(request):
+    pool = request.app[STATE].upstream.pool
+    for token in pool.tokens:
+        pool.reset(token)
+    return ok(f"All {len(pool.tokens)} tokens reset")
+
+
+async def admin_reload(request):
+    pool = request.app[STATE].upstream.pool
+    await pool.reload(force=True)
+    return ok(f"Reloaded {len(pool.tokens)} tokens from {pool.path.name}", counts=pool.counts())
+
+
+async def admin_token_content(request):
+    pool = request.app[STATE].upstream.pool
+    text, _ = await asyncio.to_thread(pool.read_file)
+    return web.json_response({"mode": pool.mode, "file": str(pool.path), "content": text,
+                              "tokens": parse_tokens_file(text)})
+
+
+async def admin_update_tokens(request):
+    state = request.app[STATE]
+    pool = state.upstream.pool
+    body = await read_json(request)
+    _expect(isinstance(body, dict) and ("tokens" in body or "content" in body),
+            "Send {\"tokens\": [...]} or {\"content\": \"...\"}", None, "invalid_type")
+    tokens, content = body.get("tokens"), body.get("content")
+    if "tokens" in body:
+        _expect(isinstance(tokens, list) and all(isinstance(t, str) and "\n" not in t for t in tokens),
+                "'tokens' must be a list of strings without line breaks", "tokens", "invalid_type")
+        tokens = parse_tokens_file("\n".join(tokens))
+        content = None
+    else:
+        _expect(isinstance(content, str), "'content' must be a string", "content", "invalid_type")
+    async with state.save_lock:
+        try:
+            text, file_state = await asyncio.to_thread(pool.write_file, tokens, content)
+        except OSError as exc:
+            raise ApiError(500, f"Could not save {pool.path.name}: {exc.strerror}", "server_error",
+                           code="save_failed") from None
+        pool.apply(text, file_state)
+    return ok(f"Saved {len(pool.tokens)} tokens to {pool.path.name}", counts=pool.counts())
+
+
+async def admin_switch_mode(request):
+    upstream = request.app[STATE].upstream
+    body = await read_json(request)
+    mode = body.get("mode") if isinstance(body, dict) else None
+    _expect(mode in ("guest", "user"), "'mode' must be \"guest\" or \"user\"", "mode")
+    upstream.mode = mode
+    await upstream.pool.reload()
+    log.info("switched to %s mode (%s)", mode, upstream.url)
+    return ok(f"Switched to {mode} mode", mode=mode, upstream_url=upstream.url)
+
+
+# ─── App factory and main ────────────────────────────────────────────────────
+
+
+def key_matches(given, keys):
+    """Constant-time comparison against every key, so timing tells nothing about any of them."""
+    given = given.encode()
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given, key.encode())
+    return found
+
+
+def bearer(request):
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def error_response(error):
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return web.json_response(error_body(error.message, error.type, error.param, error.code),
+                             status=error.status, headers=headers)
+
+
+HTTP_ERROR_MESSAGES = {404: "Unknown route: {method} {path}", 405: "Method {method} is not allowed on {path}"}
+
+
+@web.middleware
+async def handle_errors(request, handler):
+    """Turns every failure into an OpenAI error body, and logs one line per request."""
+    state = request.app[STATE]
+    counted = request.path.startswith("/v1/chat/")
+    started = time.monotonic()
+    if counted:
+        state.stats["requests"] += 1
+        state.stats["in_flight"] += 1
+    status = 499
+    try:
+        response = await handler(request)
+    except ApiError as error:
+        response = error_response(error)
+    except web.HTTPException as exc:
+        message = HTTP_ERROR_MESSAGES.get(exc.status, exc.reason).format(method=request.method, path=request.path)
+        response = error_response(ApiError(exc.status, message, code=exc.reason.lower().replace(" ", "_")))
+    except asyncio.CancelledError:
+        request["failed"] = True
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        response = error_response(ApiError(500, "Internal error; see the proxy's log", "server_error",
+                                           code="internal_error"))
+    finally:
+        if counted:
+            state.stats["in_flight"] -= 1
+    status = response.status
+    if counted:
+        failed = status >= 400 or request.get("failed")
+        state.stats["errors"] += bool(failed)
+        if "ttfb" in request and not failed:
+            state.stats["ttfb_total"] += request["ttfb"]
+            state.stats["ttfb_count"] += 1
+    ttfb = f"{request['ttfb'] * 1000:.0f}ms" if "ttfb" in request else "-"
+    log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", request.method, request.path,
+             request.get("model", "-"), str(request.get("stream", "-")).lower(), status,
+             " (ended with error)" if request.get("failed") and status < 400 else "", ttfb,
+             (time.monotonic() - started) * 1000)
+    return response
+
+
+@web.middleware
+async def check_keys(request, handler):
+    """API routes need an API key (but for CORS preflights), admin API routes the admin key; the rest is public."""
+    settings = request.app[STATE].settings
+    path = request.path
+    if request.method == "OPTIONS" and path.startswith("/v1/"):
+        return preflight(request)
+    if path.startswith("/v1/"):
+        if not key_matches(bearer(request), settings.valid_api_key):
+            raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
+                           "authentication_error", code="invalid_api_key")
+    elif path.startswith("/admin/"):
+        if not key_matches(bearer(request), [settings.admin_key]):
+            raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
+                           "authentication_error", code="invalid_admin_key")
+    return await handler(request)
+
+
+def allowed_origin(request, origins):
+    origin = request.headers.get("Origin")
+    if not origin or not request.path.startswith("/v1/"):
+        return None
+    return "*" if "*" in origins else origin if origin in origins else None
+
+
+async def add_cors_headers(request, response):
+    origin = allowed_origin(request, request.app[STATE].settings.cors_origins)
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        if origin != "*":
+            response.headers["Vary"] = "Origin"
+
+
+def preflight(request):
+    """Answers a browser's CORS preflight for any /v1 path, before routing."""
+    if not allowed_origin(request, request.app[STATE].settings.cors_origins):
+        raise ApiError(403, "This origin may not call the API; see CORS_ORIGINS", "permission_error",
+                       code="origin_not_allowed")
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
+                                                            "Authorization, Content-Type"),
+        "Access-Control-Max-Age": "86400"})
+
+
+async def watch_token_files(app):
+    """Polls the active token file every second: edits, editor renames and bind mounts all show up."""
+    upstream = app[STATE].upstream
+    while True:
+        await asyncio.sleep(1)
+        try:
+            await upstream.pool.reload()
+        except OSError as exc:
+            log.warning("cannot read %s: %s", upstream.pool.path, exc.strerror)
+
+
+async def start_up(app):
+    state = app[STATE]
+    page = HERE / "admin.html"
+    state.admin_page = await asyncio.to_thread(page.read_bytes) if page.exists() else None
+    await state.upstream.start()
+    state.watcher = asyncio.ensure_future(watch_token_files(app))
+
+
+async def clean_up(app):
+    state = app[STATE]
+    state.watcher.cancel()
+    await state.upstream.close()
+
+
+def make_app(settings):
+    """The whole proxy as an aiohttp application, for `main()` and for tests."""
+    app = web.Application(middlewares=[handle_errors, check_keys],
+                          client_max_size=int(settings.max_request_mb * 1024 * 1024))
+    app[STATE] = AppState(settings)
+    admin = settings.admin_page_path
+    app.router.add_routes([
+        web.get("/", index), web.get("/health", health),
+        web.post("/v1/chat/completions", chat_completions),
+        web.get("/v1/models", list_models), web.get("/v1/models/{model:.+}", get_model),
+        web.get(admin, admin_page),
+        web.get("/admin/status", admin_status),
+        web.get("/admin/tokens/stats", admin_token_stats),
+        web.get("/admin/tokens/content", admin_token_content),
+        web.post("/admin/tokens/reset-all", admin_reset_all),
+        web.post("/admin/tokens/reset/{index}", admin_reset_token),
+        web.post("/admin/tokens/reload", admin_reload),
+        web.post("/admin/tokens/update", admin_update_tokens),
+        web.post("/admin/switch_mode", admin_switch_mode),
+    ])
+    app.on_response_prepare.append(add_cors_headers)
+    app.on_startup.append(start_up)
+    app.on_cleanup.append(clean_up)
+    return app
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="k2proxy.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="K2-Think behind the OpenAI API. Configure with environment variables or ./.env.",
+        epilog=settings_help())
+    parser.add_argument("--env-file", default=".env", help="file of KEY=value settings (default: ./.env)")
+    parser.add_argument("--version", action="version", version=f"k2proxy {__version__}")
+    args = parser.parse_args(argv)
+    env_file = Path(args.env_file)
+    try:
+        settings = load_settings(os.environ, env_file.read_text(encoding="utf-8") if env_file.is_file() else None)
+    except (SettingsError, UnicodeDecodeError) as exc:
+        print(f"k2proxy: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    if settings.api_key_generated:
+        print("WARNING: VALID_API_KEY is not set. Generated an API key for this run only "
+              f"(set VALID_API_KEY to keep one):\n  {settings.valid_api_key[0]}", file=sys.stderr, flush=True)
+    log.info("k2proxy %s on http://%s:%d, %s mode, upstream %s", __version__, settings.host, settings.port,
+             settings.proxy_mode, settings.guest_api_url if settings.proxy_mode == "guest" else settings.user_api_url)
+    web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
+                handler_cancellation=True, shutdown_timeout=5)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

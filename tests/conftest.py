@@ -1,0 +1,120 @@
+"""Shared fixtures: the fake K2Think upstream, and proxies pointed at it."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import k2proxy  # noqa: E402
+from fake_upstream import FakeK2Think  # noqa: E402
+
+API_KEY = "sk-test-key"
+ADMIN_KEY = "admin-test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+@pytest.fixture
+async def fake(aiohttp_server):
+    """The fake upstream, served over real HTTP on loopback."""
+    upstream = FakeK2Think()
+    server = await aiohttp_server(upstream.app)
+    upstream.url = str(server.make_url("")).rstrip("/")
+    return upstream
+
+
+@pytest.fixture
+def proxy_settings(fake, tmp_path):
+    """Settings for a proxy in front of the fake; keyword arguments override environment names."""
+    def build(**env):
+        values = {"VALID_API_KEY": API_KEY, "ADMIN_KEY": ADMIN_KEY, "K2THINK_BASE_URL": fake.url,
+                  "USER_TOKENS_FILE": str(tmp_path / "tokens.txt"),
+                  "GUEST_TOKENS_FILE": str(tmp_path / "tokens_guest.txt"), "REQUEST_TIMEOUT": "5"}
+        values.update({key: str(value) for key, value in env.items()})
+        return k2proxy.load_settings(values)
+    return build
+
+
+@pytest.fixture
+def make_proxy(aiohttp_client, proxy_settings):
+    """Starts an in-process proxy in front of the fake and returns its client."""
+    async def start(**env):
+        return await aiohttp_client(k2proxy.make_app(proxy_settings(**env)))
+    return start
+
+
+@pytest.fixture
+async def proxy(make_proxy):
+    return await make_proxy()
+
+
+def chat(content="Hi", model="MBZUAI-IFM/K2-Think", **extra):
+    return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+async def read_sse(response):
+    """The JSON events and the raw comment lines of an SSE answer, in order."""
+    import json
+    events, comments = [], []
+    async for line in response.content:
+        line = line.decode().strip()
+        if line.startswith(":"):
+            comments.append(line)
+        elif line.startswith("data: "):
+            data = line[6:]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events, comments
+
+
+def stream_text(events, field="content"):
+    return "".join(e["choices"][0]["delta"].get(field) or "" for e in events
+                   if isinstance(e, dict) and e.get("choices"))
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port, process, timeout=15):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"process exited with {process.returncode}: {process.stderr.read()}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@pytest.fixture
+def spawn():
+    """Starts processes (fake upstream, proxy) and stops them after the test."""
+    processes = []
+
+    def start(args, port, env=None, cwd=None):
+        process = subprocess.Popen([sys.executable, *args], env={**os.environ, **(env or {})}, cwd=cwd,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        processes.append(process)
+        wait_for_port(port, process)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()

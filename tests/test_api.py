@@ -1,0 +1,136 @@
+"""The OpenAI surface: keys, bad input, models, health, CORS, unknown routes."""
+
+import pytest
+
+from conftest import API_KEY, AUTH, chat
+
+
+def assert_error(body, status_code, response_status):
+    assert response_status == status_code
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY},
+                                     {"Authorization": "Basic " + API_KEY}])
+async def test_wrong_or_missing_key_is_401(proxy, headers):
+    for method, path in (("POST", "/v1/chat/completions"), ("GET", "/v1/models")):
+        response = await proxy.request(method, path, json=chat(), headers=headers)
+        body = await response.json()
+        assert_error(body, 401, response.status)
+        assert body["error"]["type"] == "authentication_error"
+
+
+async def test_several_api_keys(make_proxy, fake):
+    proxy = await make_proxy(VALID_API_KEY="sk-one, sk-two")
+    for key in ("sk-one", "sk-two"):
+        assert (await proxy.get("/v1/models", headers={"Authorization": f"Bearer {key}"})).status == 200
+
+
+@pytest.mark.parametrize("data,param,fragment", [
+    (b"{not json", None, "not valid JSON"),
+    (b"\xff\xfe{}", None, "UTF-8"),
+    (b"[1, 2]", None, "JSON object"),
+    (b'"text"', None, "JSON object"),
+    (b'{"model": "MBZUAI-IFM/K2-Think"}', "messages", "messages"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": []}', "messages", "non-empty"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": "hi"}', "messages", "list"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": ["hi"]}', "messages[0]", "object"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"content": "hi"}]}', "messages[0].role", "role"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role", "role"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"role": "user", "content": 5}]}', "messages[0].content", "string"),
+    (b'{"messages": [{"role": "user", "content": "hi"}]}', "model", "model"),
+    (b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', "model", "model"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "stream": "yes", "messages": [{"role": "user", "content": "hi"}]}', "stream", "stream"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "n": 2, "messages": [{"role": "user", "content": "hi"}]}', "n", "n=1"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "temperature": "hot", "messages": [{"role": "user", "content": "hi"}]}', "temperature", "temperature"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "max_tokens": -1, "messages": [{"role": "user", "content": "hi"}]}', "max_tokens", "max_tokens"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "stop": [1], "messages": [{"role": "user", "content": "hi"}]}', "stop", "stop"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "stream_options": 3, "messages": [{"role": "user", "content": "hi"}]}', "stream_options", "stream_options"),
+])
+async def test_bad_body_is_400_naming_the_problem(proxy, fake, data, param, fragment):
+    response = await proxy.post("/v1/chat/completions", data=data,
+                                headers={**AUTH, "Content-Type": "application/json"})
+    body = await response.json()
+    assert_error(body, 400, response.status)
+    assert body["error"]["param"] == param
+    assert fragment in body["error"]["message"]
+    assert fake.received == []
+
+
+async def test_body_over_the_limit_is_413(make_proxy):
+    proxy = await make_proxy(MAX_REQUEST_MB="0.01")
+    response = await proxy.post("/v1/chat/completions", json=chat("x" * 20000), headers=AUTH)
+    body = await response.json()
+    assert_error(body, 413, response.status)
+    assert "MAX_REQUEST_MB" in body["error"]["message"]
+
+
+async def test_unknown_model_is_404(proxy, fake):
+    response = await proxy.post("/v1/chat/completions", json=chat(model="gpt-4"), headers=AUTH)
+    body = await response.json()
+    assert_error(body, 404, response.status)
+    assert body["error"]["code"] == "model_not_found" and "MBZUAI-IFM/K2-Think" in body["error"]["message"]
+    assert fake.received == []
+
+
+async def test_models_list_and_single_model(make_proxy):
+    proxy = await make_proxy(MODELS="MBZUAI-IFM/K2-Think,MBZUAI-IFM/K2-Think-v2")
+    body = await (await proxy.get("/v1/models", headers=AUTH)).json()
+    assert body["object"] == "list"
+    assert [m["id"] for m in body["data"]] == ["MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-nothink",
+                                              "MBZUAI-IFM/K2-Think-v2", "MBZUAI-IFM/K2-Think-v2-nothink"]
+    assert all(m["object"] == "model" and m["owned_by"] for m in body["data"])
+    one = await (await proxy.get("/v1/models/MBZUAI-IFM/K2-Think-v2-nothink", headers=AUTH)).json()
+    assert one["id"] == "MBZUAI-IFM/K2-Think-v2-nothink"
+    missing = await proxy.get("/v1/models/gpt-4", headers=AUTH)
+    assert missing.status == 404
+
+
+async def test_health_and_index_are_public_and_hold_no_secrets(proxy):
+    for path in ("/health", "/"):
+        response = await proxy.get(path)
+        text = await response.text()
+        assert response.status == 200 and response.content_type == "application/json"
+        assert API_KEY not in text and "admin-test-key" not in text
+    health = await (await proxy.get("/health")).json()
+    assert health["status"] == "ok" and health["mode"] == "guest" and "total" in health["tokens"]
+
+
+@pytest.mark.parametrize("method,path,status", [("GET", "/nope", 404), ("GET", "/v1/nothing", 404),
+                                                ("DELETE", "/v1/chat/completions", 405),
+                                                ("GET", "/v1/chat/completions", 405)])
+async def test_unknown_routes_and_methods_get_json_errors(proxy, method, path, status):
+    response = await proxy.request(method, path, headers=AUTH)
+    assert_error(await response.json(), status, response.status)
+
+
+async def test_cors_preflight_and_headers(make_proxy):
+    proxy = await make_proxy(CORS_ORIGINS="https://chat.example")
+    preflight = await proxy.options("/v1/chat/completions", headers={
+        "Origin": "https://chat.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert preflight.status == 204
+    assert preflight.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+    assert "authorization" in preflight.headers["Access-Control-Allow-Headers"]
+    response = await proxy.get("/v1/models", headers={**AUTH, "Origin": "https://chat.example"})
+    assert response.headers["Access-Control-Allow-Origin"] == "https://chat.example"
+    other = await proxy.get("/v1/models", headers={**AUTH, "Origin": "https://evil.example"})
+    assert "Access-Control-Allow-Origin" not in other.headers
+    refused = await proxy.options("/v1/models", headers={"Origin": "https://evil.example"})
+    assert refused.status == 403
+
+
+async def test_cors_allows_any_origin_by_default(proxy):
+    response = await proxy.get("/v1/models", headers={**AUTH, "Origin": "https://any.example"})
+    assert response.headers["Access-Control-Allow-Origin"] == "*"
+
+
+async def test_one_log_line_per_request_without_secrets(proxy, fake, caplog):
+    caplog.set_level("INFO", logger="k2proxy")
+    await proxy.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH)
+    lines = [r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage()]
+    assert len(lines) == 1
+    assert "model=MBZUAI-IFM/K2-Think" in lines[0] and "stream=true" in lines[0] and "status=200" in lines[0]
+    assert "ttfb=" in lines[0] and "total=" in lines[0]
+    assert API_KEY not in caplog.text

@@ -1,0 +1,132 @@
+"""Upstream parsing: every variant of the protocol page yields exactly the reasoning and the answer."""
+
+import itertools
+
+import pytest
+
+from fake_upstream import Reply, full_text, json_document, sse_events
+import k2proxy
+
+REASONING = "The user asks 2+2.\nThat is 4 — simple ✓.\n\n> not a quote marker"
+ANSWER = "2 + 2 = **4**.\n\n```python\nprint(2 + 2)  # 四\n```"
+VARIANTS = list(itertools.product(("tags", "tags_no_answer", "lone_think", "details"),
+                                  ("snapshot", "incremental"), ("choices", "content")))
+
+
+def parse_body(body, cut):
+    """Feeds an SSE body cut every `cut` bytes through the decoder and the text parser."""
+    decoder, text = k2proxy.SSEDecoder(), k2proxy.UpstreamText()
+    reasoning, answer, usage, done = [], [], None, False
+    chunks = [body[i:i + cut] for i in range(0, len(body), cut)] + [b""]
+    for number, chunk in enumerate(chunks):
+        for frame in decoder.feed(chunk, final=number == len(chunks) - 1):
+            if frame.text is not None:
+                r, a = text.feed(frame.text)
+                reasoning.append(r)
+                answer.append(a)
+            usage = frame.usage or usage
+            done = done or frame.done
+    r, a = text.finish()
+    return "".join(reasoning) + r, "".join(answer) + a, usage, done
+
+
+@pytest.mark.parametrize("markup,style,form", VARIANTS)
+@pytest.mark.parametrize("cut", [1, 2, 5, 64, 100000])
+def test_each_variant_gives_exact_reasoning_and_answer(markup, style, form, cut):
+    reply = Reply(reasoning=REASONING, answer=ANSWER, markup=markup, style=style, form=form, piece=4,
+                  garbage=True, crlf=cut == 5)
+    body = "".join(sse_events(reply)).encode()
+    reasoning, answer, usage, done = parse_body(body, cut)
+    assert (reasoning, answer) == (REASONING, ANSWER)
+    assert usage == reply.usage and done
+
+
+def test_plain_text_is_all_answer():
+    reasoning, answer, _, _ = parse_body("".join(sse_events(Reply(markup="plain", answer=ANSWER))).encode(), 3)
+    assert (reasoning, answer) == ("", ANSWER)
+
+
+@pytest.mark.parametrize("marker", ["[DONE]", "DONE", "done", "done_json"])
+def test_every_end_marker_ends_the_stream(marker):
+    *_, done = parse_body("".join(sse_events(Reply(end=marker))).encode(), 7)
+    assert done
+
+
+def test_json_answer_is_parsed_like_a_stream():
+    import json
+    reply = Reply(reasoning=REASONING, answer=ANSWER)
+    frame = k2proxy.parse_frame(json.dumps(json_document(reply)))
+    text = k2proxy.UpstreamText()
+    r1, a1 = text.feed(frame.text)
+    r2, a2 = text.finish()
+    assert (r1 + r2, a1 + a2) == (REASONING, ANSWER)
+    assert frame.usage == reply.usage
+
+
+def test_details_rewrite_emits_no_markup_twice():
+    reply = Reply(reasoning="one\ntwo", answer="three", markup="details", piece=3)
+    text = k2proxy.UpstreamText()
+    pieces = [text.feed(snapshot) for snapshot in __import__("fake_upstream").snapshots(reply)]
+    pieces.append(text.finish())
+    joined = "".join(r + a for r, a in pieces)
+    assert joined == "one\ntwothree"
+    assert "<" not in joined and ">" not in joined
+
+
+@pytest.mark.parametrize("payload,expected", [
+    ("-1", None), ("", None), ("{not json", None), ("12", None),
+    ('{"detail": "Model not found"}', k2proxy.Frame(error="Model not found")),
+    ('{"error": {"message": "boom"}}', k2proxy.Frame(error="boom")),
+    ('{"done": true}', k2proxy.Frame(done=True)),
+    ('{"content": "hi", "usage": {"total_tokens": 3}}', k2proxy.Frame(text="hi", usage={"total_tokens": 3})),
+])
+def test_payloads(payload, expected):
+    assert k2proxy.parse_frame(payload) == expected
+
+
+def test_sse_comments_and_fields_are_skipped():
+    decoder = k2proxy.SSEDecoder()
+    frames = decoder.feed(b': ping\nevent: message\nid: 3\nretry: 10\ndata: {"content": "x"}\n\n')
+    assert [f.text for f in frames] == ["x"]
+
+
+def test_utf8_cut_inside_a_character():
+    data = 'data: {"content": "四五"}\n\n'.encode()
+    decoder = k2proxy.SSEDecoder()
+    frames = [f for i in range(len(data)) for f in decoder.feed(data[i:i + 1])]
+    assert [f.text for f in frames] == ["四五"]
+
+
+def test_frame_cut_inside_tags():
+    text = k2proxy.UpstreamText()
+    out = [text.feed(piece) for piece in ("<thi", "nk>why</th", "ink><ans", "wer>be", "cause</ans", "wer>")]
+    out.append(text.finish())
+    assert ("".join(r for r, _ in out), "".join(a for _, a in out)) == ("why", "because")
+
+
+def test_reasoning_streams_before_the_answer_is_known():
+    text = k2proxy.UpstreamText()
+    assert text.feed("<think>first thoughts") == ("first thoughts", "")
+    assert text.feed("<think>first thoughts and more") == (" and more", "")
+
+
+def test_snapshot_parsing_work_grows_linearly():
+    """A 2x longer answer in snapshots costs about 2x the parser's steps, not 4x."""
+    def steps(length):
+        reply = Reply(reasoning="r" * length, answer="a" * length, piece=50, markup="details")
+        calls = 0
+        original = k2proxy.MarkupSplitter.feed
+
+        def counting(self, chunk):
+            nonlocal calls
+            calls += len(chunk)
+            return original(self, chunk)
+        k2proxy.MarkupSplitter.feed = counting
+        try:
+            text = k2proxy.UpstreamText()
+            for snapshot in __import__("fake_upstream").snapshots(reply):
+                text.feed(snapshot)
+        finally:
+            k2proxy.MarkupSplitter.feed = original
+        return calls
+    assert steps(20000) <= 2.2 * steps(10000)

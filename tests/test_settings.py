@@ -1,0 +1,90 @@
+"""Settings: .env parsing, precedence, bad values, --help and the README table."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+import k2proxy
+
+
+def test_dotenv_syntax():
+    text = """
+# a comment
+export HOST=127.0.0.1
+PORT = 9000   # inline comment
+VALID_API_KEY="sk-a,sk-b # not a comment"
+ADMIN_KEY='single quoted # kept'
+MODELS=a#b
+LOG_LEVEL=
+"""
+    assert k2proxy.parse_dotenv(text) == {"HOST": "127.0.0.1", "PORT": "9000", "VALID_API_KEY": "sk-a,sk-b # not a comment",
+                                          "ADMIN_KEY": "single quoted # kept", "MODELS": "a#b", "LOG_LEVEL": ""}
+
+
+@pytest.mark.parametrize("line", ["JUST_A_WORD", "1BAD=x", 'Q="unterminated'])
+def test_dotenv_bad_line_names_the_line(line):
+    with pytest.raises(k2proxy.SettingsError, match="line 2"):
+        k2proxy.parse_dotenv("A=1\n" + line)
+
+
+def test_environment_wins_over_dotenv_over_defaults():
+    settings = k2proxy.load_settings({"PORT": "9001"}, "PORT=9000\nPROXY_MODE=user\n")
+    assert settings.port == 9001 and settings.proxy_mode == "user" and settings.host == "0.0.0.0"
+
+
+def test_defaults():
+    settings = k2proxy.load_settings({})
+    assert settings.port == 8001 and settings.proxy_mode == "guest"
+    assert settings.guest_api_url == "https://www.k2think.ai/api/guest/chat/completions"
+    assert settings.user_api_url == "https://www.k2think.ai/api/chat/completions"
+    assert settings.valid_api_key[0].startswith("sk-") and settings.api_key_generated
+    assert settings.admin_key == settings.valid_api_key[0]
+
+
+def test_urls_hang_off_the_base_unless_overridden():
+    settings = k2proxy.load_settings({"K2THINK_BASE_URL": "http://127.0.0.1:9/", "USER_API_URL": "http://x:1/chat"})
+    assert settings.guest_api_url == "http://127.0.0.1:9/api/guest/chat/completions"
+    assert settings.user_api_url == "http://x:1/chat"
+
+
+@pytest.mark.parametrize("name,value", [("PORT", "abc"), ("PORT", "70000"), ("PROXY_MODE", "admin"),
+                                        ("THINKING_FORMAT", "xml"), ("TOOL_SUPPORT", "maybe"),
+                                        ("MAX_REQUEST_MB", "-1"), ("REQUEST_TIMEOUT", "soon"),
+                                        ("K2THINK_BASE_URL", "ftp://x"), ("MODELS", " , "),
+                                        ("ADMIN_PAGE_PATH", "admin"), ("LOG_LEVEL", "LOUD")])
+def test_bad_value_stops_start_up_with_one_line_naming_it(name, value):
+    result = subprocess.run([sys.executable, str(ROOT / "k2proxy.py")], env={name: value, "PATH": ""},
+                            capture_output=True, text=True, timeout=20, cwd=ROOT / "tests")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and name in result.stderr and "Traceback" not in result.stderr
+
+
+def test_secret_values_are_not_echoed_in_errors():
+    with pytest.raises(k2proxy.SettingsError) as error:
+        k2proxy.load_settings({"VALID_API_KEY": "sk-x", "ADMIN_KEY": "secret", "PORT": "secret-port"})
+    assert "secret-port" in str(error.value)
+    assert "sk-x" not in str(error.value)
+
+
+def test_help_lists_every_setting_with_its_default():
+    result = subprocess.run([sys.executable, str(ROOT / "k2proxy.py"), "--help"], capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 0
+    for setting in k2proxy.SETTINGS:
+        line = next(line for line in result.stdout.splitlines() if line.strip().startswith(setting.name + " "))
+        assert f"(default: {setting.default or 'empty'})" in line
+
+
+def test_readme_table_matches_the_settings():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = re.findall(r"^\| `([A-Z0-9_]+)` \| `?([^|`]*)`? \| (.*) \|$", readme, re.MULTILINE)
+    assert rows == [(s.name, s.default, s.help) for s in k2proxy.SETTINGS]
+
+
+def test_public_settings_hide_secrets():
+    public = k2proxy.load_settings({"VALID_API_KEY": "sk-secret", "ADMIN_KEY": "adm-key-xyz"}).public()
+    assert "VALID_API_KEY" not in public and "ADMIN_KEY" not in public
+    assert "sk-secret" not in repr(public) and "adm-key-xyz" not in repr(public)

@@ -1,0 +1,183 @@
+"""Chat completions through the proxy: real streaming, every upstream variant, upstream failures."""
+
+import asyncio
+import json
+
+import pytest
+
+from conftest import AUTH, chat, read_sse, stream_text
+from fake_upstream import Reply
+
+REASONING = "Let me think.\nThe user wants a greeting."
+ANSWER = "Hello there — 你好!"
+
+
+async def post(proxy, body):
+    return await proxy.post("/v1/chat/completions", json=body, headers=AUTH)
+
+
+async def test_stream_framing(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
+    response = await post(proxy, chat(stream=True))
+    assert response.status == 200
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    assert response.headers["X-Accel-Buffering"] == "no"
+    assert response.headers["Cache-Control"] == "no-cache"
+    events, _ = await read_sse(response)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert len({c["id"] for c in chunks}) == 1
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "MBZUAI-IFM/K2-Think" for c in chunks)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    assert stream_text(chunks, "reasoning_content") == REASONING
+    assert stream_text(chunks) == ANSWER
+    assert not any("usage" in c for c in chunks)
+
+
+@pytest.mark.parametrize("markup", ["tags", "tags_no_answer", "lone_think", "details"])
+@pytest.mark.parametrize("style", ["snapshot", "incremental"])
+async def test_every_variant_streams_exact_text(proxy, fake, markup, style):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, markup=markup, style=style, chunk_bytes=5,
+                       form="content" if style == "incremental" else "choices")
+    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    assert stream_text(events[:-1], "reasoning_content") == REASONING
+    assert stream_text(events[:-1]) == ANSWER
+
+
+async def test_first_delta_arrives_while_upstream_still_streams(proxy, fake):
+    fake.reply = Reply(reasoning="x" * 300, answer=ANSWER, piece=5, delay=0.05)
+    response = await post(proxy, chat(stream=True))
+    async for line in response.content:
+        if line.startswith(b"data: ") and b"reasoning_content" in line:
+            break
+    assert fake.open_streams == 1, "the first delta must not wait for the upstream to finish"
+    response.close()
+
+
+async def test_client_leaving_closes_the_upstream_request(proxy, fake):
+    fake.reply = Reply(reasoning="x" * 1000, piece=5, delay=0.05)
+    response = await post(proxy, chat(stream=True))
+    await response.content.readline()
+    response.close()
+    await asyncio.wait_for(fake.client_gone.wait(), 5)
+    assert fake.open_streams == 0
+
+
+async def test_nothink_hides_reasoning_and_sends_the_base_model(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
+    events, _ = await read_sse(await post(proxy, chat(model="MBZUAI-IFM/K2-Think-nothink", stream=True)))
+    assert stream_text(events[:-1], "reasoning_content") == ""
+    assert stream_text(events[:-1]) == ANSWER
+    assert events[0]["model"] == "MBZUAI-IFM/K2-Think-nothink"
+    assert fake.received[0].body["model"] == "MBZUAI-IFM/K2-Think"
+
+
+async def test_think_tags_put_reasoning_inline(make_proxy, fake):
+    proxy = await make_proxy(THINKING_FORMAT="think_tags")
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
+    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    assert stream_text(events[:-1]) == f"<think>{REASONING}</think>\n\n{ANSWER}"
+    body = await (await post(proxy, chat())).json()
+    assert body["choices"][0]["message"]["content"] == f"<think>{REASONING}</think>\n\n{ANSWER}"
+    assert "reasoning_content" not in body["choices"][0]["message"]
+
+
+async def test_non_stream_answer(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, markup="details")
+    response = await post(proxy, chat())
+    body = await response.json()
+    assert response.status == 200 and body["object"] == "chat.completion"
+    message = body["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"] == fake.reply.usage
+
+
+async def test_json_answer_to_a_stream_request(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, json_answer=True)
+    events, _ = await read_sse(await post(proxy, chat(stream=True, stream_options={"include_usage": True})))
+    assert stream_text(events[:-1], "reasoning_content") == REASONING
+    assert stream_text(events[:-1]) == ANSWER
+    assert events[-2]["usage"] == fake.reply.usage
+
+
+@pytest.mark.parametrize("alone", [True, False])
+async def test_include_usage_adds_one_usage_chunk(proxy, fake, alone):
+    fake.reply = Reply(usage_alone=alone)
+    events, _ = await read_sse(await post(proxy, chat(stream=True, stream_options={"include_usage": True})))
+    usage_chunks = [e for e in events[:-1] if "usage" in e]
+    assert len(usage_chunks) == 1 and usage_chunks[0] is events[-2]
+    assert usage_chunks[0]["choices"] == [] and usage_chunks[0]["usage"] == fake.reply.usage
+
+
+async def test_silent_upstream_gets_keepalive_comments(make_proxy, fake):
+    proxy = await make_proxy(KEEPALIVE_SECONDS="0.1")
+    fake.reply = Reply(first_delay=0.5)
+    events, comments = await read_sse(await post(proxy, chat(stream=True)))
+    assert comments and all(c.startswith(":") for c in comments)
+    assert stream_text(events[:-1]) == fake.reply.answer
+
+
+async def test_upstream_payload_and_headers(proxy, fake):
+    body = {"model": "MBZUAI-IFM/K2-Think", "temperature": 0.3, "top_p": 0.9, "max_tokens": 77, "stop": "END",
+            "messages": [{"role": "developer", "content": "Be brief."},
+                         {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                         {"role": "assistant", "content": "Hello", "reasoning_content": "secret thoughts"},
+                         {"role": "user", "content": "Again"}]}
+    assert (await post(proxy, body)).status == 200
+    received = fake.received[0]
+    assert received.path == "/api/guest/chat/completions"
+    sent = received.body
+    assert sent["model"] == "MBZUAI-IFM/K2-Think" and sent["stream"] is True
+    assert sent["params"] == {"temperature": 0.3, "top_p": 0.9, "max_tokens": 77, "stop": ["END"]}
+    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}]
+    assert "secret thoughts" not in json.dumps(sent)
+    assert {"chat_id", "id", "session_id", "features", "variables", "background_tasks"} <= sent.keys()
+    headers = received.headers
+    assert headers["Origin"] == fake.url and headers["Referer"] == fake.url + "/guest"
+    assert headers["Accept"] == "text/event-stream" and "Mozilla" in headers["User-Agent"]
+    assert "Authorization" not in headers
+
+
+@pytest.mark.parametrize("reply,status,code", [
+    (Reply(status=500, body="oops"), 502, "upstream_error"),
+    (Reply(status=503, body='{"detail": "overloaded"}'), 502, "upstream_error"),
+    (Reply(status=400, body='{"detail": "Model not found"}'), 404, "model_not_found"),
+    (Reply(status=302, headers={"Location": "/auth"}), 502, "upstream_error"),
+    (Reply(content_type="text/html"), 502, "upstream_error"),
+])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_upstream_failure_before_any_byte_is_a_real_http_error(make_proxy, fake, reply, status, code, stream):
+    proxy = await make_proxy(MAX_RETRIES=0)
+    fake.reply = reply
+    response = await post(proxy, chat(stream=stream))
+    assert response.status == status
+    error = (await response.json())["error"]
+    assert error["code"] == code and error["message"] and set(error) == {"message", "type", "param", "code"}
+
+
+async def test_slow_first_byte_is_a_504(make_proxy, fake):
+    proxy = await make_proxy(REQUEST_TIMEOUT="0.3", MAX_RETRIES=0)
+    fake.reply = Reply(first_delay=3)
+    response = await post(proxy, chat(stream=True))
+    assert response.status == 504
+    assert (await response.json())["error"]["code"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize("reply,code", [
+    (Reply(reasoning="x" * 200, piece=5, drop_after=10), "upstream_error"),
+    (Reply(reasoning="x" * 200, piece=5, hang_after=10), "upstream_timeout"),
+    (Reply(reasoning="x" * 200, piece=5, error_after=10), "upstream_error"),
+])
+async def test_failure_after_content_ends_with_error_event(make_proxy, fake, reply, code):
+    proxy = await make_proxy(REQUEST_TIMEOUT="0.5")
+    fake.reply = reply
+    response = await post(proxy, chat(stream=True))
+    assert response.status == 200
+    events, _ = await read_sse(response)
+    assert events[-1] == "[DONE]"
+    assert events[-2]["error"]["code"] == code
+    assert stream_text(events[:-2], "reasoning_content").startswith("xxxx")
+    assert len(fake.received) == 1, "no retry once the client has seen content"
