@@ -668,7 +668,7 @@ class TokenPool:
         self.clock = clock
         self.tokens = []
         self._next = 0
-        self.file_state = None
+        self.file_state = "unread"
 
     def load(self, text, readmit=False):
         """Replaces the tokens with those of `text`; tokens still present keep their stats."""
@@ -679,10 +679,12 @@ class TokenPool:
             for token in self.tokens:
                 self.reset(token)
 
-    def _readmit(self, token, now):
+    def status(self, token, now):
+        """A token's status, re-admitting it on probation once its cooldown has passed."""
         if token.disabled == "failures" and now - token.disabled_at >= self.cooldown:
             token.disabled = None
             token.failures = self.max_failures - 1
+        return token.status(now)
 
     def acquire(self, tried=()):
         """The next usable token not yet tried, NO_TOKEN for a tokenless guest pool, or None."""
@@ -692,8 +694,7 @@ class TokenPool:
         count = len(self.tokens)
         for step in range(count):
             token = self.tokens[(self._next + step) % count]
-            self._readmit(token, now)
-            if token not in tried and token.status(now) == "active":
+            if token not in tried and self.status(token, now) == "active":
                 self._next = (self._next + step + 1) % count
                 token.requests += 1
                 token.last_used = now
@@ -727,18 +728,20 @@ class TokenPool:
         now = self.clock()
         counts = dict.fromkeys(("total", "active", "cooling", "disabled", "expired"), 0)
         for token in self.tokens:
-            self._readmit(token, now)
-            counts[token.status(now)] += 1
+            counts[self.status(token, now)] += 1
         counts["total"] = len(self.tokens)
         return counts
 
     def stats(self):
         now = self.clock()
-        return [{"index": index, "masked": mask_token(t.value), "status": t.status(now),
-                 "failures": t.failures, "requests": t.requests, "successes": t.successes,
-                 "last_used": t.last_used, "last_error": t.last_error, "expires_at": t.expires_at,
-                 "cooling_until": t.cooling_until if t.status(now) == "cooling" else None}
-                for index, t in enumerate(self.tokens)]
+        rows = []
+        for index, t in enumerate(self.tokens):
+            status = self.status(t, now)
+            rows.append({"index": index, "masked": mask_token(t.value), "status": status,
+                         "failures": t.failures, "requests": t.requests, "successes": t.successes,
+                         "last_used": t.last_used, "last_error": t.last_error, "expires_at": t.expires_at,
+                         "cooling_until": t.cooling_until if status == "cooling" else None})
+        return rows
 
     def unavailable(self):
         """The error for a request that found no usable token."""
@@ -746,8 +749,9 @@ class TokenPool:
             return ApiError(503, f"No tokens: put account tokens in {self.path.name}, one per line",
                             "service_unavailable", code="no_tokens")
         now = self.clock()
-        cooling = [t.cooling_until - now for t in self.tokens if t.status(now) == "cooling"]
-        if cooling and all(t.status(now) in ("cooling", "active") for t in self.tokens):
+        statuses = [self.status(t, now) for t in self.tokens]
+        cooling = [t.cooling_until - now for t, status in zip(self.tokens, statuses) if status == "cooling"]
+        if cooling and all(status in ("cooling", "active") for status in statuses):
             return ApiError(429, "Every token is rate limited by upstream; try again later",
                             "rate_limit_error", code="rate_limited", retry_after=max(1, round(min(cooling))))
         return ApiError(503, f"No usable token left in {self.path.name} (disabled or expired); "

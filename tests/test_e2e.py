@@ -72,3 +72,17 @@ def test_openai_sdk_sees_typed_errors(running):
 def test_models_listed_by_the_sdk(running):
     client, _, _ = running
     assert [m.id for m in client.models.list()] == [MODEL, MODEL + "-nothink"]
+
+
+def test_no_set_up_start_prints_a_generated_key_once(spawn, tmp_path):
+    port = free_port()
+    process = spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env={"PORT": str(port), "HOST": "127.0.0.1",
+                                                                          "VALID_API_KEY": ""})
+    warning = process.stderr.readline()
+    key = process.stderr.readline().strip()
+    assert "VALID_API_KEY is not set" in warning and key.startswith("sk-")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
+    assert [m.id for m in client.models.list()] == [MODEL, MODEL + "-nothink"]
+    process.terminate()
+    assert process.wait(10) == 0 or process.returncode < 0
+    assert process.stderr.read().count(key) == 0, "the key is printed once, never logged again"

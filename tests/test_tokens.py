@@ -1,0 +1,302 @@
+"""The token pool: files, rotation, failover, health rules, expiry, file watching, atomic saves."""
+
+import asyncio
+import collections
+import time
+
+import pytest
+
+from conftest import ADMIN, AUTH, chat, read_sse, stream_text
+from fake_upstream import AUTH_EXPIRED, Reply, make_jwt
+import k2proxy
+
+import json
+
+GOOD = [make_jwt(time.time() + 3600, f"acc-{n}") for n in range(4)]
+EXPIRED = make_jwt(time.time() - 60, "old")
+
+
+def write_tokens(tmp_path, *tokens, name="tokens.txt"):
+    (tmp_path / name).write_text("\n".join(tokens) + "\n")
+
+
+@pytest.fixture
+def user_proxy(make_proxy, tmp_path):
+    async def start(*tokens, **env):
+        write_tokens(tmp_path, *tokens)
+        return await make_proxy(PROXY_MODE="user", **env)
+    return start
+
+
+def pool_of(proxy):
+    return proxy.server.app[k2proxy.STATE].upstream.pool
+
+
+async def ask(proxy, stream=False):
+    response = await proxy.post("/v1/chat/completions", json=chat(stream=stream), headers=AUTH)
+    if stream and response.status == 200:
+        events, _ = await read_sse(response)
+        return response.status, events
+    return response.status, await response.json()
+
+
+def test_tokens_file_format():
+    text = "# comment\n\n  tok-a  \ntok-b\n# tok-c\ntok-a\n\ttok-d\t\n"
+    assert k2proxy.parse_tokens_file(text) == ["tok-a", "tok-b", "tok-d"]
+
+
+def test_jwt_expiry_is_read_without_the_key():
+    assert k2proxy.jwt_expiry(make_jwt(1764000000)) == 1764000000
+    assert k2proxy.jwt_expiry("not-a-jwt") is None
+    assert k2proxy.jwt_expiry("a.!!!.c") is None
+
+
+def test_masking_never_shows_a_whole_token():
+    token = GOOD[0]
+    masked = k2proxy.mask_token(token)
+    assert masked.startswith(token[:4]) and masked.endswith(token[-3:]) and len(masked) < 10
+    assert k2proxy.mask_token("short") != "short"
+
+
+async def test_missing_file_is_an_empty_pool_with_a_log_line(make_proxy, caplog, fake):
+    caplog.set_level("INFO", logger="k2proxy")
+    proxy = await make_proxy(PROXY_MODE="user")
+    assert "not found" in caplog.text and "tokens.txt" in caplog.text
+    status, body = await ask(proxy)
+    assert status == 503 and "tokens.txt" in body["error"]["message"]
+    assert fake.received == []
+
+
+async def test_guest_mode_with_no_tokens_sends_no_authorization(proxy, fake):
+    status, _ = await ask(proxy)
+    assert status == 200 and "Authorization" not in fake.received[0].headers
+
+
+async def test_guest_mode_uses_guest_tokens_when_given(make_proxy, fake, tmp_path):
+    write_tokens(tmp_path, GOOD[0], name="tokens_guest.txt")
+    proxy = await make_proxy()
+    await ask(proxy)
+    assert fake.received[0].path == "/api/guest/chat/completions" and fake.received[0].token == GOOD[0]
+
+
+async def test_rotation_is_fair_under_concurrency(user_proxy, fake):
+    proxy = await user_proxy(*GOOD[:3])
+    fake.reply = Reply(delay=0.01, piece=20)
+    results = await asyncio.gather(*(ask(proxy, stream=n % 2 == 0) for n in range(60)))
+    assert all(status == 200 for status, _ in results)
+    assert collections.Counter(r.token for r in fake.received) == {GOOD[0]: 20, GOOD[1]: 20, GOOD[2]: 20}
+    assert all(r.path == "/api/chat/completions" for r in fake.received)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("bad", [Reply(status=401, body=json.dumps(AUTH_EXPIRED)), Reply(status=403, body="no"),
+                                 Reply(status=502, body="bad gateway"), Reply(first_delay=2),
+                                 Reply(drop_after=0), Reply(status=429, headers={"Retry-After": "30"})])
+async def test_failover_to_the_next_token_before_any_content(user_proxy, fake, stream, bad):
+    proxy = await user_proxy(GOOD[0], GOOD[1], REQUEST_TIMEOUT="0.5")
+    fake.by_token[GOOD[0]] = bad
+    fake.reply = Reply(answer="from the good token")
+    status, body = await ask(proxy, stream)
+    assert status == 200
+    text = stream_text(body[:-1]) if stream else body["choices"][0]["message"]["content"]
+    assert text == "from the good token"
+    assert [r.token for r in fake.received] == [GOOD[0], GOOD[1]]
+    first = pool_of(proxy).tokens[0]
+    assert first.last_error and (first.failures == 1 or first.cooling_until)
+
+
+async def test_retries_stop_at_max_retries(user_proxy, fake):
+    proxy = await user_proxy(*GOOD, MAX_RETRIES=2)
+    fake.reply = Reply(status=500, body="down")
+    status, body = await ask(proxy)
+    assert status == 502 and len(fake.received) == 3
+
+
+async def test_failure_after_content_is_not_retried_but_is_charged(user_proxy, fake):
+    proxy = await user_proxy(GOOD[0], GOOD[1])
+    fake.reply = Reply(reasoning="x" * 100, piece=5, drop_after=5)
+    status, events = await ask(proxy, stream=True)
+    assert status == 200 and events[-2]["error"] and len(fake.received) == 1
+    assert pool_of(proxy).tokens[0].failures == 1
+
+
+async def test_auth_failures_disable_until_reset(user_proxy, fake):
+    proxy = await user_proxy(GOOD[0], GOOD[1], MAX_TOKEN_FAILURES=2)
+    fake.by_token[GOOD[0]] = Reply(status=401, body=json.dumps(AUTH_EXPIRED))
+    for _ in range(4):
+        assert (await ask(proxy))[0] == 200
+    pool = pool_of(proxy)
+    assert pool.stats()[0]["status"] == "disabled"
+    pool.clock = lambda: time.time() + 1000
+    assert pool.stats()[0]["status"] == "disabled", "auth failures are not re-admitted by time"
+    sent_to_first = sum(r.token == GOOD[0] for r in fake.received)
+    assert sent_to_first == 2
+    del fake.by_token[GOOD[0]]
+    assert (await proxy.post("/admin/tokens/reset/0", headers=ADMIN)).status == 200
+    assert pool.stats()[0]["status"] == "active"
+
+
+async def test_other_failures_disable_then_readmit_on_probation(user_proxy, fake):
+    proxy = await user_proxy(GOOD[0], GOOD[1], MAX_TOKEN_FAILURES=2, TOKEN_COOLDOWN=300)
+    fake.by_token[GOOD[0]] = Reply(status=500, body="flaky")
+    for _ in range(3):
+        await ask(proxy)
+    pool = pool_of(proxy)
+    assert pool.stats()[0]["status"] == "disabled"
+    pool.clock = lambda: time.time() + 301
+    assert pool.stats()[0]["status"] == "active"
+    fake.received.clear()
+    await ask(proxy)
+    await ask(proxy)
+    assert pool.stats()[0]["status"] == "disabled", "one more failure on probation disables it again"
+    assert [r.token for r in fake.received].count(GOOD[0]) == 1
+
+
+async def test_success_resets_the_failure_count(user_proxy, fake):
+    proxy = await user_proxy(GOOD[0])
+    fake.script = [Reply(status=500, body="x"), Reply()]
+    assert (await ask(proxy))[0] == 502
+    assert pool_of(proxy).tokens[0].failures == 1
+    assert (await ask(proxy))[0] == 200
+    assert pool_of(proxy).tokens[0].failures == 0 and pool_of(proxy).tokens[0].successes == 1
+
+
+async def test_rate_limited_token_cools_down_and_is_skipped(user_proxy, fake):
+    proxy = await user_proxy(GOOD[0], GOOD[1])
+    fake.by_token[GOOD[0]] = Reply(status=429, headers={"Retry-After": "120"})
+    await ask(proxy)
+    pool = pool_of(proxy)
+    stats = pool.stats()[0]
+    assert stats["status"] == "cooling" and stats["failures"] == 0
+    assert 100 < stats["cooling_until"] - time.time() <= 120
+    fake.received.clear()
+    for _ in range(3):
+        await ask(proxy)
+    assert {r.token for r in fake.received} == {GOOD[1]}
+
+
+async def test_every_token_cooling_gives_429_with_retry_after(user_proxy, fake):
+    proxy = await user_proxy(GOOD[0], GOOD[1])
+    fake.reply = Reply(status=429, body='{"detail": "slow down"}')
+    response = await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    assert response.status == 429
+    fake.received.clear()
+    response = await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    assert response.status == 429 and 1 <= int(response.headers["Retry-After"]) <= 60
+    assert (await response.json())["error"]["type"] == "rate_limit_error"
+    assert fake.received == []
+
+
+async def test_expired_tokens_are_never_sent(user_proxy, fake):
+    proxy = await user_proxy(EXPIRED, GOOD[0])
+    for _ in range(3):
+        assert (await ask(proxy))[0] == 200
+    assert {r.token for r in fake.received} == {GOOD[0]}
+    assert pool_of(proxy).stats()[0]["status"] == "expired"
+
+
+async def test_only_unusable_tokens_gives_503(user_proxy, fake):
+    proxy = await user_proxy(EXPIRED)
+    status, body = await ask(proxy)
+    assert status == 503 and body["error"]["code"] == "no_usable_tokens" and fake.received == []
+
+
+async def wait_until(condition, seconds=2.0):
+    """Waits for the proxy to notice a change, up to the 2 s the pool promises."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the change was not picked up within 2 s"
+        await asyncio.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["append", "remove", "rename"])
+async def test_file_edits_are_picked_up_within_two_seconds(user_proxy, fake, tmp_path, how):
+    proxy = await user_proxy(GOOD[0], GOOD[1])
+    pool = pool_of(proxy)
+    await ask(proxy)
+    path = tmp_path / "tokens.txt"
+    if how == "append":
+        with path.open("a") as out:
+            out.write(GOOD[2] + "\n")
+        expected = GOOD[:3]
+    elif how == "remove":
+        path.write_text(GOOD[1] + "\n")
+        expected = [GOOD[1]]
+    else:
+        (tmp_path / "tokens.txt.swp").write_text(f"{GOOD[0]}\n{GOOD[3]}\n")
+        (tmp_path / "tokens.txt.swp").replace(path)
+        expected = [GOOD[0], GOOD[3]]
+    await wait_until(lambda: [t.value for t in pool.tokens] == expected)
+    if GOOD[0] in expected:
+        assert pool.tokens[0].requests == 1, "tokens still present keep their stats"
+
+
+async def test_auth_disabled_token_returns_when_its_line_changes(user_proxy, fake, tmp_path):
+    proxy = await user_proxy(GOOD[0], MAX_TOKEN_FAILURES=1)
+    fake.by_token[GOOD[0]] = Reply(status=401, body="{}")
+    await ask(proxy)
+    pool = pool_of(proxy)
+    assert pool.stats()[0]["status"] == "disabled"
+    (tmp_path / "tokens.txt").write_text(GOOD[1] + "\n")
+    await wait_until(lambda: pool.stats()[0]["status"] == "active")
+    assert pool.tokens[0].value == GOOD[1]
+
+
+async def test_admin_reload_readmits_disabled_tokens(user_proxy, fake):
+    proxy = await user_proxy(GOOD[0], MAX_TOKEN_FAILURES=1)
+    fake.reply = Reply(status=401, body="{}")
+    await ask(proxy)
+    assert pool_of(proxy).stats()[0]["status"] == "disabled"
+    response = await proxy.post("/admin/tokens/reload", headers=ADMIN)
+    assert response.status == 200 and (await response.json())["counts"]["active"] == 1
+
+
+async def test_save_is_atomic_and_keeps_comments(user_proxy, tmp_path):
+    path = tmp_path / "tokens.txt"
+    proxy = await user_proxy(GOOD[0])
+    path.write_text(f"# my accounts\n{GOOD[0]}\n# spare\n")
+    response = await proxy.post("/admin/tokens/update", json={"tokens": [GOOD[1], " ", GOOD[2], GOOD[1]]},
+                                headers=ADMIN)
+    assert response.status == 200
+    assert path.read_text() == f"# my accounts\n# spare\n{GOOD[1]}\n{GOOD[2]}\n"
+    assert [t.value for t in pool_of(proxy).tokens] == [GOOD[1], GOOD[2]]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tokens")] == []
+
+
+async def test_save_failure_leaves_the_old_file_whole(user_proxy, tmp_path, monkeypatch):
+    path = tmp_path / "tokens.txt"
+    proxy = await user_proxy(GOOD[0], GOOD[1])
+
+    def crash(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(k2proxy.os, "fsync", crash)
+    response = await proxy.post("/admin/tokens/update", json={"tokens": [GOOD[2]]}, headers=ADMIN)
+    assert response.status == 500 and "No space left" in (await response.json())["error"]["message"]
+    assert path.read_text() == f"{GOOD[0]}\n{GOOD[1]}\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["tokens.txt"]
+
+
+async def test_concurrent_saves_and_edits_never_lose_a_token(user_proxy, tmp_path):
+    path = tmp_path / "tokens.txt"
+    proxy = await user_proxy(GOOD[0])
+    sets = [[f"tok-{n}-{i}" for i in range(5)] for n in range(20)]
+    responses = await asyncio.gather(*(proxy.post("/admin/tokens/update", json={"tokens": s}, headers=ADMIN)
+                                       for s in sets))
+    assert all(r.status == 200 for r in responses)
+    saved = k2proxy.parse_tokens_file(path.read_text())
+    assert saved in sets
+    assert [t.value for t in pool_of(proxy).tokens] == saved
+
+
+async def test_mode_switch_changes_the_upstream_path_and_file(make_proxy, fake, tmp_path):
+    write_tokens(tmp_path, GOOD[0])
+    proxy = await make_proxy()
+    await ask(proxy)
+    response = await proxy.post("/admin/switch_mode", json={"mode": "user"}, headers=ADMIN)
+    assert response.status == 200 and (await response.json())["mode"] == "user"
+    await ask(proxy)
+    assert [(r.path, r.token) for r in fake.received] == [("/api/guest/chat/completions", ""),
+                                                           ("/api/chat/completions", GOOD[0])]
+    assert fake.received[1].headers["Referer"].startswith(fake.url + "/c/")
+    health = await (await proxy.get("/health")).json()
+    assert health["mode"] == "user" and health["tokens"]["total"] == 1
