@@ -253,6 +253,12 @@ class ApiError(Exception):
         self.retry_after = retry_after
 
 
+def _expect(condition, message, param, code="invalid_value"):
+    """Raises a 400 naming the field when a request check fails."""
+    if not condition:
+        raise ApiError(400, message, param=param, code=code)
+
+
 class SSEDecoder:
     """Splits upstream bytes into frames, whatever the TCP, line and UTF-8 cut points."""
 
@@ -593,6 +599,317 @@ def upstream_payload(model, messages, params, now=None):
         "chat_id": str(uuid.uuid4()), "id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()),
         "background_tasks": {"title_generation": False, "tags_generation": False},
     }
+
+
+# ─── Tool calls ──────────────────────────────────────────────────────────────
+# K2-Think has no native function calling: the proxy describes the tools in a
+# system prompt, renders tool history as text, and finds calls in the answer
+# as it streams. Text that cannot start a call is released at once.
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+MAX_CALL_CHARS = 256 * 1024
+
+
+@dataclass
+class ToolPlan:
+    tools: list
+    names: frozenset
+    choice: object
+
+
+def parse_tools(body, enabled):
+    """The request's tools and tool_choice, checked; None when no tool text is to be sent or parsed."""
+    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
+    if tools is None:
+        return None
+    _expect(isinstance(tools, list), "'tools' must be a list", "tools", "invalid_type")
+    functions = []
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        _expect(isinstance(tool, dict) and tool.get("type", "function") == "function"
+                and isinstance(tool.get("function"), dict),
+                f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where, "invalid_type")
+        function = tool["function"]
+        name = function.get("name")
+        _expect(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name or ""),
+                f"{where}.function.name must be a name of letters, digits, _ . -", f"{where}.function.name")
+        _expect(isinstance(function.get("parameters", {}), dict), f"{where}.function.parameters must be an object",
+                f"{where}.function.parameters", "invalid_type")
+        functions.append(function)
+    names = frozenset(f["name"] for f in functions)
+    if isinstance(choice, dict):
+        named = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        _expect(named in names, f"tool_choice names the tool '{named}', which is not in 'tools'", "tool_choice")
+    else:
+        _expect(choice in ("auto", "none", "required"),
+                "'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", ...}",
+                "tool_choice")
+    if choice == "none" or not enabled or not functions:
+        return None
+    return ToolPlan(functions, names, choice)
+
+
+def describe_parameters(schema):
+    """One line per top-level parameter, with its type, whether it is required and its allowed values."""
+    required = set(schema.get("required") or [])
+    lines = []
+    for name, spec in (schema.get("properties") or {}).items():
+        spec = spec if isinstance(spec, dict) else {}
+        line = f"- {name} ({spec.get('type', 'any')}{', required' if name in required else ''})"
+        if spec.get("description"):
+            line += f": {spec['description']}"
+        if spec.get("enum"):
+            line += " One of: " + ", ".join(json.dumps(v, ensure_ascii=False) for v in spec["enum"])
+        lines.append(line)
+    return lines
+
+
+def tool_prompt(plan):
+    """The system text that teaches K2-Think the tools and the one reply format the proxy reads."""
+    parts = ["You can call tools (functions). These are the tools available:"]
+    for function in plan.tools:
+        schema = function.get("parameters") or {"type": "object", "properties": {}}
+        parts.append(f"\n### {function['name']}")
+        if function.get("description"):
+            parts.append(function["description"])
+        parts.extend(describe_parameters(schema))
+        parts.append("JSON Schema of the arguments: " + json.dumps(schema, ensure_ascii=False))
+    parts.append(
+        "\nTo call a tool, write this block in your answer, one block per call:\n"
+        f"{TOOL_CALL_OPEN}\n{{\"name\": \"TOOL_NAME\", \"arguments\": {{...arguments as a JSON object...}}}}\n"
+        f"{TOOL_CALL_CLOSE}\n"
+        "Use only the tools listed above, with arguments that match their schema. You may call several "
+        "tools, one block each. After your calls, stop: the results come back in the next message as "
+        "<tool_result> blocks. If no tool is needed, answer normally without any tool_call block.")
+    if plan.choice == "required":
+        parts.append("In this reply you must call at least one tool.")
+    elif isinstance(plan.choice, dict):
+        parts.append(f"In this reply you must call the tool \"{plan.choice['function']['name']}\".")
+    return "\n".join(parts)
+
+
+def render_call(name, arguments):
+    """A past call, written the way the model is told to write calls."""
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        pass
+    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
+
+
+def render_tool_result(name, call_id, content):
+    return f'<tool_result name="{name}" tool_call_id="{call_id}">\n{content}\n</tool_result>'
+
+
+def normalise_call(item, names):
+    """(name, arguments as a JSON string) of one call the model wrote, or None when it is not a valid call."""
+    if not isinstance(item, dict):
+        return None
+    if isinstance(item.get("function"), dict):
+        item = item["function"]
+    name, arguments = item.get("name"), item.get("arguments", item.get("parameters", {}))
+    if name not in names:
+        return None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return name, json.dumps(arguments, ensure_ascii=False)
+
+
+def calls_in(value, names):
+    """The calls in a parsed block: one call, a list of calls, or {"tool_calls": [...]}; None if any is invalid."""
+    if isinstance(value, dict) and "tool_calls" in value:
+        value = value["tool_calls"]
+    items = value if isinstance(value, list) else [value]
+    calls = [normalise_call(item, names) for item in items]
+    return calls if calls and all(calls) else None
+
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: str
+    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
+
+
+@dataclass(frozen=True)
+class Opt:
+    text: str
+
+
+# Openings of the call forms models write, as steps: a literal, a tuple of alternatives, Opt(literal),
+# WS (any blanks) or NAME (a tool name). They are matched against text that may still be incomplete.
+WS, NAME = "ws", "name"
+CALL_OPENINGS = {
+    "tag": [TOOL_CALL_OPEN],
+    "fence": ["```", Opt("json"), WS, "{", WS, '"tool_calls"'],
+    "inline": ["{", WS, '"tool_calls"'],
+    "natural": ["调用函数", WS, (":", "："), WS, NAME, WS, "参数", WS, (":", "："), WS, "{"],
+}
+CALL_TRIGGERS = re.compile(r"[<`{调]")
+
+
+def match_opening(text, start, steps):
+    """('yes', end, name) when text[start:] opens a call, ('maybe', ...) when it still could, else ('no', ...)."""
+    at, name = start, None
+    for step in steps:
+        if step == WS:
+            while at < len(text) and text[at].isspace():
+                at += 1
+            if at == len(text):
+                return "maybe", at, name
+        elif step == NAME:
+            end = at
+            while end < len(text) and (text[end].isalnum() or text[end] in "_.-"):
+                end += 1
+            if end == len(text):
+                return "maybe", end, name
+            if end == at:
+                return "no", at, name
+            name, at = text[at:end], end
+        else:
+            options = (step.text,) if isinstance(step, Opt) else step if isinstance(step, tuple) else (step,)
+            found = next((o for o in options if text.startswith(o, at)), None)
+            if found:
+                at += len(found)
+            elif any(o.startswith(text[at:]) for o in options) and len(text) - at < max(map(len, options)):
+                return "maybe", at, name
+            elif not isinstance(step, Opt):
+                return "no", at, name
+    return "yes", at, name
+
+
+class ToolCallScanner:
+    """Finds tool calls in the streamed answer; yields text pieces and ToolCall objects in order."""
+
+    def __init__(self, names):
+        self.names = names
+        self._buf = ""
+        self._call = None
+        self.calls = 0
+
+    def feed(self, text):
+        self._buf += text
+        out = []
+        while self._buf:
+            if self._call is None and not self._scan_text(out):
+                break
+            if self._call is not None and not self._scan_call(out):
+                break
+        return out
+
+    def finish(self):
+        out = []
+        if self._call is not None:
+            self._settle(out, len(self._buf), complete=False)
+        if self._buf:
+            out.append(self._buf)
+            self._buf = ""
+        return out
+
+    def _scan_text(self, out):
+        """Releases text up to the next possible call opening; False when the rest must wait."""
+        position = 0
+        while True:
+            found = CALL_TRIGGERS.search(self._buf, position)
+            if not found:
+                out.append(self._buf)
+                self._buf = ""
+                return False
+            start = found.start()
+            verdicts = {kind: match_opening(self._buf, start, steps) for kind, steps in CALL_OPENINGS.items()}
+            opened = next(((kind, end, name) for kind, (verdict, end, name) in verdicts.items()
+                           if verdict == "yes"), None)
+            if opened:
+                out.append(self._buf[:start])
+                self._buf = self._buf[start:]
+                kind, end, name = opened
+                body_start = {"tag": end - start, "natural": end - start - 1}.get(kind, None)
+                if body_start is None:
+                    body_start = self._buf.index("{")
+                self._call = {"kind": kind, "name": name, "body": body_start, "scan": body_start,
+                              "depth": 0, "string": False, "escape": False, "end": None}
+                return True
+            if any(verdict == "maybe" for verdict, _, _ in verdicts.values()):
+                out.append(self._buf[:start])
+                self._buf = self._buf[start:]
+                return False
+            position = start + 1
+
+    def _scan_call(self, out):
+        call = self._call
+        if call["kind"] == "tag":
+            index = self._buf.find(TOOL_CALL_CLOSE, call["scan"])
+            if index < 0:
+                call["scan"] = max(call["body"], len(self._buf) - len(TOOL_CALL_CLOSE) + 1)
+                return self._too_long(out)
+            return self._settle(out, index + len(TOOL_CALL_CLOSE), body=self._buf[call["body"]:index])
+        if call["end"] is None and not self._balance(call):
+            return self._too_long(out)
+        if call["kind"] == "fence":
+            verdict, end, _ = match_opening(self._buf, call["end"], [WS, "```"])
+            if verdict == "maybe":
+                return False
+            return self._settle(out, end if verdict == "yes" else call["end"])
+        return self._settle(out, call["end"])
+
+    def _balance(self, call):
+        """Scans the JSON object for its closing brace, strings and escapes included; True once found."""
+        text, at = self._buf, call["scan"]
+        depth, string, escape = call["depth"], call["string"], call["escape"]
+        while at < len(text):
+            char = text[at]
+            at += 1
+            if string:
+                if escape:
+                    escape = False
+                elif char == "\\":
+                    escape = True
+                elif char == '"':
+                    string = False
+            elif char == '"':
+                string = True
+            elif char == "{":
+                depth += 1
+            elif char == "}":
+                depth -= 1
+                if depth == 0:
+                    call["end"] = at
+                    return True
+        call.update(scan=at, depth=depth, string=string, escape=escape)
+        return False
+
+    def _too_long(self, out):
+        if len(self._buf) > MAX_CALL_CHARS:
+            out.append(self._buf)
+            self._buf, self._call = "", None
+        return False
+
+    def _settle(self, out, consumed, body=None, complete=True):
+        """Turns the call text into ToolCalls, or releases it as text when it is not a valid call."""
+        call, raw = self._call, self._buf[:consumed]
+        self._call, self._buf = None, self._buf[consumed:]
+        if body is None:
+            body = raw[call["body"]:call["end"] or consumed]
+        try:
+            value = json.loads(body)
+        except ValueError:
+            value = None
+        if call["kind"] == "natural":
+            value = {"name": call["name"], "arguments": value}
+        calls = calls_in(value, self.names) if value is not None else None
+        if not calls:
+            out.append(raw)
+            return True
+        for name, arguments in calls:
+            out.append(ToolCall(name, arguments))
+        self.calls += len(calls)
+        return complete
 
 
 # ─── Token pool ──────────────────────────────────────────────────────────────
@@ -963,11 +1280,6 @@ STATE = web.AppKey("state", AppState)
 NOTHINK = "-nothink"
 
 
-def _expect(condition, message, param, code="invalid_value"):
-    if not condition:
-        raise ApiError(400, message, param=param, code=code)
-
-
 def _number(body, name, low, high):
     value = body.get(name)
     if value is None:
@@ -995,6 +1307,7 @@ class ChatRequest:
     include_usage: bool
     messages: list
     params: dict
+    tools: ToolPlan = None
     prompt_chars: int = 0
 
 
@@ -1040,11 +1353,12 @@ def message_text(content, index):
     return parts
 
 
-def upstream_messages(messages):
-    """OpenAI messages as Open WebUI takes them: developer becomes system, reasoning_content is dropped."""
+def upstream_messages(messages, tools=None):
+    """OpenAI messages as Open WebUI takes them: developer becomes system, tool history becomes text,
+    reasoning_content is dropped, and the tool prompt joins the system message."""
     _expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages",
             "invalid_type" if not isinstance(messages, list) else "invalid_value")
-    rendered = []
+    rendered, call_names = [], {}
     for index, message in enumerate(messages):
         _expect(isinstance(message, dict), f"messages[{index}] must be an object", f"messages[{index}]",
                 "invalid_type")
@@ -1052,8 +1366,29 @@ def upstream_messages(messages):
         _expect(role in ROLES, f"messages[{index}].role must be one of {', '.join(ROLES)}",
                 f"messages[{index}].role")
         content = message_text(message.get("content"), index)
-        role = {"developer": "system", "tool": "user", "function": "user"}.get(role, role)
-        rendered.append({"role": role, "content": content})
+        if role == "assistant" and message.get("tool_calls"):
+            calls = message["tool_calls"]
+            _expect(isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                    for c in calls),
+                    f"messages[{index}].tool_calls must be a list of tool calls", f"messages[{index}].tool_calls",
+                    "invalid_type")
+            blocks = []
+            for call in calls:
+                call_names[call.get("id")] = call["function"].get("name")
+                blocks.append(render_call(call["function"].get("name"), call["function"].get("arguments", {})))
+            content = "\n".join(filter(None, [content if isinstance(content, str) else "", *blocks]))
+        elif role in ("tool", "function"):
+            call_id = message.get("tool_call_id", "")
+            name = message.get("name") or call_names.get(call_id) or "unknown"
+            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
+            content, role = render_tool_result(name, call_id, text), "user"
+        rendered.append({"role": "system" if role == "developer" else role, "content": content})
+    if tools:
+        prompt = tool_prompt(tools)
+        if rendered[0]["role"] == "system" and isinstance(rendered[0]["content"], str):
+            rendered[0]["content"] = f"{rendered[0]['content']}\n\n{prompt}"
+        else:
+            rendered.insert(0, {"role": "system", "content": prompt})
     return rendered
 
 
@@ -1080,10 +1415,11 @@ def parse_chat_request(body, settings):
         _expect(isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
                 "'stop' must be a string or a list of strings", "stop", "invalid_type")
         params["stop"] = [stop] if isinstance(stop, str) else stop
-    messages = upstream_messages(body.get("messages"))
+    tools = parse_tools(body, settings.tool_support)
+    messages = upstream_messages(body.get("messages"), tools)
     prompt_chars = sum(len(m["content"]) if isinstance(m["content"], str) else 0 for m in messages)
     return ChatRequest(model, upstream_model, show_reasoning, bool(stream),
-                       bool(options.get("include_usage")), messages, params, prompt_chars)
+                       bool(options.get("include_usage")), messages, params, tools, prompt_chars)
 
 
 def error_body(message, type_="invalid_request_error", param=None, code=None):
@@ -1123,8 +1459,14 @@ class Completion:
         self.committed = False
         self._in_think = False
         self._chars = 0
+        self._calls = 0
+        self.scanner = ToolCallScanner(self.chat.tools.names) if self.chat.tools else None
 
     async def add(self, reasoning, answer):
+        """Delivers what upstream added: reasoning, then answer text and any tool calls found in it."""
+        await self._deliver(reasoning, self.scanner.feed(answer) if self.scanner and answer else [answer])
+
+    async def _deliver(self, reasoning, pieces):
         content = ""
         delta = {}
         if reasoning and self.chat.show_reasoning:
@@ -1133,24 +1475,46 @@ class Completion:
                 self._in_think = True
             else:
                 delta["reasoning_content"] = reasoning
-        if answer:
+        for piece in pieces:
+            if not piece:
+                continue
             if self._in_think:
                 content += "</think>\n\n"
                 self._in_think = False
-            content += answer
+            if isinstance(piece, str):
+                content += piece
+                continue
+            if content:
+                delta["content"] = content
+            if delta:
+                await self._emit(delta, len(reasoning))
+                delta, content, reasoning = {}, "", ""
+            await self._emit({"tool_calls": [{"index": self._calls, "id": piece.id, "type": "function",
+                                              "function": {"name": piece.name, "arguments": ""}}]}, 0)
+            await self._emit({"tool_calls": [{"index": self._calls, "function": {"arguments": piece.arguments}}]},
+                             len(piece.arguments))
+            self._calls += 1
         if content:
             delta["content"] = content
         if delta:
-            if not self.committed:
-                self.committed = True
-                self.request["ttfb"] = time.monotonic() - self.started
-            self._chars += len(reasoning) + len(answer)
-            await self.emit(delta)
+            await self._emit(delta, len(reasoning) + len(content))
 
-    async def close_think(self):
+    async def _emit(self, delta, chars):
+        if not self.committed:
+            self.committed = True
+            self.request["ttfb"] = time.monotonic() - self.started
+        self._chars += chars
+        await self.emit(delta)
+
+    async def end(self):
+        """Settles what was held back (an unfinished call, a closing think tag) and the finish reason."""
+        if self.scanner:
+            await self._deliver("", self.scanner.finish())
         if self._in_think:
             self._in_think = False
-            await self.emit({"content": "</think>"})
+            await self._emit({"content": "</think>"}, 0)
+        if self._calls:
+            self.finish_reason = "tool_calls"
 
     def final_usage(self):
         if self.usage:
@@ -1210,7 +1574,7 @@ class StreamSink(Completion):
         await self._write(self._chunk(delta))
 
     async def finish(self):
-        await self.close_think()
+        await self.end()
         self._keepalive.cancel()
         data = self._chunk({}, self.finish_reason or "stop")
         if self.chat.include_usage:
@@ -1244,16 +1608,25 @@ class CollectSink(Completion):
         super().reset()
         self.reasoning = []
         self.content = []
+        self.tool_calls = []
 
     async def emit(self, delta):
         if "reasoning_content" in delta:
             self.reasoning.append(delta["reasoning_content"])
         if "content" in delta:
             self.content.append(delta["content"])
+        for piece in delta.get("tool_calls", ()):
+            if "id" in piece:
+                self.tool_calls.append({key: piece[key] for key in ("id", "type")} | {"function": dict(piece["function"])})
+            else:
+                self.tool_calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
 
     async def finish(self):
-        await self.close_think()
-        message = {"role": "assistant", "content": "".join(self.content)}
+        await self.end()
+        content = "".join(self.content)
+        message = {"role": "assistant", "content": content.strip() or None if self.tool_calls else content}
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
         return web.json_response({
