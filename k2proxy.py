@@ -20,6 +20,7 @@ import secrets
 import sys
 import tempfile
 import time
+import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +132,7 @@ SETTINGS = (
     Setting("THINKING_FORMAT", "reasoning_content", _one_of("reasoning_content", "think_tags"), "How reasoning reaches clients: the reasoning_content field, or think_tags inline in content"),
     Setting("TOOL_SUPPORT", "true", _boolean, "Emulate OpenAI function calling for requests with tools"),
     Setting("MAX_REQUEST_MB", "32", _positive, "Largest request body accepted, in MB"),
+    Setting("MAX_FILE_MB", "10", _positive, "Largest image or file attached to a message, in MB"),
     Setting("REQUEST_TIMEOUT", "120", _positive, "Seconds to wait for upstream's first byte, and between its frames"),
     Setting("KEEPALIVE_SECONDS", "15", _positive, "Seconds of upstream silence before a stream gets an SSE comment"),
     Setting("USER_TOKENS_FILE", "tokens.txt", _text, "Token file of user mode, one JWT per line"),
@@ -1325,7 +1327,82 @@ def resolve_model(requested, settings):
     return base, base == requested
 
 
-def message_text(content, index):
+TEXT_FILE_EXTENSIONS = frozenset("""
+    txt text md markdown rst csv tsv json jsonl ndjson yaml yml toml ini cfg conf env properties log xml html htm
+    css scss js mjs cjs ts tsx jsx vue svelte py pyi ipynb java kt kts scala groovy gradle c h cc cpp cxx hpp cs
+    go rs rb php pl pm lua r m swift dart sh bash zsh fish ps1 bat cmd sql graphql proto tex bib srt vtt diff
+    patch dockerfile makefile cmake gitignore""".split())
+TEXT_MEDIA_TYPES = re.compile(r"text/.*|application/(json|ld\+json|xml|x-yaml|yaml|toml|javascript|"
+                              r"x-javascript|typescript|x-sh|x-python|sql|x-tex|csv|x-ndjson)")
+DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*(;base64)?,(.*)", re.S)
+
+
+def decode_data(data, where, limit):
+    """(media type, bytes) of a data: URL or bare base64, with 413 over `limit` and 400 for bad base64."""
+    found = DATA_URL.fullmatch(data)
+    media, payload = (found.group(1) or "", found.group(3)) if found else ("", data)
+    if found and not found.group(2):
+        raw = urllib.parse.unquote_to_bytes(payload)
+    else:
+        if len(payload) * 3 // 4 > limit + 3:
+            raise ApiError(413, f"{where} is larger than MAX_FILE_MB ({limit / 1048576:g} MB)", param=where,
+                           code="file_too_large")
+        try:
+            raw = base64.b64decode("".join(payload.split()), validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, f"{where} does not hold valid base64 data", param=where,
+                           code="invalid_base64") from None
+    if len(raw) > limit:
+        raise ApiError(413, f"{where} is larger than MAX_FILE_MB ({limit / 1048576:g} MB)", param=where,
+                       code="file_too_large")
+    return media.lower(), raw
+
+
+def image_part(part, where, limit):
+    """An image_url part as upstream takes it: a valid image data: URL or an http(s) URL, passed as it is."""
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    _expect(isinstance(url, str) and url, f"{where}.image_url.url is missing", where, "invalid_type")
+    if url.startswith("data:"):
+        media, _ = decode_data(url, where, limit)
+        _expect(media.startswith("image/"), f"{where} is a data: URL of '{media or 'no type'}', not an image",
+                where, "invalid_image")
+    else:
+        _expect(re.match(r"https?://\S+$", url), f"{where}.image_url.url must be a data: URL or an http(s) URL",
+                where, "invalid_image")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def file_part_text(part, where, limit):
+    """A text file attached to a message, inlined as a fenced block headed by its name."""
+    file = part.get("file")
+    _expect(isinstance(file, dict), f"{where}.file must be an object with filename and file_data", where,
+            "invalid_type")
+    name = file.get("filename") if isinstance(file.get("filename"), str) and file.get("filename") else "file"
+    data = file.get("file_data")
+    if data is None and file.get("file_id"):
+        raise ApiError(400, f"{where}: uploaded file ids cannot be fetched through this proxy; send the file "
+                            "itself as file_data", param=where, code="unsupported_file")
+    _expect(isinstance(data, str) and data, f"{where}.file.file_data is missing", where, "invalid_type")
+    media, raw = decode_data(data, where, limit)
+    extension = name.rsplit(".", 1)[-1].lower() if "." in name else name.lower()
+    text = None
+    if extension in TEXT_FILE_EXTENSIONS or TEXT_MEDIA_TYPES.fullmatch(media):
+        for encoding in ("utf-8-sig", "utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
+            try:
+                text = raw.decode(encoding)
+                break
+            except UnicodeDecodeError:
+                continue
+    if text is None:
+        raise ApiError(400, f"{where}: the file '{name}' ({media or 'unknown type'}) cannot be read by K2-Think; "
+                            "supported are text files in UTF-8 (txt, md, csv, json, code, ...) and images as "
+                            "image_url parts", param=where, code="unsupported_file")
+    fence = "`" * max(3, max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    return f"File: {name}\n{fence}\n{text}\n{fence}"
+
+
+def message_text(content, index, max_file_bytes):
     """A message's content as upstream takes it: a string, or a list of parts when it holds images."""
     if content is None or isinstance(content, str):
         return content or ""
@@ -1341,19 +1418,18 @@ def message_text(content, index):
             _expect(isinstance(part.get("text"), str), f"{where}.text must be a string", where, "invalid_type")
             parts.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
-            image = part.get("image_url")
-            url = image.get("url") if isinstance(image, dict) else image
-            _expect(isinstance(url, str) and url, f"{where}.image_url.url is missing", where, "invalid_type")
-            parts.append({"type": "image_url", "image_url": {"url": url}})
+            parts.append(image_part(part, where, max_file_bytes))
+        elif kind == "file":
+            parts.append({"type": "text", "text": file_part_text(part, where, max_file_bytes)})
         else:
-            raise ApiError(400, f"{where} has type '{kind}', which is not supported (text, image_url)",
+            raise ApiError(400, f"{where} has type '{kind}', which is not supported (text, image_url, file)",
                            param=where, code="unsupported_content")
     if all(part["type"] == "text" for part in parts):
         return "\n".join(part["text"] for part in parts)
     return parts
 
 
-def upstream_messages(messages, tools=None):
+def upstream_messages(messages, tools=None, max_file_bytes=10 * 1048576):
     """OpenAI messages as Open WebUI takes them: developer becomes system, tool history becomes text,
     reasoning_content is dropped, and the tool prompt joins the system message."""
     _expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages",
@@ -1365,7 +1441,7 @@ def upstream_messages(messages, tools=None):
         role = message.get("role")
         _expect(role in ROLES, f"messages[{index}].role must be one of {', '.join(ROLES)}",
                 f"messages[{index}].role")
-        content = message_text(message.get("content"), index)
+        content = message_text(message.get("content"), index, max_file_bytes)
         if role == "assistant" and message.get("tool_calls"):
             calls = message["tool_calls"]
             _expect(isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict)
@@ -1416,7 +1492,7 @@ def parse_chat_request(body, settings):
                 "'stop' must be a string or a list of strings", "stop", "invalid_type")
         params["stop"] = [stop] if isinstance(stop, str) else stop
     tools = parse_tools(body, settings.tool_support)
-    messages = upstream_messages(body.get("messages"), tools)
+    messages = upstream_messages(body.get("messages"), tools, int(settings.max_file_mb * 1048576))
     prompt_chars = sum(len(m["content"]) if isinstance(m["content"], str) else 0 for m in messages)
     return ChatRequest(model, upstream_model, show_reasoning, bool(stream),
                        bool(options.get("include_usage")), messages, params, tools, prompt_chars)
