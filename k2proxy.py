@@ -1154,6 +1154,8 @@ class Upstream:
                                      sock_read=settings.request_timeout)
         self.origin = re.match(r"^https?://[^/]+", settings.k2think_base_url).group(0)
         self.session = None
+        self.responses = set()
+        self.stopping = False
 
     @property
     def pool(self):
@@ -1205,6 +1207,15 @@ class Upstream:
             return
         raise error or pool.unavailable()
 
+    async def stop(self):
+        """Ends every upstream answer in flight, so each client gets its stream's end before the process exits."""
+        self.stopping = True
+        for response in list(self.responses):
+            response.close()
+
+    def _stopped(self):
+        return UpstreamError("the proxy is shutting down", 503, "shutting_down", charge=False, retryable=False)
+
     async def _attempt(self, url, body, headers, sink):
         parser = UpstreamText()
         try:
@@ -1214,6 +1225,7 @@ class Upstream:
                                 504, "upstream_timeout") from None
         except (ClientError, OSError) as exc:
             raise UpstreamError(f"cannot reach upstream ({type(exc).__name__})", 502, charge=False) from None
+        self.responses.add(response)
         try:
             async for frame in self._frames(response):
                 if frame.error:
@@ -1226,13 +1238,18 @@ class Upstream:
                     sink.finish_reason = frame.finish_reason
                 if frame.done:
                     break
+            if self.stopping:
+                raise self._stopped()
             await sink.add(*parser.finish())
         except asyncio.TimeoutError:
             raise UpstreamError(f"upstream sent nothing for {self.settings.request_timeout:g} s",
                                 504, "upstream_timeout") from None
         except (ClientError, OSError) as exc:
+            if self.stopping:
+                raise self._stopped() from None
             raise UpstreamError(f"upstream connection broke mid-answer ({type(exc).__name__})", 502) from None
         finally:
+            self.responses.discard(response)
             response.close()
 
     async def _frames(self, response):
@@ -1599,6 +1616,10 @@ class Completion:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+class ClientGone(Exception):
+    """The client closed its connection; nothing is to be sent, and no token is to blame."""
+
+
 class StreamSink(Completion):
     """Streams the completion as OpenAI chunks over SSE; the response opens with the first byte it sends."""
 
@@ -1614,7 +1635,7 @@ class StreamSink(Completion):
         self._role_sent = False
         self._keepalive = asyncio.ensure_future(self._keep_alive())
 
-    async def _write(self, data):
+    async def _write(self, data, last=False):
         if self.response is None:
             async with self._open_lock:
                 if self.response is None:
@@ -1624,7 +1645,10 @@ class StreamSink(Completion):
                     await response.prepare(self.request)
                     self.response = response
         self._last_write = time.monotonic()
-        await self.response.write(data)
+        try:
+            await (self.response.write_eof(data) if last else self.response.write(data))
+        except (ConnectionError, RuntimeError):
+            raise ClientGone() from None
 
     async def _keep_alive(self):
         """Sends an SSE comment after each KEEPALIVE_SECONDS of silence, so proxies keep the stream open."""
@@ -1635,7 +1659,7 @@ class StreamSink(Completion):
                     await self._write(b": keep-alive\n\n")
                 else:
                     await asyncio.sleep(self._keepalive_every - idle)
-        except (ConnectionError, RuntimeError):
+        except ClientGone:
             pass
 
     def _chunk(self, delta, finish_reason=None):
@@ -1657,8 +1681,7 @@ class StreamSink(Completion):
             usage = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                                 "model": self.chat.model, "choices": [], "usage": self.final_usage()})
             data += b"data: " + usage.encode() + b"\n\n"
-        await self._write(data + b"data: [DONE]\n\n")
-        await self.response.write_eof()
+        await self._write(data + b"data: [DONE]\n\n", last=True)
         return self.response
 
     async def fail(self, error):
@@ -1669,8 +1692,7 @@ class StreamSink(Completion):
         if self.response is None:
             raise error
         body = error_body(error.message, error.type, error.param, error.code)
-        await self._write(b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n")
-        await self.response.write_eof()
+        await self._write(b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n", last=True)
         return self.response
 
     def cancel(self):
@@ -1743,12 +1765,16 @@ async def chat_completions(request):
     sink = (StreamSink if chat.stream else CollectSink)(request, chat, state.settings)
     payload = upstream_payload(chat.upstream_model, chat.messages, chat.params)
     try:
-        await state.upstream.complete(payload, sink)
-    except (UpstreamError, ApiError) as error:
-        return await sink.fail(error)
+        try:
+            await state.upstream.complete(payload, sink)
+            return await sink.finish()
+        except (UpstreamError, ApiError) as error:
+            return await sink.fail(error)
+    except ClientGone:
+        request["failed"] = True
+        return sink.response
     finally:
         sink.cancel()
-    return await sink.finish()
 
 
 def model_card(model_id, created):
@@ -2023,6 +2049,10 @@ async def start_up(app):
     state.watcher = asyncio.ensure_future(watch_token_files(app))
 
 
+async def shut_down(app):
+    await app[STATE].upstream.stop()
+
+
 async def clean_up(app):
     state = app[STATE]
     state.watcher.cancel()
@@ -2051,6 +2081,7 @@ def make_app(settings):
     ])
     app.on_response_prepare.append(add_cors_headers)
     app.on_startup.append(start_up)
+    app.on_shutdown.append(shut_down)
     app.on_cleanup.append(clean_up)
     return app
 

@@ -181,3 +181,15 @@ async def test_failure_after_content_ends_with_error_event(make_proxy, fake, rep
     assert events[-2]["error"]["code"] == code
     assert stream_text(events[:-2], "reasoning_content").startswith("xxxx")
     assert len(fake.received) == 1, "no retry once the client has seen content"
+
+
+async def test_shutdown_ends_streams_in_flight_with_their_end(proxy, fake):
+    import k2proxy
+    fake.reply = Reply(reasoning="x" * 1000, piece=5, delay=0.05)
+    response = await post(proxy, chat(stream=True))
+    async for line in response.content:
+        if b"reasoning_content" in line:
+            break
+    await proxy.server.app[k2proxy.STATE].upstream.stop()
+    events, _ = await read_sse(response)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down"
