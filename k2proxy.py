@@ -160,8 +160,8 @@ class Settings:
 def parse_dotenv(text):
     """Reads a .env file: KEY=value lines, comments, quoted values; raises SettingsError on a bad line."""
     values = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
+    for number, line in enumerate(text.split("\n"), 1):
+        line = line.strip(" \t\r")
         if not line or line.startswith("#"):
             continue
         if line.startswith("export "):
@@ -530,6 +530,7 @@ class UpstreamText:
     def __init__(self):
         self._raw = []
         self._raw_size = 0
+        self._head = ""
         self._snapshots = False
         self.splitter = MarkupSplitter()
 
@@ -542,16 +543,21 @@ class UpstreamText:
                 self._raw = [text]
                 self._raw_size = len(text)
                 return self.splitter.feed(text[len(raw):])
-        if self._snapshots:
+        if self._snapshots or (len(self._head) == 16 and len(text) >= self._raw_size and text.startswith(self._head)):
             rewritten = self._reparse(text)
             if rewritten:
                 return rewritten
         self._raw.append(text)
         self._raw_size += len(text)
+        if len(self._head) < 16:
+            self._head = (self._head + text)[:16]
         return self.splitter.feed(text)
 
     def _reparse(self, text):
-        """A snapshot whose markup changed (Open WebUI rewrites the reasoning tag): keep it if its texts only grew."""
+        """A snapshot whose markup changed (Open WebUI rewrites the reasoning tag): keep it if its texts only grew.
+
+        Tried once snapshots have been seen, or for a frame as long as the text so far that opens with the
+        same 16 characters (a rewrite can come as early as the second frame); an incremental piece does neither."""
         fresh = MarkupSplitter()
         fresh.feed(text)
         old_reasoning, old_answer = self.splitter.reasoning.text(), self.splitter.answer.text()
