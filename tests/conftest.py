@@ -22,6 +22,10 @@ AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
+def pytest_addoption(parser):
+    parser.addoption("--soak", action="store_true", help="run the 60 s soak instead of the short one")
+
+
 @pytest.fixture
 async def fake(aiohttp_server):
     """The fake upstream, served over real HTTP on loopback."""
@@ -64,8 +68,8 @@ async def read_sse(response):
     """The JSON events and the raw comment lines of an SSE answer, in order."""
     import json
     events, comments = [], []
-    async for line in response.content:
-        line = line.decode().strip()
+    for line in (await response.read()).decode().split("\n"):
+        line = line.strip()
         if line.startswith(":"):
             comments.append(line)
         elif line.startswith("data: "):

@@ -1,0 +1,71 @@
+"""Fault injection: each upstream fault gets its documented result within the timeout, and charges the
+token only when the token is to blame."""
+
+import asyncio
+import time
+
+import pytest
+
+from conftest import AUTH, chat, free_port, read_sse, stream_text
+from fake_upstream import Reply, make_jwt
+import k2proxy
+
+TOKEN = make_jwt(time.time() + 3600)
+TIMEOUT = 0.5
+
+FAULTS = {
+    # name: (reply, expected HTTP status, expected error code or None, token charged)
+    "slow first byte": (Reply(first_delay=3), 504, "upstream_timeout", True),
+    "stall mid-stream": (Reply(reasoning="x" * 200, piece=5, hang_after=5), 200, "upstream_timeout", True),
+    "drop mid-stream": (Reply(reasoning="x" * 200, piece=5, drop_after=5), 200, "upstream_error", True),
+    "drop before content": (Reply(drop_after=0), 502, "upstream_error", True),
+    "error frame": (Reply(reasoning="x" * 200, piece=5, error_after=5), 200, "upstream_error", True),
+    "error body not JSON": (Reply(status=500, body="<html>Bad gateway</html>"), 502, "upstream_error", True),
+    "expired session": (Reply(status=401, body="Unauthorized"), 502, "upstream_auth_failed", True),
+    "redirect": (Reply(status=302, headers={"Location": "https://www.k2think.ai/auth"}), 502, "upstream_error", False),
+    "unknown model": (Reply(status=400, body='{"detail": "Model not found"}'), 404, "model_not_found", False),
+    "html page": (Reply(content_type="text/html"), 502, "upstream_error", False),
+    "frame over 16 MB": (Reply(answer="y" * (17 * 1024 * 1024), piece=17 * 1024 * 1024, style="incremental",
+                               markup="plain", usage=None), 502, "upstream_error", False),
+    "garbage frames": (Reply(garbage=True, noise=True), 200, None, False),
+    "huge frame": (Reply(answer="z" * 2_000_000, piece=2_000_000, style="incremental"), 200, None, False),
+}
+
+
+@pytest.fixture
+async def one_token_proxy(make_proxy, tmp_path):
+    (tmp_path / "tokens.txt").write_text(TOKEN + "\n")
+    return await make_proxy(PROXY_MODE="user", REQUEST_TIMEOUT=TIMEOUT, MAX_RETRIES=0)
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_fault_gets_its_documented_result(one_token_proxy, fake, fault):
+    reply, status, code, charged = FAULTS[fault]
+    fake.reply = reply
+    started = time.monotonic()
+
+    async def run():
+        response = await one_token_proxy.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH)
+        if response.status != 200:
+            return response.status, (await response.json())["error"], None
+        events, _ = await read_sse(response)
+        assert events[-1] == "[DONE]"
+        error = events[-2].get("error")
+        return 200, error, events
+    got_status, error, events = await asyncio.wait_for(run(), TIMEOUT + 10)
+    assert got_status == status
+    assert (error or {}).get("code") == code
+    if code is None:
+        assert stream_text(events[:-1]) == reply.answer
+    assert time.monotonic() - started < 8
+    token = one_token_proxy.server.app[k2proxy.STATE].upstream.pool.tokens[0]
+    assert token.failures == (1 if charged else 0), token.last_error
+
+
+async def test_refused_connection_is_a_quick_502_and_not_charged(make_proxy, tmp_path):
+    (tmp_path / "tokens.txt").write_text(TOKEN + "\n")
+    proxy = await make_proxy(PROXY_MODE="user", K2THINK_BASE_URL=f"http://127.0.0.1:{free_port()}", MAX_RETRIES=1)
+    for stream in (False, True):
+        response = await proxy.post("/v1/chat/completions", json=chat(stream=stream), headers=AUTH)
+        assert response.status == 502 and "cannot reach upstream" in (await response.json())["error"]["message"]
+    assert proxy.server.app[k2proxy.STATE].upstream.pool.tokens[0].failures == 0

@@ -1,0 +1,93 @@
+"""Fuzzing the HTTP surface: whatever arrives, the answer is a JSON error or a valid answer, never a 500."""
+
+import asyncio
+import json
+import random
+
+from conftest import ADMIN, AUTH, chat
+
+ROUTES = ["/", "/health", "/v1/chat/completions", "/v1/models", "/v1/models/MBZUAI-IFM/K2-Think", "/v1/models/x",
+          "/admin", "/admin/status", "/admin/tokens/stats", "/admin/tokens/content", "/admin/tokens/reset/0",
+          "/admin/tokens/reset/-1", "/admin/tokens/reset-all", "/admin/tokens/reload", "/admin/tokens/update",
+          "/admin/switch_mode", "/v1", "/v2/chat", "/admin/../k2proxy.py", "/%2e%2e/k2proxy.py", "/admin%00",
+          "/v1/chat/completions/extra", "/" + "a" * 3000, "/v1/models/" + "名" * 50, "/admin/tokens/reset/99999999999"]
+METHODS = ["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+FIELDS = ["model", "messages", "stream", "temperature", "top_p", "max_tokens", "stop", "n", "tools", "tool_choice",
+          "stream_options", "mode", "tokens", "content"]
+
+
+def random_value(rng, depth=0):
+    makers = [lambda: None, lambda: True, lambda: rng.randint(-2**40, 2**40), lambda: rng.random() * 1e6 - 5e5,
+              lambda: "", lambda: "x" * rng.randrange(50),
+              lambda: [random_value(rng, depth + 1) for _ in range(rng.randrange(4))],
+              lambda: {rng.choice(FIELDS + ["role", "type", "url", "function"]): random_value(rng, depth + 1)
+                       for _ in range(rng.randrange(4))},
+              lambda: {"role": rng.choice(["user", "tool", "assistant", "x"]),
+                       "content": random_value(rng, depth + 1)}]
+    return makers[rng.randrange(9 if depth < 3 else 6)]()
+
+
+def random_body(rng):
+    kind = rng.randrange(6)
+    if kind == 0:
+        return bytes(rng.randrange(256) for _ in range(rng.randrange(200)))
+    if kind == 1:
+        return json.dumps(random_value(rng)).encode()
+    body = chat(stream=rng.random() < 0.5)
+    for _ in range(rng.randrange(1, 4)):
+        body[rng.choice(FIELDS)] = random_value(rng)
+    data = json.dumps(body).encode()
+    if kind == 2 and data:
+        cut = rng.randrange(len(data))
+        data = data[:cut] + bytes([rng.randrange(256)]) + data[cut + 1:]
+    return data
+
+
+def random_headers(rng):
+    headers = {}
+    auth = rng.randrange(5)
+    if auth:
+        headers.update([AUTH, ADMIN, {"Authorization": "Bearer " + "z" * rng.randrange(300)},
+                        {"Authorization": "Basic Zm9vOmJhcg=="}][auth - 1])
+    if rng.random() < 0.7:
+        headers["Content-Type"] = rng.choice(["application/json", "text/plain", "multipart/form-data; boundary=x",
+                                              "application/json; charset=latin-1", "application/x-www-form-urlencoded"])
+    if rng.random() < 0.3:
+        headers["Origin"] = rng.choice(["https://a.example", "null", "http://localhost:3000"])
+    if rng.random() < 0.2:
+        headers["Accept-Encoding"] = rng.choice(["gzip", "br", "identity", "*"])
+    return headers
+
+
+async def test_random_requests_never_get_a_500(proxy, fake):
+    rng = random.Random(20261124)
+    seen = set()
+    for _ in range(600):
+        method, path = rng.choice(METHODS), rng.choice(ROUTES)
+        response = await proxy.request(method, path, data=random_body(rng), headers=random_headers(rng))
+        text = await response.text(errors="replace")
+        seen.add(response.status)
+        assert response.status < 500 or response.status in (502, 503, 504), (method, path, response.status, text)
+        assert "Traceback" not in text and 'File "' not in text
+        if response.status >= 400:
+            error = json.loads(text)["error"]
+            assert set(error) == {"message", "type", "param", "code"} and error["message"]
+        if path.startswith("/admin/..") or "%2e" in path:
+            assert "def main" not in text
+    assert {200, 400, 401, 404, 405} <= seen
+    assert (await proxy.get("/health")).status == 200
+
+
+async def test_malformed_http_leaves_the_server_serving(proxy):
+    port = proxy.server.port
+    for raw in [b"GARBAGE\r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: -5\r\n\r\n",
+                b"GET / HTTP/1.1\r\nHost: x\r\nBad Header Without Colon\r\n\r\n", b"\x00\x01\x02\x03" * 100,
+                b"POST /v1/chat/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n"]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(raw)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(65536), 5)
+        assert answer[:12] in (b"HTTP/1.1 400", b"HTTP/1.0 400") or answer == b""
+        assert b"Traceback" not in answer
+        writer.close()
+    assert (await proxy.get("/health")).status == 200

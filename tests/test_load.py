@@ -1,0 +1,131 @@
+"""Disconnects, load and soak, on loopback: nothing leaks, everything completes, memory stays flat.
+
+After 10 s of warm-up (the allocator grows to its working size), the soak runs 6 s by default; `pytest --soak` runs the 60 s version."""
+
+import asyncio
+import json
+import os
+import random
+import time
+import urllib.request
+
+import aiohttp
+import pytest
+
+from conftest import API_KEY, AUTH, ROOT, chat, free_port
+from fake_upstream import Reply
+import k2proxy
+
+
+def open_fds():
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def settle(condition, seconds=5.0):
+    """Waits for the proxy to finish cleaning up after its clients; fails past `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "did not settle"
+        await asyncio.sleep(0.05)
+
+
+async def vanish(session, url, rng):
+    """A client that leaves at a random point: before the answer, after a few chunks, or near the end."""
+    point = rng.choice(["before", "early", "middle", "late"])
+    request = session.post(url, json=chat(stream=True), headers=AUTH)
+    if point == "before":
+        try:
+            await asyncio.wait_for(request, rng.uniform(0.001, 0.02))
+        except asyncio.TimeoutError:
+            return
+        return
+    response = await request
+    lines = {"early": 1, "middle": rng.randrange(2, 40), "late": rng.randrange(40, 80)}[point]
+    for _ in range(lines):
+        if not await response.content.readline():
+            break
+    response.close()
+
+
+async def test_vanishing_clients_leave_nothing_open(proxy, fake):
+    upstream = proxy.server.app[k2proxy.STATE].upstream
+    fake.reply = Reply(reasoning="r" * 300, answer="a" * 300, piece=5, delay=0.005)
+    url = proxy.make_url("/v1/chat/completions")
+    rng = random.Random(7)
+    baseline_tasks = None
+    fds = []
+    for _ in range(2):
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
+            await asyncio.gather(*(vanish(session, url, rng) for _ in range(200)))
+        await settle(lambda: fake.open_streams == 0 and not upstream.responses)
+        await settle(lambda: proxy.server.app[k2proxy.STATE].stats["in_flight"] == 0)
+        current = len(asyncio.all_tasks())
+        baseline_tasks = baseline_tasks or current
+        await settle(lambda: len(asyncio.all_tasks()) <= baseline_tasks)
+        await asyncio.sleep(0)
+        fds.append(open_fds())
+    assert fake.streams_cut_by_client > 0
+    assert fds[1] <= fds[0], f"file descriptors grew: {fds}"
+    assert (await proxy.get("/health")).status == 200
+
+
+async def test_500_concurrent_streams_complete(proxy, fake):
+    fake.reply = Reply(reasoning="thinking " * 10, answer="answer " * 10, piece=10, delay=0.01)
+    url = proxy.make_url("/v1/chat/completions")
+
+    async def one(session):
+        async with session.post(url, json=chat(stream=True), headers=AUTH) as response:
+            assert response.status == 200
+            body = (await response.read()).decode()
+        events = [json.loads(line[6:]) for line in body.split("\n") if line.startswith("data: {")]
+        assert body.rstrip().endswith("data: [DONE]")
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        answers = await asyncio.gather(*(one(session) for _ in range(500)))
+    assert answers == [fake.reply.answer.strip()] * 500
+    assert len(fake.received) == 500
+
+
+def process_figures(pid):
+    """(resident set in kB, open file descriptors) of a process."""
+    with open(f"/proc/{pid}/status") as status:
+        rss = next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+    return rss, len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_soak_keeps_memory_and_descriptors_flat(spawn, request, tmp_path):
+    seconds = 60 if request.config.getoption("--soak") else 6
+    upstream_port, proxy_port = free_port(), free_port()
+    spawn([str(ROOT / "tests" / "fake_upstream.py"), "--port", str(upstream_port)], upstream_port)
+    proxy = spawn([str(ROOT / "k2proxy.py")], proxy_port, cwd=tmp_path, env={
+        "PORT": str(proxy_port), "HOST": "127.0.0.1", "VALID_API_KEY": API_KEY, "LOG_LEVEL": "WARNING",
+        "K2THINK_BASE_URL": f"http://127.0.0.1:{upstream_port}"})
+    steer = urllib.request.Request(f"http://127.0.0.1:{upstream_port}/_fake/reply", method="POST", data=json.dumps(
+        {"reasoning": "r" * 400, "answer": "a" * 400, "piece": 20, "delay": 0.002}).encode())
+    await asyncio.to_thread(lambda: urllib.request.urlopen(steer, timeout=5).read())
+    url = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+    completed, failures = 0, []
+
+    async def worker(session, until):
+        nonlocal completed
+        while time.monotonic() < until:
+            async with session.post(url, json=chat(stream=completed % 3 != 0), headers=AUTH) as response:
+                body = await response.read()
+                if response.status != 200 or (b"[DONE]" not in body and b'"choices"' not in body):
+                    failures.append((response.status, body[:200]))
+                completed += 1
+
+    async def phase(session, seconds):
+        until = time.monotonic() + seconds
+        await asyncio.gather(*(worker(session, until) for _ in range(32)))
+        await asyncio.sleep(0.5)
+        return process_figures(proxy.pid)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        warm_rss, warm_fds = await phase(session, 10)
+        end_rss, end_fds = await phase(session, seconds)
+    print(f"soak {seconds} s: {completed} requests, RSS {warm_rss} kB -> {end_rss} kB, fds {warm_fds} -> {end_fds}")
+    assert not failures, failures[:3]
+    assert end_rss < warm_rss * 1.10, f"resident memory grew from {warm_rss} kB to {end_rss} kB"
+    assert end_fds <= warm_fds + 2, f"file descriptors grew from {warm_fds} to {end_fds}"
