@@ -968,6 +968,7 @@ class Token:
     disabled: str = None
     disabled_at: float = None
     cooling_until: float = None
+    account: str = None
 
     def status(self, now):
         if self.expires_at is not None and self.expires_at <= now:
@@ -982,27 +983,71 @@ class Token:
 NO_TOKEN = Token("")
 
 
+class WatchedFile:
+    """A file polled for changes, which sees editors' renames and bind mounts alike; reads run in a thread."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.state = "unread"
+
+    def stat(self):
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+    def read(self):
+        """The file's text and state; a missing file reads as empty."""
+        state = self.stat()
+        try:
+            return self.path.read_text(encoding="utf-8", errors="replace"), state
+        except FileNotFoundError:
+            return "", None
+
+    async def changes(self, force=False):
+        """The file's text when it changed since the last call (or `force`), else None."""
+        if await asyncio.to_thread(self.stat) == self.state and not force:
+            return None
+        text, self.state = await asyncio.to_thread(self.read)
+        return text
+
+
 class TokenPool:
     """The tokens of one mode, with their health; requests take them round-robin."""
 
     def __init__(self, mode, path, settings, clock=time.time):
         self.mode = mode
-        self.path = Path(path)
+        self.file = WatchedFile(path)
         self.max_failures = settings.max_token_failures
         self.cooldown = settings.token_cooldown
         self.clock = clock
         self.tokens = []
         self._next = 0
-        self.file_state = "unread"
+        self.on_auth_failure = None
 
     def load(self, text, readmit=False):
-        """Replaces the tokens with those of `text`; tokens still present keep their stats."""
-        known = {token.value: token for token in self.tokens}
-        self.tokens = [known.get(value) or Token(value, jwt_expiry(value)) for value in parse_tokens_file(text)]
+        """Replaces the file's tokens with those of `text`; tokens still present keep their stats."""
+        known = {token.value: token for token in self.tokens if not token.account}
+        self.tokens = [known.get(value) or Token(value, jwt_expiry(value)) for value in parse_tokens_file(text)
+                       ] + [token for token in self.tokens if token.account]
         self._next = 0
         if readmit:
             for token in self.tokens:
                 self.reset(token)
+
+    def put_account_token(self, account, value):
+        """Gives an account its fresh token; the account's figures carry over."""
+        token = next((t for t in self.tokens if t.account == account), None)
+        if token is None:
+            self.tokens.append(Token(value, jwt_expiry(value), account=account))
+            return
+        token.value, token.expires_at = value, jwt_expiry(value)
+        self.reset(token)
+
+    def drop_account(self, account):
+        self.tokens = [t for t in self.tokens if t.account != account]
+        self._next = 0
 
     def status(self, token, now):
         """A token's status, re-admitting it on probation once its cooldown has passed."""
@@ -1041,6 +1086,8 @@ class TokenPool:
         if not error.charge:
             return
         token.failures += 1
+        if error.auth and token.account and self.on_auth_failure:
+            self.on_auth_failure(token.account)
         if token.failures >= self.max_failures:
             token.disabled = "auth" if error.auth else "failures"
             token.disabled_at = self.clock()
@@ -1062,7 +1109,7 @@ class TokenPool:
         rows = []
         for index, t in enumerate(self.tokens):
             status = self.status(t, now)
-            rows.append({"index": index, "masked": mask_token(t.value), "status": status,
+            rows.append({"index": index, "masked": mask_token(t.value), "status": status, "account": t.account,
                          "failures": t.failures, "requests": t.requests, "successes": t.successes,
                          "last_used": t.last_used, "last_error": t.last_error, "expires_at": t.expires_at,
                          "cooling_until": t.cooling_until if status == "cooling" else None})
@@ -1071,7 +1118,7 @@ class TokenPool:
     def unavailable(self):
         """The error for a request that found no usable token."""
         if not self.tokens:
-            return ApiError(503, f"No tokens: put account tokens in {self.path.name}, one per line",
+            return ApiError(503, f"No tokens: put account tokens in {self.file.path.name}, one per line",
                             "service_unavailable", code="no_tokens")
         now = self.clock()
         statuses = [self.status(t, now) for t in self.tokens]
@@ -1079,64 +1126,47 @@ class TokenPool:
         if cooling and all(status in ("cooling", "active") for status in statuses):
             return ApiError(429, "Every token is rate limited by upstream; try again later",
                             "rate_limit_error", code="rate_limited", retry_after=max(1, round(min(cooling))))
-        return ApiError(503, f"No usable token left in {self.path.name} (disabled or expired); "
+        return ApiError(503, f"No usable token left in {self.file.path.name} (disabled or expired); "
                              "fix the file or reset tokens on the admin page",
                         "service_unavailable", code="no_usable_tokens")
 
-    # File I/O runs in a thread, off the event loop.
-
-    def _file_state(self):
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return None
-        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
-
-    def read_file(self):
-        """The file's text and state; a missing file reads as empty."""
-        state = self._file_state()
-        try:
-            return self.path.read_text(encoding="utf-8", errors="replace"), state
-        except FileNotFoundError:
-            return "", None
-
     def write_file(self, tokens=None, content=None):
         """Saves tokens atomically (temporary file, fsync, rename), keeping the file's comment lines."""
+        path = self.file.path
         if content is None:
-            old = self.path.read_text(encoding="utf-8", errors="replace") if self.path.exists() else ""
+            old = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
             comments = [line for line in old.splitlines() if line.strip().startswith("#")]
             content = "\n".join(comments + list(tokens)) + "\n"
-        directory = self.path.parent
-        handle, temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", dir=directory)
+        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
         try:
             with os.fdopen(handle, "w", encoding="utf-8") as out:
                 out.write(content)
                 out.flush()
                 os.fsync(out.fileno())
-            if self.path.exists():
-                os.chmod(temporary, self.path.stat().st_mode & 0o777)
-            os.replace(temporary, self.path)
+            if path.exists():
+                os.chmod(temporary, path.stat().st_mode & 0o777)
+            os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
-        return content, self._file_state()
+        return content, self.file.stat()
 
     async def reload(self, force=False):
-        """Reads the file in a thread and loads it if it changed; `force` also re-admits disabled tokens."""
-        state = await asyncio.to_thread(self._file_state)
-        if state == self.file_state and not force:
+        """Loads the file if it changed; `force` reads it anyway and re-admits disabled tokens."""
+        text = await self.file.changes(force)
+        if text is None:
             return False
-        text, state = await asyncio.to_thread(self.read_file)
-        self.apply(text, state, readmit=force)
+        self.load(text, readmit=force)
+        if self.file.state is None:
+            log.warning("%s mode: token file %s not found; the pool is empty", self.mode, self.file.path)
+        else:
+            log.info("%s mode: %d tokens loaded from %s", self.mode, len(self.tokens), self.file.path)
         return True
 
-    def apply(self, text, state, readmit=False):
-        self.file_state = state
-        self.load(text, readmit)
-        if state is None:
-            log.warning("%s mode: token file %s not found; the pool is empty", self.mode, self.path)
-        else:
-            log.info("%s mode: %d tokens loaded from %s", self.mode, len(self.tokens), self.path)
+    def apply(self, text, state):
+        """Takes the text just saved to the file as the pool's tokens."""
+        self.file.state = state
+        self.load(text)
 
 
 # ─── Upstream client ─────────────────────────────────────────────────────────
@@ -1844,7 +1874,7 @@ async def admin_status(request):
     state = request.app[STATE]
     upstream, stats = state.upstream, state.stats
     return web.json_response({
-        "mode": upstream.mode, "upstream_url": upstream.url, "tokens_file": str(upstream.pool.path),
+        "mode": upstream.mode, "upstream_url": upstream.url, "tokens_file": str(upstream.pool.file.path),
         "counts": upstream.pool.counts(), "version": __version__, "uptime_s": int(time.time()) - state.started,
         "stats": {"requests": stats["requests"], "errors": stats["errors"], "in_flight": stats["in_flight"],
                   "avg_ttfb_ms": round(stats["ttfb_total"] / stats["ttfb_count"] * 1000, 1)
@@ -1877,13 +1907,13 @@ async def admin_reset_all(request):
 async def admin_reload(request):
     pool = request.app[STATE].upstream.pool
     await pool.reload(force=True)
-    return ok(f"Reloaded {len(pool.tokens)} tokens from {pool.path.name}", counts=pool.counts())
+    return ok(f"Reloaded {len(pool.tokens)} tokens from {pool.file.path.name}", counts=pool.counts())
 
 
 async def admin_token_content(request):
     pool = request.app[STATE].upstream.pool
-    text, _ = await asyncio.to_thread(pool.read_file)
-    return web.json_response({"mode": pool.mode, "file": str(pool.path), "content": text,
+    text, _ = await asyncio.to_thread(pool.file.read)
+    return web.json_response({"mode": pool.mode, "file": str(pool.file.path), "content": text,
                               "tokens": parse_tokens_file(text)})
 
 
@@ -1905,10 +1935,10 @@ async def admin_update_tokens(request):
         try:
             text, file_state = await asyncio.to_thread(pool.write_file, tokens, content)
         except OSError as exc:
-            raise ApiError(500, f"Could not save {pool.path.name}: {exc.strerror}", "server_error",
+            raise ApiError(500, f"Could not save {pool.file.path.name}: {exc.strerror}", "server_error",
                            code="save_failed") from None
         pool.apply(text, file_state)
-    return ok(f"Saved {len(pool.tokens)} tokens to {pool.path.name}", counts=pool.counts())
+    return ok(f"Saved {len(pool.tokens)} tokens to {pool.file.path.name}", counts=pool.counts())
 
 
 async def admin_switch_mode(request):
@@ -2044,7 +2074,7 @@ async def watch_token_files(app):
         try:
             await upstream.pool.reload()
         except OSError as exc:
-            log.warning("cannot read %s: %s", upstream.pool.path, exc.strerror)
+            log.warning("cannot read %s: %s", upstream.pool.file.path, exc.strerror)
 
 
 async def start_up(app):
