@@ -89,6 +89,13 @@ def _csv(value):
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
+def _alias(pair):
+    alias, sep, model = (part.strip() for part in pair.partition("="))
+    if not (sep and alias and model):
+        raise ValueError(f"'{pair}' is not alias=model-id")
+    return alias, model
+
+
 def _url(value):
     value = value.strip().rstrip("/")
     if value and not re.match(r"^https?://[^/\s]+", value):
@@ -140,6 +147,10 @@ SETTINGS = (
     Setting("MAX_RETRIES", "3", _int_between(0, 20), "Further tokens tried when upstream fails before the client got anything"),
     Setting("MAX_TOKEN_FAILURES", "3", _int_between(1, 1000), "Failures in a row that disable a token"),
     Setting("TOKEN_COOLDOWN", "300", _positive, "Seconds before a token disabled by upstream errors is tried again"),
+    Setting("ACCOUNTS_FILE", "accounts.txt", _text, "Accounts to sign in with (email:password per line); their tokens join the user pool"),
+    Setting("SIGNIN_INTERVAL", "2", _positive, "Seconds between two sign-ins, so the site sees no burst"),
+    Setting("MODELS_REFRESH", "600", _positive, "Seconds between two model list fetches from upstream in user mode"),
+    Setting("MODEL_ALIASES", "", _csv, "Short model names, comma-separated alias=model-id pairs (k2=MBZUAI-IFM/K2-Think-v2)"),
     Setting("CORS_ORIGINS", "*", _csv, "Origins allowed to call /v1 from a browser, comma-separated, or *"),
     Setting("ADMIN_PAGE_PATH", "/admin", _url_path, "Path of the admin page"),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
@@ -201,6 +212,10 @@ def load_settings(environ, dotenv_text=None):
             raise SettingsError(f"setting {setting.name}={shown} is invalid: {exc}") from None
     if not values["models"]:
         raise SettingsError("setting MODELS is invalid: needs at least one model id")
+    try:
+        values["model_aliases"] = dict(_alias(pair) for pair in values["model_aliases"])
+    except ValueError as exc:
+        raise SettingsError(f"setting MODEL_ALIASES is invalid: {exc}") from None
     values["api_key_generated"] = not values["valid_api_key"]
     if values["api_key_generated"]:
         values["valid_api_key"] = ["sk-" + secrets.token_urlsafe(32)]
@@ -956,6 +971,28 @@ def mask_token(token):
     return f"{token[:4]}…{token[-3:]}"
 
 
+def parse_accounts_file(text):
+    """(email, password) pairs of an accounts file: email:password or JSON lines; bad lines are skipped by number."""
+    accounts, bad = {}, []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+                email, password = entry["email"], entry["password"]
+            except (ValueError, KeyError, TypeError):
+                email = password = None
+        else:
+            email, _, password = line.partition(":")
+        if isinstance(email, str) and isinstance(password, str) and "@" in email and password:
+            accounts[email.strip()] = password
+        else:
+            bad.append(number)
+    return list(accounts.items()), bad
+
+
 @dataclass(eq=False)
 class Token:
     value: str
@@ -1070,6 +1107,11 @@ class TokenPool:
                 token.last_used = now
                 return token
         return None
+
+    def usable(self):
+        """Some usable token, for side requests (the model list) that should not disturb the rotation."""
+        now = self.clock()
+        return next((t for t in self.tokens if self.status(t, now) == "active"), None)
 
     def succeed(self, token):
         token.failures = 0
@@ -1312,6 +1354,177 @@ class Upstream:
             yield frame
 
 
+NOTHINK = "-nothink"
+
+
+@dataclass(eq=False)
+class Account:
+    email: str
+    password: str = field(repr=False)
+    status: str = "pending"
+    last_error: str = None
+    signed_in_at: float = None
+    expires_at: float = None
+    next_signin: float = 0.0
+    failures: int = 0
+
+
+class Accounts:
+    """Signs in with the accounts of ACCOUNTS_FILE and keeps each one's token fresh in the user pool."""
+
+    def __init__(self, settings, upstream, clock=time.time):
+        self.settings = settings
+        self.upstream = upstream
+        self.pool = upstream.pools["user"]
+        self.file = WatchedFile(settings.accounts_file)
+        self.url = settings.k2think_base_url + "/api/v1/auths/signin"
+        self.clock = clock
+        self.accounts = {}
+        self._wake = asyncio.Event()
+        self.pool.on_auth_failure = self.refresh_soon
+
+    def refresh_soon(self, email):
+        """A token of this account was refused: sign in again at the next turn."""
+        account = self.accounts.get(email)
+        if account and account.status != "wrong_password":
+            account.next_signin = 0.0
+            self._wake.set()
+
+    async def reload(self):
+        text = await self.file.changes()
+        if text is None:
+            return
+        pairs, bad = parse_accounts_file(text)
+        if bad:
+            log.warning("%s: lines %s are not email:password or JSON; skipped", self.file.path,
+                        ", ".join(map(str, bad)))
+        old, self.accounts = self.accounts, {}
+        for email, password in pairs:
+            kept = old.get(email)
+            self.accounts[email] = kept if kept and kept.password == password else Account(email, password)
+        for email in old.keys() - self.accounts.keys():
+            self.pool.drop_account(email)
+        if self.file.state is not None:
+            log.info("%d accounts in %s", len(self.accounts), self.file.path)
+
+    async def run(self):
+        """Signs in whichever account is due, one at a time and spaced out; polls the file meanwhile."""
+        while True:
+            try:
+                await self.reload()
+            except OSError as exc:
+                log.warning("cannot read %s: %s", self.file.path, exc.strerror)
+            now = self.clock()
+            due = [a for a in self.accounts.values() if a.status != "wrong_password" and a.next_signin <= now]
+            if due:
+                await self.sign_in(min(due, key=lambda a: a.next_signin))
+                await asyncio.sleep(self.settings.signin_interval)
+                continue
+            waiting = [a.next_signin - now for a in self.accounts.values() if a.status != "wrong_password"]
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), min([1.0, *waiting]))
+            except asyncio.TimeoutError:
+                pass
+
+    async def sign_in(self, account):
+        try:
+            async with self.upstream.session.post(
+                    self.url, json={"email": account.email, "password": account.password},
+                    headers=self.upstream.headers(NO_TOKEN, ""), allow_redirects=False) as response:
+                body = await response.content.read(65536)
+                cookie = response.cookies.get("token")
+                status = response.status
+        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+            return self._failed(account, f"sign-in request failed ({type(exc).__name__})")
+        if status in (400, 401, 403):
+            account.status, account.last_error = "wrong_password", upstream_error(status, body.decode(
+                "utf-8", "replace")).args[0]
+            self.pool.drop_account(account.email)
+            log.warning("account %s: sign-in refused (wrong email or password); fix %s", account.email,
+                        self.file.path.name)
+            return
+        try:
+            token = json.loads(body).get("token") if status == 200 else None
+        except (ValueError, AttributeError):
+            token = None
+        token = token or (cookie.value if cookie and status == 200 else None)
+        if not isinstance(token, str) or not token:
+            return self._failed(account, f"sign-in answered HTTP {status} without a token")
+        now = self.clock()
+        account.status, account.last_error, account.failures = "signed_in", None, 0
+        account.signed_in_at, account.expires_at = now, jwt_expiry(token)
+        lifetime = (account.expires_at - now) if account.expires_at else 6 * 3600
+        account.next_signin = now + max(1.0, 0.8 * lifetime)
+        self.pool.put_account_token(account.email, token)
+        log.info("account %s signed in; next sign-in in %.0f s", account.email, account.next_signin - now)
+
+    def _failed(self, account, reason):
+        """Retries with backoff: 5 s, 10 s, 20 s ... up to 10 minutes."""
+        account.failures += 1
+        account.status, account.last_error = "failing", reason
+        account.next_signin = self.clock() + min(600, 5 * 2 ** (account.failures - 1))
+        log.warning("account %s: %s; retrying in %.0f s", account.email, reason, account.next_signin - self.clock())
+
+    def stats(self):
+        return [{"email": a.email, "status": a.status, "last_error": a.last_error, "signed_in_at": a.signed_in_at,
+                 "expires_at": a.expires_at, "next_signin": a.next_signin if a.status != "wrong_password" else None,
+                 "failures": a.failures} for a in self.accounts.values()]
+
+
+class Models:
+    """The model ids clients may ask for: upstream's own list in user mode, MODELS otherwise, and aliases."""
+
+    def __init__(self, settings, upstream):
+        self.settings = settings
+        self.upstream = upstream
+        self.ids = list(settings.models)
+        self.source = "MODELS"
+        self.aliases = settings.model_aliases
+
+    def listed(self):
+        return [name for model in self.ids for name in (model, model + NOTHINK)]
+
+    def resolve(self, requested):
+        """(upstream model, show reasoning) for a client's model id or alias, or a 404 naming the ids there are."""
+        base = requested[:-len(NOTHINK)] if requested.endswith(NOTHINK) else requested
+        model = self.aliases.get(base, base)
+        if model not in self.ids:
+            raise ApiError(404, f"The model '{requested}' does not exist; available: {', '.join(self.listed())}",
+                           param="model", code="model_not_found")
+        return model, base == requested
+
+    async def refresh(self):
+        """Asks upstream which models it serves; keeps the current list when it cannot say."""
+        token = self.upstream.pools["user"].usable()
+        if token is None:
+            return False
+        url = self.settings.k2think_base_url + "/api/models"
+        try:
+            async with self.upstream.session.get(url, headers=self.upstream.headers(token, ""),
+                                                 allow_redirects=False) as response:
+                body = await response.json(content_type=None) if response.status == 200 else None
+        except (ClientError, OSError, ValueError, asyncio.TimeoutError) as exc:
+            log.warning("model list not fetched (%s); serving %s", type(exc).__name__, ", ".join(self.ids))
+            return False
+        entries = body.get("data") if isinstance(body, dict) else body
+        ids = [e.get("id") for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)] \
+            if isinstance(entries, list) else []
+        if not ids:
+            log.warning("upstream gave no model list; serving %s", ", ".join(self.ids))
+            return False
+        if ids != self.ids:
+            log.info("models from upstream: %s", ", ".join(ids))
+        self.ids, self.source = ids, "upstream"
+        return True
+
+    async def run(self):
+        """Refreshes the list every MODELS_REFRESH seconds in user mode (sooner while it cannot be had)."""
+        while True:
+            fetched = self.upstream.mode == "user" and await self.refresh()
+            await asyncio.sleep(self.settings.models_refresh if fetched else min(30.0, self.settings.models_refresh))
+
+
 # ─── OpenAI handlers ─────────────────────────────────────────────────────────
 # Requests are checked and translated by pure functions; the two sinks turn
 # reasoning and answer deltas into OpenAI chunks or one OpenAI message.
@@ -1325,6 +1538,8 @@ class AppState:
     def __init__(self, settings):
         self.settings = settings
         self.upstream = Upstream(settings)
+        self.models = Models(settings, self.upstream)
+        self.accounts = Accounts(settings, self.upstream)
         self.started = int(time.time())
         self.stats = {"requests": 0, "errors": 0, "in_flight": 0, "ttfb_total": 0.0, "ttfb_count": 0}
         self.admin_page = None
@@ -1364,20 +1579,6 @@ class ChatRequest:
     params: dict
     tools: ToolPlan = None
     prompt_chars: int = 0
-
-
-def model_ids(settings):
-    """Every id a client may ask for: each model and its -nothink twin."""
-    return [name for model in settings.models for name in (model, model + NOTHINK)]
-
-
-def resolve_model(requested, settings):
-    """(upstream model, show reasoning) for a client's model id, or a 404 naming the ids there are."""
-    base = requested[:-len(NOTHINK)] if requested.endswith(NOTHINK) else requested
-    if base not in settings.models:
-        raise ApiError(404, f"The model '{requested}' does not exist; available: {', '.join(model_ids(settings))}",
-                       param="model", code="model_not_found")
-    return base, base == requested
 
 
 TEXT_FILE_EXTENSIONS = frozenset("""
@@ -1521,12 +1722,12 @@ def upstream_messages(messages, tools=None, max_file_bytes=10 * 1048576):
     return rendered
 
 
-def parse_chat_request(body, settings):
+def parse_chat_request(body, settings, models):
     """Checks an OpenAI chat request and translates it; every problem is a 400 naming the field."""
     _expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
     model = body.get("model")
     _expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
-    upstream_model, show_reasoning = resolve_model(model, settings)
+    upstream_model, show_reasoning = models.resolve(model)
     stream = body.get("stream", False)
     _expect(stream is None or isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
     n = _integer(body, "n", 1)
@@ -1796,7 +1997,7 @@ async def read_json(request):
 
 async def chat_completions(request):
     state = request.app[STATE]
-    chat = parse_chat_request(await read_json(request), state.settings)
+    chat = parse_chat_request(await read_json(request), state.settings, state.models)
     request["model"], request["stream"] = chat.model, chat.stream
     sink = (StreamSink if chat.stream else CollectSink)(request, chat, state.settings)
     payload = upstream_payload(chat.upstream_model, chat.messages, chat.params)
@@ -1820,13 +2021,13 @@ def model_card(model_id, created):
 async def list_models(request):
     state = request.app[STATE]
     return web.json_response({"object": "list",
-                              "data": [model_card(m, state.started) for m in model_ids(state.settings)]})
+                              "data": [model_card(m, state.started) for m in state.models.listed()]})
 
 
 async def get_model(request):
     state = request.app[STATE]
     model_id = request.match_info["model"]
-    resolve_model(model_id, state.settings)
+    state.models.resolve(model_id)
     return web.json_response(model_card(model_id, state.started))
 
 
@@ -1876,6 +2077,8 @@ async def admin_status(request):
     return web.json_response({
         "mode": upstream.mode, "upstream_url": upstream.url, "tokens_file": str(upstream.pool.file.path),
         "counts": upstream.pool.counts(), "version": __version__, "uptime_s": int(time.time()) - state.started,
+        "models": {"ids": state.models.ids, "source": state.models.source},
+        "accounts": state.accounts.stats(),
         "stats": {"requests": stats["requests"], "errors": stats["errors"], "in_flight": stats["in_flight"],
                   "avg_ttfb_ms": round(stats["ttfb_total"] / stats["ttfb_count"] * 1000, 1)
                   if stats["ttfb_count"] else None},
@@ -1941,6 +2144,10 @@ async def admin_update_tokens(request):
     return ok(f"Saved {len(pool.tokens)} tokens to {pool.file.path.name}", counts=pool.counts())
 
 
+async def admin_accounts(request):
+    return web.json_response({"accounts": request.app[STATE].accounts.stats()})
+
+
 async def admin_switch_mode(request):
     upstream = request.app[STATE].upstream
     body = await read_json(request)
@@ -1948,6 +2155,8 @@ async def admin_switch_mode(request):
     _expect(mode in ("guest", "user"), "'mode' must be \"guest\" or \"user\"", "mode")
     upstream.mode = mode
     await upstream.pool.reload()
+    if mode == "user":
+        await request.app[STATE].models.refresh()
     log.info("switched to %s mode (%s)", mode, upstream.url)
     return ok(f"Switched to {mode} mode", mode=mode, upstream_url=upstream.url)
 
@@ -2082,7 +2291,8 @@ async def start_up(app):
     page = HERE / "admin.html"
     state.admin_page = await asyncio.to_thread(page.read_bytes) if page.exists() else None
     await state.upstream.start()
-    state.watcher = asyncio.ensure_future(watch_token_files(app))
+    state.tasks = [asyncio.ensure_future(job) for job in (watch_token_files(app), state.accounts.run(),
+                                                           state.models.run())]
 
 
 async def shut_down(app):
@@ -2091,7 +2301,9 @@ async def shut_down(app):
 
 async def clean_up(app):
     state = app[STATE]
-    state.watcher.cancel()
+    for task in state.tasks:
+        task.cancel()
+    await asyncio.gather(*state.tasks, return_exceptions=True)
     await state.upstream.close()
 
 
@@ -2114,6 +2326,7 @@ def make_app(settings):
         web.post("/admin/tokens/reload", admin_reload),
         web.post("/admin/tokens/update", admin_update_tokens),
         web.post("/admin/switch_mode", admin_switch_mode),
+        web.get("/admin/accounts", admin_accounts),
     ])
     app.on_response_prepare.append(add_cors_headers)
     app.on_startup.append(start_up)

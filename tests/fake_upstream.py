@@ -19,13 +19,14 @@ from aiohttp import web
 
 MODEL = "MBZUAI-IFM/K2-Think"
 AUTH_EXPIRED = {"detail": "Your session has expired or the token is invalid. Please sign in again."}
+WRONG_PASSWORD = {"detail": "The email or password provided is incorrect. Please check for typos and try logging in again."}
 
 
-def make_jwt(exp, account_id="0b7c2a5e-6a55-4b7e-9c43-5a0c4c1f6e21"):
+def make_jwt(exp, account_id="0b7c2a5e-6a55-4b7e-9c43-5a0c4c1f6e21", signature="c2lnbmF0dXJl"):
     """An HS256-shaped JWT carrying `id` and `exp`, as K2Think issues (the signature is not checked here)."""
     def segment(obj):
         return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
-    return f"{segment({'alg': 'HS256', 'typ': 'JWT'})}.{segment({'id': account_id, 'exp': int(exp)})}.c2lnbmF0dXJl"
+    return f"{segment({'alg': 'HS256', 'typ': 'JWT'})}.{segment({'id': account_id, 'exp': int(exp)})}.{signature}"
 
 
 @dataclass
@@ -159,6 +160,12 @@ class FakeK2Think:
         self.by_token = {}
         self.received = []
         self.models = [{"id": MODEL, "name": "K2-Think", "owned_by": "MBZUAI-IFM"}]
+        self.models_bare = False           # answer the model list as a bare array
+        self.accounts = {}                 # email -> password
+        self.signin_status = 200           # anything else: the sign-in endpoint fails this way
+        self.signin_cookie_only = False    # the token only in Set-Cookie, not in the body
+        self.token_lifetime = 3600
+        self.signins = []                  # (email, issued token or None, time), in order
         self.open_streams = 0
         self.streams_cut_by_client = 0
         self.client_gone = asyncio.Event()
@@ -166,6 +173,7 @@ class FakeK2Think:
         self.app.router.add_post("/api/guest/chat/completions", self.chat)
         self.app.router.add_post("/api/chat/completions", self.chat)
         self.app.router.add_get("/api/models", self.list_models)
+        self.app.router.add_post("/api/v1/auths/signin", self.sign_in)
         self.app.router.add_post("/_fake/reply", self.set_reply)
         self.app.router.add_get("/_fake/received", self.get_received)
 
@@ -234,7 +242,27 @@ class FakeK2Think:
     async def list_models(self, request):
         if not request.headers.get("Authorization", "").startswith("Bearer "):
             return web.json_response(AUTH_EXPIRED, status=401)
-        return web.json_response({"data": self.models})
+        if self.models is None:
+            return web.Response(status=500, text="Internal Server Error")
+        return web.json_response(self.models if self.models_bare else {"data": self.models})
+
+    async def sign_in(self, request):
+        body = await request.json()
+        email = body.get("email")
+        if self.signin_status != 200:
+            self.signins.append((email, None, time.time()))
+            return web.Response(status=self.signin_status, text="upstream trouble")
+        if self.accounts.get(email) != body.get("password"):
+            self.signins.append((email, None, time.time()))
+            return web.json_response(WRONG_PASSWORD, status=400)
+        token = make_jwt(time.time() + self.token_lifetime, email, f"sig{len(self.signins)}")
+        self.signins.append((email, token, time.time()))
+        answer = {"id": email, "email": email, "name": email.split("@")[0], "role": "user", "token_type": "Bearer"}
+        if not self.signin_cookie_only:
+            answer["token"] = token
+        response = web.json_response(answer)
+        response.set_cookie("token", token, httponly=True, samesite="Lax")
+        return response
 
     async def set_reply(self, request):
         values = await request.json()
