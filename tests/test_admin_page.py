@@ -1,0 +1,160 @@
+"""The admin page in a real browser (Debian's Chromium driven by Playwright), and how it is served."""
+
+import json
+import shutil
+import time
+import urllib.error
+import urllib.request
+
+import playwright.async_api as playwright
+import pytest
+
+from conftest import ADMIN, ADMIN_KEY, AUTH, ROOT, chat, free_port
+from fake_upstream import Reply, make_jwt
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+TOKENS = [make_jwt(time.time() + 3600, f"acc-{n}") for n in range(3)]
+HOSTILE = "<script>window.hacked = 1</script><img src=x onerror='window.hacked=2'>"
+
+
+@pytest.fixture
+async def browser():
+    async with playwright.async_playwright() as p:
+        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield chromium
+        await chromium.close()
+
+
+@pytest.fixture
+async def site(make_proxy, tmp_path, fake):
+    (tmp_path / "tokens.txt").write_text("# team pool\n" + "\n".join(TOKENS) + "\n")
+    proxy = await make_proxy(PROXY_MODE="user")
+    proxy.tokens_file = tmp_path / "tokens.txt"
+    return proxy
+
+
+async def open_page(browser, site, width=1280, scheme="light"):
+    page = await browser.new_page(viewport={"width": width, "height": 900}, color_scheme=scheme)
+    await page.goto(str(site.make_url("/admin")))
+    return page
+
+
+async def log_in(page, key=ADMIN_KEY):
+    await page.fill("#admin-key", key)
+    await page.press("#admin-key", "Enter")
+
+
+async def text_of(page, selector, expected):
+    await playwright.expect(page.locator(selector)).to_have_text(expected, timeout=8000)
+
+
+async def test_key_prompt_first_and_no_data_before_the_key(browser, site):
+    page = await browser.new_page()
+    api_calls = []
+    page.on("request", lambda request: "/admin/" in request.url and api_calls.append(request.url))
+    await page.goto(str(site.make_url("/admin")))
+    await playwright.expect(page.locator("#admin-key")).to_be_visible()
+    assert await page.locator("#admin-key").get_attribute("type") == "password"
+    html = await page.content()
+    assert all(token[-3:] not in html and token[:12] not in html for token in TOKENS)
+    assert api_calls == []
+
+
+async def test_wrong_key_is_refused(browser, site):
+    page = await open_page(browser, site)
+    await log_in(page, "not-the-key")
+    await playwright.expect(page.locator("#login-error")).to_be_visible(timeout=8000)
+    await playwright.expect(page.locator("#admin-key")).to_be_visible()
+    assert await page.evaluate("sessionStorage.getItem('k2proxy_admin_key')") is None
+
+
+async def test_counts_polling_actions_and_screenshots(browser, site, fake):
+    page = await open_page(browser, site)
+    await log_in(page)
+    await text_of(page, "#mode", "user")
+    await text_of(page, "#count-total", "3")
+    await text_of(page, "#count-active", "3")
+    await playwright.expect(page.locator("#tokens-body tr")).to_have_count(3)
+    await page.evaluate("window.notReloaded = true")
+
+    await site.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    await text_of(page, "#stat-requests", "1")
+    assert await page.evaluate("window.notReloaded") is True, "figures must update without a reload"
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "admin-desktop.png"), full_page=True)
+
+    await page.click("#load-tokens")
+    await playwright.expect(page.locator("#tokens-editor")).to_have_value(
+        "# team pool\n" + "\n".join(TOKENS) + "\n", timeout=8000)
+    await page.fill("#tokens-editor", f"# team pool\n{TOKENS[0]}\n")
+    await page.click("#save-tokens")
+    await playwright.expect(page.locator("#flash")).to_contain_text("Saved", timeout=8000)
+    assert site.tokens_file.read_text() == f"# team pool\n{TOKENS[0]}\n"
+    await text_of(page, "#count-total", "1")
+
+    fake.reply = Reply(status=401, body=json.dumps({"detail": "expired"}))
+    await site.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    await playwright.expect(page.locator("#tokens-body")).to_contain_text("401", timeout=8000)
+    await page.click(".reset-one[data-index='0']")
+    await playwright.expect(page.locator("#flash")).to_contain_text("reset", timeout=8000)
+    stats = await (await site.get("/admin/tokens/stats", headers=ADMIN)).json()
+    assert stats["tokens"][0]["failures"] == 0
+
+    await page.click("#mode-guest")
+    await text_of(page, "#mode", "guest")
+    status = await (await site.get("/admin/status", headers=ADMIN)).json()
+    assert status["mode"] == "guest" and status["upstream_url"].endswith("/api/guest/chat/completions")
+
+    await page.click("#logout")
+    await playwright.expect(page.locator("#admin-key")).to_be_visible()
+    assert await page.evaluate("sessionStorage.getItem('k2proxy_admin_key')") is None
+
+
+async def test_hostile_values_render_as_text(browser, site, fake):
+    site.tokens_file.write_text(HOSTILE.replace("\n", "") + "\n")
+    await site.post("/admin/tokens/reload", headers=ADMIN)
+    fake.reply = Reply(status=401, body=json.dumps({"detail": HOSTILE}))
+    await site.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    page = await open_page(browser, site)
+    await log_in(page)
+    await playwright.expect(page.locator("#tokens-body")).to_contain_text("<script>window.hacked", timeout=8000)
+    await page.click("#load-tokens")
+    await playwright.expect(page.locator("#tokens-editor")).to_have_value(HOSTILE + "\n", timeout=8000)
+    assert await page.evaluate("window.hacked") is None
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+async def test_phone_width_has_no_horizontal_scroll(browser, site, scheme):
+    page = await open_page(browser, site, width=360, scheme=scheme)
+    await log_in(page)
+    await playwright.expect(page.locator("#tokens-body tr")).to_have_count(3, timeout=8000)
+    widths = await page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], f"page is {widths[0]} px wide in a {widths[1]} px viewport"
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / f"admin-phone-{scheme}.png"), full_page=True)
+
+
+async def test_page_headers(site):
+    response = await site.get("/admin")
+    assert response.status == 200 and response.content_type == "text/html"
+    csp = response.headers["Content-Security-Policy"]
+    assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert response.headers["X-Content-Type-Options"] == "nosniff"
+    assert response.headers["Referrer-Policy"] == "no-referrer"
+    page = await response.text()
+    assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page, "no outside resources"
+
+
+async def test_page_path_is_configurable_and_found_from_any_directory(spawn, tmp_path):
+    port = free_port()
+    spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env={
+        "PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": "sk-x", "ADMIN_PAGE_PATH": "/panel"})
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/panel", timeout=5).read().decode()
+    assert "admin-key" in page
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/admin", timeout=5)
+    assert missing.value.code == 404
