@@ -362,6 +362,8 @@ def error_text(problem):
 
 def held_tag_prefix(text, tag):
     """Length of the end of `text` that could be the start of `tag`, to hold back until more arrives."""
+    if text.find(tag[0], max(0, len(text) - len(tag) + 1)) < 0:
+        return 0
     for size in range(min(len(tag) - 1, len(text)), 0, -1):
         if text.endswith(tag[:size]):
             return size
@@ -1305,16 +1307,8 @@ class Upstream:
             raise UpstreamError(f"cannot reach upstream ({type(exc).__name__})", 502, charge=False) from None
         self.responses.add(response)
         try:
-            async for frame in self._frames(response):
-                if frame.error:
-                    raise upstream_error(502, json.dumps({"detail": frame.error}))
-                if frame.text is not None:
-                    await sink.add(*parser.feed(frame.text))
-                if frame.usage:
-                    sink.usage = frame.usage
-                if frame.finish_reason in ("length", "content_filter"):
-                    sink.finish_reason = frame.finish_reason
-                if frame.done:
+            async for frames in self._batches(response):
+                if await self._deliver(frames, parser, sink):
                     break
             if self.stopping:
                 raise self._stopped()
@@ -1330,8 +1324,32 @@ class Upstream:
             self.responses.discard(response)
             response.close()
 
-    async def _frames(self, response):
-        """The frames of an upstream answer, SSE or one JSON document, decided by its content type."""
+    @staticmethod
+    async def _deliver(frames, parser, sink):
+        """Passes the text of frames that arrived together to the client in one piece; True at the end."""
+        reasoning, answer, done = [], [], False
+        try:
+            for frame in frames:
+                if frame.error:
+                    raise upstream_error(502, json.dumps({"detail": frame.error}))
+                if frame.text is not None:
+                    more_reasoning, more_answer = parser.feed(frame.text)
+                    reasoning.append(more_reasoning)
+                    answer.append(more_answer)
+                if frame.usage:
+                    sink.usage = frame.usage
+                if frame.finish_reason in ("length", "content_filter"):
+                    sink.finish_reason = frame.finish_reason
+                if frame.done:
+                    done = True
+                    break
+        finally:
+            await sink.add("".join(reasoning), "".join(answer))
+        return done
+
+    async def _batches(self, response):
+        """The frames of an upstream answer, one list per network read; SSE or one JSON document,
+        decided by the content type."""
         if response.status != 200:
             body = await response.content.read(65536)
             raise upstream_error(response.status, body.decode("utf-8", "replace"),
@@ -1341,17 +1359,15 @@ class Upstream:
             frame = parse_frame((await response.content.read(MAX_FRAME_BYTES)).decode("utf-8", "replace"))
             if frame is None:
                 raise UpstreamError("upstream answered JSON that is not a chat answer")
-            yield frame
+            yield [frame]
             return
         if kind != "text/event-stream":
             raise UpstreamError(f"upstream answered {kind or 'no content type'}, not a stream", charge=False,
                                 retryable=False)
         decoder = SSEDecoder()
         async for chunk in response.content.iter_any():
-            for frame in decoder.feed(chunk):
-                yield frame
-        for frame in decoder.feed(b"", final=True):
-            yield frame
+            yield decoder.feed(chunk)
+        yield decoder.feed(b"", final=True)
 
 
 NOTHINK = "-nothink"

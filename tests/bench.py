@@ -1,0 +1,245 @@
+#!/usr/bin/env python3
+"""What the proxy costs: the fake upstream directly and through k2proxy, side by side, in one run.
+
+Usage: python tests/bench.py [--quick]
+Starts the fake upstream and the proxy as processes on 127.0.0.1, prints a markdown table of time to
+first content, streamed and non-streamed throughput, proxy CPU for long snapshot answers and proxy
+memory, with the ratios proxy/direct and the targets. Timing misses are reported, not failed; the exit
+status is non-zero only when requests failed.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "sk-bench"
+MODEL = "MBZUAI-IFM/K2-Think"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start(args, port, env=None):
+    """Starts a process and waits until it listens on `port`."""
+    process = subprocess.Popen([sys.executable, *args], env={**os.environ, **(env or {})},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"{args[0]} did not start")
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time of a process, from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_mb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def percentile(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+class Bench:
+    """One run: the two processes, a client session, the figures and the errors."""
+
+    def __init__(self, session, upstream_port, proxy_port, proxy_pid):
+        self.session = session
+        self.upstream = f"http://127.0.0.1:{upstream_port}"
+        self.proxy = f"http://127.0.0.1:{proxy_port}"
+        self.proxy_pid = proxy_pid
+        self.errors = []
+
+    async def steer(self, **reply):
+        async with self.session.post(self.upstream + "/_fake/reply", json=reply) as response:
+            await response.read()
+
+    def request(self, direct, stream):
+        """(url, body, headers) of one chat request, to the upstream or through the proxy."""
+        messages = [{"role": "user", "content": "Hello"}]
+        if direct:
+            return (self.upstream + "/api/guest/chat/completions",
+                    {"stream": True, "model": MODEL, "messages": messages, "params": {}}, {})
+        return (self.proxy + "/v1/chat/completions", {"model": MODEL, "stream": stream, "messages": messages},
+                {"Authorization": f"Bearer {KEY}"})
+
+    async def one(self, direct, stream=True, first_only=False):
+        """(seconds to first content, seconds in all) of one request; failures are recorded."""
+        url, body, headers = self.request(direct, stream)
+        started = time.perf_counter()
+        first = None
+        try:
+            async with self.session.post(url, json=body, headers=headers) as response:
+                if response.status != 200:
+                    self.errors.append(f"{'direct' if direct else 'proxy'}: HTTP {response.status}")
+                    return None, None
+                if not stream or response.content_type == "application/json":
+                    await response.read()
+                    return time.perf_counter() - started, time.perf_counter() - started
+                done = False
+                async for line in response.content:
+                    if first is None and line.startswith(b"data: {") and b'content"' in line:
+                        first = time.perf_counter() - started
+                        if first_only:
+                            return first, first
+                    done = done or line.startswith(b"data: [DONE]")
+                if not done:
+                    self.errors.append(f"{'direct' if direct else 'proxy'}: stream without [DONE]")
+        except aiohttp.ClientError as exc:
+            self.errors.append(f"{'direct' if direct else 'proxy'}: {type(exc).__name__}")
+            return None, None
+        return first, time.perf_counter() - started
+
+    async def ttfb(self, samples):
+        """p50 and p99 time to first content, direct and through the proxy, with a slow upstream."""
+        await self.steer(reasoning="r" * 400, answer="a" * 400, piece=20, delay=0.05)
+        figures = {}
+        for direct in (True, False):
+            values = [(await self.one(direct, first_only=True))[0] for _ in range(samples)]
+            values = [v for v in values if v is not None]
+            figures[direct] = (statistics.median(values) * 1000, percentile(values, 0.99) * 1000)
+        return figures
+
+    async def throughput(self, concurrency, rounds, stream, peak):
+        """Requests per second and p99 latency at `concurrency`, direct and through the proxy."""
+        await self.steer(reasoning="r" * 600, answer="a" * 600, piece=12, delay=0, json_answer=not stream)
+        figures = {}
+        for direct in (True, False):
+            latencies = []
+            started = time.perf_counter()
+            for _ in range(rounds):
+                results = await asyncio.gather(*(self.one(direct, stream) for _ in range(concurrency)))
+                latencies += [total for _, total in results if total is not None]
+                if not direct:
+                    peak[0] = max(peak[0], rss_mb(self.proxy_pid))
+            figures[direct] = (len(latencies) / (time.perf_counter() - started), percentile(latencies, 0.99) * 1000)
+        return figures
+
+    async def cpu_for(self, length, runs):
+        """Proxy CPU seconds for one streamed answer of `length` characters in 200 snapshot frames, averaged
+        over `runs` answers (the kernel counts CPU time in 10 ms ticks)."""
+        await self.steer(reasoning="r" * (length // 2), answer="a" * (length // 2), piece=max(1, length // 200),
+                         delay=0, style="snapshot", markup="details", usage=None)
+        before = cpu_seconds(self.proxy_pid)
+        for _ in range(runs):
+            await self.one(False)
+        return (cpu_seconds(self.proxy_pid) - before) / runs
+
+    async def watch_peak(self, peak, stop):
+        while not stop.is_set():
+            peak[0] = max(peak[0], rss_mb(self.proxy_pid))
+            await asyncio.sleep(0.05)
+
+
+def mark(ok):
+    return "met" if ok else "MISSED"
+
+
+async def run(quick):
+    upstream_port, proxy_port = free_port(), free_port()
+    upstream = start([str(ROOT / "tests" / "fake_upstream.py"), "--port", str(upstream_port)], upstream_port)
+    proxy = start([str(ROOT / "k2proxy.py")], proxy_port, {
+        "PORT": str(proxy_port), "HOST": "127.0.0.1", "VALID_API_KEY": KEY, "LOG_LEVEL": "WARNING",
+        "K2THINK_BASE_URL": f"http://127.0.0.1:{upstream_port}"})
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
+                                         timeout=aiohttp.ClientTimeout(total=120)) as session:
+            bench = Bench(session, upstream_port, proxy_port, proxy.pid)
+            await asyncio.sleep(0.5)
+            idle = rss_mb(proxy.pid)
+            peak = [idle]
+            stop = asyncio.Event()
+            watcher = asyncio.ensure_future(bench.watch_peak(peak, stop))
+            ttfb = await bench.ttfb(20 if quick else 60)
+            streamed = await bench.throughput(64, 3 if quick else 10, True, peak)
+            plain = await bench.throughput(32, 3 if quick else 10, False, peak)
+            stop.set()
+            await watcher
+            runs = 10 if quick else 40
+            cpu = {length: await bench.cpu_for(length, runs) for length in (20000, 40000)}
+            errors = bench.errors
+    finally:
+        for process in (proxy, upstream):
+            process.terminate()
+            process.wait(10)
+    report(quick, ttfb, streamed, plain, cpu, idle, peak[0], errors)
+    return 1 if errors else 0
+
+
+def report(quick, ttfb, streamed, plain, cpu, idle, peak, errors):
+    overhead = ttfb[False][0] - ttfb[True][0]
+    growth = cpu[40000] / cpu[20000] if cpu[20000] else float("nan")
+    share = streamed[False][0] / streamed[True][0]
+    print(f"## k2proxy benchmark{' (--quick)' if quick else ''}\n")
+    print(f"Machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}, "
+          f"load generator on the same machine.\n")
+    print("| metric | direct | proxy | proxy/direct |")
+    print("|---|---:|---:|---:|")
+    print(f"| time to first content, p50 (slow upstream: 50 ms between frames) | {ttfb[True][0]:.1f} ms | "
+          f"{ttfb[False][0]:.1f} ms | {ttfb[False][0] / ttfb[True][0]:.2f} |")
+    print(f"| time to first content, p99 | {ttfb[True][1]:.1f} ms | {ttfb[False][1]:.1f} ms | "
+          f"{ttfb[False][1] / ttfb[True][1]:.2f} |")
+    print(f"| streamed requests/s, 64 concurrent, 100 frames | {streamed[True][0]:.0f} | {streamed[False][0]:.0f} | "
+          f"{share:.2f} |")
+    print(f"| streamed latency p99, 64 concurrent | {streamed[True][1]:.0f} ms | {streamed[False][1]:.0f} ms | "
+          f"{streamed[False][1] / streamed[True][1]:.2f} |")
+    print(f"| non-streamed requests/s, 32 concurrent | {plain[True][0]:.0f} | {plain[False][0]:.0f} | "
+          f"{plain[False][0] / plain[True][0]:.2f} |")
+    print(f"| proxy CPU, one 20,000-character answer in 200 snapshot frames | | {cpu[20000] * 1000:.0f} ms | |")
+    print(f"| proxy CPU, one 40,000-character answer in 200 snapshot frames | | {cpu[40000] * 1000:.0f} ms | "
+          f"{growth:.2f}x the 20,000 |")
+    print(f"| proxy resident memory, idle / peak under load | | {idle:.1f} MB / {peak:.1f} MB | |")
+    print(f"| errors | | {len(errors)} | |\n")
+    print("| target | figure | |")
+    print("|---|---|---|")
+    print(f"| first-content overhead at most 2 ms at p50 | {overhead:+.1f} ms | {mark(overhead <= 2)} |")
+    print(f"| streamed throughput at least 50% of direct | {share:.0%} | {mark(share >= 0.5)} |")
+    print(f"| CPU growth for 2x the answer at most 2.3x | {growth:.2f}x | {mark(growth <= 2.3)} |")
+    print(f"| idle memory at most 40 MB | {idle:.1f} MB | {mark(idle <= 40)} |")
+    print(f"| zero errors | {len(errors)} | {mark(not errors)} |")
+    for error in errors[:10]:
+        print(f"- error: {error}")
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.machine()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests; under a minute")
+    sys.exit(asyncio.run(run(parser.parse_args().quick)))
+
+
+if __name__ == "__main__":
+    main()
