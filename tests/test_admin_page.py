@@ -158,3 +158,17 @@ async def test_page_path_is_configurable_and_found_from_any_directory(spawn, tmp
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/admin", timeout=5)
     assert missing.value.code == 404
+
+
+async def test_accounts_are_listed_with_status_and_next_sign_in(browser, make_proxy, fake, tmp_path):
+    fake.accounts["ann@example.com"] = "pw-ann-secret"
+    (tmp_path / "accounts.txt").write_text("ann@example.com:pw-ann-secret\nbob@example.com:pw-bob-wrong\n")
+    site = await make_proxy(PROXY_MODE="user", ACCOUNTS_FILE=tmp_path / "accounts.txt", SIGNIN_INTERVAL=0.01)
+    page = await open_page(browser, site)
+    await log_in(page)
+    rows = page.locator("#accounts-body tr")
+    await playwright.expect(rows).to_have_count(2, timeout=8000)
+    await playwright.expect(rows.nth(0)).to_contain_text("signed in", timeout=8000)
+    await playwright.expect(rows.nth(1)).to_contain_text("wrong password", timeout=8000)
+    html = await page.content()
+    assert "pw-ann-secret" not in html and "pw-bob-wrong" not in html
