@@ -87,6 +87,9 @@ async def test_500_concurrent_streams_complete(proxy, fake):
     assert len(fake.received) == 500
 
 
+WORKERS = 32
+
+
 def process_figures(pid):
     """(resident set in kB, open file descriptors) of a process."""
     with open(f"/proc/{pid}/status") as status:
@@ -118,7 +121,7 @@ async def test_soak_keeps_memory_and_descriptors_flat(spawn, request, tmp_path):
 
     async def phase(session, seconds):
         until = time.monotonic() + seconds
-        await asyncio.gather(*(worker(session, until) for _ in range(32)))
+        await asyncio.gather(*(worker(session, until) for _ in range(WORKERS)))
         await asyncio.sleep(0.5)
         return process_figures(proxy.pid)
 
@@ -128,4 +131,6 @@ async def test_soak_keeps_memory_and_descriptors_flat(spawn, request, tmp_path):
     print(f"soak {seconds} s: {completed} requests, RSS {warm_rss} kB -> {end_rss} kB, fds {warm_fds} -> {end_fds}")
     assert not failures, failures[:3]
     assert end_rss < warm_rss * 1.10, f"resident memory grew from {warm_rss} kB to {end_rss} kB"
-    assert end_fds <= warm_fds + 2, f"file descriptors grew from {warm_fds} to {end_fds}"
+    # Idle keep-alive connections to upstream may number up to one per concurrent request; a leak would
+    # grow with the thousands of requests instead.
+    assert end_fds <= warm_fds + WORKERS, f"file descriptors grew from {warm_fds} to {end_fds}"
