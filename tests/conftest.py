@@ -83,6 +83,15 @@ def stream_text(events, field="content"):
                    if isinstance(e, dict) and e.get("choices"))
 
 
+def scan_answer(names, text, step):
+    """Feeds an answer to the tool-call scanner `step` characters at a time; returns what came out, in order."""
+    scanner = k2proxy.ToolCallScanner(names)
+    out = []
+    for start in range(0, len(text), step):
+        out += scanner.feed(text[start:start + step])
+    return out + scanner.finish()
+
+
 def free_port():
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

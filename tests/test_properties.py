@@ -4,6 +4,7 @@ import json
 
 from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
+from conftest import scan_answer
 from fake_upstream import Reply, sse_events
 import k2proxy
 
@@ -49,11 +50,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
 def test_tool_extraction_never_invents_a_call_from_other_json(prefix, value, suffix, step):
     document = prefix + json.dumps(value, ensure_ascii=False) + suffix
     assume("get_weather" not in document and "search" not in document)
-    scanner = k2proxy.ToolCallScanner(NAMES)
-    out = []
-    for start in range(0, len(document), step):
-        out += scanner.feed(document[start:start + step])
-    out += scanner.finish()
+    out = scan_answer(NAMES, document, step)
     assert all(isinstance(piece, str) for piece in out)
     assert "".join(out) == document
 
@@ -63,11 +60,7 @@ def test_tool_extraction_never_invents_a_call_from_other_json(prefix, value, suf
     "get_weather", "tool_calls", "<tool_call>", "</tool_call>", "```json", '"name"', '"arguments"']),
     max_size=60).map("".join), step=st.integers(1, 7))
 def test_tool_extraction_never_raises_and_loses_nothing(document, step):
-    scanner = k2proxy.ToolCallScanner(NAMES)
-    out = []
-    for start in range(0, len(document), step):
-        out += scanner.feed(document[start:start + step])
-    out += scanner.finish()
+    out = scan_answer(NAMES, document, step)
     if not any(isinstance(piece, k2proxy.ToolCall) for piece in out):
         assert "".join(out) == document
 

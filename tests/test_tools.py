@@ -5,7 +5,7 @@ import json
 import openai
 import pytest
 
-from conftest import API_KEY, AUTH, chat, read_sse
+from conftest import API_KEY, AUTH, chat, read_sse, scan_answer
 from fake_upstream import Reply
 import k2proxy
 
@@ -40,11 +40,7 @@ ANSWERS = {
 
 
 def scan(text, step):
-    scanner = k2proxy.ToolCallScanner(NAMES)
-    out = []
-    for start in range(0, len(text), step):
-        out += scanner.feed(text[start:start + step])
-    out += scanner.finish()
+    out = scan_answer(NAMES, text, step)
     return ("".join(p for p in out if isinstance(p, str)),
             [(p.name, json.loads(p.arguments)) for p in out if isinstance(p, k2proxy.ToolCall)])
 
