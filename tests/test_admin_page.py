@@ -1,6 +1,8 @@
 """The admin page in a real browser (Debian's Chromium driven by Playwright), and how it is served."""
 
+import asyncio
 import json
+import re
 import shutil
 import time
 import urllib.error
@@ -172,3 +174,32 @@ async def test_accounts_are_listed_with_status_and_next_sign_in(browser, make_pr
     await playwright.expect(rows.nth(1)).to_contain_text("wrong password", timeout=8000)
     html = await page.content()
     assert "pw-ann-secret" not in html and "pw-bob-wrong" not in html
+
+
+async def test_buttons_are_disabled_while_their_request_is_in_flight(browser, site):
+    page = await open_page(browser, site)
+    await log_in(page)
+    await text_of(page, "#count-total", "3")
+    release = asyncio.Event()
+
+    async def hold(route):
+        await release.wait()
+        await route.continue_()
+    await page.route("**/admin/tokens/reset-all", hold)
+    await page.click("#reset-all")
+    await playwright.expect(page.locator("#reset-all")).to_be_disabled()
+    release.set()
+    await playwright.expect(page.locator("#reset-all")).to_be_enabled(timeout=8000)
+    await playwright.expect(page.locator("#flash")).to_contain_text("reset", timeout=8000)
+
+
+async def test_server_error_messages_are_shown(browser, site):
+    page = await open_page(browser, site)
+    await log_in(page)
+    await text_of(page, "#count-total", "3")
+    await page.route("**/admin/tokens/reload", lambda route: route.fulfill(
+        status=400, content_type="application/json",
+        body=json.dumps({"error": {"message": "Token file is unreadable", "type": "x", "param": None, "code": None}})))
+    await page.click("#reload")
+    await playwright.expect(page.locator("#flash")).to_contain_text("Token file is unreadable", timeout=8000)
+    await playwright.expect(page.locator("#flash")).to_have_class(re.compile(r"\berror\b"))
