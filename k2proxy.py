@@ -1941,9 +1941,9 @@ class StreamSink(Completion):
         """Ends the stream with an error event, or raises it as an HTTP error while nothing was sent."""
         self._keepalive.cancel()
         error = api_error_of(error)
-        self.request["failed"] = True
         if self.response is None:
             raise error
+        self.request["outcome"] = "ended with error"
         body = error_body(error.message, error.type, error.param, error.code)
         await self._write(b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n", last=True)
         return self.response
@@ -1986,7 +1986,6 @@ class CollectSink(Completion):
             "usage": self.final_usage()}, dumps=lambda obj: json.dumps(obj, ensure_ascii=False))
 
     async def fail(self, error):
-        self.request["failed"] = True
         raise api_error_of(error)
 
     def cancel(self):
@@ -2024,7 +2023,7 @@ async def chat_completions(request):
         except (UpstreamError, ApiError) as error:
             return await sink.fail(error)
     except ClientGone:
-        request["failed"] = True
+        request["outcome"] = "client gone"
         return sink.response
     finally:
         sink.cancel()
@@ -2213,7 +2212,6 @@ async def handle_errors(request, handler):
     if counted:
         state.stats["requests"] += 1
         state.stats["in_flight"] += 1
-    status = 499
     try:
         response = await handler(request)
     except ApiError as error:
@@ -2222,7 +2220,8 @@ async def handle_errors(request, handler):
         message = HTTP_ERROR_MESSAGES.get(exc.status, exc.reason).format(method=request.method, path=request.path)
         response = error_response(ApiError(exc.status, message, code=exc.reason.lower().replace(" ", "_")))
     except asyncio.CancelledError:
-        request["failed"] = True
+        request["outcome"] = "client gone"
+        log_request(request, state, 499, started, counted)
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
@@ -2231,19 +2230,23 @@ async def handle_errors(request, handler):
     finally:
         if counted:
             state.stats["in_flight"] -= 1
-    status = response.status
-    if counted:
-        failed = status >= 400 or request.get("failed")
-        state.stats["errors"] += bool(failed)
+    log_request(request, state, response.status, started, counted)
+    return response
+
+
+def log_request(request, state, status, started, counted):
+    """The request's one log line, and its share of the figures on the admin page."""
+    outcome = request.get("outcome")
+    if counted and outcome != "client gone":
+        failed = status >= 400 or outcome is not None
+        state.stats["errors"] += failed
         if "ttfb" in request and not failed:
             state.stats["ttfb_total"] += request["ttfb"]
             state.stats["ttfb_count"] += 1
     ttfb = f"{request['ttfb'] * 1000:.0f}ms" if "ttfb" in request else "-"
     log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", request.method, request.path,
              request.get("model", "-"), str(request.get("stream", "-")).lower(), status,
-             " (ended with error)" if request.get("failed") and status < 400 else "", ttfb,
-             (time.monotonic() - started) * 1000)
-    return response
+             f" ({outcome})" if outcome else "", ttfb, (time.monotonic() - started) * 1000)
 
 
 @web.middleware

@@ -98,3 +98,14 @@ async def test_update_with_content_writes_the_text(admin_proxy, tmp_path):
 async def test_reset_all(admin_proxy):
     response = await admin_proxy.post("/admin/tokens/reset-all", headers=ADMIN)
     assert response.status == 200 and (await response.json())["ok"] is True
+
+
+async def test_a_stream_that_fails_midway_counts_as_an_error(admin_proxy, fake, caplog):
+    from fake_upstream import Reply
+    caplog.set_level("INFO", logger="k2proxy")
+    fake.reply = Reply(reasoning="x" * 100, piece=5, drop_after=5)
+    response = await admin_proxy.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH)
+    assert response.status == 200 and b"upstream_error" in await response.read()
+    stats = (await (await admin_proxy.get("/admin/status", headers=ADMIN)).json())["stats"]
+    assert stats["requests"] == 1 and stats["errors"] == 1
+    assert "status=200 (ended with error)" in caplog.text
