@@ -1233,6 +1233,8 @@ class Upstream:
         self.timeout = ClientTimeout(total=None, sock_connect=settings.request_timeout,
                                      sock_read=settings.request_timeout)
         self.origin = re.match(r"^https?://[^/]+", settings.k2think_base_url).group(0)
+        self.browser_headers = {"Origin": self.origin, "User-Agent": BROWSER_USER_AGENT,
+                                "Content-Type": "application/json", "Accept": "text/event-stream"}
         self.session = None
         self.responses = set()
         self.stopping = False
@@ -1255,9 +1257,9 @@ class Upstream:
             await self.session.close()
 
     def headers(self, token, chat_id):
+        """The browser-like headers the web site expects, with the token when there is one."""
         referer = f"{self.origin}/c/{chat_id}" if self.mode == "user" else f"{self.origin}/guest"
-        headers = {"Origin": self.origin, "Referer": referer, "User-Agent": BROWSER_USER_AGENT,
-                   "Content-Type": "application/json", "Accept": "text/event-stream"}
+        headers = {**self.browser_headers, "Referer": referer}
         if token.value:
             headers["Authorization"] = f"Bearer {token.value}"
         return headers
