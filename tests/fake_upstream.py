@@ -5,7 +5,7 @@ incremental frames, each reasoning markup, JSON where a stream was asked,
 noise, cut points, delays, drops, hangs, error statuses, per-token answers)
 and records what it received. Tests drive it in-process; the benchmark and
 end-to-end tests run it as a process (`python tests/fake_upstream.py --port N`)
-and steer it through its /_fake/ routes.
+and steer it through its /_fake/reply route.
 """
 
 import argparse
@@ -175,7 +175,6 @@ class FakeK2Think:
         self.app.router.add_get("/api/models", self.list_models)
         self.app.router.add_post("/api/v1/auths/signin", self.sign_in)
         self.app.router.add_post("/_fake/reply", self.set_reply)
-        self.app.router.add_get("/_fake/received", self.get_received)
 
     def reply_for(self, token):
         if self.script:
@@ -269,9 +268,6 @@ class FakeK2Think:
         known = {f.name for f in fields(Reply)}
         self.reply = Reply(**{k: v for k, v in values.items() if k in known})
         return web.json_response(asdict(self.reply))
-
-    async def get_received(self, request):
-        return web.json_response([asdict(r) for r in self.received])
 
 
 def main():
