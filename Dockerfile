@@ -1,25 +1,28 @@
-# k2proxy: one Python file and aiohttp, on Alpine, as a non-root user.
-FROM python:3.12.7-alpine3.20
+# k2proxy: one Python file and aiohttp, on Alpine, run by the non-root user k2proxy (uid 10001).
+# aiohttp and its dependencies ship musllinux wheels, so nothing is compiled: no build tools, one stage.
+FROM python:3.12.12-alpine3.23
 
+# Token and account files live on the /data volume; .env comes from `docker run --env-file` or compose.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     USER_TOKENS_FILE=/data/tokens.txt \
     GUEST_TOKENS_FILE=/data/tokens_guest.txt \
     ACCOUNTS_FILE=/data/accounts.txt
 
 WORKDIR /app
-COPY requirements.txt .
+COPY requirements.txt ./
 RUN pip install --no-cache-dir -r requirements.txt \
- && adduser -D -H -u 10001 -s /sbin/nologin k2proxy \
+ && addgroup -g 10001 k2proxy \
+ && adduser -D -H -u 10001 -G k2proxy -s /sbin/nologin k2proxy \
  && mkdir -p /data \
  && chown k2proxy:k2proxy /data
+# Owned by root: the proxy can read its code but not change it.
 COPY k2proxy.py admin.html ./
 
 USER k2proxy
 VOLUME ["/data"]
 EXPOSE 8001
+# Standard library only; follows PORT; ignores HTTP(S)_PROXY; any failure (refused, timeout, non-200) exits 1.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8001') + '/health', timeout=4)"]
+  CMD ["python", "-c", "import os, sys, urllib.request as r; s = r.build_opener(r.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8001'), timeout=4).status; sys.exit(0 if s == 200 else 1)"]
 CMD ["python", "k2proxy.py"]

@@ -552,7 +552,10 @@ class UpstreamText:
         self.splitter = MarkupSplitter()
 
     def feed(self, text):
-        if self._raw and len(text) >= self._raw_size:
+        """A frame that starts with all text so far is a snapshot; until one has grown it, a repeat is a piece."""
+        if not text:
+            return "", ""
+        if self._raw and (len(text) > self._raw_size or (self._snapshots and len(text) == self._raw_size)):
             raw = self._raw[0] if len(self._raw) == 1 else "".join(self._raw)
             self._raw = [raw]
             if text.startswith(raw):

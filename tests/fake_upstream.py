@@ -37,6 +37,7 @@ class Reply:
     markup: str = "tags"          # tags | tags_no_answer | lone_think | details | plain
     style: str = "snapshot"       # snapshot | incremental
     form: str = "choices"         # choices (OpenAI delta) | content (top-level "content")
+    opening: bool = False         # a first frame with an empty text, as OpenAI-style streams begin
     json_answer: bool = False     # one application/json document even though a stream was asked
     piece: int = 6                # characters the model adds per frame
     delay: float = 0.0            # seconds between frames
@@ -104,7 +105,7 @@ def texts(reply):
 def frame_payloads(reply):
     """The SSE payloads of one answer, in order."""
     payloads = []
-    pieces = texts(reply)
+    pieces = [""] * reply.opening + texts(reply)
     for number, text in enumerate(pieces):
         if reply.form == "content":
             obj = {"content": text}

@@ -2,7 +2,7 @@
 
 import json
 
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 from conftest import scan_answer
 from fake_upstream import Reply, sse_events
@@ -21,12 +21,15 @@ def clean(value):
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(reasoning=text, answer=text, markup=st.sampled_from(["tags", "tags_no_answer", "lone_think", "details"]),
        style=st.sampled_from(["snapshot", "incremental"]), form=st.sampled_from(["choices", "content"]),
-       piece=st.integers(1, 12), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=20))
+       piece=st.integers(1, 12), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=20),
+       opening=st.booleans())
+@example(reasoning="00", answer="0", markup="lone_think", style="incremental", form="choices", piece=1, cuts=[1],
+         opening=False)
 def test_any_split_of_any_stream_gives_the_same_reasoning_and_answer(reasoning, answer, markup, style, form,
-                                                                     piece, cuts):
+                                                                     piece, cuts, opening):
     assume(clean(reasoning) and clean(answer))
     body = "".join(sse_events(Reply(reasoning=reasoning, answer=answer, markup=markup, style=style, form=form,
-                                    piece=piece, noise=True))).encode()
+                                    piece=piece, noise=True, opening=opening))).encode()
     decoder, parsed, seen = k2proxy.SSEDecoder(), k2proxy.UpstreamText(), []
     start, turn = 0, 0
     while start < len(body):

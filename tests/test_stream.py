@@ -37,12 +37,21 @@ async def test_stream_framing(proxy, fake):
 
 @pytest.mark.parametrize("markup", ["tags", "tags_no_answer", "lone_think", "details"])
 @pytest.mark.parametrize("style", ["snapshot", "incremental"])
-async def test_every_variant_streams_exact_text(proxy, fake, markup, style):
+@pytest.mark.parametrize("opening", [False, True], ids=["", "empty-first-frame"])
+async def test_every_variant_streams_exact_text(proxy, fake, markup, style, opening):
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER, markup=markup, style=style, chunk_bytes=5,
-                       form="content" if style == "incremental" else "choices")
+                       form="content" if style == "incremental" else "choices", opening=opening)
     events, _ = await read_sse(await post(proxy, chat(stream=True)))
     assert stream_text(events[:-1], "reasoning_content") == REASONING
     assert stream_text(events[:-1]) == ANSWER
+
+
+async def test_incremental_pieces_that_repeat_are_not_taken_for_snapshots(proxy, fake):
+    fake.reply = Reply(reasoning="ha ha ha ha, funny", answer="ok ok ok", markup="lone_think", style="incremental",
+                       piece=3)
+    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    assert stream_text(events[:-1], "reasoning_content") == "ha ha ha ha, funny"
+    assert stream_text(events[:-1]) == "ok ok ok"
 
 
 async def test_first_delta_arrives_while_upstream_still_streams(proxy, fake):
