@@ -549,12 +549,25 @@ class UpstreamText:
         self._raw_size = 0
         self._head = ""
         self._snapshots = False
+        self._repeats = 0
         self.splitter = MarkupSplitter()
 
     def feed(self, text):
-        """A frame that starts with all text so far is a snapshot; until one has grown it, a repeat is a piece."""
+        """A frame that starts with all text so far is a snapshot, else a piece; a repeated first frame is both,
+        so it waits for the next frame: one that grows it makes the repeats snapshots, anything else pieces."""
         if not text:
             return "", ""
+        if not self._snapshots and len(self._raw) == 1 and text == self._raw[0]:
+            self._repeats += 1
+            return "", ""
+        if self._repeats:
+            repeats, self._repeats = self._repeats, 0
+            if not (len(text) > self._raw_size and text.startswith(self._raw[0])):
+                parts = [self._append(self._raw[0]) for _ in range(repeats)] + [self._read(text)]
+                return "".join(r for r, _ in parts), "".join(a for _, a in parts)
+        return self._read(text)
+
+    def _read(self, text):
         if self._raw and (len(text) > self._raw_size or (self._snapshots and len(text) == self._raw_size)):
             raw = self._raw[0] if len(self._raw) == 1 else "".join(self._raw)
             self._raw = [raw]
@@ -567,6 +580,9 @@ class UpstreamText:
             rewritten = self._reparse(text)
             if rewritten:
                 return rewritten
+        return self._append(text)
+
+    def _append(self, text):
         self._raw.append(text)
         self._raw_size += len(text)
         if len(self._head) < 16:
@@ -585,6 +601,7 @@ class UpstreamText:
         if not (new_reasoning.startswith(old_reasoning) and new_answer.startswith(old_answer)):
             return None
         self.splitter = fresh
+        self._snapshots = True
         self._raw = [text]
         self._raw_size = len(text)
         return new_reasoning[len(old_reasoning):], new_answer[len(old_answer):]

@@ -130,3 +130,20 @@ def test_snapshot_parsing_work_grows_linearly():
             k2proxy.MarkupSplitter.feed = original
         return calls
     assert steps(20000) <= 2.2 * steps(10000)
+
+
+def feed_all(frames):
+    text = k2proxy.UpstreamText()
+    out = [text.feed(frame) for frame in frames] + [text.finish()]
+    return "".join(r for r, _ in out), "".join(a for _, a in out)
+
+
+@pytest.mark.parametrize("frames,expected", [
+    (["", "<think>", "why", "</think>", "ok"], ("why", "ok")),                        # empty opening frame
+    (["\n", "\n", "hm", "</think>", "ok"], ("hm", "ok")),                              # repeated first piece
+    (["ha", "ha", "ha", "</think>", "ok"], ("hahaha", "ok")),
+    (["<think>a", "<think>a", "<think>ab</think>ok"], ("ab", "ok")),                   # repeated first snapshot
+    (["<think>a", "<think>a"], ("a", "")),                                            # only repeats: snapshots
+])
+def test_repeated_and_empty_first_frames(frames, expected):
+    assert feed_all(frames) == expected
