@@ -610,12 +610,17 @@ class UpstreamText:
         return self.splitter.finish()
 
 
+def error_detail(body):
+    """The message of an upstream error body, JSON or not."""
+    try:
+        return error_text(json.loads(body)) if body.strip() else ""
+    except ValueError:
+        return body.strip()[:200]
+
+
 def upstream_error(status, body, retry_after=None):
     """The UpstreamError for a non-200 answer, from its status and body text."""
-    try:
-        detail = error_text(json.loads(body)) if body.strip() else ""
-    except ValueError:
-        detail = body.strip()[:200]
+    detail = error_detail(body)
     shown = f"upstream answered HTTP {status}" + (f": {detail}" if detail else "")
     if "model not found" in detail.lower():
         return UpstreamError(shown, 404, "model_not_found", charge=False, retryable=False)
@@ -1241,6 +1246,18 @@ BROWSER_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537
                       "(KHTML, like Gecko) Chrome/142.0.0.0 Safari/537.36")
 
 
+async def read_body(response, limit):
+    """The body up to `limit` bytes; one `read(n)` returns only what has arrived, so read until the end."""
+    parts, size = [], 0
+    while size < limit:
+        chunk = await response.content.read(limit - size)
+        if not chunk:
+            break
+        parts.append(chunk)
+        size += len(chunk)
+    return b"".join(parts)
+
+
 class Upstream:
     """The K2Think side: the HTTP session, the token pool of each mode, the active mode."""
 
@@ -1373,12 +1390,12 @@ class Upstream:
         """The frames of an upstream answer, one list per network read; SSE or one JSON document,
         decided by the content type."""
         if response.status != 200:
-            body = await response.content.read(65536)
+            body = await read_body(response, 65536)
             raise upstream_error(response.status, body.decode("utf-8", "replace"),
                                  response.headers.get("Retry-After"))
         kind = response.content_type
         if kind == "application/json":
-            frame = parse_frame((await response.content.read(MAX_FRAME_BYTES)).decode("utf-8", "replace"))
+            frame = parse_frame((await read_body(response, MAX_FRAME_BYTES)).decode("utf-8", "replace"))
             if frame is None:
                 raise UpstreamError("upstream answered JSON that is not a chat answer")
             yield [frame]
@@ -1410,9 +1427,10 @@ class Account:
 class Accounts:
     """Signs in with the accounts of ACCOUNTS_FILE and keeps each one's token fresh in the user pool."""
 
-    def __init__(self, settings, upstream, clock=time.time):
+    def __init__(self, settings, upstream, on_sign_in=lambda: None, clock=time.time):
         self.settings = settings
         self.upstream = upstream
+        self.on_sign_in = on_sign_in
         self.pool = upstream.pools["user"]
         self.file = WatchedFile(settings.accounts_file)
         self.url = settings.k2think_base_url + "/api/v1/auths/signin"
@@ -1470,14 +1488,14 @@ class Accounts:
             async with self.upstream.session.post(
                     self.url, json={"email": account.email, "password": account.password},
                     headers=self.upstream.headers(NO_TOKEN, ""), allow_redirects=False) as response:
-                body = await response.content.read(65536)
+                body = await read_body(response, 65536)
                 cookie = response.cookies.get("token")
                 status = response.status
         except (ClientError, OSError, asyncio.TimeoutError) as exc:
             return self._failed(account, f"sign-in request failed ({type(exc).__name__})")
-        if status in (400, 401, 403):
-            account.status, account.last_error = "wrong_password", upstream_error(status, body.decode(
-                "utf-8", "replace")).args[0]
+        if status in (400, 401):
+            account.status = "wrong_password"
+            account.last_error = f"sign-in refused: {error_detail(body.decode('utf-8', 'replace')) or f'HTTP {status}'}"
             self.pool.drop_account(account.email)
             log.warning("account %s: sign-in refused (wrong email or password); fix %s", account.email,
                         self.file.path.name)
@@ -1493,8 +1511,13 @@ class Accounts:
         account.status, account.last_error, account.failures = "signed_in", None, 0
         account.signed_in_at, account.expires_at = now, jwt_expiry(token)
         lifetime = (account.expires_at - now) if account.expires_at else 6 * 3600
-        account.next_signin = now + max(1.0, 0.8 * lifetime)
+        if lifetime <= 0:
+            log.warning("account %s: the new token expired before it arrived; is this machine's clock right?",
+                        account.email)
+            lifetime = 6 * 3600
+        account.next_signin = now + 0.8 * lifetime
         self.pool.put_account_token(account.email, token)
+        self.on_sign_in()
         log.info("account %s signed in; next sign-in in %.0f s", account.email, account.next_signin - now)
 
     def _failed(self, account, reason):
@@ -1519,6 +1542,12 @@ class Models:
         self.ids = list(settings.models)
         self.source = "MODELS"
         self.aliases = settings.model_aliases
+        self._wake = asyncio.Event()
+
+    def token_arrived(self):
+        """An account just signed in: if upstream's list is still unknown, ask now rather than in 30 s."""
+        if self.source != "upstream":
+            self._wake.set()
 
     def listed(self):
         return [name for model in self.ids for name in (model, model + NOTHINK)]
@@ -1560,7 +1589,12 @@ class Models:
         """Refreshes the list every MODELS_REFRESH seconds in user mode (sooner while it cannot be had)."""
         while True:
             fetched = self.upstream.mode == "user" and await self.refresh()
-            await asyncio.sleep(self.settings.models_refresh if fetched else min(30.0, self.settings.models_refresh))
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.settings.models_refresh if fetched
+                                       else min(30.0, self.settings.models_refresh))
+            except asyncio.TimeoutError:
+                pass
 
 
 # ─── OpenAI handlers ─────────────────────────────────────────────────────────
@@ -1577,7 +1611,7 @@ class AppState:
         self.settings = settings
         self.upstream = Upstream(settings)
         self.models = Models(settings, self.upstream)
-        self.accounts = Accounts(settings, self.upstream)
+        self.accounts = Accounts(settings, self.upstream, on_sign_in=self.models.token_arrived)
         self.started = int(time.time())
         self.stats = {"requests": 0, "errors": 0, "in_flight": 0, "ttfb_total": 0.0, "ttfb_count": 0}
         self.admin_page = None
@@ -1585,7 +1619,6 @@ class AppState:
 
 
 STATE = web.AppKey("state", AppState)
-NOTHINK = "-nothink"
 
 
 def _number(body, name, low, high):

@@ -196,11 +196,18 @@ class FakeK2Think:
         if request.path == "/api/chat/completions" and not token:
             return web.json_response(AUTH_EXPIRED, status=401)
         if reply.status != 200:
-            return web.Response(status=reply.status, body=reply.body.encode(), headers=reply.headers,
-                                content_type=reply.content_type or "application/json")
+            return await self.send(request, reply, reply.body, reply.content_type or "application/json")
         if reply.json_answer:
-            return web.json_response(json_document(reply), headers=reply.headers)
+            return await self.send(request, reply, json.dumps(json_document(reply)), "application/json")
         return await self.stream(request, reply)
+
+    async def send(self, request, reply, text, content_type):
+        """One whole body, in slices of reply.chunk_bytes when set."""
+        response = web.StreamResponse(status=reply.status, headers={"Content-Type": content_type, **reply.headers})
+        await response.prepare(request)
+        await self.write(response, reply, text)
+        await response.write_eof()
+        return response
 
     async def stream(self, request, reply):
         response = web.StreamResponse(headers={"Content-Type": reply.content_type or "text/event-stream",

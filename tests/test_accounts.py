@@ -31,8 +31,8 @@ def account_proxy(make_proxy, fake, tmp_path):
     async def start(lines, **env):
         fake.accounts.update(PASSWORDS)
         (tmp_path / "accounts.txt").write_text("\n".join(lines) + "\n")
-        return await make_proxy(PROXY_MODE="user", ACCOUNTS_FILE=tmp_path / "accounts.txt", SIGNIN_INTERVAL=0.01,
-                                MODELS_REFRESH=0.2, **env)
+        return await make_proxy(**{"PROXY_MODE": "user", "ACCOUNTS_FILE": tmp_path / "accounts.txt",
+                                   "SIGNIN_INTERVAL": 0.01, "MODELS_REFRESH": 0.2, **env})
     return start
 
 
@@ -97,8 +97,10 @@ async def test_signs_in_again_when_the_token_is_refused(account_proxy, fake):
     assert fake.received[-1].token == fake.signins[1][1]
 
 
-async def test_failing_sign_in_backs_off(account_proxy, fake):
-    fake.signin_status = 503
+@pytest.mark.parametrize("status", [503, 403], ids=["down", "blocked"])
+async def test_failing_sign_in_backs_off(account_proxy, fake, status):
+    """Only a refused password disables an account; a 403 may be a bot check in front of the site."""
+    fake.signin_status = status
     proxy = await account_proxy(["ann@example.com:pa:ss-ann"])
     await until(lambda: fake.signins)
     account = state_of(proxy).accounts.accounts["ann@example.com"]
@@ -146,6 +148,15 @@ async def test_models_follow_upstream(make_proxy, fake, tmp_path):
         body = await (await proxy.post("/v1/chat/completions", json=chat(model=alias), headers=AUTH)).json()
         assert body["model"] == alias and body["choices"][0]["message"].get("reasoning_content") == reasoning
         assert fake.received[-1].body["model"] == V2
+
+
+async def test_models_are_fetched_as_soon_as_an_account_signs_in(account_proxy, fake):
+    """With only accounts, no token exists at start-up; the list must not wait for the next refresh."""
+    fake.models = [{"id": V2}]
+    proxy = await account_proxy(["ann@example.com:pa:ss-ann"], MODELS_REFRESH=600)
+    await until(lambda: state_of(proxy).models.source == "upstream")
+    body = await (await proxy.get("/v1/models", headers=AUTH)).json()
+    assert [m["id"] for m in body["data"]] == [V2, V2 + "-nothink"]
 
 
 async def test_models_fall_back_to_the_setting(make_proxy, fake, tmp_path):

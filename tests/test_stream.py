@@ -103,11 +103,13 @@ async def test_non_stream_answer(proxy, fake):
     assert body["usage"] == fake.reply.usage
 
 
-async def test_json_answer_to_a_stream_request(proxy, fake):
-    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, json_answer=True)
+@pytest.mark.parametrize("chunk_bytes", [0, 500], ids=["one-read", "many-reads"])
+async def test_json_answer_to_a_stream_request(proxy, fake, chunk_bytes):
+    answer = ANSWER * (1 + chunk_bytes // 10)
+    fake.reply = Reply(reasoning=REASONING, answer=answer, json_answer=True, chunk_bytes=chunk_bytes)
     events, _ = await read_sse(await post(proxy, chat(stream=True, stream_options={"include_usage": True})))
     assert stream_text(events[:-1], "reasoning_content") == REASONING
-    assert stream_text(events[:-1]) == ANSWER
+    assert stream_text(events[:-1]) == answer
     assert events[-2]["usage"] == fake.reply.usage
 
 
