@@ -2049,6 +2049,10 @@ class CollectSink(Completion):
 
 async def read_json(request):
     """The request body as JSON, with a 4xx for anything that is not a JSON object in UTF-8."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, f"Compressed request bodies (Content-Encoding: {encoding[:40]}) are not accepted; "
+                            "send the JSON uncompressed", code="unsupported_content_encoding")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
@@ -2236,7 +2240,7 @@ async def admin_switch_mode(request):
 
 def key_matches(given, keys):
     """Constant-time comparison against every key, so timing tells nothing about any of them."""
-    given = given.encode()
+    given = given.encode("utf-8", "surrogateescape")
     found = False
     for key in keys:
         found |= hmac.compare_digest(given, key.encode())
@@ -2384,7 +2388,8 @@ async def clean_up(app):
 def make_app(settings):
     """The whole proxy as an aiohttp application, for `main()` and for tests."""
     app = web.Application(middlewares=[handle_errors, check_keys],
-                          client_max_size=int(settings.max_request_mb * 1024 * 1024))
+                          client_max_size=int(settings.max_request_mb * 1024 * 1024),
+                          handler_args={"auto_decompress": False})  # read_json refuses compressed bodies
     app[STATE] = AppState(settings)
     admin = settings.admin_page_path
     app.router.add_routes([

@@ -1,6 +1,7 @@
 """Fuzzing the HTTP surface: whatever arrives, the answer is a JSON error or a valid answer, never a 500."""
 
 import asyncio
+import gzip
 import json
 import random
 
@@ -91,3 +92,26 @@ async def test_malformed_http_leaves_the_server_serving(proxy):
         assert b"Traceback" not in answer
         writer.close()
     assert (await proxy.get("/health")).status == 200
+
+
+async def test_header_bytes_that_are_not_utf8_get_a_401(proxy):
+    port = proxy.server.port
+    for path, code in ((b"/v1/models", "invalid_api_key"), (b"/admin/status", "invalid_admin_key")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xe4\r\n"
+                     b"Connection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401"), answer[:200]
+        assert json.loads(body)["error"]["code"] == code
+
+
+async def test_compressed_bodies_are_refused_before_they_are_unpacked(proxy, fake):
+    bomb = gzip.compress(b" " * (64 * 1024 * 1024))
+    for encoding, data in (("gzip", bomb), ("gzip", json.dumps(chat()).encode()), ("deflate", b"x"), ("br", b"x")):
+        response = await proxy.post("/v1/chat/completions", data=data,
+                                    headers={**AUTH, "Content-Encoding": encoding, "Content-Type": "application/json"})
+        error = (await response.json())["error"]
+        assert response.status == 415 and error["code"] == "unsupported_content_encoding" and encoding in error["message"]
+    assert not fake.received
