@@ -11,6 +11,7 @@ import asyncio
 import base64
 import binascii
 import codecs
+import hashlib
 import hmac
 import json
 import logging
@@ -978,6 +979,11 @@ def parse_tokens_file(text):
     return list(seen)
 
 
+def file_version(text):
+    """A short fingerprint of a file's text, so a save can tell that the file changed since it was loaded."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def jwt_expiry(token):
     """The `exp` of a JWT read without its key, or None when the token is not a JWT with one."""
     parts = token.split(".")
@@ -1062,12 +1068,17 @@ class WatchedFile:
         return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
     def read(self):
-        """The file's text and state; a missing file reads as empty."""
+        """The file's text and state; a missing file reads as empty, an unreadable one (a directory, no
+        permission) as None, which keeps what was loaded. A byte-order mark (Windows Notepad) is dropped."""
         state = self.stat()
         try:
-            return self.path.read_text(encoding="utf-8", errors="replace"), state
+            return self.path.read_text(encoding="utf-8-sig", errors="replace"), state
         except FileNotFoundError:
             return "", None
+        except OSError as exc:
+            log.error("%s cannot be read (%s); keeping what was loaded from it", self.path,
+                      exc.strerror or type(exc).__name__)
+            return None, state
 
     async def changes(self, force=False):
         """The file's text when it changed since the last call (or `force`), else None."""
@@ -1203,7 +1214,7 @@ class TokenPool:
         """Saves tokens atomically (temporary file, fsync, rename), keeping the file's comment lines."""
         path = self.file.path
         if content is None:
-            old = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+            old = path.read_text(encoding="utf-8-sig", errors="replace") if path.exists() else ""
             comments = [line for line in old.splitlines() if line.strip().startswith("#")]
             content = "\n".join(comments + list(tokens)) + "\n"
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -2190,8 +2201,10 @@ async def admin_reload(request):
 async def admin_token_content(request):
     pool = request.app[STATE].upstream.pool
     text, _ = await asyncio.to_thread(pool.file.read)
+    if text is None:
+        raise ApiError(409, f"{pool.file.path.name} cannot be read; see the proxy's log", code="token_file_unreadable")
     return web.json_response({"mode": pool.mode, "file": str(pool.file.path), "content": text,
-                              "tokens": parse_tokens_file(text)})
+                              "tokens": parse_tokens_file(text), "version": file_version(text)})
 
 
 async def admin_update_tokens(request):
@@ -2208,14 +2221,22 @@ async def admin_update_tokens(request):
         content = None
     else:
         _expect(isinstance(content, str), "'content' must be a string", "content", "invalid_type")
+    version = body.get("version")
+    _expect(version is None or isinstance(version, str), "'version' must be a string", "version", "invalid_type")
     async with state.save_lock:
+        if version is not None:
+            current, _ = await asyncio.to_thread(pool.file.read)
+            if current is None or file_version(current) != version:
+                raise ApiError(409, f"{pool.file.path.name} changed since it was loaded; load it again, then save",
+                               param="version", code="file_changed")
         try:
             text, file_state = await asyncio.to_thread(pool.write_file, tokens, content)
         except OSError as exc:
             raise ApiError(500, f"Could not save {pool.file.path.name}: {exc.strerror}", "server_error",
                            code="save_failed") from None
         pool.apply(text, file_state)
-    return ok(f"Saved {len(pool.tokens)} tokens to {pool.file.path.name}", counts=pool.counts())
+    return ok(f"Saved {len(pool.tokens)} tokens to {pool.file.path.name}", counts=pool.counts(),
+              version=file_version(text))
 
 
 async def admin_accounts(request):

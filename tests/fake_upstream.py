@@ -240,7 +240,7 @@ class FakeK2Think:
     @staticmethod
     async def write(response, reply, text):
         data = text.encode()
-        size = reply.chunk_bytes or len(data)
+        size = reply.chunk_bytes or max(len(data), 1)
         for start in range(0, len(data), size):
             await response.write(data[start:start + size])
             if reply.chunk_bytes:

@@ -203,3 +203,36 @@ async def test_server_error_messages_are_shown(browser, site):
     await page.click("#reload")
     await playwright.expect(page.locator("#flash")).to_contain_text("Token file is unreadable", timeout=8000)
     await playwright.expect(page.locator("#flash")).to_have_class(re.compile(r"\berror\b"))
+
+
+async def test_a_file_edited_on_the_server_is_not_overwritten(browser, site):
+    page = await open_page(browser, site)
+    await log_in(page)
+    await playwright.expect(page.locator("#tokens-editor")).to_have_value(re.compile("team pool"), timeout=8000)
+    site.tokens_file.write_text(f"# team pool\n{TOKENS[0]}\nadded-over-ssh\n")
+    await page.fill("#tokens-editor", f"# team pool\n{TOKENS[1]}\n")
+    await page.click("#save-tokens")
+    await playwright.expect(page.locator("#flash")).to_contain_text("changed since it was loaded", timeout=8000)
+    assert "added-over-ssh" in site.tokens_file.read_text()
+
+    await page.click("#load-tokens")
+    await playwright.expect(page.locator("#tokens-editor")).to_have_value(re.compile("added-over-ssh"), timeout=8000)
+    await page.fill("#tokens-editor", f"# team pool\n{TOKENS[1]}\nadded-over-ssh\n")
+    await page.click("#save-tokens")
+    await playwright.expect(page.locator("#flash")).to_contain_text("Saved", timeout=8000)
+    assert site.tokens_file.read_text() == f"# team pool\n{TOKENS[1]}\nadded-over-ssh\n"
+
+    await page.click("#reload")
+    await playwright.expect(page.locator("#flash")).to_contain_text("Reloaded 2 tokens", timeout=8000)
+
+
+async def test_a_key_refused_mid_session_returns_to_the_prompt(browser, site):
+    page = await open_page(browser, site)
+    await log_in(page)
+    await text_of(page, "#count-total", "3")
+    await page.route("**/admin/**", lambda route: route.fulfill(
+        status=401, content_type="application/json",
+        body=json.dumps({"error": {"message": "Invalid admin key", "type": "x", "param": None, "code": None}})))
+    await page.click("#reset-all")
+    await playwright.expect(page.locator("#admin-key")).to_be_visible(timeout=8000)
+    assert await page.evaluate("sessionStorage.getItem('k2proxy_admin_key')") is None

@@ -288,6 +288,41 @@ async def test_concurrent_saves_and_edits_never_lose_a_token(user_proxy, tmp_pat
     assert [t.value for t in pool_of(proxy).tokens] == saved
 
 
+async def test_a_save_with_a_stale_version_is_refused(user_proxy, tmp_path):
+    path = tmp_path / "tokens.txt"
+    proxy = await user_proxy(GOOD[0])
+    loaded = await (await proxy.get("/admin/tokens/content", headers=ADMIN)).json()
+    path.write_text(f"{GOOD[0]}\n{GOOD[1]}\n")
+    response = await proxy.post("/admin/tokens/update", json={"content": f"{GOOD[2]}\n", "version": loaded["version"]},
+                                headers=ADMIN)
+    assert response.status == 409 and (await response.json())["error"]["code"] == "file_changed"
+    assert path.read_text() == f"{GOOD[0]}\n{GOOD[1]}\n"
+    fresh = await (await proxy.get("/admin/tokens/content", headers=ADMIN)).json()
+    response = await proxy.post("/admin/tokens/update", json={"content": f"{GOOD[2]}\n", "version": fresh["version"]},
+                                headers=ADMIN)
+    assert response.status == 200 and path.read_text() == f"{GOOD[2]}\n"
+    assert (await response.json())["version"] == (await (await proxy.get("/admin/tokens/content",
+                                                                         headers=ADMIN)).json())["version"]
+
+
+async def test_a_byte_order_mark_is_not_part_of_the_first_token(make_proxy, fake, tmp_path):
+    (tmp_path / "tokens.txt").write_text(f"{GOOD[0]}\n", encoding="utf-8-sig")
+    proxy = await make_proxy(PROXY_MODE="user")
+    assert (await ask(proxy))[0] == 200
+    assert fake.received[-1].token == GOOD[0]
+
+
+async def test_a_token_path_that_is_a_directory_is_reported_not_fatal(make_proxy, fake, tmp_path, caplog):
+    """Docker creates a directory when a missing file is bind-mounted."""
+    (tmp_path / "tokens.txt").mkdir()
+    proxy = await make_proxy(PROXY_MODE="user")
+    assert "tokens.txt cannot be read" in caplog.text
+    status, body = await ask(proxy)
+    assert status == 503 and body["error"]["code"] == "no_tokens"
+    response = await proxy.get("/admin/tokens/content", headers=ADMIN)
+    assert response.status == 409 and (await response.json())["error"]["code"] == "token_file_unreadable"
+
+
 async def test_mode_switch_changes_the_upstream_path_and_file(make_proxy, fake, tmp_path):
     write_tokens(tmp_path, GOOD[0])
     proxy = await make_proxy()
