@@ -1342,11 +1342,15 @@ class Upstream:
         self.stopping = True
         for response in list(self.responses):
             response.close()
+        if self.session:
+            await self.session.close()  # also ends requests still waiting for upstream's first byte
 
     def _stopped(self):
         return UpstreamError("the proxy is shutting down", 503, "shutting_down", charge=False, retryable=False)
 
     async def _attempt(self, url, body, headers, sink):
+        if self.stopping:
+            raise self._stopped()
         parser = UpstreamText()
         try:
             response = await self.session.post(url, data=body, headers=headers, allow_redirects=False)
@@ -1354,6 +1358,8 @@ class Upstream:
             raise UpstreamError(f"upstream did not answer within {self.settings.request_timeout:g} s",
                                 504, "upstream_timeout") from None
         except (ClientError, OSError) as exc:
+            if self.stopping:
+                raise self._stopped() from None
             raise UpstreamError(f"cannot reach upstream ({type(exc).__name__})", 502, charge=False) from None
         self.responses.add(response)
         try:
@@ -2455,8 +2461,12 @@ def main(argv=None):
               f"(set VALID_API_KEY to keep one):\n  {settings.valid_api_key[0]}", file=sys.stderr, flush=True)
     log.info("k2proxy %s on http://%s:%d, %s mode, upstream %s", __version__, settings.host, settings.port,
              settings.proxy_mode, settings.guest_api_url if settings.proxy_mode == "guest" else settings.user_api_url)
-    web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
-                handler_cancellation=True, shutdown_timeout=5)
+    try:
+        web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
+                    handler_cancellation=True, shutdown_timeout=5)
+    except OSError as exc:  # the address is taken, or HOST is not an address of this machine
+        print(f"k2proxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,6 +1,7 @@
 """Settings: .env parsing, precedence, bad values, --help and the README table."""
 
 import re
+import socket
 import subprocess
 import sys
 
@@ -60,6 +61,18 @@ def test_bad_value_stops_start_up_with_one_line_naming_it(name, value):
                             capture_output=True, text=True, timeout=20, cwd=ROOT / "tests")
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and name in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "192.0.2.99"], ids=["port-taken", "foreign-address"])
+def test_an_address_it_cannot_listen_on_stops_start_up_with_one_line(host):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run([sys.executable, str(ROOT / "k2proxy.py")], capture_output=True, text=True, timeout=30,
+                                env={"HOST": host, "PORT": str(taken.getsockname()[1]), "VALID_API_KEY": "sk-x",
+                                     "LOG_LEVEL": "ERROR", "PATH": ""}, cwd=ROOT / "tests")
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"k2proxy: cannot listen on {host}:") and result.stderr.count("\n") == 1, result.stderr
 
 
 def test_secret_values_are_not_echoed_in_errors():

@@ -7,6 +7,7 @@ import pytest
 
 from conftest import AUTH, chat, read_sse, stream_text
 from fake_upstream import Reply
+import k2proxy
 
 REASONING = "Let me think.\nThe user wants a greeting."
 ANSWER = "Hello there — 你好!"
@@ -195,7 +196,6 @@ async def test_failure_after_content_ends_with_error_event(make_proxy, fake, rep
 
 
 async def test_shutdown_ends_streams_in_flight_with_their_end(proxy, fake):
-    import k2proxy
     fake.reply = Reply(reasoning="x" * 1000, piece=5, delay=0.05)
     response = await post(proxy, chat(stream=True))
     async for line in response.content:
@@ -204,3 +204,14 @@ async def test_shutdown_ends_streams_in_flight_with_their_end(proxy, fake):
     await proxy.server.app[k2proxy.STATE].upstream.stop()
     events, _ = await read_sse(response)
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down"
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_shutdown_ends_requests_still_waiting_for_upstream(proxy, fake, stream):
+    fake.reply = Reply(first_delay=30)
+    request = asyncio.ensure_future(post(proxy, chat(stream=stream)))
+    while not fake.received:
+        await asyncio.sleep(0.01)
+    await proxy.server.app[k2proxy.STATE].upstream.stop()
+    response = await asyncio.wait_for(request, 5)
+    assert response.status == 503 and (await response.json())["error"]["code"] == "shutting_down"
