@@ -1706,9 +1706,12 @@ def image_part(part, where, limit):
     url = image.get("url") if isinstance(image, dict) else image
     _expect(isinstance(url, str) and url, f"{where}.image_url.url is missing", where, "invalid_type")
     if url.startswith("data:"):
-        media, _ = decode_data(url, where, limit)
+        media, raw = decode_data(url, where, limit)
         _expect(media.startswith("image/"), f"{where} is a data: URL of '{media or 'no type'}', not an image",
                 where, "invalid_image")
+        _expect(raw and re.match(r"data:[^,]*;base64,", url, re.IGNORECASE),
+                f"{where} must be a data: URL holding the image in base64 (data:image/png;base64,...)", where,
+                "invalid_image")
     else:
         _expect(re.match(r"https?://\S+$", url), f"{where}.image_url.url must be a data: URL or an http(s) URL",
                 where, "invalid_image")
@@ -1736,7 +1739,7 @@ def file_part_text(part, where, limit):
                 break
             except UnicodeDecodeError:
                 continue
-    if text is None:
+    if text is None or "\x00" in text:  # NUL bytes: a binary file, whatever its name says
         raise ApiError(400, f"{where}: the file '{name}' ({media or 'unknown type'}) cannot be read by K2-Think; "
                             "supported are text files in UTF-8 (txt, md, csv, json, code, ...) and images as "
                             "image_url parts", param=where, code="unsupported_file")
@@ -1771,6 +1774,14 @@ def message_text(content, index, max_file_bytes):
     return parts
 
 
+def wrap_text(content, render):
+    """Content with its text rewritten by `render` and its images kept, for tool calls and results."""
+    if isinstance(content, str):
+        return render(content)
+    text = render("\n".join(part["text"] for part in content if part["type"] == "text"))
+    return [{"type": "text", "text": text}, *(part for part in content if part["type"] != "text")]
+
+
 def upstream_messages(messages, tools=None, max_file_bytes=10 * 1048576):
     """OpenAI messages as Open WebUI takes them: developer becomes system, tool history becomes text,
     reasoning_content is dropped, and the tool prompt joins the system message."""
@@ -1794,12 +1805,11 @@ def upstream_messages(messages, tools=None, max_file_bytes=10 * 1048576):
             for call in calls:
                 call_names[call.get("id")] = call["function"].get("name")
                 blocks.append(render_call(call["function"].get("name"), call["function"].get("arguments", {})))
-            content = "\n".join(filter(None, [content if isinstance(content, str) else "", *blocks]))
+            content = wrap_text(content, lambda text: "\n".join(filter(None, [text, *blocks])))
         elif role in ("tool", "function"):
             call_id = message.get("tool_call_id", "")
             name = message.get("name") or call_names.get(call_id) or "unknown"
-            text = content if isinstance(content, str) else json.dumps(content, ensure_ascii=False)
-            content, role = render_tool_result(name, call_id, text), "user"
+            content, role = wrap_text(content, lambda text: render_tool_result(name, call_id, text)), "user"
         rendered.append({"role": "system" if role == "developer" else role, "content": content})
     if tools:
         prompt = tool_prompt(tools)

@@ -51,6 +51,21 @@ async def test_images_are_forwarded_as_openai_parts(sdk, fake, with_tools):
     assert ("describe" in fake.received[0].body["messages"][0]["content"]) == with_tools
 
 
+async def test_images_in_tool_history_are_kept_with_its_text(sdk, fake):
+    """A screenshot tool's result reaches the model as an image, and the assistant's words are not lost."""
+    image = {"type": "image_url", "image_url": {"url": PNG_URL}}
+    call = {"id": "call_1", "type": "function", "function": {"name": "describe", "arguments": "{}"}}
+    await send(sdk, [*user(text("Describe the screen")),
+                     {"role": "assistant", "content": [text("Taking a look."), image], "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "call_1", "content": [text("the screen:"), image]}], tools=TOOLS)
+    assistant, result = fake.received[0].body["messages"][-2:]
+    assert assistant["role"] == "assistant" and assistant["content"][1:] == [image]
+    assert assistant["content"][0]["text"].startswith("Taking a look.\n<tool_call>")
+    assert result["role"] == "user" and result["content"][1:] == [image]
+    assert result["content"][0]["text"].startswith("<tool_result") and "the screen:" in result["content"][0]["text"]
+    assert "base64" not in result["content"][0]["text"]
+
+
 async def test_text_file_is_inlined_with_its_name(sdk, fake):
     content = "名前,値\nÅngström,1\n```code```\n"
     await send(sdk, user(text("Summarise:"), file_part("data.csv", content)))
@@ -73,9 +88,12 @@ async def test_text_only_parts_become_a_plain_string(sdk, fake):
     (file_part("report.pdf", b"%PDF-1.7 binary\x00\x01", "application/pdf"), 400, "report.pdf"),
     (file_part("photo.bin", b"\x00\xff\xfe\x01" * 10, "application/octet-stream"), 400, "photo.bin"),
     (file_part("broken.txt", b"invalid utf-8 \xc3\x28 \xfd"), 400, "broken.txt"),
+    (file_part("disguised.txt", b"%PDF-1.7\n\x00\x01 binary"), 400, "disguised.txt"),
     (file_part("big.txt", "x" * (1024 * 1024 + 10)), 413, "MAX_FILE_MB"),
     ({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@not-base64@@"}}, 400, "base64"),
     ({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}, 400, "not an image"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png,hello%20world"}}, 400, "base64"),
+    ({"type": "image_url", "image_url": {"url": "data:image/png;base64,"}}, 400, "base64"),
     ({"type": "image_url", "image_url": {"url": "ftp://example.com/x.png"}}, 400, "http"),
     ({"type": "image_url", "image_url": {}}, 400, "url is missing"),
     ({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}, 400, "input_audio"),
