@@ -1631,7 +1631,7 @@ class AppState:
         self.accounts = Accounts(settings, self.upstream, on_sign_in=self.models.token_arrived)
         self.started = int(time.time())
         self.stats = {"requests": 0, "errors": 0, "in_flight": 0, "ttfb_total": 0.0, "ttfb_count": 0}
-        self.admin_page = None
+        self.admin_page = None  # (body, headers), read at start-up
         self.save_lock = asyncio.Lock()
 
 
@@ -2150,10 +2150,16 @@ async def index(request):
 # Every route needs the admin key. Only /admin/tokens/content returns whole
 # tokens; everything else shows them masked.
 
+def page_policy(html):
+    """A Content-Security-Policy allowing the page's own inline script and style, by hash, and nothing else."""
+    def hashes(tag):
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+                        for body in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.DOTALL)) or "'none'"
+    return (f"default-src 'self'; script-src {hashes('script')}; style-src {hashes('style')}; "
+            "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
 ADMIN_PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; script-src 'self' 'unsafe-inline'; "
-                               "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
-                               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "X-Frame-Options": "DENY",
@@ -2169,7 +2175,7 @@ async def admin_page(request):
     page = request.app[STATE].admin_page
     if page is None:
         raise ApiError(404, "admin.html is missing next to k2proxy.py", code="not_found")
-    return web.Response(body=page, content_type="text/html", charset="utf-8", headers=ADMIN_PAGE_HEADERS)
+    return web.Response(body=page[0], content_type="text/html", charset="utf-8", headers=page[1])
 
 
 async def admin_status(request):
@@ -2356,7 +2362,7 @@ async def check_keys(request, handler):
         if not key_matches(bearer(request), settings.valid_api_key):
             raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
                            "authentication_error", code="invalid_api_key")
-    elif path.startswith("/admin/"):
+    elif path.startswith("/admin/") and path != settings.admin_page_path:
         if not key_matches(bearer(request), [settings.admin_key]):
             raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
                            "authentication_error", code="invalid_admin_key")
@@ -2404,7 +2410,9 @@ async def watch_token_files(app):
 async def start_up(app):
     state = app[STATE]
     page = HERE / "admin.html"
-    state.admin_page = await asyncio.to_thread(page.read_bytes) if page.exists() else None
+    if page.exists():
+        html = await asyncio.to_thread(page.read_text, encoding="utf-8")
+        state.admin_page = html.encode(), {**ADMIN_PAGE_HEADERS, "Content-Security-Policy": page_policy(html)}
     await state.upstream.start()
     state.tasks = [asyncio.ensure_future(job) for job in (watch_token_files(app), state.accounts.run(),
                                                            state.models.run())]

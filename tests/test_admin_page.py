@@ -145,6 +145,7 @@ async def test_page_headers(site):
     assert response.status == 200 and response.content_type == "text/html"
     csp = response.headers["Content-Security-Policy"]
     assert "default-src 'self'" in csp and "frame-ancestors 'none'" in csp
+    assert "unsafe-inline" not in csp and "script-src 'sha256-" in csp, "only the page's own script may run"
     assert response.headers["X-Content-Type-Options"] == "nosniff"
     assert response.headers["Referrer-Policy"] == "no-referrer"
     page = await response.text()
@@ -154,8 +155,8 @@ async def test_page_headers(site):
 async def test_page_path_is_configurable_and_found_from_any_directory(spawn, tmp_path):
     port = free_port()
     spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env={
-        "PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": "sk-x", "ADMIN_PAGE_PATH": "/panel"})
-    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/panel", timeout=5).read().decode()
+        "PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": "sk-x", "ADMIN_PAGE_PATH": "/admin/panel"})
+    page = urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/panel", timeout=5).read().decode()
     assert "admin-key" in page
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/admin", timeout=5)
