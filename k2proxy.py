@@ -199,6 +199,9 @@ def parse_dotenv(text):
     return values
 
 
+EXAMPLE_KEY = "sk-change-me"  # the placeholder of .env.example, refused as a key
+
+
 def load_settings(environ, dotenv_text=None):
     """Builds Settings from the environment over .env over defaults; the first bad value raises."""
     source = dict(parse_dotenv(dotenv_text) if dotenv_text else {})
@@ -217,6 +220,10 @@ def load_settings(environ, dotenv_text=None):
         values["model_aliases"] = dict(_alias(pair) for pair in values["model_aliases"])
     except ValueError as exc:
         raise SettingsError(f"setting MODEL_ALIASES is invalid: {exc}") from None
+    for name, keys in (("VALID_API_KEY", values["valid_api_key"]), ("ADMIN_KEY", [values["admin_key"]])):
+        if EXAMPLE_KEY in keys:
+            raise SettingsError(f"setting {name} is still the placeholder of .env.example; choose a key "
+                                "of your own (anyone who reads the example knows this one)")
     values["api_key_generated"] = not values["valid_api_key"]
     if values["api_key_generated"]:
         values["valid_api_key"] = ["sk-" + secrets.token_urlsafe(32)]
