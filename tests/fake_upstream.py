@@ -44,6 +44,7 @@ class Reply:
     first_delay: float = 0.0      # seconds before the response headers
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46})
     usage_alone: bool = True      # usage in a frame of its own, else in the last text frame
+    finish_reason: str | None = None  # in the last text frame ("length", "content_filter"), choices form only
     end: str = "[DONE]"           # [DONE] | DONE | done | done_json | none
     noise: bool = True            # "-1" frames and SSE comments between frames
     crlf: bool = False            # \r\n line endings
@@ -113,7 +114,8 @@ def frame_payloads(reply):
             delta = {"content": text}
             if number == 0:
                 delta = {"role": "assistant", **delta}
-            obj = {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]}
+            last = number == len(pieces) - 1
+            obj = {"choices": [{"index": 0, "delta": delta, "finish_reason": reply.finish_reason if last else None}]}
         if reply.usage and not reply.usage_alone and number == len(pieces) - 1:
             obj["usage"] = reply.usage
         payloads.append(json.dumps(obj, ensure_ascii=False))

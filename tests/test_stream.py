@@ -114,6 +114,15 @@ async def test_json_answer_to_a_stream_request(proxy, fake, chunk_bytes):
     assert events[-2]["usage"] == fake.reply.usage
 
 
+@pytest.mark.parametrize("reason", ["length", "content_filter"])
+async def test_upstream_finish_reason_reaches_the_client(proxy, fake, reason):
+    fake.reply = Reply(answer=ANSWER, finish_reason=reason)
+    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    assert events[-2]["choices"][0]["finish_reason"] == reason
+    body = await (await post(proxy, chat())).json()
+    assert body["choices"][0]["finish_reason"] == reason and body["choices"][0]["message"]["content"] == ANSWER
+
+
 @pytest.mark.parametrize("alone", [True, False])
 async def test_include_usage_adds_one_usage_chunk(proxy, fake, alone):
     fake.reply = Reply(usage_alone=alone)
