@@ -128,7 +128,7 @@ class Bench:
 
     async def throughput(self, concurrency, rounds, stream, peak):
         """Requests per second and p99 latency at `concurrency`, direct and through the proxy."""
-        await self.steer(reasoning="r" * 600, answer="a" * 600, piece=12, delay=0, json_answer=not stream)
+        await self.steer(reasoning="r" * 600, answer="a" * 600, piece=12, delay=0)
         figures = {}
         for direct in (True, False):
             latencies = []

@@ -90,14 +90,15 @@ async def sdk(proxy):
 
 
 async def sdk_call(sdk, stream, **extra):
-    """(content, tool calls as (name, arguments), finish reason) as the openai SDK sees them."""
+    """(content, tool calls as (name, arguments), finish reason, call ids) as the openai SDK sees them."""
     request = {"model": "MBZUAI-IFM/K2-Think", "messages": MESSAGES, "tools": TOOLS, **extra}
     if not stream:
         choice = (await sdk.chat.completions.create(**request)).choices[0]
         calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
-        assert all(c.id.startswith("call_") for c in choice.message.tool_calls or [])
-        return choice.message.content, calls, choice.finish_reason
-    content, calls, finish = "", {}, None
+        ids = [c.id for c in choice.message.tool_calls or []]
+        assert all(i.startswith("call_") for i in ids)
+        return choice.message.content, calls, choice.finish_reason, ids
+    content, calls, finish, ids = "", {}, None, []
     async for chunk in await sdk.chat.completions.create(stream=True, **request):
         delta = chunk.choices[0].delta
         content += delta.content or ""
@@ -105,9 +106,10 @@ async def sdk_call(sdk, stream, **extra):
             if piece.id:
                 assert piece.type == "function" and piece.function.name and piece.index == len(calls)
                 calls[piece.index] = [piece.function.name, ""]
+                ids.append(piece.id)
             calls[piece.index][1] += piece.function.arguments or ""
         finish = chunk.choices[0].finish_reason or finish
-    return content or None, [(name, json.loads(args)) for name, args in calls.values()], finish
+    return content or None, [(name, json.loads(args)) for name, args in calls.values()], finish, ids
 
 
 @pytest.mark.parametrize("form", ANSWERS)
@@ -116,7 +118,7 @@ async def sdk_call(sdk, stream, **extra):
 async def test_sdk_sees_tool_calls_in_each_form(sdk, fake, form, stream, style):
     answer, text, calls = ANSWERS[form]
     fake.reply = Reply(reasoning="I might call get_weather here.", answer=answer, style=style, piece=4)
-    content, found, finish = await sdk_call(sdk, stream)
+    content, found, finish, _ = await sdk_call(sdk, stream)
     assert found == calls
     assert finish == ("tool_calls" if calls else "stop")
     assert (content or "").strip() == (text or "")
@@ -128,7 +130,7 @@ async def test_reasoning_that_mentions_a_tool_is_not_a_call(sdk, fake):
     fake.reply = Reply(reasoning='Maybe <tool_call>{"name": "get_weather", "arguments": {"city": "X"}}</tool_call>',
                        answer="No tool needed: it is sunny.")
     for stream in (True, False):
-        content, calls, finish = await sdk_call(sdk, stream)
+        content, calls, finish, _ = await sdk_call(sdk, stream)
         assert (content, calls, finish) == ("No tool needed: it is sunny.", [], "stop")
 
 
@@ -162,14 +164,14 @@ async def test_standard_tool_loop(sdk, fake):
 async def test_streamed_tool_loop(sdk, fake):
     fake.script = [Reply(answer='{"tool_calls": [{"name": "search", "arguments": {"q": "k2"}}]}', style="incremental"),
                    Reply(answer="Found it.")]
-    _, calls, finish = await sdk_call(sdk, True)
+    _, calls, finish, (call_id,) = await sdk_call(sdk, True)
     assert calls == [("search", {"q": "k2"})] and finish == "tool_calls"
     history = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "search", "arguments": '{"q": "k2"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "K2-Think is a reasoning model."}]
-    content, calls, finish = await sdk_call(sdk, True, messages=history)
+        {"id": call_id, "type": "function", "function": {"name": "search", "arguments": '{"q": "k2"}'}}]},
+        {"role": "tool", "tool_call_id": call_id, "content": "K2-Think is a reasoning model."}]
+    content, calls, finish, _ = await sdk_call(sdk, True, messages=history)
     assert (content, calls, finish) == ("Found it.", [], "stop")
-    assert 'name="search"' in fake.received[1].body["messages"][-1]["content"]
+    assert f'name="search" tool_call_id="{call_id}"' in fake.received[1].body["messages"][-1]["content"]
 
 
 @pytest.mark.parametrize("env,choice", [({}, "none"), ({"TOOL_SUPPORT": "false"}, "auto")])
