@@ -804,12 +804,13 @@ class Opt:
 # WS (any blanks) or NAME (a tool name). They are matched against text that may still be incomplete.
 WS, NAME = "ws", "name"
 CALL_OPENINGS = {
-    "tag": [TOOL_CALL_OPEN],
+    "tag": [TOOL_CALL_OPEN, WS, ("{", "`")],  # prose that names the tag is not held back
     "fence": ["```", Opt("json"), WS, "{", WS, '"tool_calls"'],
     "inline": ["{", WS, '"tool_calls"'],
     "natural": ["调用函数", WS, (":", "："), WS, NAME, WS, "参数", WS, (":", "："), WS, "{"],
 }
 CALL_TRIGGERS = re.compile(r"[<`{调]")
+FENCED_BODY = re.compile(r"\s*```[A-Za-z]*\s*(.*?)\s*```\s*", re.DOTALL)  # <tool_call>```json {...}```</tool_call>
 
 
 def match_opening(text, start, steps):
@@ -887,7 +888,7 @@ class ToolCallScanner:
                 out.append(self._buf[:start])
                 self._buf = self._buf[start:]
                 kind, end, name = opened
-                body_start = {"tag": end - start, "natural": end - start - 1}.get(kind, None)
+                body_start = {"tag": len(TOOL_CALL_OPEN), "natural": end - start - 1}.get(kind, None)
                 if body_start is None:
                     body_start = self._buf.index("{")
                 self._call = {"kind": kind, "name": name, "body": body_start, "scan": body_start,
@@ -906,7 +907,9 @@ class ToolCallScanner:
             if index < 0:
                 call["scan"] = max(call["body"], len(self._buf) - len(TOOL_CALL_CLOSE) + 1)
                 return self._too_long(out)
-            return self._settle(out, index + len(TOOL_CALL_CLOSE), body=self._buf[call["body"]:index])
+            body = self._buf[call["body"]:index]
+            fenced = FENCED_BODY.fullmatch(body)
+            return self._settle(out, index + len(TOOL_CALL_CLOSE), body=fenced.group(1) if fenced else body)
         if call["end"] is None and not self._balance(call):
             return self._too_long(out)
         if call["kind"] == "fence":
