@@ -2499,4 +2499,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if os.name != "posix":
+        sys.exit(main())
+    # CPython keeps a script's syntax tree (about 6 MB for this file) for as long as the script runs, but frees
+    # a module's once it is imported: so the script hands over, in the same process, to this file as a module.
+    os.execv(sys.executable, [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); "
+                              "import k2proxy; sys.exit(k2proxy.main())", *sys.argv[1:]])
