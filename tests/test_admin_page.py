@@ -49,6 +49,14 @@ async def log_in(page, key=ADMIN_KEY):
     await page.press("#admin-key", "Enter")
 
 
+async def dashboard(browser, site):
+    """A page logged in, showing the three tokens."""
+    page = await open_page(browser, site)
+    await log_in(page)
+    await text_of(page, "#count-total", "3")
+    return page
+
+
 async def text_of(page, selector, expected):
     await playwright.expect(page.locator(selector)).to_have_text(expected, timeout=8000)
 
@@ -178,9 +186,7 @@ async def test_accounts_are_listed_with_status_and_next_sign_in(browser, make_pr
 
 
 async def test_buttons_are_disabled_while_their_request_is_in_flight(browser, site):
-    page = await open_page(browser, site)
-    await log_in(page)
-    await text_of(page, "#count-total", "3")
+    page = await dashboard(browser, site)
     release = asyncio.Event()
 
     async def hold(route):
@@ -194,13 +200,15 @@ async def test_buttons_are_disabled_while_their_request_is_in_flight(browser, si
     await playwright.expect(page.locator("#flash")).to_contain_text("reset", timeout=8000)
 
 
+def answer_error(status, message):
+    """A route handler that answers every request with an OpenAI error."""
+    body = json.dumps({"error": {"message": message, "type": "x", "param": None, "code": None}})
+    return lambda route: route.fulfill(status=status, content_type="application/json", body=body)
+
+
 async def test_server_error_messages_are_shown(browser, site):
-    page = await open_page(browser, site)
-    await log_in(page)
-    await text_of(page, "#count-total", "3")
-    await page.route("**/admin/tokens/reload", lambda route: route.fulfill(
-        status=400, content_type="application/json",
-        body=json.dumps({"error": {"message": "Token file is unreadable", "type": "x", "param": None, "code": None}})))
+    page = await dashboard(browser, site)
+    await page.route("**/admin/tokens/reload", answer_error(400, "Token file is unreadable"))
     await page.click("#reload")
     await playwright.expect(page.locator("#flash")).to_contain_text("Token file is unreadable", timeout=8000)
     await playwright.expect(page.locator("#flash")).to_have_class(re.compile(r"\berror\b"))
@@ -228,12 +236,8 @@ async def test_a_file_edited_on_the_server_is_not_overwritten(browser, site):
 
 
 async def test_a_key_refused_mid_session_returns_to_the_prompt(browser, site):
-    page = await open_page(browser, site)
-    await log_in(page)
-    await text_of(page, "#count-total", "3")
-    await page.route("**/admin/**", lambda route: route.fulfill(
-        status=401, content_type="application/json",
-        body=json.dumps({"error": {"message": "Invalid admin key", "type": "x", "param": None, "code": None}})))
+    page = await dashboard(browser, site)
+    await page.route("**/admin/**", answer_error(401, "Invalid admin key"))
     await page.click("#reset-all")
     await playwright.expect(page.locator("#admin-key")).to_be_visible(timeout=8000)
     assert await page.evaluate("sessionStorage.getItem('k2proxy_admin_key')") is None
