@@ -1905,14 +1905,16 @@ class Completion:
         await self._deliver(reasoning, self.scanner.feed(answer) if self.scanner and answer else [answer])
 
     async def _deliver(self, reasoning, pieces):
-        content = ""
-        delta = {}
+        """One write for what arrived together, reasoning and answer in deltas of their own: many clients
+        read only one field of a delta."""
+        deltas, content = [], ""
+        self._chars += len(reasoning)
         if reasoning and self.chat.show_reasoning:
             if self.think_tags:
                 content = reasoning if self._in_think else "<think>" + reasoning
                 self._in_think = True
             else:
-                delta["reasoning_content"] = reasoning
+                deltas.append({"reasoning_content": reasoning})
         for piece in pieces:
             if not piece:
                 continue
@@ -1921,28 +1923,26 @@ class Completion:
                 self._in_think = False
             if isinstance(piece, str):
                 content += piece
+                self._chars += len(piece)
                 continue
             if content:
-                delta["content"] = content
-            if delta:
-                await self._emit(delta, len(reasoning))
-                delta, content, reasoning = {}, "", ""
-            await self._emit({"tool_calls": [{"index": self._calls, "id": piece.id, "type": "function",
-                                              "function": {"name": piece.name, "arguments": ""}}]}, 0)
-            await self._emit({"tool_calls": [{"index": self._calls, "function": {"arguments": piece.arguments}}]},
-                             len(piece.arguments))
+                deltas.append({"content": content})
+                content = ""
+            deltas += [{"tool_calls": [{"index": self._calls, "id": piece.id, "type": "function",
+                                        "function": {"name": piece.name, "arguments": ""}}]},
+                       {"tool_calls": [{"index": self._calls, "function": {"arguments": piece.arguments}}]}]
+            self._chars += len(piece.arguments)
             self._calls += 1
         if content:
-            delta["content"] = content
-        if delta:
-            await self._emit(delta, len(reasoning) + len(content))
+            deltas.append({"content": content})
+        if deltas:
+            await self._emit(deltas)
 
-    async def _emit(self, delta, chars):
+    async def _emit(self, deltas):
         if not self.committed:
             self.committed = True
             self.request["ttfb"] = time.monotonic() - self.started
-        self._chars += chars
-        await self.emit(delta)
+        await self.emit(deltas)
 
     async def end(self):
         """Settles what was held back (an unfinished call, a closing think tag) and the finish reason."""
@@ -1950,7 +1950,7 @@ class Completion:
             await self._deliver("", self.scanner.finish())
         if self._in_think:
             self._in_think = False
-            await self._emit({"content": "</think>"}, 0)
+            await self._emit([{"content": "</think>"}])
         if self._calls:
             self.finish_reason = "tool_calls"
 
@@ -2015,8 +2015,8 @@ class StreamSink(Completion):
         return (self._chunk_head + json.dumps(delta, ensure_ascii=False).encode()
                 + b',"finish_reason":' + finish + b"}]}\n\n")
 
-    async def emit(self, delta):
-        await self._write(self._chunk(delta))
+    async def emit(self, deltas):
+        await self._write(b"".join(map(self._chunk, deltas)))
 
     async def finish(self):
         await self.end()
@@ -2053,16 +2053,18 @@ class CollectSink(Completion):
         self.content = []
         self.tool_calls = []
 
-    async def emit(self, delta):
-        if "reasoning_content" in delta:
-            self.reasoning.append(delta["reasoning_content"])
-        if "content" in delta:
-            self.content.append(delta["content"])
-        for piece in delta.get("tool_calls", ()):
-            if "id" in piece:
-                self.tool_calls.append({key: piece[key] for key in ("id", "type")} | {"function": dict(piece["function"])})
-            else:
-                self.tool_calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
+    async def emit(self, deltas):
+        for delta in deltas:
+            if "reasoning_content" in delta:
+                self.reasoning.append(delta["reasoning_content"])
+            if "content" in delta:
+                self.content.append(delta["content"])
+            for piece in delta.get("tool_calls", ()):
+                if "id" in piece:
+                    self.tool_calls.append({key: piece[key] for key in ("id", "type")}
+                                           | {"function": dict(piece["function"])})
+                else:
+                    self.tool_calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
 
     async def finish(self):
         await self.end()

@@ -36,6 +36,16 @@ async def test_stream_framing(proxy, fake):
     assert not any("usage" in c for c in chunks)
 
 
+async def test_reasoning_and_answer_never_share_a_delta(proxy, fake):
+    """Clients that read one field per delta (`reasoning or content`) must not lose the answer."""
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, piece=1000)
+    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    deltas = [e["choices"][0]["delta"] for e in events[:-1]]
+    assert not any("reasoning_content" in d and "content" in d for d in deltas)
+    shown = "".join(d.get("reasoning_content") or d.get("content") or "" for d in deltas)
+    assert shown == REASONING + ANSWER
+
+
 @pytest.mark.parametrize("markup", ["tags", "tags_no_answer", "lone_think", "details"])
 @pytest.mark.parametrize("style", ["snapshot", "incremental"])
 @pytest.mark.parametrize("opening", [False, True], ids=["", "empty-first-frame"])
