@@ -1247,8 +1247,10 @@ class TokenPool:
         if text is None:
             return False
         self.load(text, readmit=force)
-        if self.file.state is None:
-            log.warning("%s mode: token file %s not found; the pool is empty", self.mode, self.file.path)
+        if self.file.state is None and self.mode == "guest":
+            log.info("guest mode: no token file %s; requests go without a token", self.file.path)
+        elif self.file.state is None:
+            log.warning("user mode: token file %s not found; the pool is empty", self.file.path)
         else:
             log.info("%s mode: %d tokens loaded from %s", self.mode, len(self.tokens), self.file.path)
         return True
@@ -1339,8 +1341,8 @@ class Upstream:
                 error = failure
                 log.info("upstream attempt failed (%s token %d of %d): %s", pool.mode, len(tried),
                          self.settings.max_retries + 1, failure)
-                if sink.committed or not failure.retryable:
-                    raise
+                if sink.committed or not failure.retryable or (token is NO_TOKEN and failure.status == 504):
+                    raise  # asking again without a token after a timeout would only double the wait
                 sink.reset()
                 continue
             pool.succeed(token)

@@ -67,6 +67,13 @@ async def test_missing_file_is_an_empty_pool_with_a_log_line(make_proxy, caplog,
     assert fake.received == []
 
 
+async def test_guest_mode_without_a_token_file_is_not_a_warning(make_proxy, caplog):
+    caplog.set_level("INFO", logger="k2proxy")
+    await make_proxy()
+    assert "requests go without a token" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 async def test_guest_mode_with_no_tokens_sends_no_authorization(proxy, fake):
     status, _ = await ask(proxy)
     assert status == 200 and "Authorization" not in fake.received[0].headers
