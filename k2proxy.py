@@ -2376,7 +2376,7 @@ async def check_keys(request, handler):
         if not key_matches(bearer(request), settings.valid_api_key):
             raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
                            "authentication_error", code="invalid_api_key")
-    elif path.startswith("/admin/") and path != settings.admin_page_path:
+    elif path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD")):
         if not key_matches(bearer(request), [settings.admin_key]):
             raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
                            "authentication_error", code="invalid_admin_key")
@@ -2450,12 +2450,10 @@ def make_app(settings):
                           client_max_size=int(settings.max_request_mb * 1024 * 1024),
                           handler_args={"auto_decompress": False})  # read_json refuses compressed bodies
     app[STATE] = AppState(settings)
-    admin = settings.admin_page_path
-    app.router.add_routes([
+    routes = [
         web.get("/", index), web.get("/health", health),
         web.post("/v1/chat/completions", chat_completions),
         web.get("/v1/models", list_models), web.get("/v1/models/{model:.+}", get_model),
-        web.get(admin, admin_page),
         web.get("/admin/status", admin_status),
         web.get("/admin/tokens/stats", admin_token_stats),
         web.get("/admin/tokens/content", admin_token_content),
@@ -2465,7 +2463,11 @@ def make_app(settings):
         web.post("/admin/tokens/update", admin_update_tokens),
         web.post("/admin/switch_mode", admin_switch_mode),
         web.get("/admin/accounts", admin_accounts),
-    ])
+    ]
+    admin = settings.admin_page_path
+    if admin.startswith("/v1/") or any(route.path == admin for route in routes):
+        raise SettingsError(f"setting ADMIN_PAGE_PATH={admin!r} is a path the proxy already serves")
+    app.router.add_routes([*routes, web.get(admin, admin_page)])
     app.on_response_prepare.append(add_cors_headers)
     app.on_startup.append(start_up)
     app.on_shutdown.append(shut_down)
@@ -2484,6 +2486,7 @@ def main(argv=None):
     env_file = Path(args.env_file)
     try:
         settings = load_settings(os.environ, env_file.read_text(encoding="utf-8") if env_file.is_file() else None)
+        app = make_app(settings)
     except (SettingsError, UnicodeDecodeError) as exc:
         print(f"k2proxy: {exc}", file=sys.stderr)
         return 2
@@ -2494,7 +2497,7 @@ def main(argv=None):
     log.info("k2proxy %s on http://%s:%d, %s mode, upstream %s", __version__, settings.host, settings.port,
              settings.proxy_mode, settings.guest_api_url if settings.proxy_mode == "guest" else settings.user_api_url)
     try:
-        web.run_app(make_app(settings), host=settings.host, port=settings.port, access_log=None, print=None,
+        web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None,
                     handler_cancellation=True, shutdown_timeout=5)
     except OSError as exc:  # the address is taken, or HOST is not an address of this machine
         print(f"k2proxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)

@@ -166,6 +166,9 @@ async def test_page_path_is_configurable_and_found_from_any_directory(spawn, tmp
         "PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": "sk-x", "ADMIN_PAGE_PATH": "/admin/panel"})
     page = urllib.request.urlopen(f"http://127.0.0.1:{port}/admin/panel", timeout=5).read().decode()
     assert "admin-key" in page
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/admin/panel", data=b"{}"), timeout=5)
+    assert refused.value.code == 401, "only reading the page is public"
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(f"http://127.0.0.1:{port}/admin", timeout=5)
     assert missing.value.code == 404

@@ -56,7 +56,9 @@ def test_urls_hang_off_the_base_unless_overridden():
                                         ("MAX_REQUEST_MB", "-1"), ("REQUEST_TIMEOUT", "soon"),
                                         ("K2THINK_BASE_URL", "ftp://x"), ("MODELS", " , "),
                                         ("ADMIN_PAGE_PATH", "admin"), ("LOG_LEVEL", "LOUD"),
-                                        ("VALID_API_KEY", "sk-mine,sk-change-me"), ("ADMIN_KEY", "sk-change-me")])
+                                        ("VALID_API_KEY", "sk-mine,sk-change-me"), ("ADMIN_KEY", "sk-change-me"),
+                                        ("ADMIN_PAGE_PATH", "/admin/tokens/update"), ("ADMIN_PAGE_PATH", "/health"),
+                                        ("ADMIN_PAGE_PATH", "/v1/panel")])
 def test_bad_value_stops_start_up_with_one_line_naming_it(name, value):
     result = subprocess.run([sys.executable, str(ROOT / "k2proxy.py")], env={name: value, "PATH": ""},
                             capture_output=True, text=True, timeout=20, cwd=ROOT / "tests")
