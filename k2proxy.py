@@ -570,8 +570,9 @@ class UpstreamText:
             return "", ""
         if self._repeats:
             repeats, self._repeats = self._repeats, 0
-            if not (len(text) > self._raw_size and text.startswith(self._raw[0])):
-                parts = [self._append(self._raw[0]) for _ in range(repeats)] + [self._read(text)]
+            first = self._raw[0]
+            if not (len(text) > len(first) and text.startswith(first[:16])):  # grown or rewritten: a snapshot
+                parts = [self._append(first) for _ in range(repeats)] + [self._read(text)]
                 return "".join(r for r, _ in parts), "".join(a for _, a in parts)
         return self._read(text)
 
@@ -2506,9 +2507,14 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if os.name != "posix":
+    if os.name != "posix" or __spec__ is not None:  # no exec on Windows; `python -m` already runs a module
         sys.exit(main())
     # CPython keeps a script's syntax tree (about 6 MB for this file) for as long as the script runs, but frees
     # a module's once it is imported: so the script hands over, in the same process, to this file as a module.
-    os.execv(sys.executable, [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(HERE)!r}); "
-                              "import k2proxy; sys.exit(k2proxy.main())", *sys.argv[1:]])
+    HANDOVER = ("import importlib.util, os, sys; path = sys.argv.pop(1); sys.path[0] = os.path.dirname(path); "
+                "spec = importlib.util.spec_from_file_location('k2proxy', path); "
+                "module = sys.modules['k2proxy'] = importlib.util.module_from_spec(spec); "
+                "spec.loader.exec_module(module); sys.exit(module.main())")
+    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    os.execv(sys.executable, [sys.executable, *options, "-c", HANDOVER, str(Path(__file__).resolve()),
+                              *sys.argv[1:]])

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from fake_upstream import Reply, full_text, json_document, sse_events
+from fake_upstream import Reply, full_text, json_document, snapshots, sse_events
 import k2proxy
 
 REASONING = "The user asks 2+2.\nThat is 4 — simple ✓.\n\n> not a quote marker"
@@ -66,7 +66,7 @@ def test_json_answer_is_parsed_like_a_stream():
 def test_details_rewrite_emits_no_markup_twice():
     reply = Reply(reasoning="one\ntwo", answer="three", markup="details", piece=3)
     text = k2proxy.UpstreamText()
-    pieces = [text.feed(snapshot) for snapshot in __import__("fake_upstream").snapshots(reply)]
+    pieces = [text.feed(snapshot) for snapshot in snapshots(reply)]
     pieces.append(text.finish())
     joined = "".join(r + a for r, a in pieces)
     assert joined == "one\ntwothree"
@@ -124,7 +124,7 @@ def test_snapshot_parsing_work_grows_linearly():
         k2proxy.MarkupSplitter.feed = counting
         try:
             text = k2proxy.UpstreamText()
-            for snapshot in __import__("fake_upstream").snapshots(reply):
+            for snapshot in snapshots(reply):
                 text.feed(snapshot)
         finally:
             k2proxy.MarkupSplitter.feed = original
@@ -147,3 +147,9 @@ def feed_all(frames):
 ])
 def test_repeated_and_empty_first_frames(frames, expected):
     assert feed_all(frames) == expected
+
+
+@pytest.mark.parametrize("piece", [5, 1000])
+def test_a_repeated_first_snapshot_before_the_rewrite_of_the_reasoning_tag(piece):
+    frames = snapshots(Reply(reasoning="The user asks.", answer="Fine.", markup="details", piece=piece))
+    assert feed_all([frames[0], *frames]) == ("The user asks.", "Fine.")
