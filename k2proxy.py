@@ -805,7 +805,7 @@ class Opt:
 # WS (any blanks) or NAME (a tool name). They are matched against text that may still be incomplete.
 WS, NAME = "ws", "name"
 CALL_OPENINGS = {
-    "tag": [TOOL_CALL_OPEN, WS, ("{", "`")],  # prose that names the tag is not held back
+    "tag": [TOOL_CALL_OPEN, WS, ("{", "[", "```")],  # prose that names the tag is not held back
     "fence": ["```", Opt("json"), WS, "{", WS, '"tool_calls"'],
     "inline": ["{", WS, '"tool_calls"'],
     "natural": ["调用函数", WS, (":", "："), WS, NAME, WS, "参数", WS, (":", "："), WS, "{"],
@@ -991,8 +991,10 @@ def parse_tokens_file(text):
 
 
 def file_version(text):
-    """A short fingerprint of a file's text, so a save can tell that the file changed since it was loaded."""
-    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    """A short fingerprint of a file's text, so a save can tell that the file changed since it was loaded;
+    line endings and a byte-order mark do not count, as reading the file drops them."""
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def jwt_expiry(token):
@@ -1070,6 +1072,7 @@ class WatchedFile:
     def __init__(self, path):
         self.path = Path(path)
         self.state = "unread"
+        self._unreadable = "not yet"  # the state last reported unreadable, so that it is reported once
 
     def stat(self):
         try:
@@ -1080,16 +1083,19 @@ class WatchedFile:
 
     def read(self):
         """The file's text and state; a missing file reads as empty, an unreadable one (a directory, no
-        permission) as None, which keeps what was loaded. A byte-order mark (Windows Notepad) is dropped."""
+        permission) as None, which keeps what was loaded and is tried again at the next poll. A byte-order
+        mark (Windows Notepad) is dropped."""
         state = self.stat()
         try:
             return self.path.read_text(encoding="utf-8-sig", errors="replace"), state
         except FileNotFoundError:
             return "", None
         except OSError as exc:
-            log.error("%s cannot be read (%s); keeping what was loaded from it", self.path,
-                      exc.strerror or type(exc).__name__)
-            return None, state
+            if state != self._unreadable:
+                log.error("%s cannot be read (%s); keeping what was loaded from it", self.path,
+                          exc.strerror or type(exc).__name__)
+            self._unreadable = state
+            return None, self.state
 
     async def changes(self, force=False):
         """The file's text when it changed since the last call (or `force`), else None."""

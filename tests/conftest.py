@@ -1,5 +1,6 @@
 """Shared fixtures: the fake K2Think upstream, and proxies pointed at it."""
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -90,6 +91,14 @@ def scan_answer(names, text, step):
     for start in range(0, len(text), step):
         out += scanner.feed(text[start:start + step])
     return out + scanner.finish()
+
+
+async def until(condition, seconds=5.0):
+    """Waits for something a background task does (a sign-in, a file poll), failing after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "did not happen in time"
+        await asyncio.sleep(0.02)
 
 
 def free_port():

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ADMIN, AUTH, chat
+from conftest import ADMIN, AUTH, chat, until
 from fake_upstream import AUTH_EXPIRED, Reply
 import k2proxy
 
@@ -16,14 +16,6 @@ V2 = "MBZUAI-IFM/K2-Think-v2"
 
 def state_of(proxy):
     return proxy.server.app[k2proxy.STATE]
-
-
-async def until(condition, seconds=5.0):
-    """Waits for a background sign-in or refresh, failing after `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "did not happen in time"
-        await asyncio.sleep(0.02)
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import ADMIN, AUTH, chat, read_sse, stream_text
+from conftest import ADMIN, AUTH, chat, read_sse, stream_text, until
 from fake_upstream import AUTH_EXPIRED, Reply, make_jwt
 import k2proxy
 
@@ -310,6 +310,35 @@ async def test_a_save_with_a_stale_version_is_refused(user_proxy, tmp_path):
     assert response.status == 200 and path.read_text() == f"{GOOD[2]}\n"
     assert (await response.json())["version"] == (await (await proxy.get("/admin/tokens/content",
                                                                          headers=ADMIN)).json())["version"]
+
+
+async def test_versions_ignore_line_endings(user_proxy):
+    proxy = await user_proxy(GOOD[0])
+    version = (await (await proxy.get("/admin/tokens/content", headers=ADMIN)).json())["version"]
+    for content in (f"{GOOD[1]}\r\n{GOOD[2]}\r\n", f"\ufeff{GOOD[1]}\n"):
+        response = await proxy.post("/admin/tokens/update", json={"content": content, "version": version},
+                                    headers=ADMIN)
+        assert response.status == 200, await response.text()
+        version = (await response.json())["version"]
+        assert version == (await (await proxy.get("/admin/tokens/content", headers=ADMIN)).json())["version"]
+
+
+async def test_a_file_that_cannot_be_read_is_read_again_once_it_can(user_proxy, tmp_path, monkeypatch, caplog):
+    """Fixing a file's owner or mode changes neither its content nor its size: the watcher must try again."""
+    proxy = await user_proxy(GOOD[0])
+    read_text, blocked = k2proxy.Path.read_text, [True]
+
+    def guarded(path, *args, **kwargs):
+        if path.name == "tokens.txt" and blocked[0]:
+            raise PermissionError(13, "Permission denied")
+        return read_text(path, *args, **kwargs)
+    monkeypatch.setattr(k2proxy.Path, "read_text", guarded)
+    write_tokens(tmp_path, GOOD[1])
+    await until(lambda: "Permission denied" in caplog.text)
+    assert [t.value for t in pool_of(proxy).tokens] == [GOOD[0]], "what was loaded stays"
+    blocked[0] = False
+    await until(lambda: [t.value for t in pool_of(proxy).tokens] == [GOOD[1]])
+    assert caplog.text.count("cannot be read") == 1
 
 
 async def test_a_byte_order_mark_is_not_part_of_the_first_token(make_proxy, fake, tmp_path):

@@ -60,13 +60,14 @@ def test_scanner_releases_text_that_cannot_open_a_call_at_once():
     assert scanner.feed("Use x < y and `a`, ") == ["Use x < y and `a`, "]
     assert "".join(scanner.feed("a dict {")) == "a dict "
     assert scanner.feed('"k": 1}') == ['{"k": 1}']
-    assert "".join(scanner.feed("Wrap calls in a <tool_call> block. More prose.")) == \
-        "Wrap calls in a <tool_call> block. More prose."
+    for prose in ("Wrap calls in a <tool_call> block. More prose. ", "Use `<tool_call>` blocks. "):
+        assert "".join(scanner.feed(prose)) == prose
 
 
-def test_a_fenced_body_inside_the_tag_is_still_a_call():
-    assert scan('<tool_call>\n```json\n{"name": "search", "arguments": {"q": "k2"}}\n```\n</tool_call>', 2) == \
-        ("", [("search", {"q": "k2"})])
+@pytest.mark.parametrize("body", ['\n```json\n{"name": "search", "arguments": {"q": "k2"}}\n```\n',
+                                  '[{"name": "search", "arguments": {"q": "k2"}}]'], ids=["fenced", "list"])
+def test_other_bodies_inside_the_tag_are_still_calls(body):
+    assert scan(f"<tool_call>{body}</tool_call>", 2) == ("", [("search", {"q": "k2"})])
 
 
 def test_model_made_ids_are_replaced_by_unique_ones():
