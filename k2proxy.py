@@ -1128,13 +1128,13 @@ class TokenPool:
             for token in self.tokens:
                 self.reset(token)
 
-    def put_account_token(self, account, value):
+    def put_account_token(self, account, value, expires_at):
         """Gives an account its fresh token; the account's figures carry over."""
         token = next((t for t in self.tokens if t.account == account), None)
         if token is None:
-            self.tokens.append(Token(value, jwt_expiry(value), account=account))
+            self.tokens.append(Token(value, expires_at, account=account))
             return
-        token.value, token.expires_at = value, jwt_expiry(value)
+        token.value, token.expires_at = value, expires_at
         self.reset(token)
 
     def drop_account(self, account):
@@ -1545,14 +1545,17 @@ class Accounts:
             return self._failed(account, f"sign-in answered HTTP {status} without a token")
         now = self.clock()
         account.status, account.last_error, account.failures = "signed_in", None, 0
-        account.signed_in_at, account.expires_at = now, jwt_expiry(token)
-        lifetime = (account.expires_at - now) if account.expires_at else 6 * 3600
-        if lifetime <= 0:
-            log.warning("account %s: the new token expired before it arrived; is this machine's clock right?",
-                        account.email)
-            lifetime = 6 * 3600
-        account.next_signin = now + 0.8 * lifetime
-        self.pool.put_account_token(account.email, token)
+        expires = jwt_expiry(token)
+        if expires is None:
+            delay = 0.8 * 6 * 3600
+        elif expires > now:
+            delay = 0.8 * (expires - now)
+        else:
+            log.warning("account %s: the new token expired before it arrived; is this machine's clock right? "
+                        "Using it anyway and signing in again every 10 minutes", account.email)
+            expires, delay = None, 600
+        account.signed_in_at, account.expires_at, account.next_signin = now, expires, now + delay
+        self.pool.put_account_token(account.email, token, expires)
         self.on_sign_in()
         log.info("account %s signed in; next sign-in in %.0f s", account.email, account.next_signin - now)
 
@@ -1624,8 +1627,8 @@ class Models:
     async def run(self):
         """Refreshes the list every MODELS_REFRESH seconds in user mode (sooner while it cannot be had)."""
         while True:
+            self._wake.clear()  # before asking: a sign-in during the request must still wake the next turn
             fetched = self.upstream.mode == "user" and await self.refresh()
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.models_refresh if fetched
                                        else min(30.0, self.settings.models_refresh))
@@ -1793,8 +1796,8 @@ def message_text(content, index, max_file_bytes):
     return parts
 
 
-def wrap_text(content, render):
-    """Content with its text rewritten by `render` and its images kept, for tool calls and results."""
+def tool_result_content(content, render):
+    """A tool's result as upstream takes it: its text wrapped by `render`, its images (a screenshot) kept."""
     if isinstance(content, str):
         return render(content)
     text = render("\n".join(part["text"] for part in content if part["type"] == "text"))
@@ -1814,6 +1817,11 @@ def upstream_messages(messages, tools=None, max_file_bytes=10 * 1048576):
         _expect(role in ROLES, f"messages[{index}].role must be one of {', '.join(ROLES)}",
                 f"messages[{index}].role")
         content = message_text(message.get("content"), index, max_file_bytes)
+        if role == "assistant" and isinstance(content, list):
+            number = next(n for n, part in enumerate(message["content"]) if part["type"] == "image_url")
+            raise ApiError(400, f"messages[{index}].content[{number}]: assistant messages hold text only, as on "
+                                "OpenAI; send images in user messages", param=f"messages[{index}].content[{number}]",
+                           code="unsupported_content")
         if role == "assistant" and message.get("tool_calls"):
             calls = message["tool_calls"]
             _expect(isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict)
@@ -1824,11 +1832,11 @@ def upstream_messages(messages, tools=None, max_file_bytes=10 * 1048576):
             for call in calls:
                 call_names[call.get("id")] = call["function"].get("name")
                 blocks.append(render_call(call["function"].get("name"), call["function"].get("arguments", {})))
-            content = wrap_text(content, lambda text: "\n".join(filter(None, [text, *blocks])))
+            content = "\n".join(filter(None, [content, *blocks]))
         elif role in ("tool", "function"):
             call_id = message.get("tool_call_id", "")
             name = message.get("name") or call_names.get(call_id) or "unknown"
-            content, role = wrap_text(content, lambda text: render_tool_result(name, call_id, text)), "user"
+            content, role = tool_result_content(content, lambda text: render_tool_result(name, call_id, text)), "user"
         rendered.append({"role": "system" if role == "developer" else role, "content": content})
     if tools:
         prompt = tool_prompt(tools)
@@ -2095,6 +2103,9 @@ class CollectSink(Completion):
         pass
 
 
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 async def read_json(request):
     """The request body as JSON, with a 4xx for anything that is not a JSON object in UTF-8."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
@@ -2112,9 +2123,16 @@ async def read_json(request):
     except UnicodeDecodeError:
         raise ApiError(400, "The request body is not valid UTF-8", code="invalid_encoding") from None
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except ValueError as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if SURROGATE_ESCAPE.search(text):  # rare, so the whole value is checked only then
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError(400, "The request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
+                                "text", code="invalid_encoding") from None
+    return value
 
 
 async def chat_completions(request):
@@ -2195,7 +2213,7 @@ def ok(message, **extra):
 async def admin_page(request):
     page = request.app[STATE].admin_page
     if page is None:
-        raise ApiError(404, "admin.html is missing next to k2proxy.py", code="not_found")
+        raise ApiError(404, "admin.html is missing or unreadable next to k2proxy.py; see the log", code="not_found")
     return web.Response(body=page[0], content_type="text/html", charset="utf-8", headers=page[1])
 
 
@@ -2430,25 +2448,27 @@ async def watch_token_files(app):
 
 async def start_up(app):
     state = app[STATE]
-    page = HERE / "admin.html"
-    if page.exists():
-        html = await asyncio.to_thread(page.read_text, encoding="utf-8")
+    try:
+        html = await asyncio.to_thread((HERE / "admin.html").read_text, encoding="utf-8")
         state.admin_page = html.encode(), {**ADMIN_PAGE_HEADERS, "Content-Security-Policy": page_policy(html)}
+    except (OSError, UnicodeDecodeError) as exc:
+        log.error("the admin page is off: %s/admin.html cannot be read (%s)", HERE, type(exc).__name__)
     await state.upstream.start()
     state.tasks = [asyncio.ensure_future(job) for job in (watch_token_files(app), state.accounts.run(),
                                                            state.models.run())]
 
 
 async def shut_down(app):
-    await app[STATE].upstream.stop()
-
-
-async def clean_up(app):
+    """Stops the background work first, so that nothing starts an upstream request once the session closes."""
     state = app[STATE]
     for task in state.tasks:
         task.cancel()
     await asyncio.gather(*state.tasks, return_exceptions=True)
-    await state.upstream.close()
+    await state.upstream.stop()
+
+
+async def clean_up(app):
+    await app[STATE].upstream.close()
 
 
 def make_app(settings):

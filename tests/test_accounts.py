@@ -79,6 +79,16 @@ async def test_signs_in_again_before_the_token_expires(account_proxy, fake):
     await until(lambda: account_tokens(proxy)["ann@example.com"] == second)
 
 
+async def test_a_clock_ahead_of_upstream_does_not_idle_the_account(account_proxy, fake, caplog):
+    """A token already expired by this machine's clock is used anyway, and renewed every 10 minutes."""
+    fake.token_lifetime = -120
+    proxy = await account_proxy(["ann@example.com:pa:ss-ann"])
+    await until(lambda: account_tokens(proxy))
+    assert (await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
+    account = state_of(proxy).accounts.accounts["ann@example.com"]
+    assert 590 < account.next_signin - time.time() <= 600 and "clock" in caplog.text
+
+
 async def test_signs_in_again_when_the_token_is_refused(account_proxy, fake):
     proxy = await account_proxy(["ann@example.com:pa:ss-ann"], MAX_RETRIES=0)
     await until(lambda: account_tokens(proxy))

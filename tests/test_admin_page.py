@@ -13,6 +13,7 @@ import pytest
 
 from conftest import ADMIN, ADMIN_KEY, AUTH, ROOT, chat, free_port
 from fake_upstream import Reply, make_jwt
+import k2proxy
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
@@ -158,6 +159,19 @@ async def test_page_headers(site):
     assert response.headers["Referrer-Policy"] == "no-referrer"
     page = await response.text()
     assert "http://" not in page.replace("http://www.w3.org", "") and "https://" not in page, "no outside resources"
+
+
+@pytest.mark.parametrize("broken", ["directory", "not-utf8"])
+async def test_an_unreadable_page_is_a_404_and_the_api_still_serves(make_proxy, tmp_path, monkeypatch, caplog, broken):
+    page = tmp_path / "site" / "admin.html"
+    page.parent.mkdir()
+    page.mkdir() if broken == "directory" else page.write_bytes(b"<html>\xff\xfe</html>")
+    monkeypatch.setattr(k2proxy, "HERE", page.parent)
+    proxy = await make_proxy()
+    response = await proxy.get("/admin")
+    assert response.status == 404 and "admin.html" in (await response.json())["error"]["message"]
+    assert "the admin page is off" in caplog.text
+    assert (await proxy.get("/admin/status", headers=ADMIN)).status == 200
 
 
 async def test_page_path_is_configurable_and_found_from_any_directory(spawn, tmp_path):

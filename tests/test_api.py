@@ -30,6 +30,7 @@ async def test_several_api_keys(make_proxy, fake):
 @pytest.mark.parametrize("data,param,fragment", [
     (b"{not json", None, "not valid JSON"),
     (b"\xff\xfe{}", None, "UTF-8"),
+    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"role": "user", "content": "a\\ud800b"}]}', None, "surrogate"),
     (b"[1, 2]", None, "JSON object"),
     (b'"text"', None, "JSON object"),
     (b'{"model": "MBZUAI-IFM/K2-Think"}', "messages", "messages"),
@@ -134,3 +135,10 @@ async def test_one_log_line_per_request_without_secrets(proxy, fake, caplog):
     assert "model=MBZUAI-IFM/K2-Think" in lines[0] and "stream=true" in lines[0] and "status=200" in lines[0]
     assert "ttfb=" in lines[0] and "total=" in lines[0]
     assert API_KEY not in caplog.text
+
+
+async def test_escaped_surrogate_pairs_are_text(proxy, fake):
+    data = b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}'
+    response = await proxy.post("/v1/chat/completions", data=data, headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status == 200
+    assert fake.received[0].body["messages"][-1]["content"] == "smile \U0001F600"

@@ -51,19 +51,25 @@ async def test_images_are_forwarded_as_openai_parts(sdk, fake, with_tools):
     assert ("describe" in fake.received[0].body["messages"][0]["content"]) == with_tools
 
 
-async def test_images_in_tool_history_are_kept_with_its_text(sdk, fake):
-    """A screenshot tool's result reaches the model as an image, and the assistant's words are not lost."""
+async def test_a_tool_result_with_an_image_reaches_the_model_as_an_image(sdk, fake):
+    """A screenshot tool's result is an image, not megabytes of base64 in the prompt."""
     image = {"type": "image_url", "image_url": {"url": PNG_URL}}
     call = {"id": "call_1", "type": "function", "function": {"name": "describe", "arguments": "{}"}}
     await send(sdk, [*user(text("Describe the screen")),
-                     {"role": "assistant", "content": [text("Taking a look."), image], "tool_calls": [call]},
+                     {"role": "assistant", "content": [text("Taking a look.")], "tool_calls": [call]},
                      {"role": "tool", "tool_call_id": "call_1", "content": [text("the screen:"), image]}], tools=TOOLS)
     assistant, result = fake.received[0].body["messages"][-2:]
-    assert assistant["role"] == "assistant" and assistant["content"][1:] == [image]
-    assert assistant["content"][0]["text"].startswith("Taking a look.\n<tool_call>")
+    assert assistant["role"] == "assistant" and assistant["content"].startswith("Taking a look.\n<tool_call>")
     assert result["role"] == "user" and result["content"][1:] == [image]
     assert result["content"][0]["text"].startswith("<tool_result") and "the screen:" in result["content"][0]["text"]
     assert "base64" not in result["content"][0]["text"]
+
+
+async def test_an_image_in_an_assistant_message_is_a_400(sdk, fake):
+    image = {"type": "image_url", "image_url": {"url": PNG_URL}}
+    with pytest.raises(openai.BadRequestError) as raised:
+        await send(sdk, [*user(text("hi")), {"role": "assistant", "content": [text("look"), image]}, *user(text("?"))])
+    assert raised.value.body["param"] == "messages[1].content[1]" and fake.received == []
 
 
 async def test_text_file_is_inlined_with_its_name(sdk, fake):
