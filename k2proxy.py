@@ -1531,7 +1531,8 @@ class Accounts:
             return self._failed(account, f"sign-in request failed ({type(exc).__name__})")
         if status in (400, 401):
             account.status = "wrong_password"
-            account.last_error = f"sign-in refused: {error_detail(body.decode('utf-8', 'replace')) or f'HTTP {status}'}"
+            detail = error_detail(body.decode("utf-8", "replace")) or f"HTTP {status}"
+            account.last_error = f"sign-in refused: {detail}"
             self.pool.drop_account(account.email)
             log.warning("account %s: sign-in refused (wrong email or password); fix %s", account.email,
                         self.file.path.name)
