@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""k2proxy: MBZUAI's K2-Think, served through the K2Think web site, behind the OpenAI API.
+"""k2proxy: MBZUAI's K2 reasoning models, served through the K2Think web site, behind the OpenAI API.
 
 One module that reads top to bottom: settings, upstream protocol parsing, tool
 calls, token pool, upstream client, OpenAI handlers, admin API, app factory.
@@ -133,10 +133,11 @@ SETTINGS = (
     Setting("VALID_API_KEY", "", _csv, "API keys clients must send, comma-separated; empty: a random key is generated and printed at start-up", True),
     Setting("ADMIN_KEY", "", _text, "Key for the admin page and API; empty: the first API key", True),
     Setting("PROXY_MODE", "guest", _one_of("guest", "user"), "guest (no account) or user (account tokens from USER_TOKENS_FILE)"),
-    Setting("K2THINK_BASE_URL", "https://www.k2think.ai", _url, "Upstream site; every upstream path hangs off it"),
+    Setting("K2THINK_BASE_URL", "https://chat.ifm.ai", _url, "Upstream site; every upstream path and the browser headers hang off it"),
     Setting("GUEST_API_URL", "", _url, "Full URL of the guest chat endpoint; empty: K2THINK_BASE_URL/api/guest/chat/completions"),
     Setting("USER_API_URL", "", _url, "Full URL of the user chat endpoint; empty: K2THINK_BASE_URL/api/chat/completions"),
-    Setting("MODELS", "MBZUAI-IFM/K2-Think", _csv, "Model ids listed by /v1/models, comma-separated (each also as ID-nothink)"),
+    Setting("MODELS", "IFM/K2-Horizon-375B-A23B", _csv, "Model ids listed by /v1/models, comma-separated (each also as ID-nothink); the first is the default model"),
+    Setting("REASONING_EFFORT", "medium", _one_of("low", "medium", "high"), "How long the model thinks when a request does not say: low, medium or high"),
     Setting("THINKING_FORMAT", "reasoning_content", _one_of("reasoning_content", "think_tags"), "How reasoning reaches clients: the reasoning_content field, or think_tags inline in content"),
     Setting("TOOL_SUPPORT", "true", _boolean, "Emulate OpenAI function calling for requests with tools"),
     Setting("MAX_REQUEST_MB", "32", _positive, "Largest request body accepted, in MB"),
@@ -151,7 +152,7 @@ SETTINGS = (
     Setting("ACCOUNTS_FILE", "accounts.txt", _text, "Accounts to sign in with (email:password per line); their tokens join the user pool"),
     Setting("SIGNIN_INTERVAL", "2", _positive, "Seconds between two sign-ins, so the site sees no burst"),
     Setting("MODELS_REFRESH", "600", _positive, "Seconds between two model list fetches from upstream in user mode"),
-    Setting("MODEL_ALIASES", "", _csv, "Short model names, comma-separated alias=model-id pairs (k2=MBZUAI-IFM/K2-Think-v2)"),
+    Setting("MODEL_ALIASES", "", _csv, "More model names, comma-separated alias=model-id pairs (k2=IFM/K2-Horizon-375B-A23B); the old K2-Think ids are built in"),
     Setting("CORS_ORIGINS", "*", _csv, "Origins allowed to call /v1 from a browser, comma-separated, or *"),
     Setting("ADMIN_PAGE_PATH", "/admin", _url_path, "Path of the admin page"),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
@@ -325,6 +326,7 @@ class Frame:
     finish_reason: str = None
     done: bool = False
     error: str = None
+    fields: tuple = field(default=(), compare=False)  # the payload's top-level keys, or the end marker: what an answer without text did hold
 
 
 END_MARKERS = frozenset(("[DONE]", "DONE", "done"))
@@ -333,7 +335,7 @@ END_MARKERS = frozenset(("[DONE]", "DONE", "done"))
 def parse_frame(payload):
     """Reads one upstream payload (SSE data or a whole JSON answer); None for noise such as -1."""
     if payload in END_MARKERS:
-        return Frame(done=True)
+        return Frame(done=True, fields=(payload,))
     try:
         obj = json.loads(payload)
     except ValueError:
@@ -343,7 +345,7 @@ def parse_frame(payload):
     problem = obj.get("error") or obj.get("detail")
     if problem:
         return Frame(error=error_text(problem))
-    frame = Frame(done=obj.get("done") is True)
+    frame = Frame(done=obj.get("done") is True, fields=tuple(obj))
     choices = obj.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         choice = choices[0]
@@ -403,7 +405,7 @@ class TrimmedText:
 
 
 class MarkupSplitter:
-    """Separates K2-Think's reasoning markup (<think>, <details>, <answer>) from the answer, piece by piece."""
+    """Separates the site's reasoning markup (<think>, <details>, <answer>) from the answer, piece by piece."""
 
     OPENERS = ("<think>", "<answer>", "<details")
 
@@ -615,8 +617,21 @@ class UpstreamText:
         self._raw_size = len(text)
         return new_reasoning[len(old_reasoning):], new_answer[len(old_answer):]
 
+    def read(self, frame):
+        """The (reasoning, answer) a frame adds; the text of a `done` event is the whole answer, not a piece."""
+        if frame.text is None:
+            return "", ""
+        if frame.done:
+            self._repeats = 0
+            return self._reparse(frame.text) or ("", "")
+        return self.feed(frame.text)
+
     def finish(self):
         return self.splitter.finish()
+
+    def is_empty(self):
+        """Whether the answer, once finished, held no reasoning and no answer at all."""
+        return not (self.splitter.reasoning.parts or self.splitter.answer.parts)
 
 
 def error_detail(body):
@@ -625,6 +640,30 @@ def error_detail(body):
         return error_text(json.loads(body)) if body.strip() else ""
     except ValueError:
         return body.strip()[:200]
+
+
+def no_content_error(content_type, fields):
+    """The error for an answer that held no text at all, saying what it did hold."""
+    message = (f"upstream answered {content_type or 'no content type'} without any text "
+               f"(it held: {', '.join(sorted(fields)) or 'nothing'})")
+    if "task_id" in fields:
+        message += ("; a bare task_id means Open WebUI delivered the answer over its websocket instead, so the "
+                    "site's protocol has changed: see 'The site moved again' in the README")
+    else:
+        message += "; check that the model in MODELS is still served (GET /v1/models in user mode)"
+    return UpstreamError(message, 502, "upstream_no_content")
+
+
+HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
+
+
+def blocked_error(status, body):
+    """The error for an HTML page where a chat answer belongs: a bot check or a maintenance page."""
+    title = HTML_TITLE.search(body)
+    named = f" titled '{' '.join(title.group(1).split())[:80]}'" if title else ""
+    return UpstreamError(f"upstream answered an HTML page{named} (HTTP {status}) instead of a chat answer: a bot "
+                         "check or a maintenance page; open K2THINK_BASE_URL in a browser on this server to see it",
+                         502, "upstream_blocked", charge=False)
 
 
 def upstream_error(status, body, retry_after=None):
@@ -647,21 +686,16 @@ def upstream_error(status, body, retry_after=None):
     return UpstreamError(shown, 502)
 
 
-def upstream_payload(model, messages, params, now=None):
-    """The chat payload the K2Think web page itself sends."""
-    now = now or time.localtime()
-    return {
-        "stream": True, "model": model, "messages": messages, "params": params,
-        "features": {"image_generation": False, "code_interpreter": False, "web_search": False},
-        "variables": {"{{CURRENT_DATETIME}}": time.strftime("%Y-%m-%d %H:%M:%S", now),
-                      "{{USER_LANGUAGE}}": "en-US"},
-        "chat_id": str(uuid.uuid4()), "id": str(uuid.uuid4()), "session_id": str(uuid.uuid4()),
-        "background_tasks": {"title_generation": False, "tags_generation": False},
-    }
+def upstream_payload(model, messages, params, effort):
+    """The chat payload the site's working public clients send. Never chat_id, id and session_id together:
+    with those, Open WebUI answers over the browser's websocket and the HTTP answer holds no text."""
+    return {"stream": True, "model": model, "messages": messages, "params": params,
+            "features": {"web_search": False},
+            "extra_body": {"chat_template_kwargs": {"reasoning_effort": effort}}}
 
 
 # ─── Tool calls ──────────────────────────────────────────────────────────────
-# K2-Think has no native function calling: the proxy describes the tools in a
+# The model has no native function calling: the proxy describes the tools in a
 # system prompt, renders tool history as text, and finds calls in the answer
 # as it streams. Text that cannot start a call is released at once.
 
@@ -724,7 +758,7 @@ def describe_parameters(schema):
 
 
 def tool_prompt(plan):
-    """The system text that teaches K2-Think the tools and the one reply format the proxy reads."""
+    """The system text that teaches the model the tools and the one reply format the proxy reads."""
     parts = ["You can call tools (functions). These are the tools available:"]
     for function in plan.tools:
         schema = function.get("parameters") or {"type": "object", "properties": {}}
@@ -1277,10 +1311,14 @@ BROWSER_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537
 
 
 async def read_body(response, limit):
-    """The body up to `limit` bytes; one `read(n)` returns only what has arrived, so read until the end."""
+    """The body up to `limit` bytes, or what arrived before the connection broke; one `read(n)` returns only
+    what has arrived, so read until the end."""
     parts, size = [], 0
     while size < limit:
-        chunk = await response.content.read(limit - size)
+        try:
+            chunk = await response.content.read(limit - size)
+        except ClientError:
+            break
         if not chunk:
             break
         parts.append(chunk)
@@ -1301,7 +1339,7 @@ class Upstream:
                                      sock_read=settings.request_timeout)
         self.origin = re.match(r"^https?://[^/]+", settings.k2think_base_url).group(0)
         self.browser_headers = {"Origin": self.origin, "User-Agent": BROWSER_USER_AGENT,
-                                "Content-Type": "application/json", "Accept": "text/event-stream"}
+                                "Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
         self.session = None
         self.responses = set()
         self.stopping = False
@@ -1323,9 +1361,9 @@ class Upstream:
         if self.session:
             await self.session.close()
 
-    def headers(self, token, chat_id):
+    def headers(self, token):
         """The browser-like headers the web site expects, with the token when there is one."""
-        referer = f"{self.origin}/c/{chat_id}" if self.mode == "user" else f"{self.origin}/guest"
+        referer = f"{self.origin}/" if self.mode == "user" else f"{self.origin}/guest"
         headers = {**self.browser_headers, "Referer": referer}
         if token.value:
             headers["Authorization"] = f"Bearer {token.value}"
@@ -1342,12 +1380,12 @@ class Upstream:
                 break
             tried.append(token)
             try:
-                await self._attempt(url, body, self.headers(token, payload["chat_id"]), sink)
+                await self._attempt(url, body, self.headers(token), sink)
             except UpstreamError as failure:
                 pool.fail(token, failure)
                 error = failure
-                log.info("upstream attempt failed (%s token %d of %d): %s", pool.mode, len(tried),
-                         self.settings.max_retries + 1, failure)
+                log.info("upstream attempt failed (%s token %d of %d) %s: %s", pool.mode, len(tried),
+                         self.settings.max_retries + 1, failure.code, failure)
                 if sink.committed or not failure.retryable or (token is NO_TOKEN and failure.status == 504):
                     raise  # asking again without a token after a timeout would only double the wait
                 sink.reset()
@@ -1381,13 +1419,17 @@ class Upstream:
                 raise self._stopped() from None
             raise UpstreamError(f"cannot reach upstream ({type(exc).__name__})", 502, charge=False) from None
         self.responses.add(response)
+        fields = set()
         try:
             async for frames in self._batches(response):
-                if await self._deliver(frames, parser, sink):
+                if await self._deliver(frames, parser, sink, fields):
                     break
             if self.stopping:
                 raise self._stopped()
-            await sink.add(*parser.finish())
+            reasoning, answer = parser.finish()
+            if parser.is_empty():
+                raise no_content_error(response.content_type, fields)
+            await sink.add(reasoning, answer)
         except asyncio.TimeoutError:
             raise UpstreamError(f"upstream sent nothing for {self.settings.request_timeout:g} s",
                                 504, "upstream_timeout") from None
@@ -1400,36 +1442,41 @@ class Upstream:
             response.close()
 
     @staticmethod
-    async def _deliver(frames, parser, sink):
-        """Passes the text of frames that arrived together to the client in one piece; True at the end."""
-        reasoning, answer, done = [], [], False
+    async def _deliver(frames, parser, sink, fields):
+        """Passes the text of frames that arrived together to the client in one piece; True once the answer
+        is complete: at a `done` event, or at a finish reason (the rest of that read is still taken, as a
+        usage or done event often rides along). Nothing more is read then, so a connection torn down after
+        its end is no error."""
+        reasoning, answer, ended = [], [], False
         try:
             for frame in frames:
+                fields.update(frame.fields)
                 if frame.error:
                     raise upstream_error(502, json.dumps({"detail": frame.error}))
-                if frame.text is not None:
-                    more_reasoning, more_answer = parser.feed(frame.text)
-                    reasoning.append(more_reasoning)
-                    answer.append(more_answer)
+                more_reasoning, more_answer = parser.read(frame)
+                reasoning.append(more_reasoning)
+                answer.append(more_answer)
                 if frame.usage:
                     sink.usage = frame.usage
                 if frame.finish_reason in ("length", "content_filter"):
                     sink.finish_reason = frame.finish_reason
+                ended = ended or frame.finish_reason is not None
                 if frame.done:
-                    done = True
-                    break
+                    return True
         finally:
             await sink.add("".join(reasoning), "".join(answer))
-        return done
+        return ended
 
     async def _batches(self, response):
         """The frames of an upstream answer, one list per network read; SSE or one JSON document,
         decided by the content type."""
+        kind = response.content_type
+        if kind == "text/html" and response.status != 429:
+            raise blocked_error(response.status, (await read_body(response, 65536)).decode("utf-8", "replace"))
         if response.status != 200:
             body = await read_body(response, 65536)
             raise upstream_error(response.status, body.decode("utf-8", "replace"),
                                  response.headers.get("Retry-After"))
-        kind = response.content_type
         if kind == "application/json":
             frame = parse_frame((await read_body(response, MAX_FRAME_BYTES)).decode("utf-8", "replace"))
             if frame is None:
@@ -1446,6 +1493,7 @@ class Upstream:
 
 
 NOTHINK = "-nothink"
+RETIRED_MODELS = ("MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-v2")  # clients still ask for them: the default serves
 
 
 @dataclass(eq=False)
@@ -1523,7 +1571,7 @@ class Accounts:
         try:
             async with self.upstream.session.post(
                     self.url, json={"email": account.email, "password": account.password},
-                    headers=self.upstream.headers(NO_TOKEN, ""), allow_redirects=False) as response:
+                    headers=self.upstream.headers(NO_TOKEN), allow_redirects=False) as response:
                 body = await read_body(response, 65536)
                 cookie = response.cookies.get("token")
                 status = response.status
@@ -1592,10 +1640,16 @@ class Models:
     def listed(self):
         return [name for model in self.ids for name in (model, model + NOTHINK)]
 
+    @property
+    def default(self):
+        """The model behind the retired ids: the first of MODELS while it is served, else the first served."""
+        return self.settings.models[0] if self.settings.models[0] in self.ids else self.ids[0]
+
     def resolve(self, requested):
         """(upstream model, show reasoning) for a client's model id or alias, or a 404 naming the ids there are."""
         base = requested[:-len(NOTHINK)] if requested.endswith(NOTHINK) else requested
-        model = self.aliases.get(base, base)
+        model = base if base in self.ids else self.aliases.get(base) or (
+            self.default if base in RETIRED_MODELS else base)
         if model not in self.ids:
             raise ApiError(404, f"The model '{requested}' does not exist; available: {', '.join(self.listed())}",
                            param="model", code="model_not_found")
@@ -1608,7 +1662,7 @@ class Models:
             return False
         url = self.settings.k2think_base_url + "/api/models"
         try:
-            async with self.upstream.session.get(url, headers=self.upstream.headers(token, ""),
+            async with self.upstream.session.get(url, headers=self.upstream.headers(token),
                                                  allow_redirects=False) as response:
                 body = await response.json(content_type=None) if response.status == 200 else None
         except (ClientError, OSError, ValueError, asyncio.TimeoutError) as exc:
@@ -1688,6 +1742,7 @@ class ChatRequest:
     include_usage: bool
     messages: list
     params: dict
+    effort: str
     tools: ToolPlan = None
     prompt_chars: int = 0
 
@@ -1763,7 +1818,7 @@ def file_part_text(part, where, limit):
             except UnicodeDecodeError:
                 continue
     if text is None or "\x00" in text:  # NUL bytes: a binary file, whatever its name says
-        raise ApiError(400, f"{where}: the file '{name}' ({media or 'unknown type'}) cannot be read by K2-Think; "
+        raise ApiError(400, f"{where}: the file '{name}' ({media or 'unknown type'}) cannot be read by the model; "
                             "supported are text files in UTF-8 (txt, md, csv, json, code, ...) and images as "
                             "image_url parts", param=where, code="unsupported_file")
     fence = "`" * max(3, max(map(len, re.findall(r"`+", text)), default=0) + 1)
@@ -1839,6 +1894,8 @@ def upstream_messages(messages, tools=None, max_file_bytes=10 * 1048576):
             name = message.get("name") or call_names.get(call_id) or "unknown"
             content, role = tool_result_content(content, lambda text: render_tool_result(name, call_id, text)), "user"
         rendered.append({"role": "system" if role == "developer" else role, "content": content})
+        if role == "assistant":
+            rendered[-1]["reasoning"] = ""  # the site refuses an assistant turn without a thinking field
     if tools:
         prompt = tool_prompt(tools)
         if rendered[0]["role"] == "system" and isinstance(rendered[0]["content"], str):
@@ -1871,11 +1928,24 @@ def parse_chat_request(body, settings, models):
         _expect(isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
                 "'stop' must be a string or a list of strings", "stop", "invalid_type")
         params["stop"] = [stop] if isinstance(stop, str) else stop
+    effort = reasoning_effort(body.get("reasoning_effort"), settings.reasoning_effort if show_reasoning else "low")
     tools = parse_tools(body, settings.tool_support)
     messages = upstream_messages(body.get("messages"), tools, int(settings.max_file_mb * 1048576))
     prompt_chars = sum(len(m["content"]) if isinstance(m["content"], str) else 0 for m in messages)
     return ChatRequest(model, upstream_model, show_reasoning, bool(stream),
-                       bool(options.get("include_usage")), messages, params, tools, prompt_chars)
+                       bool(options.get("include_usage")), messages, params, effort, tools, prompt_chars)
+
+
+REQUEST_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}  # OpenAI's → the site's
+
+
+def reasoning_effort(asked, default):
+    """The site's reasoning effort for a request's `reasoning_effort`; `default` when it says nothing."""
+    if asked is None:
+        return default
+    _expect(isinstance(asked, str) and asked in REQUEST_EFFORTS,
+            f"'reasoning_effort' must be one of {', '.join(REQUEST_EFFORTS)}", "reasoning_effort")
+    return REQUEST_EFFORTS[asked]
 
 
 def error_body(message, type_="invalid_request_error", param=None, code=None):
@@ -2141,7 +2211,7 @@ async def chat_completions(request):
     chat = parse_chat_request(await read_json(request), state.settings, state.models)
     request["model"], request["stream"] = chat.model, chat.stream
     sink = (StreamSink if chat.stream else CollectSink)(request, chat, state.settings)
-    payload = upstream_payload(chat.upstream_model, chat.messages, chat.params)
+    payload = upstream_payload(chat.upstream_model, chat.messages, chat.params, chat.effort)
     try:
         try:
             await state.upstream.complete(payload, sink)
@@ -2181,7 +2251,7 @@ async def health(request):
 async def index(request):
     state = request.app[STATE]
     return web.json_response({"name": "k2proxy", "version": __version__,
-                              "description": "K2-Think behind the OpenAI API",
+                              "description": "K2 Horizon behind the OpenAI API",
                               "endpoints": ["POST /v1/chat/completions", "GET /v1/models", "GET /health",
                                             f"GET {state.settings.admin_page_path}"]})
 
@@ -2506,7 +2576,7 @@ def make_app(settings):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="k2proxy.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="K2-Think behind the OpenAI API. Configure with environment variables or ./.env.",
+        description="K2 Horizon behind the OpenAI API. Configure with environment variables or ./.env.",
         epilog=settings_help())
     parser.add_argument("--env-file", default=".env", help="file of KEY=value settings (default: ./.env)")
     parser.add_argument("--version", action="version", version=f"k2proxy {__version__}")

@@ -1,6 +1,7 @@
 """Shared fixtures: the fake K2Think upstream, and proxies pointed at it."""
 
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -14,9 +15,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+import urllib.request  # noqa: E402
+
 import k2proxy  # noqa: E402
 from fake_upstream import FakeK2Think  # noqa: E402
 
+MODEL = "IFM/K2-Horizon-375B-A23B"
 API_KEY = "sk-test-key"
 ADMIN_KEY = "admin-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -61,7 +65,7 @@ async def proxy(make_proxy):
     return await make_proxy()
 
 
-def chat(content="Hi", model="MBZUAI-IFM/K2-Think", **extra):
+def chat(content="Hi", model=MODEL, **extra):
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 
 
@@ -140,3 +144,43 @@ def spawn():
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+class Pair:
+    """A fake upstream process and a proxy process in front of it, as a user runs them."""
+
+    def __init__(self, spawn, cwd, env, site):
+        self.upstream_port, self.port = free_port(), free_port()
+        spawn([str(ROOT / "tests" / "fake_upstream.py"), "--port", str(self.upstream_port), "--site", site],
+              self.upstream_port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = spawn([str(ROOT / "k2proxy.py")], self.port, cwd=cwd, env={
+            "PORT": str(self.port), "HOST": "127.0.0.1", "VALID_API_KEY": E2E_KEY,
+            "K2THINK_BASE_URL": f"http://127.0.0.1:{self.upstream_port}", **env})
+
+    def _fake(self, path, body=None):
+        request = urllib.request.Request(f"http://127.0.0.1:{self.upstream_port}{path}", method="POST" if body else "GET",
+                                         data=json.dumps(body).encode() if body else None)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return json.load(response)
+
+    def steer(self, **reply):
+        """Sets the fake's reply (with token=..., that token's reply; with script=[...], the next replies)."""
+        self._fake("/_fake/reply", reply)
+
+    def received(self):
+        """What the fake's chat endpoints received: path, body and token of each request."""
+        return self._fake("/_fake/received")
+
+
+E2E_KEY = "sk-e2e"
+
+
+@pytest.fixture
+def pair(spawn, tmp_path):
+    """Starts a fake upstream and a proxy as processes; keyword arguments are the proxy's settings."""
+    def start(site="k2horizon", tokens=(), **env):
+        if tokens:
+            (tmp_path / "tokens.txt").write_text("\n".join(tokens) + "\n")
+        return Pair(spawn, tmp_path, {key: str(value) for key, value in env.items()}, site)
+    return start

@@ -1,11 +1,20 @@
 """A fake of the K2Think web service, built from shared/k2think-protocol.md.
 
+By default it is the 2026 site (K2 Horizon at chat.ifm.ai) with its rules
+enforced: unknown model ids, the chat_id/id/session_id trio (answered with a
+bare task_id, as Open WebUI does when it answers over its websocket), assistant
+turns without a thinking field, and reasoning efforts it does not know. Its
+answers open with a task_id event, carry <details> snapshots with the answer
+after </details>, and end with a finish chunk, a done event repeating the
+content, and a connection torn down without a clean end. The older site
+(`site="k2think"`, and `old_site()` replies) stays available.
+
 It can answer in every variant the protocol page lists (snapshot or
 incremental frames, each reasoning markup, JSON where a stream was asked,
 noise, cut points, delays, drops, hangs, error statuses, per-token answers)
 and records what it received. Tests drive it in-process; the benchmark and
 end-to-end tests run it as a process (`python tests/fake_upstream.py --port N`)
-and steer it through its /_fake/reply route.
+and steer it through its /_fake routes.
 """
 
 import argparse
@@ -13,11 +22,16 @@ import asyncio
 import base64
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field, fields
 
 from aiohttp import web
 
-MODEL = "MBZUAI-IFM/K2-Think"
+MODEL = "IFM/K2-Horizon-375B-A23B"
+OLD_MODEL = "MBZUAI-IFM/K2-Think"
+THINKING_FIELDS = ("think", "reasoning", "reasoning_content", "think_fast", "think_faster")
+EFFORTS = ("low", "medium", "high")
+MODEL_NOT_FOUND = {"detail": "Model not found"}
 AUTH_EXPIRED = {"detail": "Your session has expired or the token is invalid. Please sign in again."}
 WRONG_PASSWORD = {"detail": "The email or password provided is incorrect. Please check for typos and try logging in again."}
 
@@ -31,12 +45,13 @@ def make_jwt(exp, account_id="0b7c2a5e-6a55-4b7e-9c43-5a0c4c1f6e21", signature="
 
 @dataclass
 class Reply:
-    """How the fake answers one chat request."""
+    """How the fake answers one chat request; the defaults are what the 2026 site sends."""
     reasoning: str = "The user greets me. I should greet back."
     answer: str = "Hello! How can I help you today?"
-    markup: str = "tags"          # tags | tags_no_answer | lone_think | details | plain
+    markup: str = "details_plain"  # details_plain | details | tags | tags_no_answer | lone_think | plain
     style: str = "snapshot"       # snapshot | incremental
-    form: str = "choices"         # choices (OpenAI delta) | content (top-level "content")
+    form: str = "content"         # content (top-level "content") | choices (OpenAI delta)
+    task_id: bool = True          # a first {"task_id": ...} event
     opening: bool = False         # a first frame with an empty text, as OpenAI-style streams begin
     json_answer: bool = False     # one application/json document even though a stream was asked
     piece: int = 6                # characters the model adds per frame
@@ -44,8 +59,11 @@ class Reply:
     first_delay: float = 0.0      # seconds before the response headers
     usage: dict = field(default_factory=lambda: {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46})
     usage_alone: bool = True      # usage in a frame of its own, else in the last text frame
-    finish_reason: str | None = None  # in the last text frame ("length", "content_filter"), choices form only
-    end: str = "[DONE]"           # [DONE] | DONE | done | done_json | none
+    finish_reason: str | None = None  # in the last text frame ("length", "content_filter"), choices form only;
+                                      # with end=finish_done, in the finish chunk (default "stop")
+    end: str = "finish_done"      # finish_done (a finish chunk, then {"done": true, "content": <all>}) |
+                                  # [DONE] | DONE | done | done_json | none
+    ragged: bool = True           # after its end, the connection is torn down without closing the body
     noise: bool = True            # "-1" frames and SSE comments between frames
     crlf: bool = False            # \r\n line endings
     chunk_bytes: int = 0          # write the body in slices of this many bytes (cuts lines and UTF-8)
@@ -54,9 +72,17 @@ class Reply:
     error_after: int = -1         # frames sent before an in-stream {"detail": ...} error frame
     garbage: bool = False         # undecodable frames among the good ones
     status: int = 200
-    body: str = ""                # body of a non-200 answer
+    body: str = ""                # the whole answer instead of a stream (any status)
     headers: dict = field(default_factory=dict)
     content_type: str = ""        # overrides the answer's content type
+
+
+OLD_SITE = {"markup": "tags", "form": "choices", "task_id": False, "end": "[DONE]", "ragged": False}
+
+
+def old_site(**changes):
+    """A reply in the older site's dialect (www.k2think.ai): tags, OpenAI chunks, [DONE], a clean end."""
+    return Reply(**{**OLD_SITE, **changes})
 
 
 def quoted(text):
@@ -71,27 +97,33 @@ def details_snapshot(reasoning, shown, answer_markup, answered):
             + quoted(reasoning) + "\n</details>\n" + answer_markup[:answered])
 
 
+def answer_markup(reply):
+    """What follows </details>: the 2026 site writes the answer bare, the older one in <answer> tags."""
+    return reply.answer if reply.markup == "details_plain" else f"<answer>{reply.answer}</answer>"
+
+
 def full_text(reply):
     r, a = reply.reasoning, reply.answer
+    if reply.markup in ("details", "details_plain"):
+        return details_snapshot(r, len(r), answer_markup(reply), len(answer_markup(reply)))
     return {
         "tags": f"<think>{r}</think>\n<answer>{a}</answer>",
         "tags_no_answer": f"<think>{r}</think>\n\n{a}",
         "lone_think": f"{r}\n</think>\n\n<answer>\n{a}\n</answer>",
         "plain": a,
-        "details": details_snapshot(r, len(r), f"<answer>{a}</answer>", len(f"<answer>{a}</answer>")),
     }[reply.markup]
 
 
 def snapshots(reply):
     """The whole text after each frame, as a snapshot-style upstream sends it."""
-    if reply.markup != "details":
+    if reply.markup not in ("details", "details_plain"):
         text = full_text(reply)
         return [text[:end] for end in range(reply.piece, len(text) + reply.piece, reply.piece)] or [""]
-    answer_markup = f"<answer>{reply.answer}</answer>"
-    steps = [details_snapshot(reply.reasoning, shown, answer_markup, 0)
+    answer_markup_text = answer_markup(reply)
+    steps = [details_snapshot(reply.reasoning, shown, answer_markup_text, 0)
              for shown in range(0, len(reply.reasoning), reply.piece)]
-    steps += [details_snapshot(reply.reasoning, len(reply.reasoning), answer_markup, answered)
-              for answered in range(reply.piece, len(answer_markup) + reply.piece, reply.piece)]
+    steps += [details_snapshot(reply.reasoning, len(reply.reasoning), answer_markup_text, answered)
+              for answered in range(reply.piece, len(answer_markup_text) + reply.piece, reply.piece)]
     return steps
 
 
@@ -105,8 +137,9 @@ def texts(reply):
 
 def frame_payloads(reply):
     """The SSE payloads of one answer, in order."""
-    payloads = []
+    payloads = [json.dumps({"task_id": str(uuid.uuid4())})] if reply.task_id else []
     pieces = [""] * reply.opening + texts(reply)
+    last_finish = None if reply.end == "finish_done" else reply.finish_reason
     for number, text in enumerate(pieces):
         if reply.form == "content":
             obj = {"content": text}
@@ -115,12 +148,16 @@ def frame_payloads(reply):
             if number == 0:
                 delta = {"role": "assistant", **delta}
             last = number == len(pieces) - 1
-            obj = {"choices": [{"index": 0, "delta": delta, "finish_reason": reply.finish_reason if last else None}]}
+            obj = {"choices": [{"index": 0, "delta": delta, "finish_reason": last_finish if last else None}]}
         if reply.usage and not reply.usage_alone and number == len(pieces) - 1:
             obj["usage"] = reply.usage
         payloads.append(json.dumps(obj, ensure_ascii=False))
     if reply.usage and reply.usage_alone:
         payloads.append(json.dumps({"usage": reply.usage}))
+    if reply.end == "finish_done":
+        payloads.append(json.dumps({"choices": [{"index": 0, "delta": {},
+                                                 "finish_reason": reply.finish_reason or "stop"}]}))
+        payloads.append(json.dumps({"done": True, "content": full_text(reply)}, ensure_ascii=False))
     return payloads
 
 
@@ -140,7 +177,7 @@ def sse_events(reply):
 
 
 def json_document(reply):
-    return {"id": "chatcmpl-fake", "model": MODEL, "created": int(time.time()),
+    return {"id": "chatcmpl-fake", "model": OLD_MODEL, "created": int(time.time()),
             "choices": [{"index": 0, "message": {"role": "assistant", "content": full_text(reply)},
                          "finish_reason": "stop"}],
             "usage": reply.usage}
@@ -154,15 +191,23 @@ class Received:
     token: str
 
 
+SITES = {  # what each site serves, and the reply it gives by default
+    "k2horizon": ({"id": MODEL, "name": "K2 Horizon", "owned_by": "IFM"}, Reply),
+    "k2think": ({"id": OLD_MODEL, "name": "K2-Think", "owned_by": "MBZUAI-IFM"}, old_site),
+}
+
+
 class FakeK2Think:
     """The fake service: set `reply`, `script` (one Reply per request, first in first out) or `by_token`."""
 
-    def __init__(self):
-        self.reply = Reply()
+    def __init__(self, site="k2horizon"):
+        model, self.make_reply = SITES[site]
+        self.site = site
+        self.reply = self.make_reply()
         self.script = []
         self.by_token = {}
         self.received = []
-        self.models = [{"id": MODEL, "name": "K2-Think", "owned_by": "MBZUAI-IFM"}]
+        self.models = [model]
         self.models_bare = False           # answer the model list as a bare array
         self.accounts = {}                 # email -> password
         self.signin_status = 200           # anything else: the sign-in endpoint fails this way
@@ -178,6 +223,7 @@ class FakeK2Think:
         self.app.router.add_get("/api/models", self.list_models)
         self.app.router.add_post("/api/v1/auths/signin", self.sign_in)
         self.app.router.add_post("/_fake/reply", self.set_reply)
+        self.app.router.add_get("/_fake/received", self.list_received)
 
     def reply_for(self, token):
         if self.script:
@@ -192,16 +238,38 @@ class FakeK2Think:
         except ValueError:
             body = None
         self.received.append(Received(request.path, dict(request.headers), body, token))
+        refusal = self.refusal(body)
+        if refusal:
+            return refusal
         reply = self.reply_for(token)
         if reply.first_delay:
             await asyncio.sleep(reply.first_delay)
         if request.path == "/api/chat/completions" and not token:
             return web.json_response(AUTH_EXPIRED, status=401)
-        if reply.status != 200:
+        if reply.status != 200 or reply.body:
             return await self.send(request, reply, reply.body, reply.content_type or "application/json")
         if reply.json_answer:
             return await self.send(request, reply, json.dumps(json_document(reply)), "application/json")
         return await self.stream(request, reply)
+
+    def refusal(self, body):
+        """The site's answer to a payload it does not take as a chat request, or None: every site refuses an
+        unknown model; the 2026 site also the chat_id/id/session_id trio (its HTTP answer is then a bare
+        task_id), an assistant turn without a thinking field, and an effort its template does not know."""
+        served = [m.get("id") for m in self.models] if isinstance(self.models, list) else [SITES[self.site][0]["id"]]
+        if not isinstance(body, dict) or body.get("model") not in served:
+            return web.json_response(MODEL_NOT_FOUND, status=400)
+        if self.site != "k2horizon":
+            return None
+        if all(key in body for key in ("chat_id", "id", "session_id")):
+            return web.json_response({"status": True, "task_id": str(uuid.uuid4())})
+        for message in body.get("messages") or []:
+            if message.get("role") == "assistant" and not any(name in message for name in THINKING_FIELDS):
+                return web.json_response({"detail": "Assistant message is missing a thinking field"}, status=400)
+        effort = ((body.get("extra_body") or {}).get("chat_template_kwargs") or {}).get("reasoning_effort")
+        if effort is not None and effort not in EFFORTS:
+            return web.json_response({"detail": f"Unknown reasoning_effort: {effort}"}, status=400)
+        return None
 
     async def send(self, request, reply, text, content_type):
         """One whole body, in slices of reply.chunk_bytes when set."""
@@ -230,6 +298,9 @@ class FakeK2Think:
                     break
                 if reply.delay:
                     await asyncio.sleep(reply.delay)
+            if reply.ragged and reply.error_after < 0:
+                request.transport.close()  # what was written still goes out; the chunked body never ends
+                return response
             await response.write_eof()
             return response
         except (asyncio.CancelledError, ConnectionError):
@@ -273,19 +344,38 @@ class FakeK2Think:
         response.set_cookie("token", token, httponly=True, samesite="Lax")
         return response
 
-    async def set_reply(self, request):
-        values = await request.json()
+    def reply_of(self, values):
+        """A Reply from steering JSON: its fields, in the dialect of `site` (default: this fake's site)."""
         known = {f.name for f in fields(Reply)}
-        self.reply = Reply(**{k: v for k, v in values.items() if k in known})
-        return web.json_response(asdict(self.reply))
+        make = SITES[values.get("site", self.site)][1]
+        return make(**{k: v for k, v in values.items() if k in known})
+
+    async def set_reply(self, request):
+        """Steers a fake that runs as a process: a reply's fields set the default reply, with "token" that
+        token's reply; {"script": [...]} the replies of the next requests, in order."""
+        values = await request.json()
+        if "script" in values:
+            self.script = [self.reply_of(item) for item in values["script"]]
+            return web.json_response({"script": len(self.script)})
+        reply = self.reply_of(values)
+        if "token" in values:
+            self.by_token[values["token"]] = reply
+        else:
+            self.reply = reply
+        return web.json_response(asdict(reply))
+
+    async def list_received(self, request):
+        """What the chat endpoints received, for tests that run the fake as a process."""
+        return web.json_response([{"path": r.path, "body": r.body, "token": r.token} for r in self.received])
 
 
 def main():
     parser = argparse.ArgumentParser(description="Fake K2Think upstream for tests and benchmarks")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8101)
+    parser.add_argument("--site", choices=sorted(SITES), default="k2horizon", help="which site to be")
     args = parser.parse_args()
-    web.run_app(FakeK2Think().app, host=args.host, port=args.port, access_log=None, print=None,
+    web.run_app(FakeK2Think(args.site).app, host=args.host, port=args.port, access_log=None, print=None,
                 handler_cancellation=True)
 
 

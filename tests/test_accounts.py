@@ -11,7 +11,7 @@ from fake_upstream import AUTH_EXPIRED, Reply
 import k2proxy
 
 PASSWORDS = {"ann@example.com": "pa:ss-ann", "bob@example.com": "hunter2-bob"}
-V2 = "MBZUAI-IFM/K2-Think-v2"
+V2 = "IFM/K2-Horizon-375B-A23B-v2"
 
 
 def state_of(proxy):
@@ -132,17 +132,17 @@ async def test_passwords_appear_nowhere(account_proxy, fake, caplog):
 
 async def test_models_follow_upstream(make_proxy, fake, tmp_path):
     (tmp_path / "tokens.txt").write_text("tok-1\n")
-    fake.models = [{"id": V2, "name": "K2-Think-v2"}, {"id": "MBZUAI-IFM/K2-Think", "name": "K2-Think"}]
+    fake.models = [{"id": V2, "name": "K2-Think-v2"}, {"id": "IFM/K2-Pilot", "name": "K2 Pilot"}]
     proxy = await make_proxy(PROXY_MODE="user", MODELS_REFRESH=0.1, MODEL_ALIASES=f"k2={V2}")
 
     async def listed():
         return [m["id"] for m in (await (await proxy.get("/v1/models", headers=AUTH)).json())["data"]]
     await until(lambda: state_of(proxy).models.source == "upstream")
-    assert await listed() == [V2, V2 + "-nothink", "MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-nothink"]
+    assert await listed() == [V2, V2 + "-nothink", "IFM/K2-Pilot", "IFM/K2-Pilot-nothink"]
     fake.models_bare = True
     fake.models = [{"id": V2}]
     await until(lambda: state_of(proxy).models.ids == [V2])
-    response = await proxy.post("/v1/chat/completions", json=chat(model="MBZUAI-IFM/K2-Think"), headers=AUTH)
+    response = await proxy.post("/v1/chat/completions", json=chat(model="IFM/K2-Pilot"), headers=AUTH)
     error = (await response.json())["error"]
     assert response.status == 404 and error["code"] == "model_not_found" and V2 in error["message"]
     fake.reply = Reply(reasoning="hidden", answer="ok")
@@ -164,10 +164,10 @@ async def test_models_are_fetched_as_soon_as_an_account_signs_in(account_proxy, 
 async def test_models_fall_back_to_the_setting(make_proxy, fake, tmp_path):
     (tmp_path / "tokens.txt").write_text("tok-1\n")
     fake.models = None
-    proxy = await make_proxy(PROXY_MODE="user", MODELS_REFRESH=0.1, MODELS="MBZUAI-IFM/K2-Think,Other")
+    proxy = await make_proxy(PROXY_MODE="user", MODELS_REFRESH=0.1, MODELS="IFM/K2-Horizon-375B-A23B,Other")
     assert await state_of(proxy).models.refresh() is False
     body = await (await proxy.get("/v1/models", headers=AUTH)).json()
-    assert [m["id"] for m in body["data"]] == ["MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-nothink", "Other",
+    assert [m["id"] for m in body["data"]] == ["IFM/K2-Horizon-375B-A23B", "IFM/K2-Horizon-375B-A23B-nothink", "Other",
                                               "Other-nothink"]
     assert state_of(proxy).models.source == "MODELS"
 

@@ -30,24 +30,24 @@ async def test_several_api_keys(make_proxy, fake):
 @pytest.mark.parametrize("data,param,fragment", [
     (b"{not json", None, "not valid JSON"),
     (b"\xff\xfe{}", None, "UTF-8"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"role": "user", "content": "a\\ud800b"}]}', None, "surrogate"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "user", "content": "a\\ud800b"}]}', None, "surrogate"),
     (b"[1, 2]", None, "JSON object"),
     (b'"text"', None, "JSON object"),
-    (b'{"model": "MBZUAI-IFM/K2-Think"}', "messages", "messages"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": []}', "messages", "non-empty"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": "hi"}', "messages", "list"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": ["hi"]}', "messages[0]", "object"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"content": "hi"}]}', "messages[0].role", "role"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role", "role"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"role": "user", "content": 5}]}', "messages[0].content", "string"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B"}', "messages", "messages"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": []}', "messages", "non-empty"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": "hi"}', "messages", "list"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": ["hi"]}', "messages[0]", "object"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"content": "hi"}]}', "messages[0].role", "role"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role", "role"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "user", "content": 5}]}', "messages[0].content", "string"),
     (b'{"messages": [{"role": "user", "content": "hi"}]}', "model", "model"),
     (b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', "model", "model"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "stream": "yes", "messages": [{"role": "user", "content": "hi"}]}', "stream", "stream"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "n": 2, "messages": [{"role": "user", "content": "hi"}]}', "n", "n=1"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "temperature": "hot", "messages": [{"role": "user", "content": "hi"}]}', "temperature", "temperature"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "max_tokens": -1, "messages": [{"role": "user", "content": "hi"}]}', "max_tokens", "max_tokens"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "stop": [1], "messages": [{"role": "user", "content": "hi"}]}', "stop", "stop"),
-    (b'{"model": "MBZUAI-IFM/K2-Think", "stream_options": 3, "messages": [{"role": "user", "content": "hi"}]}', "stream_options", "stream_options"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "stream": "yes", "messages": [{"role": "user", "content": "hi"}]}', "stream", "stream"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "n": 2, "messages": [{"role": "user", "content": "hi"}]}', "n", "n=1"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "temperature": "hot", "messages": [{"role": "user", "content": "hi"}]}', "temperature", "temperature"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "max_tokens": -1, "messages": [{"role": "user", "content": "hi"}]}', "max_tokens", "max_tokens"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "stop": [1], "messages": [{"role": "user", "content": "hi"}]}', "stop", "stop"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "stream_options": 3, "messages": [{"role": "user", "content": "hi"}]}', "stream_options", "stream_options"),
 ])
 async def test_bad_body_is_400_naming_the_problem(proxy, fake, data, param, fragment):
     response = await proxy.post("/v1/chat/completions", data=data,
@@ -71,19 +71,19 @@ async def test_unknown_model_is_404(proxy, fake):
     response = await proxy.post("/v1/chat/completions", json=chat(model="gpt-4"), headers=AUTH)
     body = await response.json()
     assert_error(body, 404, response.status)
-    assert body["error"]["code"] == "model_not_found" and "MBZUAI-IFM/K2-Think" in body["error"]["message"]
+    assert body["error"]["code"] == "model_not_found" and "IFM/K2-Horizon-375B-A23B" in body["error"]["message"]
     assert fake.received == []
 
 
 async def test_models_list_and_single_model(make_proxy):
-    proxy = await make_proxy(MODELS="MBZUAI-IFM/K2-Think,MBZUAI-IFM/K2-Think-v2")
+    proxy = await make_proxy(MODELS="IFM/K2-Horizon-375B-A23B,IFM/K2-Horizon-375B-A23B-v2")
     body = await (await proxy.get("/v1/models", headers=AUTH)).json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == ["MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-nothink",
-                                              "MBZUAI-IFM/K2-Think-v2", "MBZUAI-IFM/K2-Think-v2-nothink"]
+    assert [m["id"] for m in body["data"]] == ["IFM/K2-Horizon-375B-A23B", "IFM/K2-Horizon-375B-A23B-nothink",
+                                              "IFM/K2-Horizon-375B-A23B-v2", "IFM/K2-Horizon-375B-A23B-v2-nothink"]
     assert all(m["object"] == "model" and m["owned_by"] for m in body["data"])
-    one = await (await proxy.get("/v1/models/MBZUAI-IFM/K2-Think-v2-nothink", headers=AUTH)).json()
-    assert one["id"] == "MBZUAI-IFM/K2-Think-v2-nothink"
+    one = await (await proxy.get("/v1/models/IFM/K2-Horizon-375B-A23B-v2-nothink", headers=AUTH)).json()
+    assert one["id"] == "IFM/K2-Horizon-375B-A23B-v2-nothink"
     missing = await proxy.get("/v1/models/gpt-4", headers=AUTH)
     assert missing.status == 404
 
@@ -132,13 +132,13 @@ async def test_one_log_line_per_request_without_secrets(proxy, fake, caplog):
     await proxy.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH)
     lines = [r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage()]
     assert len(lines) == 1
-    assert "model=MBZUAI-IFM/K2-Think" in lines[0] and "stream=true" in lines[0] and "status=200" in lines[0]
+    assert "model=IFM/K2-Horizon-375B-A23B" in lines[0] and "stream=true" in lines[0] and "status=200" in lines[0]
     assert "ttfb=" in lines[0] and "total=" in lines[0]
     assert API_KEY not in caplog.text
 
 
 async def test_escaped_surrogate_pairs_are_text(proxy, fake):
-    data = b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}'
+    data = b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "user", "content": "smile \\ud83d\\ude00"}]}'
     response = await proxy.post("/v1/chat/completions", data=data, headers={**AUTH, "Content-Type": "application/json"})
     assert response.status == 200
     assert fake.received[0].body["messages"][-1]["content"] == "smile \U0001F600"

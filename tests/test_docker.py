@@ -17,7 +17,7 @@ import k2proxy
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
 COMPOSE = (ROOT / "docker-compose.yml").read_text()
-MODEL = "MBZUAI-IFM/K2-Think"
+MODEL = "IFM/K2-Horizon-375B-A23B"
 
 
 # ─── Reading the Dockerfile ──────────────────────────────────────────────────

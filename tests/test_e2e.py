@@ -1,37 +1,25 @@
 """End to end: the official openai SDK against `python k2proxy.py` in front of the fake upstream, as processes."""
 
-import json
-import urllib.request
+import time
 
 import openai
 import pytest
 
-from conftest import ROOT, free_port
-
-MODEL = "MBZUAI-IFM/K2-Think"
+from conftest import E2E_KEY, MODEL, ROOT, free_port
+from fake_upstream import make_jwt
 
 
 @pytest.fixture
-def running(spawn, tmp_path):
+def running(pair):
     """A fake upstream process and a proxy process started as a user would, from an empty directory."""
-    upstream_port, proxy_port = free_port(), free_port()
-    spawn([str(ROOT / "tests" / "fake_upstream.py"), "--port", str(upstream_port)], upstream_port)
-    proxy = spawn([str(ROOT / "k2proxy.py")], proxy_port, cwd=tmp_path, env={
-        "PORT": str(proxy_port), "HOST": "127.0.0.1", "VALID_API_KEY": "sk-e2e",
-        "K2THINK_BASE_URL": f"http://127.0.0.1:{upstream_port}"})
-
-    def steer(**reply):
-        request = urllib.request.Request(f"http://127.0.0.1:{upstream_port}/_fake/reply",
-                                         data=json.dumps(reply).encode(), method="POST")
-        urllib.request.urlopen(request, timeout=5).read()
-
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{proxy_port}/v1", api_key="sk-e2e", max_retries=0)
-    return client, steer, proxy
+    started = pair()
+    client = openai.OpenAI(base_url=started.url + "/v1", api_key=E2E_KEY, max_retries=0)
+    return client, started.steer, started.process
 
 
 def test_openai_sdk_stream(running):
     client, steer, _ = running
-    steer(reasoning="Two plus two.", answer="It is 4.", markup="details", piece=3)
+    steer(reasoning="Two plus two.", answer="It is 4.", markup="details", piece=3, site="k2think")
     stream = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "2+2?"}],
                                             stream=True, stream_options={"include_usage": True})
     content, reasoning, finish, usage = [], [], None, None
@@ -86,3 +74,108 @@ def test_no_set_up_start_prints_a_generated_key_once(spawn, tmp_path):
     process.terminate()
     assert process.wait(10) == 0 or process.returncode < 0
     assert process.stderr.read().count(key) == 0, "the key is printed once, never logged again"
+
+
+# ─── The 2026 site, end to end ───────────────────────────────────────────────
+
+REASONING = "The user asks for 2+2.\nThat is 4."
+ANSWER = "2 + 2 = **4** — 四."
+USER = [{"role": "user", "content": "2+2?"}]
+
+
+def sdk(started):
+    return openai.OpenAI(base_url=started.url + "/v1", api_key=E2E_KEY, max_retries=0)
+
+
+def streamed(client, **request):
+    """(reasoning, content, finish reason, chunks) of a streamed completion, as the SDK hands them over."""
+    reasoning, content, finish, chunks = [], [], None, []
+    for chunk in client.chat.completions.create(stream=True, **request):
+        chunks.append(chunk)
+        for choice in chunk.choices:
+            reasoning.append((choice.delta.model_extra or {}).get("reasoning_content") or "")
+            content.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    return "".join(reasoning), "".join(content), finish, chunks
+
+
+def test_the_new_site_streams_and_answers_through_the_sdk(pair):
+    started = pair()
+    started.steer(reasoning=REASONING, answer=ANSWER, piece=4)
+    client = sdk(started)
+    reasoning, content, finish, chunks = streamed(client, model=MODEL, messages=USER)
+    assert (reasoning, content, finish) == (REASONING, ANSWER, "stop")
+    assert not any((chunk.model_extra or {}).get("error") for chunk in chunks), "no error despite the ragged close"
+    message = client.chat.completions.create(model=MODEL, messages=USER).choices[0]
+    assert (message.message.content, message.message.model_extra["reasoning_content"], message.finish_reason) == (
+        ANSWER, REASONING, "stop")
+    sent = started.received()
+    assert all(r["body"]["model"] == MODEL and "chat_id" not in r["body"] for r in sent) and len(sent) == 2
+
+
+@pytest.mark.parametrize("asked", ["MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-v2-nothink"])
+def test_old_model_ids_answer_and_upstream_sees_the_current_one(pair, asked):
+    started = pair()
+    started.steer(reasoning=REASONING, answer=ANSWER)
+    completion = sdk(started).chat.completions.create(model=asked, messages=USER)
+    assert completion.model == asked and completion.choices[0].message.content == ANSWER
+    assert started.received()[-1]["body"]["model"] == MODEL
+
+
+def test_a_conversation_and_a_tool_round_trip_pass_the_sites_history_rule(pair):
+    started = pair()
+    client = sdk(started)
+    started.steer(answer="I am well.")
+    three_turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                   {"role": "user", "content": "How are you?"}]
+    assert client.chat.completions.create(model=MODEL, messages=three_turns).choices[0].message.content == "I am well."
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}}}}]
+    started.steer(script=[{"answer": '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 2}}</tool_call>'},
+                          {"answer": "The sum is 4."}])
+    first = client.chat.completions.create(model=MODEL, messages=USER, tools=tools).choices[0].message
+    call = first.tool_calls[0]
+    history = USER + [first.model_dump(exclude_none=True), {"role": "tool", "tool_call_id": call.id, "content": "4"}]
+    final = client.chat.completions.create(model=MODEL, messages=history, tools=tools)
+    assert final.choices[0].message.content == "The sum is 4."
+    assistants = [m for r in started.received() for m in r["body"]["messages"] if m["role"] == "assistant"]
+    assert len(assistants) == 2 and all(m["reasoning"] == "" for m in assistants)
+
+
+def test_reasoning_effort_reaches_upstream_and_a_bad_one_is_a_400(pair):
+    started = pair(REASONING_EFFORT="high")
+    client = sdk(started)
+    client.chat.completions.create(model=MODEL, messages=USER)
+    client.chat.completions.create(model=MODEL, messages=USER, reasoning_effort="low")
+    client.chat.completions.create(model=MODEL, messages=USER, reasoning_effort="minimal")
+    efforts = [r["body"]["extra_body"]["chat_template_kwargs"]["reasoning_effort"] for r in started.received()]
+    assert efforts == ["high", "low", "low"]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=MODEL, messages=USER, reasoning_effort="extreme")
+    assert "minimal, low, medium, high" in str(error.value)
+
+
+ANSWERS_WITHOUT_TEXT = {
+    "task-id-document": ({"body": '{"status": true, "task_id": "7a1e"}'}, "upstream_no_content"),
+    "html-403": ({"status": 403, "content_type": "text/html", "body": "<title>Attention Required!</title>"},
+                 "upstream_blocked"),
+    "empty-stream": ({"reasoning": "", "answer": "", "markup": "plain"}, "upstream_no_content"),
+}
+
+
+@pytest.mark.parametrize("case", ANSWERS_WITHOUT_TEXT)
+def test_an_answer_without_text_is_a_502_with_its_code_and_fails_over(pair, case):
+    bad, code = ANSWERS_WITHOUT_TEXT[case]
+    tokens = [make_jwt(time.time() + 3600, name) for name in ("first", "second")]
+    started = pair(PROXY_MODE="user", MAX_RETRIES=0, tokens=tokens)
+    started.steer(**bad)
+    client = sdk(started)
+    for stream in (False, True):
+        with pytest.raises(openai.APIStatusError) as error:
+            client.chat.completions.create(model=MODEL, messages=USER, stream=stream)
+        assert error.value.status_code == 502 and error.value.body["code"] == code
+    failover = pair(PROXY_MODE="user", tokens=tokens)
+    failover.steer(token=tokens[0], **bad)
+    failover.steer(answer=ANSWER)
+    assert sdk(failover).chat.completions.create(model=MODEL, messages=USER).choices[0].message.content == ANSWER
+    assert [r["token"] for r in failover.received()] == tokens

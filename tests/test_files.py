@@ -11,7 +11,7 @@ from fake_upstream import Reply
 PNG = base64.b64encode(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                                      "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")).decode()
 PNG_URL = f"data:image/png;base64,{PNG}"
-MODEL = "MBZUAI-IFM/K2-Think"
+MODEL = "IFM/K2-Horizon-375B-A23B"
 TOOLS = [{"type": "function", "function": {"name": "describe", "parameters": {"type": "object", "properties": {}}}}]
 
 

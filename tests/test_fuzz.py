@@ -7,7 +7,7 @@ import random
 
 from conftest import ADMIN, AUTH, chat
 
-ROUTES = ["/", "/health", "/v1/chat/completions", "/v1/models", "/v1/models/MBZUAI-IFM/K2-Think", "/v1/models/x",
+ROUTES = ["/", "/health", "/v1/chat/completions", "/v1/models", "/v1/models/IFM/K2-Horizon-375B-A23B", "/v1/models/x",
           "/admin", "/admin/status", "/admin/tokens/stats", "/admin/tokens/content", "/admin/tokens/reset/0",
           "/admin/tokens/reset/-1", "/admin/tokens/reset-all", "/admin/tokens/reload", "/admin/tokens/update",
           "/admin/switch_mode", "/v1", "/v2/chat", "/admin/../k2proxy.py", "/%2e%2e/k2proxy.py", "/admin%00",

@@ -5,7 +5,7 @@ import json
 from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
 
 from conftest import scan_answer
-from fake_upstream import Reply, sse_events
+from fake_upstream import Reply, old_site, sse_events
 import k2proxy
 
 MARKUP = ("<think>", "</think>", "<answer>", "</answer>", "<details", "</details>", "<summary", "</summary>")
@@ -19,24 +19,26 @@ def clean(value):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(reasoning=text, answer=text, markup=st.sampled_from(["tags", "tags_no_answer", "lone_think", "details"]),
+@given(reasoning=text, answer=text,
+       markup=st.sampled_from(["details_plain", "tags", "tags_no_answer", "lone_think", "details"]),
        style=st.sampled_from(["snapshot", "incremental"]), form=st.sampled_from(["choices", "content"]),
        piece=st.integers(1, 12), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=20),
-       opening=st.booleans())
+       opening=st.booleans(), site=st.sampled_from([Reply, old_site]))
 @example(reasoning="00", answer="0", markup="lone_think", style="incremental", form="choices", piece=1, cuts=[1],
-         opening=False)
+         opening=False, site=old_site)
+@example(reasoning="0", answer="0", markup="details_plain", style="incremental", form="content", piece=1, cuts=[1],
+         opening=False, site=Reply)
 def test_any_split_of_any_stream_gives_the_same_reasoning_and_answer(reasoning, answer, markup, style, form,
-                                                                     piece, cuts, opening):
+                                                                     piece, cuts, opening, site):
     assume(clean(reasoning) and clean(answer))
-    body = "".join(sse_events(Reply(reasoning=reasoning, answer=answer, markup=markup, style=style, form=form,
-                                    piece=piece, noise=True, opening=opening))).encode()
+    body = "".join(sse_events(site(reasoning=reasoning, answer=answer, markup=markup, style=style, form=form,
+                                   piece=piece, noise=True, opening=opening))).encode()
     decoder, parsed, seen = k2proxy.SSEDecoder(), k2proxy.UpstreamText(), []
     start, turn = 0, 0
     while start < len(body):
         size = cuts[turn % len(cuts)]
         for frame in decoder.feed(body[start:start + size]):
-            if frame.text is not None:
-                seen.append(parsed.feed(frame.text))
+            seen.append(parsed.read(frame))
         start, turn = start + size, turn + 1
     decoder.feed(b"", final=True)
     seen.append(parsed.finish())

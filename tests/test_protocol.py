@@ -4,13 +4,14 @@ import itertools
 
 import pytest
 
-from fake_upstream import Reply, full_text, json_document, snapshots, sse_events
+from fake_upstream import Reply, full_text, json_document, old_site, snapshots, sse_events
 import k2proxy
 
 REASONING = "The user asks 2+2.\nThat is 4 — simple ✓.\n\n> not a quote marker"
 ANSWER = "2 + 2 = **4**.\n\n```python\nprint(2 + 2)  # 四\n```"
-VARIANTS = list(itertools.product(("tags", "tags_no_answer", "lone_think", "details"),
+VARIANTS = list(itertools.product(("details_plain", "tags", "tags_no_answer", "lone_think", "details"),
                                   ("snapshot", "incremental"), ("choices", "content")))
+SITES = {"k2horizon": Reply, "k2think": old_site}  # each site's opening, end and close around the same text
 
 
 def parse_body(body, cut):
@@ -20,10 +21,9 @@ def parse_body(body, cut):
     chunks = [body[i:i + cut] for i in range(0, len(body), cut)] + [b""]
     for number, chunk in enumerate(chunks):
         for frame in decoder.feed(chunk, final=number == len(chunks) - 1):
-            if frame.text is not None:
-                r, a = text.feed(frame.text)
-                reasoning.append(r)
-                answer.append(a)
+            r, a = text.read(frame)
+            reasoning.append(r)
+            answer.append(a)
             usage = frame.usage or usage
             done = done or frame.done
     r, a = text.finish()
@@ -32,9 +32,10 @@ def parse_body(body, cut):
 
 @pytest.mark.parametrize("markup,style,form", VARIANTS)
 @pytest.mark.parametrize("cut", [1, 2, 5, 64, 100000])
-def test_each_variant_gives_exact_reasoning_and_answer(markup, style, form, cut):
-    reply = Reply(reasoning=REASONING, answer=ANSWER, markup=markup, style=style, form=form, piece=4,
-                  garbage=True, crlf=cut == 5)
+@pytest.mark.parametrize("site", SITES)
+def test_each_variant_gives_exact_reasoning_and_answer(markup, style, form, cut, site):
+    reply = SITES[site](reasoning=REASONING, answer=ANSWER, markup=markup, style=style, form=form, piece=4,
+                        garbage=True, crlf=cut == 5)
     body = "".join(sse_events(reply)).encode()
     reasoning, answer, usage, done = parse_body(body, cut)
     assert (reasoning, answer) == (REASONING, ANSWER)
@@ -153,3 +154,25 @@ def test_repeated_and_empty_first_frames(frames, expected):
 def test_a_repeated_first_snapshot_before_the_rewrite_of_the_reasoning_tag(piece):
     frames = snapshots(Reply(reasoning="The user asks.", answer="Fine.", markup="details", piece=piece))
     assert feed_all([frames[0], *frames]) == ("The user asks.", "Fine.")
+
+
+@pytest.mark.parametrize("frames,expected", [
+    ([("Hi", False), (" you", False), ("Hi you", True)], ("", "Hi you")),              # pieces, then the whole
+    ([("Hi", False), ("Hi you", False), ("Hi you", True)], ("", "Hi you")),            # snapshots, then the whole
+    ([("Hi", False), ("Hi", False), ("Hi", True)], ("", "Hi")),                        # a repeat, settled by done
+    ([("Hi", False), ("Hi you, and more", True)], ("", "Hi you, and more")),           # the last words only in done
+    ([("<think>a", False), ("<think>ab</think>ok", True)], ("ab", "ok")),
+])
+def test_the_done_event_holds_the_whole_answer_which_is_not_doubled(frames, expected):
+    text = k2proxy.UpstreamText()
+    out = [text.read(k2proxy.Frame(text=value, done=done)) for value, done in frames] + [text.finish()]
+    assert ("".join(r for r, _ in out), "".join(a for _, a in out)) == expected
+
+
+def test_answer_after_details_streams_at_once():
+    """The 2026 site writes the answer bare after </details>: it is not held back until the end."""
+    frames = snapshots(Reply(reasoning="Think.", answer="The answer grows word by word.", piece=5))
+    text = k2proxy.UpstreamText()
+    shown = [text.feed(frame)[1] for frame in frames]
+    answer_frames = [a for a in shown if a]
+    assert len(answer_frames) > 3 and "".join(shown) == "The answer grows word by word."

@@ -47,7 +47,7 @@ async def test_chunked_upload_over_the_limit_is_413(make_proxy, fake):
     proxy = await make_proxy(MAX_REQUEST_MB="0.05")
 
     async def chunks():
-        yield b'{"model": "MBZUAI-IFM/K2-Think", "messages": [{"role": "user", "content": "'
+        yield b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "user", "content": "'
         for _ in range(100):
             yield b"x" * 1024
         yield b'"}]}'

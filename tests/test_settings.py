@@ -39,8 +39,9 @@ def test_environment_wins_over_dotenv_over_defaults():
 def test_defaults():
     settings = k2proxy.load_settings({})
     assert settings.port == 8001 and settings.proxy_mode == "guest"
-    assert settings.guest_api_url == "https://www.k2think.ai/api/guest/chat/completions"
-    assert settings.user_api_url == "https://www.k2think.ai/api/chat/completions"
+    assert settings.guest_api_url == "https://chat.ifm.ai/api/guest/chat/completions"
+    assert settings.user_api_url == "https://chat.ifm.ai/api/chat/completions"
+    assert settings.models == ["IFM/K2-Horizon-375B-A23B"] and settings.reasoning_effort == "medium"
     assert settings.valid_api_key[0].startswith("sk-") and settings.api_key_generated
     assert settings.admin_key == settings.valid_api_key[0]
 
@@ -89,6 +90,7 @@ def test_help_lists_every_setting_with_its_default():
     result = subprocess.run([sys.executable, str(ROOT / "k2proxy.py"), "--help"], capture_output=True, text=True,
                             timeout=20)
     assert result.returncode == 0
+    assert "(default: https://chat.ifm.ai)" in result.stdout and "(default: IFM/K2-Horizon-375B-A23B)" in result.stdout
     for setting in k2proxy.SETTINGS:
         line = next(line for line in result.stdout.splitlines() if line.strip().startswith(setting.name + " "))
         assert f"(default: {setting.default or 'empty'})" in line

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from conftest import AUTH, chat, read_sse, stream_text
-from fake_upstream import Reply
+from fake_upstream import Reply, old_site
 import k2proxy
 
 REASONING = "Let me think.\nThe user wants a greeting."
@@ -28,7 +28,7 @@ async def test_stream_framing(proxy, fake):
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
     assert len({c["id"] for c in chunks}) == 1
-    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "MBZUAI-IFM/K2-Think" for c in chunks)
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "IFM/K2-Horizon-375B-A23B" for c in chunks)
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
     assert stream_text(chunks, "reasoning_content") == REASONING
@@ -46,12 +46,13 @@ async def test_reasoning_and_answer_never_share_a_delta(proxy, fake):
     assert shown == REASONING + ANSWER
 
 
-@pytest.mark.parametrize("markup", ["tags", "tags_no_answer", "lone_think", "details"])
+@pytest.mark.parametrize("markup", ["details_plain", "tags", "tags_no_answer", "lone_think", "details"])
 @pytest.mark.parametrize("style", ["snapshot", "incremental"])
 @pytest.mark.parametrize("opening", [False, True], ids=["", "empty-first-frame"])
-async def test_every_variant_streams_exact_text(proxy, fake, markup, style, opening):
-    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, markup=markup, style=style, chunk_bytes=5,
-                       form="content" if style == "incremental" else "choices", opening=opening)
+@pytest.mark.parametrize("site", [Reply, old_site], ids=["k2horizon", "k2think"])
+async def test_every_variant_streams_exact_text(proxy, fake, markup, style, opening, site):
+    fake.reply = site(reasoning=REASONING, answer=ANSWER, markup=markup, style=style, chunk_bytes=5,
+                      form="content" if style == "incremental" else "choices", opening=opening)
     events, _ = await read_sse(await post(proxy, chat(stream=True)))
     assert stream_text(events[:-1], "reasoning_content") == REASONING
     assert stream_text(events[:-1]) == ANSWER
@@ -86,11 +87,11 @@ async def test_client_leaving_closes_the_upstream_request(proxy, fake):
 
 async def test_nothink_hides_reasoning_and_sends_the_base_model(proxy, fake):
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
-    events, _ = await read_sse(await post(proxy, chat(model="MBZUAI-IFM/K2-Think-nothink", stream=True)))
+    events, _ = await read_sse(await post(proxy, chat(model="IFM/K2-Horizon-375B-A23B-nothink", stream=True)))
     assert stream_text(events[:-1], "reasoning_content") == ""
     assert stream_text(events[:-1]) == ANSWER
-    assert events[0]["model"] == "MBZUAI-IFM/K2-Think-nothink"
-    assert fake.received[0].body["model"] == "MBZUAI-IFM/K2-Think"
+    assert events[0]["model"] == "IFM/K2-Horizon-375B-A23B-nothink"
+    assert fake.received[0].body["model"] == "IFM/K2-Horizon-375B-A23B"
 
 
 async def test_think_tags_put_reasoning_inline(make_proxy, fake):
@@ -151,7 +152,7 @@ async def test_silent_upstream_gets_keepalive_comments(make_proxy, fake):
 
 
 async def test_upstream_payload_and_headers(proxy, fake):
-    body = {"model": "MBZUAI-IFM/K2-Think", "temperature": 0.3, "top_p": 0.9, "max_tokens": 77, "stop": "END",
+    body = {"model": "IFM/K2-Horizon-375B-A23B", "temperature": 0.3, "top_p": 0.9, "max_tokens": 77, "stop": "END",
             "messages": [{"role": "developer", "content": "Be brief."},
                          {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
                          {"role": "assistant", "content": "Hello", "reasoning_content": "secret thoughts"},
@@ -160,15 +161,16 @@ async def test_upstream_payload_and_headers(proxy, fake):
     received = fake.received[0]
     assert received.path == "/api/guest/chat/completions"
     sent = received.body
-    assert sent["model"] == "MBZUAI-IFM/K2-Think" and sent["stream"] is True
-    assert sent["params"] == {"temperature": 0.3, "top_p": 0.9, "max_tokens": 77, "stop": ["END"]}
-    assert sent["messages"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Again"}]
+    assert sent == {
+        "stream": True, "model": "IFM/K2-Horizon-375B-A23B",
+        "params": {"temperature": 0.3, "top_p": 0.9, "max_tokens": 77, "stop": ["END"]},
+        "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                     {"role": "assistant", "content": "Hello", "reasoning": ""}, {"role": "user", "content": "Again"}],
+        "features": {"web_search": False}, "extra_body": {"chat_template_kwargs": {"reasoning_effort": "medium"}}}
     assert "secret thoughts" not in json.dumps(sent)
-    assert {"chat_id", "id", "session_id", "features", "variables", "background_tasks"} <= sent.keys()
     headers = received.headers
     assert headers["Origin"] == fake.url and headers["Referer"] == fake.url + "/guest"
-    assert headers["Accept"] == "text/event-stream" and "Mozilla" in headers["User-Agent"]
+    assert headers["Accept"] == "text/event-stream, application/json" and "Mozilla" in headers["User-Agent"]
     assert "Authorization" not in headers
 
 
@@ -177,7 +179,7 @@ async def test_upstream_payload_and_headers(proxy, fake):
     (Reply(status=503, body='{"detail": "overloaded"}'), 502, "upstream_error"),
     (Reply(status=400, body='{"detail": "Model not found"}'), 404, "model_not_found"),
     (Reply(status=302, headers={"Location": "/auth"}), 502, "upstream_error"),
-    (Reply(content_type="text/html"), 502, "upstream_error"),
+    (Reply(content_type="text/html"), 502, "upstream_blocked"),
 ])
 @pytest.mark.parametrize("stream", [True, False])
 async def test_upstream_failure_before_any_byte_is_a_real_http_error(make_proxy, fake, reply, status, code, stream):

@@ -99,7 +99,7 @@ async def sdk(proxy):
 
 async def sdk_call(sdk, stream, **extra):
     """(content, tool calls as (name, arguments), finish reason, call ids) as the openai SDK sees them."""
-    request = {"model": "MBZUAI-IFM/K2-Think", "messages": MESSAGES, "tools": TOOLS, **extra}
+    request = {"model": "IFM/K2-Horizon-375B-A23B", "messages": MESSAGES, "tools": TOOLS, **extra}
     if not stream:
         choice = (await sdk.chat.completions.create(**request)).choices[0]
         calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
@@ -155,12 +155,12 @@ async def test_plain_answer_streams_before_upstream_finishes(proxy, fake):
 async def test_standard_tool_loop(sdk, fake):
     fake.script = [Reply(answer='<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'),
                    Reply(answer="It is 18 °C in Paris.")]
-    first = await sdk.chat.completions.create(model="MBZUAI-IFM/K2-Think", messages=MESSAGES, tools=TOOLS)
+    first = await sdk.chat.completions.create(model="IFM/K2-Horizon-375B-A23B", messages=MESSAGES, tools=TOOLS)
     call = first.choices[0].message.tool_calls[0]
     result = json.dumps({"temperature": 18, "unit": "celsius"})
     history = MESSAGES + [first.choices[0].message.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": call.id, "content": result}]
-    final = await sdk.chat.completions.create(model="MBZUAI-IFM/K2-Think", messages=history, tools=TOOLS)
+    final = await sdk.chat.completions.create(model="IFM/K2-Horizon-375B-A23B", messages=history, tools=TOOLS)
     assert final.choices[0].message.content == "It is 18 °C in Paris."
     sent = fake.received[1].body["messages"]
     assert sent[0]["role"] == "system" and "get_weather" in sent[0]["content"]
@@ -203,7 +203,7 @@ async def test_tool_choice_is_stated_to_the_model(proxy, fake, choice, fragment)
 
 
 async def test_tool_prompt_joins_an_existing_system_message(proxy, fake):
-    body = {"model": "MBZUAI-IFM/K2-Think", "tools": TOOLS,
+    body = {"model": "IFM/K2-Horizon-375B-A23B", "tools": TOOLS,
             "messages": [{"role": "system", "content": "You are terse."}, *MESSAGES]}
     await proxy.post("/v1/chat/completions", json=body, headers=AUTH)
     sent = fake.received[0].body["messages"]
