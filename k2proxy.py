@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""k2proxy: MBZUAI's K2 reasoning models, served through the K2Think web site, behind the OpenAI API.
+"""k2proxy: MBZUAI's K2 reasoning models, served through the K2Think web site, behind the APIs clients speak.
 
-One module that reads top to bottom: settings, upstream protocol parsing, tool
-calls, token pool, upstream client, OpenAI handlers, admin API, app factory.
-aiohttp is the only dependency.
+One module that reads top to bottom: settings, errors, the upstream protocol
+(pure parsing), tool calls (pure), files, the token pool, accounts, models, the
+upstream client, the core (a dialect-neutral request and the events of its
+completion), one front door per client dialect, the admin API, and the app
+factory with main(). aiohttp is the only dependency.
 """
 
 import argparse
@@ -244,45 +246,124 @@ def settings_help():
     return "\n".join(lines)
 
 
-# ─── Upstream protocol parsing ───────────────────────────────────────────────
-# Pure code, no I/O: bytes → SSE payloads → frames → (reasoning, answer) pieces.
-# Every step does work proportional to what its input added.
+# ─── Errors ──────────────────────────────────────────────────────────────────
+# What goes wrong, named once. ApiError is what a client is told, in no dialect:
+# each front door renders it in its own shape. UpstreamError is what the site
+# did, and its Failure kind carries the policy: whether the token is charged,
+# whether another token may do better, what status the client gets. The input
+# checks every front door uses raise ApiError.
 
-MAX_FRAME_BYTES = 16 * 1024 * 1024
-
-
-class UpstreamError(Exception):
-    """Upstream failed; `status` is what the client gets, `charge` whether the token is to blame."""
-
-    def __init__(self, message, status=502, code="upstream_error", charge=True, retryable=True,
-                 retry_after=None, auth=False, rate_limited=False):
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.charge = charge
-        self.retryable = retryable
-        self.retry_after = retry_after
-        self.auth = auth
-        self.rate_limited = rate_limited
+MB = 1024 * 1024
 
 
 class ApiError(Exception):
-    """An error answered to the client as an OpenAI error body with a real HTTP status."""
+    """An error answered to the client with a real HTTP status; `param` names the field at fault."""
 
-    def __init__(self, status, message, type_="invalid_request_error", param=None, code=None, retry_after=None):
+    def __init__(self, status, message, param=None, code=None, retry_after=None):
         super().__init__(message)
         self.status = status
         self.message = message
-        self.type = type_
         self.param = param
         self.code = code
         self.retry_after = retry_after
 
 
-def _expect(condition, message, param, code="invalid_value"):
+@dataclass(frozen=True)
+class Failure:
+    """A kind of upstream failure and what follows from it."""
+    name: str
+    status: int                   # what the client gets
+    code: str
+    charge: bool                  # counts against the token (MAX_TOKEN_FAILURES disables it)
+    fail_over: bool               # another token may do better, while the client has seen nothing
+    retry_anonymous: bool = True  # without tokens, asking again is worth it
+    cool_down: bool = False       # the token rests for Retry-After instead of being charged
+    refused: bool = False         # the site refused the token itself: its account signs in again
+
+
+REFUSED_TOKEN = Failure("token refused", 502, "upstream_auth_failed", charge=True, fail_over=True, refused=True)
+RATE_LIMITED = Failure("rate limited", 429, "rate_limited", charge=False, fail_over=True, cool_down=True)
+BROKEN = Failure("upstream broken", 502, "upstream_error", charge=True, fail_over=True)
+UNREACHABLE = Failure("unreachable", 502, "upstream_error", charge=False, fail_over=True)
+TIMED_OUT = Failure("timed out", 504, "upstream_timeout", charge=True, fail_over=True, retry_anonymous=False)
+NO_CONTENT = Failure("no content", 502, "upstream_no_content", charge=True, fail_over=True)
+BLOCKED = Failure("blocked", 502, "upstream_blocked", charge=False, fail_over=True)
+REJECTED = Failure("bad request", 400, "upstream_rejected", charge=False, fail_over=False)
+TOO_LARGE = Failure("too large", 413, "upstream_rejected", charge=False, fail_over=False)
+MODEL_GONE = Failure("model not found", 404, "model_not_found", charge=False, fail_over=False)
+NOT_AN_ANSWER = Failure("not an answer", 502, "upstream_error", charge=False, fail_over=False)
+SHUTTING_DOWN = Failure("shutting down", 503, "shutting_down", charge=False, fail_over=False)
+
+
+class UpstreamError(Exception):
+    """Upstream failed in the way its `failure` names; the message says what happened."""
+
+    def __init__(self, failure, message, retry_after=None):
+        super().__init__(message)
+        self.failure = failure
+        self.retry_after = retry_after
+
+    def api_error(self):
+        retry_after = max(1, round(self.retry_after)) if self.retry_after else None
+        return ApiError(self.failure.status, str(self), code=self.failure.code, retry_after=retry_after)
+
+
+def expect(condition, message, param, code="invalid_value"):
     """Raises a 400 naming the field when a request check fails."""
     if not condition:
         raise ApiError(400, message, param=param, code=code)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def number_field(body, name, low, high, param=None):
+    """body[name] when it is a number in [low, high], None when absent; else a 400."""
+    value = body.get(name)
+    if value is None:
+        return None
+    expect(is_number(value) and low <= value <= high, f"'{name}' must be a number between {low} and {high}",
+           param or name)
+    return value
+
+
+def integer_field(body, name, low, param=None):
+    """body[name] when it is an integer of at least `low`, None when absent; else a 400."""
+    value = body.get(name)
+    if value is None:
+        return None
+    expect(isinstance(value, int) and not isinstance(value, bool) and value >= low,
+           f"'{name}' must be an integer of at least {low}", param or name)
+    return value
+
+
+def object_field(body, name, param=None):
+    """body[name] when it is an object, {} when absent; else a 400."""
+    value = body.get(name)
+    if value is None:
+        return {}
+    expect(isinstance(value, dict), f"'{name}' must be an object", param or name, "invalid_type")
+    return value
+
+
+def one_of_field(body, name, choices, default=None, param=None):
+    """body[name] when it is one of `choices`, `default` when absent; else a 400 listing them."""
+    value = body.get(name)
+    if value is None:
+        return default
+    expect(isinstance(value, str) and value in choices,
+           f"'{name}' must be one of {', '.join(choices)}", param or name)
+    return value
+
+
+# ─── Upstream protocol ───────────────────────────────────────────────────────
+# Pure code, no I/O: bytes → SSE payloads → frames → (reasoning, answer) pieces,
+# an answer's status and body → an UpstreamError, and the chat payload the site
+# takes. Every step does work proportional to what its input added.
+
+MAX_FRAME_BYTES = 16 * MB
+ERROR_TEXT_CHARS = 500  # of an error message quoted from upstream
 
 
 class SSEDecoder:
@@ -300,7 +381,7 @@ class SSEDecoder:
         if "\n" not in text and not final:
             self._partial_size += len(text)
             if self._partial_size > MAX_FRAME_BYTES:
-                raise UpstreamError("upstream sent a frame larger than 16 MB", charge=False, retryable=False)
+                raise UpstreamError(NOT_AN_ANSWER, f"upstream sent a frame larger than {MAX_FRAME_BYTES // MB} MB")
             return []
         lines = "".join(self._partial).split("\n")
         rest = "" if final else lines.pop()
@@ -367,7 +448,7 @@ def error_text(problem):
         problem = problem.get("message") or problem.get("detail") or json.dumps(problem)
     elif isinstance(problem, list):
         problem = "; ".join(error_text(item) for item in problem)
-    return str(problem)[:500]
+    return str(problem)[:ERROR_TEXT_CHARS]
 
 
 def held_tag_prefix(text, tag):
@@ -402,6 +483,19 @@ class TrimmedText:
 
     def text(self):
         return "".join(self.parts)
+
+
+# The splitter's states, and what moves it on (text it cannot place yet is held, never guessed):
+#
+#   start ─<think>──────────────────▶ think ───</think>───▶ after_reasoning ─<answer>──▶ answer
+#     │                                                        ▲     └──other text──▶ answer
+#     ├─<details type="reasoning">──▶ details ──</details>─────┘
+#     ├─<answer>────────────────────────────────────────────────────────────────────────▶ answer
+#     └─other text──▶ undecided ─</think>──▶ after_reasoning;  ─<answer>──▶ answer;  at the end: answer
+#
+# In `details`, <summary> is dropped and so is the "> " quoting at each line start.
+
+DETAILS_TAG_MAX = 512  # an opening <details ...> tag longer than this is no reasoning block
 
 
 class MarkupSplitter:
@@ -465,7 +559,7 @@ class MarkupSplitter:
             return self._consume(8, self._answer)
         if text.startswith("<details"):
             end = text.find(">")
-            if end < 0 and len(text) < 512:
+            if end < 0 and len(text) < DETAILS_TAG_MAX:
                 return False
             if 'type="reasoning"' in text[:end]:
                 self._line_start = True
@@ -551,6 +645,9 @@ class MarkupSplitter:
         return True
 
 
+SNAPSHOT_HEAD_CHARS = 16  # a frame that repeats this much of the text's start may be a rewritten snapshot
+
+
 class UpstreamText:
     """Turns upstream text frames, whole-answer snapshots or new pieces, into reasoning and answer deltas."""
 
@@ -573,7 +670,7 @@ class UpstreamText:
         if self._repeats:
             repeats, self._repeats = self._repeats, 0
             first = self._raw[0]
-            if not (len(text) > len(first) and text.startswith(first[:16])):  # grown or rewritten: a snapshot
+            if not (len(text) > len(first) and text.startswith(first[:SNAPSHOT_HEAD_CHARS])):  # a snapshot
                 parts = [self._append(first) for _ in range(repeats)] + [self._read(text)]
                 return "".join(r for r, _ in parts), "".join(a for _, a in parts)
         return self._read(text)
@@ -587,7 +684,8 @@ class UpstreamText:
                 self._raw = [text]
                 self._raw_size = len(text)
                 return self.splitter.feed(text[len(raw):])
-        if self._snapshots or (len(self._head) == 16 and len(text) >= self._raw_size and text.startswith(self._head)):
+        if self._snapshots or (len(self._head) == SNAPSHOT_HEAD_CHARS and len(text) >= self._raw_size
+                               and text.startswith(self._head)):
             rewritten = self._reparse(text)
             if rewritten:
                 return rewritten
@@ -596,15 +694,15 @@ class UpstreamText:
     def _append(self, text):
         self._raw.append(text)
         self._raw_size += len(text)
-        if len(self._head) < 16:
-            self._head = (self._head + text)[:16]
+        if len(self._head) < SNAPSHOT_HEAD_CHARS:
+            self._head = (self._head + text)[:SNAPSHOT_HEAD_CHARS]
         return self.splitter.feed(text)
 
     def _reparse(self, text):
         """A snapshot whose markup changed (Open WebUI rewrites the reasoning tag): keep it if its texts only grew.
 
         Tried once snapshots have been seen, or for a frame as long as the text so far that opens with the
-        same 16 characters (a rewrite can come as early as the second frame); an incremental piece does neither."""
+        same SNAPSHOT_HEAD_CHARS characters (a rewrite can come as early as the second frame); an incremental piece does neither."""
         fresh = MarkupSplitter()
         fresh.feed(text)
         old_reasoning, old_answer = self.splitter.reasoning.text(), self.splitter.answer.text()
@@ -639,7 +737,7 @@ def error_detail(body):
     try:
         return error_text(json.loads(body)) if body.strip() else ""
     except ValueError:
-        return body.strip()[:200]
+        return body.strip()[:ERROR_TEXT_CHARS]
 
 
 def no_content_error(content_type, fields):
@@ -651,7 +749,7 @@ def no_content_error(content_type, fields):
                     "site's protocol has changed: see 'The site moved again' in the README")
     else:
         message += "; check that the model in MODELS is still served (GET /v1/models in user mode)"
-    return UpstreamError(message, 502, "upstream_no_content")
+    return UpstreamError(NO_CONTENT, message)
 
 
 HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
@@ -661,9 +759,9 @@ def blocked_error(status, body):
     """The error for an HTML page where a chat answer belongs: a bot check or a maintenance page."""
     title = HTML_TITLE.search(body)
     named = f" titled '{' '.join(title.group(1).split())[:80]}'" if title else ""
-    return UpstreamError(f"upstream answered an HTML page{named} (HTTP {status}) instead of a chat answer: a bot "
-                         "check or a maintenance page; open K2THINK_BASE_URL in a browser on this server to see it",
-                         502, "upstream_blocked", charge=False)
+    return UpstreamError(BLOCKED, f"upstream answered an HTML page{named} (HTTP {status}) instead of a chat answer: "
+                                  "a bot check or a maintenance page; open K2THINK_BASE_URL in a browser on this "
+                                  "server to see it")
 
 
 def upstream_error(status, body, retry_after=None):
@@ -671,19 +769,21 @@ def upstream_error(status, body, retry_after=None):
     detail = error_detail(body)
     shown = f"upstream answered HTTP {status}" + (f": {detail}" if detail else "")
     if "model not found" in detail.lower():
-        return UpstreamError(shown, 404, "model_not_found", charge=False, retryable=False)
+        return UpstreamError(MODEL_GONE, shown)
     if status in (401, 403):
-        return UpstreamError(shown + " (the account token was refused)", 502, "upstream_auth_failed", auth=True)
+        return UpstreamError(REFUSED_TOKEN, shown + " (the account token was refused)")
     if status == 429:
         seconds = float(retry_after) if retry_after and retry_after.strip().isdigit() else None
-        return UpstreamError(shown, 429, "rate_limited", charge=False, retry_after=seconds, rate_limited=True)
+        return UpstreamError(RATE_LIMITED, shown, retry_after=seconds)
     if 300 <= status < 400:
-        return UpstreamError(shown + " (redirect not followed)", 502, charge=False, retryable=False)
-    if status in (400, 413, 422):
-        return UpstreamError(shown, 400 if status != 413 else 413, "upstream_rejected", charge=False, retryable=False)
+        return UpstreamError(NOT_AN_ANSWER, shown + " (redirect not followed)")
+    if status in (400, 422):
+        return UpstreamError(REJECTED, shown)
+    if status == 413:
+        return UpstreamError(TOO_LARGE, shown)
     if status < 500:
-        return UpstreamError(shown, 502, charge=False, retryable=False)
-    return UpstreamError(shown, 502)
+        return UpstreamError(NOT_AN_ANSWER, shown)
+    return UpstreamError(BROKEN, shown)
 
 
 def upstream_payload(model, messages, params, effort):
@@ -697,61 +797,67 @@ def upstream_payload(model, messages, params, effort):
 # ─── Tool calls ──────────────────────────────────────────────────────────────
 # The model has no native function calling: the proxy describes the tools in a
 # system prompt, renders tool history as text, and finds calls in the answer
-# as it streams. Text that cannot start a call is released at once.
+# as it streams. Text that cannot start a call is released at once. Offers the
+# dialects a neutral Tool and ToolPlan to build from their own tool formats.
 
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
 MAX_CALL_CHARS = 256 * 1024
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict
+
+
+@dataclass(frozen=True)
 class ToolPlan:
-    tools: list
-    names: frozenset
-    choice: object
+    """The tools of a request and the choice: "auto", "required", or the name of the tool to call."""
+    tools: tuple
+    choice: str
+
+    @property
+    def names(self):
+        return frozenset(tool.name for tool in self.tools)
 
 
-def parse_tools(body, enabled):
-    """The request's tools and tool_choice, checked; None when no tool text is to be sent or parsed."""
-    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
-    if tools is None:
+def check_tool(name, description, parameters, where):
+    """A Tool from a dialect's fields, or a 400 naming the field at fault."""
+    expect(isinstance(name, str) and TOOL_NAME.fullmatch(name), f"{where}.name must be a name of letters, digits, "
+           "_ . - (at most 64)", f"{where}.name")
+    expect(description is None or isinstance(description, str), f"{where}.description must be a string",
+           f"{where}.description", "invalid_type")
+    expect(parameters is None or isinstance(parameters, dict), f"{where}.parameters must be an object",
+           f"{where}.parameters", "invalid_type")
+    return Tool(name, description or "", parameters or {"type": "object", "properties": {}})
+
+
+def tool_plan(tools, choice, enabled, param="tool_choice"):
+    """The plan for checked tools and a choice of "auto", "none", "required" or a tool's name; None when no tool
+    text is to be sent or parsed."""
+    if choice not in ("auto", "none", "required"):
+        expect(choice in {tool.name for tool in tools}, f"{param} names the tool '{choice}', which is not in the "
+               "request's tools", param)
+    if choice == "none" or not enabled or not tools:
         return None
-    _expect(isinstance(tools, list), "'tools' must be a list", "tools", "invalid_type")
-    functions = []
-    for index, tool in enumerate(tools):
-        where = f"tools[{index}]"
-        _expect(isinstance(tool, dict) and tool.get("type", "function") == "function"
-                and isinstance(tool.get("function"), dict),
-                f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where, "invalid_type")
-        function = tool["function"]
-        name = function.get("name")
-        _expect(isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name or ""),
-                f"{where}.function.name must be a name of letters, digits, _ . -", f"{where}.function.name")
-        _expect(isinstance(function.get("parameters", {}), dict), f"{where}.function.parameters must be an object",
-                f"{where}.function.parameters", "invalid_type")
-        functions.append(function)
-    names = frozenset(f["name"] for f in functions)
-    if isinstance(choice, dict):
-        named = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
-        _expect(named in names, f"tool_choice names the tool '{named}', which is not in 'tools'", "tool_choice")
-    else:
-        _expect(choice in ("auto", "none", "required"),
-                "'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", ...}",
-                "tool_choice")
-    if choice == "none" or not enabled or not functions:
-        return None
-    return ToolPlan(functions, names, choice)
+    return ToolPlan(tuple(tools), choice)
 
 
 def describe_parameters(schema):
-    """One line per top-level parameter, with its type, whether it is required and its allowed values."""
-    required = set(schema.get("required") or [])
+    """One line per top-level parameter, with its type, whether it is required and its allowed values; parts of
+    the schema that are not what JSON Schema says they are (a list of properties, say) are left out."""
+    properties, required = schema.get("properties"), schema.get("required")
+    required = {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
     lines = []
-    for name, spec in (schema.get("properties") or {}).items():
+    for name, spec in (properties.items() if isinstance(properties, dict) else ()):
         spec = spec if isinstance(spec, dict) else {}
-        line = f"- {name} ({spec.get('type', 'any')}{', required' if name in required else ''})"
-        if spec.get("description"):
+        kind = spec.get("type", "any")
+        line = f"- {name} ({kind if isinstance(kind, str) else 'any'}{', required' if name in required else ''})"
+        if isinstance(spec.get("description"), str) and spec["description"]:
             line += f": {spec['description']}"
-        if spec.get("enum"):
+        if isinstance(spec.get("enum"), list) and spec["enum"]:
             line += " One of: " + ", ".join(json.dumps(v, ensure_ascii=False) for v in spec["enum"])
         lines.append(line)
     return lines
@@ -760,13 +866,12 @@ def describe_parameters(schema):
 def tool_prompt(plan):
     """The system text that teaches the model the tools and the one reply format the proxy reads."""
     parts = ["You can call tools (functions). These are the tools available:"]
-    for function in plan.tools:
-        schema = function.get("parameters") or {"type": "object", "properties": {}}
-        parts.append(f"\n### {function['name']}")
-        if function.get("description"):
-            parts.append(function["description"])
-        parts.extend(describe_parameters(schema))
-        parts.append("JSON Schema of the arguments: " + json.dumps(schema, ensure_ascii=False))
+    for tool in plan.tools:
+        parts.append(f"\n### {tool.name}")
+        if tool.description:
+            parts.append(tool.description)
+        parts.extend(describe_parameters(tool.parameters))
+        parts.append("JSON Schema of the arguments: " + json.dumps(tool.parameters, ensure_ascii=False))
     parts.append(
         "\nTo call a tool, write this block in your answer, one block per call:\n"
         f"{TOOL_CALL_OPEN}\n{{\"name\": \"TOOL_NAME\", \"arguments\": {{...arguments as a JSON object...}}}}\n"
@@ -776,8 +881,8 @@ def tool_prompt(plan):
         "<tool_result> blocks. If no tool is needed, answer normally without any tool_call block.")
     if plan.choice == "required":
         parts.append("In this reply you must call at least one tool.")
-    elif isinstance(plan.choice, dict):
-        parts.append(f"In this reply you must call the tool \"{plan.choice['function']['name']}\".")
+    elif plan.choice != "auto":
+        parts.append(f"In this reply you must call the tool \"{plan.choice}\".")
     return "\n".join(parts)
 
 
@@ -791,8 +896,10 @@ def render_call(name, arguments):
     return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
 
 
-def render_tool_result(name, call_id, content):
-    return f'<tool_result name="{name}" tool_call_id="{call_id}">\n{content}\n</tool_result>'
+def render_tool_result(name, call_id, content, failed=False):
+    """A tool's result, as the model is told results come back."""
+    error = ' is_error="true"' if failed else ""
+    return f'<tool_result name="{name}" tool_call_id="{call_id}"{error}>\n{content}\n</tool_result>'
 
 
 def normalise_call(item, names):
@@ -823,11 +930,11 @@ def calls_in(value, names):
     return calls if calls and all(calls) else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToolCall:
+    """A call found in the answer: the tool's name and its arguments as a JSON object's text."""
     name: str
     arguments: str
-    id: str = field(default_factory=lambda: "call_" + uuid.uuid4().hex[:24])
 
 
 @dataclass(frozen=True)
@@ -1008,96 +1115,9 @@ class ToolCallScanner:
         return complete
 
 
-# ─── Token pool ──────────────────────────────────────────────────────────────
-# Round-robin over usable tokens; failures disable, 429 cools down, expired
-# JWTs are never sent. The file is watched by polling, which also works on
-# bind mounts.
-
-
-def parse_tokens_file(text):
-    """Tokens of a tokens file in order: one per line, blanks and # comments skipped, duplicates once."""
-    seen = {}
-    for line in text.splitlines():
-        token = line.strip()
-        if token and not token.startswith("#"):
-            seen.setdefault(token, None)
-    return list(seen)
-
-
-def file_version(text):
-    """A short fingerprint of a file's text, so a save can tell that the file changed since it was loaded;
-    line endings and a byte-order mark do not count, as reading the file drops them."""
-    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
-
-
-def jwt_expiry(token):
-    """The `exp` of a JWT read without its key, or None when the token is not a JWT with one."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        return None
-    try:
-        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
-    except (ValueError, binascii.Error):
-        return None
-    exp = payload.get("exp") if isinstance(payload, dict) else None
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
-
-
-def mask_token(token):
-    """A token as shown anywhere but the token editor: enough to recognise, never enough to use."""
-    if len(token) <= 12:
-        return "…" + token[-2:]
-    return f"{token[:4]}…{token[-3:]}"
-
-
-def parse_accounts_file(text):
-    """(email, password) pairs of an accounts file: email:password or JSON lines; bad lines are skipped by number."""
-    accounts, bad = {}, []
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if line.startswith("{"):
-            try:
-                entry = json.loads(line)
-                email, password = entry["email"], entry["password"]
-            except (ValueError, KeyError, TypeError):
-                email = password = None
-        else:
-            email, _, password = line.partition(":")
-        if isinstance(email, str) and isinstance(password, str) and "@" in email and password:
-            accounts[email.strip()] = password
-        else:
-            bad.append(number)
-    return list(accounts.items()), bad
-
-
-@dataclass(eq=False)
-class Token:
-    value: str
-    expires_at: float = None
-    failures: int = 0
-    requests: int = 0
-    successes: int = 0
-    last_used: float = None
-    last_error: str = None
-    disabled: str = None
-    disabled_at: float = None
-    cooling_until: float = None
-    account: str = None
-
-    def status(self, now):
-        if self.expires_at is not None and self.expires_at <= now:
-            return "expired"
-        if self.disabled:
-            return "disabled"
-        if self.cooling_until and self.cooling_until > now:
-            return "cooling"
-        return "active"
-
-
-NO_TOKEN = Token("")
+# ─── Files ───────────────────────────────────────────────────────────────────
+# The token and account files: read by polling (which sees editors' renames and
+# bind mounts alike), saved atomically, parsed by pure functions.
 
 
 class WatchedFile:
@@ -1138,6 +1158,136 @@ class WatchedFile:
         text, self.state = await asyncio.to_thread(self.read)
         return text
 
+    def save(self, content):
+        """Writes the file atomically (blocking: run it in a thread); the next poll sees no change."""
+        write_atomically(self.path, content)
+        self.state = self.stat()
+
+
+def write_atomically(path, content):
+    """Saves a file so that a crash leaves the old one or the new one, never half: temporary file, fsync,
+    rename; the file keeps its permissions."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(content)
+            out.flush()
+            os.fsync(out.fileno())
+        if path.exists():
+            os.chmod(temporary, path.stat().st_mode & 0o777)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def parse_tokens_file(text):
+    """Tokens of a tokens file in order: one per line, blanks and # comments skipped, duplicates once."""
+    seen = {}
+    for line in text.splitlines():
+        token = line.strip()
+        if token and not token.startswith("#"):
+            seen.setdefault(token, None)
+    return list(seen)
+
+
+def file_version(text):
+    """A short fingerprint of a file's text, so a save can tell that the file changed since it was loaded;
+    line endings and a byte-order mark do not count, as reading the file drops them."""
+    text = text.removeprefix("\ufeff").replace("\r\n", "\n").replace("\r", "\n")
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def tokens_file_text(old_text, tokens):
+    """A token file holding `tokens`, one per line, under the comment lines of the file it replaces."""
+    comments = [line for line in old_text.splitlines() if line.strip().startswith("#")]
+    return "\n".join(comments + list(tokens)) + "\n"
+
+
+def parse_accounts_file(text):
+    """(email, password) pairs of an accounts file: email:password or JSON lines; bad lines are skipped by number."""
+    accounts, bad = {}, []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("{"):
+            try:
+                entry = json.loads(line)
+                email, password = entry["email"], entry["password"]
+            except (ValueError, KeyError, TypeError):
+                email = password = None
+        else:
+            email, _, password = line.partition(":")
+        if isinstance(email, str) and isinstance(password, str) and "@" in email and password:
+            accounts[email.strip()] = password
+        else:
+            bad.append(number)
+    return list(accounts.items()), bad
+
+
+# ─── Token pool ──────────────────────────────────────────────────────────────
+# Round-robin over usable tokens; each failure's policy charges, rests or spares
+# the token; expired JWTs are never sent. Offers the upstream client acquire(),
+# succeed() and fail(), and the admin API the pool's state.
+
+
+def jwt_expiry(token):
+    """The `exp` of a JWT read without its key, or None when the token is not a JWT with one."""
+    parts = token.split(".")
+    if len(parts) != 3:
+        return None
+    try:
+        payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
+    except (ValueError, binascii.Error):
+        return None
+    exp = payload.get("exp") if isinstance(payload, dict) else None
+    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+
+
+def mask_token(token):
+    """A token as shown anywhere but the token editor: enough to recognise, never enough to use."""
+    if len(token) <= 12:
+        return "…" + token[-2:]
+    return f"{token[:4]}…{token[-3:]}"
+
+
+@dataclass(eq=False)
+class Token:
+    value: str
+    expires_at: float = None
+    failures: int = 0
+    requests: int = 0
+    successes: int = 0
+    last_used: float = None
+    last_error: str = None
+    disabled: str = None
+    disabled_at: float = None
+    cooling_until: float = None
+    account: str = None
+    refused: bool = False  # the site refused it: its account is to sign in again
+
+    def status(self, now):
+        if self.expires_at is not None and self.expires_at <= now:
+            return "expired"
+        if self.disabled:
+            return "disabled"
+        if self.cooling_until and self.cooling_until > now:
+            return "cooling"
+        return "active"
+
+
+@dataclass(frozen=True)
+class Anonymous:
+    """Who a guest request is without a token: nothing to send, nothing to charge."""
+    value: str = ""
+    account: str = None
+
+
+NO_TOKEN = Anonymous()
+RATE_LIMIT_REST = 60  # seconds a rate-limited token rests when upstream gives no Retry-After
+LAST_ERROR_CHARS = 200
+
 
 class TokenPool:
     """The tokens of one mode, with their health; requests take them round-robin."""
@@ -1150,7 +1300,6 @@ class TokenPool:
         self.clock = clock
         self.tokens = []
         self._next = 0
-        self.on_auth_failure = None
 
     def load(self, text, readmit=False):
         """Replaces the file's tokens with those of `text`; tokens still present keep their stats."""
@@ -1203,28 +1352,34 @@ class TokenPool:
         return next((t for t in self.tokens if self.status(t, now) == "active"), None)
 
     def succeed(self, token):
+        if token is NO_TOKEN:
+            return
         token.failures = 0
         token.successes += 1
 
     def fail(self, token, error):
-        """Charges a failure to `token` when it was its fault; 429 only cools it down."""
+        """Applies the failure's policy to `token`: a rest for a rate limit, a charge when it was to blame."""
         if token is NO_TOKEN:
             return
-        token.last_error = str(error)[:200]
-        if error.rate_limited:
-            token.cooling_until = self.clock() + (error.retry_after or 60)
-            return
-        if not error.charge:
+        failure = error.failure
+        token.last_error = str(error)[:LAST_ERROR_CHARS]
+        if failure.cool_down:
+            token.cooling_until = self.clock() + (error.retry_after or RATE_LIMIT_REST)
+        if not failure.charge:
             return
         token.failures += 1
-        if error.auth and token.account and self.on_auth_failure:
-            self.on_auth_failure(token.account)
+        token.refused = failure.refused and token.account is not None
         if token.failures >= self.max_failures:
-            token.disabled = "auth" if error.auth else "failures"
+            token.disabled = "auth" if failure.refused else "failures"
             token.disabled_at = self.clock()
+
+    def refused_accounts(self):
+        """The accounts whose token the site refused since they last signed in."""
+        return [token.account for token in self.tokens if token.refused]
 
     def reset(self, token):
         token.failures = 0
+        token.refused = False
         token.disabled = token.disabled_at = token.cooling_until = token.last_error = None
 
     def counts(self):
@@ -1250,37 +1405,15 @@ class TokenPool:
         """The error for a request that found no usable token."""
         if not self.tokens:
             return ApiError(503, f"No tokens: put account tokens in {self.file.path.name}, one per line",
-                            "service_unavailable", code="no_tokens")
+                            code="no_tokens")
         now = self.clock()
         statuses = [self.status(t, now) for t in self.tokens]
         cooling = [t.cooling_until - now for t, status in zip(self.tokens, statuses) if status == "cooling"]
         if cooling and all(status in ("cooling", "active") for status in statuses):
             return ApiError(429, "Every token is rate limited by upstream; try again later",
-                            "rate_limit_error", code="rate_limited", retry_after=max(1, round(min(cooling))))
+                            code="rate_limited", retry_after=max(1, round(min(cooling))))
         return ApiError(503, f"No usable token left in {self.file.path.name} (disabled or expired); "
-                             "fix the file or reset tokens on the admin page",
-                        "service_unavailable", code="no_usable_tokens")
-
-    def write_file(self, tokens=None, content=None):
-        """Saves tokens atomically (temporary file, fsync, rename), keeping the file's comment lines."""
-        path = self.file.path
-        if content is None:
-            old = path.read_text(encoding="utf-8-sig", errors="replace") if path.exists() else ""
-            comments = [line for line in old.splitlines() if line.strip().startswith("#")]
-            content = "\n".join(comments + list(tokens)) + "\n"
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as out:
-                out.write(content)
-                out.flush()
-                os.fsync(out.fileno())
-            if path.exists():
-                os.chmod(temporary, path.stat().st_mode & 0o777)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
-        return content, self.file.stat()
+                             "fix the file or reset tokens on the admin page", code="no_usable_tokens")
 
     async def reload(self, force=False):
         """Loads the file if it changed; `force` reads it anyway and re-admits disabled tokens."""
@@ -1296,18 +1429,20 @@ class TokenPool:
             log.info("%s mode: %d tokens loaded from %s", self.mode, len(self.tokens), self.file.path)
         return True
 
-    def apply(self, text, state):
-        """Takes the text just saved to the file as the pool's tokens."""
-        self.file.state = state
-        self.load(text)
+    async def save(self, content):
+        """Saves the token file (atomically) and takes its tokens."""
+        await asyncio.to_thread(self.file.save, content)
+        self.load(content)
 
 
 # ─── Upstream client ─────────────────────────────────────────────────────────
-# One HTTP session for the process; each completion tries tokens in turn until
-# one answers, as long as the client has seen no content.
+# One HTTP session for the process, with the browser-like headers the site
+# expects. Offers the sections below completions that fail over from token to
+# token as each failure's policy allows, while the client has seen nothing.
 
 BROWSER_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
                       "(KHTML, like Gecko) Chrome/142.0.0.0 Safari/537.36")
+ERROR_BODY_BYTES = 64 * 1024  # of an error answer, a sign-in answer or an HTML page
 
 
 async def read_body(response, limit):
@@ -1357,7 +1492,12 @@ class Upstream:
                                      timeout=self.timeout, auto_decompress=True)
         await self.pool.reload()
 
-    async def close(self):
+    async def stop(self):
+        """Ends every upstream answer in flight, so each client gets its stream's end, and closes the session:
+        requests still waiting for upstream's first byte end too. The one place the session is closed."""
+        self.stopping = True
+        for response in list(self.responses):
+            response.close()
         if self.session:
             await self.session.close()
 
@@ -1369,85 +1509,92 @@ class Upstream:
             headers["Authorization"] = f"Bearer {token.value}"
         return headers
 
-    async def complete(self, payload, sink):
-        """Runs one completion into `sink`, failing over to the next token while the client has seen nothing."""
+    async def watch_tokens(self):
+        """Polls the active token file every second: edits, editor renames and bind mounts all show up."""
+        while True:
+            await asyncio.sleep(1)
+            await self.pool.reload()
+
+    async def complete(self, payload, completion, tried):
+        """Runs one completion, trying tokens in turn while each failure's policy allows it and the client has
+        seen nothing; `tried` receives the tokens tried, the last one the one that answered."""
         pool, url = self.pool, self.url
         body = json.dumps(payload, ensure_ascii=False).encode()
-        tried, error = [], None
+        error = None
         for _ in range(self.settings.max_retries + 1):
             token = pool.acquire(tried)
             if token is None:
                 break
             tried.append(token)
             try:
-                await self._attempt(url, body, self.headers(token), sink)
+                await self._attempt(url, body, self.headers(token), completion)
             except UpstreamError as failure:
                 pool.fail(token, failure)
                 error = failure
                 log.info("upstream attempt failed (%s token %d of %d) %s: %s", pool.mode, len(tried),
-                         self.settings.max_retries + 1, failure.code, failure)
-                if sink.committed or not failure.retryable or (token is NO_TOKEN and failure.status == 504):
-                    raise  # asking again without a token after a timeout would only double the wait
-                sink.reset()
+                         self.settings.max_retries + 1, failure.failure.code, failure)
+                if completion.committed or not self.worth_another_try(failure.failure, token):
+                    raise
+                completion.reset()
                 continue
             pool.succeed(token)
             return
         raise error or pool.unavailable()
 
-    async def stop(self):
-        """Ends every upstream answer in flight, so each client gets its stream's end before the process exits."""
-        self.stopping = True
-        for response in list(self.responses):
-            response.close()
-        if self.session:
-            await self.session.close()  # also ends requests still waiting for upstream's first byte
+    @staticmethod
+    def worth_another_try(failure, token):
+        """Whether the next attempt may do better: the kind fails over, and without a token, asking again
+        anonymously is worth it for this kind (not after a timeout, which would only double the wait)."""
+        return failure.fail_over and (token is not NO_TOKEN or failure.retry_anonymous)
 
     def _stopped(self):
-        return UpstreamError("the proxy is shutting down", 503, "shutting_down", charge=False, retryable=False)
+        return UpstreamError(SHUTTING_DOWN, "the proxy is shutting down")
 
-    async def _attempt(self, url, body, headers, sink):
+    async def _attempt(self, url, body, headers, completion):
         if self.stopping:
             raise self._stopped()
-        parser = UpstreamText()
         try:
             response = await self.session.post(url, data=body, headers=headers, allow_redirects=False)
         except asyncio.TimeoutError:
-            raise UpstreamError(f"upstream did not answer within {self.settings.request_timeout:g} s",
-                                504, "upstream_timeout") from None
+            raise UpstreamError(TIMED_OUT, f"upstream did not answer within {self.settings.request_timeout:g} s"
+                                ) from None
         except (ClientError, OSError) as exc:
             if self.stopping:
                 raise self._stopped() from None
-            raise UpstreamError(f"cannot reach upstream ({type(exc).__name__})", 502, charge=False) from None
+            raise UpstreamError(UNREACHABLE, f"cannot reach upstream ({type(exc).__name__})") from None
         self.responses.add(response)
-        fields = set()
         try:
-            async for frames in self._batches(response):
-                if await self._deliver(frames, parser, sink, fields):
-                    break
-            if self.stopping:
-                raise self._stopped()
-            reasoning, answer = parser.finish()
-            if parser.is_empty():
-                raise no_content_error(response.content_type, fields)
-            await sink.add(reasoning, answer)
+            await self._read(response, completion)
         except asyncio.TimeoutError:
-            raise UpstreamError(f"upstream sent nothing for {self.settings.request_timeout:g} s",
-                                504, "upstream_timeout") from None
+            raise UpstreamError(TIMED_OUT, f"upstream sent nothing for {self.settings.request_timeout:g} s") from None
         except (ClientError, OSError) as exc:
             if self.stopping:
                 raise self._stopped() from None
-            raise UpstreamError(f"upstream connection broke mid-answer ({type(exc).__name__})", 502) from None
+            raise UpstreamError(BROKEN, f"upstream connection broke mid-answer ({type(exc).__name__})") from None
         finally:
             self.responses.discard(response)
             response.close()
 
+    async def _read(self, response, completion):
+        """Reads the answer to its end, handing each network read's text to the completion as it arrives."""
+        parser, fields = UpstreamText(), set()
+        async for frames in self._batches(response):
+            if await self._deliver(frames, parser, completion, fields):
+                break
+        if self.stopping:
+            raise self._stopped()
+        reasoning, answer = parser.finish()
+        if parser.is_empty():
+            raise no_content_error(response.content_type, fields)
+        await completion.take(reasoning, answer)
+
     @staticmethod
-    async def _deliver(frames, parser, sink, fields):
+    async def _deliver(frames, parser, completion, fields):
         """Passes the text of frames that arrived together to the client in one piece; True once the answer
         is complete: at a `done` event, or at a finish reason (the rest of that read is still taken, as a
         usage or done event often rides along). Nothing more is read then, so a connection torn down after
         its end is no error."""
-        reasoning, answer, ended = [], [], False
+        reasoning, answer, usage, finish_reason, ended = [], [], None, None, False
         try:
             for frame in frames:
                 fields.update(frame.fields)
@@ -1456,15 +1603,14 @@ class Upstream:
                 more_reasoning, more_answer = parser.read(frame)
                 reasoning.append(more_reasoning)
                 answer.append(more_answer)
-                if frame.usage:
-                    sink.usage = frame.usage
-                if frame.finish_reason in ("length", "content_filter"):
-                    sink.finish_reason = frame.finish_reason
+                usage = frame.usage or usage
+                finish_reason = frame.finish_reason or finish_reason
                 ended = ended or frame.finish_reason is not None
                 if frame.done:
-                    return True
+                    ended = True
+                    break
         finally:
-            await sink.add("".join(reasoning), "".join(answer))
+            await completion.take("".join(reasoning), "".join(answer), usage, finish_reason)
         return ended
 
     async def _batches(self, response):
@@ -1472,28 +1618,43 @@ class Upstream:
         decided by the content type."""
         kind = response.content_type
         if kind == "text/html" and response.status != 429:
-            raise blocked_error(response.status, (await read_body(response, 65536)).decode("utf-8", "replace"))
+            raise blocked_error(response.status, (await read_body(response, ERROR_BODY_BYTES)).decode("utf-8", "replace"))
         if response.status != 200:
-            body = await read_body(response, 65536)
-            raise upstream_error(response.status, body.decode("utf-8", "replace"),
-                                 response.headers.get("Retry-After"))
+            body = await read_body(response, ERROR_BODY_BYTES)
+            raise upstream_error(response.status, body.decode("utf-8", "replace"), response.headers.get("Retry-After"))
         if kind == "application/json":
             frame = parse_frame((await read_body(response, MAX_FRAME_BYTES)).decode("utf-8", "replace"))
             if frame is None:
-                raise UpstreamError("upstream answered JSON that is not a chat answer")
+                raise UpstreamError(BROKEN, "upstream answered JSON that is not a chat answer")
             yield [frame]
             return
         if kind != "text/event-stream":
-            raise UpstreamError(f"upstream answered {kind or 'no content type'}, not a stream", charge=False,
-                                retryable=False)
+            raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {kind or 'no content type'}, not a stream")
         decoder = SSEDecoder()
         async for chunk in response.content.iter_any():
             yield decoder.feed(chunk)
         yield decoder.feed(b"", final=True)
 
 
-NOTHINK = "-nothink"
-RETIRED_MODELS = ("MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-v2")  # clients still ask for them: the default serves
+# ─── Accounts ────────────────────────────────────────────────────────────────
+# Accounts of ACCOUNTS_FILE sign in by themselves and keep a fresh token in the
+# user pool: before it expires, and again when the site refuses it.
+
+TOKEN_REFRESH_SHARE = 0.8           # of a token's lifetime, when its account signs in again
+ASSUMED_TOKEN_LIFETIME = 6 * 3600   # seconds, for a token whose expiry cannot be read
+SKEWED_RENEWAL = 600                # seconds between sign-ins while this machine's clock runs ahead
+SIGNIN_BACKOFF_FIRST, SIGNIN_BACKOFF_MAX = 5, 600  # seconds between failing sign-ins, doubling
+ACCOUNTS_POLL_SECONDS = 1.0         # how often the file and refused tokens are looked at
+
+
+def issued_token(body, cookie):
+    """The JWT a sign-in answer carries: in its JSON body (`token`), or else in its `token` cookie."""
+    try:
+        token = json.loads(body).get("token")
+    except (ValueError, AttributeError):
+        token = None
+    token = token or (cookie.value if cookie else None)
+    return token if isinstance(token, str) and token else None
 
 
 @dataclass(eq=False)
@@ -1520,15 +1681,6 @@ class Accounts:
         self.url = settings.k2think_base_url + "/api/v1/auths/signin"
         self.clock = clock
         self.accounts = {}
-        self._wake = asyncio.Event()
-        self.pool.on_auth_failure = self.refresh_soon
-
-    def refresh_soon(self, email):
-        """A token of this account was refused: sign in again at the next turn."""
-        account = self.accounts.get(email)
-        if account and account.status != "wrong_password":
-            account.next_signin = 0.0
-            self._wake.set()
 
     async def reload(self):
         text = await self.file.changes()
@@ -1548,12 +1700,13 @@ class Accounts:
             log.info("%d accounts in %s", len(self.accounts), self.file.path)
 
     async def run(self):
-        """Signs in whichever account is due, one at a time and spaced out; polls the file meanwhile."""
+        """Signs in whichever account is due (its token's time has come, or the site refused it), one at a time
+        and spaced out; polls the file meanwhile."""
         while True:
-            try:
-                await self.reload()
-            except OSError as exc:
-                log.warning("cannot read %s: %s", self.file.path, exc.strerror)
+            await self.reload()
+            for email in self.pool.refused_accounts():
+                if email in self.accounts and self.accounts[email].status != "wrong_password":
+                    self.accounts[email].next_signin = 0.0
             now = self.clock()
             due = [a for a in self.accounts.values() if a.status != "wrong_password" and a.next_signin <= now]
             if due:
@@ -1561,64 +1714,70 @@ class Accounts:
                 await asyncio.sleep(self.settings.signin_interval)
                 continue
             waiting = [a.next_signin - now for a in self.accounts.values() if a.status != "wrong_password"]
-            self._wake.clear()
-            try:
-                await asyncio.wait_for(self._wake.wait(), min([1.0, *waiting]))
-            except asyncio.TimeoutError:
-                pass
+            await asyncio.sleep(min([ACCOUNTS_POLL_SECONDS, *waiting]))
 
     async def sign_in(self, account):
         try:
             async with self.upstream.session.post(
                     self.url, json={"email": account.email, "password": account.password},
                     headers=self.upstream.headers(NO_TOKEN), allow_redirects=False) as response:
-                body = await read_body(response, 65536)
+                body = await read_body(response, ERROR_BODY_BYTES)
                 cookie = response.cookies.get("token")
                 status = response.status
         except (ClientError, OSError, asyncio.TimeoutError) as exc:
             return self._failed(account, f"sign-in request failed ({type(exc).__name__})")
         if status in (400, 401):
-            account.status = "wrong_password"
-            detail = error_detail(body.decode("utf-8", "replace")) or f"HTTP {status}"
-            account.last_error = f"sign-in refused: {detail}"
-            self.pool.drop_account(account.email)
-            log.warning("account %s: sign-in refused (wrong email or password); fix %s", account.email,
-                        self.file.path.name)
-            return
-        try:
-            token = json.loads(body).get("token") if status == 200 else None
-        except (ValueError, AttributeError):
-            token = None
-        token = token or (cookie.value if cookie and status == 200 else None)
-        if not isinstance(token, str) or not token:
+            return self._refused(account, error_detail(body.decode("utf-8", "replace")) or f"HTTP {status}")
+        token = issued_token(body, cookie) if status == 200 else None
+        if not token:
             return self._failed(account, f"sign-in answered HTTP {status} without a token")
+        self._signed_in(account, token)
+
+    def _refused(self, account, detail):
+        """A wrong email or password: the account waits until its line changes."""
+        account.status, account.last_error = "wrong_password", f"sign-in refused: {detail}"
+        self.pool.drop_account(account.email)
+        log.warning("account %s: sign-in refused (wrong email or password); fix %s", account.email,
+                    self.file.path.name)
+
+    def _signed_in(self, account, token):
+        """Puts the new token in the pool and sets the next sign-in before it expires."""
         now = self.clock()
         account.status, account.last_error, account.failures = "signed_in", None, 0
         expires = jwt_expiry(token)
         if expires is None:
-            delay = 0.8 * 6 * 3600
+            delay = TOKEN_REFRESH_SHARE * ASSUMED_TOKEN_LIFETIME
         elif expires > now:
-            delay = 0.8 * (expires - now)
+            delay = TOKEN_REFRESH_SHARE * (expires - now)
         else:
             log.warning("account %s: the new token expired before it arrived; is this machine's clock right? "
-                        "Using it anyway and signing in again every 10 minutes", account.email)
-            expires, delay = None, 600
+                        "Using it anyway and signing in again every %d minutes", account.email, SKEWED_RENEWAL // 60)
+            expires, delay = None, SKEWED_RENEWAL
         account.signed_in_at, account.expires_at, account.next_signin = now, expires, now + delay
         self.pool.put_account_token(account.email, token, expires)
         self.on_sign_in()
-        log.info("account %s signed in; next sign-in in %.0f s", account.email, account.next_signin - now)
+        log.info("account %s signed in; next sign-in in %.0f s", account.email, delay)
 
     def _failed(self, account, reason):
         """Retries with backoff: 5 s, 10 s, 20 s ... up to 10 minutes."""
         account.failures += 1
         account.status, account.last_error = "failing", reason
-        account.next_signin = self.clock() + min(600, 5 * 2 ** (account.failures - 1))
+        account.next_signin = self.clock() + min(SIGNIN_BACKOFF_MAX, SIGNIN_BACKOFF_FIRST * 2 ** (account.failures - 1))
         log.warning("account %s: %s; retrying in %.0f s", account.email, reason, account.next_signin - self.clock())
 
     def stats(self):
         return [{"email": a.email, "status": a.status, "last_error": a.last_error, "signed_in_at": a.signed_in_at,
                  "expires_at": a.expires_at, "next_signin": a.next_signin if a.status != "wrong_password" else None,
                  "failures": a.failures} for a in self.accounts.values()]
+
+
+# ─── Models ──────────────────────────────────────────────────────────────────
+# The model ids clients may ask for: upstream's own list in user mode, MODELS
+# otherwise, the retired ids and MODEL_ALIASES. Offers resolve().
+
+NOTHINK = "-nothink"
+RETIRED_MODELS = ("MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-v2")  # clients still ask for them: the default serves
+MODELS_RETRY_SECONDS = 30.0  # between model list fetches while upstream's list cannot be had
 
 
 class Models:
@@ -1686,66 +1845,18 @@ class Models:
             fetched = self.upstream.mode == "user" and await self.refresh()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.settings.models_refresh if fetched
-                                       else min(30.0, self.settings.models_refresh))
+                                       else min(MODELS_RETRY_SECONDS, self.settings.models_refresh))
             except asyncio.TimeoutError:
                 pass
 
 
-# ─── OpenAI handlers ─────────────────────────────────────────────────────────
-# Requests are checked and translated by pure functions; the two sinks turn
-# reasoning and answer deltas into OpenAI chunks or one OpenAI message.
-
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-
-
-class AppState:
-    """Everything a running proxy keeps: settings, the upstream side, request figures."""
-
-    def __init__(self, settings):
-        self.settings = settings
-        self.upstream = Upstream(settings)
-        self.models = Models(settings, self.upstream)
-        self.accounts = Accounts(settings, self.upstream, on_sign_in=self.models.token_arrived)
-        self.started = int(time.time())
-        self.stats = {"requests": 0, "errors": 0, "in_flight": 0, "ttfb_total": 0.0, "ttfb_count": 0}
-        self.admin_page = None  # (body, headers), read at start-up
-        self.save_lock = asyncio.Lock()
-
-
-STATE = web.AppKey("state", AppState)
-
-
-def _number(body, name, low, high):
-    value = body.get(name)
-    if value is None:
-        return None
-    _expect(isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high,
-            f"'{name}' must be a number between {low} and {high}", name)
-    return value
-
-
-def _integer(body, name, low):
-    value = body.get(name)
-    if value is None:
-        return None
-    _expect(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-            f"'{name}' must be an integer of at least {low}", name)
-    return value
-
-
-@dataclass
-class ChatRequest:
-    model: str
-    upstream_model: str
-    show_reasoning: bool
-    stream: bool
-    include_usage: bool
-    messages: list
-    params: dict
-    effort: str
-    tools: ToolPlan = None
-    prompt_chars: int = 0
-
+# ─── Core ────────────────────────────────────────────────────────────────────
+# A completion request in no client's dialect, and the events its completion
+# produces. Offers the front doors below: checks of what the model can read
+# (images, text files), Transcript (upstream messages built turn by turn),
+# CoreRequest, the events, the two writers (EventStream, Collector), the
+# request record and figures, read_json, and serve_completion: the one request
+# path every dialect takes.
 
 TEXT_FILE_EXTENSIONS = frozenset("""
     txt text md markdown rst csv tsv json jsonl ndjson yaml yml toml ini cfg conf env properties log xml html htm
@@ -1755,59 +1866,55 @@ TEXT_FILE_EXTENSIONS = frozenset("""
 TEXT_MEDIA_TYPES = re.compile(r"text/.*|application/(json|ld\+json|xml|x-yaml|yaml|toml|javascript|"
                               r"x-javascript|typescript|x-sh|x-python|sql|x-tex|csv|x-ndjson)")
 DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*(;base64)?,(.*)", re.S)
+CHARS_PER_TOKEN = 4  # the estimate of usage when upstream gives none
+
+
+def too_large(where, limit):
+    return ApiError(413, f"{where} is larger than MAX_FILE_MB ({limit / MB:g} MB)", param=where, code="file_too_large")
+
+
+def decode_base64(payload, where, limit):
+    """The bytes of base64 text, with 413 over `limit` and 400 when it is not base64."""
+    if len(payload) * 3 // 4 > limit + 3:
+        raise too_large(where, limit)
+    try:
+        raw = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where} does not hold valid base64 data", param=where, code="invalid_base64") from None
+    if len(raw) > limit:
+        raise too_large(where, limit)
+    return raw
 
 
 def decode_data(data, where, limit):
     """(media type, bytes) of a data: URL or bare base64, with 413 over `limit` and 400 for bad base64."""
     found = DATA_URL.fullmatch(data)
-    media, payload = (found.group(1) or "", found.group(3)) if found else ("", data)
     if found and not found.group(2):
-        raw = urllib.parse.unquote_to_bytes(payload)
-    else:
-        if len(payload) * 3 // 4 > limit + 3:
-            raise ApiError(413, f"{where} is larger than MAX_FILE_MB ({limit / 1048576:g} MB)", param=where,
-                           code="file_too_large")
-        try:
-            raw = base64.b64decode("".join(payload.split()), validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{where} does not hold valid base64 data", param=where,
-                           code="invalid_base64") from None
-    if len(raw) > limit:
-        raise ApiError(413, f"{where} is larger than MAX_FILE_MB ({limit / 1048576:g} MB)", param=where,
-                       code="file_too_large")
-    return media.lower(), raw
+        raw = urllib.parse.unquote_to_bytes(found.group(3))
+        if len(raw) > limit:
+            raise too_large(where, limit)
+        return (found.group(1) or "").lower(), raw
+    media, payload = ((found.group(1) or ""), found.group(3)) if found else ("", data)
+    return media.lower(), decode_base64(payload, where, limit)
 
 
-def image_part(part, where, limit):
-    """An image_url part as upstream takes it: a valid image data: URL or an http(s) URL, passed as it is."""
-    image = part.get("image_url")
-    url = image.get("url") if isinstance(image, dict) else image
-    _expect(isinstance(url, str) and url, f"{where}.image_url.url is missing", where, "invalid_type")
+def image_part(url, where, limit):
+    """An image as upstream takes it: a valid image data: URL or an http(s) URL, passed as it is."""
     if url.startswith("data:"):
         media, raw = decode_data(url, where, limit)
-        _expect(media.startswith("image/"), f"{where} is a data: URL of '{media or 'no type'}', not an image",
-                where, "invalid_image")
-        _expect(raw and re.match(r"data:[^,]*;base64,", url, re.IGNORECASE),
-                f"{where} must be a data: URL holding the image in base64 (data:image/png;base64,...)", where,
-                "invalid_image")
+        expect(media.startswith("image/"), f"{where} is a data: URL of '{media or 'no type'}', not an image",
+               where, "invalid_image")
+        expect(raw and re.match(r"data:[^,]*;base64,", url, re.IGNORECASE),
+               f"{where} must be a data: URL holding the image in base64 (data:image/png;base64,...)", where,
+               "invalid_image")
     else:
-        _expect(re.match(r"https?://\S+$", url), f"{where}.image_url.url must be a data: URL or an http(s) URL",
-                where, "invalid_image")
+        expect(re.match(r"https?://\S+$", url), f"{where} must be a data: URL or an http(s) URL of an image",
+               where, "invalid_image")
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def file_part_text(part, where, limit):
-    """A text file attached to a message, inlined as a fenced block headed by its name."""
-    file = part.get("file")
-    _expect(isinstance(file, dict), f"{where}.file must be an object with filename and file_data", where,
-            "invalid_type")
-    name = file.get("filename") if isinstance(file.get("filename"), str) and file.get("filename") else "file"
-    data = file.get("file_data")
-    if data is None and file.get("file_id"):
-        raise ApiError(400, f"{where}: uploaded file ids cannot be fetched through this proxy; send the file "
-                            "itself as file_data", param=where, code="unsupported_file")
-    _expect(isinstance(data, str) and data, f"{where}.file.file_data is missing", where, "invalid_type")
-    media, raw = decode_data(data, where, limit)
+def text_file(name, media, raw, where):
+    """A text file, inlined as a fenced block headed by its name; a binary file is a 400 naming it."""
     extension = name.rsplit(".", 1)[-1].lower() if "." in name else name.lower()
     text = None
     if extension in TEXT_FILE_EXTENSIONS or TEXT_MEDIA_TYPES.fullmatch(media):
@@ -1819,256 +1926,269 @@ def file_part_text(part, where, limit):
                 continue
     if text is None or "\x00" in text:  # NUL bytes: a binary file, whatever its name says
         raise ApiError(400, f"{where}: the file '{name}' ({media or 'unknown type'}) cannot be read by the model; "
-                            "supported are text files in UTF-8 (txt, md, csv, json, code, ...) and images as "
-                            "image_url parts", param=where, code="unsupported_file")
+                            "supported are text files in UTF-8 (txt, md, csv, json, code, ...) and images",
+                       param=where, code="unsupported_file")
     fence = "`" * max(3, max(map(len, re.findall(r"`+", text)), default=0) + 1)
-    return f"File: {name}\n{fence}\n{text}\n{fence}"
+    return {"type": "text", "text": f"File: {name}\n{fence}\n{text}\n{fence}"}
 
 
-def message_text(content, index, max_file_bytes):
-    """A message's content as upstream takes it: a string, or a list of parts when it holds images."""
-    if content is None or isinstance(content, str):
-        return content or ""
-    _expect(isinstance(content, list), f"messages[{index}].content must be a string or a list of parts",
-            f"messages[{index}].content", "invalid_type")
-    parts = []
-    for number, part in enumerate(content):
-        where = f"messages[{index}].content[{number}]"
-        _expect(isinstance(part, dict) and isinstance(part.get("type"), str),
-                f"{where} must be an object with a 'type'", where, "invalid_type")
-        kind = part["type"]
-        if kind == "text":
-            _expect(isinstance(part.get("text"), str), f"{where}.text must be a string", where, "invalid_type")
-            parts.append({"type": "text", "text": part["text"]})
-        elif kind == "image_url":
-            parts.append(image_part(part, where, max_file_bytes))
-        elif kind == "file":
-            parts.append({"type": "text", "text": file_part_text(part, where, max_file_bytes)})
-        else:
-            raise ApiError(400, f"{where} has type '{kind}', which is not supported (text, image_url, file)",
-                           param=where, code="unsupported_content")
+def text_of(parts):
+    return "\n".join(part["text"] for part in parts if part["type"] == "text")
+
+
+def content_of(parts):
+    """Message content as upstream takes it: a string when it is all text, else the list of parts."""
     if all(part["type"] == "text" for part in parts):
-        return "\n".join(part["text"] for part in parts)
+        return text_of(parts)
     return parts
 
 
-def tool_result_content(content, render):
-    """A tool's result as upstream takes it: its text wrapped by `render`, its images (a screenshot) kept."""
-    if isinstance(content, str):
-        return render(content)
-    text = render("\n".join(part["text"] for part in content if part["type"] == "text"))
-    return [{"type": "text", "text": text}, *(part for part in content if part["type"] != "text")]
+class Transcript:
+    """Upstream messages built turn by turn from any dialect's history: tool calls and results become the text
+    the model is told to write and read, every assistant turn carries the thinking field the site requires (and
+    never the reasoning a client sends back), and the tool prompt joins the system message."""
+
+    def __init__(self):
+        self.messages = []
+        self.call_names = {}
+
+    def add(self, role, content):
+        """A system or user turn; `content` is a string or a list of upstream parts."""
+        self.messages.append({"role": role, "content": content})
+
+    def assistant(self, text, calls=()):
+        """An assistant turn: its text and the calls it made, as (call id, name, arguments) triples."""
+        blocks = []
+        for call_id, name, arguments in calls:
+            self.call_names[call_id] = name
+            blocks.append(render_call(name, arguments))
+        self.messages.append({"role": "assistant", "content": "\n".join(filter(None, [text, *blocks])),
+                              "reasoning": ""})
+
+    def tool_result(self, call_id, content, name=None, failed=False):
+        """A tool's result, as a user turn; its images (a screenshot) stay images."""
+        name = name or self.call_names.get(call_id) or "unknown"
+        if isinstance(content, str):
+            self.add("user", render_tool_result(name, call_id, content, failed))
+            return
+        text = render_tool_result(name, call_id, text_of(content), failed)
+        self.add("user", content_of([{"type": "text", "text": text}, *(p for p in content if p["type"] != "text")]))
+
+    def finish(self, plan):
+        """The messages, with the tool prompt joined to the system message (or first, when there is none)."""
+        messages = self.messages
+        if plan:
+            prompt = tool_prompt(plan)
+            if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
+                messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{prompt}"}
+            else:
+                messages.insert(0, {"role": "system", "content": prompt})
+        return messages
 
 
-def upstream_messages(messages, tools=None, max_file_bytes=10 * 1048576):
-    """OpenAI messages as Open WebUI takes them: developer becomes system, tool history becomes text,
-    reasoning_content is dropped, and the tool prompt joins the system message."""
-    _expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages",
-            "invalid_type" if not isinstance(messages, list) else "invalid_value")
-    rendered, call_names = [], {}
-    for index, message in enumerate(messages):
-        _expect(isinstance(message, dict), f"messages[{index}] must be an object", f"messages[{index}]",
-                "invalid_type")
-        role = message.get("role")
-        _expect(role in ROLES, f"messages[{index}].role must be one of {', '.join(ROLES)}",
-                f"messages[{index}].role")
-        content = message_text(message.get("content"), index, max_file_bytes)
-        if role == "assistant" and isinstance(content, list):
-            number = next(n for n, part in enumerate(message["content"]) if part["type"] == "image_url")
-            raise ApiError(400, f"messages[{index}].content[{number}]: assistant messages hold text only, as on "
-                                "OpenAI; send images in user messages", param=f"messages[{index}].content[{number}]",
-                           code="unsupported_content")
-        if role == "assistant" and message.get("tool_calls"):
-            calls = message["tool_calls"]
-            _expect(isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict)
-                                                    for c in calls),
-                    f"messages[{index}].tool_calls must be a list of tool calls", f"messages[{index}].tool_calls",
-                    "invalid_type")
-            blocks = []
-            for call in calls:
-                call_names[call.get("id")] = call["function"].get("name")
-                blocks.append(render_call(call["function"].get("name"), call["function"].get("arguments", {})))
-            content = "\n".join(filter(None, [content, *blocks]))
-        elif role in ("tool", "function"):
-            call_id = message.get("tool_call_id", "")
-            name = message.get("name") or call_names.get(call_id) or "unknown"
-            content, role = tool_result_content(content, lambda text: render_tool_result(name, call_id, text)), "user"
-        rendered.append({"role": "system" if role == "developer" else role, "content": content})
-        if role == "assistant":
-            rendered[-1]["reasoning"] = ""  # the site refuses an assistant turn without a thinking field
-    if tools:
-        prompt = tool_prompt(tools)
-        if rendered[0]["role"] == "system" and isinstance(rendered[0]["content"], str):
-            rendered[0]["content"] = f"{rendered[0]['content']}\n\n{prompt}"
-        else:
-            rendered.insert(0, {"role": "system", "content": prompt})
-    return rendered
-
-
-def parse_chat_request(body, settings, models):
-    """Checks an OpenAI chat request and translates it; every problem is a 400 naming the field."""
-    _expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
-    model = body.get("model")
-    _expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
-    upstream_model, show_reasoning = models.resolve(model)
-    stream = body.get("stream", False)
-    _expect(stream is None or isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
-    n = _integer(body, "n", 1)
-    _expect(n in (None, 1), "Only n=1 is supported", "n")
-    options = body.get("stream_options") or {}
-    _expect(isinstance(options, dict), "'stream_options' must be an object", "stream_options", "invalid_type")
-    params = {}
-    for name, value in (("temperature", _number(body, "temperature", 0, 2)),
-                        ("top_p", _number(body, "top_p", 0, 1)),
-                        ("max_tokens", _integer(body, "max_completion_tokens", 1) or _integer(body, "max_tokens", 1))):
-        if value is not None:
-            params[name] = value
-    stop = body.get("stop")
-    if stop is not None:
-        _expect(isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
-                "'stop' must be a string or a list of strings", "stop", "invalid_type")
-        params["stop"] = [stop] if isinstance(stop, str) else stop
-    effort = reasoning_effort(body.get("reasoning_effort"), settings.reasoning_effort if show_reasoning else "low")
-    tools = parse_tools(body, settings.tool_support)
-    messages = upstream_messages(body.get("messages"), tools, int(settings.max_file_mb * 1048576))
-    prompt_chars = sum(len(m["content"]) if isinstance(m["content"], str) else 0 for m in messages)
-    return ChatRequest(model, upstream_model, show_reasoning, bool(stream),
-                       bool(options.get("include_usage")), messages, params, effort, tools, prompt_chars)
-
-
-REQUEST_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}  # OpenAI's → the site's
-
-
-def reasoning_effort(asked, default):
-    """The site's reasoning effort for a request's `reasoning_effort`; `default` when it says nothing."""
-    if asked is None:
-        return default
-    _expect(isinstance(asked, str) and asked in REQUEST_EFFORTS,
-            f"'reasoning_effort' must be one of {', '.join(REQUEST_EFFORTS)}", "reasoning_effort")
-    return REQUEST_EFFORTS[asked]
-
-
-def error_body(message, type_="invalid_request_error", param=None, code=None):
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
-
-
-def api_error_of(error):
-    """The client-facing ApiError for an upstream failure."""
-    if isinstance(error, ApiError):
-        return error
-    kind = {429: "rate_limit_error", 404: "invalid_request_error", 400: "invalid_request_error",
-            413: "invalid_request_error", 504: "timeout_error"}.get(error.status, "upstream_error")
-    return ApiError(error.status, str(error), kind, code=error.code,
-                    retry_after=round(error.retry_after) if error.retry_after else None)
+def prompt_chars(messages):
+    """Characters of text in upstream messages, for the usage estimate."""
+    return sum(len(m["content"]) if isinstance(m["content"], str) else len(text_of(m["content"])) for m in messages)
 
 
 def estimate_tokens(chars):
-    return max(1, round(chars / 4)) if chars else 0
+    return max(1, round(chars / CHARS_PER_TOKEN)) if chars else 0
+
+
+@dataclass(frozen=True)
+class CoreRequest:
+    """A completion request in no dialect: what goes upstream, and how the answer is to be shown."""
+    model: str                # the id the client asked for, echoed in its answer
+    upstream_model: str
+    messages: list            # rendered for upstream
+    params: dict              # temperature, top_p, max_tokens, stop
+    effort: str
+    stream: bool
+    show_reasoning: bool
+    tools: ToolPlan = None
+
+    def payload(self):
+        return upstream_payload(self.upstream_model, self.messages, self.params, self.effort)
+
+    @property
+    def prompt_tokens(self):
+        return estimate_tokens(prompt_chars(self.messages))
+
+
+# The events of a completion. What arrived from upstream together is one list of events, and leaves in one write.
+
+@dataclass(frozen=True)
+class Reasoning:
+    text: str
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    index: int
+    id: str       # without a dialect's prefix (call_, toolu_, fc_)
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolArguments:
+    index: int
+    text: str     # the next piece of the arguments' JSON
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+
+    @property
+    def total_tokens(self):
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str   # stop | length | tool_calls | content_filter
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ApiError
+
+
+UPSTREAM_FINISH_REASONS = ("length", "content_filter")  # the reasons of upstream's that a client is told
+
+
+class Progress:
+    """What one upstream attempt has produced, as events: a failed attempt's progress is dropped whole."""
+
+    def __init__(self, tools, show_reasoning):
+        self.scanner = ToolCallScanner(tools.names) if tools else None
+        self.show_reasoning = show_reasoning
+        self.calls = 0
+        self.reasoning_chars = 0
+        self.answer_chars = 0
+        self.upstream_usage = None
+        self.finish_reason = None
+
+    def events(self, reasoning, answer, usage=None, finish_reason=None):
+        """The events for what upstream added: reasoning, then answer text and the tool calls found in it."""
+        self.upstream_usage = usage or self.upstream_usage
+        self.finish_reason = finish_reason or self.finish_reason
+        events = []
+        if reasoning:
+            self.reasoning_chars += len(reasoning)
+            if self.show_reasoning:
+                events.append(Reasoning(reasoning))
+        return events + self._answer(self.scanner.feed(answer) if self.scanner and answer else [answer])
+
+    def closing(self, prompt_tokens):
+        """The last events: what the tool-call scanner held back, and the finish with its usage."""
+        events = self._answer(self.scanner.finish()) if self.scanner else []
+        reason = "tool_calls" if self.calls else (
+            self.finish_reason if self.finish_reason in UPSTREAM_FINISH_REASONS else "stop")
+        return events + [Finish(reason, self.usage(prompt_tokens))]
+
+    def _answer(self, pieces):
+        events = []
+        for piece in pieces:
+            if isinstance(piece, ToolCall):
+                events += [ToolCallStart(self.calls, uuid.uuid4().hex[:24], piece.name),
+                           ToolArguments(self.calls, piece.arguments)]
+                self.answer_chars += len(piece.arguments)
+                self.calls += 1
+            elif piece:
+                events.append(Text(piece))
+                self.answer_chars += len(piece)
+        return events
+
+    def usage(self, prompt_tokens):
+        """Upstream's counts where it gave them, else estimates; reasoning tokens are always estimated."""
+        given = self.upstream_usage or {}
+        counted = {key: given[key] for key in ("prompt_tokens", "completion_tokens")
+                   if isinstance(given.get(key), int) and not isinstance(given.get(key), bool)}
+        completion = estimate_tokens(self.reasoning_chars + self.answer_chars)
+        return Usage(counted.get("prompt_tokens", prompt_tokens), counted.get("completion_tokens", completion),
+                     estimate_tokens(self.reasoning_chars))
 
 
 class Completion:
-    """What both sinks share: turning reasoning and answer deltas into OpenAI deltas in the chosen format."""
+    """Turns what upstream sends into core events for the request's writer, and records when content began."""
 
-    def __init__(self, request, chat, settings):
-        self.request = request
-        self.chat = chat
-        self.think_tags = settings.thinking_format == "think_tags"
-        self.id = "chatcmpl-" + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.started = time.monotonic()
-        self.reset()
+    def __init__(self, core, writer, record):
+        self.core = core
+        self.writer = writer
+        self.record = record
+        self.committed = False  # the client has seen content: no other token may take over now
+        self.progress = Progress(core.tools, core.show_reasoning)
 
     def reset(self):
         """Forgets an attempt that failed before the client saw any of it."""
-        self.usage = None
-        self.finish_reason = None
-        self.committed = False
-        self._in_think = False
-        self._chars = 0
-        self._calls = 0
-        self.scanner = ToolCallScanner(self.chat.tools.names) if self.chat.tools else None
+        self.progress = Progress(self.core.tools, self.core.show_reasoning)
 
-    async def add(self, reasoning, answer):
-        """Delivers what upstream added: reasoning, then answer text and any tool calls found in it."""
-        await self._deliver(reasoning, self.scanner.feed(answer) if self.scanner and answer else [answer])
-
-    async def _deliver(self, reasoning, pieces):
-        """One write for what arrived together, reasoning and answer in deltas of their own: many clients
-        read only one field of a delta."""
-        deltas, content = [], ""
-        self._chars += len(reasoning)
-        if reasoning and self.chat.show_reasoning:
-            if self.think_tags:
-                content = reasoning if self._in_think else "<think>" + reasoning
-                self._in_think = True
-            else:
-                deltas.append({"reasoning_content": reasoning})
-        for piece in pieces:
-            if not piece:
-                continue
-            if self._in_think:
-                content += "</think>\n\n"
-                self._in_think = False
-            if isinstance(piece, str):
-                content += piece
-                self._chars += len(piece)
-                continue
-            if content:
-                deltas.append({"content": content})
-                content = ""
-            deltas += [{"tool_calls": [{"index": self._calls, "id": piece.id, "type": "function",
-                                        "function": {"name": piece.name, "arguments": ""}}]},
-                       {"tool_calls": [{"index": self._calls, "function": {"arguments": piece.arguments}}]}]
-            self._chars += len(piece.arguments)
-            self._calls += 1
-        if content:
-            deltas.append({"content": content})
-        if deltas:
-            await self._emit(deltas)
-
-    async def _emit(self, deltas):
+    async def take(self, reasoning, answer, usage=None, finish_reason=None):
+        """What one network read of upstream added; its events leave in one write."""
+        events = self.progress.events(reasoning, answer, usage, finish_reason)
+        if not events:
+            return
         if not self.committed:
             self.committed = True
-            self.request["ttfb"] = time.monotonic() - self.started
-        await self.emit(deltas)
+            self.record.first_content = time.monotonic() - self.record.started
+        await self.writer.write(events)
 
-    async def end(self):
-        """Settles what was held back (an unfinished call, a closing think tag) and the finish reason."""
-        if self.scanner:
-            await self._deliver("", self.scanner.finish())
-        if self._in_think:
-            self._in_think = False
-            await self._emit([{"content": "</think>"}])
-        if self._calls:
-            self.finish_reason = "tool_calls"
+    async def finish(self):
+        return await self.writer.close(self.progress.closing(self.core.prompt_tokens))
 
-    def final_usage(self):
-        if self.usage:
-            return self.usage
-        prompt, completion = estimate_tokens(self.chat.prompt_chars), estimate_tokens(self._chars)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    async def fail(self, error):
+        """Ends with `error`: an HTTP error while nothing was sent, else the dialect's error event."""
+        response = await self.writer.close([Failed(error)])
+        self.record.outcome = "ended with error"
+        return response
 
 
 class ClientGone(Exception):
     """The client closed its connection; nothing is to be sent, and no token is to blame."""
 
 
-class StreamSink(Completion):
-    """Streams the completion as OpenAI chunks over SSE; the response opens with the first byte it sends."""
+class EventStream:
+    """Writes a completion's events as server-sent events through a dialect's renderer. The response opens with
+    the first bytes sent, so a failure before any is still a real HTTP error; silence gets heartbeats."""
 
-    def __init__(self, request, chat, settings):
-        super().__init__(request, chat, settings)
+    def __init__(self, request, renderer, keepalive_seconds):
+        self.request = request
+        self.renderer = renderer
         self.response = None
         self._open_lock = asyncio.Lock()
-        self._keepalive_every = settings.keepalive_seconds
+        self._keepalive_every = keepalive_seconds
         self._last_write = time.monotonic()
-        head = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                           "model": chat.model}, ensure_ascii=False)
-        self._chunk_head = b"data: " + head[:-1].encode() + b',"choices":[{"index":0,"delta":'
-        self._role_sent = False
-        self._keepalive = asyncio.ensure_future(self._keep_alive())
+        self._heartbeat = None
 
-    async def _write(self, data, last=False):
+    def start(self):
+        self._heartbeat = asyncio.ensure_future(self._beat())
+
+    def stop(self):
+        if self._heartbeat:
+            self._heartbeat.cancel()
+
+    async def write(self, events):
+        await self._send(self.renderer.render(events))
+
+    async def close(self, events):
+        """Writes the last events (a Finish or a Failed) and ends the stream; raises a failure that comes
+        before anything was sent, as an HTTP error."""
+        self.stop()
+        if isinstance(events[-1], Failed) and self.response is None:
+            raise events[-1].error
+        await self._send(self.renderer.render(events), last=True)
+        return self.response
+
+    async def _send(self, data, last=False):
         if self.response is None:
             async with self._open_lock:
                 if self.response is None:
@@ -2077,108 +2197,171 @@ class StreamSink(Completion):
                         "X-Accel-Buffering": "no"})
                     await response.prepare(self.request)
                     self.response = response
+                    data = self.renderer.opening() + data
         self._last_write = time.monotonic()
         try:
             await (self.response.write_eof(data) if last else self.response.write(data))
         except (ConnectionError, RuntimeError):
             raise ClientGone() from None
 
-    async def _keep_alive(self):
-        """Sends an SSE comment after each KEEPALIVE_SECONDS of silence, so proxies keep the stream open."""
+    async def _beat(self):
+        """Sends the dialect's heartbeat after each KEEPALIVE_SECONDS of silence, so proxies keep the stream."""
         try:
             while True:
                 idle = time.monotonic() - self._last_write
                 if idle >= self._keepalive_every:
-                    await self._write(b": keep-alive\n\n")
+                    await self._send(self.renderer.heartbeat())
                 else:
                     await asyncio.sleep(self._keepalive_every - idle)
         except ClientGone:
             pass
 
-    def _chunk(self, delta, finish_reason=None):
-        if not self._role_sent:
-            self._role_sent = True
-            delta = {"role": "assistant", **delta}
-        finish = b"null" if finish_reason is None else b'"%s"' % finish_reason.encode()
-        return (self._chunk_head + json.dumps(delta, ensure_ascii=False).encode()
-                + b',"finish_reason":' + finish + b"}]}\n\n")
 
-    async def emit(self, deltas):
-        await self._write(b"".join(map(self._chunk, deltas)))
-
-    async def finish(self):
-        await self.end()
-        self._keepalive.cancel()
-        data = self._chunk({}, self.finish_reason or "stop")
-        if self.chat.include_usage:
-            usage = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                                "model": self.chat.model, "choices": [], "usage": self.final_usage()})
-            data += b"data: " + usage.encode() + b"\n\n"
-        await self._write(data + b"data: [DONE]\n\n", last=True)
-        return self.response
-
-    async def fail(self, error):
-        """Ends the stream with an error event, or raises it as an HTTP error while nothing was sent."""
-        self._keepalive.cancel()
-        error = api_error_of(error)
-        if self.response is None:
-            raise error
-        self.request["outcome"] = "ended with error"
-        body = error_body(error.message, error.type, error.param, error.code)
-        await self._write(b"data: " + json.dumps(body).encode() + b"\n\ndata: [DONE]\n\n", last=True)
-        return self.response
-
-    def cancel(self):
-        self._keepalive.cancel()
+@dataclass
+class Answer:
+    """A whole completion, gathered from its events for a non-streamed response."""
+    reasoning: str = ""
+    text: str = ""
+    calls: list = field(default_factory=list)  # [id, name, arguments]
+    finish: Finish = None
 
 
-class CollectSink(Completion):
-    """Gathers the whole completion for a non-streamed answer."""
+class Collector:
+    """Gathers a completion's events into an Answer, which the dialect's `render` turns into the JSON body."""
 
-    def reset(self):
-        super().reset()
-        self.reasoning = []
-        self.content = []
-        self.tool_calls = []
+    def __init__(self, render):
+        self.render = render
+        self.answer = Answer()
+        self.response = None
 
-    async def emit(self, deltas):
-        for delta in deltas:
-            if "reasoning_content" in delta:
-                self.reasoning.append(delta["reasoning_content"])
-            if "content" in delta:
-                self.content.append(delta["content"])
-            for piece in delta.get("tool_calls", ()):
-                if "id" in piece:
-                    self.tool_calls.append({key: piece[key] for key in ("id", "type")}
-                                           | {"function": dict(piece["function"])})
-                else:
-                    self.tool_calls[piece["index"]]["function"]["arguments"] += piece["function"]["arguments"]
-
-    async def finish(self):
-        await self.end()
-        content = "".join(self.content)
-        message = {"role": "assistant", "content": content.strip() or None if self.tool_calls else content}
-        if self.tool_calls:
-            message["tool_calls"] = self.tool_calls
-        if self.reasoning:
-            message["reasoning_content"] = "".join(self.reasoning)
-        return web.json_response({
-            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.chat.model,
-            "choices": [{"index": 0, "message": message, "finish_reason": self.finish_reason or "stop"}],
-            "usage": self.final_usage()}, dumps=lambda obj: json.dumps(obj, ensure_ascii=False))
-
-    async def fail(self, error):
-        raise api_error_of(error)
-
-    def cancel(self):
+    def start(self):
         pass
+
+    def stop(self):
+        pass
+
+    async def write(self, events):
+        answer = self.answer
+        for event in events:
+            if isinstance(event, Reasoning):
+                answer.reasoning += event.text
+            elif isinstance(event, Text):
+                answer.text += event.text
+            elif isinstance(event, ToolCallStart):
+                answer.calls.append([event.id, event.name, ""])
+            elif isinstance(event, ToolArguments):
+                answer.calls[event.index][2] += event.text
+            elif isinstance(event, Finish):
+                answer.finish = event
+            elif isinstance(event, Failed):
+                raise event.error
+
+    async def close(self, events):
+        await self.write(events)
+        self.response = web.json_response(self.render(self.answer), dumps=json_text)
+        return self.response
+
+
+def json_text(value):
+    return json.dumps(value, ensure_ascii=False)
+
+
+@dataclass
+class RequestRecord:
+    """One request's facts, from its arrival to its log line and its share of the figures."""
+    method: str
+    path: str
+    dialect: str
+    counted: bool               # a completion: it counts in the figures
+    started: float              # time.monotonic()
+    model: str = None
+    stream: bool = None
+    outcome: str = None         # "client gone", "ended with error"
+    first_content: float = None  # seconds from arrival to the first content sent
+    attempts: int = 0
+    token: str = None           # the token that answered, masked
+
+
+RECORD = web.RequestKey("record", RequestRecord)
+
+
+class Figures:
+    """The request figures of the admin page: completions asked for, failed, in flight, time to first content."""
+
+    def __init__(self):
+        self.requests = 0
+        self.errors = 0
+        self.in_flight = 0
+        self._first_content_total = 0.0
+        self._first_content_count = 0
+
+    def begin(self, record):
+        if record.counted:
+            self.requests += 1
+            self.in_flight += 1
+
+    def end(self, record, status):
+        """Counts a request that has ended; one whose client left counts as neither success nor error."""
+        if not record.counted:
+            return
+        self.in_flight -= 1
+        if record.outcome == "client gone":
+            return
+        failed = status >= 400 or record.outcome is not None
+        self.errors += failed
+        if record.first_content is not None and not failed:
+            self._first_content_total += record.first_content
+            self._first_content_count += 1
+
+    def summary(self):
+        mean = self._first_content_total / self._first_content_count if self._first_content_count else None
+        return {"requests": self.requests, "errors": self.errors, "in_flight": self.in_flight,
+                "avg_ttfb_ms": round(mean * 1000, 1) if mean is not None else None}
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """A client API as the app factory sees it: its name in logs, and how it shapes an error."""
+    name: str
+    error_response: object  # ApiError → web.Response
+
+
+class AppState:
+    """Everything a running proxy keeps: settings, the upstream side, models, accounts, request figures."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.upstream = Upstream(settings)
+        self.models = Models(settings, self.upstream)
+        self.accounts = Accounts(settings, self.upstream, on_sign_in=self.models.token_arrived)
+        self.figures = Figures()
+        self.started = int(time.time())
+        self.admin_page = None  # (body, headers), read at start-up by the admin section
+        self.save_lock = asyncio.Lock()
+        self.tasks = []
+
+    async def start(self):
+        """Opens the upstream session and starts the background work."""
+        await self.upstream.start()
+        self.tasks = [asyncio.ensure_future(job) for job in (self.upstream.watch_tokens(), self.accounts.run(),
+                                                             self.models.run())]
+
+    async def stop(self):
+        """Stops the background work first, so that nothing starts an upstream request once the session closes."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.upstream.stop()
+
+
+STATE = web.AppKey("state", AppState)
 
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 async def read_json(request):
-    """The request body as JSON, with a 4xx for anything that is not a JSON object in UTF-8."""
+    """The request body as JSON, with a 4xx for anything that is not JSON in UTF-8."""
     encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise ApiError(415, f"Compressed request bodies (Content-Encoding: {encoding[:40]}) are not accepted; "
@@ -2206,23 +2389,311 @@ async def read_json(request):
     return value
 
 
-async def chat_completions(request):
+async def read_object(request):
+    """The request body, which must be a JSON object."""
+    body = await read_json(request)
+    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
+    return body
+
+
+async def serve_completion(request, core, renderer, render_answer):
+    """The one request path of every dialect: runs `core` upstream into an EventStream with the dialect's
+    `renderer` (a stream) or a Collector with its `render_answer` (one JSON body), and answers."""
     state = request.app[STATE]
-    chat = parse_chat_request(await read_json(request), state.settings, state.models)
-    request["model"], request["stream"] = chat.model, chat.stream
-    sink = (StreamSink if chat.stream else CollectSink)(request, chat, state.settings)
-    payload = upstream_payload(chat.upstream_model, chat.messages, chat.params, chat.effort)
+    record = request[RECORD]
+    record.model, record.stream = core.model, core.stream
+    writer = (EventStream(request, renderer(), state.settings.keepalive_seconds) if core.stream
+              else Collector(render_answer))
+    completion, tried = Completion(core, writer, record), []
+    writer.start()
     try:
         try:
-            await state.upstream.complete(payload, sink)
-            return await sink.finish()
-        except (UpstreamError, ApiError) as error:
-            return await sink.fail(error)
+            await state.upstream.complete(core.payload(), completion, tried)
+            return await completion.finish()
+        except UpstreamError as error:
+            return await completion.fail(error.api_error())
+        except ApiError as error:
+            return await completion.fail(error)
     except ClientGone:
-        request["outcome"] = "client gone"
-        return sink.response
+        record.outcome = "client gone"
+        return writer.response
     finally:
-        sink.cancel()
+        writer.stop()
+        record.attempts = len(tried)
+        record.token = mask_token(tried[-1].value) if tried and tried[-1].value else None
+
+
+# ─── Dialect: OpenAI chat completions ────────────────────────────────────────
+# POST /v1/chat/completions and GET /v1/models: OpenAI's request becomes a
+# CoreRequest; core events become chat.completion.chunk events or one
+# chat.completion; errors are {"error": {message, type, param, code}}.
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
+                      500: "server_error", 502: "upstream_error", 503: "service_unavailable", 504: "timeout_error"}
+REQUEST_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}  # OpenAI's → the site's
+
+
+def openai_error_body(error):
+    kind = OPENAI_ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error")
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+
+
+def openai_error_response(error):
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return web.json_response(openai_error_body(error), status=error.status, headers=headers)
+
+
+OPENAI = Dialect("openai", openai_error_response)
+
+
+def chat_part(part, where, limit):
+    """One part of an OpenAI message's content, as an upstream part."""
+    expect(isinstance(part, dict) and isinstance(part.get("type"), str), f"{where} must be an object with a 'type'",
+           where, "invalid_type")
+    kind = part["type"]
+    if kind == "text":
+        expect(isinstance(part.get("text"), str), f"{where}.text must be a string", where, "invalid_type")
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        expect(isinstance(url, str) and url, f"{where}.image_url.url is missing", where, "invalid_type")
+        return image_part(url, where, limit)
+    if kind == "file":
+        return chat_file(part.get("file"), where, limit)
+    raise ApiError(400, f"{where} has type '{kind}', which is not supported (text, image_url, file)", param=where,
+                   code="unsupported_content")
+
+
+def chat_file(file, where, limit):
+    """An OpenAI file part: a text file sent as file_data, inlined; a file id cannot be fetched."""
+    expect(isinstance(file, dict), f"{where}.file must be an object with filename and file_data", where,
+           "invalid_type")
+    name = file.get("filename") if isinstance(file.get("filename"), str) and file.get("filename") else "file"
+    data = file.get("file_data")
+    if data is None and file.get("file_id"):
+        raise ApiError(400, f"{where}: uploaded file ids cannot be fetched through this proxy; send the file "
+                            "itself as file_data", param=where, code="unsupported_file")
+    expect(isinstance(data, str) and data, f"{where}.file.file_data is missing", where, "invalid_type")
+    return text_file(name, *decode_data(data, where, limit), where)
+
+
+def chat_content(content, index, limit):
+    """A message's content as a list of upstream parts."""
+    if content is None or isinstance(content, str):
+        return [{"type": "text", "text": content or ""}]
+    expect(isinstance(content, list), f"messages[{index}].content must be a string or a list of parts",
+           f"messages[{index}].content", "invalid_type")
+    return [chat_part(part, f"messages[{index}].content[{number}]", limit) for number, part in enumerate(content)]
+
+
+def chat_calls(calls, index):
+    """An assistant message's tool_calls as (id, name, arguments) triples."""
+    where = f"messages[{index}].tool_calls"
+    expect(isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                           and isinstance(c.get("id", ""), str)
+                                           and isinstance(c["function"].get("name", ""), str) for c in calls),
+           f"{where} must be a list of tool calls with string ids and names", where, "invalid_type")
+    return [(call.get("id", ""), call["function"].get("name", ""), call["function"].get("arguments", {}))
+            for call in calls]
+
+
+def chat_transcript(messages, limit):
+    """OpenAI messages as upstream takes them: developer is system, tool history is text."""
+    expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages",
+           "invalid_type" if not isinstance(messages, list) else "invalid_value")
+    transcript = Transcript()
+    for index, message in enumerate(messages):
+        expect(isinstance(message, dict), f"messages[{index}] must be an object", f"messages[{index}]",
+               "invalid_type")
+        role = message.get("role")
+        expect(role in CHAT_ROLES, f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}",
+               f"messages[{index}].role")
+        parts = chat_content(message.get("content"), index, limit)
+        if role == "assistant":
+            image = next((number for number, part in enumerate(parts) if part["type"] != "text"), None)
+            where = f"messages[{index}].content[{image}]"
+            expect(image is None, f"{where}: assistant messages hold text only, as on OpenAI; send images in user "
+                   "messages", where, "unsupported_content")
+            transcript.assistant(text_of(parts), chat_calls(message["tool_calls"], index)
+                                 if message.get("tool_calls") else ())
+        elif role in ("tool", "function"):
+            call_id = message.get("tool_call_id", "")
+            expect(isinstance(call_id, str), f"messages[{index}].tool_call_id must be a string",
+                   f"messages[{index}].tool_call_id", "invalid_type")
+            name = message.get("name")
+            transcript.tool_result(call_id, content_of(parts), name if isinstance(name, str) else None)
+        else:
+            transcript.add("user" if role == "user" else "system", content_of(parts))
+    return transcript
+
+
+def chat_tools(body, enabled):
+    """The request's tools and tool_choice as a ToolPlan (None: no tool text is to be sent or parsed)."""
+    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
+    if tools is None:
+        return None
+    expect(isinstance(tools, list), "'tools' must be a list", "tools", "invalid_type")
+    checked = []
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        expect(isinstance(tool, dict) and tool.get("type", "function") == "function"
+               and isinstance(tool.get("function"), dict),
+               f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where, "invalid_type")
+        function = tool["function"]
+        checked.append(check_tool(function.get("name"), function.get("description"), function.get("parameters"),
+                                  f"{where}.function"))
+    if isinstance(choice, dict):
+        named = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        expect(isinstance(named, str), "tool_choice must name a function: {\"type\": \"function\", \"function\": "
+               "{\"name\": ...}}", "tool_choice")
+        choice = named
+    else:
+        expect(choice in ("auto", "none", "required"),
+               "'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", ...}", "tool_choice")
+    return tool_plan(checked, choice, enabled)
+
+
+def chat_params(body):
+    """The sampling options upstream understands, checked."""
+    params = {}
+    for name, value in (("temperature", number_field(body, "temperature", 0, 2)),
+                        ("top_p", number_field(body, "top_p", 0, 1)),
+                        ("max_tokens", integer_field(body, "max_completion_tokens", 1)
+                         or integer_field(body, "max_tokens", 1))):
+        if value is not None:
+            params[name] = value
+    stop = body.get("stop")
+    if stop is not None:
+        expect(isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+               "'stop' must be a string or a list of strings", "stop", "invalid_type")
+        params["stop"] = [stop] if isinstance(stop, str) else stop
+    return params
+
+
+def parse_chat_request(body, settings, models):
+    """Checks an OpenAI chat request and translates it; every problem is a 400 naming the field. Returns the
+    CoreRequest and whether the client asked for a usage chunk."""
+    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
+    model = body.get("model")
+    expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
+    upstream_model, show_reasoning = models.resolve(model)
+    stream = body.get("stream", False)
+    expect(stream is None or isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
+    n = integer_field(body, "n", 1)
+    expect(n in (None, 1), "Only n=1 is supported", "n")
+    options = object_field(body, "stream_options")
+    effort = REQUEST_EFFORTS[one_of_field(body, "reasoning_effort", tuple(REQUEST_EFFORTS),
+                                          settings.reasoning_effort if show_reasoning else "low")]
+    tools = chat_tools(body, settings.tool_support)
+    messages = chat_transcript(body.get("messages"), int(settings.max_file_mb * MB)).finish(tools)
+    core = CoreRequest(model, upstream_model, messages, chat_params(body), effort, bool(stream), show_reasoning,
+                       tools)
+    return core, bool(options.get("include_usage"))
+
+
+def openai_usage(usage):
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+class ChatChunks:
+    """Core events as OpenAI chat.completion.chunk events: reasoning as reasoning_content (never in the same
+    delta as content, since many clients read one field per delta), or inline <think> tags."""
+
+    def __init__(self, core, think_tags, include_usage):
+        self.core = core
+        self.think_tags = think_tags
+        self.include_usage = include_usage
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        head = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                           "model": core.model}, ensure_ascii=False)
+        self._chunk_head = b"data: " + head[:-1].encode() + b',"choices":[{"index":0,"delta":'
+        self._role_sent = False
+        self._in_think = False
+
+    def opening(self):
+        return b""
+
+    def heartbeat(self):
+        return b": keep-alive\n\n"
+
+    def render(self, events):
+        deltas, content, tail = [], "", b""
+        for event in events:
+            if isinstance(event, Reasoning) and self.think_tags:
+                content += event.text if self._in_think else "<think>" + event.text
+                self._in_think = True
+            elif isinstance(event, Reasoning):
+                deltas.append({"reasoning_content": event.text})
+            elif isinstance(event, Text):
+                content += self._think_closed("</think>\n\n") + event.text
+            elif isinstance(event, ToolCallStart):
+                content += self._think_closed("</think>\n\n")
+                deltas += [{"content": content}] if content else []
+                content = ""
+                deltas.append({"tool_calls": [{"index": event.index, "id": "call_" + event.id, "type": "function",
+                                               "function": {"name": event.name, "arguments": ""}}]})
+            elif isinstance(event, ToolArguments):
+                deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
+            elif isinstance(event, Finish):
+                content += self._think_closed("</think>")
+                tail = self._ending(event)
+            else:
+                tail = b"data: " + json.dumps(openai_error_body(event.error)).encode() + b"\n\ndata: [DONE]\n\n"
+        if content:
+            deltas.append({"content": content})
+        return b"".join(map(self._chunk, deltas)) + tail
+
+    def _think_closed(self, closing):
+        """The closing of an open <think> tag, once."""
+        if not self._in_think:
+            return ""
+        self._in_think = False
+        return closing
+
+    def _ending(self, finish):
+        data = self._chunk({}, finish.reason)
+        if self.include_usage:
+            usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                     "model": self.core.model, "choices": [], "usage": openai_usage(finish.usage)}
+            data += b"data: " + json.dumps(usage).encode() + b"\n\n"
+        return data + b"data: [DONE]\n\n"
+
+    def _chunk(self, delta, finish_reason=None):
+        if not self._role_sent:
+            self._role_sent = True
+            delta = {"role": "assistant", **delta}
+        finish = b"null" if finish_reason is None else b'"%s"' % finish_reason.encode()
+        return (self._chunk_head + json.dumps(delta, ensure_ascii=False).encode()
+                + b',"finish_reason":' + finish + b"}]}\n\n")
+
+
+def chat_completion(core, answer, think_tags):
+    """One chat.completion for a whole Answer."""
+    content = answer.text
+    if answer.reasoning and think_tags:
+        content = f"<think>{answer.reasoning}</think>" + (f"\n\n{content}" if content or answer.calls else "")
+    message = {"role": "assistant", "content": (content.strip() or None) if answer.calls else content}
+    if answer.calls:
+        message["tool_calls"] = [{"id": "call_" + call_id, "type": "function",
+                                  "function": {"name": name, "arguments": arguments}}
+                                 for call_id, name, arguments in answer.calls]
+    if answer.reasoning and not think_tags:
+        message["reasoning_content"] = answer.reasoning
+    return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
+            "model": core.model, "choices": [{"index": 0, "message": message, "finish_reason": answer.finish.reason}],
+            "usage": openai_usage(answer.finish.usage)}
+
+
+async def chat_completions(request):
+    state = request.app[STATE]
+    core, include_usage = parse_chat_request(await read_json(request), state.settings, state.models)
+    think_tags = state.settings.thinking_format == "think_tags"
+    return await serve_completion(request, core, lambda: ChatChunks(core, think_tags, include_usage),
+                                  lambda answer: chat_completion(core, answer, think_tags))
 
 
 def model_card(model_id, created):
@@ -2242,23 +2713,10 @@ async def get_model(request):
     return web.json_response(model_card(model_id, state.started))
 
 
-async def health(request):
-    state = request.app[STATE]
-    return web.json_response({"status": "ok", "version": __version__, "mode": state.upstream.mode,
-                              "tokens": state.upstream.pool.counts()})
-
-
-async def index(request):
-    state = request.app[STATE]
-    return web.json_response({"name": "k2proxy", "version": __version__,
-                              "description": "K2 Horizon behind the OpenAI API",
-                              "endpoints": ["POST /v1/chat/completions", "GET /v1/models", "GET /health",
-                                            f"GET {state.settings.admin_page_path}"]})
-
-
 # ─── Admin API ───────────────────────────────────────────────────────────────
-# Every route needs the admin key. Only /admin/tokens/content returns whole
-# tokens; everything else shows them masked.
+# The admin page and its JSON API. Every route but the page needs the admin
+# key. Only /admin/tokens/content returns whole tokens; everything else shows
+# them masked. Errors are in OpenAI's shape.
 
 def page_policy(html):
     """A Content-Security-Policy allowing the page's own inline script and style, by hash, and nothing else."""
@@ -2277,6 +2735,16 @@ ADMIN_PAGE_HEADERS = {
 }
 
 
+async def read_admin_page():
+    """The admin page's body and headers, or None (logged) when admin.html cannot be read."""
+    try:
+        html = await asyncio.to_thread((HERE / "admin.html").read_text, encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        log.error("the admin page is off: %s/admin.html cannot be read (%s)", HERE, type(exc).__name__)
+        return None
+    return html.encode(), {**ADMIN_PAGE_HEADERS, "Content-Security-Policy": page_policy(html)}
+
+
 def ok(message, **extra):
     return web.json_response({"ok": True, "message": message, **extra})
 
@@ -2290,15 +2758,12 @@ async def admin_page(request):
 
 async def admin_status(request):
     state = request.app[STATE]
-    upstream, stats = state.upstream, state.stats
+    upstream = state.upstream
     return web.json_response({
         "mode": upstream.mode, "upstream_url": upstream.url, "tokens_file": str(upstream.pool.file.path),
         "counts": upstream.pool.counts(), "version": __version__, "uptime_s": int(time.time()) - state.started,
         "models": {"ids": state.models.ids, "source": state.models.source},
-        "accounts": state.accounts.stats(),
-        "stats": {"requests": stats["requests"], "errors": stats["errors"], "in_flight": stats["in_flight"],
-                  "avg_ttfb_ms": round(stats["ttfb_total"] / stats["ttfb_count"] * 1000, 1)
-                  if stats["ttfb_count"] else None},
+        "accounts": state.accounts.stats(), "stats": state.figures.summary(),
         "settings": state.settings.public()})
 
 
@@ -2310,9 +2775,9 @@ async def admin_token_stats(request):
 async def admin_reset_token(request):
     pool = request.app[STATE].upstream.pool
     index = request.match_info["index"]
-    _expect(index.isdigit() and int(index) < len(pool.tokens),
+    expect(index.isdigit() and int(index) < len(pool.tokens),
             f"No token {index}: indexes go from 0 to {len(pool.tokens) - 1}" if pool.tokens
-            else f"No token {index}: the {pool.mode} pool is empty", "index")
+           else f"No token {index}: the {pool.mode} pool is empty", "index")
     pool.reset(pool.tokens[int(index)])
     return ok(f"Token {index} reset")
 
@@ -2343,32 +2808,29 @@ async def admin_update_tokens(request):
     state = request.app[STATE]
     pool = state.upstream.pool
     body = await read_json(request)
-    _expect(isinstance(body, dict) and ("tokens" in body or "content" in body),
-            "Send {\"tokens\": [...]} or {\"content\": \"...\"}", None, "invalid_type")
+    expect(isinstance(body, dict) and ("tokens" in body or "content" in body),
+           "Send {\"tokens\": [...]} or {\"content\": \"...\"}", None, "invalid_type")
     tokens, content = body.get("tokens"), body.get("content")
     if "tokens" in body:
-        _expect(isinstance(tokens, list) and all(isinstance(t, str) and "\n" not in t for t in tokens),
-                "'tokens' must be a list of strings without line breaks", "tokens", "invalid_type")
-        tokens = parse_tokens_file("\n".join(tokens))
-        content = None
+        expect(isinstance(tokens, list) and all(isinstance(t, str) and "\n" not in t for t in tokens),
+               "'tokens' must be a list of strings without line breaks", "tokens", "invalid_type")
     else:
-        _expect(isinstance(content, str), "'content' must be a string", "content", "invalid_type")
+        expect(isinstance(content, str), "'content' must be a string", "content", "invalid_type")
     version = body.get("version")
-    _expect(version is None or isinstance(version, str), "'version' must be a string", "version", "invalid_type")
+    expect(version is None or isinstance(version, str), "'version' must be a string", "version", "invalid_type")
     async with state.save_lock:
-        if version is not None:
-            current, _ = await asyncio.to_thread(pool.file.read)
-            if current is None or file_version(current) != version:
-                raise ApiError(409, f"{pool.file.path.name} changed since it was loaded; load it again, then save",
-                               param="version", code="file_changed")
+        current, _ = await asyncio.to_thread(pool.file.read)
+        if version is not None and (current is None or file_version(current) != version):
+            raise ApiError(409, f"{pool.file.path.name} changed since it was loaded; load it again, then save",
+                           param="version", code="file_changed")
+        if "tokens" in body:
+            content = tokens_file_text(current or "", parse_tokens_file("\n".join(tokens)))
         try:
-            text, file_state = await asyncio.to_thread(pool.write_file, tokens, content)
+            await pool.save(content)
         except OSError as exc:
-            raise ApiError(500, f"Could not save {pool.file.path.name}: {exc.strerror}", "server_error",
-                           code="save_failed") from None
-        pool.apply(text, file_state)
+            raise ApiError(500, f"Could not save {pool.file.path.name}: {exc.strerror}", code="save_failed") from None
     return ok(f"Saved {len(pool.tokens)} tokens to {pool.file.path.name}", counts=pool.counts(),
-              version=file_version(text))
+              version=file_version(content))
 
 
 async def admin_accounts(request):
@@ -2379,7 +2841,7 @@ async def admin_switch_mode(request):
     upstream = request.app[STATE].upstream
     body = await read_json(request)
     mode = body.get("mode") if isinstance(body, dict) else None
-    _expect(mode in ("guest", "user"), "'mode' must be \"guest\" or \"user\"", "mode")
+    expect(mode in ("guest", "user"), "'mode' must be \"guest\" or \"user\"", "mode")
     upstream.mode = mode
     await upstream.pool.reload()
     if mode == "user":
@@ -2389,6 +2851,53 @@ async def admin_switch_mode(request):
 
 
 # ─── App factory and main ────────────────────────────────────────────────────
+# The routes, each with the dialect its errors are shaped in; the middlewares
+# (keys, errors, the request's record and log line, CORS); make_app(settings)
+# for main() and the tests; main(), which only parses arguments and runs it.
+
+
+async def index(request):
+    state = request.app[STATE]
+    return web.json_response({"name": "k2proxy", "version": __version__,
+                              "description": "K2 Horizon behind the OpenAI API",
+                              "endpoints": [f"{route.method} {route.path}" for route in ROUTES if route.listed]
+                              + [f"GET {state.settings.admin_page_path}"]})
+
+
+async def health(request):
+    state = request.app[STATE]
+    return web.json_response({"status": "ok", "version": __version__, "mode": state.upstream.mode,
+                              "tokens": state.upstream.pool.counts()})
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: object
+    dialect: Dialect = OPENAI
+    completion: bool = False  # counts in the request figures
+    listed: bool = True       # named by GET /
+
+
+ROUTES = (
+    Route("GET", "/", index, listed=False),
+    Route("GET", "/health", health),
+    Route("POST", "/v1/chat/completions", chat_completions, completion=True),
+    Route("GET", "/v1/models", list_models),
+    Route("GET", "/v1/models/{model:.+}", get_model, listed=False),
+    Route("GET", "/admin/status", admin_status, listed=False),
+    Route("GET", "/admin/tokens/stats", admin_token_stats, listed=False),
+    Route("GET", "/admin/tokens/content", admin_token_content, listed=False),
+    Route("POST", "/admin/tokens/reset-all", admin_reset_all, listed=False),
+    Route("POST", "/admin/tokens/reset/{index}", admin_reset_token, listed=False),
+    Route("POST", "/admin/tokens/reload", admin_reload, listed=False),
+    Route("POST", "/admin/tokens/update", admin_update_tokens, listed=False),
+    Route("POST", "/admin/switch_mode", admin_switch_mode, listed=False),
+    Route("GET", "/admin/accounts", admin_accounts, listed=False),
+)
+ROUTE_OF = web.AppKey("route_of", dict)  # handler → its Route, for the middlewares
+UNROUTED = Route("", "", None)             # what an unknown path or method is answered as
 
 
 def key_matches(given, keys):
@@ -2406,59 +2915,44 @@ def bearer(request):
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
-def error_response(error):
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return web.json_response(error_body(error.message, error.type, error.param, error.code),
-                             status=error.status, headers=headers)
-
-
 HTTP_ERROR_MESSAGES = {404: "Unknown route: {method} {path}", 405: "Method {method} is not allowed on {path}"}
 
 
 @web.middleware
 async def handle_errors(request, handler):
-    """Turns every failure into an OpenAI error body, and logs one line per request."""
+    """Opens the request's record, answers every failure in its route's dialect, and logs one line per request."""
     state = request.app[STATE]
-    counted = request.path.startswith("/v1/chat/")
-    started = time.monotonic()
-    if counted:
-        state.stats["requests"] += 1
-        state.stats["in_flight"] += 1
+    route = request.app[ROUTE_OF].get(request.match_info.handler, UNROUTED)
+    record = request[RECORD] = RequestRecord(request.method, request.path, route.dialect.name, route.completion,
+                                             time.monotonic())
+    state.figures.begin(record)
     try:
         response = await handler(request)
     except ApiError as error:
-        response = error_response(error)
+        response = route.dialect.error_response(error)
     except web.HTTPException as exc:
         message = HTTP_ERROR_MESSAGES.get(exc.status, exc.reason).format(method=request.method, path=request.path)
-        response = error_response(ApiError(exc.status, message, code=exc.reason.lower().replace(" ", "_")))
+        response = route.dialect.error_response(ApiError(exc.status, message,
+                                                         code=exc.reason.lower().replace(" ", "_")))
     except asyncio.CancelledError:
-        request["outcome"] = "client gone"
-        log_request(request, state, 499, started, counted)
+        record.outcome = "client gone"
+        finish_record(state, record, 499)
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        response = error_response(ApiError(500, "Internal error; see the proxy's log", "server_error",
-                                           code="internal_error"))
-    finally:
-        if counted:
-            state.stats["in_flight"] -= 1
-    log_request(request, state, response.status, started, counted)
+        response = route.dialect.error_response(ApiError(500, "Internal error; see the proxy's log",
+                                                         code="internal_error"))
+    finish_record(state, record, response.status)
     return response
 
 
-def log_request(request, state, status, started, counted):
-    """The request's one log line, and its share of the figures on the admin page."""
-    outcome = request.get("outcome")
-    if counted and outcome != "client gone":
-        failed = status >= 400 or outcome is not None
-        state.stats["errors"] += failed
-        if "ttfb" in request and not failed:
-            state.stats["ttfb_total"] += request["ttfb"]
-            state.stats["ttfb_count"] += 1
-    ttfb = f"{request['ttfb'] * 1000:.0f}ms" if "ttfb" in request else "-"
-    log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", request.method, request.path,
-             request.get("model", "-"), str(request.get("stream", "-")).lower(), status,
-             f" ({outcome})" if outcome else "", ttfb, (time.monotonic() - started) * 1000)
+def finish_record(state, record, status):
+    """The request's share of the figures, and its one log line."""
+    state.figures.end(record, status)
+    first = f"{record.first_content * 1000:.0f}ms" if record.first_content is not None else "-"
+    log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", record.method, record.path,
+             record.model or "-", "-" if record.stream is None else str(record.stream).lower(), status,
+             f" ({record.outcome})" if record.outcome else "", first, (time.monotonic() - record.started) * 1000)
 
 
 @web.middleware
@@ -2471,11 +2965,11 @@ async def check_keys(request, handler):
     if path.startswith("/v1/"):
         if not key_matches(bearer(request), settings.valid_api_key):
             raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
-                           "authentication_error", code="invalid_api_key")
+                           code="invalid_api_key")
     elif path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD")):
         if not key_matches(bearer(request), [settings.admin_key]):
             raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
-                           "authentication_error", code="invalid_admin_key")
+                           code="invalid_admin_key")
     return await handler(request)
 
 
@@ -2497,79 +2991,40 @@ async def add_cors_headers(request, response):
 def preflight(request):
     """Answers a browser's CORS preflight for any /v1 path, before routing."""
     if not allowed_origin(request, request.app[STATE].settings.cors_origins):
-        raise ApiError(403, "This origin may not call the API; see CORS_ORIGINS", "permission_error",
-                       code="origin_not_allowed")
+        raise ApiError(403, "This origin may not call the API; see CORS_ORIGINS", code="origin_not_allowed")
     return web.Response(status=204, headers={
-        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+        "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
         "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
                                                             "Authorization, Content-Type"),
         "Access-Control-Max-Age": "86400"})
 
 
-async def watch_token_files(app):
-    """Polls the active token file every second: edits, editor renames and bind mounts all show up."""
-    upstream = app[STATE].upstream
-    while True:
-        await asyncio.sleep(1)
-        try:
-            await upstream.pool.reload()
-        except OSError as exc:
-            log.warning("cannot read %s: %s", upstream.pool.file.path, exc.strerror)
-
-
 async def start_up(app):
     state = app[STATE]
-    try:
-        html = await asyncio.to_thread((HERE / "admin.html").read_text, encoding="utf-8")
-        state.admin_page = html.encode(), {**ADMIN_PAGE_HEADERS, "Content-Security-Policy": page_policy(html)}
-    except (OSError, UnicodeDecodeError) as exc:
-        log.error("the admin page is off: %s/admin.html cannot be read (%s)", HERE, type(exc).__name__)
-    await state.upstream.start()
-    state.tasks = [asyncio.ensure_future(job) for job in (watch_token_files(app), state.accounts.run(),
-                                                           state.models.run())]
+    state.admin_page = await read_admin_page()
+    await state.start()
 
 
 async def shut_down(app):
-    """Stops the background work first, so that nothing starts an upstream request once the session closes."""
-    state = app[STATE]
-    for task in state.tasks:
-        task.cancel()
-    await asyncio.gather(*state.tasks, return_exceptions=True)
-    await state.upstream.stop()
-
-
-async def clean_up(app):
-    await app[STATE].upstream.close()
+    await app[STATE].stop()
 
 
 def make_app(settings):
     """The whole proxy as an aiohttp application, for `main()` and for tests."""
     app = web.Application(middlewares=[handle_errors, check_keys],
-                          client_max_size=int(settings.max_request_mb * 1024 * 1024),
+                          client_max_size=int(settings.max_request_mb * MB),
                           handler_args={"auto_decompress": False})  # read_json refuses compressed bodies
     app[STATE] = AppState(settings)
-    routes = [
-        web.get("/", index), web.get("/health", health),
-        web.post("/v1/chat/completions", chat_completions),
-        web.get("/v1/models", list_models), web.get("/v1/models/{model:.+}", get_model),
-        web.get("/admin/status", admin_status),
-        web.get("/admin/tokens/stats", admin_token_stats),
-        web.get("/admin/tokens/content", admin_token_content),
-        web.post("/admin/tokens/reset-all", admin_reset_all),
-        web.post("/admin/tokens/reset/{index}", admin_reset_token),
-        web.post("/admin/tokens/reload", admin_reload),
-        web.post("/admin/tokens/update", admin_update_tokens),
-        web.post("/admin/switch_mode", admin_switch_mode),
-        web.get("/admin/accounts", admin_accounts),
-    ]
     admin = settings.admin_page_path
-    if admin.startswith("/v1/") or any(route.path == admin for route in routes):
+    if admin.startswith("/v1/") or any(route.path == admin for route in ROUTES):
         raise SettingsError(f"setting ADMIN_PAGE_PATH={admin!r} is a path the proxy already serves")
-    app.router.add_routes([*routes, web.get(admin, admin_page)])
+    routes = [*ROUTES, Route("GET", admin, admin_page, listed=False)]
+    for route in routes:
+        (app.router.add_get if route.method == "GET" else app.router.add_post)(route.path, route.handler)
+    app[ROUTE_OF] = {route.handler: route for route in routes}
     app.on_response_prepare.append(add_cors_headers)
     app.on_startup.append(start_up)
     app.on_shutdown.append(shut_down)
-    app.on_cleanup.append(clean_up)
     return app
 
 
@@ -2604,14 +3059,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if os.name != "posix" or __spec__ is not None:  # no exec on Windows; `python -m` already runs a module
-        sys.exit(main())
-    # CPython keeps a script's syntax tree (about 6 MB for this file) for as long as the script runs, but frees
-    # a module's once it is imported: so the script hands over, in the same process, to this file as a module.
-    HANDOVER = ("import importlib.util, os, sys; path = sys.argv.pop(1); sys.path[0] = os.path.dirname(path); "
-                "spec = importlib.util.spec_from_file_location('k2proxy', path); "
-                "module = sys.modules['k2proxy'] = importlib.util.module_from_spec(spec); "
-                "spec.loader.exec_module(module); sys.exit(module.main())")
-    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
-    os.execv(sys.executable, [sys.executable, *options, "-c", HANDOVER, str(Path(__file__).resolve()),
-                              *sys.argv[1:]])
+    sys.exit(main())

@@ -71,24 +71,26 @@ def test_other_bodies_inside_the_tag_are_still_calls(body):
 
 
 def test_model_made_ids_are_replaced_by_unique_ones():
-    scanner = k2proxy.ToolCallScanner(NAMES)
+    plan = k2proxy.ToolPlan((k2proxy.Tool("search", "", {}),), "auto")
+    progress = k2proxy.Progress(plan, show_reasoning=True)
     answer = '{"tool_calls": [{"id": "call_x", "name": "search", "arguments": {}}, {"id": "call_x", "name": "search"}]}'
-    calls = [p for p in scanner.feed(answer) + scanner.finish() if isinstance(p, k2proxy.ToolCall)]
-    assert len(calls) == 2 and len({c.id for c in calls}) == 2
-    assert all(c.id.startswith("call_") and c.id != "call_x" for c in calls)
+    events = progress.events("", answer) + progress.closing(prompt_tokens=1)
+    starts = [e for e in events if isinstance(e, k2proxy.ToolCallStart)]
+    assert len(starts) == 2 and len({s.id for s in starts}) == 2
+    assert all(s.id != "call_x" and "call_x" not in s.id for s in starts)
 
 
 def test_tool_prompt_describes_everything_without_truncation():
     long_description = "Returns the weather. " * 200
     tool = json.loads(json.dumps(WEATHER))
     tool["function"]["description"] = long_description
-    plan = k2proxy.parse_tools({"tools": [tool, SEARCH], "tool_choice": "required"}, True)
+    plan = k2proxy.chat_tools({"tools": [tool, SEARCH], "tool_choice": "required"}, True)
     prompt = k2proxy.tool_prompt(plan)
     assert long_description.strip() in prompt
     assert "- city (string, required): City name" in prompt
     assert '"celsius", "fahrenheit"' in prompt and "### search" in prompt and "<tool_call>" in prompt
     assert "must call at least one tool" in prompt
-    named = k2proxy.parse_tools({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}}, True)
+    named = k2proxy.chat_tools({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}}, True)
     assert 'must call the tool "search"' in k2proxy.tool_prompt(named)
 
 
