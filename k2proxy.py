@@ -758,7 +758,7 @@ HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 def blocked_error(status, body):
     """The error for an HTML page where a chat answer belongs: a bot check or a maintenance page."""
     title = HTML_TITLE.search(body)
-    named = f" titled '{' '.join(title.group(1).split())[:80]}'" if title else ""
+    named = f" titled '{' '.join(title.group(1).split())[:ERROR_TEXT_CHARS]}'" if title else ""
     return UpstreamError(BLOCKED, f"upstream answered an HTML page{named} (HTTP {status}) instead of a chat answer: "
                                   "a bot check or a maintenance page; open K2THINK_BASE_URL in a browser on this "
                                   "server to see it")
@@ -1443,6 +1443,8 @@ class TokenPool:
 BROWSER_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
                       "(KHTML, like Gecko) Chrome/142.0.0.0 Safari/537.36")
 ERROR_BODY_BYTES = 64 * 1024  # of an error answer, a sign-in answer or an HTML page
+DNS_CACHE_SECONDS = 300
+TOKEN_FILE_POLL_SECONDS = 1  # edits to the token file take effect within two polls
 
 
 async def read_body(response, limit):
@@ -1488,7 +1490,7 @@ class Upstream:
         return self.urls[self.mode]
 
     async def start(self):
-        self.session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=300),
+        self.session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=DNS_CACHE_SECONDS),
                                      timeout=self.timeout, auto_decompress=True)
         await self.pool.reload()
 
@@ -1512,7 +1514,7 @@ class Upstream:
     async def watch_tokens(self):
         """Polls the active token file every second: edits, editor renames and bind mounts all show up."""
         while True:
-            await asyncio.sleep(1)
+            await asyncio.sleep(TOKEN_FILE_POLL_SECONDS)
             await self.pool.reload()
 
     async def complete(self, payload, completion, tried):
@@ -1699,22 +1701,27 @@ class Accounts:
         if self.file.state is not None:
             log.info("%d accounts in %s", len(self.accounts), self.file.path)
 
+    def next_due(self, now):
+        """The account to sign in now, or None: the one waiting longest among those whose time has come or
+        whose token the site refused; a wrong password waits for its line to change."""
+        refused = set(self.pool.refused_accounts())
+        due = [a for a in self.accounts.values()
+               if a.status != "wrong_password" and (a.next_signin <= now or a.email in refused)]
+        return min(due, key=lambda a: a.next_signin, default=None)
+
     async def run(self):
-        """Signs in whichever account is due (its token's time has come, or the site refused it), one at a time
-        and spaced out; polls the file meanwhile."""
+        """Signs in whichever account is due, one at a time and spaced out; polls the file meanwhile."""
         while True:
             await self.reload()
-            for email in self.pool.refused_accounts():
-                if email in self.accounts and self.accounts[email].status != "wrong_password":
-                    self.accounts[email].next_signin = 0.0
             now = self.clock()
-            due = [a for a in self.accounts.values() if a.status != "wrong_password" and a.next_signin <= now]
-            if due:
-                await self.sign_in(min(due, key=lambda a: a.next_signin))
+            account = self.next_due(now)
+            if account:
+                await self.sign_in(account)
                 await asyncio.sleep(self.settings.signin_interval)
                 continue
-            waiting = [a.next_signin - now for a in self.accounts.values() if a.status != "wrong_password"]
-            await asyncio.sleep(min([ACCOUNTS_POLL_SECONDS, *waiting]))
+            soonest = min((a.next_signin for a in self.accounts.values() if a.status != "wrong_password"),
+                          default=now + ACCOUNTS_POLL_SECONDS)
+            await asyncio.sleep(min(ACCOUNTS_POLL_SECONDS, soonest - now))
 
     async def sign_in(self, account):
         try:

@@ -28,7 +28,18 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 def pytest_addoption(parser):
-    parser.addoption("--soak", action="store_true", help="run the 60 s soak instead of the short one")
+    parser.addoption("--load", action="store_true", help="also run the load tests marked `load` (CI does)")
+    parser.addoption("--soak", action="store_true", help="run the 60 s soak instead of the short one (implies --load)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Leaves the multi-second load tests out unless --load (or --soak) asks for them."""
+    if config.getoption("--load") or config.getoption("--soak"):
+        return
+    left_out = [item for item in items if item.get_closest_marker("load")]
+    if left_out:
+        config.hook.pytest_deselected(items=left_out)
+        items[:] = [item for item in items if not item.get_closest_marker("load")]
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import time
@@ -21,10 +22,19 @@ TOKENS = [make_jwt(time.time() + 3600, f"acc-{n}") for n in range(3)]
 HOSTILE = "<script>window.hacked = 1</script><img src=x onerror='window.hacked=2'>"
 
 
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's Chromium, or a one-line failure naming the install command instead of a launch traceback."""
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail("the admin page tests need Chromium, which is not installed: apt-get install -y chromium",
+                    pytrace=False)
+    return CHROMIUM
+
+
 @pytest.fixture
-async def browser():
+async def browser(chromium):
     async with playwright.async_playwright() as p:
-        chromium = await p.chromium.launch(executable_path=CHROMIUM, args=[
+        chromium = await p.chromium.launch(executable_path=chromium, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
             "--disable-component-update", "--disable-sync"])
         yield chromium

@@ -1,6 +1,7 @@
 """Disconnects, load and soak, on loopback: nothing leaks, everything completes, memory stays flat.
 
-After 10 s of warm-up (the allocator grows to its working size), the soak runs 6 s by default; `pytest --soak` runs the 60 s version."""
+These take seconds each, so they run with `pytest --load` (CI does). After 10 s of warm-up (the allocator grows
+to its working size), the soak runs 6 s by default; `pytest --soak` runs the 60 s version."""
 
 import asyncio
 import json
@@ -47,6 +48,7 @@ async def vanish(session, url, rng):
     response.close()
 
 
+@pytest.mark.load
 async def test_vanishing_clients_leave_nothing_open(proxy, fake):
     upstream = proxy.server.app[k2proxy.STATE].upstream
     fake.reply = Reply(reasoning="r" * 300, answer="a" * 300, piece=5, delay=0.005)
@@ -69,6 +71,7 @@ async def test_vanishing_clients_leave_nothing_open(proxy, fake):
     assert (await proxy.get("/health")).status == 200
 
 
+@pytest.mark.load
 async def test_500_concurrent_streams_complete(proxy, fake):
     fake.reply = Reply(reasoning="thinking " * 10, answer="answer " * 10, piece=10, delay=0.01)
     url = proxy.make_url("/v1/chat/completions")
@@ -97,6 +100,7 @@ def process_figures(pid):
     return rss, len(os.listdir(f"/proc/{pid}/fd"))
 
 
+@pytest.mark.load
 async def test_soak_keeps_memory_and_descriptors_flat(spawn, request, tmp_path):
     seconds = 60 if request.config.getoption("--soak") else 6
     upstream_port, proxy_port = free_port(), free_port()

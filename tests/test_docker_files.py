@@ -1,4 +1,5 @@
-"""Docker without a Docker engine: what the Dockerfile, .dockerignore and compose file promise, tried here."""
+"""Docker without a Docker engine: what the Dockerfile, .dockerignore and compose file promise, checked in the files
+and tried here as processes (no image is built)."""
 
 import fnmatch
 import json

@@ -1,0 +1,266 @@
+"""The core: the events a completion produces, the writers that gather them, and each upstream failure kind's
+policy (charge the token? fail over? what does the client get?)."""
+
+import json
+import time
+
+import pytest
+
+import k2proxy
+from k2proxy import (Failed, Finish, Reasoning, Text, ToolArguments, ToolCallStart, Usage)
+
+PLAN = k2proxy.ToolPlan((k2proxy.Tool("search", "Web search.", {"type": "object"}),), "auto")
+CALL = '<tool_call>{"name": "search", "arguments": {"q": "k2"}}</tool_call>'
+
+
+def kinds(events):
+    return [type(event).__name__ for event in events]
+
+
+# ─── Progress: upstream pieces → events ─────────────────────────────────────
+
+def test_reasoning_then_answer_become_their_own_events():
+    progress = k2proxy.Progress(None, show_reasoning=True)
+    assert progress.events("Let me think.", "") == [Reasoning("Let me think.")]
+    assert progress.events("", "Hello") == [Text("Hello")]
+    assert progress.events("more", " there") == [Reasoning("more"), Text(" there")]
+
+
+def test_hidden_reasoning_is_counted_but_not_sent():
+    progress = k2proxy.Progress(None, show_reasoning=False)
+    assert progress.events("x" * 400, "ok") == [Text("ok")]
+    finish = progress.closing(prompt_tokens=5)[-1]
+    assert finish.usage == Usage(prompt_tokens=5, completion_tokens=100, reasoning_tokens=100)
+
+
+def test_a_tool_call_is_a_start_and_its_arguments():
+    progress = k2proxy.Progress(PLAN, show_reasoning=True)
+    events = progress.events("", "Looking. " + CALL) + progress.closing(prompt_tokens=1)
+    assert kinds(events) == ["Text", "ToolCallStart", "ToolArguments", "Finish"]
+    start, arguments, finish = events[1:]
+    assert (start.index, start.name) == (0, "search") and len(start.id) == 24
+    assert arguments == ToolArguments(0, '{"q": "k2"}') and finish.reason == "tool_calls"
+
+
+def test_text_held_by_the_scanner_comes_out_at_the_end():
+    progress = k2proxy.Progress(PLAN, show_reasoning=True)
+    assert progress.events("", "See <tool_") == [Text("See ")]
+    assert progress.closing(prompt_tokens=1)[:-1] == [Text("<tool_")]
+
+
+@pytest.mark.parametrize("upstream,expected", [(None, "stop"), ("stop", "stop"), ("length", "length"),
+                                               ("content_filter", "content_filter"), ("weird", "stop")])
+def test_the_finish_reason_is_upstreams_when_a_client_can_use_it(upstream, expected):
+    progress = k2proxy.Progress(None, show_reasoning=True)
+    progress.events("", "text", finish_reason=upstream)
+    assert progress.closing(prompt_tokens=1)[-1].reason == expected
+
+
+def test_usage_is_upstreams_where_given_else_estimated():
+    progress = k2proxy.Progress(None, show_reasoning=True)
+    progress.events("r" * 40, "a" * 40, usage={"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46})
+    assert progress.closing(prompt_tokens=99)[-1].usage == Usage(12, 34, 10)
+    partial = k2proxy.Progress(None, show_reasoning=True)
+    partial.events("", "a" * 40, usage={"total_tokens": "many"})
+    assert partial.closing(prompt_tokens=7)[-1].usage == Usage(7, 10, 0)
+
+
+# ─── Completion: events to a writer, once committed no failover ─────────────
+
+class Recorder:
+    """A writer that keeps what it was given, one list per write."""
+
+    def __init__(self):
+        self.writes = []
+        self.closed = None
+
+    async def write(self, events):
+        self.writes.append(events)
+
+    async def close(self, events):
+        self.closed = events
+        return "response"
+
+
+def core(tools=None, show_reasoning=True):
+    return k2proxy.CoreRequest("m", "m", [{"role": "user", "content": "abcd" * 10}], {}, "medium", True,
+                               show_reasoning, tools)
+
+
+def record():
+    return k2proxy.RequestRecord("POST", "/v1/chat/completions", "openai", True, time.monotonic())
+
+
+async def test_what_arrived_together_leaves_in_one_write_and_commits():
+    writer, facts = Recorder(), record()
+    completion = k2proxy.Completion(core(), writer, facts)
+    await completion.take("", "")
+    assert not completion.committed and writer.writes == [] and facts.first_content is None
+    await completion.take("why", "because")
+    assert writer.writes == [[Reasoning("why"), Text("because")]]
+    assert completion.committed and facts.first_content >= 0
+    assert await completion.finish() == "response"
+    assert writer.closed == [Finish("stop", Usage(10, 2, 1))]
+
+
+async def test_reset_forgets_a_failed_attempt():
+    writer = Recorder()
+    completion = k2proxy.Completion(core(tools=PLAN), writer, record())
+    await completion.take("", "<tool_ca")
+    completion.reset()
+    await completion.take("", "plain")
+    await completion.finish()
+    assert writer.writes == [[Text("plain")]] and kinds(writer.closed) == ["Finish"]
+
+
+async def test_failing_ends_with_a_failed_event_and_says_so():
+    writer, facts = Recorder(), record()
+    completion = k2proxy.Completion(core(), writer, facts)
+    error = k2proxy.ApiError(502, "boom", code="upstream_error")
+    await completion.fail(error)
+    assert writer.closed == [Failed(error)] and facts.outcome == "ended with error"
+
+
+async def test_the_collector_gathers_an_answer_and_raises_a_failure():
+    rendered = []
+    collector = k2proxy.Collector(lambda answer: rendered.append(answer) or {"ok": True})
+    await collector.write([Reasoning("r1"), Text("a"), ToolCallStart(0, "id0", "search"), ToolArguments(0, "{}"),
+                           Reasoning("r2"), Text("b")])
+    response = await collector.close([Finish("tool_calls", Usage(1, 2, 0))])
+    answer = rendered[0]
+    assert (answer.reasoning, answer.text, answer.calls) == ("r1r2", "ab", [["id0", "search", "{}"]])
+    assert answer.finish.reason == "tool_calls" and json.loads(response.body) == {"ok": True}
+    error = k2proxy.ApiError(504, "slow")
+    with pytest.raises(k2proxy.ApiError):
+        await k2proxy.Collector(dict).close([Failed(error)])
+
+
+# ─── The OpenAI renderer of events ───────────────────────────────────────────
+
+def chunks(data):
+    return [line[6:] for line in data.decode().split("\n") if line.startswith("data: ")]
+
+
+def test_openai_chunks_keep_reasoning_and_content_apart_and_end_with_done():
+    renderer = k2proxy.ChatChunks(core(), think_tags=False, include_usage=True)
+    sent = chunks(renderer.render([Reasoning("r"), Text("a")]))
+    deltas = [json.loads(c)["choices"][0]["delta"] for c in sent]
+    assert deltas == [{"role": "assistant", "reasoning_content": "r"}, {"content": "a"}]
+    ending = chunks(renderer.render([Finish("stop", Usage(1, 2, 0))]))
+    assert json.loads(ending[0])["choices"][0]["finish_reason"] == "stop"
+    assert json.loads(ending[1])["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert ending[2] == "[DONE]"
+
+
+def test_openai_think_tags_close_before_the_answer_and_at_the_end():
+    renderer = k2proxy.ChatChunks(core(), think_tags=True, include_usage=False)
+    first = [json.loads(c)["choices"][0]["delta"] for c in chunks(renderer.render([Reasoning("r"), Text("a")]))]
+    assert first == [{"role": "assistant", "content": "<think>r</think>\n\na"}]
+    renderer = k2proxy.ChatChunks(core(), think_tags=True, include_usage=False)
+    renderer.render([Reasoning("only")])
+    last = chunks(renderer.render([Finish("stop", Usage(1, 1, 1))]))
+    assert json.loads(last[0])["choices"][0]["delta"] == {"content": "</think>"}
+
+
+def test_openai_failure_after_the_start_is_an_error_event():
+    renderer = k2proxy.ChatChunks(core(), think_tags=False, include_usage=False)
+    sent = chunks(renderer.render([Failed(k2proxy.ApiError(504, "slow", code="upstream_timeout"))]))
+    assert json.loads(sent[0])["error"] == {"message": "slow", "type": "timeout_error", "param": None,
+                                            "code": "upstream_timeout"}
+    assert sent[1] == "[DONE]"
+
+
+# ─── Failure kinds and their policy ──────────────────────────────────────────
+
+ANSWERS = [  # (status, body, Retry-After) → (kind, client status, code, charged, fails over)
+    ((401, '{"detail": "expired"}', None), (k2proxy.REFUSED_TOKEN, 502, "upstream_auth_failed", True, True)),
+    ((403, "no", None), (k2proxy.REFUSED_TOKEN, 502, "upstream_auth_failed", True, True)),
+    ((429, "", "30"), (k2proxy.RATE_LIMITED, 429, "rate_limited", False, True)),
+    ((500, "boom", None), (k2proxy.BROKEN, 502, "upstream_error", True, True)),
+    ((503, "", None), (k2proxy.BROKEN, 502, "upstream_error", True, True)),
+    ((400, '{"detail": "Model not found"}', None), (k2proxy.MODEL_GONE, 404, "model_not_found", False, False)),
+    ((400, '{"detail": "bad"}', None), (k2proxy.REJECTED, 400, "upstream_rejected", False, False)),
+    ((422, "", None), (k2proxy.REJECTED, 400, "upstream_rejected", False, False)),
+    ((413, "", None), (k2proxy.TOO_LARGE, 413, "upstream_rejected", False, False)),
+    ((302, "", None), (k2proxy.NOT_AN_ANSWER, 502, "upstream_error", False, False)),
+    ((404, "", None), (k2proxy.NOT_AN_ANSWER, 502, "upstream_error", False, False)),
+]
+
+
+@pytest.mark.parametrize("answer,policy", ANSWERS, ids=[f"{a[0]}-{p[0].name}" for a, p in ANSWERS])
+def test_each_upstream_answer_is_a_kind_with_its_policy(answer, policy):
+    error = k2proxy.upstream_error(*answer)
+    kind, status, code, charged, fails_over = policy
+    assert error.failure is kind
+    assert (kind.status, kind.code, kind.charge, kind.fail_over) == (status, code, charged, fails_over)
+    shown = error.api_error()
+    assert (shown.status, shown.code) == (status, code) and str(answer[0]) in shown.message
+
+
+def test_the_kinds_made_elsewhere_carry_their_policy():
+    table = {k2proxy.UNREACHABLE: (502, False, True), k2proxy.TIMED_OUT: (504, True, True),
+             k2proxy.NO_CONTENT: (502, True, True), k2proxy.BLOCKED: (502, False, True),
+             k2proxy.SHUTTING_DOWN: (503, False, False)}
+    for kind, (status, charged, fails_over) in table.items():
+        assert (kind.status, kind.charge, kind.fail_over) == (status, charged, fails_over), kind.name
+    assert k2proxy.no_content_error("application/json", {"status", "task_id"}).failure is k2proxy.NO_CONTENT
+    assert k2proxy.blocked_error(403, "<title>Just a moment...</title>").failure is k2proxy.BLOCKED
+
+
+def pool(clock):
+    settings = k2proxy.load_settings({"MAX_TOKEN_FAILURES": "2"})
+    tokens = k2proxy.TokenPool("user", "/nonexistent/tokens.txt", settings, clock=lambda: clock[0])
+    tokens.load("first\nsecond\n")
+    return tokens
+
+
+@pytest.mark.parametrize("kind,charged,disabled_as", [(k2proxy.REFUSED_TOKEN, 1, "auth"), (k2proxy.BROKEN, 1, "failures"),
+                                                      (k2proxy.TIMED_OUT, 1, "failures"), (k2proxy.NO_CONTENT, 1, "failures"),
+                                                      (k2proxy.BLOCKED, 0, None), (k2proxy.UNREACHABLE, 0, None),
+                                                      (k2proxy.REJECTED, 0, None)])
+def test_a_charged_kind_counts_against_the_token_and_disables_it_at_the_limit(kind, charged, disabled_as):
+    tokens = pool([1000.0])
+    token = tokens.tokens[0]
+    for _ in range(2):
+        tokens.fail(token, k2proxy.UpstreamError(kind, "x"))
+    assert token.failures == 2 * charged and token.disabled == disabled_as and token.last_error == "x"
+
+
+def test_a_rate_limit_rests_the_token_without_charging_it():
+    clock = [1000.0]
+    tokens = pool(clock)
+    token = tokens.tokens[0]
+    tokens.fail(token, k2proxy.UpstreamError(k2proxy.RATE_LIMITED, "slow down", retry_after=30))
+    assert token.failures == 0 and token.cooling_until == 1030.0 and tokens.status(token, 1010.0) == "cooling"
+    tokens.fail(token, k2proxy.UpstreamError(k2proxy.RATE_LIMITED, "slow down"))
+    assert token.cooling_until == 1000.0 + k2proxy.RATE_LIMIT_REST
+
+
+def test_a_refused_account_token_asks_its_account_to_sign_in_again():
+    tokens = pool([1000.0])
+    tokens.put_account_token("ann@example.com", "jwt", None)
+    account_token = tokens.tokens[-1]
+    tokens.fail(tokens.tokens[0], k2proxy.UpstreamError(k2proxy.REFUSED_TOKEN, "no"))
+    assert tokens.refused_accounts() == []
+    tokens.fail(account_token, k2proxy.UpstreamError(k2proxy.REFUSED_TOKEN, "no"))
+    assert tokens.refused_accounts() == ["ann@example.com"]
+    tokens.put_account_token("ann@example.com", "fresh", None)
+    assert tokens.refused_accounts() == []
+
+
+def test_the_anonymous_identity_is_never_charged_and_cannot_change():
+    tokens = pool([1000.0])
+    tokens.fail(k2proxy.NO_TOKEN, k2proxy.UpstreamError(k2proxy.BROKEN, "x"))
+    tokens.succeed(k2proxy.NO_TOKEN)
+    with pytest.raises(AttributeError):
+        k2proxy.NO_TOKEN.value = "stolen"
+
+
+@pytest.mark.parametrize("kind", [k2proxy.REFUSED_TOKEN, k2proxy.RATE_LIMITED, k2proxy.BROKEN, k2proxy.UNREACHABLE,
+                                  k2proxy.TIMED_OUT, k2proxy.NO_CONTENT, k2proxy.BLOCKED, k2proxy.REJECTED,
+                                  k2proxy.MODEL_GONE, k2proxy.NOT_AN_ANSWER, k2proxy.SHUTTING_DOWN],
+                         ids=lambda kind: kind.name)
+def test_another_try_follows_the_kind_and_a_timeout_is_not_repeated_anonymously(kind):
+    token = pool([0.0]).tokens[0]
+    assert k2proxy.Upstream.worth_another_try(kind, token) == kind.fail_over
+    assert k2proxy.Upstream.worth_another_try(kind, k2proxy.NO_TOKEN) == (kind.fail_over and kind is not k2proxy.TIMED_OUT)
