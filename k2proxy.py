@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import codecs
+import functools
 import hashlib
 import hmac
 import json
@@ -92,11 +93,24 @@ def _csv(value):
     return [item.strip() for item in value.split(",") if item.strip()]
 
 
-def _alias(pair):
-    alias, sep, model = (part.strip() for part in pair.partition("="))
-    if not (sep and alias and model):
-        raise ValueError(f"'{pair}' is not alias=model-id")
-    return alias, model
+def _pairs(value):
+    """name=model-id pairs, comma-separated, as a dict."""
+    pairs = {}
+    for pair in _csv(value):
+        name, sep, model = (part.strip() for part in pair.partition("="))
+        if not (sep and name and model):
+            raise ValueError(f"'{pair}' is not name=model-id")
+        pairs[name] = model
+    return pairs
+
+
+def _model_map(value):
+    """claude-id=model-id pairs, where a name may end in * to stand for every id it starts."""
+    pairs = _pairs(value)
+    for name in pairs:
+        if "*" in name[:-1]:
+            raise ValueError(f"'{name}': * may only end a name")
+    return pairs
 
 
 def _url(value):
@@ -154,7 +168,8 @@ SETTINGS = (
     Setting("ACCOUNTS_FILE", "accounts.txt", _text, "Accounts to sign in with (email:password per line); their tokens join the user pool"),
     Setting("SIGNIN_INTERVAL", "2", _positive, "Seconds between two sign-ins, so the site sees no burst"),
     Setting("MODELS_REFRESH", "600", _positive, "Seconds between two model list fetches from upstream in user mode"),
-    Setting("MODEL_ALIASES", "", _csv, "More model names, comma-separated alias=model-id pairs (k2=IFM/K2-Horizon-375B-A23B); the old K2-Think ids are built in"),
+    Setting("MODEL_ALIASES", "", _pairs, "More model names, comma-separated alias=model-id pairs (k2=IFM/K2-Horizon-375B-A23B); the old K2-Think ids are built in"),
+    Setting("ANTHROPIC_MODEL_MAP", "", _model_map, "Which model serves each claude-... id on /v1/messages, comma-separated claude-id=model-id pairs (* ends a prefix: claude-haiku-*=IFM/K2-Horizon-375B-A23B-nothink); unmapped claude- ids get the default model"),
     Setting("CORS_ORIGINS", "*", _csv, "Origins allowed to call /v1 from a browser, comma-separated, or *"),
     Setting("ADMIN_PAGE_PATH", "/admin", _url_path, "Path of the admin page"),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
@@ -219,10 +234,6 @@ def load_settings(environ, dotenv_text=None):
             raise SettingsError(f"setting {setting.name}={shown} is invalid: {exc}") from None
     if not values["models"]:
         raise SettingsError("setting MODELS is invalid: needs at least one model id")
-    try:
-        values["model_aliases"] = dict(_alias(pair) for pair in values["model_aliases"])
-    except ValueError as exc:
-        raise SettingsError(f"setting MODEL_ALIASES is invalid: {exc}") from None
     for name, keys in (("VALID_API_KEY", values["valid_api_key"]), ("ADMIN_KEY", [values["admin_key"]])):
         if EXAMPLE_KEY in keys:
             raise SettingsError(f"setting {name} is still the placeholder of .env.example; choose a key "
@@ -318,42 +329,42 @@ def is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+# The field checks below read body[name]; `param` names the field in full when body is nested (thinking.type).
+
 def number_field(body, name, low, high, param=None):
     """body[name] when it is a number in [low, high], None when absent; else a 400."""
-    value = body.get(name)
+    value, param = body.get(name), param or name
     if value is None:
         return None
-    expect(is_number(value) and low <= value <= high, f"'{name}' must be a number between {low} and {high}",
-           param or name)
+    expect(is_number(value) and low <= value <= high, f"'{param}' must be a number between {low} and {high}", param)
     return value
 
 
 def integer_field(body, name, low, param=None):
     """body[name] when it is an integer of at least `low`, None when absent; else a 400."""
-    value = body.get(name)
+    value, param = body.get(name), param or name
     if value is None:
         return None
     expect(isinstance(value, int) and not isinstance(value, bool) and value >= low,
-           f"'{name}' must be an integer of at least {low}", param or name)
+           f"'{param}' must be an integer of at least {low}", param)
     return value
 
 
 def object_field(body, name, param=None):
     """body[name] when it is an object, {} when absent; else a 400."""
-    value = body.get(name)
+    value, param = body.get(name), param or name
     if value is None:
         return {}
-    expect(isinstance(value, dict), f"'{name}' must be an object", param or name, "invalid_type")
+    expect(isinstance(value, dict), f"'{param}' must be an object", param, "invalid_type")
     return value
 
 
 def one_of_field(body, name, choices, default=None, param=None):
     """body[name] when it is one of `choices`, `default` when absent; else a 400 listing them."""
-    value = body.get(name)
+    value, param = body.get(name), param or name
     if value is None:
         return default
-    expect(isinstance(value, str) and value in choices,
-           f"'{name}' must be one of {', '.join(choices)}", param or name)
+    expect(isinstance(value, str) and value in choices, f"'{param}' must be one of {', '.join(choices)}", param)
     return value
 
 
@@ -823,14 +834,14 @@ class ToolPlan:
         return frozenset(tool.name for tool in self.tools)
 
 
-def check_tool(name, description, parameters, where):
+def check_tool(name, description, parameters, where, parameters_field="parameters"):
     """A Tool from a dialect's fields, or a 400 naming the field at fault."""
     expect(isinstance(name, str) and TOOL_NAME.fullmatch(name), f"{where}.name must be a name of letters, digits, "
            "_ . - (at most 64)", f"{where}.name")
     expect(description is None or isinstance(description, str), f"{where}.description must be a string",
            f"{where}.description", "invalid_type")
-    expect(parameters is None or isinstance(parameters, dict), f"{where}.parameters must be an object",
-           f"{where}.parameters", "invalid_type")
+    expect(parameters is None or isinstance(parameters, dict), f"{where}.{parameters_field} must be an object",
+           f"{where}.{parameters_field}", "invalid_type")
     return Tool(name, description or "", parameters or {"type": "object", "properties": {}})
 
 
@@ -1993,6 +2004,16 @@ class Transcript:
         return messages
 
 
+MAX_OUTPUT_TOKENS = 8192  # K2 Horizon writes at most this; asking for more only risks a refusal in long contexts
+
+
+def sampling(temperature, top_p, max_tokens, stop):
+    """The sampling options upstream understands, those given; max_tokens no more than the model can write."""
+    params = {"temperature": temperature, "top_p": top_p,
+              "max_tokens": min(max_tokens, MAX_OUTPUT_TOKENS) if max_tokens else None, "stop": stop}
+    return {name: value for name, value in params.items() if value is not None}
+
+
 def prompt_chars(messages):
     """Characters of text in upstream messages, for the usage estimate."""
     return sum(len(m["content"]) if isinstance(m["content"], str) else len(text_of(m["content"])) for m in messages)
@@ -2017,8 +2038,9 @@ class CoreRequest:
     def payload(self):
         return upstream_payload(self.upstream_model, self.messages, self.params, self.effort)
 
-    @property
+    @functools.cached_property
     def prompt_tokens(self):
+        """The estimate of the prompt's tokens, counted once."""
         return estimate_tokens(prompt_chars(self.messages))
 
 
@@ -2273,6 +2295,11 @@ def json_text(value):
     return json.dumps(value, ensure_ascii=False)
 
 
+def sse_event(name, data):
+    """One named server-sent event, as the Anthropic and Responses streams send them."""
+    return b"event: " + name.encode() + b"\ndata: " + json_text(data).encode() + b"\n\n"
+
+
 @dataclass
 class RequestRecord:
     """One request's facts, from its arrival to its log line and its share of the figures."""
@@ -2346,6 +2373,13 @@ class AppState:
         self.admin_page = None  # (body, headers), read at start-up by the admin section
         self.save_lock = asyncio.Lock()
         self.tasks = []
+        self.tools_left_out = set()
+
+    def note_left_out_tools(self, kinds):
+        """Logs, once per kind, the tools a client sent that the model cannot be told of (server tools)."""
+        for kind in set(kinds) - self.tools_left_out:
+            self.tools_left_out.add(kind)
+            log.info("tools of type %s are left out of the prompt: the site cannot run them", kind)
 
     async def start(self):
         """Opens the upstream session and starts the background work."""
@@ -2564,19 +2598,12 @@ def chat_tools(body, enabled):
 
 def chat_params(body):
     """The sampling options upstream understands, checked."""
-    params = {}
-    for name, value in (("temperature", number_field(body, "temperature", 0, 2)),
-                        ("top_p", number_field(body, "top_p", 0, 1)),
-                        ("max_tokens", integer_field(body, "max_completion_tokens", 1)
-                         or integer_field(body, "max_tokens", 1))):
-        if value is not None:
-            params[name] = value
     stop = body.get("stop")
-    if stop is not None:
-        expect(isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
-               "'stop' must be a string or a list of strings", "stop", "invalid_type")
-        params["stop"] = [stop] if isinstance(stop, str) else stop
-    return params
+    expect(stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+           "'stop' must be a string or a list of strings", "stop", "invalid_type")
+    return sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
+                    integer_field(body, "max_completion_tokens", 1) or integer_field(body, "max_tokens", 1),
+                    [stop] if isinstance(stop, str) else stop)
 
 
 def parse_chat_request(body, settings, models):
@@ -2718,6 +2745,362 @@ async def get_model(request):
     model_id = request.match_info["model"]
     state.models.resolve(model_id)
     return web.json_response(model_card(model_id, state.started))
+
+
+# ─── Dialect: Anthropic Messages ─────────────────────────────────────────────
+# POST /v1/messages and /v1/messages/count_tokens, for Claude Code and the
+# Anthropic SDKs: a Messages request becomes a CoreRequest; core events become
+# message_start … message_stop (signed thinking blocks, ping as the heartbeat)
+# or one message; errors are {"type": "error", "error": {type, message}}.
+
+ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                         504: "timeout_error"}
+OVERLOADED = 529  # Anthropic's "try again soon", which Claude Code retries: what the proxy's 503s become
+ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                          "content_filter": "refusal"}
+ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}  # Anthropic's → the site's
+THINKING_BUDGET_EFFORTS = ((4000, "low"), (16000, "medium"))  # a budget under the bound thinks this hard; else high
+BILLING_HEADER = "x-anthropic-billing-header:"  # Claude Code's bookkeeping, sent as a system block; not for the model
+
+
+def anthropic_error_body(error):
+    kind = ANTHROPIC_ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def anthropic_error_response(error):
+    headers = {"retry-after": str(error.retry_after)} if error.retry_after else None
+    return web.json_response(anthropic_error_body(error), status=OVERLOADED if error.status == 503 else error.status,
+                             headers=headers)
+
+
+ANTHROPIC = Dialect("anthropic", anthropic_error_response)
+
+
+def content_blocks(content, where):
+    """A message's content as a list of blocks: a string is one text block."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    expect(isinstance(content, list) and all(isinstance(b, dict) and isinstance(b.get("type"), str) for b in content),
+           f"{where} must be a string or a list of blocks with a 'type'", where, "invalid_type")
+    return content
+
+
+def block_text(block, where):
+    expect(isinstance(block.get("text"), str), f"{where}.text must be a string", f"{where}.text", "invalid_type")
+    return block["text"]
+
+
+def block_source(block, where, kinds):
+    """A block's source and its type, which must be one of `kinds`."""
+    source = block.get("source")
+    expect(isinstance(source, dict) and source.get("type") in kinds,
+           f"{where}.source must be an object whose type is one of {', '.join(kinds)}", f"{where}.source")
+    return source, source["type"]
+
+
+def source_field(source, name, where):
+    expect(isinstance(source.get(name), str) and source[name], f"{where}.source.{name} must be a non-empty string",
+           f"{where}.source.{name}", "invalid_type")
+    return source[name]
+
+
+def anthropic_image(block, where, limit):
+    source, kind = block_source(block, where, ("base64", "url"))
+    if kind == "url":
+        return image_part(source_field(source, "url", where), where, limit)
+    media, data = source_field(source, "media_type", where), source_field(source, "data", where)
+    return image_part(f"data:{media};base64,{data}", where, limit)
+
+
+def anthropic_document(block, where, limit):
+    """A document: text sources inlined like text files; a PDF or other binary source is a 400 naming it."""
+    source, kind = block_source(block, where, ("text", "base64", "content"))
+    name = block.get("title") if isinstance(block.get("title"), str) and block.get("title") else "document"
+    if kind == "content":
+        blocks = content_blocks(source.get("content"), f"{where}.source.content")
+        text = "\n".join(block_text(b, f"{where}.source.content[{n}]") for n, b in enumerate(blocks))
+        return text_file(name, "text/plain", text.encode(), where)
+    media = source.get("media_type") if isinstance(source.get("media_type"), str) else "text/plain"
+    data = source_field(source, "data", where)
+    raw = data.encode() if kind == "text" else decode_base64(data, where, limit)
+    return text_file(name, media, raw, where)
+
+
+def anthropic_part(block, where, limit):
+    """A text, image or document block as an upstream part."""
+    kind = block["type"]
+    if kind == "text":
+        return {"type": "text", "text": block_text(block, where)}
+    if kind == "image":
+        return anthropic_image(block, where, limit)
+    if kind == "document":
+        return anthropic_document(block, where, limit)
+    raise ApiError(400, f"{where} has type '{kind}', which is not supported here (text, image, document, tool_use, "
+                        "tool_result, thinking)", param=where, code="unsupported_content")
+
+
+def anthropic_result(transcript, block, where, limit):
+    """A tool_result block: its text and images, and whether the tool failed."""
+    call_id = block.get("tool_use_id")
+    expect(isinstance(call_id, str), f"{where}.tool_use_id must be a string", f"{where}.tool_use_id", "invalid_type")
+    content = block.get("content", "")
+    blocks = content_blocks(content, f"{where}.content")
+    parts = [anthropic_part(b, f"{where}.content[{n}]", limit) for n, b in enumerate(blocks)]
+    transcript.tool_result(call_id, content if isinstance(content, str) else content_of(parts),
+                           failed=block.get("is_error") is True)
+
+
+def anthropic_user(transcript, blocks, where, limit):
+    """A user turn: each tool result on its own, then the rest (text, images, documents) as one message."""
+    parts = []
+    for number, block in enumerate(blocks):
+        place = f"{where}[{number}]"
+        if block["type"] == "tool_result":
+            anthropic_result(transcript, block, place, limit)
+        elif block["type"] not in ("thinking", "redacted_thinking"):
+            parts.append(anthropic_part(block, place, limit))
+    if parts:
+        transcript.add("user", content_of(parts))
+
+
+def anthropic_assistant(transcript, blocks, where):
+    """An assistant turn: its text and tool_use blocks; thinking blocks are not sent back upstream."""
+    texts, calls = [], []
+    for number, block in enumerate(blocks):
+        place, kind = f"{where}[{number}]", block["type"]
+        if kind == "text":
+            texts.append(block_text(block, place))
+        elif kind == "tool_use":
+            expect(isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
+                   and isinstance(block.get("input", {}), dict), f"{place}: a tool_use block needs a string id "
+                   "and name and an object input", place, "invalid_type")
+            calls.append((block["id"], block["name"], block.get("input", {})))
+        else:
+            expect(kind in ("thinking", "redacted_thinking"), f"{place} has type '{kind}'; assistant turns hold "
+                   "text, tool_use and thinking blocks", place, "unsupported_content")
+    transcript.assistant("\n".join(texts), calls)
+
+
+def anthropic_system(system):
+    """The system prompt, a string or text blocks (cache_control and Claude Code's billing header left out)."""
+    if system is None or isinstance(system, str):
+        return system
+    blocks = content_blocks(system, "system")
+    texts = [block_text(block, f"system[{n}]") for n, block in enumerate(blocks)]
+    return "\n".join(text for text in texts if not text.startswith(BILLING_HEADER))
+
+
+def anthropic_transcript(body, limit):
+    transcript = Transcript()
+    system = anthropic_system(body.get("system"))
+    if system:
+        transcript.add("system", system)
+    messages = body.get("messages")
+    expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages", "invalid_type")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        expect(isinstance(message, dict) and message.get("role") in ("user", "assistant", "system"),
+               f"{where} must be an object whose role is user, assistant or system", f"{where}.role")
+        blocks = content_blocks(message.get("content"), f"{where}.content")
+        if message["role"] == "assistant":
+            anthropic_assistant(transcript, blocks, f"{where}.content")
+        elif message["role"] == "user":
+            anthropic_user(transcript, blocks, f"{where}.content", limit)
+        else:  # Claude Code's mid-conversation system messages
+            transcript.add("system", "\n".join(block_text(b, f"{where}.content[{n}]") for n, b in enumerate(blocks)))
+    return transcript
+
+
+def anthropic_tools(body, enabled):
+    """(ToolPlan or None, the types of tools left out): tools with a `type` other than custom are server tools
+    (web search) or Anthropic-defined ones the model cannot be told of; they are left out, never refused."""
+    tools, choice = body.get("tools"), object_field(body, "tool_choice")
+    if tools is None:
+        return None, []
+    expect(isinstance(tools, list) and all(isinstance(t, dict) for t in tools), "'tools' must be a list of objects",
+           "tools", "invalid_type")
+    checked, left_out = [], []
+    for index, tool in enumerate(tools):
+        if tool.get("type", "custom") != "custom":
+            left_out.append(str(tool.get("type")))
+            continue
+        checked.append(check_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"),
+                                  f"tools[{index}]", "input_schema"))
+    kind = one_of_field(choice, "type", ("auto", "any", "tool", "none"), "auto", "tool_choice.type")
+    if kind == "tool":
+        expect(isinstance(choice.get("name"), str), "tool_choice.name must name a tool", "tool_choice.name")
+    named = {"any": "required", "tool": choice.get("name")}.get(kind, kind)
+    return tool_plan(checked, named, enabled, "tool_choice.name"), left_out
+
+
+def anthropic_thinking(body):
+    """(thinking on, its text shown, the effort it asks for or None) from `thinking` and `output_config`."""
+    thinking = object_field(body, "thinking")
+    kind = one_of_field(thinking, "type", ("enabled", "adaptive", "disabled"), "disabled", "thinking.type")
+    display = thinking.get("display")
+    expect(display is None or isinstance(display, str), "thinking.display must be a string", "thinking.display",
+           "invalid_type")
+    effort = None
+    if kind == "enabled":
+        budget = integer_field(thinking, "budget_tokens", 1, "thinking.budget_tokens")
+        if budget is not None:
+            effort = next((name for bound, name in THINKING_BUDGET_EFFORTS if budget < bound), "high")
+    config = object_field(body, "output_config")
+    asked = one_of_field(config, "effort", tuple(ANTHROPIC_EFFORTS), None, "output_config.effort")
+    return kind != "disabled", display != "omitted", ANTHROPIC_EFFORTS[asked] if asked else effort
+
+
+def mapped_model(model_map, asked):
+    """The model ANTHROPIC_MODEL_MAP names for a claude- id: an exact name, else the longest matching prefix*."""
+    if asked in model_map:
+        return model_map[asked]
+    prefixes = [name for name in model_map if name.endswith("*") and asked.startswith(name[:-1])]
+    return model_map[max(prefixes, key=len)] if prefixes else None
+
+
+def anthropic_model(asked, settings, models):
+    """(upstream model, show reasoning): claude- ids through ANTHROPIC_MODEL_MAP, else the default model; any
+    other id as on chat completions."""
+    if asked.startswith("claude-"):
+        target = mapped_model(settings.anthropic_model_map, asked)
+        if target is None:
+            return models.default, True
+        asked = target
+    return models.resolve(asked)
+
+
+def parse_messages_request(body, settings, models, counting=False):
+    """Checks a Messages request (or a count_tokens one, which needs no max_tokens) and translates it. Returns
+    the CoreRequest, whether thinking text is shown, and the types of tools left out."""
+    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
+    model = body.get("model")
+    expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
+    upstream_model, show_reasoning = anthropic_model(model, settings, models)
+    thinking, show_text, effort = anthropic_thinking(body)
+    max_tokens = integer_field(body, "max_tokens", 1)
+    expect(counting or max_tokens is not None, "'max_tokens' is required", "max_tokens", "missing")
+    stream = body.get("stream", False)
+    expect(isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
+    stop = body.get("stop_sequences")
+    expect(stop is None or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+           "'stop_sequences' must be a list of strings", "stop_sequences", "invalid_type")
+    params = sampling(number_field(body, "temperature", 0, 1), number_field(body, "top_p", 0, 1), max_tokens, stop)
+    tools, left_out = anthropic_tools(body, settings.tool_support)
+    messages = anthropic_transcript(body, int(settings.max_file_mb * MB)).finish(tools)
+    effort = effort or (settings.reasoning_effort if show_reasoning else "low")
+    core = CoreRequest(model, upstream_model, messages, params, effort, stream, show_reasoning and thinking, tools)
+    return core, show_text, left_out
+
+
+def anthropic_usage(usage):
+    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+def thinking_signature():
+    """The opaque signature of a thinking block: clients that send blocks back need one, and it signs nothing."""
+    return "k2proxy-" + secrets.token_urlsafe(32)
+
+
+class MessageEvents:
+    """Core events as Anthropic's stream: message_start, then each block's content_block_start, deltas and
+    content_block_stop (a thinking block ends with its signature), then message_delta and message_stop."""
+
+    def __init__(self, core, show_thinking_text):
+        self.core = core
+        self.show_thinking_text = show_thinking_text
+        self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.block = None  # the type of the open block
+        self.index = -1
+
+    def opening(self):
+        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.core.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": self.core.prompt_tokens, "output_tokens": 0}}
+        return sse_event("message_start", {"type": "message_start", "message": message}) + self.heartbeat()
+
+    def heartbeat(self):
+        return sse_event("ping", {"type": "ping"})
+
+    def render(self, events):
+        return b"".join(self._render(event) for event in events)
+
+    def _render(self, event):
+        if isinstance(event, Reasoning):
+            opened = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            return opened + (self._text_delta(b"thinking_delta", b"thinking", event.text)
+                             if self.show_thinking_text else b"")
+        if isinstance(event, Text):
+            return self._open("text", {"type": "text", "text": ""}) + self._text_delta(b"text_delta", b"text",
+                                                                                      event.text)
+        if isinstance(event, ToolCallStart):
+            return self._close() + self._open("tool_use", {"type": "tool_use", "id": "toolu_" + event.id,
+                                                           "name": event.name, "input": {}})
+        if isinstance(event, ToolArguments):
+            return self._delta({"type": "input_json_delta", "partial_json": event.text})
+        if isinstance(event, Finish):
+            delta = {"type": "message_delta", "usage": anthropic_usage(event.usage),
+                     "delta": {"stop_reason": ANTHROPIC_STOP_REASONS[event.reason], "stop_sequence": None}}
+            return self._close() + sse_event("message_delta", delta) + sse_event("message_stop",
+                                                                                  {"type": "message_stop"})
+        return sse_event("error", anthropic_error_body(event.error))
+
+    def _open(self, kind, block):
+        if self.block == kind and kind != "tool_use":
+            return b""
+        closed = self._close()
+        self.block, self.index = kind, self.index + 1
+        return closed + sse_event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                          "content_block": block})
+
+    def _delta(self, delta):
+        return sse_event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def _text_delta(self, kind, field, text):
+        """The event a stream sends for nearly every frame, its fixed parts written as they are."""
+        return (b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": %d, "delta": '
+                b'{"type": "%s", "%s": ' % (self.index, kind, field) + json_text(text).encode() + b"}}\n\n")
+
+    def _close(self):
+        if self.block is None:
+            return b""
+        signed = self._delta({"type": "signature_delta", "signature": thinking_signature()}) \
+            if self.block == "thinking" else b""
+        self.block = None
+        return signed + sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+
+def anthropic_message(core, answer, show_thinking_text):
+    """One Messages answer for a whole Answer."""
+    content = []
+    if answer.reasoning:
+        content.append({"type": "thinking", "thinking": answer.reasoning if show_thinking_text else "",
+                        "signature": thinking_signature()})
+    text = answer.text.strip() if answer.calls else answer.text  # what led up to a call, without its blank end
+    if text:
+        content.append({"type": "text", "text": text})
+    content += [{"type": "tool_use", "id": "toolu_" + call_id, "name": name, "input": json.loads(arguments)}
+                for call_id, name, arguments in answer.calls]
+    return {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant", "model": core.model,
+            "content": content, "stop_reason": ANTHROPIC_STOP_REASONS[answer.finish.reason], "stop_sequence": None,
+            "usage": anthropic_usage(answer.finish.usage)}
+
+
+async def messages(request):
+    state = request.app[STATE]
+    core, show_text, left_out = parse_messages_request(await read_json(request), state.settings, state.models)
+    state.note_left_out_tools(left_out)
+    return await serve_completion(request, core, lambda: MessageEvents(core, show_text),
+                                  lambda answer: anthropic_message(core, answer, show_text))
+
+
+async def count_message_tokens(request):
+    """What /v1/messages would send upstream, counted here with the usage estimate; upstream is not asked."""
+    state = request.app[STATE]
+    core, _, _ = parse_messages_request(await read_json(request), state.settings, state.models, counting=True)
+    return web.json_response({"input_tokens": core.prompt_tokens})
 
 
 # ─── Admin API ───────────────────────────────────────────────────────────────
@@ -2866,7 +3249,7 @@ async def admin_switch_mode(request):
 async def index(request):
     state = request.app[STATE]
     return web.json_response({"name": "k2proxy", "version": __version__,
-                              "description": "K2 Horizon behind the OpenAI API",
+                              "description": "K2 Horizon behind the OpenAI and Anthropic APIs",
                               "endpoints": [f"{route.method} {route.path}" for route in ROUTES if route.listed]
                               + [f"GET {state.settings.admin_page_path}"]})
 
@@ -2891,6 +3274,8 @@ ROUTES = (
     Route("GET", "/", index, listed=False),
     Route("GET", "/health", health),
     Route("POST", "/v1/chat/completions", chat_completions, completion=True),
+    Route("POST", "/v1/messages", messages, ANTHROPIC, completion=True),
+    Route("POST", "/v1/messages/count_tokens", count_message_tokens, ANTHROPIC),
     Route("GET", "/v1/models", list_models),
     Route("GET", "/v1/models/{model:.+}", get_model, listed=False),
     Route("GET", "/admin/status", admin_status, listed=False),
@@ -2904,7 +3289,16 @@ ROUTES = (
     Route("GET", "/admin/accounts", admin_accounts, listed=False),
 )
 ROUTE_OF = web.AppKey("route_of", dict)  # handler → its Route, for the middlewares
-UNROUTED = Route("", "", None)             # what an unknown path or method is answered as
+UNROUTED = Route("", "", None)  # an unknown path or method
+UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC)}  # … under a path whose clients read another dialect
+
+
+def route_of(request):
+    """The route a request came by; for an unknown path or method, one whose errors its family's clients read."""
+    route = request.app[ROUTE_OF].get(request.match_info.handler)
+    if route:
+        return route
+    return next((r for prefix, r in UNROUTED_FAMILIES.items() if request.path.startswith(prefix)), UNROUTED)
 
 
 def key_matches(given, keys):
@@ -2922,6 +3316,11 @@ def bearer(request):
     return value.strip() if scheme.lower() == "bearer" else ""
 
 
+def api_key(request):
+    """The key a client sent: as a Bearer token, or in x-api-key as Anthropic's clients send it."""
+    return bearer(request) or request.headers.get("x-api-key", "").strip()
+
+
 HTTP_ERROR_MESSAGES = {404: "Unknown route: {method} {path}", 405: "Method {method} is not allowed on {path}"}
 
 
@@ -2929,7 +3328,7 @@ HTTP_ERROR_MESSAGES = {404: "Unknown route: {method} {path}", 405: "Method {meth
 async def handle_errors(request, handler):
     """Opens the request's record, answers every failure in its route's dialect, and logs one line per request."""
     state = request.app[STATE]
-    route = request.app[ROUTE_OF].get(request.match_info.handler, UNROUTED)
+    route = route_of(request)
     record = request[RECORD] = RequestRecord(request.method, request.path, route.dialect.name, route.completion,
                                              time.monotonic())
     state.figures.begin(record)
@@ -2970,8 +3369,8 @@ async def check_keys(request, handler):
     if request.method == "OPTIONS" and path.startswith("/v1/"):
         return preflight(request)
     if path.startswith("/v1/"):
-        if not key_matches(bearer(request), settings.valid_api_key):
-            raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key>",
+        if not key_matches(api_key(request), settings.valid_api_key):
+            raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)",
                            code="invalid_api_key")
     elif path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD")):
         if not key_matches(bearer(request), [settings.admin_key]):

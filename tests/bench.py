@@ -67,6 +67,19 @@ def percentile(values, share):
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
+HELLO = [{"role": "user", "content": "Hello"}]
+ROUTES = {  # name: (path, request body, the bytes of the line that ends a stream)
+    "direct": ("/api/guest/chat/completions", lambda stream: {"stream": True, "model": MODEL, "messages": HELLO,
+                                                              "params": {}}, b'data: {"done": true'),
+    "/v1/chat/completions": ("/v1/chat/completions", lambda stream: {"model": MODEL, "stream": stream,
+                                                                     "messages": HELLO}, b"data: [DONE]"),
+    "/v1/messages": ("/v1/messages", lambda stream: {"model": "claude-opus-4-8", "max_tokens": 1000, "stream": stream,
+                                                     "messages": HELLO, "thinking": {"type": "adaptive"}},
+                     b'data: {"type": "message_stop"'),
+}
+PROXIED = [name for name in ROUTES if name != "direct"]
+
+
 class Bench:
     """One run: the two processes, a client session, the figures and the errors."""
 
@@ -81,24 +94,16 @@ class Bench:
         async with self.session.post(self.upstream + "/_fake/reply", json=reply) as response:
             await response.read()
 
-    def request(self, direct, stream):
-        """(url, body, headers) of one chat request, to the upstream or through the proxy."""
-        messages = [{"role": "user", "content": "Hello"}]
-        if direct:
-            return (self.upstream + "/api/guest/chat/completions",
-                    {"stream": True, "model": MODEL, "messages": messages, "params": {}}, {})
-        return (self.proxy + "/v1/chat/completions", {"model": MODEL, "stream": stream, "messages": messages},
-                {"Authorization": f"Bearer {KEY}"})
-
-    async def one(self, direct, stream=True, first_only=False):
-        """(seconds to first content, seconds in all) of one request; failures are recorded."""
-        url, body, headers = self.request(direct, stream)
+    async def one(self, route, stream=True, first_only=False):
+        """(seconds to first content, seconds in all) of one request by `route`; failures are recorded."""
+        path, body, end = ROUTES[route]
+        base, headers = (self.upstream, {}) if route == "direct" else (self.proxy, {"Authorization": f"Bearer {KEY}"})
         started = time.perf_counter()
         first = None
         try:
-            async with self.session.post(url, json=body, headers=headers) as response:
+            async with self.session.post(base + path, json=body(stream), headers=headers) as response:
                 if response.status != 200:
-                    self.errors.append(f"{'direct' if direct else 'proxy'}: HTTP {response.status}")
+                    self.errors.append(f"{route}: HTTP {response.status}")
                     return None, None
                 if response.content_type == "application/json":  # the proxy's non-streamed answer
                     await response.read()
@@ -109,39 +114,39 @@ class Bench:
                         first = time.perf_counter() - started
                         if first_only:
                             return first, first
-                    if line.startswith((b"data: [DONE]", b'data: {"done": true')):  # the site's end, then it hangs up
+                    if line.startswith(end):  # the site hangs up after its end, so nothing more is read
                         done = True
                         break
                 if not done:
-                    self.errors.append(f"{'direct' if direct else 'proxy'}: stream without [DONE]")
+                    self.errors.append(f"{route}: stream without its end")
         except aiohttp.ClientError as exc:
-            self.errors.append(f"{'direct' if direct else 'proxy'}: {type(exc).__name__}")
+            self.errors.append(f"{route}: {type(exc).__name__}")
             return None, None
         return first, time.perf_counter() - started
 
-    async def ttfb(self, samples, **shape):
-        """p50 and p99 time to first content, direct and through the proxy, with a slow upstream."""
+    async def ttfb(self, samples, routes, **shape):
+        """p50 and p99 time to first content by each route, with a slow upstream."""
         await self.steer(reasoning=FIRST_WORDS.decode() + "r" * 400, answer="a" * 400, piece=20, delay=0.05, **shape)
         figures = {}
-        for direct in (True, False):
-            values = [(await self.one(direct, first_only=True))[0] for _ in range(samples)]
+        for route in routes:
+            values = [(await self.one(route, first_only=True))[0] for _ in range(samples)]
             values = [v for v in values if v is not None]
-            figures[direct] = (statistics.median(values) * 1000, percentile(values, 0.99) * 1000)
+            figures[route] = (statistics.median(values) * 1000, percentile(values, 0.99) * 1000)
         return figures
 
-    async def throughput(self, concurrency, rounds, stream, peak):
-        """Requests per second and p99 latency at `concurrency`, direct and through the proxy."""
+    async def throughput(self, concurrency, rounds, stream, peak, routes):
+        """Requests per second and p99 latency at `concurrency` by each route."""
         await self.steer(reasoning="r" * 600, answer="a" * 600, piece=12, delay=0)
         figures = {}
-        for direct in (True, False):
+        for route in routes:
             latencies = []
             started = time.perf_counter()
             for _ in range(rounds):
-                results = await asyncio.gather(*(self.one(direct, stream) for _ in range(concurrency)))
+                results = await asyncio.gather(*(self.one(route, stream) for _ in range(concurrency)))
                 latencies += [total for _, total in results if total is not None]
-                if not direct:
+                if route != "direct":
                     peak[0] = max(peak[0], rss_mb(self.proxy_pid))
-            figures[direct] = (len(latencies) / (time.perf_counter() - started), percentile(latencies, 0.99) * 1000)
+            figures[route] = (len(latencies) / (time.perf_counter() - started), percentile(latencies, 0.99) * 1000)
         return figures
 
     async def cpu_for(self, length, runs):
@@ -151,7 +156,7 @@ class Bench:
                          delay=0, style="snapshot", markup="details", usage=None)
         before = cpu_seconds(self.proxy_pid)
         for _ in range(runs):
-            await self.one(False)
+            await self.one("/v1/chat/completions")
         return (cpu_seconds(self.proxy_pid) - before) / runs
 
     async def watch_peak(self, peak, stop):
@@ -179,10 +184,11 @@ async def run(quick):
             peak = [idle]
             stop = asyncio.Event()
             watcher = asyncio.ensure_future(bench.watch_peak(peak, stop))
-            ttfb = await bench.ttfb(20 if quick else 60, site="k2think")  # the first frame holds words
-            paused = await bench.ttfb(20 if quick else 60)  # the 2026 site: words after two markup-only frames
-            streamed = await bench.throughput(64, 3 if quick else 10, True, peak)
-            plain = await bench.throughput(32, 3 if quick else 10, False, peak)
+            samples, rounds = (20, 3) if quick else (60, 10)
+            ttfb = await bench.ttfb(samples, ROUTES, site="k2think")  # the first frame holds words
+            paused = await bench.ttfb(samples, ROUTES)  # the 2026 site: words after two markup-only frames
+            streamed = await bench.throughput(64, rounds, True, peak, ROUTES)
+            plain = await bench.throughput(32, rounds, False, peak, ["direct", "/v1/chat/completions"])
             stop.set()
             await watcher
             runs = 10 if quick else 40
@@ -196,36 +202,40 @@ async def run(quick):
     return 1 if errors else 0
 
 
+def row(name, figures, unit="", digits=1, routes=("direct", *PROXIED)):
+    cells = " | ".join(f"{figures[r]:.{digits}f}{unit}" if r in figures else "" for r in routes)
+    return f"| {name} | {cells} |"
+
+
 def report(quick, ttfb, paused, streamed, plain, cpu, idle, peak, errors):
-    overhead = ttfb[False][0] - ttfb[True][0]
+    chat = "/v1/chat/completions"
+    overhead = ttfb[chat][0] - ttfb["direct"][0]
     growth = cpu[40000] / cpu[20000] if cpu[20000] else float("nan")
-    share = streamed[False][0] / streamed[True][0]
+    shares = {route: streamed[route][0] / streamed["direct"][0] for route in PROXIED}
     print(f"## k2proxy benchmark{' (--quick)' if quick else ''}\n")
     print(f"Machine: {os.cpu_count()} cores, {cpu_model()}, Python {platform.python_version()}, "
           f"load generator on the same machine.\n")
-    print("| metric | direct | proxy | proxy/direct |")
-    print("|---|---:|---:|---:|")
-    print(f"| time to first content, p50 (slow upstream: 50 ms between frames) | {ttfb[True][0]:.1f} ms | "
-          f"{ttfb[False][0]:.1f} ms | {ttfb[False][0] / ttfb[True][0]:.2f} |")
-    print(f"| time to first content, p99 | {ttfb[True][1]:.1f} ms | {ttfb[False][1]:.1f} ms | "
-          f"{ttfb[False][1] / ttfb[True][1]:.2f} |")
-    print(f"| time to first content, p50, first words after 100 ms of markup (the 2026 site) | {paused[True][0]:.1f} ms | "
-          f"{paused[False][0]:.1f} ms | {paused[False][0] / paused[True][0]:.2f} |")
-    print(f"| streamed requests/s, 64 concurrent, 100 frames | {streamed[True][0]:.0f} | {streamed[False][0]:.0f} | "
-          f"{share:.2f} |")
-    print(f"| streamed latency p99, 64 concurrent | {streamed[True][1]:.0f} ms | {streamed[False][1]:.0f} ms | "
-          f"{streamed[False][1] / streamed[True][1]:.2f} |")
-    print(f"| non-streamed requests/s, 32 concurrent | {plain[True][0]:.0f} | {plain[False][0]:.0f} | "
-          f"{plain[False][0] / plain[True][0]:.2f} |")
-    print(f"| proxy CPU, one 20,000-character answer in 200 snapshot frames | | {cpu[20000] * 1000:.0f} ms | |")
-    print(f"| proxy CPU, one 40,000-character answer in 200 snapshot frames | | {cpu[40000] * 1000:.0f} ms | "
-          f"{growth:.2f}x the 20,000 |")
-    print(f"| proxy resident memory, idle / peak under load | | {idle:.1f} MB / {peak:.1f} MB | |")
-    print(f"| errors | | {len(errors)} | |\n")
+    print("| metric | direct | " + " | ".join(f"`{route}`" for route in PROXIED) + " |")
+    print("|---|" + "---:|" * (1 + len(PROXIED)))
+    print(row("time to first content, p50 (slow upstream: 50 ms between frames)", {r: v[0] for r, v in ttfb.items()}, " ms"))
+    print(row("time to first content, p99", {r: v[1] for r, v in ttfb.items()}, " ms"))
+    print(row("time to first content, p50, first words after 100 ms of markup (the 2026 site)",
+              {r: v[0] for r, v in paused.items()}, " ms"))
+    print(row("streamed requests/s, 64 concurrent, 100 frames", {r: v[0] for r, v in streamed.items()}, digits=0))
+    print(row("streamed latency p99, 64 concurrent", {r: v[1] for r, v in streamed.items()}, " ms", 0))
+    print(row("non-streamed requests/s, 32 concurrent", {r: v[0] for r, v in plain.items()}, digits=0))
+    print()
+    print(f"Proxy CPU for one streamed answer in 200 snapshot frames: {cpu[20000] * 1000:.0f} ms for 20,000 characters, "
+          f"{cpu[40000] * 1000:.0f} ms for 40,000 ({growth:.2f}x). Proxy resident memory: {idle:.1f} MB idle, "
+          f"{peak:.1f} MB at peak under load. Errors: {len(errors)}.\n")
     print("| target | figure | |")
     print("|---|---|---|")
     print(f"| first-content overhead at most 2 ms at p50 | {overhead:+.1f} ms | {mark(overhead <= 2)} |")
-    print(f"| streamed throughput at least 50% of direct | {share:.0%} | {mark(share >= 0.5)} |")
+    for route in PROXIED[1:]:
+        gap = ttfb[route][0] - ttfb[chat][0]
+        print(f"| `{route}` first content within 1 ms of `{chat}` at p50 | {gap:+.1f} ms | {mark(abs(gap) <= 1)} |")
+    for route in PROXIED:
+        print(f"| `{route}` streamed throughput at least 50% of direct | {shares[route]:.0%} | {mark(shares[route] >= 0.5)} |")
     print(f"| CPU growth for 2x the answer at most 2.3x | {growth:.2f}x | {mark(growth <= 2.3)} |")
     print(f"| idle memory at most 45 MB, a plain start | {idle:.1f} MB | {mark(idle <= 45)} |")
     print(f"| zero errors | {len(errors)} | {mark(not errors)} |")

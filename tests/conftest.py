@@ -94,6 +94,19 @@ async def read_sse(response):
     return events, comments
 
 
+async def read_named_sse(response):
+    """The (event name, JSON data) pairs of an SSE answer whose events are named, as Anthropic and Responses send."""
+    import json
+    events, name = [], None
+    for line in (await response.read()).decode().split("\n"):
+        if line.startswith("event: "):
+            name = line[7:].strip()
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[6:])))
+            name = None
+    return events
+
+
 def stream_text(events, field="content"):
     return "".join(e["choices"][0]["delta"].get(field) or "" for e in events
                    if isinstance(e, dict) and e.get("choices"))

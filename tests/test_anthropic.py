@@ -1,0 +1,314 @@
+"""The Anthropic Messages front door in-process: requests as Claude Code sends them, the stream's events, thinking,
+tools, model mapping, effort, count_tokens, and errors in Anthropic's shape."""
+
+import base64
+import json
+import time
+
+import pytest
+
+from conftest import API_KEY, MODEL, read_named_sse
+from fake_upstream import Reply, make_jwt
+import k2proxy
+
+KEY = {"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}
+HI = [{"role": "user", "content": "hi"}]
+REASONING = "The user greets me.\nI greet back."
+ANSWER = "Hello — 你好!"
+BASH = {"name": "Bash", "description": "Run a command.", "input_schema": {
+    "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}
+CALL = '<tool_call>{"name": "Bash", "arguments": {"command": "ls"}}</tool_call>'
+PNG = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
+
+
+def request(**extra):
+    return {"model": "claude-opus-4-8", "max_tokens": 1000, "messages": HI, **extra}
+
+
+async def post(proxy, body, path="/v1/messages?beta=true", headers=KEY):
+    return await proxy.post(path, json=body, headers=headers)
+
+
+def effort_sent(fake):
+    return fake.received[-1].body["extra_body"]["chat_template_kwargs"]["reasoning_effort"]
+
+
+async def test_a_message_as_anthropic_sends_it(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
+    response = await post(proxy, request(thinking={"type": "enabled", "budget_tokens": 2048}))
+    body = await response.json()
+    assert response.status == 200 and body["id"].startswith("msg_") and body["type"] == "message"
+    assert body["model"] == "claude-opus-4-8" and body["role"] == "assistant"
+    thinking, text = body["content"]
+    assert thinking["type"] == "thinking" and thinking["thinking"] == REASONING and thinking["signature"]
+    assert text == {"type": "text", "text": ANSWER}
+    assert (body["stop_reason"], body["stop_sequence"]) == ("end_turn", None)
+    assert body["usage"]["input_tokens"] == 12 and body["usage"]["output_tokens"] == 34
+    assert fake.received[0].body["model"] == MODEL
+
+
+async def test_the_stream_is_a_sequence_of_named_events(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, piece=4)
+    response = await post(proxy, request(stream=True, thinking={"type": "adaptive"}))
+    assert response.headers["Content-Type"].startswith("text/event-stream")
+    events = await read_named_sse(response)
+    names = [name for name, _ in events]
+    assert names[:2] == ["message_start", "ping"] and names[-2:] == ["message_delta", "message_stop"]
+    assert all(name == data["type"] for name, data in events)
+    starts = [data for name, data in events if name == "content_block_start"]
+    assert [s["content_block"]["type"] for s in starts] == ["thinking", "text"] and [s["index"] for s in starts] == [0, 1]
+    deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
+    assert "".join(d.get("thinking", "") for d in deltas) == REASONING
+    assert "".join(d.get("text", "") for d in deltas) == ANSWER
+    signature = [d for d in deltas if d["type"] == "signature_delta"]
+    assert len(signature) == 1 and signature[0]["signature"]
+    assert names.count("content_block_stop") == 2
+    assert events[-2][1]["delta"]["stop_reason"] == "end_turn" and events[-2][1]["usage"]["output_tokens"] == 34
+
+
+@pytest.mark.parametrize("thinking,shown", [({"type": "disabled"}, None), (None, None),
+                                            ({"type": "adaptive", "display": "omitted"}, ""),
+                                            ({"type": "adaptive"}, REASONING)])
+async def test_thinking_is_shown_only_when_enabled_and_not_omitted(proxy, fake, thinking, shown):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
+    body = await (await post(proxy, request(**({"thinking": thinking} if thinking else {})))).json()
+    blocks = [b for b in body["content"] if b["type"] == "thinking"]
+    assert [b["thinking"] for b in blocks] == ([] if shown is None else [shown])
+    assert all(b["signature"] for b in blocks)
+    events = await read_named_sse(await post(proxy, request(stream=True, **({"thinking": thinking} if thinking else {}))))
+    kinds = [d["content_block"]["type"] for n, d in events if n == "content_block_start"]
+    assert kinds == (["text"] if shown is None else ["thinking", "text"])
+    assert "".join(d["delta"].get("thinking", "") for n, d in events if n == "content_block_delta") == (shown or "")
+
+
+@pytest.mark.parametrize("extra,effort", [
+    ({}, "medium"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "low"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 8000}}, "medium"),
+    ({"thinking": {"type": "enabled", "budget_tokens": 32000}}, "high"),
+    ({"output_config": {"effort": "low"}}, "low"),
+    ({"output_config": {"effort": "max"}, "thinking": {"type": "enabled", "budget_tokens": 1024}}, "high"),
+])
+async def test_effort_comes_from_output_config_or_the_thinking_budget(proxy, fake, extra, effort):
+    assert (await post(proxy, request(**extra))).status == 200
+    assert effort_sent(fake) == effort
+
+
+async def test_a_claude_code_request_is_taken_whole(proxy, fake):
+    """What Claude Code 2.1 sends in its first request, trimmed: every field accepted, nothing wrong sent on."""
+    body = {
+        "model": "claude-opus-4-8", "max_tokens": 64000, "stream": False,
+        "system": [{"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1.197;"},
+                   {"type": "text", "text": "You are a Claude agent.", "cache_control": {"type": "ephemeral"}}],
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "<system-reminder>context</system-reminder>"},
+            {"type": "text", "text": "Say hello", "cache_control": {"type": "ephemeral"}}]},
+            {"role": "system", "content": "Available agent types: claude."}],
+        "tools": [BASH, {"type": "web_search_20250305", "name": "web_search", "max_uses": 5}],
+        "tool_choice": {"type": "auto"}, "metadata": {"user_id": '{"device_id": "x"}'},
+        "thinking": {"type": "adaptive"}, "context_management": {"edits": [{"type": "clear_thinking_20251015"}]},
+        "output_config": {"effort": "high"}, "temperature": 1, "top_k": 40, "stop_sequences": ["STOP"]}
+    response = await post(proxy, body)
+    assert response.status == 200, await response.text()
+    sent = fake.received[0].body
+    system = sent["messages"][0]
+    assert system["role"] == "system" and system["content"].startswith("You are a Claude agent.")
+    assert "billing-header" not in json.dumps(sent) and "### Bash" in system["content"] and "web_search" not in system["content"]
+    assert sent["messages"][1] == {"role": "user", "content": "<system-reminder>context</system-reminder>\nSay hello"}
+    assert sent["messages"][2] == {"role": "system", "content": "Available agent types: claude."}
+    assert sent["params"] == {"temperature": 1, "max_tokens": k2proxy.MAX_OUTPUT_TOKENS, "stop": ["STOP"]}
+    assert effort_sent(fake) == "high"
+
+
+async def test_server_tools_are_named_once_in_the_log(proxy, fake, caplog):
+    caplog.set_level("INFO", logger="k2proxy")
+    for _ in range(3):
+        await post(proxy, request(tools=[BASH, {"type": "web_search_20250305", "name": "web_search"}]))
+    assert sum("web_search_20250305" in r.getMessage() for r in caplog.records) == 1
+
+
+async def test_a_tool_call_round_trip(proxy, fake):
+    fake.script = [Reply(reasoning="I need ls.", answer="Let me look. " + CALL), Reply(answer="Two files.")]
+    first = await (await post(proxy, request(tools=[BASH]))).json()
+    text, call = first["content"]
+    assert text == {"type": "text", "text": "Let me look."} and first["stop_reason"] == "tool_use"
+    assert call["type"] == "tool_use" and call["id"].startswith("toolu_") and call["input"] == {"command": "ls"}
+    history = HI + [{"role": "assistant", "content": [{"type": "thinking", "thinking": "I need ls.", "signature": "s"},
+                                                      text, call]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"],
+                                                  "content": [{"type": "text", "text": "a.txt\nb.txt"}]},
+                                                 {"type": "text", "text": "And?"}]}]
+    final = await (await post(proxy, request(tools=[BASH], messages=history))).json()
+    assert final["content"] == [{"type": "text", "text": "Two files."}] and final["stop_reason"] == "end_turn"
+    sent = fake.received[1].body["messages"]
+    assert sent[-3]["role"] == "assistant" and sent[-3]["reasoning"] == "" and '"command": "ls"' in sent[-3]["content"]
+    assert "I need ls." not in json.dumps(sent)
+    assert sent[-2]["content"].startswith(f'<tool_result name="Bash" tool_call_id="{call["id"]}">') and "b.txt" in sent[-2]["content"]
+    assert sent[-1] == {"role": "user", "content": "And?"}
+
+
+async def test_a_streamed_tool_call_is_a_tool_use_block_with_json_deltas(proxy, fake):
+    fake.reply = Reply(answer=CALL, style="incremental", piece=5)
+    events = await read_named_sse(await post(proxy, request(stream=True, tools=[BASH])))
+    start = next(d for n, d in events if n == "content_block_start")
+    assert start["content_block"]["type"] == "tool_use" and start["content_block"]["input"] == {}
+    pieces = [d["delta"]["partial_json"] for n, d in events if n == "content_block_delta"]
+    assert json.loads("".join(pieces)) == {"command": "ls"}
+    assert events[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+async def test_a_failed_tool_is_told_to_the_model(proxy, fake):
+    history = HI + [{"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "Bash",
+                                                       "input": {"command": "false"}}]},
+                    {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True,
+                                                  "content": "Exit code 1"}]}]
+    assert (await post(proxy, request(tools=[BASH], messages=history))).status == 200
+    assert 'is_error="true"' in fake.received[0].body["messages"][-1]["content"]
+
+
+@pytest.mark.parametrize("choice,fragment", [({"type": "any"}, "must call at least one tool"),
+                                             ({"type": "tool", "name": "Bash"}, 'must call the tool "Bash"')])
+async def test_tool_choice_is_stated_to_the_model(proxy, fake, choice, fragment):
+    await post(proxy, request(tools=[BASH], tool_choice=choice))
+    assert fragment in fake.received[0].body["messages"][0]["content"]
+
+
+async def test_tool_choice_none_sends_no_tool_text(proxy, fake):
+    fake.reply = Reply(answer=CALL)
+    body = await (await post(proxy, request(tools=[BASH], tool_choice={"type": "none"}))).json()
+    assert body["content"] == [{"type": "text", "text": CALL}]
+    assert all("Bash" not in m["content"] for m in fake.received[0].body["messages"])
+
+
+async def test_images_and_text_documents_reach_the_model(proxy, fake):
+    content = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
+               {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
+               {"type": "document", "title": "notes.md", "source": {"type": "text", "media_type": "text/plain",
+                                                                    "data": "# Notes"}},
+               {"type": "text", "text": "Compare."}]
+    assert (await post(proxy, request(messages=[{"role": "user", "content": content}]))).status == 200
+    parts = fake.received[0].body["messages"][-1]["content"]
+    assert parts[0] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG}"}}
+    assert parts[1]["image_url"]["url"] == "https://example.com/cat.png"
+    assert parts[2]["text"].startswith("File: notes.md\n") and "# Notes" in parts[2]["text"]
+
+
+@pytest.mark.parametrize("env,asked,upstream,reasoning", [
+    ({}, "claude-opus-4-8", MODEL, True),
+    ({}, "claude-haiku-4-5-20251001", MODEL, True),
+    ({"ANTHROPIC_MODEL_MAP": f"claude-haiku-*={MODEL}-nothink"}, "claude-haiku-4-5", MODEL, False),
+    ({"ANTHROPIC_MODEL_MAP": f"claude-haiku-*={MODEL}-nothink, claude-haiku-4-5-x=k2"}, "claude-haiku-4-5-x", MODEL, True),
+    ({}, MODEL, MODEL, True), ({}, "MBZUAI-IFM/K2-Think-nothink", MODEL, False),
+    ({"MODEL_ALIASES": f"k2={MODEL}"}, "k2", MODEL, True),
+])
+async def test_model_ids_map_to_upstream_and_echo_what_was_asked(make_proxy, fake, env, asked, upstream, reasoning):
+    env.setdefault("MODEL_ALIASES", f"k2={MODEL}")
+    proxy = await make_proxy(**env)
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
+    body = await (await post(proxy, request(model=asked, thinking={"type": "adaptive"}))).json()
+    assert body["model"] == asked and fake.received[-1].body["model"] == upstream
+    assert any(b["type"] == "thinking" for b in body["content"]) == reasoning
+    if not reasoning:
+        assert effort_sent(fake) == "low"
+
+
+async def test_count_tokens_counts_what_would_be_sent_and_asks_no_one(proxy, fake):
+    small = await (await post(proxy, {"model": "claude-opus-4-8", "messages": HI}, "/v1/messages/count_tokens")).json()
+    large = await (await post(proxy, {"model": "claude-opus-4-8", "messages": HI, "tools": [BASH],
+                                      "system": "x" * 4000}, "/v1/messages/count_tokens")).json()
+    assert set(small) == {"input_tokens"} and 0 < small["input_tokens"] < 10
+    assert large["input_tokens"] > small["input_tokens"] + 1000
+    assert fake.received == []
+
+
+async def test_keys_by_x_api_key_or_bearer_and_any_anthropic_headers(proxy, fake):
+    for headers in (KEY, {"Authorization": f"Bearer {API_KEY}"},
+                    {"x-api-key": API_KEY, "anthropic-version": "1999-01-01", "anthropic-beta": "anything-at-all"}):
+        assert (await post(proxy, request(), headers=headers)).status == 200
+    response = await post(proxy, request(), headers={"x-api-key": "wrong"})
+    assert response.status == 401 and (await response.json())["error"]["type"] == "authentication_error"
+
+
+def anthropic_error(body):
+    assert set(body) == {"type", "error"} and body["type"] == "error"
+    assert set(body["error"]) == {"type", "message"} and body["error"]["message"]
+    return body["error"]
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({"model": "claude-opus-4-8", "messages": HI}, "max_tokens"),
+    (request(model=None), "model"),
+    (request(messages=[]), "messages"),
+    (request(messages=[{"role": "robot", "content": "x"}]), "role"),
+    (request(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+    (request(messages=[{"role": "user", "content": [{"type": "audio"}]}]), "audio"),
+    (request(messages=[{"role": "user", "content": [{"type": "image", "source": {"type": "file"}}]}]), "source"),
+    (request(messages=[{"role": "user", "content": [{"type": "document", "source": {
+        "type": "base64", "media_type": "application/pdf", "data": "JVBERi0xLjcKAAEC"}}]}]), "cannot be read"),
+    (request(messages=[{"role": "assistant", "content": [{"type": "tool_use", "id": 1, "name": "x"}]}]), "tool_use"),
+    (request(max_tokens=0), "max_tokens"), (request(temperature=1.5), "temperature"),
+    (request(stream="yes"), "stream"), (request(stop_sequences="STOP"), "stop_sequences"),
+    (request(thinking={"type": "sometimes"}), "thinking.type"),
+    (request(output_config={"effort": "extreme"}), "output_config.effort"),
+    (request(tools=[{"name": "bad name!", "input_schema": {}}]), "tools[0].name"),
+    (request(tools=[BASH], tool_choice={"type": "tool", "name": "Missing"}), "Missing"),
+    (request(system=[{"type": "image"}]), "system[0].text"),
+])
+async def test_bad_input_is_a_400_in_anthropics_shape_naming_the_field(proxy, fake, body, fragment):
+    response = await post(proxy, body)
+    error = anthropic_error(await response.json())
+    assert response.status == 400 and error["type"] == "invalid_request_error" and fragment in error["message"]
+    assert fake.received == []
+
+
+@pytest.mark.parametrize("case,status,kind", [
+    ("unknown model", 404, "not_found_error"), ("body over the limit", 413, "request_too_large"),
+    ("every token rate limited", 429, "rate_limit_error"), ("no usable token", 529, "overloaded_error"),
+    ("upstream broken", 502, "api_error"), ("upstream silent", 504, "timeout_error"),
+    ("unknown route", 404, "not_found_error")])
+async def test_failures_have_anthropics_statuses_and_types(make_proxy, fake, tmp_path, case, status, kind):
+    (tmp_path / "tokens.txt").write_text(make_jwt(time.time() + 3600) + "\n")
+    proxy = await make_proxy(PROXY_MODE="user", MAX_REQUEST_MB="0.05", REQUEST_TIMEOUT="0.5", MAX_RETRIES=0)
+    body, path = request(), "/v1/messages"
+    if case == "unknown model":
+        body = request(model="gpt-4")
+    elif case == "body over the limit":
+        body = request(messages=[{"role": "user", "content": "x" * 100_000}])
+    elif case == "every token rate limited":
+        fake.reply = Reply(status=429, headers={"Retry-After": "30"})
+        await post(proxy, body)
+    elif case == "no usable token":
+        (tmp_path / "tokens.txt").write_text(make_jwt(time.time() - 60) + "\n")
+        await k2proxy_pool(proxy).reload()
+    elif case == "upstream broken":
+        fake.reply = Reply(status=500, body="boom")
+    elif case == "upstream silent":
+        fake.reply = Reply(first_delay=3)
+    else:
+        path = "/v1/messages/batches"
+    response = await post(proxy, body, path)
+    error = anthropic_error(await response.json())
+    assert (response.status, error["type"]) == (status, kind)
+    if status == 429:
+        assert 1 <= int(response.headers["retry-after"]) <= 30
+
+
+def k2proxy_pool(proxy):
+    return proxy.server.app[k2proxy.STATE].upstream.pool
+
+
+async def test_a_failure_after_the_stream_started_is_an_error_event(make_proxy, fake):
+    proxy = await make_proxy(REQUEST_TIMEOUT="0.5")
+    fake.reply = Reply(reasoning="x" * 200, piece=5, drop_after=8)
+    events = await read_named_sse(await post(proxy, request(stream=True, thinking={"type": "adaptive"})))
+    assert events[0][0] == "message_start" and events[-1][0] == "error"
+    assert events[-1][1]["error"]["type"] == "api_error" and "message_stop" not in [n for n, _ in events]
+
+
+async def test_silence_gets_ping_events(make_proxy, fake):
+    proxy = await make_proxy(KEEPALIVE_SECONDS="0.1")
+    fake.reply = Reply(first_delay=0.5, answer=ANSWER)
+    events = await read_named_sse(await post(proxy, request(stream=True)))
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and names.count("ping") >= 3
+    assert "".join(d["delta"].get("text", "") for n, d in events if n == "content_block_delta") == ANSWER
