@@ -13,6 +13,7 @@ import asyncio
 import base64
 import binascii
 import codecs
+import collections
 import functools
 import hashlib
 import hmac
@@ -170,6 +171,9 @@ SETTINGS = (
     Setting("MODELS_REFRESH", "600", _positive, "Seconds between two model list fetches from upstream in user mode"),
     Setting("MODEL_ALIASES", "", _pairs, "More model names, comma-separated alias=model-id pairs (k2=IFM/K2-Horizon-375B-A23B); the old K2-Think ids are built in"),
     Setting("ANTHROPIC_MODEL_MAP", "", _model_map, "Which model serves each claude-... id on /v1/messages, comma-separated claude-id=model-id pairs (* ends a prefix: claude-haiku-*=IFM/K2-Horizon-375B-A23B-nothink); unmapped claude- ids get the default model"),
+    Setting("RESPONSES_STORE_COUNT", "1000", _int_between(0, 1000000), "Responses kept for previous_response_id and GET /v1/responses/{id}; 0 keeps none"),
+    Setting("RESPONSES_STORE_MB", "32", _positive, "Memory the kept responses may take, in MB; the oldest go first"),
+    Setting("RESPONSES_STORE_TTL", "3600", _positive, "Seconds a kept response stays"),
     Setting("CORS_ORIGINS", "*", _csv, "Origins allowed to call /v1 from a browser, comma-separated, or *"),
     Setting("ADMIN_PAGE_PATH", "/admin", _url_path, "Path of the admin page"),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
@@ -2206,7 +2210,7 @@ class EventStream:
             self._heartbeat.cancel()
 
     async def write(self, events):
-        await self._send(self.renderer.render(events))
+        await self._send(lambda: self.renderer.render(events))
 
     async def close(self, events):
         """Writes the last events (a Finish or a Failed) and ends the stream; raises a failure that comes
@@ -2214,10 +2218,13 @@ class EventStream:
         self.stop()
         if isinstance(events[-1], Failed) and self.response is None:
             raise events[-1].error
-        await self._send(self.renderer.render(events), last=True)
+        await self._send(lambda: self.renderer.render(events), last=True)
         return self.response
 
-    async def _send(self, data, last=False):
+    async def _send(self, render, last=False):
+        """Writes what `render` gives, rendered only now: after the response and its opening, so that the
+        renderer's events go out in the order it numbered them."""
+        opening = b""
         if self.response is None:
             async with self._open_lock:
                 if self.response is None:
@@ -2226,7 +2233,8 @@ class EventStream:
                         "X-Accel-Buffering": "no"})
                     await response.prepare(self.request)
                     self.response = response
-                    data = self.renderer.opening() + data
+                    opening = self.renderer.opening()
+        data = opening + render()
         self._last_write = time.monotonic()
         try:
             await (self.response.write_eof(data) if last else self.response.write(data))
@@ -2239,7 +2247,7 @@ class EventStream:
             while True:
                 idle = time.monotonic() - self._last_write
                 if idle >= self._keepalive_every:
-                    await self._send(self.renderer.heartbeat())
+                    await self._send(self.renderer.heartbeat)
                 else:
                     await asyncio.sleep(self._keepalive_every - idle)
         except ClientGone:
@@ -3103,6 +3111,442 @@ async def count_message_tokens(request):
     return web.json_response({"input_tokens": core.prompt_tokens})
 
 
+# ─── Dialect: OpenAI Responses ───────────────────────────────────────────────
+# POST /v1/responses, and GET and DELETE /v1/responses/{id}, for Codex CLI and
+# the newer OpenAI SDK clients: input items become a CoreRequest; core events
+# become output items (reasoning summary, message, function calls) streamed
+# as response.* events with sequence numbers, or one response object; stored
+# responses carry conversations on by previous_response_id; errors are in
+# OpenAI's shape.
+
+RESPONSES = Dialect("responses", openai_error_response)
+RESPONSE_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                    "xhigh": "high"}  # OpenAI's → the site's
+SUMMARIES = ("auto", "concise", "detailed")
+INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+SKIPPED_ITEMS = frozenset((  # items of history that say nothing the model could use: reasoning, built-in tools
+    "reasoning", "web_search_call", "file_search_call", "computer_call", "computer_call_output",
+    "image_generation_call", "code_interpreter_call", "local_shell_call", "local_shell_call_output",
+    "mcp_list_tools", "mcp_call", "mcp_approval_request", "mcp_approval_response", "item_reference"))
+ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "previous_response_id", "store",
+          "temperature", "text", "tool_choice", "tools", "top_p", "truncation", "user")  # a response repeats these
+ECHO_DEFAULTS = {"parallel_tool_calls": True, "store": True, "text": {"format": {"type": "text"}},
+                 "tool_choice": "auto", "tools": [], "truncation": "disabled", "metadata": {}}
+
+
+class ResponseStore:
+    """Kept responses and the conversation that led to each, for previous_response_id and GET/DELETE: bounded by
+    count and bytes (the oldest go first), each kept for RESPONSES_STORE_TTL seconds."""
+
+    def __init__(self, settings, clock=time.monotonic):
+        self.max_count = settings.responses_store_count
+        self.max_bytes = settings.responses_store_mb * MB
+        self.ttl = settings.responses_store_ttl
+        self.clock = clock
+        self.entries = collections.OrderedDict()  # id → (kept at, size, response, history); oldest first
+        self.bytes = 0
+
+    def put(self, response, history):
+        size = len(json_text(response)) + len(json_text(history))
+        if size > self.max_bytes or not self.max_count:
+            return
+        self.entries[response["id"]] = (self.clock(), size, response, history)
+        self.bytes += size
+        while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+    def get(self, response_id):
+        """(response, history), or None when it was never kept, has expired or was deleted."""
+        while self.entries and self.clock() - next(iter(self.entries.values()))[0] > self.ttl:
+            self._drop(next(iter(self.entries)))
+        entry = self.entries.get(response_id)
+        return entry and entry[2:]
+
+    def delete(self, response_id):
+        found = self.get(response_id) is not None
+        if found:
+            self._drop(response_id)
+        return found
+
+    def _drop(self, response_id):
+        self.bytes -= self.entries.pop(response_id)[1]
+
+    def missing(self, response_id, param=None):
+        return ApiError(404, f"No response with id '{response_id}': it was not stored (store: false), has been "
+                             f"deleted, or has expired (responses are kept {self.ttl:g} s, the newest "
+                             f"{self.max_count})", param=param, code="response_not_found")
+
+
+RESPONSE_STORE = web.AppKey("response_store", ResponseStore)
+
+
+def response_part(part, where, limit):
+    """One part of a message item's content as an upstream part."""
+    expect(isinstance(part, dict) and isinstance(part.get("type"), str), f"{where} must be an object with a 'type'",
+           where, "invalid_type")
+    kind = part["type"]
+    if kind in ("input_text", "output_text", "text", "summary_text"):
+        expect(isinstance(part.get("text"), str), f"{where}.text must be a string", where, "invalid_type")
+        return {"type": "text", "text": part["text"]}
+    if kind == "refusal":
+        return {"type": "text", "text": str(part.get("refusal", ""))}
+    if kind == "input_image":
+        url = part.get("image_url")
+        expect(isinstance(url, str) and url, f"{where}.image_url must be an image's URL or data: URL (file ids cannot "
+               "be fetched through this proxy)", where, "invalid_type")
+        return image_part(url, where, limit)
+    if kind == "input_file":
+        data, name = part.get("file_data"), part.get("filename")
+        expect(isinstance(data, str) and data, f"{where}.file_data is missing: send the file itself (file ids and "
+               "URLs cannot be fetched through this proxy)", where, "invalid_type")
+        return text_file(name if isinstance(name, str) and name else "file", *decode_data(data, where, limit), where)
+    raise ApiError(400, f"{where} has type '{kind}', which is not supported (input_text, input_image, input_file, "
+                        "output_text)", param=where, code="unsupported_content")
+
+
+def response_parts(content, where, limit):
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    expect(isinstance(content, list), f"{where} must be a string or a list of parts", where, "invalid_type")
+    return [response_part(part, f"{where}[{number}]", limit) for number, part in enumerate(content)]
+
+
+class TurnBuilder:
+    """Builds a Transcript from Responses items: an assistant message and the calls after it are one turn."""
+
+    def __init__(self, limit):
+        self.transcript = Transcript()
+        self.limit = limit
+        self.texts, self.calls = [], []
+
+    def add(self, item, where):
+        kind = item.get("type", "message")
+        if kind in ("function_call", "custom_tool_call"):
+            self.calls.append(self._call(item, where))
+            return
+        if kind == "message" and item.get("role") == "assistant":
+            self.texts.append(text_of(response_parts(item.get("content"), f"{where}.content", self.limit)))
+            return
+        self._end_turn()
+        if kind in ("function_call_output", "custom_tool_call_output"):
+            self._result(item, where)
+        elif kind == "message":
+            role = item.get("role")
+            expect(role in ("user", "system", "developer"), f"{where}.role must be user, assistant, system or "
+                   "developer", f"{where}.role")
+            parts = response_parts(item.get("content"), f"{where}.content", self.limit)
+            self.transcript.add("user" if role == "user" else "system", content_of(parts))
+        else:
+            expect(kind in SKIPPED_ITEMS, f"{where} has type '{kind}', which is not supported", f"{where}.type")
+
+    def finish(self, plan):
+        self._end_turn()
+        return self.transcript.finish(plan)
+
+    def _call(self, item, where):
+        call_id, name = item.get("call_id"), item.get("name")
+        arguments = item.get("arguments") if item.get("type") == "function_call" else {"input": item.get("input")}
+        expect(isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, (str, dict)),
+               f"{where} must have a string call_id and name and its arguments", where, "invalid_type")
+        return call_id, name, arguments
+
+    def _result(self, item, where):
+        call_id, output = item.get("call_id"), item.get("output", "")
+        expect(isinstance(call_id, str), f"{where}.call_id must be a string", f"{where}.call_id", "invalid_type")
+        parts = response_parts(output, f"{where}.output", self.limit)
+        self.transcript.tool_result(call_id, output if isinstance(output, str) else content_of(parts))
+
+    def _end_turn(self):
+        if self.texts or self.calls:
+            self.transcript.assistant("\n".join(self.texts), self.calls)
+            self.texts, self.calls = [], []
+
+
+def response_tools(body, enabled):
+    """(ToolPlan or None, function name → its namespace, built-in tool types left out). Namespaces are flattened
+    into their functions; built-in tools (web search, …) are left out, never refused: Codex always sends some."""
+    tools, choice = body.get("tools") or [], body.get("tool_choice", "auto")
+    expect(isinstance(tools, list) and all(isinstance(t, dict) for t in tools), "'tools' must be a list of objects",
+           "tools", "invalid_type")
+    checked, namespaces, left_out = [], {}, []
+    for index, tool in enumerate(tools):
+        kind = tool.get("type")
+        inner = tool.get("tools") if kind == "namespace" else [tool] if kind == "function" else None
+        if inner is None:
+            left_out.append(str(kind))
+            continue
+        expect(isinstance(inner, list) and all(isinstance(t, dict) for t in inner), f"tools[{index}].tools must be a "
+               "list of functions", f"tools[{index}].tools", "invalid_type")
+        for number, function in enumerate(inner):
+            where = f"tools[{index}]" + (f".tools[{number}]" if kind == "namespace" else "")
+            checked.append(check_tool(function.get("name"), function.get("description"), function.get("parameters"),
+                                      where))
+            if kind == "namespace":
+                namespaces[function["name"]] = tool.get("name")
+    if isinstance(choice, dict):
+        expect(choice.get("type") == "function" and isinstance(choice.get("name"), str), "tool_choice must be "
+               "\"auto\", \"none\", \"required\" or {\"type\": \"function\", \"name\": ...}", "tool_choice")
+        choice = choice["name"]
+    expect(choice in ("auto", "none", "required") or isinstance(choice, str), "tool_choice must be \"auto\", "
+           "\"none\", \"required\" or {\"type\": \"function\", \"name\": ...}", "tool_choice")
+    return tool_plan(checked, choice, enabled), namespaces, left_out
+
+
+def response_history(body, store):
+    """The items of the conversation so far, this request's input last; previous_response_id must be kept."""
+    items = body.get("input")
+    items = [{"type": "message", "role": "user", "content": items}] if isinstance(items, str) else items
+    expect(isinstance(items, list) and all(isinstance(item, dict) for item in items), "'input' must be a string or "
+           "a list of items", "input", "invalid_type")
+    previous = body.get("previous_response_id")
+    if previous is None:
+        return items
+    expect(isinstance(previous, str), "'previous_response_id' must be a string", "previous_response_id",
+           "invalid_type")
+    kept = store.get(previous)
+    if kept is None:
+        raise store.missing(previous, "previous_response_id")
+    return kept[1] + items
+
+
+@dataclass(frozen=True)
+class ResponsesAsked:
+    """What a Responses request asked for beyond the core request: how reasoning shows, whether the response is
+    kept, which namespace each function belongs to, and the fields the response object repeats."""
+    summary: bool
+    history: list
+    namespaces: dict
+    echo: dict
+
+
+def parse_responses_request(body, settings, models, store):
+    """Checks a Responses request and translates it; every problem is a 400 naming the field (a 404 for an unknown
+    previous_response_id). Returns the CoreRequest, what else was asked, and the built-in tool types left out."""
+    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
+    model = body.get("model")
+    expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
+    upstream_model, show_reasoning = models.resolve(model)
+    stream, stored = body.get("stream", False), body.get("store", True)
+    expect(isinstance(stream, bool) and isinstance(stored, bool), "'stream' and 'store' must be true or false",
+           "stream" if not isinstance(stream, bool) else "store", "invalid_type")
+    reasoning = object_field(body, "reasoning")
+    effort = one_of_field(reasoning, "effort", tuple(RESPONSE_EFFORTS), None, "reasoning.effort")
+    summary = one_of_field(reasoning, "summary", SUMMARIES, None, "reasoning.summary")
+    instructions = body.get("instructions")
+    expect(instructions is None or isinstance(instructions, str), "'instructions' must be a string",
+           "instructions", "invalid_type")
+    tools, namespaces, left_out = response_tools(body, settings.tool_support)
+    history = response_history(body, store)
+    turns = TurnBuilder(int(settings.max_file_mb * MB))
+    if instructions:
+        turns.transcript.add("system", instructions)
+    for index, item in enumerate(history):
+        turns.add(item, f"input[{index}]")
+    params = sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
+                      integer_field(body, "max_output_tokens", 1), None)
+    effort = RESPONSE_EFFORTS[effort] if effort else settings.reasoning_effort if show_reasoning else "low"
+    core = CoreRequest(model, upstream_model, turns.finish(tools), params, effort, stream,
+                       show_reasoning and summary is not None, tools)
+    echo = {**ECHO_DEFAULTS, **{name: body[name] for name in ECHOED if body.get(name) is not None},
+            "reasoning": {"effort": reasoning.get("effort"), "summary": summary}}
+    return core, ResponsesAsked(summary is not None, history, namespaces, echo), left_out
+
+
+def output_text_part(text):
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def reasoning_item(item_id, text, status):
+    return {"type": "reasoning", "id": item_id, "status": status,
+            "summary": [] if text is None else [{"type": "summary_text", "text": text}]}
+
+
+def message_item(item_id, text, status):
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [] if text is None else [output_text_part(text)]}
+
+
+def function_call_item(item_id, call_id, name, arguments, status, namespace):
+    item = {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+    return {**item, "namespace": namespace} if namespace else item
+
+
+def responses_usage(usage):
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}, "total_tokens": usage.total_tokens}
+
+
+class ResponseBuilder:
+    """One response's id and fields, and its finished form once the completion ends (which the handler keeps)."""
+
+    def __init__(self, core, asked):
+        self.core = core
+        self.asked = asked
+        self.id = "resp_" + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.final = None
+
+    def response(self, status, output, usage=None, error=None, incomplete=None):
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
+                "incomplete_details": incomplete, "model": self.core.model, "output": output,
+                "usage": responses_usage(usage) if usage else None, **self.asked.echo}
+
+    def finished(self, output, finish):
+        """The response of a completion that ended: completed, or incomplete (the answer was cut short)."""
+        cut = INCOMPLETE_REASONS.get(finish.reason)
+        self.final = self.response("incomplete" if cut else "completed", output, finish.usage,
+                                   incomplete={"reason": cut} if cut else None)
+        return self.final
+
+    def failed(self, error):
+        code = "rate_limit_exceeded" if error.status == 429 else error.code or "server_error"
+        return self.response("failed", [], error={"code": code, "message": error.message})
+
+    def call(self, call_id, name, arguments, status):
+        return function_call_item("fc_" + call_id, "call_" + call_id, name, arguments, status,
+                                  self.asked.namespaces.get(name))
+
+
+def response_body(builder, answer):
+    """One response object for a whole Answer."""
+    output = []
+    if answer.reasoning:
+        output.append(reasoning_item("rs_" + uuid.uuid4().hex, answer.reasoning, "completed"))
+    if answer.text or not answer.calls:
+        output.append(message_item("msg_" + uuid.uuid4().hex, answer.text.strip() if answer.calls else answer.text,
+                                   "completed"))
+    output += [builder.call(call_id, name, arguments, "completed") for call_id, name, arguments in answer.calls]
+    return builder.finished(output, answer.finish)
+
+
+class ResponseEvents:
+    """Core events as the Responses stream: response.created and .in_progress, each output item's added, deltas
+    and done events, then response.completed (or .incomplete, or .failed); every event numbered in order."""
+
+    def __init__(self, builder):
+        self.builder = builder
+        self.sequence = 0
+        self.output = []     # the items done so far
+        self.item = None     # the open item
+        self.pieces = []     # the text (or arguments) of the open item so far
+        self.call = None     # (id, name) of the call whose item opens next
+
+    def opening(self):
+        started = self.builder.response("in_progress", [])
+        return self._event("response.created", response=started) + self._event("response.in_progress",
+                                                                                response=started)
+
+    def heartbeat(self):
+        return b": keep-alive\n\n"
+
+    def render(self, events):
+        return b"".join(self._render(event) for event in events)
+
+    def _render(self, event):
+        if isinstance(event, Reasoning):
+            return self._open("reasoning") + self._delta(b"response.reasoning_summary_text.delta", b"summary_index",
+                                                         event.text)
+        if isinstance(event, Text):
+            return self._open("message") + self._delta(b"response.output_text.delta", b"content_index", event.text)
+        if isinstance(event, ToolCallStart):
+            self.call = (event.id, event.name)
+            return self._open("function_call")
+        if isinstance(event, ToolArguments):
+            self.pieces.append(event.text)
+            return self._event("response.function_call_arguments.delta", item_id=self.item["id"],
+                               output_index=len(self.output), delta=event.text)
+        if isinstance(event, Finish):
+            closed, final = self._close(), self.builder.finished(self.output, event)
+            kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+            return closed + self._event(kind, response=final)
+        return self._event("response.failed", response=self.builder.failed(event.error))
+
+    def _event(self, kind, **fields):
+        self.sequence += 1
+        return sse_event(kind, {"type": kind, "sequence_number": self.sequence - 1, **fields})
+
+    def _delta(self, kind, index_name, text):
+        """The event a stream sends for nearly every frame, its fixed parts written as they are."""
+        self.pieces.append(text)
+        self.sequence += 1
+        head = (b'event: %s\ndata: {"type": "%s", "sequence_number": %d, "item_id": "%s", "output_index": %d, '
+                b'"%s": 0, "delta": ' % (kind, kind, self.sequence - 1, self.item["id"].encode(), len(self.output),
+                                         index_name))
+        return head + json_text(text).encode() + b"}\n\n"
+
+    def _open(self, kind):
+        if self.item and self.item["type"] == kind and kind != "function_call":
+            return b""
+        closed = self._close()
+        if kind == "reasoning":
+            self.item = reasoning_item("rs_" + uuid.uuid4().hex, None, "in_progress")
+        elif kind == "message":
+            self.item = message_item("msg_" + uuid.uuid4().hex, None, "in_progress")
+        else:
+            self.item = self.builder.call(*self.call, "", "in_progress")
+        added = self._event("response.output_item.added", output_index=len(self.output), item=self.item)
+        return closed + added + self._part("added", "")
+
+    def _part(self, stage, text):
+        """The added or done event of the open item's one part (its text, or its reasoning summary)."""
+        place = {"item_id": self.item["id"], "output_index": len(self.output)}
+        if self.item["type"] == "message":
+            return self._event(f"response.content_part.{stage}", **place, content_index=0, part=output_text_part(text))
+        if self.item["type"] == "reasoning":
+            return self._event(f"response.reasoning_summary_part.{stage}", **place, summary_index=0,
+                               part={"type": "summary_text", "text": text})
+        return b""
+
+    def _close(self):
+        if self.item is None:
+            return b""
+        text, kind, place = "".join(self.pieces), self.item["type"], {"item_id": self.item["id"],
+                                                                      "output_index": len(self.output)}
+        if kind == "message":
+            ended = self._event("response.output_text.done", **place, content_index=0, text=text, logprobs=[])
+            done = message_item(self.item["id"], text, "completed")
+        elif kind == "reasoning":
+            ended = self._event("response.reasoning_summary_text.done", **place, summary_index=0, text=text)
+            done = reasoning_item(self.item["id"], text, "completed")
+        else:
+            ended = self._event("response.function_call_arguments.done", **place, arguments=text)
+            done = {**self.item, "arguments": text, "status": "completed"}
+        ended += self._part("done", text)
+        ended += self._event("response.output_item.done", output_index=len(self.output), item=done)
+        self.output.append(done)
+        self.item, self.pieces = None, []
+        return ended
+
+
+async def create_response(request):
+    state, store = request.app[STATE], request.app[RESPONSE_STORE]
+    core, asked, left_out = parse_responses_request(await read_json(request), state.settings, state.models, store)
+    state.note_left_out_tools(left_out)
+    builder = ResponseBuilder(core, asked)
+    response = await serve_completion(request, core, lambda: ResponseEvents(builder),
+                                      lambda answer: response_body(builder, answer))
+    if builder.final and asked.echo["store"]:
+        store.put(builder.final, asked.history + builder.final["output"])
+    return response
+
+
+async def get_response(request):
+    store = request.app[RESPONSE_STORE]
+    kept = store.get(request.match_info["id"])
+    if kept is None:
+        raise store.missing(request.match_info["id"])
+    return web.json_response(kept[0], dumps=json_text)
+
+
+async def delete_response(request):
+    store, response_id = request.app[RESPONSE_STORE], request.match_info["id"]
+    if not store.delete(response_id):
+        raise store.missing(response_id)
+    return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+
 # ─── Admin API ───────────────────────────────────────────────────────────────
 # The admin page and its JSON API. Every route but the page needs the admin
 # key. Only /admin/tokens/content returns whole tokens; everything else shows
@@ -3276,6 +3720,9 @@ ROUTES = (
     Route("POST", "/v1/chat/completions", chat_completions, completion=True),
     Route("POST", "/v1/messages", messages, ANTHROPIC, completion=True),
     Route("POST", "/v1/messages/count_tokens", count_message_tokens, ANTHROPIC),
+    Route("POST", "/v1/responses", create_response, RESPONSES, completion=True),
+    Route("GET", "/v1/responses/{id}", get_response, RESPONSES, listed=False),
+    Route("DELETE", "/v1/responses/{id}", delete_response, RESPONSES, listed=False),
     Route("GET", "/v1/models", list_models),
     Route("GET", "/v1/models/{model:.+}", get_model, listed=False),
     Route("GET", "/admin/status", admin_status, listed=False),
@@ -3290,7 +3737,7 @@ ROUTES = (
 )
 ROUTE_OF = web.AppKey("route_of", dict)  # handler → its Route, for the middlewares
 UNROUTED = Route("", "", None)  # an unknown path or method
-UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC)}  # … under a path whose clients read another dialect
+UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC), "/v1/responses": Route("", "", None, RESPONSES)}  # … under a path whose clients read another dialect
 
 
 def route_of(request):
@@ -3426,8 +3873,12 @@ def make_app(settings):
         raise SettingsError(f"setting ADMIN_PAGE_PATH={admin!r} is a path the proxy already serves")
     routes = [*ROUTES, Route("GET", admin, admin_page, listed=False)]
     for route in routes:
-        (app.router.add_get if route.method == "GET" else app.router.add_post)(route.path, route.handler)
+        if route.method == "GET":
+            app.router.add_get(route.path, route.handler)  # HEAD too
+        else:
+            app.router.add_route(route.method, route.path, route.handler)
     app[ROUTE_OF] = {route.handler: route for route in routes}
+    app[RESPONSE_STORE] = ResponseStore(settings)
     app.on_response_prepare.append(add_cors_headers)
     app.on_startup.append(start_up)
     app.on_shutdown.append(shut_down)

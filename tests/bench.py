@@ -76,6 +76,9 @@ ROUTES = {  # name: (path, request body, the bytes of the line that ends a strea
     "/v1/messages": ("/v1/messages", lambda stream: {"model": "claude-opus-4-8", "max_tokens": 1000, "stream": stream,
                                                      "messages": HELLO, "thinking": {"type": "adaptive"}},
                      b'data: {"type": "message_stop"'),
+    "/v1/responses": ("/v1/responses", lambda stream: {"model": MODEL, "input": "Hello", "stream": stream,
+                                                       "reasoning": {"summary": "auto"}},
+                      b'data: {"type": "response.completed"'),
 }
 PROXIED = [name for name in ROUTES if name != "direct"]
 

@@ -1,4 +1,5 @@
-"""The real client programs, from npm, run through the proxy as a user runs them: Claude Code on /v1/messages.
+"""The real client programs, from npm, run through the proxy as a user runs them: Claude Code on /v1/messages,
+Codex CLI on /v1/responses.
 
 They are looked for in .clis/ (where `.ci/run` installs them) and then on the PATH."""
 
@@ -56,3 +57,55 @@ def test_claude_code_runs_the_tool_the_model_calls_and_sends_its_result_back(pai
     result = started.received()[-1]["body"]["messages"][-1]
     assert result["role"] == "user" and result["content"].startswith('<tool_result name="Bash"')
     assert marker in result["content"] and f"echo {marker}" not in result["content"], "the output, not the command"
+
+
+CODEX_CONFIG = """model = "{model}"
+model_provider = "k2proxy"
+check_for_update_on_startup = false
+
+[analytics]
+enabled = false
+
+[features]
+plugins = false
+
+[model_providers.k2proxy]
+name = "k2proxy"
+base_url = "{url}/v1"
+wire_api = "responses"
+env_key = "K2PROXY_API_KEY"
+request_max_retries = 0
+stream_max_retries = 0
+"""
+
+
+def codex(started, tmp_path, prompt):
+    """`codex exec` with a fresh CODEX_HOME whose config.toml has the proxy as its provider."""
+    home, codex_home, work = tmp_path / "codex-home", tmp_path / "codex", tmp_path / "codex-work"
+    for folder in (home, codex_home, work):
+        folder.mkdir(exist_ok=True)
+    (codex_home / "config.toml").write_text(CODEX_CONFIG.format(model=MODEL, url=started.url))
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(codex_home), "K2PROXY_API_KEY": E2E_KEY}
+    return subprocess.run([cli("codex"), "exec", "--skip-git-repo-check", "--ephemeral", prompt], env=env, cwd=work,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+
+
+def test_codex_answers_through_the_proxy(pair, tmp_path):
+    started = pair()
+    started.steer(reasoning="A greeting is asked for.", answer="Hello from the fake K2 upstream!")
+    run = codex(started, tmp_path, "Say hello")
+    assert (run.returncode, run.stdout.strip()) == (0, "Hello from the fake K2 upstream!"), run.stderr
+    assert "ERROR" not in run.stderr and "A greeting is asked for." in run.stderr, "the reasoning summary is shown"
+    assert [r["path"] for r in started.received()] == ["/api/guest/chat/completions"]
+
+
+def test_codex_runs_the_shell_command_the_model_calls_and_sends_its_output_back(pair, tmp_path):
+    started = pair()
+    marker = f"tool-ran-{secrets.token_hex(4)}"
+    call = f'<tool_call>{{"name": "exec_command", "arguments": {{"cmd": "echo {marker}"}}}}</tool_call>'
+    started.steer(script=[{"answer": call}, {"answer": "The command printed the marker."}])
+    run = codex(started, tmp_path, "Run the marker command")
+    assert (run.returncode, run.stdout.strip()) == (0, "The command printed the marker."), run.stderr
+    result = started.received()[-1]["body"]["messages"][-1]
+    assert result["role"] == "user" and result["content"].startswith('<tool_result name="exec_command"')
+    assert f"Output:\n{marker}" in result["content"], "the command's output, as Codex reports it"

@@ -1,0 +1,271 @@
+"""The OpenAI Responses front door in-process: requests as Codex sends them, the stream's events, reasoning
+summaries, function calls, stored responses and previous_response_id, and errors."""
+
+import base64
+import json
+
+import pytest
+
+from conftest import AUTH, MODEL, read_named_sse
+from fake_upstream import Reply
+import k2proxy
+
+REASONING = "The user greets me.\nI greet back."
+ANSWER = "Hello — 你好!"
+SHELL = {"type": "function", "name": "exec_command", "description": "Runs a command.", "strict": False,
+         "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}, "required": ["cmd"]}}
+CALL = '<tool_call>{"name": "exec_command", "arguments": {"cmd": "ls"}}</tool_call>'
+
+
+def request(**extra):
+    return {"model": MODEL, "input": "Hello", **extra}
+
+
+async def post(proxy, body):
+    return await proxy.post("/v1/responses", json=body, headers=AUTH)
+
+
+async def test_a_response_as_openai_sends_it(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
+    body = await (await post(proxy, request(instructions="Be brief.", reasoning={"summary": "auto"}))).json()
+    assert body["id"].startswith("resp_") and body["object"] == "response" and body["status"] == "completed"
+    assert body["model"] == MODEL and isinstance(body["created_at"], int) and body["instructions"] == "Be brief."
+    reasoning, message = body["output"]
+    assert reasoning["type"] == "reasoning" and reasoning["summary"] == [{"type": "summary_text", "text": REASONING}]
+    assert message["type"] == "message" and message["role"] == "assistant" and message["status"] == "completed"
+    assert message["content"] == [{"type": "output_text", "text": ANSWER, "annotations": [], "logprobs": []}]
+    usage = body["usage"]
+    assert (usage["input_tokens"], usage["output_tokens"], usage["total_tokens"]) == (12, 34, 46)
+    assert usage["output_tokens_details"]["reasoning_tokens"] > 0
+    sent = fake.received[0].body["messages"]
+    assert sent == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+
+
+async def test_without_a_summary_the_reasoning_is_left_out(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
+    body = await (await post(proxy, request())).json()
+    assert [item["type"] for item in body["output"]] == ["message"]
+    events = await read_named_sse(await post(proxy, request(stream=True)))
+    assert "response.reasoning_summary_text.delta" not in [name for name, _ in events]
+
+
+async def test_the_stream_is_numbered_events_item_by_item(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, piece=4)
+    events = await read_named_sse(await post(proxy, request(stream=True, reasoning={"summary": "detailed"})))
+    names = [name for name, _ in events]
+    assert all(name == data["type"] for name, data in events)
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    assert names[:2] == ["response.created", "response.in_progress"] and names[-1] == "response.completed"
+    assert events[0][1]["response"]["status"] == "in_progress" and events[0][1]["response"]["output"] == []
+    order = [name for name in names if not name.endswith(".delta")]
+    assert order == ["response.created", "response.in_progress",
+                     "response.output_item.added", "response.reasoning_summary_part.added",
+                     "response.reasoning_summary_text.done", "response.reasoning_summary_part.done",
+                     "response.output_item.done",
+                     "response.output_item.added", "response.content_part.added",
+                     "response.output_text.done", "response.content_part.done", "response.output_item.done",
+                     "response.completed"]
+    summary = "".join(d["delta"] for n, d in events if n == "response.reasoning_summary_text.delta")
+    text = "".join(d["delta"] for n, d in events if n == "response.output_text.delta")
+    assert (summary, text) == (REASONING, ANSWER)
+    done = [d["item"] for n, d in events if n == "response.output_item.done"]
+    final = events[-1][1]["response"]
+    assert final["output"] == done and final["status"] == "completed" and final["usage"]["total_tokens"] == 46
+    assert done[1]["content"][0]["text"] == ANSWER and [d["output_index"] for n, d in events
+                                                       if n == "response.output_item.added"] == [0, 1]
+
+
+async def test_a_codex_request_is_taken_whole(proxy, fake, caplog):
+    """What Codex CLI 0.169 sends in its first request, trimmed: every field accepted."""
+    caplog.set_level("INFO", logger="k2proxy")
+    namespace = {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.", "tools": [
+        {"type": "function", "name": "spawn_agent", "description": "Spawn.", "strict": False,
+         "parameters": {"type": "object", "properties": {"task": {"type": "string"}}}}]}
+    body = {"model": MODEL, "stream": True, "input": [
+        {"type": "message", "id": "msg_1", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+        {"type": "message", "id": "msg_2", "role": "developer", "content": [
+            {"type": "input_text", "text": "<skills>"}, {"type": "input_text", "text": "<permissions>"}]},
+        {"type": "message", "id": "msg_3", "role": "user", "content": [{"type": "input_text", "text": "<environment_context/>"}]},
+        {"type": "message", "id": "msg_4", "role": "user", "content": [{"type": "input_text", "text": "Say hello"}]}],
+        "tools": [SHELL, namespace, {"type": "web_search", "external_web_access": False}],
+        "tool_choice": "auto", "parallel_tool_calls": True, "reasoning": {"summary": "auto"}, "store": False,
+        "include": ["reasoning.encrypted_content"], "prompt_cache_key": "session",
+        "client_metadata": {"session_id": "s"}, "text": {"verbosity": "low"}}
+    events = await read_named_sse(await post(proxy, body))
+    assert events[-1][0] == "response.completed"
+    sent = fake.received[0].body["messages"]
+    assert [m["role"] for m in sent] == ["system", "system", "user", "user"]
+    assert sent[0]["content"].startswith("You are Codex.") and "### exec_command" in sent[0]["content"]
+    assert "### spawn_agent" in sent[0]["content"] and "web_search" not in sent[0]["content"]
+    assert sent[1]["content"] == "<skills>\n<permissions>"
+    assert "tools of type web_search are left out" in caplog.text
+
+
+async def test_a_function_call_round_trip_with_the_whole_history(proxy, fake):
+    fake.script = [Reply(reasoning="I need ls.", answer="Let me look. " + CALL), Reply(answer="Two files.")]
+    first = await (await post(proxy, request(tools=[SHELL], store=False))).json()
+    message, call = first["output"]
+    assert message["content"][0]["text"] == "Let me look."
+    assert call["type"] == "function_call" and call["name"] == "exec_command" and call["status"] == "completed"
+    assert call["call_id"].startswith("call_") and call["id"].startswith("fc_")
+    assert json.loads(call["arguments"]) == {"cmd": "ls"}
+    history = [{"role": "user", "content": "Hello"},
+               {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "opaque"},
+               message, call, {"type": "function_call_output", "call_id": call["call_id"], "output": "a.txt\nb.txt"}]
+    final = await (await post(proxy, request(tools=[SHELL], input=history, store=False))).json()
+    assert final["output"][0]["content"][0]["text"] == "Two files."
+    sent = fake.received[1].body["messages"]
+    assert sent[-2]["role"] == "assistant" and sent[-2]["content"].startswith("Let me look.\n<tool_call>")
+    assert sent[-2]["reasoning"] == "" and "opaque" not in json.dumps(sent)
+    assert sent[-1]["content"].startswith(f'<tool_result name="exec_command" tool_call_id="{call["call_id"]}">')
+    assert await (await proxy.get(f"/v1/responses/{first['id']}", headers=AUTH)).json() != first, "store: false"
+
+
+async def test_previous_response_id_continues_a_stored_conversation(proxy, fake):
+    fake.script = [Reply(answer=CALL), Reply(answer="Two files.")]
+    first = await (await post(proxy, request(tools=[SHELL], instructions="Be brief."))).json()
+    call = first["output"][0]
+    output = [{"type": "function_call_output", "call_id": call["call_id"], "output": "a.txt"}]
+    final = await (await post(proxy, request(tools=[SHELL], input=output, previous_response_id=first["id"]))).json()
+    assert final["previous_response_id"] == first["id"] and final["output"][0]["content"][0]["text"] == "Two files."
+    sent = fake.received[1].body["messages"]
+    assert [m["role"] for m in sent] == ["system", "user", "assistant", "user"]
+    assert "Be brief." not in sent[0]["content"], "instructions are not carried over"
+    assert sent[1]["content"] == "Hello" and '"cmd": "ls"' in sent[2]["content"] and "a.txt" in sent[3]["content"]
+
+
+async def test_stored_responses_can_be_read_and_deleted(proxy, fake):
+    fake.reply = Reply(answer=ANSWER)
+    created = await (await post(proxy, request())).json()
+    path = f"/v1/responses/{created['id']}"
+    assert await (await proxy.get(path, headers=AUTH)).json() == created
+    streamed = await read_named_sse(await post(proxy, request(stream=True)))
+    kept = streamed[-1][1]["response"]
+    assert await (await proxy.get(f"/v1/responses/{kept['id']}", headers=AUTH)).json() == kept
+    deleted = await proxy.delete(path, headers=AUTH)
+    assert await deleted.json() == {"id": created["id"], "object": "response", "deleted": True}
+    for method in ("GET", "DELETE"):
+        gone = await proxy.request(method, path, headers=AUTH)
+        error = (await gone.json())["error"]
+        assert gone.status == 404 and error["code"] == "response_not_found" and created["id"] in error["message"]
+
+
+def store(count=3, mb=1.0, ttl=60.0, now=None):
+    settings = k2proxy.load_settings({"RESPONSES_STORE_COUNT": str(count), "RESPONSES_STORE_MB": str(mb),
+                                      "RESPONSES_STORE_TTL": str(ttl)})
+    return k2proxy.ResponseStore(settings, clock=lambda: now[0])
+
+
+def test_the_store_keeps_the_newest_by_count_bytes_and_age():
+    now = [0.0]
+    by_count = store(count=2, now=now)
+    for name in "abc":
+        by_count.put({"id": name}, [])
+    assert [by_count.get(name) is not None for name in "abc"] == [False, True, True]
+    by_bytes = store(count=10, mb=0.01, now=now)  # 10,485 bytes
+    for name in "abcd":
+        by_bytes.put({"id": name, "text": "x" * 3000}, [])
+    assert [by_bytes.get(name) is not None for name in "abcd"] == [False, True, True, True]
+    by_bytes.put({"id": "big", "text": "x" * 20000}, [])
+    assert by_bytes.get("big") is None and by_bytes.get("d") is not None, "larger than the whole store: not kept"
+    now[0] = 61.0
+    assert by_bytes.get("d") is None and by_bytes.bytes == 0, "expired"
+    nothing = store(count=0, now=now)
+    nothing.put({"id": "a"}, [])
+    assert nothing.get("a") is None
+
+
+async def test_an_expired_response_is_a_404_for_previous_response_id(make_proxy, fake):
+    proxy = await make_proxy(RESPONSES_STORE_TTL="0.001")
+    first = await (await post(proxy, request())).json()
+    proxy.server.app[k2proxy.RESPONSE_STORE].clock = lambda: 10 ** 9
+    response = await post(proxy, request(previous_response_id=first["id"]))
+    error = (await response.json())["error"]
+    assert response.status == 404 and error["param"] == "previous_response_id" and len(fake.received) == 1
+
+
+async def test_namespaced_functions_are_called_with_their_namespace(proxy, fake):
+    namespace = {"type": "namespace", "name": "agents", "description": "", "tools": [
+        {"type": "function", "name": "spawn_agent", "parameters": {"type": "object", "properties": {}}}]}
+    fake.reply = Reply(answer='<tool_call>{"name": "spawn_agent", "arguments": {}}</tool_call>')
+    body = await (await post(proxy, request(tools=[namespace]))).json()
+    assert body["output"][0]["name"] == "spawn_agent" and body["output"][0]["namespace"] == "agents"
+
+
+async def test_a_streamed_call_is_an_item_with_argument_deltas(proxy, fake):
+    fake.reply = Reply(answer=CALL, style="incremental", piece=5)
+    events = await read_named_sse(await post(proxy, request(stream=True, tools=[SHELL])))
+    added = next(d["item"] for n, d in events if n == "response.output_item.added")
+    assert added["type"] == "function_call" and added["arguments"] == "" and added["status"] == "in_progress"
+    deltas = "".join(d["delta"] for n, d in events if n == "response.function_call_arguments.delta")
+    done = next(d for n, d in events if n == "response.function_call_arguments.done")
+    assert json.loads(deltas) == {"cmd": "ls"} and done["arguments"] == deltas
+    item = next(d["item"] for n, d in events if n == "response.output_item.done")
+    assert item["call_id"] == added["call_id"] and item["arguments"] == deltas and item["status"] == "completed"
+
+
+@pytest.mark.parametrize("extra,effort", [({}, "medium"), ({"reasoning": {"effort": "minimal"}}, "low"),
+                                          ({"reasoning": {"effort": "high"}}, "high"),
+                                          ({"reasoning": {"effort": "xhigh"}}, "high"),
+                                          ({"model": MODEL + "-nothink"}, "low")])
+async def test_reasoning_effort_reaches_upstream(proxy, fake, extra, effort):
+    assert (await post(proxy, request(**extra))).status == 200
+    assert fake.received[-1].body["extra_body"]["chat_template_kwargs"]["reasoning_effort"] == effort
+
+
+async def test_images_and_text_files_reach_the_model(proxy, fake):
+    png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8).decode()
+    notes = base64.b64encode(b"# Notes").decode()
+    content = [{"type": "input_text", "text": "Look."},
+               {"type": "input_image", "image_url": f"data:image/png;base64,{png}"},
+               {"type": "input_file", "filename": "notes.md", "file_data": f"data:text/markdown;base64,{notes}"}]
+    assert (await post(proxy, request(input=[{"role": "user", "content": content}]))).status == 200
+    parts = fake.received[0].body["messages"][-1]["content"]
+    assert parts[0] == {"type": "text", "text": "Look."} and parts[1]["image_url"]["url"].startswith("data:image/png")
+    assert parts[2]["text"].startswith("File: notes.md")
+
+
+@pytest.mark.parametrize("reason,status,detail", [("length", "incomplete", "max_output_tokens"),
+                                                  ("content_filter", "incomplete", "content_filter")])
+async def test_an_answer_cut_short_is_incomplete(proxy, fake, reason, status, detail):
+    fake.reply = Reply(answer=ANSWER, finish_reason=reason)
+    body = await (await post(proxy, request(max_output_tokens=5))).json()
+    assert (body["status"], body["incomplete_details"]) == (status, {"reason": detail})
+    assert fake.received[0].body["params"] == {"max_tokens": 5}
+    events = await read_named_sse(await post(proxy, request(stream=True)))
+    assert events[-1][0] == "response.incomplete"
+
+
+async def test_a_failure_after_the_start_is_response_failed(make_proxy, fake):
+    proxy = await make_proxy(REQUEST_TIMEOUT="0.5")
+    fake.reply = Reply(reasoning="x" * 200, piece=5, drop_after=8)
+    events = await read_named_sse(await post(proxy, request(stream=True, reasoning={"summary": "auto"})))
+    assert events[-1][0] == "response.failed"
+    failed = events[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "upstream_error" and failed["error"]["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    (request(input=5), "input"), (request(input=[{"type": "message", "role": "robot", "content": "x"}]), "input[0].role"),
+    (request(input=[{"type": "mystery_item"}]), "input[0].type"),
+    (request(input=[{"role": "user", "content": [{"type": "input_audio"}]}]), "input[0].content[0]"),
+    (request(input=[{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]), "input[0].content[0]"),
+    (request(input=[{"type": "function_call", "call_id": 1, "name": "x", "arguments": "{}"}]), "input[0]"),
+    (request(model=7), "model"), (request(stream="yes"), "stream"), (request(store="no"), "store"),
+    (request(reasoning={"effort": "extreme"}), "reasoning.effort"), (request(reasoning={"summary": "all"}), "reasoning.summary"),
+    (request(temperature=3), "temperature"), (request(max_output_tokens=0), "max_output_tokens"),
+    (request(tools=[{"type": "function", "name": "bad name"}]), "tools[0].name"),
+    (request(tools=[SHELL], tool_choice={"type": "function", "name": "missing"}), "tool_choice"),
+    (request(tools=[SHELL], tool_choice=["auto"]), "tool_choice"), (request(instructions=["x"]), "instructions"),
+    (request(previous_response_id=5), "previous_response_id"),
+])
+async def test_bad_input_is_a_400_naming_the_field(proxy, fake, body, param):
+    response = await post(proxy, body)
+    error = (await response.json())["error"]
+    assert response.status == 400 and error["param"] == param and error["message"]
+    assert fake.received == []
+
+
+async def test_unknown_previous_response_id_is_a_404(proxy, fake):
+    response = await post(proxy, request(previous_response_id="resp_nope"))
+    assert response.status == 404 and (await response.json())["error"]["param"] == "previous_response_id"
