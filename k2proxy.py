@@ -27,7 +27,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
@@ -742,6 +742,15 @@ class UpstreamText:
     def finish(self):
         return self.splitter.finish()
 
+    @property
+    def snapshots(self):
+        """Whether frames have been whole-answer snapshots (else pieces)."""
+        return self._snapshots
+
+    def raw_text(self):
+        """The text as upstream sent it, markup and all."""
+        return "".join(self._raw)
+
     def is_empty(self):
         """Whether the answer, once finished, held no reasoning and no answer at all."""
         return not (self.splitter.reasoning.parts or self.splitter.answer.parts)
@@ -755,11 +764,16 @@ def error_detail(body):
         return body.strip()[:ERROR_TEXT_CHARS]
 
 
+def bare_task_id(fields):
+    """Whether an answer held a task_id and no text frame at all: Open WebUI sent the answer over its websocket."""
+    return "task_id" in fields and not fields & {"content", "choices"}
+
+
 def no_content_error(content_type, fields):
     """The error for an answer that held no text at all, saying what it did hold."""
     message = (f"upstream answered {content_type or 'no content type'} without any text "
                f"(it held: {', '.join(sorted(fields)) or 'nothing'})")
-    if "task_id" in fields:
+    if bare_task_id(fields):
         message += ("; a bare task_id means Open WebUI delivered the answer over its websocket instead, so the "
                     "site's protocol has changed: see 'The site moved again' in the README")
     else:
@@ -1504,9 +1518,12 @@ class Upstream:
     def url(self):
         return self.urls[self.mode]
 
-    async def start(self):
+    async def open_session(self):
         self.session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=DNS_CACHE_SECONDS),
                                      timeout=self.timeout, auto_decompress=True)
+
+    async def start(self):
+        await self.open_session()
         await self.pool.reload()
 
     async def stop(self):
@@ -1518,9 +1535,9 @@ class Upstream:
         if self.session:
             await self.session.close()
 
-    def headers(self, token):
-        """The browser-like headers the web site expects, with the token when there is one."""
-        referer = f"{self.origin}/" if self.mode == "user" else f"{self.origin}/guest"
+    def headers(self, token, mode=None):
+        """The browser-like headers the web site expects (for the active mode, or `mode`), with the token."""
+        referer = f"{self.origin}/" if (mode or self.mode) == "user" else f"{self.origin}/guest"
         headers = {**self.browser_headers, "Referer": referer}
         if token.value:
             headers["Authorization"] = f"Bearer {token.value}"
@@ -1595,7 +1612,7 @@ class Upstream:
     async def _read(self, response, completion):
         """Reads the answer to its end, handing each network read's text to the completion as it arrives."""
         parser, fields = UpstreamText(), set()
-        async for frames in self._batches(response):
+        async for frames in self.batches(response):
             if await self._deliver(frames, parser, completion, fields):
                 break
         if self.stopping:
@@ -1630,7 +1647,7 @@ class Upstream:
             await completion.take("".join(reasoning), "".join(answer), usage, finish_reason)
         return ended
 
-    async def _batches(self, response):
+    async def batches(self, response):
         """The frames of an upstream answer, one list per network read; SSE or one JSON document,
         decided by the content type."""
         kind = response.content_type
@@ -2382,6 +2399,7 @@ class AppState:
         self.save_lock = asyncio.Lock()
         self.tasks = []
         self.tools_left_out = set()
+        self.check_run = None  # the upstream check under way, which a second asker waits for
 
     def note_left_out_tools(self, kinds):
         """Logs, once per kind, the tools a client sent that the model cannot be told of (server tools)."""
@@ -3547,6 +3565,318 @@ async def delete_response(request):
     return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
 
+# ─── Upstream check ──────────────────────────────────────────────────────────
+# `python k2proxy.py --check` and POST /admin/check: a few tiny requests that
+# tell the operator what the upstream speaks, what went wrong and what to set
+# (one chat per mode, one model list, one sign-in per account). Nothing here
+# touches the token pool or its figures. Offers check_upstream() and the
+# report's text.
+
+CHECK_PROMPT = [{"role": "user", "content": "Reply with the word OK."}]
+CHECK_MAX_TOKENS = 64
+PREVIEW_CHARS = 80
+MARKS = {"ok": "✓", "failed": "✗", "skipped": "–"}
+HTTP_PORTS = {"http": 80, "https": 443}
+
+CHECK_PROBLEMS = {  # an upstream failure in a probe → (what went wrong, what to do)
+    MODEL_GONE: ("model not found", "the site does not serve {model}: set MODELS to an id it offers (the model "
+                                    "list shows them)"),
+    REFUSED_TOKEN: ("token refused", "the token has expired or was revoked: replace it in the token file, or let "
+                                     "accounts.txt sign in"),
+    RATE_LIMITED: ("rate limited", "the site asks to slow down: try again in a minute"),
+    BLOCKED: ("a bot-check or maintenance page", "open {base} in a browser on this server: the site may block its "
+                                                 "IP address, or be down for maintenance"),
+    NO_CONTENT: ("an empty answer", "the site answered without any text: check that {model} is still served, and "
+                                    "try again"),
+    TIMED_OUT: ("a timeout", "the site did not answer within REQUEST_TIMEOUT ({timeout:g} s): try again, or raise "
+                             "REQUEST_TIMEOUT"),
+    BROKEN: ("a failing site", "try again later; the message above says what the site answered"),
+    UNREACHABLE: ("unreachable", "see the host line: the site cannot be reached from here"),
+    REJECTED: ("a refused request", "the site refused the chat payload: its protocol may have changed; look for a "
+                                    "k2proxy update"),
+    TOO_LARGE: ("a refused request", "the site refused the chat payload as too large"),
+    NOT_AN_ANSWER: ("not a chat answer", "set K2THINK_BASE_URL (or GUEST_API_URL / USER_API_URL) to where the site "
+                                         "serves chat now"),
+    SHUTTING_DOWN: ("shut down", "the proxy is stopping"),
+}
+TASK_ONLY = ("a websocket-only task_id answer", "the site sent the answer over its websocket, which k2proxy cannot "
+             "read: its protocol has changed; look for a k2proxy update")
+CUT = ("a stream cut before its end", "the connection broke mid-answer: try again; if it keeps breaking, the site "
+       "or a proxy in between cuts long answers")
+GONE = ("the chat endpoint is gone (HTTP 404)", "set K2THINK_BASE_URL (or GUEST_API_URL / USER_API_URL) to where the "
+        "site serves chat now")
+
+
+@dataclass
+class Probe:
+    """One line of the report: what was tried, what came of it, and for a failure what to do."""
+    name: str
+    verdict: str          # ok | failed | skipped
+    summary: str
+    hint: str = ""
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class AnswerLook:
+    """What a chat answer looked like: its status, its frames and markup, the text extracted, its timing."""
+    status: int = None
+    content_type: str = ""
+    fields: set = field(default_factory=set)
+    frames: int = 0
+    ended: bool = False
+    first_byte: float = None
+    total: float = None
+    reasoning: str = ""
+    answer: str = ""
+    raw: str = ""
+    snapshots: bool = False
+
+    def dialect(self):
+        """Which site's dialect the answer speaks, as far as it shows."""
+        if "task_id" in self.fields or ("<details" in self.raw and "<answer>" not in self.raw):
+            return "the 2026 site (K2 Horizon): content snapshots, reasoning in <details>, the answer after it"
+        if "choices" in self.fields or "<answer>" in self.raw or "<think>" in self.raw:
+            return "the older site (K2-Think): OpenAI-style chunks, <think> and <answer> tags"
+        return "unknown"
+
+    def describe(self):
+        timing = f"first byte {self.first_byte or 0:.2f} s, end {self.total or 0:.2f} s"
+        if not self.frames:
+            return f"HTTP {self.status} {self.content_type or '(no content type)'}; {timing}"
+        markup = ("<details>" if "<details" in self.raw else "<think>" if "think>" in self.raw else "none")
+        kind = "SSE" if self.content_type == "text/event-stream" else "JSON"
+        return (f"HTTP {self.status} {self.content_type or '(no content type)'} ({kind}); frames: "
+                f"{', '.join(sorted(self.fields)) or 'none'}; {'snapshots' if self.snapshots else 'pieces'}; "
+                f"reasoning markup: {markup}; {'<answer> tags' if '<answer>' in self.raw else 'no <answer> tags'}; "
+                + timing)
+
+    def preview(self):
+        return f'reasoning "{self.reasoning[:PREVIEW_CHARS]}", answer "{self.answer[:PREVIEW_CHARS]}"'
+
+    def facts(self):
+        """The look for --check --json."""
+        return {"status": self.status, "content_type": self.content_type, "frames": self.frames,
+                "frame_fields": sorted(self.fields), "snapshots": self.snapshots, "ended": self.ended,
+                "first_byte_s": round(self.first_byte, 3) if self.first_byte is not None else None,
+                "total_s": round(self.total, 3) if self.total is not None else None,
+                "reasoning": self.reasoning[:PREVIEW_CHARS], "answer": self.answer[:PREVIEW_CHARS]}
+
+
+def first_token(path, now):
+    """The first token of a token file that has not expired, or None."""
+    text, _ = WatchedFile(path).read()
+    for token in parse_tokens_file(text or ""):
+        expiry = jwt_expiry(token)
+        if expiry is None or expiry > now:
+            return token
+    return None
+
+
+async def probe_host(settings):
+    """Reaches the site's host: DNS, then TCP (and TLS for https), with the time each took."""
+    url = urllib.parse.urlsplit(settings.k2think_base_url)
+    host, port = url.hostname, url.port or HTTP_PORTS[url.scheme]
+    connection = "connection and TLS" if url.scheme == "https" else "connection"
+    steps = (("DNS", lambda: asyncio.get_running_loop().getaddrinfo(host, port)),
+             (connection, lambda: asyncio.open_connection(host, port, ssl=url.scheme == "https")))
+    took = []
+    for step, attempt in steps:
+        started = time.monotonic()
+        try:
+            done = await asyncio.wait_for(attempt(), settings.request_timeout)
+        except (OSError, asyncio.TimeoutError) as exc:
+            reason = "no answer" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
+            return Probe("host", "failed", f"{host}:{port}: {step} failed ({reason})",
+                         "check the host name in K2THINK_BASE_URL, and this server's DNS, firewall and route to it")
+        took.append(f"{step} {(time.monotonic() - started) * 1000:.0f} ms")
+    done[1].close()  # the connection's writer
+    return Probe("host", "ok", f"{host}:{port}: " + ", ".join(took))
+
+
+async def look_at_chat(upstream, url, token, mode, model):
+    """One tiny chat, read as the proxy reads answers; (what it looked like, the UpstreamError or None)."""
+    look, parser, started = AnswerLook(), UpstreamText(), time.monotonic()
+    body = json.dumps(upstream_payload(model, CHECK_PROMPT, {"max_tokens": CHECK_MAX_TOKENS}, "low")).encode()
+    try:
+        async with upstream.session.post(url, data=body, headers=upstream.headers(token, mode),
+                                         allow_redirects=False) as response:
+            look.status, look.content_type = response.status, response.content_type
+            look.first_byte = time.monotonic() - started
+            async for frames in upstream.batches(response):
+                look.ended = look_at_frames(look, frames, parser)
+                if look.ended:
+                    break
+    except UpstreamError as error:
+        return look, error
+    except asyncio.TimeoutError:
+        return look, UpstreamError(TIMED_OUT, f"upstream sent nothing for {upstream.settings.request_timeout:g} s")
+    except (ClientError, OSError) as exc:
+        failure = BROKEN if look.status else UNREACHABLE
+        return look, UpstreamError(failure, f"the connection failed ({type(exc).__name__})")
+    finally:
+        look.total = time.monotonic() - started
+    parser.finish()
+    look.reasoning, look.answer = parser.splitter.reasoning.text(), parser.splitter.answer.text()
+    look.raw, look.snapshots = parser.raw_text(), parser.snapshots
+    return look, (no_content_error(look.content_type, look.fields) if parser.is_empty() else None)
+
+
+def look_at_frames(look, frames, parser):
+    """Takes the frames of one read into the look; True at the answer's end."""
+    for frame in frames:
+        look.frames += 1
+        look.fields.update(frame.fields)
+        if frame.error:
+            raise upstream_error(502, json.dumps({"detail": frame.error}))
+        parser.read(frame)
+        if frame.done or frame.finish_reason:
+            return True
+    return False
+
+
+def problem_of(error, look):
+    """(what went wrong, what to do) for a failed chat probe."""
+    if error.failure is NO_CONTENT and bare_task_id(look.fields):
+        return TASK_ONLY
+    if error.failure is BROKEN and look.frames and not look.ended:
+        return CUT
+    if error.failure is NOT_AN_ANSWER and look.status == 404:
+        return GONE
+    return CHECK_PROBLEMS[error.failure]
+
+
+async def probe_chat(upstream, mode, token, model):
+    """A tiny chat in `mode`, and what its answer looked like."""
+    name = f"{mode} chat"
+    look, error = await look_at_chat(upstream, upstream.urls[mode], Token(token) if token else NO_TOKEN, mode, model)
+    details = {**look.facts(), "dialect": look.dialect() if not error else None}
+    if error is None:
+        return Probe(name, "ok", look.describe() + "\n" + look.preview() + "\nthe answer speaks " + look.dialect(),
+                     details=details)
+    what, hint = problem_of(error, look)
+    settings = upstream.settings
+    hint = hint.format(model=model, base=settings.k2think_base_url, timeout=settings.request_timeout)
+    seen = look.describe() if look.status else "no answer"
+    return Probe(name, "failed", f"{what}: {error}\n{seen}", hint, details={**details, "problem": what})
+
+
+async def probe_sign_ins(upstream, settings):
+    """Each account of ACCOUNTS_FILE signs in once: (its probes, the first token issued or None)."""
+    text, _ = WatchedFile(settings.accounts_file).read()
+    pairs, _ = parse_accounts_file(text or "")
+    if not pairs:
+        return [Probe("sign-in", "skipped", f"no accounts in {settings.accounts_file}")], None
+    probes, issued = [], None
+    for email, password in pairs:
+        try:
+            async with upstream.session.post(settings.k2think_base_url + "/api/v1/auths/signin",
+                                             json={"email": email, "password": password},
+                                             headers=upstream.headers(NO_TOKEN), allow_redirects=False) as response:
+                body, status = await read_body(response, ERROR_BODY_BYTES), response.status
+                token = issued_token(body, response.cookies.get("token")) if status == 200 else None
+        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+            probes.append(Probe(f"sign-in {email}", "failed", f"no answer ({type(exc).__name__})",
+                                "see the host line"))
+            continue
+        if token:
+            issued = issued or token
+            probes.append(Probe(f"sign-in {email}", "ok", "signed in"))
+        elif status in (400, 401):
+            probes.append(Probe(f"sign-in {email}", "failed", "refused: wrong email or password",
+                                f"fix this account's line in {settings.accounts_file}"))
+        else:
+            probes.append(Probe(f"sign-in {email}", "failed", f"HTTP {status} without a token",
+                                "the site may be down, or ask for a bot check: try again later"))
+    return probes, issued
+
+
+async def probe_models(upstream, settings, token):
+    """Upstream's model list, and whether the configured model is in it."""
+    if token is None:
+        return Probe("models", "skipped", "the model list needs an account token: none in "
+                                          f"{settings.user_tokens_file}, and no account signed in")
+    try:
+        async with upstream.session.get(settings.k2think_base_url + "/api/models",
+                                        headers=upstream.headers(Token(token), "user"), allow_redirects=False) as response:
+            body = await read_body(response, MAX_FRAME_BYTES)
+            status = response.status
+    except (ClientError, OSError, asyncio.TimeoutError) as exc:
+        return Probe("models", "failed", f"no answer ({type(exc).__name__})", "see the host line")
+    ids = model_ids(body) if status == 200 else []
+    if not ids:
+        detail = error_detail(body.decode("utf-8", "replace"))[:PREVIEW_CHARS]
+        return Probe("models", "failed", f"HTTP {status} without a model list ({detail or 'nothing said'})",
+                     "the token may be refused (see user chat), or the site has moved its model list")
+    model = settings.models[0]
+    if model in ids:
+        return Probe("models", "ok", f"serves {model} (offers {len(ids)}: {', '.join(ids)})", details={"ids": ids})
+    return Probe("models", "failed", f"does not serve {model}; it offers {', '.join(ids)}",
+                 f"set MODELS={','.join(ids)}", details={"ids": ids})
+
+
+def model_ids(body):
+    """The ids of a model list answer, {"data": [...]} or a bare list."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return []
+    entries = value.get("data") if isinstance(value, dict) else value
+    return [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)] \
+        if isinstance(entries, list) else []
+
+
+async def check_upstream(settings, upstream):
+    """Runs every probe against the configured upstream (with `upstream`'s open session); the report, as JSON."""
+    now, model = time.time(), settings.models[0]
+    probes = [await probe_host(settings)]
+    if probes[0].verdict == "ok":
+        sign_ins, issued = await probe_sign_ins(upstream, settings)
+        user_token = first_token(settings.user_tokens_file, now) or issued
+        guest_token = first_token(settings.guest_tokens_file, now)
+        probes += [*sign_ins, await probe_models(upstream, settings, user_token),
+                   await probe_chat(upstream, "guest", guest_token, model)]
+        probes.append(await probe_chat(upstream, "user", user_token, model) if user_token else
+                      Probe("user chat", "skipped", f"no user token: none in {settings.user_tokens_file}, and no "
+                                                    "account signed in"))
+    else:
+        probes += [Probe(name, "skipped", "not tried: the host cannot be reached")
+                   for name in ("sign-in", "models", "guest chat", "user chat")]
+    mode_probe = next((p for p in probes if p.name == f"{settings.proxy_mode} chat"), None)
+    works = bool(mode_probe and mode_probe.verdict == "ok")
+    return {"version": __version__, "upstream": settings.k2think_base_url, "mode": settings.proxy_mode,
+            "model": model, "works": works, "dialect": mode_probe.details.get("dialect") if mode_probe else None,
+            "probes": [asdict(probe) for probe in probes]}
+
+
+def report_text(report):
+    """The report as the lines --check prints: one per probe, with ✓ ✗ –, and a hint under every ✗."""
+    width = max(len(p["name"]) for p in report["probes"])
+    lines = [f"k2proxy {report['version']} checks {report['upstream']} ({report['mode']} mode, model "
+             f"{report['model']})"]
+    for probe in report["probes"]:
+        first, *more = probe["summary"].split("\n")
+        lines.append(f"{MARKS[probe['verdict']]} {probe['name']:<{width}}  {first}")
+        lines += [f"  {'':<{width}}  {line}" for line in more]
+        if probe["hint"]:
+            lines.append(f"  {'':<{width}}  → {probe['hint']}")
+    verdict = "works" if report["works"] else "does NOT work"
+    lines.append(f"chat {verdict} in {report['mode']} mode")
+    return "\n".join(lines)
+
+
+async def run_check(settings, as_json):
+    """--check: the report on standard output; 0 when chat works in the configured mode, else 1."""
+    upstream = Upstream(settings)
+    await upstream.open_session()
+    try:
+        report = await check_upstream(settings, upstream)
+    finally:
+        await upstream.stop()
+    print(json.dumps(report, ensure_ascii=False, indent=2) if as_json else report_text(report))
+    return 0 if report["works"] else 1
+
+
 # ─── Admin API ───────────────────────────────────────────────────────────────
 # The admin page and its JSON API. Every route but the page needs the admin
 # key. Only /admin/tokens/content returns whole tokens; everything else shows
@@ -3667,6 +3997,14 @@ async def admin_update_tokens(request):
               version=file_version(content))
 
 
+async def admin_check(request):
+    """Runs the upstream check (or waits for the one under way) and answers its report."""
+    state = request.app[STATE]
+    if state.check_run is None or state.check_run.done():
+        state.check_run = asyncio.ensure_future(check_upstream(state.settings, state.upstream))
+    return web.json_response(await asyncio.shield(state.check_run), dumps=json_text)
+
+
 async def admin_accounts(request):
     return web.json_response({"accounts": request.app[STATE].accounts.stats()})
 
@@ -3734,6 +4072,7 @@ ROUTES = (
     Route("POST", "/admin/tokens/update", admin_update_tokens, listed=False),
     Route("POST", "/admin/switch_mode", admin_switch_mode, listed=False),
     Route("GET", "/admin/accounts", admin_accounts, listed=False),
+    Route("POST", "/admin/check", admin_check, listed=False),
 )
 ROUTE_OF = web.AppKey("route_of", dict)  # handler → its Route, for the middlewares
 UNROUTED = Route("", "", None)  # an unknown path or method
@@ -3891,6 +4230,9 @@ def main(argv=None):
         description="K2 Horizon behind the OpenAI API. Configure with environment variables or ./.env.",
         epilog=settings_help())
     parser.add_argument("--env-file", default=".env", help="file of KEY=value settings (default: ./.env)")
+    parser.add_argument("--check", action="store_true", help="probe the upstream, print what works and what to set, "
+                                                             "and exit: 0 when chat works, 1 when not")
+    parser.add_argument("--json", action="store_true", help="with --check: the report as one JSON document")
     parser.add_argument("--version", action="version", version=f"k2proxy {__version__}")
     args = parser.parse_args(argv)
     env_file = Path(args.env_file)
@@ -3900,6 +4242,8 @@ def main(argv=None):
     except (SettingsError, UnicodeDecodeError) as exc:
         print(f"k2proxy: {exc}", file=sys.stderr)
         return 2
+    if args.check:
+        return asyncio.run(run_check(settings, args.json))
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
     if settings.api_key_generated:
         print("WARNING: VALID_API_KEY is not set. Generated an API key for this run only "

@@ -268,3 +268,22 @@ async def test_a_key_refused_mid_session_returns_to_the_prompt(browser, site):
     await page.click("#reset-all")
     await playwright.expect(page.locator("#admin-key")).to_be_visible(timeout=8000)
     assert await page.evaluate("sessionStorage.getItem('k2proxy_admin_key')") is None
+
+
+async def test_check_upstream_shows_the_report_and_the_hint_of_each_failure(browser, site, fake):
+    page = await dashboard(browser, site)
+    fake.reply = Reply(status=403, content_type="text/html", body="<title>Just a moment...</title>")
+    await page.click("#check-upstream")
+    await playwright.expect(page.locator("#check-report")).to_be_visible(timeout=8000)
+    await text_of(page, "#check-verdict", "Chat does not work in user mode")
+    failed = page.locator("#check-lines li.check-failed")
+    await playwright.expect(failed).to_have_count(2)
+    await playwright.expect(failed.first).to_contain_text("✗")
+    await playwright.expect(failed.first.locator(".check-hint")).to_contain_text("open http")
+    await playwright.expect(page.locator("#check-lines li.check-ok").first).to_contain_text("host")
+    fake.reply = Reply()
+    await page.click("#check-upstream")
+    await text_of(page, "#check-verdict", re.compile(r"^Chat works in user mode · the answer speaks the 2026 site"))
+    await playwright.expect(page.locator("#check-lines li.check-failed")).to_have_count(0)
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "admin-check.png"), full_page=True)
