@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -160,6 +161,12 @@ SETTINGS = (
     Setting("MAX_REQUEST_MB", "32", _positive, "Largest request body accepted, in MB"),
     Setting("MAX_FILE_MB", "10", _positive, "Largest image or file attached to a message, in MB"),
     Setting("REQUEST_TIMEOUT", "120", _positive, "Seconds to wait for upstream's first byte, and between its frames"),
+    Setting("COMPLETION_TIMEOUT", "900", _positive, "Seconds one completion may take in all, streams included"),
+    Setting("MAX_ANSWER_MB", "16", _positive, "Largest answer kept for a non-streamed response, in MB"),
+    Setting("MEMORY_BUDGET_MB", "384", _positive, "Memory request bodies may take at once, in MB (each counts 4 times its size); a body beyond it waits, then gets a 503"),
+    Setting("HEADER_TIMEOUT", "10", _positive, "Seconds a new connection has to send its first request's headers"),
+    Setting("IDLE_TIMEOUT", "75", _positive, "Seconds an idle keep-alive connection stays open"),
+    Setting("MAX_CONNECTIONS", "0", _int_between(0, 1000000), "Client connections open at once, more refused at once; 0: three quarters of the open-files limit"),
     Setting("KEEPALIVE_SECONDS", "15", _positive, "Seconds of upstream silence before a stream gets an SSE comment"),
     Setting("USER_TOKENS_FILE", "tokens.txt", _text, "Token file of user mode, one JWT per line"),
     Setting("GUEST_TOKENS_FILE", "tokens_guest.txt", _text, "Token file of guest mode (optional; empty means no Authorization)"),
@@ -238,6 +245,9 @@ def load_settings(environ, dotenv_text=None):
             raise SettingsError(f"setting {setting.name}={shown} is invalid: {exc}") from None
     if not values["models"]:
         raise SettingsError("setting MODELS is invalid: needs at least one model id")
+    if values["max_request_mb"] * BODY_MEMORY_FACTOR > values["memory_budget_mb"]:
+        raise SettingsError(f"setting MEMORY_BUDGET_MB is invalid: a body of MAX_REQUEST_MB takes up to "
+                            f"{values['max_request_mb'] * BODY_MEMORY_FACTOR:g} MB, more than the budget")
     for name, keys in (("VALID_API_KEY", values["valid_api_key"]), ("ADMIN_KEY", [values["admin_key"]])):
         if EXAMPLE_KEY in keys:
             raise SettingsError(f"setting {name} is still the placeholder of .env.example; choose a key "
@@ -2339,6 +2349,7 @@ class RequestRecord:
     first_content: float = None  # seconds from arrival to the first content sent
     attempts: int = 0
     token: str = None           # the token that answered, masked
+    reserved: int = 0           # bytes of MEMORY_BUDGET_MB its body holds
 
 
 RECORD = web.RequestKey("record", RequestRecord)
@@ -2394,6 +2405,7 @@ class AppState:
         self.models = Models(settings, self.upstream)
         self.accounts = Accounts(settings, self.upstream, on_sign_in=self.models.token_arrived)
         self.figures = Figures()
+        self.budget = MemoryBudget(settings.memory_budget_mb)
         self.started = int(time.time())
         self.admin_page = None  # (body, headers), read at start-up by the admin section
         self.save_lock = asyncio.Lock()
@@ -2425,28 +2437,89 @@ STATE = web.AppKey("state", AppState)
 
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+BODY_MEMORY_FACTOR = 4          # what reading a body takes at most, in all its forms, for each byte of it
+BODY_WAIT_SECONDS = 5           # how long a body waits for room in MEMORY_BUDGET_MB before a 503
+MAX_EXPANSION = 12              # a body that would take more than this many times its size once parsed is refused
+EXPANSION_FLOOR = MB            # smaller bodies are parsed whatever their shape
+CONTAINER_BYTES, ELEMENT_BYTES = 64, 40  # the least a parsed object, and an element of one, takes
+THREAD_PARSE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
+MAX_JSON_DEPTH = 64
 
 
-async def read_json(request):
-    """The request body as JSON, with a 4xx for anything that is not JSON in UTF-8."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ApiError(415, f"Compressed request bodies (Content-Encoding: {encoding[:40]}) are not accepted; "
-                            "send the JSON uncompressed", code="unsupported_content_encoding")
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        limit = request.app[STATE].settings.max_request_mb
-        raise ApiError(413, f"The request body is larger than MAX_REQUEST_MB ({limit:g} MB)",
-                       code="request_too_large") from None
+class MemoryBudget:
+    """Memory that request bodies may take at once: a body is admitted when its share fits, else waits (bodies
+    that fit go first), then is refused with a 503 and Retry-After."""
+
+    def __init__(self, megabytes):
+        self.limit = int(megabytes * MB)
+        self.used = 0
+        self.waiting = collections.deque()  # (amount, future) in arrival order
+
+    async def admit(self, amount):
+        if self.used + amount <= self.limit:
+            self.used += amount
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting.append((amount, waiter))
+        try:
+            await asyncio.wait_for(waiter, BODY_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            raise ApiError(503, "The proxy is busy reading other large requests; try again in a moment",
+                           code="busy", retry_after=1) from None
+
+    def release(self, amount):
+        self.used -= amount
+        for entry in list(self.waiting):
+            wanted, waiter = entry
+            if waiter.done():
+                self.waiting.remove(entry)
+            elif self.used + wanted <= self.limit:
+                self.waiting.remove(entry)
+                self.used += wanted
+                waiter.set_result(None)
+
+
+def expanded_size(raw):
+    """A rough bound of what a JSON body takes once parsed: each container and each element is an object of its
+    own. Brackets, commas and quotes count wherever they stand, so text full of them counts high; the bound is
+    for refusing bodies built to expand (a list of millions of {}), which count far higher."""
+    quotes = raw.count(b'"') - raw.count(b'\\"')
+    containers = raw.count(b"{") + raw.count(b"[")
+    return len(raw) + CONTAINER_BYTES * containers + ELEMENT_BYTES * (raw.count(b",") + quotes // 2)
+
+
+def json_depth(value):
+    """How deeply a JSON value nests, found without recursion; it stops counting past MAX_JSON_DEPTH."""
+    deepest, pending = 0, [(value, 1)]
+    while pending and deepest <= MAX_JSON_DEPTH:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            pending += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
+def parse_body(raw):
+    """A request body's JSON value; a 4xx for a body built to expand, one not in UTF-8, not JSON, nested too
+    deeply, or holding a lone surrogate."""
+    if len(raw) > EXPANSION_FLOOR and expanded_size(raw) > MAX_EXPANSION * len(raw):
+        raise ApiError(413, f"The request body's JSON is made of so many small values that it would take over "
+                            f"{MAX_EXPANSION} times its size once read; send fewer, larger values",
+                       code="request_too_complex")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(400, "The request body is not valid UTF-8", code="invalid_encoding") from None
+    too_deep = ApiError(400, f"The request body's JSON nests more than {MAX_JSON_DEPTH} levels deep",
+                        code="json_too_deep")
     try:
         value = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
     except ValueError as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
     if SURROGATE_ESCAPE.search(text):  # rare, so the whole value is checked only then
         try:
             json.dumps(value, ensure_ascii=False).encode()
@@ -2454,6 +2527,31 @@ async def read_json(request):
             raise ApiError(400, "The request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
                                 "text", code="invalid_encoding") from None
     return value
+
+
+async def read_json(request):
+    """The request body as JSON, read once MEMORY_BUDGET_MB has room for it, parsed off the event loop when large;
+    a 4xx for anything that is not JSON in UTF-8."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, f"Compressed request bodies (Content-Encoding: {encoding[:40]}) are not accepted; "
+                            "send the JSON uncompressed", code="unsupported_content_encoding")
+    state, record = request.app[STATE], request[RECORD]
+    limit = int(state.settings.max_request_mb * MB)
+    if (request.content_length or 0) > limit:
+        raise body_too_large(state)
+    record.reserved = (request.content_length or limit) * BODY_MEMORY_FACTOR
+    await state.budget.admit(record.reserved)
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise body_too_large(state) from None
+    return parse_body(raw) if len(raw) <= THREAD_PARSE_BYTES else await asyncio.to_thread(parse_body, raw)
+
+
+def body_too_large(state):
+    return ApiError(413, f"The request body is larger than MAX_REQUEST_MB ({state.settings.max_request_mb:g} MB)",
+                    code="request_too_large")
 
 
 async def read_object(request):
@@ -4139,7 +4237,9 @@ async def handle_errors(request, handler):
 
 
 def finish_record(state, record, status):
-    """The request's share of the figures, and its one log line."""
+    """The request's share of the figures and of the memory budget given back, and its one log line."""
+    state.budget.release(record.reserved)
+    record.reserved = 0
     state.figures.end(record, status)
     first = f"{record.first_content * 1000:.0f}ms" if record.first_content is not None else "-"
     log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", record.method, record.path,
@@ -4201,11 +4301,141 @@ async def shut_down(app):
     await app[STATE].stop()
 
 
+class ConnectionCount:
+    """How many client connections are open, against the cap."""
+
+    def __init__(self, cap):
+        self.cap = cap
+        self.open = 0
+
+
+BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+               b"Connection: close\r\nContent-Length: %d\r\n\r\n%s")
+
+
+class ClientConnection(web.RequestHandler):
+    """aiohttp's handler of one client connection, with what aiohttp lacks: a deadline for the first request's
+    headers (aiohttp's keep-alive timer covers the requests after it), a cap on open connections (one more is
+    answered 503 and closed at once, not queued), and errors for malformed HTTP that echo none of its bytes."""
+
+    def __init__(self, manager, count, header_timeout, **handler_args):
+        super().__init__(manager, loop=asyncio.get_running_loop(), **handler_args)
+        self.count = count
+        self.header_timeout = header_timeout
+        self.refused = False
+        self.deadline = None
+        self.tail = b""  # the first request's last bytes so far, to find the end of its headers across reads
+
+    def connection_made(self, transport):
+        if self.count.open >= self.count.cap:
+            self.refused = True
+            body = json.dumps(openai_error_body(ApiError(503, "Too many connections; try again in a moment",
+                                                         code="too_many_connections"))).encode()
+            transport.write(BUSY_ANSWER % (len(body), body))
+            transport.close()
+            return
+        self.count.open += 1
+        super().connection_made(transport)
+        self.deadline = asyncio.get_running_loop().call_later(self.header_timeout, self.force_close)
+
+    def data_received(self, data):
+        if self.deadline:
+            seen = self.tail + data
+            if HEADERS_END in seen:
+                self.deadline.cancel()
+                self.deadline = None
+            self.tail = seen[-len(HEADERS_END) + 1:]
+        super().data_received(data)
+
+    def connection_lost(self, exc):
+        if self.refused:
+            return
+        self.count.open -= 1
+        if self.deadline:
+            self.deadline.cancel()
+        super().connection_lost(exc)
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        """Malformed HTTP: an OpenAI error naming the fault, without a byte of what was sent (aiohttp echoes it)."""
+        what = MALFORMED.get(type(exc).__name__, "the request is not well-formed HTTP")
+        error = ApiError(status, f"Malformed HTTP request: {what}", code="malformed_request")
+        return web.json_response(openai_error_body(error), status=status, headers={"Connection": "close"})
+
+
+HEADERS_END = b"\r\n\r\n"
+MALFORMED = {"LineTooLong": "a line is too long", "BadStatusLine": "not an HTTP request line",
+             "BadHttpMethod": "not an HTTP method", "InvalidHeader": "a header is not well-formed",
+             "InvalidURLError": "the URL is not well-formed", "TransferEncodingError": "a bad chunked body",
+             "ContentLengthError": "the body does not match its Content-Length"}
+FD_LOG_INTERVAL = 60  # seconds between two log lines about running out of file descriptors
+
+
+def connection_cap(settings):
+    """MAX_CONNECTIONS, or three quarters of the open-files limit, which leaves room for upstream and files."""
+    if settings.max_connections:
+        return settings.max_connections
+    try:
+        import resource  # POSIX only
+        return max(16, resource.getrlimit(resource.RLIMIT_NOFILE)[0] * 3 // 4)
+    except (ImportError, ValueError):
+        return 1000
+
+
+def quiet_accept_errors(loop):
+    """Reports running out of file descriptors once a minute, not a traceback per refused accept."""
+    last = [-FD_LOG_INTERVAL]
+
+    def handle(loop, context):
+        if not context.get("message", "").startswith("socket.accept() out of system resource"):
+            return loop.default_exception_handler(context)
+        if loop.time() - last[0] >= FD_LOG_INTERVAL:
+            last[0] = loop.time()
+            log.error("out of file descriptors: new connections wait (%s); raise `ulimit -n`, or lower "
+                      "MAX_CONNECTIONS", context.get("exception"))
+    loop.set_exception_handler(handle)
+
+
+def reachable_url(settings):
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else "[::1]" if settings.host == "::" else settings.host
+    return f"http://{host}:{settings.port}"
+
+
+async def serve(app, settings):
+    """Runs the app until SIGINT or SIGTERM, with ClientConnection's limits; says so once it listens."""
+    loop = asyncio.get_running_loop()
+    quiet_accept_errors(loop)
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
+    await runner.setup()
+    count = ConnectionCount(connection_cap(settings))
+    try:
+        server = await loop.create_server(lambda: ClientConnection(
+            runner.server, count, settings.header_timeout, keepalive_timeout=settings.idle_timeout,
+            access_log=None, **HANDLER_ARGS), settings.host, settings.port, reuse_address=True)
+    except OSError:
+        await runner.cleanup()
+        raise
+    listening = " (and on every address of this machine)" if settings.host in ("0.0.0.0", "::", "") else ""
+    log.info("k2proxy %s listening on %s%s, %s mode, upstream %s; admin page %s%s", __version__,
+             reachable_url(settings), listening, settings.proxy_mode, app[STATE].upstream.url,
+             reachable_url(settings), settings.admin_page_path)
+    stopping = asyncio.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signal_number, stopping.set)
+    await stopping.wait()
+    server.close()
+    await runner.cleanup()
+
+
+SHUTDOWN_SECONDS = 5  # what streams in flight get to end, after SIGTERM
+# read_json refuses compressed bodies before anything is unpacked; a body left unread (an unknown key's, one
+# over MAX_REQUEST_MB) is not drained afterwards, as aiohttp would for ten seconds: the connection just ends.
+HANDLER_ARGS = {"auto_decompress": False, "lingering_time": 0}
+
+
 def make_app(settings):
     """The whole proxy as an aiohttp application, for `main()` and for tests."""
     app = web.Application(middlewares=[handle_errors, check_keys],
-                          client_max_size=int(settings.max_request_mb * MB),
-                          handler_args={"auto_decompress": False})  # read_json refuses compressed bodies
+                          client_max_size=int(settings.max_request_mb * MB), handler_args=HANDLER_ARGS)
     app[STATE] = AppState(settings)
     admin = settings.admin_page_path
     if admin.startswith("/v1/") or any(route.path == admin for route in ROUTES):
@@ -4246,13 +4476,11 @@ def main(argv=None):
         return asyncio.run(run_check(settings, args.json))
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
     if settings.api_key_generated:
-        print("WARNING: VALID_API_KEY is not set. Generated an API key for this run only "
-              f"(set VALID_API_KEY to keep one):\n  {settings.valid_api_key[0]}", file=sys.stderr, flush=True)
-    log.info("k2proxy %s on http://%s:%d, %s mode, upstream %s", __version__, settings.host, settings.port,
-             settings.proxy_mode, settings.guest_api_url if settings.proxy_mode == "guest" else settings.user_api_url)
+        print("WARNING: VALID_API_KEY is not set. Generated an API key for this run only, which is also the admin "
+              f"key of the admin page ({reachable_url(settings)}{settings.admin_page_path}); set VALID_API_KEY "
+              f"to keep one:\n  {settings.valid_api_key[0]}", file=sys.stderr, flush=True)
     try:
-        web.run_app(app, host=settings.host, port=settings.port, access_log=None, print=None,
-                    handler_cancellation=True, shutdown_timeout=5)
+        asyncio.run(serve(app, settings))
     except OSError as exc:  # the address is taken, or HOST is not an address of this machine
         print(f"k2proxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
