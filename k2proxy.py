@@ -26,6 +26,7 @@ import signal
 import sys
 import tempfile
 import time
+import traceback
 import urllib.parse
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -318,6 +319,7 @@ TOO_LARGE = Failure("too large", 413, "upstream_rejected", charge=False, fail_ov
 MODEL_GONE = Failure("model not found", 404, "model_not_found", charge=False, fail_over=False)
 NOT_AN_ANSWER = Failure("not an answer", 502, "upstream_error", charge=False, fail_over=False)
 SHUTTING_DOWN = Failure("shutting down", 503, "shutting_down", charge=False, fail_over=False)
+ANSWER_TOO_LARGE = Failure("answer too large", 502, "upstream_answer_too_large", charge=False, fail_over=False)
 
 
 class UpstreamError(Exception):
@@ -2291,10 +2293,13 @@ class Answer:
 
 
 class Collector:
-    """Gathers a completion's events into an Answer, which the dialect's `render` turns into the JSON body."""
+    """Gathers a completion's events into an Answer, which the dialect's `render` turns into the JSON body; an
+    answer beyond MAX_ANSWER_MB is a failure, not a response of any size."""
 
-    def __init__(self, render):
+    def __init__(self, render, limit):
         self.render = render
+        self.limit = limit
+        self.size = 0
         self.answer = Answer()
         self.response = None
 
@@ -2306,6 +2311,11 @@ class Collector:
 
     async def write(self, events):
         answer = self.answer
+        added = sum(len(event.text) for event in events if isinstance(event, (Reasoning, Text, ToolArguments)))
+        self.size += added
+        if added and self.size > self.limit:
+            raise UpstreamError(ANSWER_TOO_LARGE, f"upstream's answer is larger than MAX_ANSWER_MB "
+                                                  f"({self.limit / MB:g} MB); ask for a stream to receive it")
         for event in events:
             if isinstance(event, Reasoning):
                 answer.reasoning += event.text
@@ -2540,13 +2550,23 @@ async def read_json(request):
     limit = int(state.settings.max_request_mb * MB)
     if (request.content_length or 0) > limit:
         raise body_too_large(state)
-    record.reserved = (request.content_length or limit) * BODY_MEMORY_FACTOR
-    await state.budget.admit(record.reserved)
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise body_too_large(state) from None
+    share = (request.content_length or limit) * BODY_MEMORY_FACTOR
+    await state.budget.admit(share)
+    record.reserved = share
+    raw = await read_body_within(request, limit, state)
     return parse_body(raw) if len(raw) <= THREAD_PARSE_BYTES else await asyncio.to_thread(parse_body, raw)
+
+
+async def read_body_within(request, limit, state):
+    """The body, refused once it passes `limit`. Read from the stream rather than by request.read(), which keeps
+    a copy on the request: aiohttp holds a connection's last request while the connection idles."""
+    parts, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(state)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def body_too_large(state):
@@ -2561,19 +2581,29 @@ async def read_object(request):
     return body
 
 
+async def within_deadline(work, seconds):
+    """Awaits `work`; past `seconds` it is cancelled and ends as an upstream timeout."""
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except asyncio.TimeoutError:
+        raise UpstreamError(TIMED_OUT, f"the answer took longer than COMPLETION_TIMEOUT ({seconds:g} s)") from None
+
+
 async def serve_completion(request, core, renderer, render_answer):
     """The one request path of every dialect: runs `core` upstream into an EventStream with the dialect's
     `renderer` (a stream) or a Collector with its `render_answer` (one JSON body), and answers."""
     state = request.app[STATE]
     record = request[RECORD]
     record.model, record.stream = core.model, core.stream
-    writer = (EventStream(request, renderer(), state.settings.keepalive_seconds) if core.stream
-              else Collector(render_answer))
+    settings = state.settings
+    writer = (EventStream(request, renderer(), settings.keepalive_seconds) if core.stream
+              else Collector(render_answer, int(settings.max_answer_mb * MB)))
     completion, tried = Completion(core, writer, record), []
     writer.start()
     try:
         try:
-            await state.upstream.complete(core.payload(), completion, tried)
+            await within_deadline(state.upstream.complete(core.payload(), completion, tried),
+                                  settings.completion_timeout)
             return await completion.finish()
         except UpstreamError as error:
             return await completion.fail(error.api_error())
@@ -4220,6 +4250,7 @@ async def handle_errors(request, handler):
         response = await handler(request)
     except ApiError as error:
         response = route.dialect.error_response(error)
+        traceback.clear_frames(error.__traceback__)  # the request's data (a body of megabytes) goes with it now
     except web.HTTPException as exc:
         message = HTTP_ERROR_MESSAGES.get(exc.status, exc.reason).format(method=request.method, path=request.path)
         response = route.dialect.error_response(ApiError(exc.status, message,
@@ -4381,11 +4412,14 @@ def connection_cap(settings):
         return 1000
 
 
-def quiet_accept_errors(loop):
-    """Reports running out of file descriptors once a minute, not a traceback per refused accept."""
+def quiet_accept_errors(loop, stopping):
+    """Reports running out of file descriptors once a minute, not a traceback per refused accept; once `stopping`
+    is set, what fails in callbacks (asyncio retrying accepts on the closed socket) is only shutdown noise."""
     last = [-FD_LOG_INTERVAL]
 
     def handle(loop, context):
+        if stopping.is_set():
+            return log.debug("after shutdown began: %s (%s)", context.get("message"), context.get("exception"))
         if not context.get("message", "").startswith("socket.accept() out of system resource"):
             return loop.default_exception_handler(context)
         if loop.time() - last[0] >= FD_LOG_INTERVAL:
@@ -4402,8 +4436,8 @@ def reachable_url(settings):
 
 async def serve(app, settings):
     """Runs the app until SIGINT or SIGTERM, with ClientConnection's limits; says so once it listens."""
-    loop = asyncio.get_running_loop()
-    quiet_accept_errors(loop)
+    loop, stopping = asyncio.get_running_loop(), asyncio.Event()
+    quiet_accept_errors(loop, stopping)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
     count = ConnectionCount(connection_cap(settings))
@@ -4418,7 +4452,6 @@ async def serve(app, settings):
     log.info("k2proxy %s listening on %s%s, %s mode, upstream %s; admin page %s%s", __version__,
              reachable_url(settings), listening, settings.proxy_mode, app[STATE].upstream.url,
              reachable_url(settings), settings.admin_page_path)
-    stopping = asyncio.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stopping.set)
     await stopping.wait()

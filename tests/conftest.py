@@ -153,9 +153,9 @@ def spawn():
     """Starts processes (fake upstream, proxy) and stops them after the test."""
     processes = []
 
-    def start(args, port, env=None, cwd=None):
+    def start(args, port, env=None, cwd=None, **popen):
         process = subprocess.Popen([sys.executable, *args], env={**os.environ, **(env or {})}, cwd=cwd,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
         processes.append(process)
         wait_for_port(port, process)
         return process

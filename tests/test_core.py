@@ -123,7 +123,7 @@ async def test_failing_ends_with_a_failed_event_and_says_so():
 
 async def test_the_collector_gathers_an_answer_and_raises_a_failure():
     rendered = []
-    collector = k2proxy.Collector(lambda answer: rendered.append(answer) or {"ok": True})
+    collector = k2proxy.Collector(lambda answer: rendered.append(answer) or {"ok": True}, limit=1000)
     await collector.write([Reasoning("r1"), Text("a"), ToolCallStart(0, "id0", "search"), ToolArguments(0, "{}"),
                            Reasoning("r2"), Text("b")])
     response = await collector.close([Finish("tool_calls", Usage(1, 2, 0))])
@@ -132,7 +132,7 @@ async def test_the_collector_gathers_an_answer_and_raises_a_failure():
     assert answer.finish.reason == "tool_calls" and json.loads(response.body) == {"ok": True}
     error = k2proxy.ApiError(504, "slow")
     with pytest.raises(k2proxy.ApiError):
-        await k2proxy.Collector(dict).close([Failed(error)])
+        await k2proxy.Collector(dict, limit=1000).close([Failed(error)])
 
 
 # ─── The OpenAI renderer of events ───────────────────────────────────────────

@@ -138,3 +138,83 @@ async def test_soak_keeps_memory_and_descriptors_flat(spawn, request, tmp_path):
     # Idle keep-alive connections to upstream may number up to one per concurrent request; a leak would
     # grow with the thousands of requests instead.
     assert end_fds <= warm_fds + WORKERS, f"file descriptors grew from {warm_fds} to {end_fds}"
+
+
+def peak_rss_kb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+
+
+def expanding_body(size):
+    """`size` bytes of JSON that a naive proxy would turn into millions of objects."""
+    head, tail = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": [', b"{}]}"
+    return head + b"{}," * ((size - len(head) - len(tail)) // 3) + tail
+
+
+@pytest.mark.load
+async def test_memory_stays_within_the_budget_while_small_requests_keep_answering(spawn, tmp_path):
+    budget_mb, body_mb = 64, 8
+    port = free_port()
+    proxy = spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env={
+        "PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": API_KEY, "LOG_LEVEL": "WARNING",
+        "MAX_REQUEST_MB": str(body_mb), "MEMORY_BUDGET_MB": str(budget_mb)})
+    await asyncio.sleep(0.5)
+    idle_kb = process_figures(proxy.pid)[0]
+    body = expanding_body(body_mb * 1024 * 1024 - 1024)
+    base = f"http://127.0.0.1:{port}"
+    statuses, latencies, flooding = [], [], True
+
+    async def big(session):
+        async with session.post(base + "/v1/chat/completions", data=body,
+                                headers={**AUTH, "Content-Type": "application/json"}) as response:
+            statuses.append(response.status)
+
+    async def small(session):
+        while flooding:
+            started = time.monotonic()
+            async with session.get(base + "/v1/models", headers=AUTH) as response:
+                assert response.status == 200
+            latencies.append(time.monotonic() - started)
+            await asyncio.sleep(0.02)
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        watcher = asyncio.ensure_future(small(session))
+        await asyncio.gather(*(big(session) for _ in range(40)))
+        flooding = False
+        await watcher
+    growth_mb = (peak_rss_kb(proxy.pid) - idle_kb) / 1024
+    latencies.sort()
+    print(f"40 x {body_mb} MB expanding bodies: {sorted(set(statuses))}, peak growth {growth_mb:.0f} MB "
+          f"(budget {budget_mb} MB), small requests p50 {latencies[len(latencies) // 2] * 1000:.1f} ms, "
+          f"max {latencies[-1] * 1000:.0f} ms")
+    assert set(statuses) <= {413, 503} and 413 in statuses
+    assert growth_mb <= budget_mb, f"peak memory grew by {growth_mb:.0f} MB"
+    assert latencies[-1] < 1, "a small request waited a second behind the large ones"
+
+
+@pytest.mark.load
+async def test_sigterm_ends_the_process_in_time_under_load(spawn, tmp_path):
+    port = free_port()
+    proxy = spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env={
+        "PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": API_KEY, "LOG_LEVEL": "WARNING",
+        "MAX_REQUEST_MB": "8", "MEMORY_BUDGET_MB": "64"})
+    body = expanding_body(8 * 1024 * 1024 - 1024)
+
+    async def big(session):
+        try:
+            async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", data=body,
+                                    headers={**AUTH, "Content-Type": "application/json"}) as response:
+                await response.read()
+        except aiohttp.ClientError:
+            pass  # the proxy stopped
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        flood = asyncio.ensure_future(asyncio.gather(*(big(session) for _ in range(40))))
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        proxy.terminate()
+        code = await asyncio.to_thread(proxy.wait, 15)
+        took = time.monotonic() - started
+        await flood
+    print(f"SIGTERM under load: exit {code} after {took:.1f} s")
+    assert code == 0 and took < k2proxy.SHUTDOWN_SECONDS + 2
