@@ -14,6 +14,7 @@ import base64
 import binascii
 import codecs
 import collections
+import difflib
 import functools
 import hashlib
 import hmac
@@ -26,7 +27,6 @@ import signal
 import sys
 import tempfile
 import time
-import traceback
 import urllib.parse
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -232,10 +232,30 @@ def parse_dotenv(text):
 EXAMPLE_KEY = "sk-change-me"  # the placeholder of .env.example, refused as a key
 
 
+ENV_TYPO_CUTOFF, DOTENV_TYPO_CUTOFF = 0.88, 0.6  # how alike a name must be to a setting to be taken for a typo
+
+
+def unknown_names(dotenv, environ):
+    """Warnings for names that are not settings: every one in .env, and those of the environment (which holds many
+    unrelated variables) that are a small edit away from a setting."""
+    names = [s.name for s in SETTINGS]
+    warnings = []
+    for name, where, cutoff in [*((n, ".env", DOTENV_TYPO_CUTOFF) for n in dotenv),
+                                *((n, "the environment", ENV_TYPO_CUTOFF) for n in environ)]:
+        if name in names:
+            continue
+        closest = difflib.get_close_matches(name, names, n=1, cutoff=cutoff)
+        if closest or where == ".env":
+            hint = f"; did you mean {closest[0]}?" if closest else ""
+            warnings.append(f"{where} sets {name}, which is not a setting{hint} (python k2proxy.py --help lists them)")
+    return warnings
+
+
 def load_settings(environ, dotenv_text=None):
-    """Builds Settings from the environment over .env over defaults; the first bad value raises."""
-    source = dict(parse_dotenv(dotenv_text) if dotenv_text else {})
-    source.update(environ)
+    """Builds Settings from the environment over .env over defaults; the first bad value raises. Names that look
+    like settings but are not are kept as `warnings`."""
+    dotenv = parse_dotenv(dotenv_text) if dotenv_text else {}
+    source = {**dotenv, **environ}
     values = {}
     for setting in SETTINGS:
         raw = source.get(setting.name, setting.default)
@@ -257,6 +277,7 @@ def load_settings(environ, dotenv_text=None):
     if values["api_key_generated"]:
         values["valid_api_key"] = ["sk-" + secrets.token_urlsafe(32)]
     values["admin_key"] = values["admin_key"] or values["valid_api_key"][0]
+    values["warnings"] = unknown_names(dotenv, environ)
     base = values["k2think_base_url"]
     values["guest_api_url"] = values["guest_api_url"] or base + "/api/guest/chat/completions"
     values["user_api_url"] = values["user_api_url"] or base + "/api/chat/completions"
@@ -308,7 +329,8 @@ class Failure:
 
 
 REFUSED_TOKEN = Failure("token refused", 502, "upstream_auth_failed", charge=True, fail_over=True, refused=True)
-RATE_LIMITED = Failure("rate limited", 429, "rate_limited", charge=False, fail_over=True, cool_down=True)
+RATE_LIMITED = Failure("rate limited", 429, "rate_limited", charge=False, fail_over=True, cool_down=True,
+                       retry_anonymous=False)
 BROKEN = Failure("upstream broken", 502, "upstream_error", charge=True, fail_over=True)
 UNREACHABLE = Failure("unreachable", 502, "upstream_error", charge=False, fail_over=True)
 TIMED_OUT = Failure("timed out", 504, "upstream_timeout", charge=True, fail_over=True, retry_anonymous=False)
@@ -1442,6 +1464,13 @@ class TokenPool:
                          "cooling_until": t.cooling_until if status == "cooling" else None})
         return rows
 
+    def ready(self):
+        """None when a request could be served now, else the error it would get (nothing changes here)."""
+        now = self.clock()
+        if (not self.tokens and self.mode == "guest") or any(t.status(now) == "active" for t in self.tokens):
+            return None
+        return self.unavailable()
+
     def unavailable(self):
         """The error for a request that found no usable token."""
         if not self.tokens:
@@ -1577,8 +1606,9 @@ class Upstream:
             except UpstreamError as failure:
                 pool.fail(token, failure)
                 error = failure
-                log.info("upstream attempt failed (%s token %d of %d) %s: %s", pool.mode, len(tried),
-                         self.settings.max_retries + 1, failure.failure.code, failure)
+                who = "anonymous" if token is NO_TOKEN else f"token {pool.tokens.index(token)}"
+                log.info("upstream attempt %d failed (%s mode, %s) %s: %s", len(tried), pool.mode, who,
+                         failure.failure.code, failure)
                 if completion.committed or not self.worth_another_try(failure.failure, token):
                     raise
                 completion.reset()
@@ -1589,8 +1619,8 @@ class Upstream:
 
     @staticmethod
     def worth_another_try(failure, token):
-        """Whether the next attempt may do better: the kind fails over, and without a token, asking again
-        anonymously is worth it for this kind (not after a timeout, which would only double the wait)."""
+        """Whether the next attempt may do better: the kind fails over, and without a token (one identity), asking
+        again is worth it for this kind (not after a timeout, which would only double the wait, nor a 429)."""
         return failure.fail_over and (token is not NO_TOKEN or failure.retry_anonymous)
 
     def _stopped(self):
@@ -2209,6 +2239,7 @@ class Completion:
 
     async def fail(self, error):
         """Ends with `error`: an HTTP error while nothing was sent, else the dialect's error event."""
+        self.record.upstream_failed, self.record.reason = True, error.code
         response = await self.writer.close([Failed(error)])
         self.record.outcome = "ended with error"
         return response
@@ -2356,6 +2387,8 @@ class RequestRecord:
     model: str = None
     stream: bool = None
     outcome: str = None         # "client gone", "ended with error"
+    reason: str = None          # the code of the error it ended with
+    upstream_failed: bool = False  # the error was upstream's (or no token could serve), not the client's
     first_content: float = None  # seconds from arrival to the first content sent
     attempts: int = 0
     token: str = None           # the token that answered, masked
@@ -2366,11 +2399,13 @@ RECORD = web.RequestKey("record", RequestRecord)
 
 
 class Figures:
-    """The request figures of the admin page: completions asked for, failed, in flight, time to first content."""
+    """The request figures of the admin page: completions asked for, refused for the client's mistakes, failed
+    upstream, in flight, and the time to first content."""
 
     def __init__(self):
         self.requests = 0
-        self.errors = 0
+        self.client_errors = 0
+        self.upstream_failures = 0
         self.in_flight = 0
         self._first_content_total = 0.0
         self._first_content_count = 0
@@ -2388,14 +2423,19 @@ class Figures:
         if record.outcome == "client gone":
             return
         failed = status >= 400 or record.outcome is not None
-        self.errors += failed
+        if record.upstream_failed or status >= 500:
+            self.upstream_failures += 1
+        elif failed:
+            self.client_errors += 1
         if record.first_content is not None and not failed:
             self._first_content_total += record.first_content
             self._first_content_count += 1
 
     def summary(self):
         mean = self._first_content_total / self._first_content_count if self._first_content_count else None
-        return {"requests": self.requests, "errors": self.errors, "in_flight": self.in_flight,
+        return {"requests": self.requests, "errors": self.client_errors + self.upstream_failures,
+                "client_errors": self.client_errors, "upstream_failures": self.upstream_failures,
+                "in_flight": self.in_flight,
                 "avg_ttfb_ms": round(mean * 1000, 1) if mean is not None else None}
 
 
@@ -2574,10 +2614,14 @@ def body_too_large(state):
                     code="request_too_large")
 
 
-async def read_object(request):
-    """The request body, which must be a JSON object."""
+MODEL_NAME_CHARS = 100  # of a model id in a log line
+
+
+async def read_request(request):
+    """A completion request's body, its model noted for the log line even when the request is then refused."""
     body = await read_json(request)
-    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        request[RECORD].model = body["model"][:MODEL_NAME_CHARS]
     return body
 
 
@@ -2878,7 +2922,7 @@ def chat_completion(core, answer, think_tags):
 
 async def chat_completions(request):
     state = request.app[STATE]
-    core, include_usage = parse_chat_request(await read_json(request), state.settings, state.models)
+    core, include_usage = parse_chat_request(await read_request(request), state.settings, state.models)
     think_tags = state.settings.thinking_format == "think_tags"
     return await serve_completion(request, core, lambda: ChatChunks(core, think_tags, include_usage),
                                   lambda answer: chat_completion(core, answer, think_tags))
@@ -3244,7 +3288,7 @@ def anthropic_message(core, answer, show_thinking_text):
 
 async def messages(request):
     state = request.app[STATE]
-    core, show_text, left_out = parse_messages_request(await read_json(request), state.settings, state.models)
+    core, show_text, left_out = parse_messages_request(await read_request(request), state.settings, state.models)
     state.note_left_out_tools(left_out)
     return await serve_completion(request, core, lambda: MessageEvents(core, show_text),
                                   lambda answer: anthropic_message(core, answer, show_text))
@@ -3253,7 +3297,7 @@ async def messages(request):
 async def count_message_tokens(request):
     """What /v1/messages would send upstream, counted here with the usage estimate; upstream is not asked."""
     state = request.app[STATE]
-    core, _, _ = parse_messages_request(await read_json(request), state.settings, state.models, counting=True)
+    core, _, _ = parse_messages_request(await read_request(request), state.settings, state.models, counting=True)
     return web.json_response({"input_tokens": core.prompt_tokens})
 
 
@@ -3367,6 +3411,7 @@ class TurnBuilder:
 
     def add(self, item, where):
         kind = item.get("type", "message")
+        expect(isinstance(kind, str), f"{where}.type must be a string", f"{where}.type", "invalid_type")
         if kind in ("function_call", "custom_tool_call"):
             self.calls.append(self._call(item, where))
             return
@@ -3668,7 +3713,7 @@ class ResponseEvents:
 
 async def create_response(request):
     state, store = request.app[STATE], request.app[RESPONSE_STORE]
-    core, asked, left_out = parse_responses_request(await read_json(request), state.settings, state.models, store)
+    core, asked, left_out = parse_responses_request(await read_request(request), state.settings, state.models, store)
     state.note_left_out_tools(left_out)
     builder = ResponseBuilder(core, asked)
     response = await serve_completion(request, core, lambda: ResponseEvents(builder),
@@ -4070,7 +4115,12 @@ async def admin_reset_token(request):
     expect(index.isdigit() and int(index) < len(pool.tokens),
             f"No token {index}: indexes go from 0 to {len(pool.tokens) - 1}" if pool.tokens
            else f"No token {index}: the {pool.mode} pool is empty", "index")
-    pool.reset(pool.tokens[int(index)])
+    token = pool.tokens[int(index)]
+    pool.reset(token)
+    if token.status(pool.clock()) == "expired":
+        expired = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(token.expires_at))
+        return ok(f"Token {index} reset, but it stays expired: its JWT expired at {expired}; replace it in the "
+                  "file (or let its account sign in again)")
     return ok(f"Token {index} reset")
 
 
@@ -4078,7 +4128,9 @@ async def admin_reset_all(request):
     pool = request.app[STATE].upstream.pool
     for token in pool.tokens:
         pool.reset(token)
-    return ok(f"All {len(pool.tokens)} tokens reset")
+    expired = pool.counts()["expired"]
+    stays = f"; {expired} stay expired (their JWTs have expired): replace them in the file" if expired else ""
+    return ok(f"All {len(pool.tokens)} tokens reset{stays}")
 
 
 async def admin_reload(request):
@@ -4122,7 +4174,16 @@ async def admin_update_tokens(request):
         except OSError as exc:
             raise ApiError(500, f"Could not save {pool.file.path.name}: {exc.strerror}", code="save_failed") from None
     return ok(f"Saved {len(pool.tokens)} tokens to {pool.file.path.name}", counts=pool.counts(),
-              version=file_version(content))
+              version=file_version(content), warnings=not_jwt_warnings(content))
+
+
+def not_jwt_warnings(content):
+    """A warning for each token of a saved file that is not a JWT: it is kept (an operator may know better), but
+    its expiry cannot be read and the site is likely to refuse it."""
+    return [f"line {number}: {mask_token(line.strip())} is not a JWT with an expiry; it is saved and used, but the "
+            "site usually refuses such a token"
+            for number, line in enumerate(content.splitlines(), 1)
+            if line.strip() and not line.strip().startswith("#") and jwt_expiry(line.strip()) is None]
 
 
 async def admin_check(request):
@@ -4165,9 +4226,15 @@ async def index(request):
 
 
 async def health(request):
+    """ok (200) when a request could be served now; degraded (503, for load balancers and Docker) when not."""
     state = request.app[STATE]
-    return web.json_response({"status": "ok", "version": __version__, "mode": state.upstream.mode,
-                              "tokens": state.upstream.pool.counts()})
+    pool = state.upstream.pool
+    problem = pool.ready()
+    body = {"status": "degraded" if problem else "ok", "version": __version__, "mode": state.upstream.mode,
+            "tokens": pool.counts()}
+    if problem:
+        body["reason"] = problem.message
+    return web.json_response(body, status=503 if problem else 200)
 
 
 @dataclass(frozen=True)
@@ -4250,19 +4317,20 @@ async def handle_errors(request, handler):
         response = await handler(request)
     except ApiError as error:
         response = route.dialect.error_response(error)
-        traceback.clear_frames(error.__traceback__)  # the request's data (a body of megabytes) goes with it now
+        record.reason = record.reason or error.code
     except web.HTTPException as exc:
         message = HTTP_ERROR_MESSAGES.get(exc.status, exc.reason).format(method=request.method, path=request.path)
-        response = route.dialect.error_response(ApiError(exc.status, message,
-                                                         code=exc.reason.lower().replace(" ", "_")))
+        record.reason = exc.reason.lower().replace(" ", "_")
+        response = route.dialect.error_response(ApiError(exc.status, message, code=record.reason))
     except asyncio.CancelledError:
         record.outcome = "client gone"
         finish_record(state, record, 499)
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
+        record.reason = "internal_error"
         response = route.dialect.error_response(ApiError(500, "Internal error; see the proxy's log",
-                                                         code="internal_error"))
+                                                         code=record.reason))
     finish_record(state, record, response.status)
     return response
 
@@ -4273,9 +4341,10 @@ def finish_record(state, record, status):
     record.reserved = 0
     state.figures.end(record, status)
     first = f"{record.first_content * 1000:.0f}ms" if record.first_content is not None else "-"
+    why = ", ".join(filter(None, (record.outcome, record.reason)))
     log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", record.method, record.path,
              record.model or "-", "-" if record.stream is None else str(record.stream).lower(), status,
-             f" ({record.outcome})" if record.outcome else "", first, (time.monotonic() - record.started) * 1000)
+             f" ({why})" if why else "", first, (time.monotonic() - record.started) * 1000)
 
 
 @web.middleware
@@ -4492,14 +4561,16 @@ def main(argv=None):
         prog="k2proxy.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="K2 Horizon behind the OpenAI API. Configure with environment variables or ./.env.",
         epilog=settings_help())
-    parser.add_argument("--env-file", default=".env", help="file of KEY=value settings (default: ./.env)")
+    parser.add_argument("--env-file", help="file of KEY=value settings (default: ./.env when there is one)")
     parser.add_argument("--check", action="store_true", help="probe the upstream, print what works and what to set, "
                                                              "and exit: 0 when chat works, 1 when not")
     parser.add_argument("--json", action="store_true", help="with --check: the report as one JSON document")
     parser.add_argument("--version", action="version", version=f"k2proxy {__version__}")
     args = parser.parse_args(argv)
-    env_file = Path(args.env_file)
+    env_file = Path(args.env_file or ".env")
     try:
+        if args.env_file and not env_file.is_file():
+            raise SettingsError(f"--env-file {args.env_file}: no such file")
         settings = load_settings(os.environ, env_file.read_text(encoding="utf-8") if env_file.is_file() else None)
         app = make_app(settings)
     except (SettingsError, UnicodeDecodeError) as exc:
@@ -4508,6 +4579,8 @@ def main(argv=None):
     if args.check:
         return asyncio.run(run_check(settings, args.json))
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    for warning in settings.warnings:
+        log.warning("%s", warning)
     if settings.api_key_generated:
         print("WARNING: VALID_API_KEY is not set. Generated an API key for this run only, which is also the admin "
               f"key of the admin page ({reachable_url(settings)}{settings.admin_page_path}); set VALID_API_KEY "

@@ -1,5 +1,6 @@
 """The admin JSON API: key required everywhere, tokens masked everywhere but the editor's route."""
 
+import json
 import time
 
 import pytest
@@ -108,4 +109,22 @@ async def test_a_stream_that_fails_midway_counts_as_an_error(admin_proxy, fake, 
     assert response.status == 200 and b"upstream_error" in await response.read()
     stats = (await (await admin_proxy.get("/admin/status", headers=ADMIN)).json())["stats"]
     assert stats["requests"] == 1 and stats["errors"] == 1
-    assert "status=200 (ended with error)" in caplog.text
+    assert "status=200 (ended with error, upstream_error)" in caplog.text
+
+
+async def test_saving_a_line_that_is_not_a_jwt_warns_but_saves_it(admin_proxy, tmp_path):
+    content = "# pool\n" + TOKENS[0] + "\nnot-a-jwt-at-all-12345\n"
+    body = await (await admin_proxy.post("/admin/tokens/update", json={"content": content}, headers=ADMIN)).json()
+    assert body["ok"] and (tmp_path / "tokens.txt").read_text() == content
+    assert len(body["warnings"]) == 1 and body["warnings"][0].startswith("line 3:") and "not a JWT" in body["warnings"][0]
+    assert "not-a-jwt-at-all-12345" not in json.dumps(body), "masked, like every token outside the editor"
+
+
+async def test_resetting_an_expired_token_says_why_it_stays_expired(make_proxy, tmp_path):
+    (tmp_path / "tokens.txt").write_text(make_jwt(time.time() - 60) + "\n" + TOKENS[0] + "\n")
+    proxy = await make_proxy(PROXY_MODE="user")
+    one = await (await proxy.post("/admin/tokens/reset/0", headers=ADMIN)).json()
+    assert "stays expired" in one["message"] and "replace it" in one["message"]
+    everyone = await (await proxy.post("/admin/tokens/reset-all", headers=ADMIN)).json()
+    assert "1 stay expired" in everyone["message"]
+    assert (await (await proxy.post("/admin/tokens/reset/1", headers=ADMIN)).json())["message"] == "Token 1 reset"

@@ -287,3 +287,14 @@ async def test_check_upstream_shows_the_report_and_the_hint_of_each_failure(brow
     await playwright.expect(page.locator("#check-lines li.check-failed")).to_have_count(0)
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "admin-check.png"), full_page=True)
+
+
+async def test_the_editor_warns_of_a_line_that_is_not_a_jwt(browser, site):
+    page = await dashboard(browser, site)
+    await page.click("#load-tokens")
+    await playwright.expect(page.locator("#tokens-editor")).not_to_have_value("", timeout=8000)
+    await page.fill("#tokens-editor", f"{TOKENS[0]}\nsomething-pasted-wrong\n")
+    await page.click("#save-tokens")
+    await playwright.expect(page.locator("#flash")).to_contain_text("line 2", timeout=8000)
+    await playwright.expect(page.locator("#flash")).to_contain_text("not a JWT")
+    assert site.tokens_file.read_text() == f"{TOKENS[0]}\nsomething-pasted-wrong\n"

@@ -3,6 +3,7 @@
 import pytest
 
 from conftest import API_KEY, AUTH, chat
+from fake_upstream import Reply
 
 
 def assert_error(body, status_code, response_status):
@@ -142,3 +143,26 @@ async def test_escaped_surrogate_pairs_are_text(proxy, fake):
     response = await proxy.post("/v1/chat/completions", data=data, headers={**AUTH, "Content-Type": "application/json"})
     assert response.status == 200
     assert fake.received[0].body["messages"][-1]["content"] == "smile \U0001F600"
+
+
+async def test_health_is_degraded_with_a_503_when_no_request_could_be_served(make_proxy, tmp_path):
+    proxy = await make_proxy(PROXY_MODE="user")
+    response = await proxy.get("/health")
+    body = await response.json()
+    assert response.status == 503 and body["status"] == "degraded" and "tokens.txt" in body["reason"]
+    guest = await make_proxy()
+    assert (await guest.get("/health")).status == 200
+
+
+async def test_client_errors_and_upstream_failures_are_counted_apart_with_their_reasons(make_proxy, fake, caplog):
+    caplog.set_level("INFO", logger="k2proxy")
+    proxy = await make_proxy(MAX_RETRIES=0)
+    await proxy.post("/v1/chat/completions", json=chat(model="gpt-4"), headers=AUTH)
+    await proxy.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer wrong"})
+    fake.reply = Reply(status=500, body="down")
+    await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    stats = (await (await proxy.get("/admin/status", headers={"Authorization": "Bearer admin-test-key"})).json())["stats"]
+    assert (stats["requests"], stats["client_errors"], stats["upstream_failures"], stats["errors"]) == (3, 2, 1, 3)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /v1/chat")]
+    assert "model=gpt-4" in lines[0] and "status=404 (model_not_found)" in lines[0]
+    assert "status=401 (invalid_api_key)" in lines[1] and "status=502 (upstream_error)" in lines[2]

@@ -260,7 +260,8 @@ def test_the_anonymous_identity_is_never_charged_and_cannot_change():
                                   k2proxy.TIMED_OUT, k2proxy.NO_CONTENT, k2proxy.BLOCKED, k2proxy.REJECTED,
                                   k2proxy.MODEL_GONE, k2proxy.NOT_AN_ANSWER, k2proxy.SHUTTING_DOWN],
                          ids=lambda kind: kind.name)
-def test_another_try_follows_the_kind_and_a_timeout_is_not_repeated_anonymously(kind):
+def test_another_try_follows_the_kind_and_one_identity_does_not_ask_twice_after_a_timeout_or_a_429(kind):
     token = pool([0.0]).tokens[0]
     assert k2proxy.Upstream.worth_another_try(kind, token) == kind.fail_over
-    assert k2proxy.Upstream.worth_another_try(kind, k2proxy.NO_TOKEN) == (kind.fail_over and kind is not k2proxy.TIMED_OUT)
+    anonymous_again = kind.fail_over and kind not in (k2proxy.TIMED_OUT, k2proxy.RATE_LIMITED)
+    assert k2proxy.Upstream.worth_another_try(kind, k2proxy.NO_TOKEN) == anonymous_again

@@ -1,11 +1,14 @@
 """Fuzzing the HTTP surface: whatever arrives, the answer is a JSON error or a valid answer, never a 500."""
 
 import asyncio
+import base64
 import gzip
 import json
 import random
 
-from conftest import ADMIN, AUTH, chat
+import pytest
+
+from conftest import ADMIN, AUTH, MODEL, chat
 
 ROUTES = ["/", "/health", "/v1/chat/completions", "/v1/models", "/v1/models/IFM/K2-Horizon-375B-A23B", "/v1/models/x",
           "/admin", "/admin/status", "/admin/tokens/stats", "/admin/tokens/content", "/admin/tokens/reset/0",
@@ -115,3 +118,95 @@ async def test_compressed_bodies_are_refused_before_they_are_unpacked(proxy, fak
         error = (await response.json())["error"]
         assert response.status == 415 and error["code"] == "unsupported_content_encoding" and encoding in error["message"]
     assert not fake.received
+
+
+PNG = "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8).decode()
+SCHEMA = {"type": "object", "properties": {"a": {"type": "string", "enum": ["x"], "description": "d"}}, "required": ["a"]}
+VALID = {  # (path, a valid request using most fields, the error shape's top-level keys)
+    "chat completions": ("/v1/chat/completions", {
+        "model": MODEL, "stream": False, "temperature": 0.5, "top_p": 0.9, "max_tokens": 10, "stop": ["x"],
+        "stream_options": {"include_usage": True}, "reasoning_effort": "low",
+        "messages": [{"role": "system", "content": "s"},
+                     {"role": "user", "content": [{"type": "text", "text": "hi"},
+                                                  {"type": "image_url", "image_url": {"url": PNG}}]},
+                     {"role": "assistant", "content": "ok", "tool_calls": [
+                         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                     {"role": "tool", "tool_call_id": "call_1", "name": "f", "content": "r"}],
+        "tools": [{"type": "function", "function": {"name": "f", "description": "d", "parameters": SCHEMA}}],
+        "tool_choice": {"type": "function", "function": {"name": "f"}}}, {"error"}),
+    "messages": ("/v1/messages", {
+        "model": "claude-x", "max_tokens": 10, "stream": False, "temperature": 0.5, "top_p": 0.9,
+        "stop_sequences": ["x"], "system": [{"type": "text", "text": "s", "cache_control": {"type": "ephemeral"}}],
+        "thinking": {"type": "enabled", "budget_tokens": 2000, "display": "summarized"},
+        "output_config": {"effort": "low"}, "metadata": {"user_id": "u"},
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image", "source": {
+                         "type": "base64", "media_type": "image/png", "data": PNG.split(",")[1]}},
+                         {"type": "document", "title": "t.md", "source": {"type": "text", "media_type": "text/plain",
+                                                                         "data": "doc"}}]},
+                     {"role": "assistant", "content": [{"type": "thinking", "thinking": "t", "signature": "s"},
+                                                       {"type": "text", "text": "ok"},
+                                                       {"type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": False,
+                                                   "content": [{"type": "text", "text": "r"}]}]}],
+        "tools": [{"name": "f", "description": "d", "input_schema": SCHEMA}],
+        "tool_choice": {"type": "tool", "name": "f"}}, {"type", "error"}),
+    "count_tokens": ("/v1/messages/count_tokens", {
+        "model": "claude-x", "system": "s", "messages": [{"role": "user", "content": "hi"}],
+        "tools": [{"name": "f", "input_schema": SCHEMA}]}, {"type", "error"}),
+    "responses": ("/v1/responses", {
+        "model": MODEL, "stream": False, "store": False, "instructions": "i", "temperature": 0.5, "top_p": 0.9,
+        "max_output_tokens": 10, "reasoning": {"effort": "low", "summary": "auto"}, "parallel_tool_calls": True,
+        "input": [{"type": "message", "role": "user", "content": [
+                      {"type": "input_text", "text": "hi"}, {"type": "input_image", "image_url": PNG},
+                      {"type": "input_file", "filename": "a.txt", "file_data": "data:text/plain;base64,aGk="}]},
+                  {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "ok"}]},
+                  {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                  {"type": "function_call_output", "call_id": "c1", "output": "r"}],
+        "tools": [{"type": "function", "name": "f", "description": "d", "parameters": SCHEMA},
+                  {"type": "namespace", "name": "n", "tools": [{"type": "function", "name": "g", "parameters": SCHEMA}]},
+                  {"type": "web_search"}],
+        "tool_choice": {"type": "function", "name": "f"}}, {"error"}),
+}
+WRONG = [None, True, 0, -1, 2.5, "", "x", [], [1], {}, {"a": 1}, [[]]]
+
+
+def kind(value):
+    return type(value) if not isinstance(value, bool) else bool
+
+
+def paths(value, prefix=()):
+    """Every place in a JSON value, its root excluded."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, child in items:
+        yield prefix + (key,)
+        yield from paths(child, prefix + (key,))
+
+
+def replaced(value, path, new):
+    copy = json.loads(json.dumps(value))
+    target = copy
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = new
+    return copy
+
+
+@pytest.mark.parametrize("dialect", VALID)
+async def test_every_field_of_every_dialect_with_a_wrong_type_is_a_4xx_in_its_shape(proxy, fake, dialect):
+    path, request, shape = VALID[dialect]
+    assert (await proxy.post(path, json=request, headers=AUTH)).status == 200, "the request starts out valid"
+    tried = 0
+    for place in paths(request):
+        original = request
+        for key in place:
+            original = original[key]
+        for wrong in WRONG:
+            if kind(wrong) is kind(original):
+                continue
+            response = await proxy.post(path, json=replaced(request, place, wrong), headers=AUTH)
+            body = await response.json()
+            tried += 1
+            assert response.status < 500, (dialect, place, wrong, body)
+            if response.status >= 400:
+                assert set(body) == shape and body["error"]["message"], (dialect, place, wrong, body)
+    assert tried > 50

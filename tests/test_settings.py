@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 import k2proxy
 
 
@@ -106,3 +106,32 @@ def test_public_settings_hide_secrets():
     public = k2proxy.load_settings({"VALID_API_KEY": "sk-secret", "ADMIN_KEY": "adm-key-xyz"}).public()
     assert "VALID_API_KEY" not in public and "ADMIN_KEY" not in public
     assert "sk-secret" not in repr(public) and "adm-key-xyz" not in repr(public)
+
+
+def test_a_missing_env_file_stops_start_up_with_one_line(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "k2proxy.py"), "--env-file", str(tmp_path / "missing.env")],
+                            capture_output=True, text=True, timeout=20, env={"PATH": ""})
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "missing.env: no such file" in result.stderr
+
+
+def test_names_that_are_not_settings_are_warned_of_with_the_closest_one():
+    settings = k2proxy.load_settings({"TOOL_SUPORT": "false", "HOSTNAME": "box", "PATH": "/bin", "LANG": "C"},
+                                     "TOOL_SUPORT=false\nMY_OWN_THING=1\n")
+    assert settings.tool_support is True, "a misspelt name sets nothing"
+    env_warnings = [w for w in settings.warnings if w.startswith("the environment")]
+    dotenv_warnings = [w for w in settings.warnings if w.startswith(".env")]
+    assert len(env_warnings) == 1 and "TOOL_SUPORT" in env_warnings[0] and "did you mean TOOL_SUPPORT?" in env_warnings[0]
+    assert len(dotenv_warnings) == 2 and "did you mean TOOL_SUPPORT?" in dotenv_warnings[0]
+    assert "MY_OWN_THING" in dotenv_warnings[1] and "did you mean" not in dotenv_warnings[1]
+
+
+def test_the_start_up_line_comes_once_listening_with_a_reachable_url(spawn, tmp_path):
+    port = free_port()
+    (tmp_path / ".env").write_text("TOOL_SUPORT=false\n")
+    process = spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env={"PORT": str(port), "HOST": "0.0.0.0",
+                                                                          "VALID_API_KEY": ""})
+    process.terminate()
+    log = process.communicate(timeout=10)[1]
+    assert f"admin key of the admin page (http://127.0.0.1:{port}/admin)" in log
+    assert f"listening on http://127.0.0.1:{port} (and on every address of this machine)" in log
+    assert "did you mean TOOL_SUPPORT?" in log and "0.0.0.0" not in log

@@ -80,7 +80,7 @@ async def test_an_answer_without_text_fails_over_to_the_next_token(make_proxy, f
     body = await (await post(proxy, chat())).json()
     assert body["choices"][0]["message"]["content"] == ANSWER
     assert [r.token for r in fake.received] == TOKENS
-    failed = [r.getMessage() for r in caplog.records if "attempt failed" in r.getMessage()]
+    failed = [r.getMessage() for r in caplog.records if "upstream attempt" in r.getMessage()]
     assert len(failed) == 1 and ("upstream_blocked" if bad.status == 403 else "upstream_no_content") in failed[0]
 
 

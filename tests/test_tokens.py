@@ -371,3 +371,12 @@ async def test_mode_switch_changes_the_upstream_path_and_file(make_proxy, fake, 
     assert fake.received[1].headers["Referer"] == fake.url + "/"
     health = await (await proxy.get("/health")).json()
     assert health["mode"] == "user" and health["tokens"]["total"] == 1
+
+
+async def test_without_tokens_there_is_one_identity_and_a_429_is_not_asked_again(proxy, fake, caplog):
+    caplog.set_level("INFO", logger="k2proxy")
+    fake.reply = Reply(status=429, headers={"Retry-After": "30"})
+    response = await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    assert response.status == 429 and len(fake.received) == 1
+    attempts = [r.getMessage() for r in caplog.records if "upstream attempt" in r.getMessage()]
+    assert len(attempts) == 1 and "anonymous" in attempts[0] and "token 1 of" not in caplog.text
