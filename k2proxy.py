@@ -341,6 +341,7 @@ TOO_LARGE = Failure("too large", 413, "upstream_rejected", charge=False, fail_ov
 MODEL_GONE = Failure("model not found", 404, "model_not_found", charge=False, fail_over=False)
 NOT_AN_ANSWER = Failure("not an answer", 502, "upstream_error", charge=False, fail_over=False)
 SHUTTING_DOWN = Failure("shutting down", 503, "shutting_down", charge=False, fail_over=False)
+INVALID_JSON = Failure("invalid JSON", 502, "invalid_json_output", charge=False, fail_over=False)
 ANSWER_TOO_LARGE = Failure("answer too large", 502, "upstream_answer_too_large", charge=False, fail_over=False)
 
 
@@ -2055,11 +2056,12 @@ class Transcript:
         text = render_tool_result(name, call_id, text_of(content), failed)
         self.add("user", content_of([{"type": "text", "text": text}, *(p for p in content if p["type"] != "text")]))
 
-    def finish(self, plan):
-        """The messages, with the tool prompt joined to the system message (or first, when there is none)."""
+    def finish(self, plan, answer_format=None):
+        """The messages, with the tool prompt and the answer's format joined to the system message (or first, when
+        there is none)."""
         messages = self.messages
-        if plan:
-            prompt = tool_prompt(plan)
+        prompt = "\n\n".join(filter(None, (plan and tool_prompt(plan), answer_format and answer_format.prompt())))
+        if prompt:
             if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
                 messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{prompt}"}
             else:
@@ -2087,6 +2089,36 @@ def estimate_tokens(chars):
 
 
 @dataclass(frozen=True)
+class AnswerFormat:
+    """An answer that must be one JSON object (of `schema`, when given): asked for in the prompt, and taken out
+    of whatever the model wrote around it."""
+    schema: dict = None
+
+    def prompt(self):
+        schema = f" matching this JSON Schema: {json.dumps(self.schema, ensure_ascii=False)}" if self.schema else ""
+        return (f"Answer with one JSON object{schema}, and nothing else: no prose before or after it, no code "
+                "fence.")
+
+    @staticmethod
+    def extract(text):
+        """The JSON object in an answer, as compact text: the whole answer, a fenced block, or the first object
+        in it that parses; None when there is none."""
+        candidates = [text.strip(), *(found.group(1) for found in FENCED_BODY.finditer(text))]
+        candidates += [text[start:] for start in (match.start() for match in re.finditer(r"\{", text))]
+        for candidate in candidates:
+            try:
+                value, _ = JSON_DECODER.raw_decode(candidate)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return json_text(value)
+        return None
+
+
+JSON_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
 class CoreRequest:
     """A completion request in no dialect: what goes upstream, and how the answer is to be shown."""
     model: str                # the id the client asked for, echoed in its answer
@@ -2097,6 +2129,7 @@ class CoreRequest:
     stream: bool
     show_reasoning: bool
     tools: ToolPlan = None
+    answer_format: AnswerFormat = None
 
     def payload(self):
         return upstream_payload(self.upstream_model, self.messages, self.params, self.effort)
@@ -2160,9 +2193,11 @@ UPSTREAM_FINISH_REASONS = ("length", "content_filter")  # the reasons of upstrea
 class Progress:
     """What one upstream attempt has produced, as events: a failed attempt's progress is dropped whole."""
 
-    def __init__(self, tools, show_reasoning):
+    def __init__(self, tools, show_reasoning, answer_format=None):
         self.scanner = ToolCallScanner(tools.names) if tools else None
         self.show_reasoning = show_reasoning
+        self.answer_format = answer_format
+        self.held = []  # the answer's text, while it must be JSON taken out at the end
         self.calls = 0
         self.reasoning_chars = 0
         self.answer_chars = 0
@@ -2181,8 +2216,15 @@ class Progress:
         return events + self._answer(self.scanner.feed(answer) if self.scanner and answer else [answer])
 
     def closing(self, prompt_tokens):
-        """The last events: what the tool-call scanner held back, and the finish with its usage."""
+        """The last events: what the tool-call scanner held back (the JSON answer, when one was asked for), and
+        the finish with its usage."""
         events = self._answer(self.scanner.finish()) if self.scanner else []
+        if self.answer_format and not self.calls:
+            found = AnswerFormat.extract("".join(self.held))
+            if found is None:
+                raise UpstreamError(INVALID_JSON, "the model answered without the JSON object asked for "
+                                                  "(response_format); try again, or ask in the prompt more plainly")
+            events.append(Text(found))
         reason = "tool_calls" if self.calls else (
             self.finish_reason if self.finish_reason in UPSTREAM_FINISH_REASONS else "stop")
         return events + [Finish(reason, self.usage(prompt_tokens))]
@@ -2196,8 +2238,11 @@ class Progress:
                 self.answer_chars += len(piece.arguments)
                 self.calls += 1
             elif piece:
-                events.append(Text(piece))
                 self.answer_chars += len(piece)
+                if self.answer_format:
+                    self.held.append(piece)
+                else:
+                    events.append(Text(piece))
         return events
 
     def usage(self, prompt_tokens):
@@ -2218,11 +2263,11 @@ class Completion:
         self.writer = writer
         self.record = record
         self.committed = False  # the client has seen content: no other token may take over now
-        self.progress = Progress(core.tools, core.show_reasoning)
+        self.progress = Progress(core.tools, core.show_reasoning, core.answer_format)
 
     def reset(self):
         """Forgets an attempt that failed before the client saw any of it."""
-        self.progress = Progress(self.core.tools, self.core.show_reasoning)
+        self.progress = Progress(self.core.tools, self.core.show_reasoning, self.core.answer_format)
 
     async def take(self, reasoning, answer, usage=None, finish_reason=None):
         """What one network read of upstream added; its events leave in one write."""
@@ -2804,6 +2849,19 @@ def chat_params(body):
                     [stop] if isinstance(stop, str) else stop)
 
 
+def chat_answer_format(response_format):
+    """The AnswerFormat of OpenAI's response_format: json_object, or json_schema with its schema; None for text."""
+    kind = one_of_field(response_format, "type", ("text", "json_object", "json_schema"), "text",
+                        "response_format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return AnswerFormat()
+    schema = object_field(object_field(response_format, "json_schema", "response_format.json_schema"), "schema",
+                          "response_format.json_schema.schema")
+    return AnswerFormat(schema or None)
+
+
 def parse_chat_request(body, settings, models):
     """Checks an OpenAI chat request and translates it; every problem is a 400 naming the field. Returns the
     CoreRequest and whether the client asked for a usage chunk."""
@@ -2816,12 +2874,16 @@ def parse_chat_request(body, settings, models):
     n = integer_field(body, "n", 1)
     expect(n in (None, 1), "Only n=1 is supported", "n")
     options = object_field(body, "stream_options")
+    for name in ("logprobs", "top_logprobs"):
+        expect(body.get(name) in (None, False), f"'{name}' is not supported: the site does not report token "
+               "probabilities", name, "unsupported_parameter")
     effort = REQUEST_EFFORTS[one_of_field(body, "reasoning_effort", tuple(REQUEST_EFFORTS),
                                           settings.reasoning_effort if show_reasoning else "low")]
     tools = chat_tools(body, settings.tool_support)
-    messages = chat_transcript(body.get("messages"), int(settings.max_file_mb * MB)).finish(tools)
+    answer_format = chat_answer_format(object_field(body, "response_format"))
+    messages = chat_transcript(body.get("messages"), int(settings.max_file_mb * MB)).finish(tools, answer_format)
     core = CoreRequest(model, upstream_model, messages, chat_params(body), effort, bool(stream), show_reasoning,
-                       tools)
+                       tools, answer_format)
     return core, bool(options.get("include_usage"))
 
 

@@ -1,8 +1,10 @@
 """The OpenAI surface: keys, bad input, models, health, CORS, unknown routes."""
 
+import json
+
 import pytest
 
-from conftest import API_KEY, AUTH, chat
+from conftest import API_KEY, AUTH, chat, read_sse
 from fake_upstream import Reply
 
 
@@ -166,3 +168,50 @@ async def test_client_errors_and_upstream_failures_are_counted_apart_with_their_
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /v1/chat")]
     assert "model=gpt-4" in lines[0] and "status=404 (model_not_found)" in lines[0]
     assert "status=401 (invalid_api_key)" in lines[1] and "status=502 (upstream_error)" in lines[2]
+
+
+SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_response_format_asks_for_json_and_takes_it_out_of_the_answer(proxy, fake, stream):
+    fake.reply = Reply(reasoning="They want JSON.", answer='Sure:\n```json\n{"city": "Paris"}\n```\nAnything else?')
+    response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA}}
+    response = await proxy.post("/v1/chat/completions", json=chat(stream=stream, response_format=response_format),
+                                headers=AUTH)
+    if stream:
+        events, _ = await read_sse(response)
+        content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e.get("choices"))
+    else:
+        content = (await response.json())["choices"][0]["message"]["content"]
+    assert json.loads(content) == {"city": "Paris"}
+    system = fake.received[0].body["messages"][0]
+    assert system["role"] == "system" and "one JSON object" in system["content"] and '"required": ["city"]' in system["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_answer_without_the_json_asked_for_is_a_502(proxy, fake, stream):
+    fake.reply = Reply(answer="I would rather not use JSON today.")
+    response = await proxy.post("/v1/chat/completions", json=chat(stream=stream, response_format={"type": "json_object"}),
+                                headers=AUTH)
+    if stream:
+        events, _ = await read_sse(response)
+        assert events[-2]["error"]["code"] == "invalid_json_output"
+    else:
+        assert response.status == 502 and (await response.json())["error"]["code"] == "invalid_json_output"
+
+
+@pytest.mark.parametrize("extra,param", [({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"),
+                                         ({"response_format": {"type": "xml"}}, "response_format.type"),
+                                         ({"response_format": {"type": "json_schema", "json_schema": {"schema": 5}}},
+                                          "response_format.json_schema.schema")])
+async def test_unsupported_openai_parameters_are_a_400_naming_them(proxy, fake, extra, param):
+    response = await proxy.post("/v1/chat/completions", json=chat(**extra), headers=AUTH)
+    error = (await response.json())["error"]
+    assert response.status == 400 and error["param"] == param and fake.received == []
+
+
+async def test_parameters_that_change_nothing_here_are_accepted(proxy, fake):
+    extra = {"logprobs": False, "presence_penalty": 0.5, "frequency_penalty": 0.5, "seed": 7, "user": "u",
+             "logit_bias": {"50256": -100}, "parallel_tool_calls": True, "service_tier": "auto", "metadata": {}}
+    assert (await proxy.post("/v1/chat/completions", json=chat(**extra), headers=AUTH)).status == 200
