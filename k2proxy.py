@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -151,6 +152,9 @@ SETTINGS = (
     Setting("PORT", "8001", _int_between(1, 65535), "Port to listen on"),
     Setting("VALID_API_KEY", "", _csv, "API keys clients must send, comma-separated; empty: a random key is generated and printed at start-up", True),
     Setting("ADMIN_KEY", "", _text, "Key for the admin page and API; empty: the first API key", True),
+    Setting("API_KEYS_FILE", "api_keys.txt", _text, "Named API keys with limits, one per line: name:key [rpm=N] [concurrent=N]; watched like the token file"),
+    Setting("METRICS_KEY", "", _text, "Key for GET /metrics (a Bearer token); empty: the admin key", True),
+    Setting("REQUEST_LOG_SIZE", "500", _int_between(0, 1000000), "Requests kept in memory for GET /admin/requests and the admin page"),
     Setting("PROXY_MODE", "guest", _one_of("guest", "user"), "guest (no account) or user (account tokens from USER_TOKENS_FILE)"),
     Setting("K2THINK_BASE_URL", "https://chat.ifm.ai", _url, "Upstream site; every upstream path and the browser headers hang off it"),
     Setting("GUEST_API_URL", "", _url, "Full URL of the guest chat endpoint; empty: K2THINK_BASE_URL/api/guest/chat/completions"),
@@ -1293,7 +1297,33 @@ def parse_accounts_file(text):
 # ─── Token pool ──────────────────────────────────────────────────────────────
 # Round-robin over usable tokens; each failure's policy charges, rests or spares
 # the token; expired JWTs are never sent. Offers the upstream client acquire(),
-# succeed() and fail(), and the admin API the pool's state.
+# succeed() and fail(), and the admin API the pool's state and each token's last
+# hour, minute by minute (Minutes, which the monitoring below uses too).
+
+HOUR_MINUTES = 60
+
+
+class Minutes:
+    """Per-minute buckets of the last hour, each made by `new` when a minute is first written to."""
+
+    def __init__(self, new):
+        self.new = new
+        self.buckets = collections.OrderedDict()  # minute → bucket, oldest first
+
+    def at(self, now):
+        """The bucket of the minute `now` (in epoch seconds) falls in."""
+        minute = int(now // 60)
+        bucket = self.buckets.get(minute)
+        if bucket is None:
+            bucket = self.buckets[minute] = self.new()
+            while next(iter(self.buckets)) <= minute - HOUR_MINUTES:
+                self.buckets.popitem(last=False)
+        return bucket
+
+    def last_hour(self, now):
+        """(minute, bucket or None) for each of the 60 minutes up to `now`, oldest first."""
+        minute = int(now // 60)
+        return [(m, self.buckets.get(m)) for m in range(minute - HOUR_MINUTES + 1, minute + 1)]
 
 
 def jwt_expiry(token):
@@ -1330,6 +1360,7 @@ class Token:
     cooling_until: float = None
     account: str = None
     refused: bool = False  # the site refused it: its account is to sign in again
+    minutes: Minutes = field(default_factory=lambda: Minutes(lambda: [0, 0]), repr=False)  # [requests, failures]
 
     def status(self, now):
         if self.expires_at is not None and self.expires_at <= now:
@@ -1407,6 +1438,7 @@ class TokenPool:
                 self._next = (self._next + step + 1) % count
                 token.requests += 1
                 token.last_used = now
+                token.minutes.at(now)[0] += 1
                 return token
         return None
 
@@ -1427,6 +1459,7 @@ class TokenPool:
             return
         failure = error.failure
         token.last_error = str(error)[:LAST_ERROR_CHARS]
+        token.minutes.at(self.clock())[1] += 1
         if failure.cool_down:
             token.cooling_until = self.clock() + (error.retry_after or RATE_LIMIT_REST)
         if not failure.charge:
@@ -1462,7 +1495,8 @@ class TokenPool:
             rows.append({"index": index, "masked": mask_token(t.value), "status": status, "account": t.account,
                          "failures": t.failures, "requests": t.requests, "successes": t.successes,
                          "last_used": t.last_used, "last_error": t.last_error, "expires_at": t.expires_at,
-                         "cooling_until": t.cooling_until if status == "cooling" else None})
+                         "cooling_until": t.cooling_until if status == "cooling" else None,
+                         "last_hour": [bucket or [0, 0] for _, bucket in t.minutes.last_hour(now)]})
         return rows
 
     def ready(self):
@@ -1758,6 +1792,7 @@ class Accounts:
         self.url = settings.k2think_base_url + "/api/v1/auths/signin"
         self.clock = clock
         self.accounts = {}
+        self.results = collections.Counter()  # sign-ins by result, for /metrics
 
     async def reload(self):
         text = await self.file.changes()
@@ -1817,6 +1852,7 @@ class Accounts:
 
     def _refused(self, account, detail):
         """A wrong email or password: the account waits until its line changes."""
+        self.results["wrong_password"] += 1
         account.status, account.last_error = "wrong_password", f"sign-in refused: {detail}"
         self.pool.drop_account(account.email)
         log.warning("account %s: sign-in refused (wrong email or password); fix %s", account.email,
@@ -1837,11 +1873,13 @@ class Accounts:
             expires, delay = None, SKEWED_RENEWAL
         account.signed_in_at, account.expires_at, account.next_signin = now, expires, now + delay
         self.pool.put_account_token(account.email, token, expires)
+        self.results["signed_in"] += 1
         self.on_sign_in()
         log.info("account %s signed in; next sign-in in %.0f s", account.email, delay)
 
     def _failed(self, account, reason):
         """Retries with backoff: 5 s, 10 s, 20 s ... up to 10 minutes."""
+        self.results["failed"] += 1
         account.failures += 1
         account.status, account.last_error = "failing", reason
         account.next_signin = self.clock() + min(SIGNIN_BACKOFF_MAX, SIGNIN_BACKOFF_FIRST * 2 ** (account.failures - 1))
@@ -1937,7 +1975,7 @@ class Models:
 # produces. Offers the front doors below: checks of what the model can read
 # (images, text files), Transcript (upstream messages built turn by turn),
 # CoreRequest, the events, the two writers (EventStream, Collector), the
-# request record and figures, read_json, and serve_completion: the one request
+# request record, read_json, and serve_completion: the one request
 # path every dialect takes.
 
 TEXT_FILE_EXTENSIONS = frozenset("""
@@ -2280,7 +2318,9 @@ class Completion:
         await self.writer.write(events)
 
     async def finish(self):
-        return await self.writer.close(self.progress.closing(self.core.prompt_tokens))
+        events = self.progress.closing(self.core.prompt_tokens)
+        self.record.usage = events[-1].usage
+        return await self.writer.close(events)
 
     async def fail(self, error):
         """Ends with `error`: an HTTP error while nothing was sent, else the dialect's error event."""
@@ -2434,54 +2474,18 @@ class RequestRecord:
     outcome: str = None         # "client gone", "ended with error"
     reason: str = None          # the code of the error it ended with
     upstream_failed: bool = False  # the error was upstream's (or no token could serve), not the client's
+    route: str = ""             # the route's path, as routed ("/v1/models/{model:.+}")
+    key: str = None             # the name of the API key it came with ("" for VALID_API_KEY's)
+    api_key: object = None      # that ApiKey, while it counts against the key's limits
     first_content: float = None  # seconds from arrival to the first content sent
+    duration: float = None      # seconds from arrival to the end
     attempts: int = 0
-    token: str = None           # the token that answered, masked
+    token_index: int = None     # the token that answered, by its place in the pool
+    usage: Usage = None
     reserved: int = 0           # bytes of MEMORY_BUDGET_MB its body holds
 
 
 RECORD = web.RequestKey("record", RequestRecord)
-
-
-class Figures:
-    """The request figures of the admin page: completions asked for, refused for the client's mistakes, failed
-    upstream, in flight, and the time to first content."""
-
-    def __init__(self):
-        self.requests = 0
-        self.client_errors = 0
-        self.upstream_failures = 0
-        self.in_flight = 0
-        self._first_content_total = 0.0
-        self._first_content_count = 0
-
-    def begin(self, record):
-        if record.counted:
-            self.requests += 1
-            self.in_flight += 1
-
-    def end(self, record, status):
-        """Counts a request that has ended; one whose client left counts as neither success nor error."""
-        if not record.counted:
-            return
-        self.in_flight -= 1
-        if record.outcome == "client gone":
-            return
-        failed = status >= 400 or record.outcome is not None
-        if record.upstream_failed or status >= 500:
-            self.upstream_failures += 1
-        elif failed:
-            self.client_errors += 1
-        if record.first_content is not None and not failed:
-            self._first_content_total += record.first_content
-            self._first_content_count += 1
-
-    def summary(self):
-        mean = self._first_content_total / self._first_content_count if self._first_content_count else None
-        return {"requests": self.requests, "errors": self.client_errors + self.upstream_failures,
-                "client_errors": self.client_errors, "upstream_failures": self.upstream_failures,
-                "in_flight": self.in_flight,
-                "avg_ttfb_ms": round(mean * 1000, 1) if mean is not None else None}
 
 
 @dataclass(frozen=True)
@@ -2489,46 +2493,6 @@ class Dialect:
     """A client API as the app factory sees it: its name in logs, and how it shapes an error."""
     name: str
     error_response: object  # ApiError → web.Response
-
-
-class AppState:
-    """Everything a running proxy keeps: settings, the upstream side, models, accounts, request figures."""
-
-    def __init__(self, settings):
-        self.settings = settings
-        self.upstream = Upstream(settings)
-        self.models = Models(settings, self.upstream)
-        self.accounts = Accounts(settings, self.upstream, on_sign_in=self.models.token_arrived)
-        self.figures = Figures()
-        self.budget = MemoryBudget(settings.memory_budget_mb)
-        self.started = int(time.time())
-        self.admin_page = None  # (body, headers), read at start-up by the admin section
-        self.save_lock = asyncio.Lock()
-        self.tasks = []
-        self.tools_left_out = set()
-        self.check_run = None  # the upstream check under way, which a second asker waits for
-
-    def note_left_out_tools(self, kinds):
-        """Logs, once per kind, the tools a client sent that the model cannot be told of (server tools)."""
-        for kind in set(kinds) - self.tools_left_out:
-            self.tools_left_out.add(kind)
-            log.info("tools of type %s are left out of the prompt: the site cannot run them", kind)
-
-    async def start(self):
-        """Opens the upstream session and starts the background work."""
-        await self.upstream.start()
-        self.tasks = [asyncio.ensure_future(job) for job in (self.upstream.watch_tokens(), self.accounts.run(),
-                                                             self.models.run())]
-
-    async def stop(self):
-        """Stops the background work first, so that nothing starts an upstream request once the session closes."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.upstream.stop()
-
-
-STATE = web.AppKey("state", AppState)
 
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
@@ -2704,7 +2668,8 @@ async def serve_completion(request, core, renderer, render_answer):
     finally:
         writer.stop()
         record.attempts = len(tried)
-        record.token = mask_token(tried[-1].value) if tried and tried[-1].value else None
+        record.token_index = state.upstream.pool.tokens.index(tried[-1]) if tried and tried[-1] is not NO_TOKEN \
+            and tried[-1] in state.upstream.pool.tokens else None
 
 
 # ─── Dialect: OpenAI chat completions ────────────────────────────────────────
@@ -4112,6 +4077,314 @@ async def run_check(settings, as_json):
     return 0 if report["works"] else 1
 
 
+# ─── Monitoring ──────────────────────────────────────────────────────────────
+# What the proxy has done, from each request's record as it ends: the totals of
+# the admin page, the last REQUEST_LOG_SIZE requests, the last hour minute by
+# minute, and the counters and histograms of GET /metrics in Prometheus's text
+# format. Nothing secret and no message text is kept.
+
+TIME_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # seconds, for the histograms
+MINUTE_SAMPLES = 2000  # first-content times kept per minute, for its p50 and p95
+REFUSED_CODES = frozenset(("upstream_auth_failed", "rate_limited", "no_tokens", "no_usable_tokens"))
+
+
+@dataclass
+class Minute:
+    """One minute of requests: how many, how many failed and whose fault, and their times to first content."""
+    requests: int = 0
+    client_errors: int = 0
+    upstream_failures: int = 0
+    first_content: list = field(default_factory=list)
+
+
+class Histogram:
+    """A Prometheus histogram: counts per upper bound, their sum and count."""
+
+    def __init__(self):
+        self.counts = [0] * len(TIME_BUCKETS)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value):
+        for index, bound in enumerate(TIME_BUCKETS):
+            if value <= bound:
+                self.counts[index] += 1
+        self.sum += value
+        self.count += 1
+
+
+def error_kind(record, status):
+    """The kind of error a request ended with, for /metrics; None when it did not."""
+    if record.outcome == "client gone":
+        return "client_gone"
+    if not record.upstream_failed and status < 500:
+        return "client_error" if status >= 400 else None
+    return {"upstream_timeout": "timeout", "upstream_no_content": "no_content"}.get(
+        record.reason, "upstream_refused" if record.reason in REFUSED_CODES else "upstream_failed")
+
+
+def percentile(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else None
+
+
+class Monitor:
+    """The request figures: totals, the request log, the last hour, and the series of /metrics."""
+
+    def __init__(self, settings, clock=time.time):
+        self.clock = clock
+        self.requests = self.client_errors = self.upstream_failures = self.in_flight = 0
+        self.first_content_total, self.first_content_count = 0.0, 0
+        self.log = collections.deque(maxlen=settings.request_log_size)
+        self.minutes = Minutes(Minute)
+        self.counters = collections.Counter()  # (name, labels) → value
+        self.histograms = collections.defaultdict(Histogram)  # (name, labels) → Histogram
+
+    def begin(self, record):
+        if record.counted:
+            self.requests += 1
+            self.in_flight += 1
+
+    def end(self, record, status):
+        """Counts a completion that has ended; one whose client left counts as neither success nor error."""
+        if not record.counted:
+            return
+        self.in_flight -= 1
+        now, kind = self.clock(), error_kind(record, status)
+        minute = self.minutes.at(now)
+        minute.requests += 1
+        self.log.append(log_entry(record, status, now))
+        self.count_series(record, status, kind)
+        if kind in (None, "client_gone"):
+            if kind is None and record.first_content is not None:
+                self.first_content_total += record.first_content
+                self.first_content_count += 1
+                if len(minute.first_content) < MINUTE_SAMPLES:
+                    minute.first_content.append(record.first_content)
+            return
+        failed_upstream = kind != "client_error"
+        self.upstream_failures += failed_upstream
+        self.client_errors += not failed_upstream
+        minute.upstream_failures += failed_upstream
+        minute.client_errors += not failed_upstream
+
+    def count_series(self, record, status, kind):
+        route, key = (("route", record.route),), (("key", record.key or "-"),)
+        outcome = "ok" if kind is None else kind
+        self.counters["k2proxy_requests_total", route + (("status_class", f"{status // 100}xx"),
+                                                          ("outcome", outcome)) + key] += 1
+        if kind:
+            self.counters["k2proxy_errors_total", (("kind", kind),)] += 1
+        self.counters["k2proxy_upstream_attempts_total", route] += record.attempts
+        self.counters["k2proxy_failovers_total", route] += max(0, record.attempts - 1)
+        if record.usage:
+            self.counters["k2proxy_prompt_tokens_total", key] += record.usage.prompt_tokens
+            self.counters["k2proxy_completion_tokens_total", key] += record.usage.completion_tokens
+        self.histograms["k2proxy_request_duration_seconds", route].observe(record.duration)
+        if record.first_content is not None:
+            self.histograms["k2proxy_first_content_seconds", route].observe(record.first_content)
+
+    def summary(self):
+        mean = self.first_content_total / self.first_content_count if self.first_content_count else None
+        return {"requests": self.requests, "errors": self.client_errors + self.upstream_failures,
+                "client_errors": self.client_errors, "upstream_failures": self.upstream_failures,
+                "in_flight": self.in_flight, "avg_ttfb_ms": round(mean * 1000, 1) if mean is not None else None}
+
+    def last_hour(self):
+        """The last hour, a minute a row: requests, client errors, upstream failures, first content p50 and p95."""
+        rows = []
+        for minute, bucket in self.minutes.last_hour(self.clock()):
+            bucket = bucket or Minute()
+            p50, p95 = (percentile(bucket.first_content, share) for share in (0.5, 0.95))
+            rows.append({"minute": minute * 60, "requests": bucket.requests, "client_errors": bucket.client_errors,
+                         "upstream_failures": bucket.upstream_failures,
+                         "first_content_p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
+                         "first_content_p95_ms": round(p95 * 1000, 1) if p95 is not None else None})
+        return rows
+
+    def requests_logged(self, status_class=None, key=None):
+        """The request log, newest first, of one status class (2xx, 4xx, 5xx) and one key's name when given."""
+        return [entry for entry in reversed(self.log)
+                if (status_class is None or f"{entry['status'] // 100}xx" == status_class)
+                and (key is None or entry["key"] == key)]
+
+
+def log_entry(record, status, now):
+    """A request as the log keeps it: what happened, never a key, token or message text."""
+    usage = record.usage
+    return {"time": round(now, 3), "key": record.key, "route": record.route, "model": record.model,
+            "stream": record.stream, "status": status, "outcome": record.outcome, "reason": record.reason,
+            "first_content_ms": round(record.first_content * 1000, 1) if record.first_content is not None else None,
+            "duration_ms": round(record.duration * 1000, 1), "token": record.token_index,
+            "failovers": max(0, record.attempts - 1),
+            "prompt_tokens": usage.prompt_tokens if usage else None,
+            "completion_tokens": usage.completion_tokens if usage else None}
+
+
+METRIC_HELP = {
+    "k2proxy_requests_total": ("counter", "Completion requests, by route, status class, outcome and API key name"),
+    "k2proxy_errors_total": ("counter", "Completion requests that failed, by kind"),
+    "k2proxy_upstream_attempts_total": ("counter", "Requests sent upstream, by route"),
+    "k2proxy_failovers_total": ("counter", "Requests sent upstream again with another token, by route"),
+    "k2proxy_prompt_tokens_total": ("counter", "Prompt tokens (estimated where upstream gives none), by API key"),
+    "k2proxy_completion_tokens_total": ("counter", "Completion tokens (estimated where upstream gives none), by "
+                                                   "API key"),
+    "k2proxy_first_content_seconds": ("histogram", "Time from a request's arrival to its first content"),
+    "k2proxy_request_duration_seconds": ("histogram", "Time from a request's arrival to its end"),
+    "k2proxy_in_flight_requests": ("gauge", "Completion requests under way"),
+    "k2proxy_tokens": ("gauge", "Tokens of the active pool, by state"),
+    "k2proxy_signins_total": ("counter", "Account sign-ins, by result"),
+}
+
+
+def labels_text(labels):
+    if not labels:
+        return ""
+    escaped = (str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') for _, value in labels)
+    return "{" + ",".join(f'{name}="{value}"' for (name, _), value in zip(labels, escaped)) + "}"
+
+
+def metrics_text(monitor, pool, sign_ins):
+    """Every series in Prometheus's text exposition format."""
+    gauges = {("k2proxy_in_flight_requests", ()): monitor.in_flight,
+              **{("k2proxy_tokens", (("state", state),)): count for state, count in pool.counts().items()
+                 if state != "total"}}
+    counters = {**monitor.counters, **{("k2proxy_signins_total", (("result", result),)): count
+                                       for result, count in sign_ins.items()}}
+    lines = []
+    for name, (kind, help_text) in METRIC_HELP.items():
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        for (series, labels), value in sorted({**counters, **gauges}.items()):
+            if series == name:
+                lines.append(f"{name}{labels_text(labels)} {value}")
+        for (series, labels), histogram in sorted(monitor.histograms.items()):
+            if series == name:
+                lines += histogram_lines(name, labels, histogram)
+    return "\n".join(lines) + "\n"
+
+
+def histogram_lines(name, labels, histogram):
+    bounds = [*(f"{bound:g}" for bound in TIME_BUCKETS), "+Inf"]
+    counts = [*histogram.counts, histogram.count]
+    return ([f"{name}_bucket{labels_text(labels + (('le', bound),))} {count}" for bound, count in zip(bounds, counts)]
+            + [f"{name}_sum{labels_text(labels)} {histogram.sum}", f"{name}_count{labels_text(labels)} {histogram.count}"])
+
+
+# ─── API keys ────────────────────────────────────────────────────────────────
+# The keys clients may use: VALID_API_KEY's (unnamed, no limits) and those of
+# API_KEYS_FILE (named, each with its requests per minute and completions at
+# once), which the file's edits change within two seconds. Offers find() for
+# the key check, and admit() / done() for the limits.
+
+KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+RATE_WINDOW = 60  # seconds: rpm counts the completions asked for in the last minute
+
+
+@dataclass(eq=False)
+class ApiKey:
+    name: str                        # "" for VALID_API_KEY's keys
+    value: str = field(repr=False)
+    rpm: int = None                  # completions a minute, None: no limit
+    concurrent: int = None           # completions at once, None: no limit
+    recent: collections.deque = field(default_factory=collections.deque, repr=False)  # when each was asked for
+    active: int = 0
+
+
+def parse_api_keys_file(text):
+    """(ApiKeys, numbers of the lines that are not name:key [rpm=N] [concurrent=N]) of a keys file."""
+    keys, bad = [], []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        head, *options = line.split()
+        name, _, value = head.partition(":")
+        limits = dict(option.partition("=")[::2] for option in options)
+        if not (KEY_NAME.fullmatch(name) and value and set(limits) <= {"rpm", "concurrent"}
+                and all(v.isdigit() and int(v) > 0 for v in limits.values())):
+            bad.append(number)
+            continue
+        keys.append(ApiKey(name, value, int(limits["rpm"]) if "rpm" in limits else None,
+                           int(limits["concurrent"]) if "concurrent" in limits else None))
+    return keys, bad
+
+
+def api_keys_file_text(keys, old_text=""):
+    """A keys file holding `keys`, under the comment lines of the file it replaces."""
+    comments = [line for line in old_text.splitlines() if line.strip().startswith("#")]
+    lines = [" ".join(filter(None, (f"{k.name}:{k.value}", k.rpm and f"rpm={k.rpm}",
+                                    k.concurrent and f"concurrent={k.concurrent}"))) for k in keys]
+    return "\n".join(comments + lines) + "\n"
+
+
+class ApiKeys:
+    """The keys clients may use, and the limits of the named ones."""
+
+    def __init__(self, settings, clock=time.monotonic):
+        self.unnamed = [ApiKey("", value) for value in settings.valid_api_key]
+        self.named = []
+        self.file = WatchedFile(settings.api_keys_file)
+        self.clock = clock
+
+    def find(self, given):
+        """The key `given` is, or None; every key is compared in constant time, whichever matches."""
+        given = given.encode("utf-8", "surrogateescape")
+        found = None
+        for key in self.unnamed + self.named:
+            if hmac.compare_digest(given, key.value.encode()):
+                found = key
+        return found
+
+    def admit(self, key):
+        """Counts a completion against the key's limits, or refuses it with a 429 before anything is sent upstream."""
+        now = self.clock()
+        while key.recent and key.recent[0] <= now - RATE_WINDOW:
+            key.recent.popleft()
+        if key.rpm is not None and len(key.recent) >= key.rpm:
+            wait = max(1, math.ceil(key.recent[0] + RATE_WINDOW - now))
+            raise ApiError(429, f"The key '{key.name}' may ask for {key.rpm} completions a minute; try again in "
+                                f"{wait} s", code="rate_limited", retry_after=wait)
+        if key.concurrent is not None and key.active >= key.concurrent:
+            raise ApiError(429, f"The key '{key.name}' may run {key.concurrent} completions at once; try again "
+                                "when one has ended", code="too_many_at_once", retry_after=1)
+        if key.rpm is not None:
+            key.recent.append(now)
+        key.active += 1
+
+    def done(self, key):
+        key.active -= 1
+
+    async def reload(self):
+        """Reads the file if it changed; keys still present keep their counts."""
+        text = await self.file.changes()
+        if text is None:
+            return
+        keys, bad = parse_api_keys_file(text)
+        if bad:
+            log.warning("%s: lines %s are not name:key [rpm=N] [concurrent=N]; skipped", self.file.path,
+                        ", ".join(map(str, bad)))
+        self.take(keys)
+
+    def take(self, keys):
+        """Makes `keys` the named keys; those already known keep their counts."""
+        known = {key.name: key for key in self.named}
+        for key in keys:
+            if key.name in known and known[key.name].value == key.value:
+                key.recent, key.active = known[key.name].recent, known[key.name].active
+        self.named = keys
+
+    async def watch(self):
+        """Polls the file every second, like the token file."""
+        while True:
+            await self.reload()
+            await asyncio.sleep(TOKEN_FILE_POLL_SECONDS)
+
+    def listed(self):
+        """The named keys as the admin page shows them: masked, with their limits and what they are doing."""
+        return [{"name": key.name, "masked": mask_token(key.value), "rpm": key.rpm, "concurrent": key.concurrent,
+                 "active": key.active} for key in self.named]
+
+
 # ─── Admin API ───────────────────────────────────────────────────────────────
 # The admin page and its JSON API. Every route but the page needs the admin
 # key. Only /admin/tokens/content returns whole tokens; everything else shows
@@ -4162,7 +4435,7 @@ async def admin_status(request):
         "mode": upstream.mode, "upstream_url": upstream.url, "tokens_file": str(upstream.pool.file.path),
         "counts": upstream.pool.counts(), "version": __version__, "uptime_s": int(time.time()) - state.started,
         "models": {"ids": state.models.ids, "source": state.models.source},
-        "accounts": state.accounts.stats(), "stats": state.figures.summary(),
+        "accounts": state.accounts.stats(), "stats": state.monitor.summary(),
         "settings": state.settings.public()})
 
 
@@ -4256,6 +4529,71 @@ async def admin_check(request):
     return web.json_response(await asyncio.shield(state.check_run), dumps=json_text)
 
 
+async def admin_requests(request):
+    """The request log, newest first; ?status=4xx and ?key=name narrow it."""
+    status, key = request.query.get("status"), request.query.get("key")
+    expect(status in (None, "2xx", "4xx", "5xx"), "'status' must be 2xx, 4xx or 5xx", "status")
+    return web.json_response({"requests": request.app[STATE].monitor.requests_logged(status, key)})
+
+
+async def admin_history(request):
+    """The last hour, minute by minute, for the admin page's charts."""
+    return web.json_response({"minutes": request.app[STATE].monitor.last_hour()})
+
+
+async def metrics(request):
+    state = request.app[STATE]
+    return web.Response(text=metrics_text(state.monitor, state.upstream.pool, state.accounts.results),
+                        content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+
+
+async def admin_keys(request):
+    keys = request.app[STATE].keys
+    text, _ = await asyncio.to_thread(keys.file.read)
+    return web.json_response({"file": str(keys.file.path), "keys": keys.listed(), "version": file_version(text or "")})
+
+
+async def admin_update_keys(request):
+    """Saves the named keys: each as {"name", "rpm", "concurrent"} and, for a new key or a new value, "key" (an
+    existing key keeps its value when none is sent, so the page never needs to hold it)."""
+    state = request.app[STATE]
+    body = await read_json(request)
+    expect(isinstance(body, dict) and isinstance(body.get("keys"), list), "Send {\"keys\": [...], \"version\": ...}",
+           "keys", "invalid_type")
+    version = body.get("version")
+    expect(version is None or isinstance(version, str), "'version' must be a string", "version", "invalid_type")
+    known = {key.name: key.value for key in state.keys.named}
+    keys = [key_of(entry, known, f"keys[{index}]") for index, entry in enumerate(body["keys"])]
+    names = [key.name for key in keys]
+    expect(len(set(names)) == len(names), "two keys have the same name", "keys")
+    async with state.save_lock:
+        current, _ = await asyncio.to_thread(state.keys.file.read)
+        if version is not None and (current is None or file_version(current) != version):
+            raise ApiError(409, f"{state.keys.file.path.name} changed since it was loaded; load it again, then save",
+                           param="version", code="file_changed")
+        content = api_keys_file_text(keys, current or "")
+        try:
+            await asyncio.to_thread(state.keys.file.save, content)
+        except OSError as exc:
+            raise ApiError(500, f"Could not save {state.keys.file.path.name}: {exc.strerror}", code="save_failed") from None
+        state.keys.take(keys)
+    return ok(f"Saved {len(keys)} keys to {state.keys.file.path.name}", keys=state.keys.listed(),
+              version=file_version(content))
+
+
+def key_of(entry, known, where):
+    """An ApiKey from the admin page's entry; its value is the one sent, else the one it had."""
+    expect(isinstance(entry, dict) and isinstance(entry.get("name"), str) and KEY_NAME.fullmatch(entry["name"]),
+           f"{where}.name must be a name of letters, digits, _ . @ -", f"{where}.name")
+    value = entry.get("key") or known.get(entry["name"])
+    expect(isinstance(value, str) and value and not any(c.isspace() for c in value),
+           f"{where}.key is needed for a new key, without spaces", f"{where}.key")
+    limits = [entry.get(name) for name in ("rpm", "concurrent")]
+    expect(all(v is None or (isinstance(v, int) and not isinstance(v, bool) and v > 0) for v in limits),
+           f"{where}: rpm and concurrent must be whole numbers above 0, or null", where)
+    return ApiKey(entry["name"], value, *limits)
+
+
 async def admin_accounts(request):
     return web.json_response({"accounts": request.app[STATE].accounts.stats()})
 
@@ -4277,6 +4615,48 @@ async def admin_switch_mode(request):
 # The routes, each with the dialect its errors are shaped in; the middlewares
 # (keys, errors, the request's record and log line, CORS); make_app(settings)
 # for main() and the tests; main(), which only parses arguments and runs it.
+
+
+class AppState:
+    """Everything a running proxy keeps: settings, the upstream side, models, accounts, keys, the monitor."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.upstream = Upstream(settings)
+        self.models = Models(settings, self.upstream)
+        self.accounts = Accounts(settings, self.upstream, on_sign_in=self.models.token_arrived)
+        self.monitor = Monitor(settings)
+        self.keys = ApiKeys(settings)
+        self.budget = MemoryBudget(settings.memory_budget_mb)
+        self.started = int(time.time())
+        self.admin_page = None  # (body, headers), read at start-up by the admin section
+        self.save_lock = asyncio.Lock()
+        self.tasks = []
+        self.tools_left_out = set()
+        self.check_run = None  # the upstream check under way, which a second asker waits for
+
+    def note_left_out_tools(self, kinds):
+        """Logs, once per kind, the tools a client sent that the model cannot be told of (server tools)."""
+        for kind in set(kinds) - self.tools_left_out:
+            self.tools_left_out.add(kind)
+            log.info("tools of type %s are left out of the prompt: the site cannot run them", kind)
+
+    async def start(self):
+        """Opens the upstream session and starts the background work."""
+        await self.upstream.start()
+        await self.keys.reload()
+        self.tasks = [asyncio.ensure_future(job) for job in (self.upstream.watch_tokens(), self.accounts.run(),
+                                                             self.models.run(), self.keys.watch())]
+
+    async def stop(self):
+        """Stops the background work first, so that nothing starts an upstream request once the session closes."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.upstream.stop()
+
+
+STATE = web.AppKey("state", AppState)
 
 
 async def index(request):
@@ -4330,6 +4710,11 @@ ROUTES = (
     Route("POST", "/admin/switch_mode", admin_switch_mode, listed=False),
     Route("GET", "/admin/accounts", admin_accounts, listed=False),
     Route("POST", "/admin/check", admin_check, listed=False),
+    Route("GET", "/admin/requests", admin_requests, listed=False),
+    Route("GET", "/admin/history", admin_history, listed=False),
+    Route("GET", "/admin/keys", admin_keys, listed=False),
+    Route("POST", "/admin/keys/update", admin_update_keys, listed=False),
+    Route("GET", "/metrics", metrics),
 )
 ROUTE_OF = web.AppKey("route_of", dict)  # handler → its Route, for the middlewares
 UNROUTED = Route("", "", None)  # an unknown path or method
@@ -4373,8 +4758,8 @@ async def handle_errors(request, handler):
     state = request.app[STATE]
     route = route_of(request)
     record = request[RECORD] = RequestRecord(request.method, request.path, route.dialect.name, route.completion,
-                                             time.monotonic())
-    state.figures.begin(record)
+                                             time.monotonic(), route=route.path)
+    state.monitor.begin(record)
     try:
         response = await handler(request)
     except ApiError as error:
@@ -4398,10 +4783,14 @@ async def handle_errors(request, handler):
 
 
 def finish_record(state, record, status):
-    """The request's share of the figures and of the memory budget given back, and its one log line."""
+    """The request's share of the figures, its memory budget and its key's limits given back, and its log line."""
     state.budget.release(record.reserved)
     record.reserved = 0
-    state.figures.end(record, status)
+    if record.api_key:
+        state.keys.done(record.api_key)
+        record.api_key = None
+    record.duration = time.monotonic() - record.started
+    state.monitor.end(record, status)
     first = f"{record.first_content * 1000:.0f}ms" if record.first_content is not None else "-"
     why = ", ".join(filter(None, (record.outcome, record.reason)))
     log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", record.method, record.path,
@@ -4417,14 +4806,29 @@ async def check_keys(request, handler):
     if request.method == "OPTIONS" and path.startswith("/v1/"):
         return preflight(request)
     if path.startswith("/v1/"):
-        if not key_matches(api_key(request), settings.valid_api_key):
-            raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)",
-                           code="invalid_api_key")
+        admit_key(request)
+    elif path == "/metrics":
+        if not key_matches(bearer(request), [settings.metrics_key or settings.admin_key]):
+            raise ApiError(401, "Invalid or missing key: send Authorization: Bearer <METRICS_KEY> (or the admin key)",
+                           code="invalid_metrics_key")
     elif path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD")):
         if not key_matches(bearer(request), [settings.admin_key]):
             raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
                            code="invalid_admin_key")
     return await handler(request)
+
+
+def admit_key(request):
+    """Finds the request's API key, and counts a completion against its limits (a 429 when over one)."""
+    state, record = request.app[STATE], request[RECORD]
+    key = state.keys.find(api_key(request))
+    if key is None:
+        raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)",
+                       code="invalid_api_key")
+    record.key = key.name
+    if record.counted:
+        state.keys.admit(key)
+        record.api_key = key
 
 
 def allowed_origin(request, origins):

@@ -1,0 +1,175 @@
+"""What the proxy tells of itself: /metrics (read with Prometheus's own parser), the request log, the last hour,
+and named API keys with their limits."""
+
+import asyncio
+import json
+import time
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import ADMIN, ADMIN_KEY, API_KEY, AUTH, chat, read_sse, until
+from fake_upstream import AUTH_EXPIRED, Reply, make_jwt
+import k2proxy
+
+TOKENS = [make_jwt(time.time() + 3600, name) for name in ("first", "second")]
+KEYS_FILE = "# team keys\nalice:sk-alice-0123456789 rpm=5\nbob:sk-bob-0123456789 concurrent=2\nci:sk-ci-0123456789\n"
+ALICE, BOB = {"Authorization": "Bearer sk-alice-0123456789"}, {"Authorization": "Bearer sk-bob-0123456789"}
+
+
+@pytest.fixture
+async def monitored(make_proxy, fake, tmp_path):
+    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
+    (tmp_path / "api_keys.txt").write_text(KEYS_FILE)
+    return await make_proxy(PROXY_MODE="user", API_KEYS_FILE=tmp_path / "api_keys.txt", REQUEST_TIMEOUT="0.5",
+                            MAX_RETRIES=1)
+
+
+async def traffic(proxy, fake):
+    """One request of every kind: success, client error, upstream failure, timeout, failover, client gone."""
+    fake.reply = Reply(answer="fine")
+    assert (await proxy.post("/v1/chat/completions", json=chat("secret question"), headers=ALICE)).status == 200
+    assert (await proxy.post("/v1/chat/completions", json=chat(model="gpt-4"), headers=AUTH)).status == 404
+    fake.script = [Reply(status=500, body="down"), Reply(status=500, body="down")]
+    assert (await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 502
+    fake.script = [Reply(first_delay=3), Reply(first_delay=3)]
+    assert (await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 504
+    fake.script = [Reply(status=401, body=json.dumps(AUTH_EXPIRED)), Reply(answer="after failover")]
+    assert (await proxy.post("/v1/messages", json={"model": "claude-x", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "hi"}]}, headers=BOB)).status == 200
+    fake.reply = Reply(reasoning="x" * 2000, piece=5, delay=0.02)
+    response = await proxy.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH)
+    await response.content.readline()
+    response.close()
+    await until(lambda: proxy.server.app[k2proxy.STATE].monitor.in_flight == 0)
+
+
+def samples(text):
+    """{(name, labels as a sorted tuple): value} of a Prometheus exposition, read by the official parser."""
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+async def test_metrics_parse_and_count_what_the_traffic_did(monitored, fake):
+    await traffic(monitored, fake)
+    response = await monitored.get("/metrics", headers=ADMIN)
+    assert response.status == 200 and response.content_type == "text/plain"
+    found = samples(await response.text())
+    chat_route = ("route", "/v1/chat/completions")
+
+    def requests(outcome, status_class, key="-", route=chat_route):
+        labels = tuple(sorted((route, ("status_class", status_class), ("outcome", outcome), ("key", key))))
+        return found.get(("k2proxy_requests_total", labels), 0)
+    assert requests("ok", "2xx", "alice") == 1 and requests("client_error", "4xx") == 1
+    assert requests("upstream_failed", "5xx") == 1 and requests("timeout", "5xx") == 1
+    assert requests("ok", "2xx", "bob", ("route", "/v1/messages")) == 1
+    assert requests("client_gone", "4xx") == 1, "logged as 499, the client closed its request"
+    errors = {dict(labels)["kind"]: value for (name, labels), value in found.items() if name == "k2proxy_errors_total"}
+    assert errors == {"client_error": 1, "upstream_failed": 1, "timeout": 1, "client_gone": 1}
+    assert found[("k2proxy_failovers_total", (("route", "/v1/messages"),))] == 1
+    assert found[("k2proxy_upstream_attempts_total", (chat_route,))] == 1 + 0 + 2 + 2 + 1
+    assert found[("k2proxy_first_content_seconds_count", (chat_route,))] >= 1
+    assert found[("k2proxy_request_duration_seconds_count", (chat_route,))] == 5
+    states = {dict(labels)["state"]: value for (name, labels), value in found.items() if name == "k2proxy_tokens"}
+    pool = proxy_state(monitored).upstream.pool.counts()
+    assert states == {state: pool[state] for state in ("active", "cooling", "disabled", "expired")}
+    assert sum(states.values()) == 2 and found[("k2proxy_in_flight_requests", ())] == 0
+    assert found[("k2proxy_prompt_tokens_total", (("key", "alice"),))] == 12
+    assert found[("k2proxy_completion_tokens_total", (("key", "alice"),))] == 34
+
+
+async def test_metrics_need_the_admin_or_metrics_key(make_proxy):
+    proxy = await make_proxy(METRICS_KEY="scrape-key-123")
+    assert (await proxy.get("/metrics")).status == 401
+    assert (await proxy.get("/metrics", headers=AUTH)).status == 401
+    assert (await proxy.get("/metrics", headers={"Authorization": "Bearer scrape-key-123"})).status == 200
+    plain = await make_proxy()
+    assert (await plain.get("/metrics", headers=ADMIN)).status == 200
+
+
+async def test_the_request_log_says_what_happened_and_nothing_secret(monitored, fake):
+    await traffic(monitored, fake)
+    log = (await (await monitored.get("/admin/requests", headers=ADMIN)).json())["requests"]
+    assert [entry["status"] for entry in log] == [499, 200, 504, 502, 404, 200], "newest first"
+    newest_first_gone, failover, timeout, failed, refused, success = log
+    assert success["key"] == "alice" and success["model"] == k2proxy.load_settings({}).models[0]
+    assert success["prompt_tokens"] == 12 and success["token"] in (0, 1) and success["first_content_ms"] >= 0
+    assert refused["reason"] == "model_not_found" and refused["model"] == "gpt-4" and refused["key"] == ""
+    assert timeout["reason"] == "upstream_timeout" and failover["failovers"] == 1 and failover["key"] == "bob"
+    assert newest_first_gone["outcome"] == "client gone" and newest_first_gone["stream"] is True
+    text = json.dumps(log)
+    for secret in (API_KEY, ADMIN_KEY, "sk-alice-0123456789", "sk-bob-0123456789", *TOKENS, "secret question"):
+        assert secret not in text
+    errors = (await (await monitored.get("/admin/requests?status=5xx", headers=ADMIN)).json())["requests"]
+    assert [entry["status"] for entry in errors] == [504, 502]
+    alice = (await (await monitored.get("/admin/requests?key=alice", headers=ADMIN)).json())["requests"]
+    assert len(alice) == 1 and (await monitored.get("/admin/requests?status=3xx", headers=ADMIN)).status == 400
+
+
+async def test_the_last_hour_minute_by_minute(monitored, fake):
+    await traffic(monitored, fake)
+    minutes = (await (await monitored.get("/admin/history", headers=ADMIN)).json())["minutes"]
+    assert len(minutes) == 60 and minutes[-1]["minute"] <= time.time() < minutes[-1]["minute"] + 60
+    now = minutes[-1]
+    assert (now["requests"], now["client_errors"], now["upstream_failures"]) == (6, 1, 2)
+    assert now["first_content_p50_ms"] is not None and now["first_content_p95_ms"] >= now["first_content_p50_ms"]
+    tokens = (await (await monitored.get("/admin/tokens/stats", headers=ADMIN)).json())["tokens"]
+    assert len(tokens[0]["last_hour"]) == 60 and sum(t["last_hour"][-1][0] for t in tokens) == 8
+
+
+async def test_a_key_over_its_rate_is_refused_before_upstream_while_others_are_served(monitored, fake):
+    for _ in range(5):
+        assert (await monitored.post("/v1/chat/completions", json=chat(), headers=ALICE)).status == 200
+    sent = len(fake.received)
+    refused = await monitored.post("/v1/chat/completions", json=chat(), headers=ALICE)
+    error = (await refused.json())["error"]
+    assert refused.status == 429 and error["code"] == "rate_limited" and 1 <= int(refused.headers["Retry-After"]) <= 60
+    anthropic = await monitored.post("/v1/messages", json={"model": "claude-x", "max_tokens": 9, "messages": [
+        {"role": "user", "content": "hi"}]}, headers={"x-api-key": "sk-alice-0123456789"})
+    assert anthropic.status == 429 and (await anthropic.json())["error"]["type"] == "rate_limit_error"
+    assert len(fake.received) == sent, "nothing was sent upstream"
+    assert (await monitored.post("/v1/chat/completions", json=chat(), headers=BOB)).status == 200
+    assert (await monitored.get("/v1/models", headers=ALICE)).status == 200, "only completions count"
+
+
+async def test_a_key_over_its_streams_at_once_is_refused(monitored, fake):
+    fake.reply = Reply(reasoning="x" * 3000, piece=5, delay=0.02)
+    streams = [await monitored.post("/v1/chat/completions", json=chat(stream=True), headers=BOB) for _ in range(2)]
+    third = await monitored.post("/v1/chat/completions", json=chat(stream=True), headers=BOB)
+    assert third.status == 429 and (await third.json())["error"]["code"] == "too_many_at_once"
+    for stream in streams:
+        stream.close()
+    await until(lambda: proxy_state(monitored).monitor.in_flight == 0)
+    fake.reply = Reply()
+    assert (await monitored.post("/v1/chat/completions", json=chat(stream=True), headers=BOB)).status == 200
+
+
+def proxy_state(proxy):
+    return proxy.server.app[k2proxy.STATE]
+
+
+async def test_edits_to_the_keys_file_apply_within_two_seconds(monitored, tmp_path):
+    assert (await monitored.get("/v1/models", headers={"Authorization": "Bearer sk-dave-0123456789"})).status == 401
+    (tmp_path / "api_keys.txt").write_text(KEYS_FILE + "dave:sk-dave-0123456789\n")
+    started = time.monotonic()
+    while (await monitored.get("/v1/models", headers={"Authorization": "Bearer sk-dave-0123456789"})).status != 200:
+        assert time.monotonic() - started < 2, "the new key was not picked up within 2 s"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_admin_api_edits_keys_without_ever_holding_them(monitored, tmp_path):
+    listed = await (await monitored.get("/admin/keys", headers=ADMIN)).json()
+    assert [k["name"] for k in listed["keys"]] == ["alice", "bob", "ci"] and "sk-alice" not in json.dumps(listed)
+    keys = [{"name": "alice", "rpm": 10, "concurrent": None}, {"name": "eve", "key": "sk-eve-0123456789", "rpm": None,
+                                                                 "concurrent": 1}]
+    saved = await (await monitored.post("/admin/keys/update", json={"keys": keys, "version": listed["version"]},
+                                        headers=ADMIN)).json()
+    assert saved["ok"] and "sk-eve" not in json.dumps(saved)
+    assert (tmp_path / "api_keys.txt").read_text() == "# team keys\nalice:sk-alice-0123456789 rpm=10\neve:sk-eve-0123456789 concurrent=1\n"
+    assert (await monitored.get("/v1/models", headers={"Authorization": "Bearer sk-eve-0123456789"})).status == 200
+    assert (await monitored.get("/v1/models", headers=BOB)).status == 401
+    stale = await monitored.post("/admin/keys/update", json={"keys": keys, "version": listed["version"]}, headers=ADMIN)
+    assert stale.status == 409 and (await stale.json())["error"]["code"] == "file_changed"
+    for bad in ([{"name": "new-one"}], [{"name": "a b", "key": "k"}], [{"name": "x", "key": "k", "rpm": 0}],
+                [{"name": "x", "key": "k"}, {"name": "x", "key": "j"}]):
+        assert (await monitored.post("/admin/keys/update", json={"keys": bad}, headers=ADMIN)).status == 400
