@@ -12,13 +12,15 @@ import urllib.request
 import playwright.async_api as playwright
 import pytest
 
-from conftest import ADMIN, ADMIN_KEY, AUTH, ROOT, chat, free_port
+from conftest import ADMIN, ADMIN_KEY, AUTH, MODEL, ROOT, chat, free_port
 from fake_upstream import Reply, make_jwt
 import k2proxy
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"
 TOKENS = [make_jwt(time.time() + 3600, f"acc-{n}") for n in range(3)]
+ALICE_KEY = "sk-alice-0123456789"
+KEYS_FILE = f"# team keys\nalice:{ALICE_KEY} rpm=2\n"
 HOSTILE = "<script>window.hacked = 1</script><img src=x onerror='window.hacked=2'>"
 
 
@@ -44,8 +46,10 @@ async def browser(chromium):
 @pytest.fixture
 async def site(make_proxy, tmp_path, fake):
     (tmp_path / "tokens.txt").write_text("# team pool\n" + "\n".join(TOKENS) + "\n")
-    proxy = await make_proxy(PROXY_MODE="user")
+    (tmp_path / "api_keys.txt").write_text(KEYS_FILE)
+    proxy = await make_proxy(PROXY_MODE="user", API_KEYS_FILE=tmp_path / "api_keys.txt")
     proxy.tokens_file = tmp_path / "tokens.txt"
+    proxy.keys_file = tmp_path / "api_keys.txt"
     return proxy
 
 
@@ -133,6 +137,46 @@ async def test_counts_polling_actions_and_screenshots(browser, site, fake):
     await page.click("#logout")
     await playwright.expect(page.locator("#admin-key")).to_be_visible()
     assert await page.evaluate("sessionStorage.getItem('k2proxy_admin_key')") is None
+
+
+async def test_the_last_hour_the_requests_and_the_keys(browser, site, fake):
+    alice = {"Authorization": "Bearer " + ALICE_KEY}
+    for _ in range(2):
+        assert (await site.post("/v1/chat/completions", json=chat(), headers=alice)).status == 200
+    assert (await site.post("/v1/chat/completions", json=chat(), headers=alice)).status == 429
+    fake.script = [Reply(status=500, body="down")] * 3
+    assert (await site.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 502
+    page = await dashboard(browser, site)
+
+    await playwright.expect(page.locator("#about")).to_have_text(
+        re.compile(rf"^v{re.escape(k2proxy.__version__)} · up \d+ s · {re.escape(MODEL)}"))
+    rows = page.locator("#requests-body tr")
+    await playwright.expect(rows).to_have_count(4, timeout=8000)
+    await playwright.expect(rows.nth(0)).to_contain_text("502")
+    await playwright.expect(rows.nth(1)).to_contain_text("rate_limited")
+    await playwright.expect(rows.nth(2)).to_contain_text("alice")
+    assert await page.locator("#requests-body tr.failed").count() == 2
+    bars = {kind: await page.locator(f"#chart-requests rect.bar-{kind} title").all_text_contents()
+            for kind in ("ok", "client", "bad")}
+    assert {kind: sum(int(re.search(r": (\d+) \D+$", title)[1]) for title in titles) for kind, titles in bars.items()} \
+        == {"ok": 2, "client": 1, "bad": 1}, "a bar a minute for each kind, stacked, its count in its title"
+    assert await page.locator("#chart-latency circle.dot-p50").count() >= 1
+
+    await playwright.expect(page.locator("#keys-body tr")).to_have_count(1)
+    await page.click("#add-key")
+    await page.fill("#keys-body tr:nth-child(2) input[aria-label=\"New key's name\"]", "bob")
+    new_key = await page.input_value("#keys-body tr:nth-child(2) input[aria-label='New key']")
+    await page.fill("#keys-body tr:nth-child(2) input[aria-label='Requests per minute']", "5")
+    await page.click("#save-keys")
+    await playwright.expect(page.locator("#flash")).to_contain_text("Saved 2 keys", timeout=8000)
+    assert site.keys_file.read_text() == f"{KEYS_FILE}bob:{new_key} rpm=5\n"
+    await playwright.expect(page.locator("#keys-body")).to_contain_text("bob")
+    assert new_key not in await page.content() and ALICE_KEY not in await page.content()
+    bob = {"Authorization": "Bearer " + new_key}
+    assert (await site.post("/v1/chat/completions", json=chat(), headers=bob)).status == 200
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await page.screenshot(path=str(ARTIFACTS / "admin-monitoring.png"), full_page=True)
 
 
 async def test_hostile_values_render_as_text(browser, site, fake):
