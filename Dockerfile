@@ -2,12 +2,13 @@
 # aiohttp and its dependencies ship musllinux wheels, so nothing is compiled: no build tools, one stage.
 FROM python:3.12.12-alpine3.23
 
-# Token and account files live on the /data volume; .env comes from `docker run --env-file` or compose.
+# Token, account and API key files live on the /data volume; .env comes from `docker run --env-file` or compose.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     USER_TOKENS_FILE=/data/tokens.txt \
     GUEST_TOKENS_FILE=/data/tokens_guest.txt \
-    ACCOUNTS_FILE=/data/accounts.txt
+    ACCOUNTS_FILE=/data/accounts.txt \
+    API_KEYS_FILE=/data/api_keys.txt
 
 WORKDIR /app
 COPY requirements.txt ./

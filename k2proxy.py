@@ -18,6 +18,7 @@ import difflib
 import functools
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -4204,9 +4205,9 @@ class Monitor:
 
     def requests_logged(self, status_class=None, key=None):
         """The request log, newest first, of one status class (2xx, 4xx, 5xx) and one key's name when given."""
-        return [entry for entry in reversed(self.log)
+        return (entry for entry in reversed(self.log)
                 if (status_class is None or f"{entry['status'] // 100}xx" == status_class)
-                and (key is None or entry["key"] == key)]
+                and (key is None or entry["key"] == key))
 
 
 def log_entry(record, status, now):
@@ -4251,10 +4252,11 @@ def metrics_text(monitor, pool, sign_ins):
                  if state != "total"}}
     counters = {**monitor.counters, **{("k2proxy_signins_total", (("result", result),)): count
                                        for result, count in sign_ins.items()}}
+    values = sorted({**counters, **gauges}.items())
     lines = []
     for name, (kind, help_text) in METRIC_HELP.items():
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for (series, labels), value in sorted({**counters, **gauges}.items()):
+        for (series, labels), value in values:
             if series == name:
                 lines.append(f"{name}{labels_text(labels)} {value}")
         for (series, labels), histogram in sorted(monitor.histograms.items()):
@@ -4530,10 +4532,12 @@ async def admin_check(request):
 
 
 async def admin_requests(request):
-    """The request log, newest first; ?status=4xx and ?key=name narrow it."""
-    status, key = request.query.get("status"), request.query.get("key")
+    """The request log, newest first; ?status=4xx, ?key=name and ?limit=N narrow it."""
+    status, key, limit = (request.query.get(name) for name in ("status", "key", "limit"))
     expect(status in (None, "2xx", "4xx", "5xx"), "'status' must be 2xx, 4xx or 5xx", "status")
-    return web.json_response({"requests": request.app[STATE].monitor.requests_logged(status, key)})
+    expect(limit is None or (limit.isdigit() and int(limit) > 0), "'limit' must be a whole number above 0", "limit")
+    entries = request.app[STATE].monitor.requests_logged(status, key)
+    return web.json_response({"requests": list(itertools.islice(entries, int(limit) if limit else None))})
 
 
 async def admin_history(request):

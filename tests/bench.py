@@ -15,15 +15,18 @@ import os
 import platform
 import socket
 import statistics
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
-KEY = "sk-bench"
+KEY = "sk-bench"  # a named key of API_KEYS_FILE, with limits it never reaches: its bookkeeping is in every figure
+ADMIN_KEY = "sk-bench-admin"
 MODEL = "IFM/K2-Horizon-375B-A23B"
 TICKS = os.sysconf("SC_CLK_TCK")
 FIRST_WORDS = b"Pondering"  # the model's first word: the site's first frames hold only markup
@@ -63,8 +66,9 @@ def rss_mb(pid):
 
 
 def percentile(values, share):
+    """The value below which `share` of `values` fall; NaN when there are none (every request failed)."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
 HELLO = [{"role": "user", "content": "Hello"}]
@@ -81,6 +85,30 @@ ROUTES = {  # name: (path, request body, the bytes of the line that ends a strea
                       b'data: {"type": "response.completed"'),
 }
 PROXIED = [name for name in ROUTES if name != "direct"]
+BENCH_KEYS = {"keys": [{"name": "bench", "key": KEY, "rpm": 10 ** 9, "concurrent": 10 ** 6}]}
+# Every other route: name: (path, or a function of the request's number to its path; body; key; share of the
+# request count, for routes that write a file or ask the upstream)
+SERVICES = {
+    "GET /health": ("/health", None, None, 1),
+    "GET /v1/models": ("/v1/models", None, KEY, 1),
+    f"GET /v1/models/{MODEL}": (f"/v1/models/{MODEL}", None, KEY, 1),
+    "POST /v1/messages/count_tokens": ("/v1/messages/count_tokens", {"model": "claude-opus-4-8", "messages": HELLO},
+                                       KEY, 1),
+    "GET /v1/responses/{id}": (None, None, KEY, 1),  # its path is set once a response is stored
+    "DELETE /v1/responses/{id}": (None, None, KEY, 1 / 4),
+    "GET /metrics": ("/metrics", None, ADMIN_KEY, 1),
+    "GET /admin/status": ("/admin/status", None, ADMIN_KEY, 1),
+    "GET /admin/tokens/stats": ("/admin/tokens/stats", None, ADMIN_KEY, 1),
+    "GET /admin/tokens/content": ("/admin/tokens/content", None, ADMIN_KEY, 1),
+    "GET /admin/accounts": ("/admin/accounts", None, ADMIN_KEY, 1),
+    "GET /admin/requests": ("/admin/requests", None, ADMIN_KEY, 1),
+    "GET /admin/history": ("/admin/history", None, ADMIN_KEY, 1),
+    "GET /admin/keys": ("/admin/keys", None, ADMIN_KEY, 1),
+    "POST /admin/keys/update": ("/admin/keys/update", BENCH_KEYS, ADMIN_KEY, 1 / 20),
+    "POST /admin/tokens/reload": ("/admin/tokens/reload", {}, ADMIN_KEY, 1),
+    "POST /admin/tokens/reset-all": ("/admin/tokens/reset-all", {}, ADMIN_KEY, 1),
+    "POST /admin/check": ("/admin/check", {}, ADMIN_KEY, 1 / 50),
+}
 
 
 class Bench:
@@ -152,6 +180,50 @@ class Bench:
             figures[route] = (len(latencies) / (time.perf_counter() - started), percentile(latencies, 0.99) * 1000)
         return figures
 
+    async def stored_responses(self, count):
+        """The ids of `count` responses stored by the proxy, for the routes that read and delete them."""
+        await self.steer(reasoning="r" * 60, answer="a" * 60, piece=12, delay=0)
+        ids = []
+        for _ in range(0, count, 32):
+            ids += await asyncio.gather(*(self.service("POST", "/v1/responses", {"model": MODEL, "input": "Hello"},
+                                                       KEY) for _ in range(32)))
+        return [answer["id"] for answer in ids if answer]
+
+    async def service(self, method, path, body, key):
+        """One request to a route that answers JSON or text at once; its answer, or None (recorded) when it fails."""
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        try:
+            async with self.session.request(method, self.proxy + path, json=body, headers=headers) as response:
+                answer = await response.read()
+                if response.status != 200:
+                    self.errors.append(f"{method} {path}: HTTP {response.status}")
+                    return None
+                return json.loads(answer) if response.content_type == "application/json" else answer
+        except aiohttp.ClientError as exc:
+            self.errors.append(f"{method} {path}: {type(exc).__name__}")
+            return None
+
+    async def services(self, count, concurrency):
+        """Requests per second and p99 latency of every other route, `count` requests (or its share) each."""
+        ids = await self.stored_responses(int(count * SERVICES["DELETE /v1/responses/{id}"][3]) + 1)
+        paths = {"GET /v1/responses/{id}": lambda n: f"/v1/responses/{ids[-1]}",
+                 "DELETE /v1/responses/{id}": lambda n: f"/v1/responses/{ids[n]}"}
+        figures = {}
+        for name, (path, body, key, share) in SERVICES.items():
+            method, path_of = name.split()[0], paths.get(name, lambda n, path=path: path)
+            total, latencies = max(1, int(count * share)), []
+            lanes = min(concurrency, total)
+
+            async def lane(first):
+                for number in range(first, total, lanes):
+                    started = time.perf_counter()
+                    if await self.service(method, path_of(number), body, key) is not None:
+                        latencies.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            await asyncio.gather(*(lane(first) for first in range(lanes)))
+            figures[name] = (len(latencies) / (time.perf_counter() - started), percentile(latencies, 0.99) * 1000)
+        return figures
+
     async def cpu_for(self, length, runs):
         """Proxy CPU seconds for one streamed answer of `length` characters in 200 snapshot frames, averaged
         over `runs` answers (the kernel counts CPU time in 10 ms ticks)."""
@@ -168,6 +240,26 @@ class Bench:
             await asyncio.sleep(0.05)
 
 
+def bookkeeping_microseconds(count):
+    """What the figures cost a completion, in process: its log entry, counters, histograms, minute and key limits."""
+    sys.path.insert(0, str(ROOT))
+    import k2proxy
+    settings = k2proxy.load_settings({})
+    monitor, keys = k2proxy.Monitor(settings), k2proxy.ApiKeys(settings)
+    key = k2proxy.ApiKey("bench", KEY, rpm=10 ** 9, concurrent=10 ** 6)
+    records = [k2proxy.RequestRecord("POST", "/v1/chat/completions", "openai", True, 0.0, model=MODEL, stream=True,
+                                     route="/v1/chat/completions", key=key.name, first_content=0.01, duration=0.2,
+                                     attempts=1, token_index=0, usage=k2proxy.Usage(10, 20, 0))
+               for _ in range(count)]
+    started = time.perf_counter()
+    for record in records:
+        keys.admit(key)
+        monitor.begin(record)
+        monitor.end(record, 200)
+        keys.done(key)
+    return (time.perf_counter() - started) / count * 1e6
+
+
 def mark(ok):
     return "met" if ok else "MISSED"
 
@@ -175,8 +267,11 @@ def mark(ok):
 async def run(quick):
     upstream_port, proxy_port = free_port(), free_port()
     upstream = start([str(ROOT / "tests" / "fake_upstream.py"), "--port", str(upstream_port)], upstream_port)
+    files = Path(tempfile.mkdtemp(prefix="k2proxy-bench-"))
+    (files / "api_keys.txt").write_text(f"bench:{KEY} rpm={10 ** 9} concurrent={10 ** 6}\n")
     proxy = start([str(ROOT / "k2proxy.py")], proxy_port, {
-        "PORT": str(proxy_port), "HOST": "127.0.0.1", "VALID_API_KEY": KEY, "LOG_LEVEL": "WARNING",
+        "PORT": str(proxy_port), "HOST": "127.0.0.1", "ADMIN_KEY": ADMIN_KEY, "LOG_LEVEL": "WARNING",
+        "API_KEYS_FILE": str(files / "api_keys.txt"), "GUEST_TOKENS_FILE": str(files / "tokens_guest.txt"),
         "K2THINK_BASE_URL": f"http://127.0.0.1:{upstream_port}"})
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
@@ -194,6 +289,7 @@ async def run(quick):
             plain = await bench.throughput(32, rounds, False, peak, ["direct", "/v1/chat/completions"])
             stop.set()
             await watcher
+            services = await bench.services(200 if quick else 2000, 16)
             runs = 10 if quick else 40
             cpu = {length: await bench.cpu_for(length, runs) for length in (20000, 40000)}
             errors = bench.errors
@@ -201,7 +297,9 @@ async def run(quick):
         for process in (proxy, upstream):
             process.terminate()
             process.wait(10)
+        shutil.rmtree(files)
     report(quick, ttfb, paused, streamed, plain, cpu, idle, peak[0], errors)
+    report_services(services, bookkeeping_microseconds(2000 if quick else 20000))
     return 1 if errors else 0
 
 
@@ -244,6 +342,16 @@ def report(quick, ttfb, paused, streamed, plain, cpu, idle, peak, errors):
     print(f"| zero errors | {len(errors)} | {mark(not errors)} |")
     for error in errors[:10]:
         print(f"- error: {error}")
+
+
+def report_services(services, bookkeeping):
+    print(f"\nBookkeeping per completion (request log, counters, histograms, the minute, the key's limits): "
+          f"{bookkeeping:.1f} µs.")
+    print("\nEvery other route, 16 at once (writes and upstream checks fewer times):\n")
+    print("| route | requests/s | p99 |")
+    print("|---|---:|---:|")
+    for name, (rate, p99) in services.items():
+        print(f"| `{name}` | {rate:,.0f} | {p99:.1f} ms |")
 
 
 def cpu_model():

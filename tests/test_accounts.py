@@ -177,3 +177,12 @@ async def test_models_fall_back_to_the_setting(make_proxy, fake, tmp_path):
 def test_bad_aliases_stop_start_up(value):
     with pytest.raises(k2proxy.SettingsError, match="MODEL_ALIASES"):
         k2proxy.load_settings({"MODEL_ALIASES": value})
+
+
+async def test_sign_ins_are_counted_in_the_metrics_by_result(account_proxy, fake):
+    proxy = await account_proxy(["ann@example.com:wrong", "bob@example.com:hunter2-bob"])
+    await until(lambda: len(fake.signins) == 2 and account_tokens(proxy))
+    metrics = await (await proxy.get("/metrics", headers=ADMIN)).text()
+    assert 'k2proxy_signins_total{result="signed_in"} 1\n' in metrics
+    assert 'k2proxy_signins_total{result="wrong_password"} 1\n' in metrics
+    assert "hunter2" not in metrics and "bob@example.com" not in metrics

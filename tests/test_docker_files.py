@@ -67,6 +67,7 @@ def test_dockerfile_builds_a_small_non_root_image():
     env = image_env()
     assert env["PYTHONUNBUFFERED"] == "1" and env["PYTHONDONTWRITEBYTECODE"] == "1"
     assert env["USER_TOKENS_FILE"] == "/data/tokens.txt" and env["GUEST_TOKENS_FILE"] == "/data/tokens_guest.txt"
+    assert env["ACCOUNTS_FILE"] == "/data/accounts.txt" and env["API_KEYS_FILE"] == "/data/api_keys.txt"
 
     copied = [word for args in arguments("COPY") for word in args.split()[:-1]]
     assert sorted(copied) == ["admin.html", "k2proxy.py", "requirements.txt"], "only the code and requirements"
@@ -144,7 +145,7 @@ def test_dockerignore_keeps_secrets_and_junk_out():
 def test_the_example_env_leaves_the_image_file_paths_alone():
     """`docker run --env-file .env` lets .env override ENV: the example must not move the token files off /data."""
     example = k2proxy.parse_dotenv((ROOT / ".env.example").read_text())
-    assert not {"USER_TOKENS_FILE", "GUEST_TOKENS_FILE", "ACCOUNTS_FILE"} & set(example), example
+    assert not {"USER_TOKENS_FILE", "GUEST_TOKENS_FILE", "ACCOUNTS_FILE", "API_KEYS_FILE"} & set(example), example
 
 
 # ─── docker-compose.yml ──────────────────────────────────────────────────────
@@ -171,7 +172,7 @@ def test_compose_file():
     # environment: beats env_file, so a .env written for running without Docker cannot move the
     # listener off the mapped port or the token files off the volume.
     for key, value in {"HOST": "0.0.0.0", "PORT": '"8001"', **{key: image_env()[key] for key in (
-            "USER_TOKENS_FILE", "GUEST_TOKENS_FILE", "ACCOUNTS_FILE")}}.items():
+            "USER_TOKENS_FILE", "GUEST_TOKENS_FILE", "ACCOUNTS_FILE", "API_KEYS_FILE")}}.items():
         assert compose_value(key) == value, key
 
 

@@ -60,7 +60,7 @@ async def test_vanishing_clients_leave_nothing_open(proxy, fake):
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
             await asyncio.gather(*(vanish(session, url, rng) for _ in range(200)))
         await settle(lambda: fake.open_streams == 0 and not upstream.responses)
-        await settle(lambda: proxy.server.app[k2proxy.STATE].figures.in_flight == 0)
+        await settle(lambda: proxy.server.app[k2proxy.STATE].monitor.in_flight == 0)
         current = len(asyncio.all_tasks())
         baseline_tasks = baseline_tasks or current
         await settle(lambda: len(asyncio.all_tasks()) <= baseline_tasks)

@@ -104,6 +104,10 @@ async def test_the_request_log_says_what_happened_and_nothing_secret(monitored, 
     assert [entry["status"] for entry in errors] == [504, 502]
     alice = (await (await monitored.get("/admin/requests?key=alice", headers=ADMIN)).json())["requests"]
     assert len(alice) == 1 and (await monitored.get("/admin/requests?status=3xx", headers=ADMIN)).status == 400
+    newest = (await (await monitored.get("/admin/requests?limit=2", headers=ADMIN)).json())["requests"]
+    assert newest == log[:2]
+    refused = await monitored.get("/admin/requests?limit=0", headers=ADMIN)
+    assert refused.status == 400 and "limit" in (await refused.json())["error"]["message"]
 
 
 async def test_the_last_hour_minute_by_minute(monitored, fake):
