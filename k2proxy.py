@@ -154,7 +154,7 @@ SETTINGS = (
     Setting("VALID_API_KEY", "", _csv, "API keys clients must send, comma-separated; empty: a random key is generated and printed at start-up", True),
     Setting("ADMIN_KEY", "", _text, "Key for the admin page and API; empty: the first API key", True),
     Setting("API_KEYS_FILE", "api_keys.txt", _text, "Named API keys with limits, one per line: name:key [rpm=N] [concurrent=N]; watched like the token file"),
-    Setting("METRICS_KEY", "", _text, "Key for GET /metrics (a Bearer token); empty: the admin key", True),
+    Setting("METRICS_KEY", "", _text, "Another key for GET /metrics (a Bearer token), for a scraper that should not hold the admin key; the admin key works too", True),
     Setting("REQUEST_LOG_SIZE", "500", _int_between(0, 1000000), "Requests kept in memory for GET /admin/requests and the admin page"),
     Setting("PROXY_MODE", "guest", _one_of("guest", "user"), "guest (no account) or user (account tokens from USER_TOKENS_FILE)"),
     Setting("K2THINK_BASE_URL", "https://chat.ifm.ai", _url, "Upstream site; every upstream path and the browser headers hang off it"),
@@ -1185,8 +1185,8 @@ class ToolCallScanner:
 
 
 # ─── Files ───────────────────────────────────────────────────────────────────
-# The token and account files: read by polling (which sees editors' renames and
-# bind mounts alike), saved atomically, parsed by pure functions.
+# The token, account and API key files: read by polling (which sees editors'
+# renames and bind mounts alike), saved atomically, parsed by pure functions.
 
 
 class WatchedFile:
@@ -1226,6 +1226,16 @@ class WatchedFile:
             return None
         text, self.state = await asyncio.to_thread(self.read)
         return text
+
+    async def parsed_changes(self, parse, line_form):
+        """What `parse` makes of the file when it changed, else None; the lines it skipped are logged by number."""
+        text = await self.changes()
+        if text is None:
+            return None
+        entries, bad = parse(text)
+        if bad:
+            log.warning("%s: lines %s are not %s; skipped", self.path, ", ".join(map(str, bad)), line_form)
+        return entries
 
     def save(self, content):
         """Writes the file atomically (blocking: run it in a thread); the next poll sees no change."""
@@ -1796,13 +1806,9 @@ class Accounts:
         self.results = collections.Counter()  # sign-ins by result, for /metrics
 
     async def reload(self):
-        text = await self.file.changes()
-        if text is None:
+        pairs = await self.file.parsed_changes(parse_accounts_file, "email:password or JSON")
+        if pairs is None:
             return
-        pairs, bad = parse_accounts_file(text)
-        if bad:
-            log.warning("%s: lines %s are not email:password or JSON; skipped", self.file.path,
-                        ", ".join(map(str, bad)))
         old, self.accounts = self.accounts, {}
         for email, password in pairs:
             kept = old.get(email)
@@ -4358,21 +4364,19 @@ class ApiKeys:
 
     async def reload(self):
         """Reads the file if it changed; keys still present keep their counts."""
-        text = await self.file.changes()
-        if text is None:
-            return
-        keys, bad = parse_api_keys_file(text)
-        if bad:
-            log.warning("%s: lines %s are not name:key [rpm=N] [concurrent=N]; skipped", self.file.path,
-                        ", ".join(map(str, bad)))
-        self.take(keys)
+        keys = await self.file.parsed_changes(parse_api_keys_file, "name:key [rpm=N] [concurrent=N]")
+        if keys is not None:
+            self.take(keys)
 
     def take(self, keys):
-        """Makes `keys` the named keys; those already known keep their counts."""
-        known = {key.name: key for key in self.named}
-        for key in keys:
-            if key.name in known and known[key.name].value == key.value:
-                key.recent, key.active = known[key.name].recent, known[key.name].active
+        """Makes `keys` the named keys; one already known (same name and value) stays the same ApiKey, with the
+        new limits, so that the completions it is running still count, and end, against it."""
+        known = {(key.name, key.value): key for key in self.named}
+        for index, key in enumerate(keys):
+            kept = known.get((key.name, key.value))
+            if kept:
+                kept.rpm, kept.concurrent = key.rpm, key.concurrent
+                keys[index] = kept
         self.named = keys
 
     async def watch(self):
@@ -4812,7 +4816,7 @@ async def check_keys(request, handler):
     if path.startswith("/v1/"):
         admit_key(request)
     elif path == "/metrics":
-        if not key_matches(bearer(request), [settings.metrics_key or settings.admin_key]):
+        if not key_matches(bearer(request), [key for key in (settings.admin_key, settings.metrics_key) if key]):
             raise ApiError(401, "Invalid or missing key: send Authorization: Bearer <METRICS_KEY> (or the admin key)",
                            code="invalid_metrics_key")
     elif path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD")):

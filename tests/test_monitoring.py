@@ -83,6 +83,7 @@ async def test_metrics_need_the_admin_or_metrics_key(make_proxy):
     assert (await proxy.get("/metrics")).status == 401
     assert (await proxy.get("/metrics", headers=AUTH)).status == 401
     assert (await proxy.get("/metrics", headers={"Authorization": "Bearer scrape-key-123"})).status == 200
+    assert (await proxy.get("/metrics", headers=ADMIN)).status == 200
     plain = await make_proxy()
     assert (await plain.get("/metrics", headers=ADMIN)).status == 200
 
@@ -146,6 +147,21 @@ async def test_a_key_over_its_streams_at_once_is_refused(monitored, fake):
     await until(lambda: proxy_state(monitored).monitor.in_flight == 0)
     fake.reply = Reply()
     assert (await monitored.post("/v1/chat/completions", json=chat(stream=True), headers=BOB)).status == 200
+
+
+async def test_a_key_edited_while_it_streams_gets_its_slots_back_when_they_end(monitored, fake, tmp_path):
+    fake.reply = Reply(reasoning="x" * 3000, piece=5, delay=0.02)
+    streams = [await monitored.post("/v1/chat/completions", json=chat(stream=True), headers=BOB) for _ in range(2)]
+    (tmp_path / "api_keys.txt").write_text(KEYS_FILE.replace("alice:sk-alice-0123456789 rpm=5", "alice:sk-alice-0123456789"))
+    await until(lambda: proxy_state(monitored).keys.named[0].rpm is None)
+    for stream in streams:
+        stream.close()
+    await until(lambda: proxy_state(monitored).monitor.in_flight == 0)
+    fake.reply = Reply(reasoning="x" * 3000, piece=5, delay=0.02)
+    again = [await monitored.post("/v1/chat/completions", json=chat(stream=True), headers=BOB) for _ in range(2)]
+    assert [response.status for response in again] == [200, 200], "the ended streams no longer count"
+    for stream in again:
+        stream.close()
 
 
 def proxy_state(proxy):
