@@ -50,6 +50,9 @@ class SettingsError(ValueError):
     """A setting that stops start-up; the message names it."""
 
 
+WHOLE_NUMBER = re.compile(r"[0-9]+")  # not str.isdigit(), which also takes "²" and "①", which int() refuses
+
+
 def _text(value):
     return value.strip()
 
@@ -148,6 +151,8 @@ class Setting:
     secret: bool = False
 
 
+MAX_REQUEST_LOG = 10000  # entries: a whole log is then a few MB of JSON, made in tens of milliseconds
+
 SETTINGS = (
     Setting("HOST", "0.0.0.0", _text, "Address to listen on"),
     Setting("PORT", "8001", _int_between(1, 65535), "Port to listen on"),
@@ -155,7 +160,7 @@ SETTINGS = (
     Setting("ADMIN_KEY", "", _text, "Key for the admin page and API; empty: the first API key", True),
     Setting("API_KEYS_FILE", "api_keys.txt", _text, "Named API keys with limits, one per line: name:key [rpm=N] [concurrent=N]; watched like the token file"),
     Setting("METRICS_KEY", "", _text, "Another key for GET /metrics (a Bearer token), for a scraper that should not hold the admin key; the admin key works too", True),
-    Setting("REQUEST_LOG_SIZE", "500", _int_between(0, 1000000), "Requests kept in memory for GET /admin/requests and the admin page"),
+    Setting("REQUEST_LOG_SIZE", "500", _int_between(0, MAX_REQUEST_LOG), "Requests kept in memory for GET /admin/requests and the admin page (at most 10000)"),
     Setting("PROXY_MODE", "guest", _one_of("guest", "user"), "guest (no account) or user (account tokens from USER_TOKENS_FILE)"),
     Setting("K2THINK_BASE_URL", "https://chat.ifm.ai", _url, "Upstream site; every upstream path and the browser headers hang off it"),
     Setting("GUEST_API_URL", "", _url, "Full URL of the guest chat endpoint; empty: K2THINK_BASE_URL/api/guest/chat/completions"),
@@ -842,7 +847,7 @@ def upstream_error(status, body, retry_after=None):
     if status in (401, 403):
         return UpstreamError(REFUSED_TOKEN, shown + " (the account token was refused)")
     if status == 429:
-        seconds = float(retry_after) if retry_after and retry_after.strip().isdigit() else None
+        seconds = float(retry_after) if retry_after and WHOLE_NUMBER.fullmatch(retry_after.strip()) else None
         return UpstreamError(RATE_LIMITED, shown, retry_after=seconds)
     if 300 <= status < 400:
         return UpstreamError(NOT_AN_ANSWER, shown + " (redirect not followed)")
@@ -1277,10 +1282,10 @@ def file_version(text):
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def tokens_file_text(old_text, tokens):
-    """A token file holding `tokens`, one per line, under the comment lines of the file it replaces."""
+def file_text(lines, old_text):
+    """A file holding `lines` under the comment lines of the file it replaces."""
     comments = [line for line in old_text.splitlines() if line.strip().startswith("#")]
-    return "\n".join(comments + list(tokens)) + "\n"
+    return "\n".join(comments + list(lines)) + "\n"
 
 
 def parse_accounts_file(text):
@@ -2478,7 +2483,7 @@ class RequestRecord:
     started: float              # time.monotonic()
     model: str = None
     stream: bool = None
-    outcome: str = None         # "client gone", "ended with error"
+    outcome: str = None         # CLIENT_GONE, "ended with error"
     reason: str = None          # the code of the error it ended with
     upstream_failed: bool = False  # the error was upstream's (or no token could serve), not the client's
     route: str = ""             # the route's path, as routed ("/v1/models/{model:.+}")
@@ -2493,6 +2498,8 @@ class RequestRecord:
 
 
 RECORD = web.RequestKey("record", RequestRecord)
+CLIENT_GONE = "client gone"  # the outcome of a request whose client left before its end
+CLIENT_GONE_STATUS = 499     # what the log and the figures say it ended with (nginx's "client closed request")
 
 
 @dataclass(frozen=True)
@@ -2670,8 +2677,8 @@ async def serve_completion(request, core, renderer, render_answer):
         except ApiError as error:
             return await completion.fail(error)
     except ClientGone:
-        record.outcome = "client gone"
-        return writer.response
+        record.outcome = CLIENT_GONE
+        return writer.response or web.Response(status=CLIENT_GONE_STATUS)  # the latter for nobody: it left first
     finally:
         writer.stop()
         record.attempts = len(tried)
@@ -4095,13 +4102,43 @@ MINUTE_SAMPLES = 2000  # first-content times kept per minute, for its p50 and p9
 REFUSED_CODES = frozenset(("upstream_auth_failed", "rate_limited", "no_tokens", "no_usable_tokens"))
 
 
+def percentiles(ordered, shares):
+    """The value below which each share of the sorted list `ordered` falls; None for each when it is empty."""
+    return tuple(ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else None for share in shares)
+
+
 @dataclass
 class Minute:
-    """One minute of requests: how many, how many failed and whose fault, and their times to first content."""
+    """One minute of requests: how many, how many failed and whose fault, how many clients left, and their
+    times to first content."""
     requests: int = 0
     client_errors: int = 0
     upstream_failures: int = 0
+    clients_gone: int = 0
     first_content: list = field(default_factory=list)
+    sorted_count: int = 0                     # the samples p50_p95 was worked out from
+    p50_p95: tuple = (None, None)
+
+    def first_content_p50_p95(self):
+        """Sorts the samples again only when one was added since: a past minute's are sorted once."""
+        if self.sorted_count != len(self.first_content):
+            self.sorted_count = len(self.first_content)
+            self.p50_p95 = percentiles(sorted(self.first_content), (0.5, 0.95))
+        return self.p50_p95
+
+
+@dataclass
+class KeyFigures:
+    """What one named API key's completions did, for the admin page."""
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def key_label(name):
+    """The `key` label of a request: its key's name, or a value no name can take (names have no parentheses)."""
+    return {None: "(none)", "": "(VALID_API_KEY)"}.get(name, name)
 
 
 class Histogram:
@@ -4122,17 +4159,12 @@ class Histogram:
 
 def error_kind(record, status):
     """The kind of error a request ended with, for /metrics; None when it did not."""
-    if record.outcome == "client gone":
+    if record.outcome == CLIENT_GONE:
         return "client_gone"
     if not record.upstream_failed and status < 500:
         return "client_error" if status >= 400 else None
     return {"upstream_timeout": "timeout", "upstream_no_content": "no_content"}.get(
         record.reason, "upstream_refused" if record.reason in REFUSED_CODES else "upstream_failed")
-
-
-def percentile(values, share):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else None
 
 
 class Monitor:
@@ -4146,6 +4178,7 @@ class Monitor:
         self.minutes = Minutes(Minute)
         self.counters = collections.Counter()  # (name, labels) → value
         self.histograms = collections.defaultdict(Histogram)  # (name, labels) → Histogram
+        self.keys = collections.defaultdict(KeyFigures)  # a named API key's name → its figures
 
     def begin(self, record):
         if record.counted:
@@ -4162,21 +4195,32 @@ class Monitor:
         minute.requests += 1
         self.log.append(log_entry(record, status, now))
         self.count_series(record, status, kind)
-        if kind in (None, "client_gone"):
-            if kind is None and record.first_content is not None:
-                self.first_content_total += record.first_content
-                self.first_content_count += 1
-                if len(minute.first_content) < MINUTE_SAMPLES:
-                    minute.first_content.append(record.first_content)
-            return
-        failed_upstream = kind != "client_error"
-        self.upstream_failures += failed_upstream
-        self.client_errors += not failed_upstream
-        minute.upstream_failures += failed_upstream
-        minute.client_errors += not failed_upstream
+        if record.key:
+            self.count_key(self.keys[record.key], record, kind)
+        if kind == "client_gone":
+            minute.clients_gone += 1
+        elif kind == "client_error":
+            self.client_errors += 1
+            minute.client_errors += 1
+        elif kind:
+            self.upstream_failures += 1
+            minute.upstream_failures += 1
+        elif record.first_content is not None:
+            self.first_content_total += record.first_content
+            self.first_content_count += 1
+            if len(minute.first_content) < MINUTE_SAMPLES:
+                minute.first_content.append(record.first_content)
+
+    @staticmethod
+    def count_key(figures, record, kind):
+        figures.requests += 1
+        figures.errors += kind not in (None, "client_gone")
+        if record.usage:
+            figures.prompt_tokens += record.usage.prompt_tokens
+            figures.completion_tokens += record.usage.completion_tokens
 
     def count_series(self, record, status, kind):
-        route, key = (("route", record.route),), (("key", record.key or "-"),)
+        route, key = (("route", record.route),), (("key", key_label(record.key)),)
         outcome = "ok" if kind is None else kind
         self.counters["k2proxy_requests_total", route + (("status_class", f"{status // 100}xx"),
                                                           ("outcome", outcome)) + key] += 1
@@ -4198,13 +4242,14 @@ class Monitor:
                 "in_flight": self.in_flight, "avg_ttfb_ms": round(mean * 1000, 1) if mean is not None else None}
 
     def last_hour(self):
-        """The last hour, a minute a row: requests, client errors, upstream failures, first content p50 and p95."""
+        """The last hour, a minute a row: requests, client errors, upstream failures, clients gone, first content
+        p50 and p95."""
         rows = []
         for minute, bucket in self.minutes.last_hour(self.clock()):
             bucket = bucket or Minute()
-            p50, p95 = (percentile(bucket.first_content, share) for share in (0.5, 0.95))
+            p50, p95 = bucket.first_content_p50_p95()
             rows.append({"minute": minute * 60, "requests": bucket.requests, "client_errors": bucket.client_errors,
-                         "upstream_failures": bucket.upstream_failures,
+                         "upstream_failures": bucket.upstream_failures, "clients_gone": bucket.clients_gone,
                          "first_content_p50_ms": round(p50 * 1000, 1) if p50 is not None else None,
                          "first_content_p95_ms": round(p95 * 1000, 1) if p95 is not None else None})
         return rows
@@ -4232,7 +4277,8 @@ METRIC_HELP = {
     "k2proxy_requests_total": ("counter", "Completion requests, by route, status class, outcome and API key name"),
     "k2proxy_errors_total": ("counter", "Completion requests that failed, by kind"),
     "k2proxy_upstream_attempts_total": ("counter", "Requests sent upstream, by route"),
-    "k2proxy_failovers_total": ("counter", "Requests sent upstream again with another token, by route"),
+    "k2proxy_failovers_total": ("counter", "Requests sent upstream again after a failed attempt (with the next "
+                                           "token when there are tokens), by route"),
     "k2proxy_prompt_tokens_total": ("counter", "Prompt tokens (estimated where upstream gives none), by API key"),
     "k2proxy_completion_tokens_total": ("counter", "Completion tokens (estimated where upstream gives none), by "
                                                    "API key"),
@@ -4309,7 +4355,7 @@ def parse_api_keys_file(text):
         name, _, value = head.partition(":")
         limits = dict(option.partition("=")[::2] for option in options)
         if not (KEY_NAME.fullmatch(name) and value and set(limits) <= {"rpm", "concurrent"}
-                and all(v.isdigit() and int(v) > 0 for v in limits.values())):
+                and all(WHOLE_NUMBER.fullmatch(v) and int(v) > 0 for v in limits.values())):
             bad.append(number)
             continue
         keys.append(ApiKey(name, value, int(limits["rpm"]) if "rpm" in limits else None,
@@ -4317,12 +4363,10 @@ def parse_api_keys_file(text):
     return keys, bad
 
 
-def api_keys_file_text(keys, old_text=""):
-    """A keys file holding `keys`, under the comment lines of the file it replaces."""
-    comments = [line for line in old_text.splitlines() if line.strip().startswith("#")]
-    lines = [" ".join(filter(None, (f"{k.name}:{k.value}", k.rpm and f"rpm={k.rpm}",
-                                    k.concurrent and f"concurrent={k.concurrent}"))) for k in keys]
-    return "\n".join(comments + lines) + "\n"
+def api_key_line(key):
+    """A key as a line of the keys file: name:key, then its limits."""
+    return " ".join(filter(None, (f"{key.name}:{key.value}", key.rpm and f"rpm={key.rpm}",
+                                  key.concurrent and f"concurrent={key.concurrent}")))
 
 
 class ApiKeys:
@@ -4379,16 +4423,22 @@ class ApiKeys:
                 keys[index] = kept
         self.named = keys
 
+    async def save(self, keys, content):
+        """Saves the keys file (atomically) and takes its keys."""
+        await asyncio.to_thread(self.file.save, content)
+        self.take(keys)
+
     async def watch(self):
         """Polls the file every second, like the token file."""
         while True:
             await self.reload()
             await asyncio.sleep(TOKEN_FILE_POLL_SECONDS)
 
-    def listed(self):
-        """The named keys as the admin page shows them: masked, with their limits and what they are doing."""
+    def listed(self, figures):
+        """The named keys as the admin page shows them: masked, with their limits, the completions they are
+        running and, from `figures` (the monitor's, by name), what they have done."""
         return [{"name": key.name, "masked": mask_token(key.value), "rpm": key.rpm, "concurrent": key.concurrent,
-                 "active": key.active} for key in self.named]
+                 "active": key.active, **asdict(figures.get(key.name, KeyFigures()))} for key in self.named]
 
 
 # ─── Admin API ───────────────────────────────────────────────────────────────
@@ -4453,7 +4503,7 @@ async def admin_token_stats(request):
 async def admin_reset_token(request):
     pool = request.app[STATE].upstream.pool
     index = request.match_info["index"]
-    expect(index.isdigit() and int(index) < len(pool.tokens),
+    expect(WHOLE_NUMBER.fullmatch(index) and int(index) < len(pool.tokens),
             f"No token {index}: indexes go from 0 to {len(pool.tokens) - 1}" if pool.tokens
            else f"No token {index}: the {pool.mode} pool is empty", "index")
     token = pool.tokens[int(index)]
@@ -4489,6 +4539,24 @@ async def admin_token_content(request):
                               "tokens": parse_tokens_file(text), "version": file_version(text)})
 
 
+async def save_unless_changed(state, file, body, new_content, save):
+    """Saves, with `save`, what `new_content` makes of the file's text, unless the file changed since the page
+    loaded the `version` in `body` (a 409); a file that cannot be written is a 500 that says why."""
+    version = body.get("version")
+    expect(version is None or isinstance(version, str), "'version' must be a string", "version", "invalid_type")
+    async with state.save_lock:
+        current, _ = await asyncio.to_thread(file.read)
+        if version is not None and (current is None or file_version(current) != version):
+            raise ApiError(409, f"{file.path.name} changed since it was loaded; load it again, then save",
+                           param="version", code="file_changed")
+        content = new_content(current or "")
+        try:
+            await save(content)
+        except OSError as exc:
+            raise ApiError(500, f"Could not save {file.path.name}: {exc.strerror}", code="save_failed") from None
+    return content
+
+
 async def admin_update_tokens(request):
     state = request.app[STATE]
     pool = state.upstream.pool
@@ -4501,19 +4569,11 @@ async def admin_update_tokens(request):
                "'tokens' must be a list of strings without line breaks", "tokens", "invalid_type")
     else:
         expect(isinstance(content, str), "'content' must be a string", "content", "invalid_type")
-    version = body.get("version")
-    expect(version is None or isinstance(version, str), "'version' must be a string", "version", "invalid_type")
-    async with state.save_lock:
-        current, _ = await asyncio.to_thread(pool.file.read)
-        if version is not None and (current is None or file_version(current) != version):
-            raise ApiError(409, f"{pool.file.path.name} changed since it was loaded; load it again, then save",
-                           param="version", code="file_changed")
-        if "tokens" in body:
-            content = tokens_file_text(current or "", parse_tokens_file("\n".join(tokens)))
-        try:
-            await pool.save(content)
-        except OSError as exc:
-            raise ApiError(500, f"Could not save {pool.file.path.name}: {exc.strerror}", code="save_failed") from None
+
+    def new_content(current):
+        return file_text(parse_tokens_file("\n".join(tokens)), current) if "tokens" in body else content
+
+    content = await save_unless_changed(state, pool.file, body, new_content, pool.save)
     return ok(f"Saved {len(pool.tokens)} tokens to {pool.file.path.name}", counts=pool.counts(),
               version=file_version(content), warnings=not_jwt_warnings(content))
 
@@ -4539,7 +4599,7 @@ async def admin_requests(request):
     """The request log, newest first; ?status=4xx, ?key=name and ?limit=N narrow it."""
     status, key, limit = (request.query.get(name) for name in ("status", "key", "limit"))
     expect(status in (None, "2xx", "4xx", "5xx"), "'status' must be 2xx, 4xx or 5xx", "status")
-    expect(limit is None or (limit.isdigit() and int(limit) > 0), "'limit' must be a whole number above 0", "limit")
+    expect(limit is None or (WHOLE_NUMBER.fullmatch(limit) and int(limit) > 0), "'limit' must be a whole number above 0", "limit")
     entries = request.app[STATE].monitor.requests_logged(status, key)
     return web.json_response({"requests": list(itertools.islice(entries, int(limit) if limit else None))})
 
@@ -4558,7 +4618,8 @@ async def metrics(request):
 async def admin_keys(request):
     keys = request.app[STATE].keys
     text, _ = await asyncio.to_thread(keys.file.read)
-    return web.json_response({"file": str(keys.file.path), "keys": keys.listed(), "version": file_version(text or "")})
+    return web.json_response({"file": str(keys.file.path), "keys": keys.listed(request.app[STATE].monitor.keys),
+                              "version": file_version(text or "")})
 
 
 async def admin_update_keys(request):
@@ -4568,24 +4629,13 @@ async def admin_update_keys(request):
     body = await read_json(request)
     expect(isinstance(body, dict) and isinstance(body.get("keys"), list), "Send {\"keys\": [...], \"version\": ...}",
            "keys", "invalid_type")
-    version = body.get("version")
-    expect(version is None or isinstance(version, str), "'version' must be a string", "version", "invalid_type")
     known = {key.name: key.value for key in state.keys.named}
     keys = [key_of(entry, known, f"keys[{index}]") for index, entry in enumerate(body["keys"])]
     names = [key.name for key in keys]
     expect(len(set(names)) == len(names), "two keys have the same name", "keys")
-    async with state.save_lock:
-        current, _ = await asyncio.to_thread(state.keys.file.read)
-        if version is not None and (current is None or file_version(current) != version):
-            raise ApiError(409, f"{state.keys.file.path.name} changed since it was loaded; load it again, then save",
-                           param="version", code="file_changed")
-        content = api_keys_file_text(keys, current or "")
-        try:
-            await asyncio.to_thread(state.keys.file.save, content)
-        except OSError as exc:
-            raise ApiError(500, f"Could not save {state.keys.file.path.name}: {exc.strerror}", code="save_failed") from None
-        state.keys.take(keys)
-    return ok(f"Saved {len(keys)} keys to {state.keys.file.path.name}", keys=state.keys.listed(),
+    content = await save_unless_changed(state, state.keys.file, body, lambda current: file_text(
+        map(api_key_line, keys), current), lambda content: state.keys.save(keys, content))
+    return ok(f"Saved {len(keys)} keys to {state.keys.file.path.name}", keys=state.keys.listed(state.monitor.keys),
               version=file_version(content))
 
 
@@ -4778,15 +4828,15 @@ async def handle_errors(request, handler):
         record.reason = exc.reason.lower().replace(" ", "_")
         response = route.dialect.error_response(ApiError(exc.status, message, code=record.reason))
     except asyncio.CancelledError:
-        record.outcome = "client gone"
-        finish_record(state, record, 499)
+        record.outcome = CLIENT_GONE
+        finish_record(state, record, CLIENT_GONE_STATUS)
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         record.reason = "internal_error"
         response = route.dialect.error_response(ApiError(500, "Internal error; see the proxy's log",
                                                          code=record.reason))
-    finish_record(state, record, response.status)
+    finish_record(state, record, CLIENT_GONE_STATUS if record.outcome == CLIENT_GONE else response.status)
     return response
 
 
@@ -4803,7 +4853,7 @@ def finish_record(state, record, status):
     why = ", ".join(filter(None, (record.outcome, record.reason)))
     log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", record.method, record.path,
              record.model or "-", "-" if record.stream is None else str(record.stream).lower(), status,
-             f" ({why})" if why else "", first, (time.monotonic() - record.started) * 1000)
+             f" ({why})" if why else "", first, record.duration * 1000)
 
 
 @web.middleware

@@ -174,9 +174,36 @@ async def test_the_last_hour_the_requests_and_the_keys(browser, site, fake):
     assert new_key not in await page.content() and ALICE_KEY not in await page.content()
     bob = {"Authorization": "Bearer " + new_key}
     assert (await site.post("/v1/chat/completions", json=chat(), headers=bob)).status == 200
+    bob_row = page.locator("#keys-body tr[data-name='bob']")
+    await playwright.expect(bob_row.locator("td[data-label='Requests']")).to_have_text("1", timeout=8000)
+    await playwright.expect(bob_row.locator("td[data-label='Errors']")).to_have_text("0")
     ARTIFACTS.mkdir(exist_ok=True)
+    await page.click("#flash")
+    await playwright.expect(page.locator("#flash")).to_be_hidden()
     await page.evaluate("window.scrollTo(0, 0)")
     await page.screenshot(path=str(ARTIFACTS / "admin-monitoring.png"), full_page=True)
+
+
+async def test_keys_edited_on_the_page_and_on_the_server(browser, site):
+    page = await dashboard(browser, site)
+    await playwright.expect(page.locator("#keys-body tr")).to_have_count(1)
+    await page.click("#keys-body tr:first-child .reset-one")
+    await page.click("#save-keys")
+    await playwright.expect(page.locator("#flash")).to_contain_text("Saved 0 keys", timeout=8000)
+    assert site.keys_file.read_text() == "# team keys\n"
+    await playwright.expect(page.locator("#keys-body")).to_contain_text("No named keys")
+    await page.click("#save-keys")
+    await playwright.expect(page.locator("#flash")).to_contain_text("Saved 0 keys", timeout=8000)
+
+    site.keys_file.write_text(KEYS_FILE)
+    await playwright.expect(page.locator("#keys-body")).to_contain_text("alice", timeout=8000)
+    await page.fill("#keys-body tr:first-child input[aria-label='Requests per minute']", "7")
+    site.keys_file.write_text(KEYS_FILE + "carol:sk-carol-0123456789\n")
+    await page.click("#save-keys")
+    await playwright.expect(page.locator("#flash")).to_contain_text("changed since it was loaded", timeout=8000)
+    await page.click("#load-keys")
+    await playwright.expect(page.locator("#keys-body tr")).to_have_count(2, timeout=8000)
+    await playwright.expect(page.locator("#keys-body")).to_contain_text("carol")
 
 
 async def test_hostile_values_render_as_text(browser, site, fake):

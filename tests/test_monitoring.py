@@ -57,7 +57,7 @@ async def test_metrics_parse_and_count_what_the_traffic_did(monitored, fake):
     found = samples(await response.text())
     chat_route = ("route", "/v1/chat/completions")
 
-    def requests(outcome, status_class, key="-", route=chat_route):
+    def requests(outcome, status_class, key="(VALID_API_KEY)", route=chat_route):
         labels = tuple(sorted((route, ("status_class", status_class), ("outcome", outcome), ("key", key))))
         return found.get(("k2proxy_requests_total", labels), 0)
     assert requests("ok", "2xx", "alice") == 1 and requests("client_error", "4xx") == 1
@@ -115,11 +115,16 @@ async def test_the_last_hour_minute_by_minute(monitored, fake):
     await traffic(monitored, fake)
     minutes = (await (await monitored.get("/admin/history", headers=ADMIN)).json())["minutes"]
     assert len(minutes) == 60 and minutes[-1]["minute"] <= time.time() < minutes[-1]["minute"] + 60
-    now = minutes[-1]
-    assert (now["requests"], now["client_errors"], now["upstream_failures"]) == (6, 1, 2)
-    assert now["first_content_p50_ms"] is not None and now["first_content_p95_ms"] >= now["first_content_p50_ms"]
+    assert [b["minute"] - a["minute"] for a, b in zip(minutes, minutes[1:])] == [60] * 59, "a row a minute, in order"
+    totals = {name: sum(minute[name] for minute in minutes)
+              for name in ("requests", "client_errors", "upstream_failures", "clients_gone")}
+    assert totals == {"requests": 6, "client_errors": 1, "upstream_failures": 2, "clients_gone": 1}
+    served = [minute for minute in minutes if minute["first_content_p50_ms"] is not None]
+    assert served and all(m["first_content_p95_ms"] >= m["first_content_p50_ms"] for m in served)
     tokens = (await (await monitored.get("/admin/tokens/stats", headers=ADMIN)).json())["tokens"]
-    assert len(tokens[0]["last_hour"]) == 60 and sum(t["last_hour"][-1][0] for t in tokens) == 8
+    assert len(tokens[0]["last_hour"]) == 60
+    assert sum(requests for token in tokens for requests, _ in token["last_hour"]) == 8
+    assert sum(failures for token in tokens for _, failures in token["last_hour"]) == 2 + 2 + 1, "500s, timeouts, a 401"
 
 
 async def test_a_key_over_its_rate_is_refused_before_upstream_while_others_are_served(monitored, fake):
@@ -193,3 +198,42 @@ async def test_the_admin_api_edits_keys_without_ever_holding_them(monitored, tmp
     for bad in ([{"name": "new-one"}], [{"name": "a b", "key": "k"}], [{"name": "x", "key": "k", "rpm": 0}],
                 [{"name": "x", "key": "k"}, {"name": "x", "key": "j"}]):
         assert (await monitored.post("/admin/keys/update", json={"keys": bad}, headers=ADMIN)).status == 400
+
+
+async def test_each_named_key_has_its_figures_and_requests_without_a_key_their_label(monitored, fake):
+    await traffic(monitored, fake)
+    assert (await monitored.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer nope"})).status == 401
+    keys = {key["name"]: key for key in (await (await monitored.get("/admin/keys", headers=ADMIN)).json())["keys"]}
+    assert {name: (key["requests"], key["errors"], key["active"]) for name, key in keys.items()} == {
+        "alice": (1, 0, 0), "bob": (1, 0, 0), "ci": (0, 0, 0)}
+    assert (keys["alice"]["prompt_tokens"], keys["alice"]["completion_tokens"]) == (12, 34)
+    found = samples(await (await monitored.get("/metrics", headers=ADMIN)).text())
+    without_key = {dict(labels)["outcome"]: value for (name, labels), value in found.items()
+                   if name == "k2proxy_requests_total" and dict(labels)["key"] == "(none)"}
+    assert without_key == {"client_error": 1}
+
+
+async def test_a_client_gone_while_its_stream_is_written_is_logged_as_499(monitored, fake, monkeypatch):
+    send = k2proxy.EventStream._send
+
+    async def transport_closed_at_the_end(stream, render, last=False):
+        if last:
+            raise k2proxy.ClientGone()
+        await send(stream, render)
+    monkeypatch.setattr(k2proxy.EventStream, "_send", transport_closed_at_the_end)
+    events, _ = await read_sse(await monitored.post("/v1/chat/completions", json=chat(stream=True), headers=ALICE))
+    assert events and "[DONE]" not in events
+    newest = (await (await monitored.get("/admin/requests?limit=1", headers=ADMIN)).json())["requests"][0]
+    assert (newest["status"], newest["outcome"], newest["key"]) == (499, "client gone", "alice")
+
+
+@pytest.mark.parametrize("digit", ["²", "①", "٣"])
+async def test_digits_that_are_not_ascii_are_refused_not_a_crash(monitored, tmp_path, caplog, digit):
+    (tmp_path / "api_keys.txt").write_text(f"odd:sk-odd-0123456789 rpm={digit}\ndave:sk-dave-0123456789\n")
+    dave = {"Authorization": "Bearer sk-dave-0123456789"}
+    await until(lambda: [key.name for key in proxy_state(monitored).keys.named] == ["dave"])
+    assert (await monitored.get("/v1/models", headers=dave)).status == 200
+    assert "lines 1 are not name:key" in caplog.text
+    for path in (f"/admin/requests?limit={digit}", f"/admin/tokens/reset/{digit}"):
+        response = await monitored.request("GET" if "requests" in path else "POST", path, headers=ADMIN)
+        assert response.status == 400, path
