@@ -152,6 +152,7 @@ class Setting:
 
 
 MAX_REQUEST_LOG = 10000  # entries: a whole log is then a few MB of JSON, made in tens of milliseconds
+BODY_MEMORY_FACTOR = 4   # what reading a body takes at most, in all its forms, for each byte of it
 
 SETTINGS = (
     Setting("HOST", "0.0.0.0", _text, "Address to listen on"),
@@ -160,7 +161,7 @@ SETTINGS = (
     Setting("ADMIN_KEY", "", _text, "Key for the admin page and API; empty: the first API key", True),
     Setting("API_KEYS_FILE", "api_keys.txt", _text, "Named API keys with limits, one per line: name:key [rpm=N] [concurrent=N]; watched like the token file"),
     Setting("METRICS_KEY", "", _text, "Another key for GET /metrics (a Bearer token), for a scraper that should not hold the admin key; the admin key works too", True),
-    Setting("REQUEST_LOG_SIZE", "500", _int_between(0, MAX_REQUEST_LOG), "Requests kept in memory for GET /admin/requests and the admin page (at most 10000)"),
+    Setting("REQUEST_LOG_SIZE", "500", _int_between(0, MAX_REQUEST_LOG), f"Requests kept in memory for GET /admin/requests and the admin page (at most {MAX_REQUEST_LOG})"),
     Setting("PROXY_MODE", "guest", _one_of("guest", "user"), "guest (no account) or user (account tokens from USER_TOKENS_FILE)"),
     Setting("K2THINK_BASE_URL", "https://chat.ifm.ai", _url, "Upstream site; every upstream path and the browser headers hang off it"),
     Setting("GUEST_API_URL", "", _url, "Full URL of the guest chat endpoint; empty: K2THINK_BASE_URL/api/guest/chat/completions"),
@@ -174,7 +175,7 @@ SETTINGS = (
     Setting("REQUEST_TIMEOUT", "120", _positive, "Seconds to wait for upstream's first byte, and between its frames"),
     Setting("COMPLETION_TIMEOUT", "900", _positive, "Seconds one completion may take in all, streams included"),
     Setting("MAX_ANSWER_MB", "16", _positive, "Largest answer kept for a non-streamed response, in MB"),
-    Setting("MEMORY_BUDGET_MB", "384", _positive, "Memory request bodies may take at once, in MB (each counts 4 times its size); a body beyond it waits, then gets a 503"),
+    Setting("MEMORY_BUDGET_MB", "384", _positive, f"Memory request bodies may take at once, in MB (each counts {BODY_MEMORY_FACTOR} times its size); a body beyond it waits, then gets a 503"),
     Setting("HEADER_TIMEOUT", "10", _positive, "Seconds a new connection has to send its first request's headers"),
     Setting("IDLE_TIMEOUT", "75", _positive, "Seconds an idle keep-alive connection stays open"),
     Setting("MAX_CONNECTIONS", "0", _int_between(0, 1000000), "Client connections open at once, more refused at once; 0: three quarters of the open-files limit"),
@@ -715,7 +716,7 @@ class UpstreamText:
         self._raw = []
         self._raw_size = 0
         self._head = ""
-        self._snapshots = False
+        self.snapshots = False  # whether frames have been whole-answer snapshots (else pieces)
         self._repeats = 0
         self.splitter = MarkupSplitter()
 
@@ -724,7 +725,7 @@ class UpstreamText:
         so it waits for the next frame: one that grows it makes the repeats snapshots, anything else pieces."""
         if not text:
             return "", ""
-        if not self._snapshots and len(self._raw) == 1 and text == self._raw[0]:
+        if not self.snapshots and len(self._raw) == 1 and text == self._raw[0]:
             self._repeats += 1
             return "", ""
         if self._repeats:
@@ -736,15 +737,15 @@ class UpstreamText:
         return self._read(text)
 
     def _read(self, text):
-        if self._raw and (len(text) > self._raw_size or (self._snapshots and len(text) == self._raw_size)):
+        if self._raw and (len(text) > self._raw_size or (self.snapshots and len(text) == self._raw_size)):
             raw = self._raw[0] if len(self._raw) == 1 else "".join(self._raw)
             self._raw = [raw]
             if text.startswith(raw):
-                self._snapshots = True
+                self.snapshots = True
                 self._raw = [text]
                 self._raw_size = len(text)
                 return self.splitter.feed(text[len(raw):])
-        if self._snapshots or (len(self._head) == SNAPSHOT_HEAD_CHARS and len(text) >= self._raw_size
+        if self.snapshots or (len(self._head) == SNAPSHOT_HEAD_CHARS and len(text) >= self._raw_size
                                and text.startswith(self._head)):
             rewritten = self._reparse(text)
             if rewritten:
@@ -770,7 +771,7 @@ class UpstreamText:
         if not (new_reasoning.startswith(old_reasoning) and new_answer.startswith(old_answer)):
             return None
         self.splitter = fresh
-        self._snapshots = True
+        self.snapshots = True
         self._raw = [text]
         self._raw_size = len(text)
         return new_reasoning[len(old_reasoning):], new_answer[len(old_answer):]
@@ -786,11 +787,6 @@ class UpstreamText:
 
     def finish(self):
         return self.splitter.finish()
-
-    @property
-    def snapshots(self):
-        """Whether frames have been whole-answer snapshots (else pieces)."""
-        return self._snapshots
 
     def raw_text(self):
         """The text as upstream sent it, markup and all."""
@@ -838,9 +834,8 @@ def blocked_error(status, body):
                                   "server to see it")
 
 
-def upstream_error(status, body, retry_after=None):
-    """The UpstreamError for a non-200 answer, from its status and body text."""
-    detail = error_detail(body)
+def upstream_error(status, detail, retry_after=None):
+    """The UpstreamError for a failed answer, from its status and what it said (error_detail of its body)."""
     shown = f"upstream answered HTTP {status}" + (f": {detail}" if detail else "")
     if "model not found" in detail.lower():
         return UpstreamError(MODEL_GONE, shown)
@@ -1066,7 +1061,6 @@ class ToolCallScanner:
         self.names = names
         self._buf = ""
         self._call = None
-        self.calls = 0
 
     def feed(self, text):
         self._buf += text
@@ -1185,7 +1179,6 @@ class ToolCallScanner:
             return True
         for name, arguments in calls:
             out.append(ToolCall(name, arguments))
-        self.calls += len(calls)
         return complete
 
 
@@ -1352,7 +1345,7 @@ def jwt_expiry(token):
     except (ValueError, binascii.Error):
         return None
     exp = payload.get("exp") if isinstance(payload, dict) else None
-    return float(exp) if isinstance(exp, (int, float)) and not isinstance(exp, bool) else None
+    return float(exp) if is_number(exp) else None
 
 
 def mask_token(token):
@@ -1392,7 +1385,6 @@ class Token:
 class Anonymous:
     """Who a guest request is without a token: nothing to send, nothing to charge."""
     value: str = ""
-    account: str = None
 
 
 NO_TOKEN = Anonymous()
@@ -1473,22 +1465,32 @@ class TokenPool:
         """Applies the failure's policy to `token`: a rest for a rate limit, a charge when it was to blame."""
         if token is NO_TOKEN:
             return
-        failure = error.failure
+        failure, now = error.failure, self.clock()
         token.last_error = str(error)[:LAST_ERROR_CHARS]
-        token.minutes.at(self.clock())[1] += 1
+        token.minutes.at(now)[1] += 1
         if failure.cool_down:
-            token.cooling_until = self.clock() + (error.retry_after or RATE_LIMIT_REST)
+            token.cooling_until = now + (error.retry_after or RATE_LIMIT_REST)
         if not failure.charge:
             return
         token.failures += 1
         token.refused = failure.refused and token.account is not None
         if token.failures >= self.max_failures:
             token.disabled = "auth" if failure.refused else "failures"
-            token.disabled_at = self.clock()
+            token.disabled_at = now
 
     def refused_accounts(self):
         """The accounts whose token the site refused since they last signed in."""
         return [token.account for token in self.tokens if token.refused]
+
+    def forget_refusal(self, account):
+        """The account signs in again: the refusal is answered, and a failed sign-in waits out its backoff."""
+        for token in self.tokens:
+            if token.account == account:
+                token.refused = False
+
+    def index_of(self, token):
+        """A token's place in the pool; None for NO_TOKEN, or for a token the file no longer holds."""
+        return next((index for index, held in enumerate(self.tokens) if held is token), None)
 
     def reset(self, token):
         token.failures = 0
@@ -1516,9 +1518,9 @@ class TokenPool:
         return rows
 
     def ready(self):
-        """None when a request could be served now, else the error it would get (nothing changes here)."""
+        """None when a request could be served now, else the error it would get."""
         now = self.clock()
-        if (not self.tokens and self.mode == "guest") or any(t.status(now) == "active" for t in self.tokens):
+        if (not self.tokens and self.mode == "guest") or any(self.status(t, now) == "active" for t in self.tokens):
             return None
         return self.unavailable()
 
@@ -1657,7 +1659,7 @@ class Upstream:
             except UpstreamError as failure:
                 pool.fail(token, failure)
                 error = failure
-                who = "anonymous" if token is NO_TOKEN else f"token {pool.tokens.index(token)}"
+                who = "anonymous" if token is NO_TOKEN else f"token {pool.index_of(token)}"
                 log.info("upstream attempt %d failed (%s mode, %s) %s: %s", len(tried), pool.mode, who,
                          failure.failure.code, failure)
                 if completion.committed or not self.worth_another_try(failure.failure, token):
@@ -1726,7 +1728,7 @@ class Upstream:
             for frame in frames:
                 fields.update(frame.fields)
                 if frame.error:
-                    raise upstream_error(502, json.dumps({"detail": frame.error}))
+                    raise upstream_error(502, frame.error)
                 more_reasoning, more_answer = parser.read(frame)
                 reasoning.append(more_reasoning)
                 answer.append(more_answer)
@@ -1744,11 +1746,11 @@ class Upstream:
         """The frames of an upstream answer, one list per network read; SSE or one JSON document,
         decided by the content type."""
         kind = response.content_type
-        if kind == "text/html" and response.status != 429:
-            raise blocked_error(response.status, (await read_body(response, ERROR_BODY_BYTES)).decode("utf-8", "replace"))
-        if response.status != 200:
-            body = await read_body(response, ERROR_BODY_BYTES)
-            raise upstream_error(response.status, body.decode("utf-8", "replace"), response.headers.get("Retry-After"))
+        if response.status != 200 or kind == "text/html":
+            body = (await read_body(response, ERROR_BODY_BYTES)).decode("utf-8", "replace")
+            if kind == "text/html" and response.status != 429:
+                raise blocked_error(response.status, body)
+            raise upstream_error(response.status, error_detail(body), response.headers.get("Retry-After"))
         if kind == "application/json":
             frame = parse_frame((await read_body(response, MAX_FRAME_BYTES)).decode("utf-8", "replace"))
             if frame is None:
@@ -1772,6 +1774,16 @@ ASSUMED_TOKEN_LIFETIME = 6 * 3600   # seconds, for a token whose expiry cannot b
 SKEWED_RENEWAL = 600                # seconds between sign-ins while this machine's clock runs ahead
 SIGNIN_BACKOFF_FIRST, SIGNIN_BACKOFF_MAX = 5, 600  # seconds between failing sign-ins, doubling
 ACCOUNTS_POLL_SECONDS = 1.0         # how often the file and refused tokens are looked at
+SIGNIN_PATH = "/api/v1/auths/signin"
+
+
+async def request_sign_in(upstream, url, email, password):
+    """Asks the site to sign an account in: (HTTP status, body, the token it issued or None)."""
+    async with upstream.session.post(url, json={"email": email, "password": password},
+                                     headers=upstream.headers(NO_TOKEN), allow_redirects=False) as response:
+        body = await read_body(response, ERROR_BODY_BYTES)
+        token = issued_token(body, response.cookies.get("token")) if response.status == 200 else None
+        return response.status, body, token
 
 
 def issued_token(body, cookie):
@@ -1805,7 +1817,7 @@ class Accounts:
         self.on_sign_in = on_sign_in
         self.pool = upstream.pools["user"]
         self.file = WatchedFile(settings.accounts_file)
-        self.url = settings.k2think_base_url + "/api/v1/auths/signin"
+        self.url = settings.k2think_base_url + SIGNIN_PATH
         self.clock = clock
         self.accounts = {}
         self.results = collections.Counter()  # sign-ins by result, for /metrics
@@ -1838,6 +1850,7 @@ class Accounts:
             now = self.clock()
             account = self.next_due(now)
             if account:
+                self.pool.forget_refusal(account.email)
                 await self.sign_in(account)
                 await asyncio.sleep(self.settings.signin_interval)
                 continue
@@ -1847,17 +1860,11 @@ class Accounts:
 
     async def sign_in(self, account):
         try:
-            async with self.upstream.session.post(
-                    self.url, json={"email": account.email, "password": account.password},
-                    headers=self.upstream.headers(NO_TOKEN), allow_redirects=False) as response:
-                body = await read_body(response, ERROR_BODY_BYTES)
-                cookie = response.cookies.get("token")
-                status = response.status
+            status, body, token = await request_sign_in(self.upstream, self.url, account.email, account.password)
         except (ClientError, OSError, asyncio.TimeoutError) as exc:
             return self._failed(account, f"sign-in request failed ({type(exc).__name__})")
         if status in (400, 401):
             return self._refused(account, error_detail(body.decode("utf-8", "replace")) or f"HTTP {status}")
-        token = issued_token(body, cookie) if status == 200 else None
         if not token:
             return self._failed(account, f"sign-in answered HTTP {status} without a token")
         self._signed_in(account, token)
@@ -1910,6 +1917,18 @@ class Accounts:
 NOTHINK = "-nothink"
 RETIRED_MODELS = ("MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-v2")  # clients still ask for them: the default serves
 MODELS_RETRY_SECONDS = 30.0  # between model list fetches while upstream's list cannot be had
+MODELS_PATH = "/api/models"
+
+
+def model_ids(body):
+    """The ids of a model list answer, {"data": [...]} or a bare list."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return []
+    entries = value.get("data") if isinstance(value, dict) else value
+    return [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)] \
+        if isinstance(entries, list) else []
 
 
 class Models:
@@ -1951,17 +1970,15 @@ class Models:
         token = self.upstream.pools["user"].usable()
         if token is None:
             return False
-        url = self.settings.k2think_base_url + "/api/models"
+        url = self.settings.k2think_base_url + MODELS_PATH
         try:
             async with self.upstream.session.get(url, headers=self.upstream.headers(token),
                                                  allow_redirects=False) as response:
-                body = await response.json(content_type=None) if response.status == 200 else None
-        except (ClientError, OSError, ValueError, asyncio.TimeoutError) as exc:
+                body = await read_body(response, MAX_FRAME_BYTES) if response.status == 200 else b""
+        except (ClientError, OSError, asyncio.TimeoutError) as exc:
             log.warning("model list not fetched (%s); serving %s", type(exc).__name__, ", ".join(self.ids))
             return False
-        entries = body.get("data") if isinstance(body, dict) else body
-        ids = [e.get("id") for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)] \
-            if isinstance(entries, list) else []
+        ids = model_ids(body)
         if not ids:
             log.warning("upstream gave no model list; serving %s", ", ".join(self.ids))
             return False
@@ -2510,7 +2527,6 @@ class Dialect:
 
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-BODY_MEMORY_FACTOR = 4          # what reading a body takes at most, in all its forms, for each byte of it
 BODY_WAIT_SECONDS = 5           # how long a body waits for room in MEMORY_BUDGET_MB before a 503
 MAX_EXPANSION = 12              # a body that would take more than this many times its size once parsed is refused
 EXPANSION_FLOOR = MB            # smaller bodies are parsed whatever their shape
@@ -2682,8 +2698,7 @@ async def serve_completion(request, core, renderer, render_answer):
     finally:
         writer.stop()
         record.attempts = len(tried)
-        record.token_index = state.upstream.pool.tokens.index(tried[-1]) if tried and tried[-1] is not NO_TOKEN \
-            and tried[-1] in state.upstream.pool.tokens else None
+        record.token_index = state.upstream.pool.index_of(tried[-1]) if tried else None
 
 
 # ─── Dialect: OpenAI chat completions ────────────────────────────────────────
@@ -3942,7 +3957,7 @@ def look_at_frames(look, frames, parser):
         look.frames += 1
         look.fields.update(frame.fields)
         if frame.error:
-            raise upstream_error(502, json.dumps({"detail": frame.error}))
+            raise upstream_error(502, frame.error)
         parser.read(frame)
         if frame.done or frame.finish_reason:
             return True
@@ -3984,11 +3999,8 @@ async def probe_sign_ins(upstream, settings):
     probes, issued = [], None
     for email, password in pairs:
         try:
-            async with upstream.session.post(settings.k2think_base_url + "/api/v1/auths/signin",
-                                             json={"email": email, "password": password},
-                                             headers=upstream.headers(NO_TOKEN), allow_redirects=False) as response:
-                body, status = await read_body(response, ERROR_BODY_BYTES), response.status
-                token = issued_token(body, response.cookies.get("token")) if status == 200 else None
+            status, _, token = await request_sign_in(upstream, settings.k2think_base_url + SIGNIN_PATH, email,
+                                                     password)
         except (ClientError, OSError, asyncio.TimeoutError) as exc:
             probes.append(Probe(f"sign-in {email}", "failed", f"no answer ({type(exc).__name__})",
                                 "see the host line"))
@@ -4011,7 +4023,7 @@ async def probe_models(upstream, settings, token):
         return Probe("models", "skipped", "the model list needs an account token: none in "
                                           f"{settings.user_tokens_file}, and no account signed in")
     try:
-        async with upstream.session.get(settings.k2think_base_url + "/api/models",
+        async with upstream.session.get(settings.k2think_base_url + MODELS_PATH,
                                         headers=upstream.headers(Token(token), "user"), allow_redirects=False) as response:
             body = await read_body(response, MAX_FRAME_BYTES)
             status = response.status
@@ -4027,17 +4039,6 @@ async def probe_models(upstream, settings, token):
         return Probe("models", "ok", f"serves {model} (offers {len(ids)}: {', '.join(ids)})", details={"ids": ids})
     return Probe("models", "failed", f"does not serve {model}; it offers {', '.join(ids)}",
                  f"set MODELS={','.join(ids)}", details={"ids": ids})
-
-
-def model_ids(body):
-    """The ids of a model list answer, {"data": [...]} or a bare list."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return []
-    entries = value.get("data") if isinstance(value, dict) else value
-    return [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)] \
-        if isinstance(entries, list) else []
 
 
 async def check_upstream(settings, upstream):

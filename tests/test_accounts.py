@@ -112,6 +112,19 @@ async def test_failing_sign_in_backs_off(account_proxy, fake, status):
     assert len(fake.signins) == 1
 
 
+async def test_a_refused_token_whose_sign_in_fails_waits_out_the_backoff(account_proxy, fake):
+    proxy = await account_proxy(["ann@example.com:pa:ss-ann"], MAX_RETRIES=0)
+    await until(lambda: account_tokens(proxy))
+    fake.by_token[fake.signins[0][1]] = Reply(status=401, body=json.dumps(AUTH_EXPIRED))
+    fake.signin_status = 503
+    assert (await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 502
+    accounts = state_of(proxy).accounts
+    account = accounts.accounts["ann@example.com"]
+    await until(lambda: account.status == "failing")
+    assert accounts.next_due(time.time()) is None, "the refusal was answered by a sign-in; now the backoff counts"
+    assert accounts.next_due(account.next_signin) is account
+
+
 async def test_accounts_file_is_watched(account_proxy, fake, tmp_path):
     proxy = await account_proxy(["ann@example.com:pa:ss-ann"])
     await until(lambda: account_tokens(proxy))

@@ -189,7 +189,8 @@ ANSWERS = [  # (status, body, Retry-After) → (kind, client status, code, charg
 
 @pytest.mark.parametrize("answer,policy", ANSWERS, ids=[f"{a[0]}-{p[0].name}" for a, p in ANSWERS])
 def test_each_upstream_answer_is_a_kind_with_its_policy(answer, policy):
-    error = k2proxy.upstream_error(*answer)
+    status, body, retry_after = answer
+    error = k2proxy.upstream_error(status, k2proxy.error_detail(body), retry_after)
     kind, status, code, charged, fails_over = policy
     assert error.failure is kind
     assert (kind.status, kind.code, kind.charge, kind.fail_over) == (status, code, charged, fails_over)
@@ -246,6 +247,17 @@ def test_a_refused_account_token_asks_its_account_to_sign_in_again():
     assert tokens.refused_accounts() == ["ann@example.com"]
     tokens.put_account_token("ann@example.com", "fresh", None)
     assert tokens.refused_accounts() == []
+
+
+def test_a_pool_is_ready_again_once_its_tokens_cooldown_is_over():
+    clock = [1000.0]
+    tokens = pool(clock)
+    for token in tokens.tokens:
+        for _ in range(2):
+            tokens.fail(token, k2proxy.UpstreamError(k2proxy.BROKEN, "x"))
+    assert tokens.ready().code == "no_usable_tokens"
+    clock[0] += k2proxy.load_settings({}).token_cooldown
+    assert tokens.ready() is None, "a request would be served now, so /health says ok"
 
 
 def test_the_anonymous_identity_is_never_charged_and_cannot_change():
