@@ -2114,14 +2114,11 @@ class Transcript:
         self.messages.append({"role": "assistant", "content": "\n".join(filter(None, [text, *blocks])),
                               "reasoning": ""})
 
-    def tool_result(self, call_id, content, name=None, failed=False):
-        """A tool's result, as a user turn; its images (a screenshot) stay images."""
+    def tool_result(self, call_id, parts, name=None, failed=False):
+        """A tool's result (its content parts), as a user turn; its images (a screenshot) stay images."""
         name = name or self.call_names.get(call_id) or "unknown"
-        if isinstance(content, str):
-            self.add("user", render_tool_result(name, call_id, content, failed))
-            return
-        text = render_tool_result(name, call_id, text_of(content), failed)
-        self.add("user", content_of([{"type": "text", "text": text}, *(p for p in content if p["type"] != "text")]))
+        text = render_tool_result(name, call_id, text_of(parts), failed)
+        self.add("user", content_of([{"type": "text", "text": text}, *(p for p in parts if p["type"] != "text")]))
 
     def finish(self, plan, answer_format=None):
         """The messages, with the tool prompt and the answer's format joined to the system message (or first, when
@@ -2170,11 +2167,11 @@ class AnswerFormat:
     def extract(text):
         """The JSON object in an answer, as compact text: the whole answer, a fenced block, or the first object
         in it that parses; None when there is none."""
-        candidates = [text.strip(), *(found.group(1) for found in FENCED_BODY.finditer(text))]
-        candidates += [text[start:] for start in (match.start() for match in re.finditer(r"\{", text))]
-        for candidate in candidates:
+        candidates = itertools.chain([(text.strip(), 0)], ((found.group(1), 0) for found in FENCED_BODY.finditer(text)),
+                                     ((text, match.start()) for match in re.finditer(r"\{", text)))
+        for candidate, start in candidates:  # (text, where its object would start): tried lazily, nothing copied
             try:
-                value, _ = JSON_DECODER.raw_decode(candidate)
+                value, _ = JSON_DECODER.raw_decode(candidate, start)
             except ValueError:
                 continue
             if isinstance(value, dict):
@@ -2330,7 +2327,7 @@ class Completion:
         self.writer = writer
         self.record = record
         self.committed = False  # the client has seen content: no other token may take over now
-        self.progress = Progress(core.tools, core.show_reasoning, core.answer_format)
+        self.reset()
 
     def reset(self):
         """Forgets an attempt that failed before the client saw any of it."""
@@ -2445,7 +2442,9 @@ class Collector:
         self.render = render
         self.limit = limit
         self.size = 0
-        self.answer = Answer()
+        self.reasoning, self.text = [], []  # pieces, joined once at the end (+= on a str would copy it each time)
+        self.calls = []                     # [id, name, pieces of its arguments]
+        self.finish = None
         self.response = None
 
     def start(self):
@@ -2455,7 +2454,6 @@ class Collector:
         pass
 
     async def write(self, events):
-        answer = self.answer
         added = sum(len(event.text) for event in events if isinstance(event, (Reasoning, Text, ToolArguments)))
         self.size += added
         if added and self.size > self.limit:
@@ -2463,21 +2461,23 @@ class Collector:
                                                   f"({self.limit / MB:g} MB); ask for a stream to receive it")
         for event in events:
             if isinstance(event, Reasoning):
-                answer.reasoning += event.text
+                self.reasoning.append(event.text)
             elif isinstance(event, Text):
-                answer.text += event.text
+                self.text.append(event.text)
             elif isinstance(event, ToolCallStart):
-                answer.calls.append([event.id, event.name, ""])
+                self.calls.append([event.id, event.name, []])
             elif isinstance(event, ToolArguments):
-                answer.calls[event.index][2] += event.text
+                self.calls[event.index][2].append(event.text)
             elif isinstance(event, Finish):
-                answer.finish = event
+                self.finish = event
             elif isinstance(event, Failed):
                 raise event.error
 
     async def close(self, events):
         await self.write(events)
-        self.response = web.json_response(self.render(self.answer), dumps=json_text)
+        answer = Answer("".join(self.reasoning), "".join(self.text),
+                        [[id_, name, "".join(pieces)] for id_, name, pieces in self.calls], self.finish)
+        self.response = web.json_response(self.render(answer), dumps=json_text)
         return self.response
 
 
@@ -2553,6 +2553,8 @@ class MemoryBudget:
         try:
             await asyncio.wait_for(waiter, BODY_WAIT_SECONDS)
         except asyncio.TimeoutError:
+            if waiter.done() and not waiter.cancelled():  # admitted in the very turn it gave up: give the share back
+                self.release(amount)
             raise ApiError(503, "The proxy is busy reading other large requests; try again in a moment",
                            code="busy", retry_after=1) from None
 
@@ -2656,6 +2658,19 @@ def body_too_large(state):
 MODEL_NAME_CHARS = 100  # of a model id in a log line
 
 
+def requested_model(body):
+    """The model a completion request names; a 400 when the body is not an object or names none."""
+    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
+    model = body.get("model")
+    expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
+    return model
+
+
+def default_effort(settings, show_reasoning):
+    """How long the model thinks when a request does not say: REASONING_EFFORT, or low for a -nothink model."""
+    return settings.reasoning_effort if show_reasoning else "low"
+
+
 async def read_request(request):
     """A completion request's body, its model noted for the log line even when the request is then refused."""
     body = await read_json(request)
@@ -2677,7 +2692,7 @@ async def serve_completion(request, core, renderer, render_answer):
     `renderer` (a stream) or a Collector with its `render_answer` (one JSON body), and answers."""
     state = request.app[STATE]
     record = request[RECORD]
-    record.model, record.stream = core.model, core.stream
+    record.stream = core.stream  # its model is noted already, by read_request
     settings = state.settings
     writer = (EventStream(request, renderer(), settings.keepalive_seconds) if core.stream
               else Collector(render_answer, int(settings.max_answer_mb * MB)))
@@ -2801,7 +2816,7 @@ def chat_transcript(messages, limit):
             expect(isinstance(call_id, str), f"messages[{index}].tool_call_id must be a string",
                    f"messages[{index}].tool_call_id", "invalid_type")
             name = message.get("name")
-            transcript.tool_result(call_id, content_of(parts), name if isinstance(name, str) else None)
+            transcript.tool_result(call_id, parts, name if isinstance(name, str) else None)
         else:
             transcript.add("user" if role == "user" else "system", content_of(parts))
     return transcript
@@ -2859,9 +2874,7 @@ def chat_answer_format(response_format):
 def parse_chat_request(body, settings, models):
     """Checks an OpenAI chat request and translates it; every problem is a 400 naming the field. Returns the
     CoreRequest and whether the client asked for a usage chunk."""
-    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
-    model = body.get("model")
-    expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
+    model = requested_model(body)
     upstream_model, show_reasoning = models.resolve(model)
     stream = body.get("stream", False)
     expect(stream is None or isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
@@ -2872,7 +2885,7 @@ def parse_chat_request(body, settings, models):
         expect(body.get(name) in (None, False), f"'{name}' is not supported: the site does not report token "
                "probabilities", name, "unsupported_parameter")
     effort = REQUEST_EFFORTS[one_of_field(body, "reasoning_effort", tuple(REQUEST_EFFORTS),
-                                          settings.reasoning_effort if show_reasoning else "low")]
+                                          default_effort(settings, show_reasoning))]
     tools = chat_tools(body, settings.tool_support)
     answer_format = chat_answer_format(object_field(body, "response_format"))
     messages = chat_transcript(body.get("messages"), int(settings.max_file_mb * MB)).finish(tools, answer_format)
@@ -3099,11 +3112,9 @@ def anthropic_result(transcript, block, where, limit):
     """A tool_result block: its text and images, and whether the tool failed."""
     call_id = block.get("tool_use_id")
     expect(isinstance(call_id, str), f"{where}.tool_use_id must be a string", f"{where}.tool_use_id", "invalid_type")
-    content = block.get("content", "")
-    blocks = content_blocks(content, f"{where}.content")
+    blocks = content_blocks(block.get("content", ""), f"{where}.content")
     parts = [anthropic_part(b, f"{where}.content[{n}]", limit) for n, b in enumerate(blocks)]
-    transcript.tool_result(call_id, content if isinstance(content, str) else content_of(parts),
-                           failed=block.get("is_error") is True)
+    transcript.tool_result(call_id, parts, failed=block.get("is_error") is True)
 
 
 def anthropic_user(transcript, blocks, where, limit):
@@ -3228,9 +3239,7 @@ def anthropic_model(asked, settings, models):
 def parse_messages_request(body, settings, models, counting=False):
     """Checks a Messages request (or a count_tokens one, which needs no max_tokens) and translates it. Returns
     the CoreRequest, whether thinking text is shown, and the types of tools left out."""
-    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
-    model = body.get("model")
-    expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
+    model = requested_model(body)
     upstream_model, show_reasoning = anthropic_model(model, settings, models)
     thinking, show_text, effort = anthropic_thinking(body)
     max_tokens = integer_field(body, "max_tokens", 1)
@@ -3243,7 +3252,7 @@ def parse_messages_request(body, settings, models, counting=False):
     params = sampling(number_field(body, "temperature", 0, 1), number_field(body, "top_p", 0, 1), max_tokens, stop)
     tools, left_out = anthropic_tools(body, settings.tool_support)
     messages = anthropic_transcript(body, int(settings.max_file_mb * MB)).finish(tools)
-    effort = effort or (settings.reasoning_effort if show_reasoning else "low")
+    effort = effort or default_effort(settings, show_reasoning)
     core = CoreRequest(model, upstream_model, messages, params, effort, stream, show_reasoning and thinking, tools)
     return core, show_text, left_out
 
@@ -3501,7 +3510,7 @@ class TurnBuilder:
         call_id, output = item.get("call_id"), item.get("output", "")
         expect(isinstance(call_id, str), f"{where}.call_id must be a string", f"{where}.call_id", "invalid_type")
         parts = response_parts(output, f"{where}.output", self.limit)
-        self.transcript.tool_result(call_id, output if isinstance(output, str) else content_of(parts))
+        self.transcript.tool_result(call_id, parts)
 
     def _end_turn(self):
         if self.texts or self.calls:
@@ -3530,12 +3539,10 @@ def response_tools(body, enabled):
                                       where))
             if kind == "namespace":
                 namespaces[function["name"]] = tool.get("name")
-    if isinstance(choice, dict):
-        expect(choice.get("type") == "function" and isinstance(choice.get("name"), str), "tool_choice must be "
-               "\"auto\", \"none\", \"required\" or {\"type\": \"function\", \"name\": ...}", "tool_choice")
-        choice = choice["name"]
-    expect(choice in ("auto", "none", "required") or isinstance(choice, str), "tool_choice must be \"auto\", "
-           "\"none\", \"required\" or {\"type\": \"function\", \"name\": ...}", "tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = choice.get("name")
+    expect(isinstance(choice, str), "tool_choice must be \"auto\", \"none\", \"required\" or "
+           "{\"type\": \"function\", \"name\": ...}", "tool_choice")
     return tool_plan(checked, choice, enabled), namespaces, left_out
 
 
@@ -3558,9 +3565,9 @@ def response_history(body, store):
 
 @dataclass(frozen=True)
 class ResponsesAsked:
-    """What a Responses request asked for beyond the core request: how reasoning shows, whether the response is
-    kept, which namespace each function belongs to, and the fields the response object repeats."""
-    summary: bool
+    """What a Responses request asked for beyond the core request: whether the response is kept, the history it
+    continues, which namespace each function belongs to, and the fields the response object repeats."""
+    store: bool
     history: list
     namespaces: dict
     echo: dict
@@ -3569,9 +3576,7 @@ class ResponsesAsked:
 def parse_responses_request(body, settings, models, store):
     """Checks a Responses request and translates it; every problem is a 400 naming the field (a 404 for an unknown
     previous_response_id). Returns the CoreRequest, what else was asked, and the built-in tool types left out."""
-    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
-    model = body.get("model")
-    expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
+    model = requested_model(body)
     upstream_model, show_reasoning = models.resolve(model)
     stream, stored = body.get("stream", False), body.get("store", True)
     expect(isinstance(stream, bool) and isinstance(stored, bool), "'stream' and 'store' must be true or false",
@@ -3591,12 +3596,12 @@ def parse_responses_request(body, settings, models, store):
         turns.add(item, f"input[{index}]")
     params = sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
                       integer_field(body, "max_output_tokens", 1), None)
-    effort = RESPONSE_EFFORTS[effort] if effort else settings.reasoning_effort if show_reasoning else "low"
+    effort = RESPONSE_EFFORTS[effort] if effort else default_effort(settings, show_reasoning)
     core = CoreRequest(model, upstream_model, turns.finish(tools), params, effort, stream,
                        show_reasoning and summary is not None, tools)
     echo = {**ECHO_DEFAULTS, **{name: body[name] for name in ECHOED if body.get(name) is not None},
             "reasoning": {"effort": reasoning.get("effort"), "summary": summary}}
-    return core, ResponsesAsked(summary is not None, history, namespaces, echo), left_out
+    return core, ResponsesAsked(stored, history, namespaces, echo), left_out
 
 
 def output_text_part(text):
@@ -3774,7 +3779,7 @@ async def create_response(request):
     builder = ResponseBuilder(core, asked)
     response = await serve_completion(request, core, lambda: ResponseEvents(builder),
                                       lambda answer: response_body(builder, answer))
-    if builder.final and asked.echo["store"]:
+    if builder.final and asked.store:
         store.put(builder.final, asked.history + builder.final["output"])
     return response
 

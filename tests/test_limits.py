@@ -96,6 +96,22 @@ def test_the_budget_admits_what_fits_and_wakes_waiters_in_order():
     asyncio.run(run())
 
 
+def test_a_body_admitted_as_its_wait_times_out_gives_its_share_back(monkeypatch):
+    async def admitted_as_time_runs_out(waiter, seconds):
+        budget.release(60)  # the first body ends: the waiter is granted its share ...
+        assert waiter.done()
+        raise asyncio.TimeoutError  # ... in the same turn as its timeout fires
+
+    async def run():
+        await budget.admit(60)
+        monkeypatch.setattr(k2proxy.asyncio, "wait_for", admitted_as_time_runs_out)
+        with pytest.raises(k2proxy.ApiError):
+            await budget.admit(50)
+        assert budget.used == 0, "the refused body holds nothing"
+    budget = k2proxy.MemoryBudget(1 / k2proxy.MB * 100)  # 100 bytes
+    asyncio.run(run())
+
+
 async def test_a_body_sent_without_a_key_is_not_read(proxy):
     reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
     writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
