@@ -11,6 +11,7 @@ factory with main(). aiohttp is the only dependency.
 import argparse
 import asyncio
 import base64
+import bisect
 import binascii
 import codecs
 import collections
@@ -1193,6 +1194,7 @@ class WatchedFile:
     def __init__(self, path):
         self.path = Path(path)
         self.state = "unread"
+        self.version = file_version("")  # of the text last read or saved, which what was loaded from it matches
         self._unreadable = "not yet"  # the state last reported unreadable, so that it is reported once
 
     def stat(self):
@@ -1223,6 +1225,8 @@ class WatchedFile:
         if await asyncio.to_thread(self.stat) == self.state and not force:
             return None
         text, self.state = await asyncio.to_thread(self.read)
+        if text is not None:
+            self.version = file_version(text)
         return text
 
     async def parsed_changes(self, parse, line_form):
@@ -1238,7 +1242,7 @@ class WatchedFile:
     def save(self, content):
         """Writes the file atomically (blocking: run it in a thread); the next poll sees no change."""
         write_atomically(self.path, content)
-        self.state = self.stat()
+        self.state, self.version = self.stat(), file_version(content)
 
 
 def write_atomically(path, content):
@@ -4148,17 +4152,15 @@ def key_label(name):
 
 
 class Histogram:
-    """A Prometheus histogram: counts per upper bound, their sum and count."""
+    """A Prometheus histogram: how many values fell in each bucket (added up at scrape time), their sum and count."""
 
     def __init__(self):
-        self.counts = [0] * len(TIME_BUCKETS)
+        self.in_bucket = [0] * (len(TIME_BUCKETS) + 1)  # the last: above every bound
         self.sum = 0.0
         self.count = 0
 
     def observe(self, value):
-        for index, bound in enumerate(TIME_BUCKETS):
-            if value <= bound:
-                self.counts[index] += 1
+        self.in_bucket[bisect.bisect_left(TIME_BUCKETS, value)] += 1
         self.sum += value
         self.count += 1
 
@@ -4310,22 +4312,20 @@ def metrics_text(monitor, pool, sign_ins):
                  if state != "total"}}
     counters = {**monitor.counters, **{("k2proxy_signins_total", (("result", result),)): count
                                        for result, count in sign_ins.items()}}
-    values = sorted({**counters, **gauges}.items())
+    series_of = collections.defaultdict(list)  # metric name → its lines
+    for (name, labels), value in sorted({**counters, **gauges}.items()):
+        series_of[name].append(f"{name}{labels_text(labels)} {value}")
+    for (name, labels), histogram in sorted(monitor.histograms.items()):
+        series_of[name] += histogram_lines(name, labels, histogram)
     lines = []
     for name, (kind, help_text) in METRIC_HELP.items():
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
-        for (series, labels), value in values:
-            if series == name:
-                lines.append(f"{name}{labels_text(labels)} {value}")
-        for (series, labels), histogram in sorted(monitor.histograms.items()):
-            if series == name:
-                lines += histogram_lines(name, labels, histogram)
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *series_of[name]]
     return "\n".join(lines) + "\n"
 
 
 def histogram_lines(name, labels, histogram):
     bounds = [*(f"{bound:g}" for bound in TIME_BUCKETS), "+Inf"]
-    counts = [*histogram.counts, histogram.count]
+    counts = itertools.accumulate(histogram.in_bucket)
     return ([f"{name}_bucket{labels_text(labels + (('le', bound),))} {count}" for bound, count in zip(bounds, counts)]
             + [f"{name}_sum{labels_text(labels)} {histogram.sum}", f"{name}_count{labels_text(labels)} {histogram.count}"])
 
@@ -4348,6 +4348,17 @@ class ApiKey:
     concurrent: int = None           # completions at once, None: no limit
     recent: collections.deque = field(default_factory=collections.deque, repr=False)  # when each was asked for
     active: int = 0
+
+
+def matching_key(given, keys, value_of=lambda key: key):
+    """The one of `keys` whose value is `given`, or None; every key is compared in constant time, whichever
+    matches, so timing tells nothing about any of them."""
+    given = given.encode("utf-8", "surrogateescape")
+    found = None
+    for key in keys:
+        if hmac.compare_digest(given, value_of(key).encode()):
+            found = key
+    return found
 
 
 def parse_api_keys_file(text):
@@ -4385,13 +4396,8 @@ class ApiKeys:
         self.clock = clock
 
     def find(self, given):
-        """The key `given` is, or None; every key is compared in constant time, whichever matches."""
-        given = given.encode("utf-8", "surrogateescape")
-        found = None
-        for key in self.unnamed + self.named:
-            if hmac.compare_digest(given, key.value.encode()):
-                found = key
-        return found
+        """The key `given` is, or None."""
+        return matching_key(given, itertools.chain(self.unnamed, self.named), lambda key: key.value)
 
     def admit(self, key):
         """Counts a completion against the key's limits, or refuses it with a 429 before anything is sent upstream."""
@@ -4622,10 +4628,10 @@ async def metrics(request):
 
 
 async def admin_keys(request):
+    """The named keys as loaded, and the version of the file they were loaded from (no file read per poll)."""
     keys = request.app[STATE].keys
-    text, _ = await asyncio.to_thread(keys.file.read)
     return web.json_response({"file": str(keys.file.path), "keys": keys.listed(request.app[STATE].monitor.keys),
-                              "version": file_version(text or "")})
+                              "version": keys.file.version})
 
 
 async def admin_update_keys(request):
@@ -4793,15 +4799,6 @@ def route_of(request):
     return next((r for prefix, r in UNROUTED_FAMILIES.items() if request.path.startswith(prefix)), UNROUTED)
 
 
-def key_matches(given, keys):
-    """Constant-time comparison against every key, so timing tells nothing about any of them."""
-    given = given.encode("utf-8", "surrogateescape")
-    found = False
-    for key in keys:
-        found |= hmac.compare_digest(given, key.encode())
-    return found
-
-
 def bearer(request):
     header = request.headers.get("Authorization", "")
     scheme, _, value = header.partition(" ")
@@ -4842,12 +4839,14 @@ async def handle_errors(request, handler):
         record.reason = "internal_error"
         response = route.dialect.error_response(ApiError(500, "Internal error; see the proxy's log",
                                                          code=record.reason))
-    finish_record(state, record, CLIENT_GONE_STATUS if record.outcome == CLIENT_GONE else response.status)
+    finish_record(state, record, response.status)
     return response
 
 
 def finish_record(state, record, status):
-    """The request's share of the figures, its memory budget and its key's limits given back, and its log line."""
+    """The request's share of the figures, its memory budget and its key's limits given back, and its log line;
+    a request whose client left is logged as CLIENT_GONE_STATUS, whatever was sent."""
+    status = CLIENT_GONE_STATUS if record.outcome == CLIENT_GONE else status
     state.budget.release(record.reserved)
     record.reserved = 0
     if record.api_key:
@@ -4872,11 +4871,11 @@ async def check_keys(request, handler):
     if path.startswith("/v1/"):
         admit_key(request)
     elif path == "/metrics":
-        if not key_matches(bearer(request), [key for key in (settings.admin_key, settings.metrics_key) if key]):
+        if matching_key(bearer(request), [key for key in (settings.admin_key, settings.metrics_key) if key]) is None:
             raise ApiError(401, "Invalid or missing key: send Authorization: Bearer <METRICS_KEY> (or the admin key)",
                            code="invalid_metrics_key")
     elif path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD")):
-        if not key_matches(bearer(request), [settings.admin_key]):
+        if matching_key(bearer(request), [settings.admin_key]) is None:
             raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
                            code="invalid_admin_key")
     return await handler(request)

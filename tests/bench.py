@@ -2,10 +2,11 @@
 """What the proxy costs: the fake upstream directly and through k2proxy, side by side, in one run.
 
 Usage: python tests/bench.py [--quick]
-Starts the fake upstream and the proxy as processes on 127.0.0.1, prints a markdown table of time to
-first content, streamed and non-streamed throughput, proxy CPU for long snapshot answers and proxy
-memory, with the ratios proxy/direct and the targets. Timing misses are reported, not failed; the exit
-status is non-zero only when requests failed.
+Starts the fake upstream and the proxy as processes on 127.0.0.1 and prints markdown: time to first
+content, streamed and non-streamed throughput (direct and by each completion route), proxy CPU for long
+snapshot answers, proxy memory, the targets, what each completion's bookkeeping costs, and the rate of
+every other route. Timing misses are reported, not failed; the exit status is non-zero only when
+requests failed.
 """
 
 import argparse
@@ -23,6 +24,8 @@ import time
 from pathlib import Path
 
 import aiohttp
+
+from fake_upstream import make_jwt
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-bench"  # a named key of API_KEYS_FILE, with limits it never reaches: its bookkeeping is in every figure
@@ -85,7 +88,9 @@ ROUTES = {  # name: (path, request body, the bytes of the line that ends a strea
                       b'data: {"type": "response.completed"'),
 }
 PROXIED = [name for name in ROUTES if name != "direct"]
-BENCH_KEYS = {"keys": [{"name": "bench", "key": KEY, "rpm": 10 ** 9, "concurrent": 10 ** 6}]}
+BENCH_LIMITS = {"rpm": 10 ** 9, "concurrent": 10 ** 6}  # the bench key's, never reached
+BENCH_KEYS = {"keys": [{"name": "bench", "key": KEY, **BENCH_LIMITS}]}
+BENCH_TOKEN = make_jwt(time.time() + 86400)  # a guest token, for the routes that reset one
 # Every other route: name: (path, or a function of the request's number to its path; body; key; share of the
 # request count, for routes that write a file or ask the upstream)
 SERVICES = {
@@ -107,6 +112,11 @@ SERVICES = {
     "POST /admin/keys/update": ("/admin/keys/update", BENCH_KEYS, ADMIN_KEY, 1 / 20),
     "POST /admin/tokens/reload": ("/admin/tokens/reload", {}, ADMIN_KEY, 1),
     "POST /admin/tokens/reset-all": ("/admin/tokens/reset-all", {}, ADMIN_KEY, 1),
+    "POST /admin/tokens/update": ("/admin/tokens/update", {"tokens": [BENCH_TOKEN]}, ADMIN_KEY, 1 / 20),
+    "POST /admin/tokens/reset/{index}": ("/admin/tokens/reset/0", {}, ADMIN_KEY, 1),
+    "POST /admin/switch_mode": ("/admin/switch_mode", {"mode": "guest"}, ADMIN_KEY, 1),
+    "GET /": ("/", None, None, 1),
+    "GET /admin (the page)": ("/admin", None, None, 1),
     "POST /admin/check": ("/admin/check", {}, ADMIN_KEY, 1 / 50),
 }
 
@@ -246,7 +256,7 @@ def bookkeeping_microseconds(count):
     import k2proxy
     settings = k2proxy.load_settings({})
     monitor, keys = k2proxy.Monitor(settings), k2proxy.ApiKeys(settings)
-    key = k2proxy.ApiKey("bench", KEY, rpm=10 ** 9, concurrent=10 ** 6)
+    key = k2proxy.ApiKey("bench", KEY, **BENCH_LIMITS)
     records = [k2proxy.RequestRecord("POST", "/v1/chat/completions", "openai", True, 0.0, model=MODEL, stream=True,
                                      route="/v1/chat/completions", key=key.name, first_content=0.01, duration=0.2,
                                      attempts=1, token_index=0, usage=k2proxy.Usage(10, 20, 0))
@@ -268,7 +278,8 @@ async def run(quick):
     upstream_port, proxy_port = free_port(), free_port()
     upstream = start([str(ROOT / "tests" / "fake_upstream.py"), "--port", str(upstream_port)], upstream_port)
     files = Path(tempfile.mkdtemp(prefix="k2proxy-bench-"))
-    (files / "api_keys.txt").write_text(f"bench:{KEY} rpm={10 ** 9} concurrent={10 ** 6}\n")
+    limits = " ".join(f"{name}={value}" for name, value in BENCH_LIMITS.items())
+    (files / "api_keys.txt").write_text(f"bench:{KEY} {limits}\n")
     proxy = start([str(ROOT / "k2proxy.py")], proxy_port, {
         "PORT": str(proxy_port), "HOST": "127.0.0.1", "ADMIN_KEY": ADMIN_KEY, "LOG_LEVEL": "WARNING",
         "API_KEYS_FILE": str(files / "api_keys.txt"), "GUEST_TOKENS_FILE": str(files / "tokens_guest.txt"),
@@ -347,7 +358,7 @@ def report(quick, ttfb, paused, streamed, plain, cpu, idle, peak, errors):
 def report_services(services, bookkeeping):
     print(f"\nBookkeeping per completion (request log, counters, histograms, the minute, the key's limits): "
           f"{bookkeeping:.1f} µs.")
-    print("\nEvery other route, 16 at once (writes and upstream checks fewer times):\n")
+    print("\nEvery other route, 16 at once (those that write a file, delete or ask the upstream, fewer times):\n")
     print("| route | requests/s | p99 |")
     print("|---|---:|---:|")
     for name, (rate, p99) in services.items():

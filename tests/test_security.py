@@ -17,10 +17,10 @@ def test_every_key_is_compared_in_constant_time(monkeypatch):
         calls.append((a, b))
         return a == b
     monkeypatch.setattr(k2proxy.hmac, "compare_digest", spy)
-    assert k2proxy.key_matches("sk-a", ["sk-a", "sk-b", "sk-c"])
+    assert k2proxy.matching_key("sk-a", ["sk-a", "sk-b", "sk-c"]) == "sk-a"
     assert len(calls) == 3, "matching the first key must not skip the others"
     calls.clear()
-    assert not k2proxy.key_matches("sk-x", ["sk-a", "sk-b"])
+    assert k2proxy.matching_key("sk-x", ["sk-a", "sk-b"]) is None
     assert len(calls) == 2
 
 
