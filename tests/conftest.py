@@ -208,3 +208,13 @@ def pair(spawn, tmp_path):
             (tmp_path / "tokens.txt").write_text("\n".join(tokens) + "\n")
         return Pair(spawn, tmp_path, {key: str(value) for key, value in env.items()}, site)
     return start
+
+
+@pytest.fixture
+async def fake_api(aiohttp_server):
+    """The fake official IFM API (FakeIFM) over real HTTP on loopback; any key works until `keys` is set."""
+    from fake_upstream import FakeIFM
+    upstream = FakeIFM()
+    server = await aiohttp_server(upstream.app)
+    upstream.url = str(server.make_url("")).rstrip("/")
+    return upstream
