@@ -1,21 +1,27 @@
 #!/usr/bin/env python3
 """k2proxy: MBZUAI's K2 reasoning models, served through the K2Think web site, behind the APIs clients speak.
 
-One module that reads top to bottom: settings, errors, the upstream protocol
-(pure parsing), tool calls (pure), files, the token pool, accounts, models, the
-upstream client, the core (a dialect-neutral request and the events of its
-completion), one front door per client dialect, the admin API, and the app
-factory with main(). aiohttp is the only dependency.
+One module that reads top to bottom, each section using only those above it:
+settings; errors; tool calls (pure); requests and events (a dialect-neutral
+request and the events of its completion); site protocol (pure parsing);
+files; credentials; upstream client; one section per upstream kind (upstream:
+the web site); accounts; models; upstream check; monitoring; API keys; stored
+responses; app state; request bodies; core (the one request path); one front
+door per client API (dialect: OpenAI chat completions; dialect: Anthropic
+Messages; dialect: OpenAI Responses); admin API; server; app factory and main.
+aiohttp is the only dependency.
 """
 
 import argparse
 import asyncio
 import base64
-import bisect
 import binascii
+import bisect
 import codecs
 import collections
+import contextlib
 import difflib
+import enum
 import functools
 import hashlib
 import hmac
@@ -419,10 +425,641 @@ def one_of_field(body, name, choices, default=None, param=None):
     return value
 
 
-# ─── Upstream protocol ───────────────────────────────────────────────────────
-# Pure code, no I/O: bytes → SSE payloads → frames → (reasoning, answer) pieces,
-# an answer's status and body → an UpstreamError, and the chat payload the site
-# takes. Every step does work proportional to what its input added.
+# ─── Tool calls ──────────────────────────────────────────────────────────────
+# The model has no native function calling: the proxy describes the tools in a
+# system prompt, renders tool history as text, and finds calls in the answer
+# as it streams. Text that cannot start a call is released at once. Offers the
+# dialects a neutral Tool and ToolPlan to build from their own tool formats.
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
+MAX_CALL_CHARS = 256 * 1024
+TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """The tools of a request and the choice: "auto", "required", or the name of the tool to call."""
+    tools: tuple
+    choice: str
+
+    @property
+    def names(self):
+        return frozenset(tool.name for tool in self.tools)
+
+
+def check_tool(name, description, parameters, where, parameters_field="parameters"):
+    """A Tool from a dialect's fields, or a 400 naming the field at fault."""
+    expect(isinstance(name, str) and TOOL_NAME.fullmatch(name), f"{where}.name must be a name of letters, digits, "
+           "_ . - (at most 64)", f"{where}.name")
+    expect(description is None or isinstance(description, str), f"{where}.description must be a string",
+           f"{where}.description", "invalid_type")
+    expect(parameters is None or isinstance(parameters, dict), f"{where}.{parameters_field} must be an object",
+           f"{where}.{parameters_field}", "invalid_type")
+    return Tool(name, description or "", parameters or {"type": "object", "properties": {}})
+
+
+def tool_plan(tools, choice, enabled, param="tool_choice"):
+    """The plan for checked tools and a choice of "auto", "none", "required" or a tool's name; None when no tool
+    text is to be sent or parsed."""
+    if choice not in ("auto", "none", "required"):
+        expect(choice in {tool.name for tool in tools}, f"{param} names the tool '{choice}', which is not in the "
+               "request's tools", param)
+    if choice == "none" or not enabled or not tools:
+        return None
+    return ToolPlan(tuple(tools), choice)
+
+
+def describe_parameters(schema):
+    """One line per top-level parameter, with its type, whether it is required and its allowed values; parts of
+    the schema that are not what JSON Schema says they are (a list of properties, say) are left out."""
+    properties, required = schema.get("properties"), schema.get("required")
+    required = {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
+    lines = []
+    for name, spec in (properties.items() if isinstance(properties, dict) else ()):
+        spec = spec if isinstance(spec, dict) else {}
+        kind = spec.get("type", "any")
+        line = f"- {name} ({kind if isinstance(kind, str) else 'any'}{', required' if name in required else ''})"
+        if isinstance(spec.get("description"), str) and spec["description"]:
+            line += f": {spec['description']}"
+        if isinstance(spec.get("enum"), list) and spec["enum"]:
+            line += " One of: " + ", ".join(json.dumps(v, ensure_ascii=False) for v in spec["enum"])
+        lines.append(line)
+    return lines
+
+
+def tool_prompt(plan):
+    """The system text that teaches the model the tools and the one reply format the proxy reads."""
+    parts = ["You can call tools (functions). These are the tools available:"]
+    for tool in plan.tools:
+        parts.append(f"\n### {tool.name}")
+        if tool.description:
+            parts.append(tool.description)
+        parts.extend(describe_parameters(tool.parameters))
+        parts.append("JSON Schema of the arguments: " + json.dumps(tool.parameters, ensure_ascii=False))
+    parts.append(
+        "\nTo call a tool, write this block in your answer, one block per call:\n"
+        f"{TOOL_CALL_OPEN}\n{{\"name\": \"TOOL_NAME\", \"arguments\": {{...arguments as a JSON object...}}}}\n"
+        f"{TOOL_CALL_CLOSE}\n"
+        "Use only the tools listed above, with arguments that match their schema. You may call several "
+        "tools, one block each. After your calls, stop: the results come back in the next message as "
+        "<tool_result> blocks. If no tool is needed, answer normally without any tool_call block.")
+    if plan.choice == "required":
+        parts.append("In this reply you must call at least one tool.")
+    elif plan.choice != "auto":
+        parts.append(f"In this reply you must call the tool \"{plan.choice}\".")
+    return "\n".join(parts)
+
+
+def render_call(name, arguments):
+    """A past call, written the way the model is told to write calls."""
+    try:
+        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+    except ValueError:
+        pass
+    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
+    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
+
+
+def render_tool_result(name, call_id, content, failed=False):
+    """A tool's result, as the model is told results come back."""
+    error = ' is_error="true"' if failed else ""
+    return f'<tool_result name="{name}" tool_call_id="{call_id}"{error}>\n{content}\n</tool_result>'
+
+
+def normalise_call(item, names):
+    """(name, arguments as a JSON string) of one call the model wrote, or None when it is not a valid call."""
+    if not isinstance(item, dict):
+        return None
+    if isinstance(item.get("function"), dict):
+        item = item["function"]
+    name, arguments = item.get("name"), item.get("arguments", item.get("parameters", {}))
+    if name not in names:
+        return None
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            return None
+    if not isinstance(arguments, dict):
+        return None
+    return name, json.dumps(arguments, ensure_ascii=False)
+
+
+def calls_in(value, names):
+    """The calls in a parsed block: one call, a list of calls, or {"tool_calls": [...]}; None if any is invalid."""
+    if isinstance(value, dict) and "tool_calls" in value:
+        value = value["tool_calls"]
+    items = value if isinstance(value, list) else [value]
+    calls = [normalise_call(item, names) for item in items]
+    return calls if calls and all(calls) else None
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    """A call found in the answer: the tool's name and its arguments as a JSON object's text."""
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
+class Opt:
+    text: str
+
+
+# Openings of the call forms models write, as steps: a literal, a tuple of alternatives, Opt(literal),
+# WS (any blanks) or NAME (a tool name). They are matched against text that may still be incomplete.
+WS, NAME = "ws", "name"
+CALL_OPENINGS = {
+    "tag": [TOOL_CALL_OPEN, WS, ("{", "[", "```")],  # prose that names the tag is not held back
+    "fence": ["```", Opt("json"), WS, "{", WS, '"tool_calls"'],
+    "inline": ["{", WS, '"tool_calls"'],
+    "natural": ["调用函数", WS, (":", "："), WS, NAME, WS, "参数", WS, (":", "："), WS, "{"],
+}
+CALL_TRIGGERS = re.compile(r"[<`{调]")
+FENCED_BODY = re.compile(r"\s*```[A-Za-z]*\s*(.*?)\s*```\s*", re.DOTALL)  # <tool_call>```json {...}```</tool_call>
+
+
+def match_opening(text, start, steps):
+    """('yes', end, name) when text[start:] opens a call, ('maybe', ...) when it still could, else ('no', ...)."""
+    at, name = start, None
+    for step in steps:
+        if step == WS:
+            while at < len(text) and text[at].isspace():
+                at += 1
+            if at == len(text):
+                return "maybe", at, name
+        elif step == NAME:
+            end = at
+            while end < len(text) and (text[end].isalnum() or text[end] in "_.-"):
+                end += 1
+            if end == len(text):
+                return "maybe", end, name
+            if end == at:
+                return "no", at, name
+            name, at = text[at:end], end
+        else:
+            options = (step.text,) if isinstance(step, Opt) else step if isinstance(step, tuple) else (step,)
+            found = next((o for o in options if text.startswith(o, at)), None)
+            if found:
+                at += len(found)
+            elif any(o.startswith(text[at:]) for o in options) and len(text) - at < max(map(len, options)):
+                return "maybe", at, name
+            elif not isinstance(step, Opt):
+                return "no", at, name
+    return "yes", at, name
+
+
+class ToolCallScanner:
+    """Finds tool calls in the streamed answer; yields text pieces and ToolCall objects in order."""
+
+    def __init__(self, names):
+        self.names = names
+        self._buf = ""
+        self._call = None
+
+    def feed(self, text):
+        self._buf += text
+        out = []
+        while self._buf:
+            if self._call is None and not self._scan_text(out):
+                break
+            if self._call is not None and not self._scan_call(out):
+                break
+        return out
+
+    def finish(self):
+        out = []
+        if self._call is not None:
+            self._settle(out, len(self._buf), complete=False)
+        if self._buf:
+            out.append(self._buf)
+            self._buf = ""
+        return out
+
+    def _scan_text(self, out):
+        """Releases text up to the next possible call opening; False when the rest must wait."""
+        position = 0
+        while True:
+            found = CALL_TRIGGERS.search(self._buf, position)
+            if not found:
+                out.append(self._buf)
+                self._buf = ""
+                return False
+            start = found.start()
+            verdicts = {kind: match_opening(self._buf, start, steps) for kind, steps in CALL_OPENINGS.items()}
+            opened = next(((kind, end, name) for kind, (verdict, end, name) in verdicts.items()
+                           if verdict == "yes"), None)
+            if opened:
+                out.append(self._buf[:start])
+                self._buf = self._buf[start:]
+                kind, end, name = opened
+                body_start = {"tag": len(TOOL_CALL_OPEN), "natural": end - start - 1}.get(kind)
+                if body_start is None:
+                    body_start = self._buf.index("{")
+                self._call = {"kind": kind, "name": name, "body": body_start, "scan": body_start,
+                              "depth": 0, "string": False, "escape": False, "end": None}
+                return True
+            if any(verdict == "maybe" for verdict, _, _ in verdicts.values()):
+                out.append(self._buf[:start])
+                self._buf = self._buf[start:]
+                return False
+            position = start + 1
+
+    def _scan_call(self, out):
+        call = self._call
+        if call["kind"] == "tag":
+            index = self._buf.find(TOOL_CALL_CLOSE, call["scan"])
+            if index < 0:
+                call["scan"] = max(call["body"], len(self._buf) - len(TOOL_CALL_CLOSE) + 1)
+                return self._too_long(out)
+            body = self._buf[call["body"]:index]
+            fenced = FENCED_BODY.fullmatch(body)
+            return self._settle(out, index + len(TOOL_CALL_CLOSE), body=fenced.group(1) if fenced else body)
+        if call["end"] is None and not self._balance(call):
+            return self._too_long(out)
+        if call["kind"] == "fence":
+            verdict, end, _ = match_opening(self._buf, call["end"], [WS, "```"])
+            if verdict == "maybe":
+                return False
+            return self._settle(out, end if verdict == "yes" else call["end"])
+        return self._settle(out, call["end"])
+
+    def _balance(self, call):
+        """Scans the JSON object for its closing brace, strings and escapes included; True once found."""
+        text, at = self._buf, call["scan"]
+        depth, string, escape = call["depth"], call["string"], call["escape"]
+        while at < len(text):
+            char = text[at]
+            at += 1
+            if string:
+                if escape:
+                    escape = False
+                elif char == "\\":
+                    escape = True
+                elif char == '"':
+                    string = False
+            elif char == '"':
+                string = True
+            elif char == "{":
+                depth += 1
+            elif char == "}":
+                depth -= 1
+                if depth == 0:
+                    call["end"] = at
+                    return True
+        call.update(scan=at, depth=depth, string=string, escape=escape)
+        return False
+
+    def _too_long(self, out):
+        if len(self._buf) > MAX_CALL_CHARS:
+            out.append(self._buf)
+            self._buf, self._call = "", None
+        return False
+
+    def _settle(self, out, consumed, body=None, complete=True):
+        """Turns the call text into ToolCalls, or releases it as text when it is not a valid call."""
+        call, raw = self._call, self._buf[:consumed]
+        self._call, self._buf = None, self._buf[consumed:]
+        if body is None:
+            body = raw[call["body"]:call["end"] or consumed]
+        try:
+            value = json.loads(body)
+        except ValueError:
+            value = None
+        if call["kind"] == "natural":
+            value = {"name": call["name"], "arguments": value}
+        calls = calls_in(value, self.names) if value is not None else None
+        if not calls:
+            out.append(raw)
+            return True
+        for name, arguments in calls:
+            out.append(ToolCall(name, arguments))
+        return complete
+
+
+# ─── Requests and events ─────────────────────────────────────────────────────
+# A completion request in no client's dialect, and the events its completion
+# produces. Offers the front doors: checks of what the model can read (images,
+# text files), Transcript (a conversation's Turns, built turn by turn),
+# sampling, AnswerFormat, CoreRequest; and the upstream kinds: the events they
+# yield (Reasoning, Text, ToolCallStart, ToolArguments, Finish, and Attempt and
+# Restart between attempts), and Answer for whole responses.
+
+TEXT_FILE_EXTENSIONS = frozenset(["txt", "text", "md", "markdown", "rst", "csv", "tsv", "json", "jsonl", "ndjson", "yaml", "yml", "toml", "ini", "cfg", "conf", "env", "properties", "log", "xml", "html", "htm", "css", "scss", "js", "mjs", "cjs", "ts", "tsx", "jsx", "vue", "svelte", "py", "pyi", "ipynb", "java", "kt", "kts", "scala", "groovy", "gradle", "c", "h", "cc", "cpp", "cxx", "hpp", "cs", "go", "rs", "rb", "php", "pl", "pm", "lua", "r", "m", "swift", "dart", "sh", "bash", "zsh", "fish", "ps1", "bat", "cmd", "sql", "graphql", "proto", "tex", "bib", "srt", "vtt", "diff", "patch", "dockerfile", "makefile", "cmake", "gitignore"])
+TEXT_MEDIA_TYPES = re.compile(r"text/.*|application/(json|ld\+json|xml|x-yaml|yaml|toml|javascript|"
+                              r"x-javascript|typescript|x-sh|x-python|sql|x-tex|csv|x-ndjson)")
+DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*(;base64)?,(.*)", re.S)
+CHARS_PER_TOKEN = 4  # the estimate of usage when upstream gives none
+
+
+def too_large(where, limit):
+    return ApiError(413, f"{where} is larger than MAX_FILE_MB ({limit / MB:g} MB)", param=where, code="file_too_large")
+
+
+def decode_base64(payload, where, limit):
+    """The bytes of base64 text, with 413 over `limit` and 400 when it is not base64."""
+    if len(payload) * 3 // 4 > limit + 3:
+        raise too_large(where, limit)
+    try:
+        raw = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"{where} does not hold valid base64 data", param=where, code="invalid_base64") from None
+    if len(raw) > limit:
+        raise too_large(where, limit)
+    return raw
+
+
+def decode_data(data, where, limit):
+    """(media type, bytes) of a data: URL or bare base64, with 413 over `limit` and 400 for bad base64."""
+    found = DATA_URL.fullmatch(data)
+    if found and not found.group(2):
+        raw = urllib.parse.unquote_to_bytes(found.group(3))
+        if len(raw) > limit:
+            raise too_large(where, limit)
+        return (found.group(1) or "").lower(), raw
+    media, payload = ((found.group(1) or ""), found.group(3)) if found else ("", data)
+    return media.lower(), decode_base64(payload, where, limit)
+
+
+def image_part(url, where, limit):
+    """An image as upstream takes it: a valid image data: URL or an http(s) URL, passed as it is."""
+    if url.startswith("data:"):
+        media, raw = decode_data(url, where, limit)
+        expect(media.startswith("image/"), f"{where} is a data: URL of '{media or 'no type'}', not an image",
+               where, "invalid_image")
+        expect(raw and re.match(r"data:[^,]*;base64,", url, re.IGNORECASE),
+               f"{where} must be a data: URL holding the image in base64 (data:image/png;base64,...)", where,
+               "invalid_image")
+    else:
+        expect(re.match(r"https?://\S+$", url), f"{where} must be a data: URL or an http(s) URL of an image",
+               where, "invalid_image")
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def text_file(name, media, raw, where):
+    """A text file, inlined as a fenced block headed by its name; a binary file is a 400 naming it."""
+    extension = name.rsplit(".", 1)[-1].lower() if "." in name else name.lower()
+    text = None
+    if extension in TEXT_FILE_EXTENSIONS or TEXT_MEDIA_TYPES.fullmatch(media):
+        for encoding in ("utf-8-sig", "utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
+            try:
+                text = raw.decode(encoding)
+                break
+            except UnicodeDecodeError:
+                continue
+    if text is None or "\x00" in text:  # NUL bytes: a binary file, whatever its name says
+        raise ApiError(400, f"{where}: the file '{name}' ({media or 'unknown type'}) cannot be read by the model; "
+                            "supported are text files in UTF-8 (txt, md, csv, json, code, ...) and images",
+                       param=where, code="unsupported_file")
+    fence = "`" * max(3, max(map(len, re.findall(r"`+", text)), default=0) + 1)
+    return {"type": "text", "text": f"File: {name}\n{fence}\n{text}\n{fence}"}
+
+
+def text_of(parts):
+    return "\n".join(part["text"] for part in parts if part["type"] == "text")
+
+
+def content_of(parts):
+    """Message content as upstream takes it: a string when it is all text, else the list of parts."""
+    if all(part["type"] == "text" for part in parts):
+        return text_of(parts)
+    return parts
+
+
+@dataclass(frozen=True)
+class Call:
+    """A tool call in a conversation's history, as the client sent it back."""
+    id: str
+    name: str
+    arguments: object  # the arguments' JSON text, or the object itself
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a conversation, in no dialect: what it said (upstream parts) and, for the assistant, the
+    reasoning it came with and the calls it made; for a tool's result, the call it answers."""
+    role: str                 # system | user | assistant | tool
+    parts: tuple = ()         # {"type": "text", ...} and {"type": "image_url", ...} parts
+    reasoning: str = None     # assistant: its reasoning, when the client sent it back
+    calls: tuple = ()         # assistant: its Calls
+    call_id: str = None       # tool: the call it answers
+    name: str = None          # tool: the tool's name
+    failed: bool = False      # tool: the tool reported an error
+
+    @property
+    def text(self):
+        return text_of(self.parts)
+
+
+def text_part(text):
+    return {"type": "text", "text": text}
+
+
+class Transcript:
+    """A conversation's Turns, built turn by turn from any dialect's history; a tool result learns its tool's
+    name from the call it answers."""
+
+    def __init__(self):
+        self.turns = []
+        self.call_names = {}
+
+    def add(self, role, content):
+        """A system or user turn; `content` is a string or a list of upstream parts."""
+        parts = (text_part(content),) if isinstance(content, str) else tuple(content)
+        self.turns.append(Turn(role, parts))
+
+    def assistant(self, text, calls=(), reasoning=None):
+        """An assistant turn: its text, the calls it made as (call id, name, arguments) triples, its reasoning."""
+        calls = tuple(Call(*call) for call in calls)
+        self.call_names.update((call.id, call.name) for call in calls)
+        self.turns.append(Turn("assistant", (text_part(text),) if text else (), reasoning, calls))
+
+    def tool_result(self, call_id, parts, name=None, failed=False):
+        """A tool's result: its content parts (a screenshot stays an image)."""
+        name = name or self.call_names.get(call_id) or "unknown"
+        self.turns.append(Turn("tool", tuple(parts), call_id=call_id, name=name, failed=failed))
+
+    def finish(self):
+        return tuple(self.turns)
+
+
+MAX_OUTPUT_TOKENS = 8192  # K2 Horizon writes at most this; asking for more only risks a refusal in long contexts
+
+
+def sampling(temperature, top_p, max_tokens, stop):
+    """The sampling options upstream understands, those given; max_tokens no more than the model can write."""
+    params = {"temperature": temperature, "top_p": top_p,
+              "max_tokens": min(max_tokens, MAX_OUTPUT_TOKENS) if max_tokens else None, "stop": stop}
+    return {name: value for name, value in params.items() if value is not None}
+
+
+def prompt_chars(turns, tools, answer_format):
+    """Characters of text in a conversation and what it is told of its tools and answer, for the usage estimate."""
+    said = sum(len(turn.text) + sum(len(json_text(call.arguments)) for call in turn.calls) for turn in turns)
+    return said + (len(tool_prompt(tools)) if tools else 0) + (len(answer_format.prompt()) if answer_format else 0)
+
+
+def estimate_tokens(chars):
+    return max(1, round(chars / CHARS_PER_TOKEN)) if chars else 0
+
+
+@dataclass(frozen=True)
+class AnswerFormat:
+    """An answer that must be one JSON object (of `schema`, when given): asked for in the prompt, and taken out
+    of whatever the model wrote around it."""
+    schema: dict = None
+
+    def prompt(self):
+        schema = f" matching this JSON Schema: {json.dumps(self.schema, ensure_ascii=False)}" if self.schema else ""
+        return (f"Answer with one JSON object{schema}, and nothing else: no prose before or after it, no code "
+                "fence.")
+
+    @staticmethod
+    def extract(text):
+        """The JSON object in an answer, as compact text: the whole answer, a fenced block, or the first object
+        in it that parses; None when there is none."""
+        candidates = itertools.chain([(text.strip(), 0)], ((found.group(1), 0) for found in FENCED_BODY.finditer(text)),
+                                     ((text, match.start()) for match in re.finditer(r"\{", text)))
+        for candidate, start in candidates:  # (text, where its object would start): tried lazily, nothing copied
+            try:
+                value, _ = JSON_DECODER.raw_decode(candidate, start)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                return json_text(value)
+        return None
+
+
+JSON_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
+class CoreRequest:
+    """A completion request in no dialect: what goes upstream, and how the answer is to be shown."""
+    model: str                # the id the client asked for, echoed in its answer
+    upstream_model: str
+    turns: tuple              # the conversation, as Turns
+    params: dict              # temperature, top_p, max_tokens, stop
+    effort: str
+    stream: bool
+    show_reasoning: bool
+    tools: ToolPlan = None
+    answer_format: AnswerFormat = None
+
+    @functools.cached_property
+    def prompt_tokens(self):
+        """The estimate of the prompt's tokens, counted once."""
+        return estimate_tokens(prompt_chars(self.turns, self.tools, self.answer_format))
+
+
+# The events of a completion. What arrived from upstream together is one list of events, and leaves in one write.
+
+@dataclass(frozen=True)
+class Reasoning:
+    text: str
+
+
+@dataclass(frozen=True)
+class Text:
+    text: str
+
+
+@dataclass(frozen=True)
+class ToolCallStart:
+    index: int
+    id: str       # without a dialect's prefix (call_, toolu_, fc_)
+    name: str
+
+
+@dataclass(frozen=True)
+class ToolArguments:
+    index: int
+    text: str     # the next piece of the arguments' JSON
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    reasoning_tokens: int
+
+    @property
+    def total_tokens(self):
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True)
+class Finish:
+    reason: str   # stop | length | tool_calls | content_filter
+    usage: Usage
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: ApiError
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """An upstream kind begins an attempt with a credential: its number, and the credential's place in its pool."""
+    number: int
+    credential: int = None
+
+
+@dataclass(frozen=True)
+class Restart:
+    """The attempt failed before its answer was whole, and another credential may do better: what came of the
+    failed attempt is void, if the client has seen none of it; else `error` ends the completion."""
+    error: UpstreamError
+
+
+UPSTREAM_FINISH_REASONS = ("length", "content_filter")  # the reasons of upstream's that a client is told
+
+
+@dataclass
+class Answer:
+    """A whole completion, gathered from its events for a non-streamed response."""
+    reasoning: str = ""
+    text: str = ""
+    calls: list = field(default_factory=list)  # [id, name, arguments]
+    finish: Finish = None
+
+
+def json_text(value):
+    return json.dumps(value, ensure_ascii=False)
+
+
+def sse_event(name, data):
+    """One named server-sent event, as the Anthropic and Responses streams send them."""
+    return b"event: " + name.encode() + b"\ndata: " + json_text(data).encode() + b"\n\n"
+
+
+def requested_model(body):
+    """The model a completion request names; a 400 when the body is not an object or names none."""
+    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
+    model = body.get("model")
+    expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
+    return model
+
+
+def default_effort(settings, show_reasoning):
+    """How long the model thinks when a request does not say: REASONING_EFFORT, or low for a -nothink model."""
+    return settings.reasoning_effort if show_reasoning else "low"
+
+
+# ─── Site protocol ───────────────────────────────────────────────────────────
+# The web site's wire format, as pure code with no I/O: bytes → SSE payloads →
+# frames → (reasoning, answer) deltas, and an answer's status and body → an
+# UpstreamError. Offers SSEDecoder, SiteReader (the one reading of the site's
+# answers, for requests, --check and tests) and site_error. Every step does
+# work proportional to what its input added.
 
 MAX_FRAME_BYTES = 16 * MB
 ERROR_TEXT_CHARS = 500  # of an error message quoted from upstream
@@ -526,7 +1163,7 @@ def held_tag_prefix(text, tag):
 class TrimmedText:
     """One side of the answer (reasoning or answer) as it streams, without leading or trailing blanks."""
 
-    __slots__ = ("parts", "_held")
+    __slots__ = ("_held", "parts")
 
     def __init__(self):
         self.parts = []
@@ -835,7 +1472,7 @@ def blocked_error(status, body):
                                   "server to see it")
 
 
-def upstream_error(status, detail, retry_after=None):
+def site_error(status, detail, retry_after=None):
     """The UpstreamError for a failed answer, from its status and what it said (error_detail of its body)."""
     shown = f"upstream answered HTTP {status}" + (f": {detail}" if detail else "")
     if "model not found" in detail.lower():
@@ -856,331 +1493,49 @@ def upstream_error(status, detail, retry_after=None):
     return UpstreamError(BROKEN, shown)
 
 
-def upstream_payload(model, messages, params, effort):
-    """The chat payload the site's working public clients send. Never chat_id, id and session_id together:
-    with those, Open WebUI answers over the browser's websocket and the HTTP answer holds no text."""
-    return {"stream": True, "model": model, "messages": messages, "params": params,
-            "features": {"web_search": False},
-            "extra_body": {"chat_template_kwargs": {"reasoning_effort": effort}}}
+@dataclass
+class Delta:
+    """What one network read of an answer added, in any upstream's wire format, and whether the answer ended."""
+    reasoning: str = ""
+    text: str = ""
+    usage: dict = None
+    finish_reason: str = None
+    ended: bool = False
+    error: UpstreamError = None  # an error frame: what came before it in the read is still delivered
 
 
-# ─── Tool calls ──────────────────────────────────────────────────────────────
-# The model has no native function calling: the proxy describes the tools in a
-# system prompt, renders tool history as text, and finds calls in the answer
-# as it streams. Text that cannot start a call is released at once. Offers the
-# dialects a neutral Tool and ToolPlan to build from their own tool formats.
+class SiteReader:
+    """The site's frames, read by network read into Deltas: for requests, --check and tests alike."""
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<tool_call>", "</tool_call>"
-MAX_CALL_CHARS = 256 * 1024
-TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+    def __init__(self):
+        self.text = UpstreamText()
+        self.fields = set()  # the top-level keys of every frame: what an answer without text did hold
+        self.frames = 0
 
-
-@dataclass(frozen=True)
-class Tool:
-    name: str
-    description: str
-    parameters: dict
-
-
-@dataclass(frozen=True)
-class ToolPlan:
-    """The tools of a request and the choice: "auto", "required", or the name of the tool to call."""
-    tools: tuple
-    choice: str
-
-    @property
-    def names(self):
-        return frozenset(tool.name for tool in self.tools)
-
-
-def check_tool(name, description, parameters, where, parameters_field="parameters"):
-    """A Tool from a dialect's fields, or a 400 naming the field at fault."""
-    expect(isinstance(name, str) and TOOL_NAME.fullmatch(name), f"{where}.name must be a name of letters, digits, "
-           "_ . - (at most 64)", f"{where}.name")
-    expect(description is None or isinstance(description, str), f"{where}.description must be a string",
-           f"{where}.description", "invalid_type")
-    expect(parameters is None or isinstance(parameters, dict), f"{where}.{parameters_field} must be an object",
-           f"{where}.{parameters_field}", "invalid_type")
-    return Tool(name, description or "", parameters or {"type": "object", "properties": {}})
-
-
-def tool_plan(tools, choice, enabled, param="tool_choice"):
-    """The plan for checked tools and a choice of "auto", "none", "required" or a tool's name; None when no tool
-    text is to be sent or parsed."""
-    if choice not in ("auto", "none", "required"):
-        expect(choice in {tool.name for tool in tools}, f"{param} names the tool '{choice}', which is not in the "
-               "request's tools", param)
-    if choice == "none" or not enabled or not tools:
-        return None
-    return ToolPlan(tuple(tools), choice)
-
-
-def describe_parameters(schema):
-    """One line per top-level parameter, with its type, whether it is required and its allowed values; parts of
-    the schema that are not what JSON Schema says they are (a list of properties, say) are left out."""
-    properties, required = schema.get("properties"), schema.get("required")
-    required = {name for name in required if isinstance(name, str)} if isinstance(required, list) else set()
-    lines = []
-    for name, spec in (properties.items() if isinstance(properties, dict) else ()):
-        spec = spec if isinstance(spec, dict) else {}
-        kind = spec.get("type", "any")
-        line = f"- {name} ({kind if isinstance(kind, str) else 'any'}{', required' if name in required else ''})"
-        if isinstance(spec.get("description"), str) and spec["description"]:
-            line += f": {spec['description']}"
-        if isinstance(spec.get("enum"), list) and spec["enum"]:
-            line += " One of: " + ", ".join(json.dumps(v, ensure_ascii=False) for v in spec["enum"])
-        lines.append(line)
-    return lines
-
-
-def tool_prompt(plan):
-    """The system text that teaches the model the tools and the one reply format the proxy reads."""
-    parts = ["You can call tools (functions). These are the tools available:"]
-    for tool in plan.tools:
-        parts.append(f"\n### {tool.name}")
-        if tool.description:
-            parts.append(tool.description)
-        parts.extend(describe_parameters(tool.parameters))
-        parts.append("JSON Schema of the arguments: " + json.dumps(tool.parameters, ensure_ascii=False))
-    parts.append(
-        "\nTo call a tool, write this block in your answer, one block per call:\n"
-        f"{TOOL_CALL_OPEN}\n{{\"name\": \"TOOL_NAME\", \"arguments\": {{...arguments as a JSON object...}}}}\n"
-        f"{TOOL_CALL_CLOSE}\n"
-        "Use only the tools listed above, with arguments that match their schema. You may call several "
-        "tools, one block each. After your calls, stop: the results come back in the next message as "
-        "<tool_result> blocks. If no tool is needed, answer normally without any tool_call block.")
-    if plan.choice == "required":
-        parts.append("In this reply you must call at least one tool.")
-    elif plan.choice != "auto":
-        parts.append(f"In this reply you must call the tool \"{plan.choice}\".")
-    return "\n".join(parts)
-
-
-def render_call(name, arguments):
-    """A past call, written the way the model is told to write calls."""
-    try:
-        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-    except ValueError:
-        pass
-    call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
-    return f"{TOOL_CALL_OPEN}\n{call}\n{TOOL_CALL_CLOSE}"
-
-
-def render_tool_result(name, call_id, content, failed=False):
-    """A tool's result, as the model is told results come back."""
-    error = ' is_error="true"' if failed else ""
-    return f'<tool_result name="{name}" tool_call_id="{call_id}"{error}>\n{content}\n</tool_result>'
-
-
-def normalise_call(item, names):
-    """(name, arguments as a JSON string) of one call the model wrote, or None when it is not a valid call."""
-    if not isinstance(item, dict):
-        return None
-    if isinstance(item.get("function"), dict):
-        item = item["function"]
-    name, arguments = item.get("name"), item.get("arguments", item.get("parameters", {}))
-    if name not in names:
-        return None
-    if isinstance(arguments, str):
-        try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
-        except ValueError:
-            return None
-    if not isinstance(arguments, dict):
-        return None
-    return name, json.dumps(arguments, ensure_ascii=False)
-
-
-def calls_in(value, names):
-    """The calls in a parsed block: one call, a list of calls, or {"tool_calls": [...]}; None if any is invalid."""
-    if isinstance(value, dict) and "tool_calls" in value:
-        value = value["tool_calls"]
-    items = value if isinstance(value, list) else [value]
-    calls = [normalise_call(item, names) for item in items]
-    return calls if calls and all(calls) else None
-
-
-@dataclass(frozen=True)
-class ToolCall:
-    """A call found in the answer: the tool's name and its arguments as a JSON object's text."""
-    name: str
-    arguments: str
-
-
-@dataclass(frozen=True)
-class Opt:
-    text: str
-
-
-# Openings of the call forms models write, as steps: a literal, a tuple of alternatives, Opt(literal),
-# WS (any blanks) or NAME (a tool name). They are matched against text that may still be incomplete.
-WS, NAME = "ws", "name"
-CALL_OPENINGS = {
-    "tag": [TOOL_CALL_OPEN, WS, ("{", "[", "```")],  # prose that names the tag is not held back
-    "fence": ["```", Opt("json"), WS, "{", WS, '"tool_calls"'],
-    "inline": ["{", WS, '"tool_calls"'],
-    "natural": ["调用函数", WS, (":", "："), WS, NAME, WS, "参数", WS, (":", "："), WS, "{"],
-}
-CALL_TRIGGERS = re.compile(r"[<`{调]")
-FENCED_BODY = re.compile(r"\s*```[A-Za-z]*\s*(.*?)\s*```\s*", re.DOTALL)  # <tool_call>```json {...}```</tool_call>
-
-
-def match_opening(text, start, steps):
-    """('yes', end, name) when text[start:] opens a call, ('maybe', ...) when it still could, else ('no', ...)."""
-    at, name = start, None
-    for step in steps:
-        if step == WS:
-            while at < len(text) and text[at].isspace():
-                at += 1
-            if at == len(text):
-                return "maybe", at, name
-        elif step == NAME:
-            end = at
-            while end < len(text) and (text[end].isalnum() or text[end] in "_.-"):
-                end += 1
-            if end == len(text):
-                return "maybe", end, name
-            if end == at:
-                return "no", at, name
-            name, at = text[at:end], end
-        else:
-            options = (step.text,) if isinstance(step, Opt) else step if isinstance(step, tuple) else (step,)
-            found = next((o for o in options if text.startswith(o, at)), None)
-            if found:
-                at += len(found)
-            elif any(o.startswith(text[at:]) for o in options) and len(text) - at < max(map(len, options)):
-                return "maybe", at, name
-            elif not isinstance(step, Opt):
-                return "no", at, name
-    return "yes", at, name
-
-
-class ToolCallScanner:
-    """Finds tool calls in the streamed answer; yields text pieces and ToolCall objects in order."""
-
-    def __init__(self, names):
-        self.names = names
-        self._buf = ""
-        self._call = None
-
-    def feed(self, text):
-        self._buf += text
-        out = []
-        while self._buf:
-            if self._call is None and not self._scan_text(out):
+    def read(self, frames):
+        """What frames that arrived together add. The answer has ended at a done event or a finish reason (the
+        rest of that read is still taken, as a usage or done event often rides along)."""
+        reasoning, answer, delta = [], [], Delta()
+        for frame in frames:
+            self.frames += 1
+            self.fields.update(frame.fields)
+            if frame.error:
+                delta.error = site_error(502, frame.error)
                 break
-            if self._call is not None and not self._scan_call(out):
+            more_reasoning, more_answer = self.text.read(frame)
+            reasoning.append(more_reasoning)
+            answer.append(more_answer)
+            delta.usage = frame.usage or delta.usage
+            delta.finish_reason = frame.finish_reason or delta.finish_reason
+            delta.ended = delta.ended or frame.finish_reason is not None or frame.done
+            if frame.done:
                 break
-        return out
+        delta.reasoning, delta.text = "".join(reasoning), "".join(answer)
+        return delta
 
     def finish(self):
-        out = []
-        if self._call is not None:
-            self._settle(out, len(self._buf), complete=False)
-        if self._buf:
-            out.append(self._buf)
-            self._buf = ""
-        return out
-
-    def _scan_text(self, out):
-        """Releases text up to the next possible call opening; False when the rest must wait."""
-        position = 0
-        while True:
-            found = CALL_TRIGGERS.search(self._buf, position)
-            if not found:
-                out.append(self._buf)
-                self._buf = ""
-                return False
-            start = found.start()
-            verdicts = {kind: match_opening(self._buf, start, steps) for kind, steps in CALL_OPENINGS.items()}
-            opened = next(((kind, end, name) for kind, (verdict, end, name) in verdicts.items()
-                           if verdict == "yes"), None)
-            if opened:
-                out.append(self._buf[:start])
-                self._buf = self._buf[start:]
-                kind, end, name = opened
-                body_start = {"tag": len(TOOL_CALL_OPEN), "natural": end - start - 1}.get(kind, None)
-                if body_start is None:
-                    body_start = self._buf.index("{")
-                self._call = {"kind": kind, "name": name, "body": body_start, "scan": body_start,
-                              "depth": 0, "string": False, "escape": False, "end": None}
-                return True
-            if any(verdict == "maybe" for verdict, _, _ in verdicts.values()):
-                out.append(self._buf[:start])
-                self._buf = self._buf[start:]
-                return False
-            position = start + 1
-
-    def _scan_call(self, out):
-        call = self._call
-        if call["kind"] == "tag":
-            index = self._buf.find(TOOL_CALL_CLOSE, call["scan"])
-            if index < 0:
-                call["scan"] = max(call["body"], len(self._buf) - len(TOOL_CALL_CLOSE) + 1)
-                return self._too_long(out)
-            body = self._buf[call["body"]:index]
-            fenced = FENCED_BODY.fullmatch(body)
-            return self._settle(out, index + len(TOOL_CALL_CLOSE), body=fenced.group(1) if fenced else body)
-        if call["end"] is None and not self._balance(call):
-            return self._too_long(out)
-        if call["kind"] == "fence":
-            verdict, end, _ = match_opening(self._buf, call["end"], [WS, "```"])
-            if verdict == "maybe":
-                return False
-            return self._settle(out, end if verdict == "yes" else call["end"])
-        return self._settle(out, call["end"])
-
-    def _balance(self, call):
-        """Scans the JSON object for its closing brace, strings and escapes included; True once found."""
-        text, at = self._buf, call["scan"]
-        depth, string, escape = call["depth"], call["string"], call["escape"]
-        while at < len(text):
-            char = text[at]
-            at += 1
-            if string:
-                if escape:
-                    escape = False
-                elif char == "\\":
-                    escape = True
-                elif char == '"':
-                    string = False
-            elif char == '"':
-                string = True
-            elif char == "{":
-                depth += 1
-            elif char == "}":
-                depth -= 1
-                if depth == 0:
-                    call["end"] = at
-                    return True
-        call.update(scan=at, depth=depth, string=string, escape=escape)
-        return False
-
-    def _too_long(self, out):
-        if len(self._buf) > MAX_CALL_CHARS:
-            out.append(self._buf)
-            self._buf, self._call = "", None
-        return False
-
-    def _settle(self, out, consumed, body=None, complete=True):
-        """Turns the call text into ToolCalls, or releases it as text when it is not a valid call."""
-        call, raw = self._call, self._buf[:consumed]
-        self._call, self._buf = None, self._buf[consumed:]
-        if body is None:
-            body = raw[call["body"]:call["end"] or consumed]
-        try:
-            value = json.loads(body)
-        except ValueError:
-            value = None
-        if call["kind"] == "natural":
-            value = {"name": call["name"], "arguments": value}
-        calls = calls_in(value, self.names) if value is not None else None
-        if not calls:
-            out.append(raw)
-            return True
-        for name, arguments in calls:
-            out.append(ToolCall(name, arguments))
-        return complete
+        """The (reasoning, answer) held back until the end."""
+        return self.text.finish()
 
 
 # ─── Files ───────────────────────────────────────────────────────────────────
@@ -1307,11 +1662,13 @@ def parse_accounts_file(text):
     return list(accounts.items()), bad
 
 
-# ─── Token pool ──────────────────────────────────────────────────────────────
-# Round-robin over usable tokens; each failure's policy charges, rests or spares
-# the token; expired JWTs are never sent. Offers the upstream client acquire(),
-# succeed() and fail(), and the admin API the pool's state and each token's last
-# hour, minute by minute (Minutes, which the monitoring below uses too).
+# ─── Credentials ─────────────────────────────────────────────────────────────
+# A pool of credentials of one kind (the site's account JWTs, IFM API keys),
+# taken round-robin; each failure's policy charges, rests or spares the
+# credential; expired JWTs are never sent. Reading a pool's state never changes
+# it. Offers the upstream kinds acquire(), succeed() and fail(), and the admin
+# API the pool's state and each credential's last hour, minute by minute
+# (Minutes, which the monitoring below uses too).
 
 HOUR_MINUTES = 60
 
@@ -1359,219 +1716,235 @@ def mask_token(token):
     return f"{token[:4]}…{token[-3:]}"
 
 
+class CredentialState(str, enum.Enum):
+    ACTIVE = "active"
+    COOLING = "cooling"     # resting after a rate limit, until cooling_until
+    DISABLED = "disabled"
+    EXPIRED = "expired"
+
+
+class Disabled(str, enum.Enum):
+    """Why a credential is disabled: failures (it comes back on probation after TOKEN_COOLDOWN) or refusal."""
+    FAILURES = "failures"
+    REFUSED = "auth"
+
+
 @dataclass(eq=False)
-class Token:
-    value: str
+class Credential:
+    value: str = field(repr=False)
     expires_at: float = None
     failures: int = 0
     requests: int = 0
     successes: int = 0
     last_used: float = None
     last_error: str = None
-    disabled: str = None
+    disabled: Disabled = None
     disabled_at: float = None
     cooling_until: float = None
     account: str = None
-    refused: bool = False  # the site refused it: its account is to sign in again
+    refused: bool = False  # upstream refused it: its account is to sign in again
     minutes: Minutes = field(default_factory=lambda: Minutes(lambda: [0, 0]), repr=False)  # [requests, failures]
-
-    def status(self, now):
-        if self.expires_at is not None and self.expires_at <= now:
-            return "expired"
-        if self.disabled:
-            return "disabled"
-        if self.cooling_until and self.cooling_until > now:
-            return "cooling"
-        return "active"
 
 
 @dataclass(frozen=True)
 class Anonymous:
-    """Who a guest request is without a token: nothing to send, nothing to charge."""
+    """Who a request is without a credential (a guest, a keyless server): nothing to send, nothing to charge."""
     value: str = ""
 
 
-NO_TOKEN = Anonymous()
-RATE_LIMIT_REST = 60  # seconds a rate-limited token rests when upstream gives no Retry-After
+NO_CREDENTIAL = Anonymous()
+RATE_LIMIT_REST = 60  # seconds a rate-limited credential rests when upstream gives no Retry-After
 LAST_ERROR_CHARS = 200
 
 
-class TokenPool:
-    """The tokens of one mode, with their health; requests take them round-robin."""
+class CredentialPool:
+    """The credentials of one file, with their health; requests take them round-robin. `anonymous` pools serve
+    without any credential while the file holds none."""
 
-    def __init__(self, mode, path, settings, clock=time.time):
-        self.mode = mode
+    def __init__(self, name, path, settings, anonymous=False, clock=time.time):
+        self.name = name
         self.file = WatchedFile(path)
+        self.anonymous = anonymous
         self.max_failures = settings.max_token_failures
         self.cooldown = settings.token_cooldown
         self.clock = clock
-        self.tokens = []
+        self.credentials = []
         self._next = 0
 
     def load(self, text, readmit=False):
-        """Replaces the file's tokens with those of `text`; tokens still present keep their stats."""
-        known = {token.value: token for token in self.tokens if not token.account}
-        self.tokens = [known.get(value) or Token(value, jwt_expiry(value)) for value in parse_tokens_file(text)
-                       ] + [token for token in self.tokens if token.account]
+        """Replaces the file's credentials with those of `text`; credentials still present keep their stats."""
+        known = {held.value: held for held in self.credentials if not held.account}
+        self.credentials = [known.get(value) or Credential(value, jwt_expiry(value))
+                            for value in parse_tokens_file(text)] + [held for held in self.credentials if held.account]
         self._next = 0
         if readmit:
-            for token in self.tokens:
-                self.reset(token)
+            for credential in self.credentials:
+                self.reset(credential)
 
     def put_account_token(self, account, value, expires_at):
         """Gives an account its fresh token; the account's figures carry over."""
-        token = next((t for t in self.tokens if t.account == account), None)
-        if token is None:
-            self.tokens.append(Token(value, expires_at, account=account))
+        held = next((c for c in self.credentials if c.account == account), None)
+        if held is None:
+            self.credentials.append(Credential(value, expires_at, account=account))
             return
-        token.value, token.expires_at = value, expires_at
-        self.reset(token)
+        held.value, held.expires_at = value, expires_at
+        self.reset(held)
 
     def drop_account(self, account):
-        self.tokens = [t for t in self.tokens if t.account != account]
+        self.credentials = [c for c in self.credentials if c.account != account]
         self._next = 0
 
-    def status(self, token, now):
-        """A token's status, re-admitting it on probation once its cooldown has passed."""
-        if token.disabled == "failures" and now - token.disabled_at >= self.cooldown:
-            token.disabled = None
-            token.failures = self.max_failures - 1
-        return token.status(now)
+    def state(self, credential, now):
+        """A credential's state, read without changing it: one disabled by failures is active again (on
+        probation) once TOKEN_COOLDOWN has passed."""
+        if credential.expires_at is not None and credential.expires_at <= now:
+            return CredentialState.EXPIRED
+        if credential.disabled and not self._probation_over(credential, now):
+            return CredentialState.DISABLED
+        if credential.cooling_until and credential.cooling_until > now:
+            return CredentialState.COOLING
+        return CredentialState.ACTIVE
+
+    def _probation_over(self, credential, now):
+        return credential.disabled is Disabled.FAILURES and now - credential.disabled_at >= self.cooldown
 
     def acquire(self, tried=()):
-        """The next usable token not yet tried, NO_TOKEN for a tokenless guest pool, or None."""
-        if not self.tokens:
-            return NO_TOKEN if self.mode == "guest" else None
+        """The next usable credential not yet tried, NO_CREDENTIAL for an empty anonymous pool, or None. One back
+        from its cooldown is taken on probation: one more failure disables it again."""
+        if not self.credentials:
+            return NO_CREDENTIAL if self.anonymous else None
         now = self.clock()
-        count = len(self.tokens)
+        count = len(self.credentials)
         for step in range(count):
-            token = self.tokens[(self._next + step) % count]
-            if token not in tried and self.status(token, now) == "active":
+            credential = self.credentials[(self._next + step) % count]
+            if credential not in tried and self.state(credential, now) is CredentialState.ACTIVE:
+                if credential.disabled:
+                    credential.disabled, credential.failures = None, self.max_failures - 1
                 self._next = (self._next + step + 1) % count
-                token.requests += 1
-                token.last_used = now
-                token.minutes.at(now)[0] += 1
-                return token
+                credential.requests += 1
+                credential.last_used = now
+                credential.minutes.at(now)[0] += 1
+                return credential
         return None
 
     def usable(self):
-        """Some usable token, for side requests (the model list) that should not disturb the rotation."""
+        """Some usable credential, for side requests (the model list) that should not disturb the rotation."""
         now = self.clock()
-        return next((t for t in self.tokens if self.status(t, now) == "active"), None)
+        return next((c for c in self.credentials if self.state(c, now) is CredentialState.ACTIVE), None)
 
-    def succeed(self, token):
-        if token is NO_TOKEN:
+    def succeed(self, credential):
+        if credential is NO_CREDENTIAL:
             return
-        token.failures = 0
-        token.successes += 1
+        credential.failures = 0
+        credential.successes += 1
 
-    def fail(self, token, error):
-        """Applies the failure's policy to `token`: a rest for a rate limit, a charge when it was to blame."""
-        if token is NO_TOKEN:
+    def fail(self, credential, error):
+        """Applies the failure's policy: a rest for a rate limit, a charge when the credential was to blame."""
+        if credential is NO_CREDENTIAL:
             return
         failure, now = error.failure, self.clock()
-        token.last_error = str(error)[:LAST_ERROR_CHARS]
-        token.minutes.at(now)[1] += 1
+        credential.last_error = str(error)[:LAST_ERROR_CHARS]
+        credential.minutes.at(now)[1] += 1
         if failure.cool_down:
-            token.cooling_until = now + (error.retry_after or RATE_LIMIT_REST)
+            credential.cooling_until = now + (error.retry_after or RATE_LIMIT_REST)
         if not failure.charge:
             return
-        token.failures += 1
-        token.refused = failure.refused and token.account is not None
-        if token.failures >= self.max_failures:
-            token.disabled = "auth" if failure.refused else "failures"
-            token.disabled_at = now
+        credential.failures += 1
+        credential.refused = failure.refused and credential.account is not None
+        if credential.failures >= self.max_failures:
+            credential.disabled = Disabled.REFUSED if failure.refused else Disabled.FAILURES
+            credential.disabled_at = now
 
     def refused_accounts(self):
-        """The accounts whose token the site refused since they last signed in."""
-        return [token.account for token in self.tokens if token.refused]
+        """The accounts whose token upstream refused since they last signed in."""
+        return [held.account for held in self.credentials if held.refused]
 
     def forget_refusal(self, account):
         """The account signs in again: the refusal is answered, and a failed sign-in waits out its backoff."""
-        for token in self.tokens:
-            if token.account == account:
-                token.refused = False
+        for held in self.credentials:
+            if held.account == account:
+                held.refused = False
 
-    def index_of(self, token):
-        """A token's place in the pool; None for NO_TOKEN, or for a token the file no longer holds."""
-        return next((index for index, held in enumerate(self.tokens) if held is token), None)
+    def index_of(self, credential):
+        """A credential's place in the pool; None for NO_CREDENTIAL, or for one the file no longer holds."""
+        return next((index for index, held in enumerate(self.credentials) if held is credential), None)
 
-    def reset(self, token):
-        token.failures = 0
-        token.refused = False
-        token.disabled = token.disabled_at = token.cooling_until = token.last_error = None
+    def reset(self, credential):
+        credential.failures = 0
+        credential.refused = False
+        credential.disabled = credential.disabled_at = credential.cooling_until = credential.last_error = None
 
     def counts(self):
         now = self.clock()
-        counts = dict.fromkeys(("total", "active", "cooling", "disabled", "expired"), 0)
-        for token in self.tokens:
-            counts[self.status(token, now)] += 1
-        counts["total"] = len(self.tokens)
+        counts = dict.fromkeys(("total", *(state.value for state in CredentialState)), 0)
+        for credential in self.credentials:
+            counts[self.state(credential, now).value] += 1
+        counts["total"] = len(self.credentials)
         return counts
 
     def stats(self):
         now = self.clock()
         rows = []
-        for index, t in enumerate(self.tokens):
-            status = self.status(t, now)
-            rows.append({"index": index, "masked": mask_token(t.value), "status": status, "account": t.account,
-                         "failures": t.failures, "requests": t.requests, "successes": t.successes,
-                         "last_used": t.last_used, "last_error": t.last_error, "expires_at": t.expires_at,
-                         "cooling_until": t.cooling_until if status == "cooling" else None,
-                         "last_hour": [bucket or [0, 0] for _, bucket in t.minutes.last_hour(now)]})
+        for index, held in enumerate(self.credentials):
+            state = self.state(held, now)
+            rows.append({"index": index, "masked": mask_token(held.value), "status": state.value,
+                         "account": held.account, "failures": held.failures, "requests": held.requests,
+                         "successes": held.successes, "last_used": held.last_used, "last_error": held.last_error,
+                         "expires_at": held.expires_at,
+                         "cooling_until": held.cooling_until if state is CredentialState.COOLING else None,
+                         "last_hour": [bucket or [0, 0] for _, bucket in held.minutes.last_hour(now)]})
         return rows
 
     def ready(self):
         """None when a request could be served now, else the error it would get."""
-        now = self.clock()
-        if (not self.tokens and self.mode == "guest") or any(self.status(t, now) == "active" for t in self.tokens):
+        if self.usable() or (not self.credentials and self.anonymous):
             return None
         return self.unavailable()
 
     def unavailable(self):
-        """The error for a request that found no usable token."""
-        if not self.tokens:
+        """The error for a request that found no usable credential."""
+        if not self.credentials:
             return ApiError(503, f"No tokens: put account tokens in {self.file.path.name}, one per line",
                             code="no_tokens")
         now = self.clock()
-        statuses = [self.status(t, now) for t in self.tokens]
-        cooling = [t.cooling_until - now for t, status in zip(self.tokens, statuses) if status == "cooling"]
-        if cooling and all(status in ("cooling", "active") for status in statuses):
+        states = [self.state(c, now) for c in self.credentials]
+        cooling = [c.cooling_until - now for c, state in zip(self.credentials, states)
+                   if state is CredentialState.COOLING]
+        if cooling and all(state in (CredentialState.COOLING, CredentialState.ACTIVE) for state in states):
             return ApiError(429, "Every token is rate limited by upstream; try again later",
                             code="rate_limited", retry_after=max(1, round(min(cooling))))
         return ApiError(503, f"No usable token left in {self.file.path.name} (disabled or expired); "
                              "fix the file or reset tokens on the admin page", code="no_usable_tokens")
 
     async def reload(self, force=False):
-        """Loads the file if it changed; `force` reads it anyway and re-admits disabled tokens."""
+        """Loads the file if it changed; `force` reads it anyway and re-admits disabled credentials."""
         text = await self.file.changes(force)
         if text is None:
             return False
         self.load(text, readmit=force)
-        if self.file.state is None and self.mode == "guest":
-            log.info("guest mode: no token file %s; requests go without a token", self.file.path)
+        if self.file.state is None and self.anonymous:
+            log.info("%s pool: no file %s; requests go without a token", self.name, self.file.path)
         elif self.file.state is None:
-            log.warning("user mode: token file %s not found; the pool is empty", self.file.path)
+            log.warning("%s pool: file %s not found; the pool is empty", self.name, self.file.path)
         else:
-            log.info("%s mode: %d tokens loaded from %s", self.mode, len(self.tokens), self.file.path)
+            log.info("%s pool: %d loaded from %s", self.name, len(self.credentials), self.file.path)
         return True
 
     async def save(self, content):
-        """Saves the token file (atomically) and takes its tokens."""
+        """Saves the file (atomically) and takes its credentials."""
         await asyncio.to_thread(self.file.save, content)
         self.load(content)
 
 
 # ─── Upstream client ─────────────────────────────────────────────────────────
-# One HTTP session for the process, with the browser-like headers the site
-# expects. Offers the sections below completions that fail over from token to
-# token as each failure's policy allows, while the client has seen nothing.
+# What every upstream kind shares: one HTTP session for the process, an
+# exchange that turns each way a connection fails into an UpstreamError, the
+# answers in flight (ended at shutdown), and keep_polling, the one shape of
+# every background loop (file watchers, sign-ins, model lists).
 
-BROWSER_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
-                      "(KHTML, like Gecko) Chrome/142.0.0.0 Safari/537.36")
 ERROR_BODY_BYTES = 64 * 1024  # of an error answer, a sign-in answer or an HTML page
 DNS_CACHE_SECONDS = 300
-TOKEN_FILE_POLL_SECONDS = 1  # edits to the token file take effect within two polls
+TOKEN_FILE_POLL_SECONDS = 1  # edits to a watched file take effect within two polls
 
 
 async def read_body(response, limit):
@@ -1590,39 +1963,40 @@ async def read_body(response, limit):
     return b"".join(parts)
 
 
-class Upstream:
-    """The K2Think side: the HTTP session, the token pool of each mode, the active mode."""
+async def keep_polling(step, wake=None):
+    """Runs `step` again and again, waiting the seconds it returns (or until `wake` is set); a step that fails
+    unexpectedly is logged and tried again a second later, so no background loop dies."""
+    while True:
+        if wake:
+            wake.clear()  # before the step: a wake-up during it must still cut the next wait short
+        try:
+            seconds = await step()
+        except Exception:
+            log.exception("a background task failed; trying again in %d s", TOKEN_FILE_POLL_SECONDS)
+            seconds = TOKEN_FILE_POLL_SECONDS
+        if wake is None:
+            await asyncio.sleep(seconds)
+            continue
+        try:
+            await asyncio.wait_for(wake.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+
+class HttpClient:
+    """The process's HTTP session to upstream, and the answers in flight, which stop() ends."""
 
     def __init__(self, settings):
-        self.settings = settings
-        self.mode = settings.proxy_mode
-        self.pools = {"guest": TokenPool("guest", settings.guest_tokens_file, settings),
-                      "user": TokenPool("user", settings.user_tokens_file, settings)}
-        self.urls = {"guest": settings.guest_api_url, "user": settings.user_api_url}
+        self.request_timeout = settings.request_timeout
         self.timeout = ClientTimeout(total=None, sock_connect=settings.request_timeout,
                                      sock_read=settings.request_timeout)
-        self.origin = re.match(r"^https?://[^/]+", settings.k2think_base_url).group(0)
-        self.browser_headers = {"Origin": self.origin, "User-Agent": BROWSER_USER_AGENT,
-                                "Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
         self.session = None
         self.responses = set()
         self.stopping = False
 
-    @property
-    def pool(self):
-        return self.pools[self.mode]
-
-    @property
-    def url(self):
-        return self.urls[self.mode]
-
-    async def open_session(self):
+    async def open(self):
         self.session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=DNS_CACHE_SECONDS),
                                      timeout=self.timeout, auto_decompress=True)
-
-    async def start(self):
-        await self.open_session()
-        await self.pool.reload()
 
     async def stop(self):
         """Ends every upstream answer in flight, so each client gets its stream's end, and closes the session:
@@ -1633,629 +2007,113 @@ class Upstream:
         if self.session:
             await self.session.close()
 
-    def headers(self, token, mode=None):
-        """The browser-like headers the web site expects (for the active mode, or `mode`), with the token."""
-        referer = f"{self.origin}/" if (mode or self.mode) == "user" else f"{self.origin}/guest"
-        headers = {**self.browser_headers, "Referer": referer}
-        if token.value:
-            headers["Authorization"] = f"Bearer {token.value}"
-        return headers
-
-    async def watch_tokens(self):
-        """Polls the active token file every second: edits, editor renames and bind mounts all show up."""
-        while True:
-            await asyncio.sleep(TOKEN_FILE_POLL_SECONDS)
-            await self.pool.reload()
-
-    async def complete(self, payload, completion, tried):
-        """Runs one completion, trying tokens in turn while each failure's policy allows it and the client has
-        seen nothing; `tried` receives the tokens tried, the last one the one that answered."""
-        pool, url = self.pool, self.url
-        body = json.dumps(payload, ensure_ascii=False).encode()
-        error = None
-        for _ in range(self.settings.max_retries + 1):
-            token = pool.acquire(tried)
-            if token is None:
-                break
-            tried.append(token)
-            try:
-                await self._attempt(url, body, self.headers(token), completion)
-            except UpstreamError as failure:
-                pool.fail(token, failure)
-                error = failure
-                who = "anonymous" if token is NO_TOKEN else f"token {pool.index_of(token)}"
-                log.info("upstream attempt %d failed (%s mode, %s) %s: %s", len(tried), pool.mode, who,
-                         failure.failure.code, failure)
-                if completion.committed or not self.worth_another_try(failure.failure, token):
-                    raise
-                completion.reset()
-                continue
-            pool.succeed(token)
-            return
-        raise error or pool.unavailable()
-
-    @staticmethod
-    def worth_another_try(failure, token):
-        """Whether the next attempt may do better: the kind fails over, and without a token (one identity), asking
-        again is worth it for this kind (not after a timeout, which would only double the wait, nor a 429)."""
-        return failure.fail_over and (token is not NO_TOKEN or failure.retry_anonymous)
-
-    def _stopped(self):
+    def stopped(self):
         return UpstreamError(SHUTTING_DOWN, "the proxy is shutting down")
 
-    async def _attempt(self, url, body, headers, completion):
+    @contextlib.asynccontextmanager
+    async def exchange(self, url, body, headers):
+        """POSTs `body` and gives the response to read; a failure to connect, a silence past REQUEST_TIMEOUT or a
+        connection broken mid-answer becomes the UpstreamError of its kind."""
         if self.stopping:
-            raise self._stopped()
+            raise self.stopped()
         try:
             response = await self.session.post(url, data=body, headers=headers, allow_redirects=False)
         except asyncio.TimeoutError:
-            raise UpstreamError(TIMED_OUT, f"upstream did not answer within {self.settings.request_timeout:g} s"
-                                ) from None
+            raise UpstreamError(TIMED_OUT, f"upstream did not answer within {self.request_timeout:g} s") from None
         except (ClientError, OSError) as exc:
             if self.stopping:
-                raise self._stopped() from None
+                raise self.stopped() from None
             raise UpstreamError(UNREACHABLE, f"cannot reach upstream ({type(exc).__name__})") from None
         self.responses.add(response)
         try:
-            await self._read(response, completion)
+            yield response
+            if self.stopping:
+                raise self.stopped()
         except asyncio.TimeoutError:
-            raise UpstreamError(TIMED_OUT, f"upstream sent nothing for {self.settings.request_timeout:g} s") from None
+            raise UpstreamError(TIMED_OUT, f"upstream sent nothing for {self.request_timeout:g} s") from None
         except (ClientError, OSError) as exc:
             if self.stopping:
-                raise self._stopped() from None
+                raise self.stopped() from None
             raise UpstreamError(BROKEN, f"upstream connection broke mid-answer ({type(exc).__name__})") from None
         finally:
             self.responses.discard(response)
             response.close()
 
-    async def _read(self, response, completion):
-        """Reads the answer to its end, handing each network read's text to the completion as it arrives."""
-        parser, fields = UpstreamText(), set()
-        async for frames in self.batches(response):
-            if await self._deliver(frames, parser, completion, fields):
-                break
-        if self.stopping:
-            raise self._stopped()
-        reasoning, answer = parser.finish()
-        if parser.is_empty():
-            raise no_content_error(response.content_type, fields)
-        await completion.take(reasoning, answer)
 
-    @staticmethod
-    async def _deliver(frames, parser, completion, fields):
-        """Passes the text of frames that arrived together to the client in one piece; True once the answer
-        is complete: at a `done` event, or at a finish reason (the rest of that read is still taken, as a
-        usage or done event often rides along). Nothing more is read then, so a connection torn down after
-        its end is no error."""
-        reasoning, answer, usage, finish_reason, ended = [], [], None, None, False
-        try:
-            for frame in frames:
-                fields.update(frame.fields)
-                if frame.error:
-                    raise upstream_error(502, frame.error)
-                more_reasoning, more_answer = parser.read(frame)
-                reasoning.append(more_reasoning)
-                answer.append(more_answer)
-                usage = frame.usage or usage
-                finish_reason = frame.finish_reason or finish_reason
-                ended = ended or frame.finish_reason is not None
-                if frame.done:
-                    ended = True
-                    break
-        finally:
-            await completion.take("".join(reasoning), "".join(answer), usage, finish_reason)
-        return ended
-
-    async def batches(self, response):
-        """The frames of an upstream answer, one list per network read; SSE or one JSON document,
-        decided by the content type."""
-        kind = response.content_type
-        if response.status != 200 or kind == "text/html":
-            body = (await read_body(response, ERROR_BODY_BYTES)).decode("utf-8", "replace")
-            if kind == "text/html" and response.status != 429:
-                raise blocked_error(response.status, body)
-            raise upstream_error(response.status, error_detail(body), response.headers.get("Retry-After"))
-        if kind == "application/json":
-            frame = parse_frame((await read_body(response, MAX_FRAME_BYTES)).decode("utf-8", "replace"))
-            if frame is None:
-                raise UpstreamError(BROKEN, "upstream answered JSON that is not a chat answer")
-            yield [frame]
-            return
-        if kind != "text/event-stream":
-            raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {kind or 'no content type'}, not a stream")
-        decoder = SSEDecoder()
-        async for chunk in response.content.iter_any():
-            yield decoder.feed(chunk)
-        yield decoder.feed(b"", final=True)
+def worth_another_try(failure, credential):
+    """Whether the next attempt may do better: the kind fails over, and without a credential (one identity),
+    asking again is worth it for this kind (not after a timeout, which would only double the wait, nor a 429)."""
+    return failure.fail_over and (credential is not NO_CREDENTIAL or failure.retry_anonymous)
 
 
-# ─── Accounts ────────────────────────────────────────────────────────────────
-# Accounts of ACCOUNTS_FILE sign in by themselves and keep a fresh token in the
-# user pool: before it expires, and again when the site refuses it.
+# ─── Upstream: the web site ──────────────────────────────────────────────────
+# The K2Think web site (an Open WebUI deployment) as an upstream kind: its two
+# modes (guest, user) and their token pools, the browser-like headers it
+# expects, the chat payload its working public clients send, and tool calling
+# emulated in text (the site has no native function calling). Offers
+# SiteUpstream, whose complete() yields a completion's events attempt by
+# attempt, failing over from token to token as each failure's policy allows.
 
-TOKEN_REFRESH_SHARE = 0.8           # of a token's lifetime, when its account signs in again
-ASSUMED_TOKEN_LIFETIME = 6 * 3600   # seconds, for a token whose expiry cannot be read
-SKEWED_RENEWAL = 600                # seconds between sign-ins while this machine's clock runs ahead
-SIGNIN_BACKOFF_FIRST, SIGNIN_BACKOFF_MAX = 5, 600  # seconds between failing sign-ins, doubling
-ACCOUNTS_POLL_SECONDS = 1.0         # how often the file and refused tokens are looked at
-SIGNIN_PATH = "/api/v1/auths/signin"
-
-
-async def request_sign_in(upstream, url, email, password):
-    """Asks the site to sign an account in: (HTTP status, body, the token it issued or None)."""
-    async with upstream.session.post(url, json={"email": email, "password": password},
-                                     headers=upstream.headers(NO_TOKEN), allow_redirects=False) as response:
-        body = await read_body(response, ERROR_BODY_BYTES)
-        token = issued_token(body, response.cookies.get("token")) if response.status == 200 else None
-        return response.status, body, token
+BROWSER_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
+                      "(KHTML, like Gecko) Chrome/142.0.0.0 Safari/537.36")
 
 
-def issued_token(body, cookie):
-    """The JWT a sign-in answer carries: in its JSON body (`token`), or else in its `token` cookie."""
-    try:
-        token = json.loads(body).get("token")
-    except (ValueError, AttributeError):
-        token = None
-    token = token or (cookie.value if cookie else None)
-    return token if isinstance(token, str) and token else None
-
-
-@dataclass(eq=False)
-class Account:
-    email: str
-    password: str = field(repr=False)
-    status: str = "pending"
-    last_error: str = None
-    signed_in_at: float = None
-    expires_at: float = None
-    next_signin: float = 0.0
-    failures: int = 0
-
-
-class Accounts:
-    """Signs in with the accounts of ACCOUNTS_FILE and keeps each one's token fresh in the user pool."""
-
-    def __init__(self, settings, upstream, on_sign_in=lambda: None, clock=time.time):
-        self.settings = settings
-        self.upstream = upstream
-        self.on_sign_in = on_sign_in
-        self.pool = upstream.pools["user"]
-        self.file = WatchedFile(settings.accounts_file)
-        self.url = settings.k2think_base_url + SIGNIN_PATH
-        self.clock = clock
-        self.accounts = {}
-        self.results = collections.Counter()  # sign-ins by result, for /metrics
-
-    async def reload(self):
-        pairs = await self.file.parsed_changes(parse_accounts_file, "email:password or JSON")
-        if pairs is None:
-            return
-        old, self.accounts = self.accounts, {}
-        for email, password in pairs:
-            kept = old.get(email)
-            self.accounts[email] = kept if kept and kept.password == password else Account(email, password)
-        for email in old.keys() - self.accounts.keys():
-            self.pool.drop_account(email)
-        if self.file.state is not None:
-            log.info("%d accounts in %s", len(self.accounts), self.file.path)
-
-    def next_due(self, now):
-        """The account to sign in now, or None: the one waiting longest among those whose time has come or
-        whose token the site refused; a wrong password waits for its line to change."""
-        refused = set(self.pool.refused_accounts())
-        due = [a for a in self.accounts.values()
-               if a.status != "wrong_password" and (a.next_signin <= now or a.email in refused)]
-        return min(due, key=lambda a: a.next_signin, default=None)
-
-    async def run(self):
-        """Signs in whichever account is due, one at a time and spaced out; polls the file meanwhile."""
-        while True:
-            await self.reload()
-            now = self.clock()
-            account = self.next_due(now)
-            if account:
-                self.pool.forget_refusal(account.email)
-                await self.sign_in(account)
-                await asyncio.sleep(self.settings.signin_interval)
-                continue
-            soonest = min((a.next_signin for a in self.accounts.values() if a.status != "wrong_password"),
-                          default=now + ACCOUNTS_POLL_SECONDS)
-            await asyncio.sleep(min(ACCOUNTS_POLL_SECONDS, soonest - now))
-
-    async def sign_in(self, account):
-        try:
-            status, body, token = await request_sign_in(self.upstream, self.url, account.email, account.password)
-        except (ClientError, OSError, asyncio.TimeoutError) as exc:
-            return self._failed(account, f"sign-in request failed ({type(exc).__name__})")
-        if status in (400, 401):
-            return self._refused(account, error_detail(body.decode("utf-8", "replace")) or f"HTTP {status}")
-        if not token:
-            return self._failed(account, f"sign-in answered HTTP {status} without a token")
-        self._signed_in(account, token)
-
-    def _refused(self, account, detail):
-        """A wrong email or password: the account waits until its line changes."""
-        self.results["wrong_password"] += 1
-        account.status, account.last_error = "wrong_password", f"sign-in refused: {detail}"
-        self.pool.drop_account(account.email)
-        log.warning("account %s: sign-in refused (wrong email or password); fix %s", account.email,
-                    self.file.path.name)
-
-    def _signed_in(self, account, token):
-        """Puts the new token in the pool and sets the next sign-in before it expires."""
-        now = self.clock()
-        account.status, account.last_error, account.failures = "signed_in", None, 0
-        expires = jwt_expiry(token)
-        if expires is None:
-            delay = TOKEN_REFRESH_SHARE * ASSUMED_TOKEN_LIFETIME
-        elif expires > now:
-            delay = TOKEN_REFRESH_SHARE * (expires - now)
+def site_messages(core):
+    """The conversation as the site takes it: tool calls and results become the text the model is told to write
+    and read, every assistant turn carries the thinking field the site requires (never the reasoning a client sends
+    back), and the tool prompt and the answer's format join the system message (or come first, when there is
+    none)."""
+    messages = []
+    for turn in core.turns:
+        if turn.role == "assistant":
+            blocks = [render_call(call.name, call.arguments) for call in turn.calls]
+            messages.append({"role": "assistant", "content": "\n".join(filter(None, [turn.text, *blocks])),
+                             "reasoning": ""})
+        elif turn.role == "tool":
+            text = render_tool_result(turn.name, turn.call_id, turn.text, turn.failed)
+            messages.append({"role": "user", "content": content_of(
+                [text_part(text), *(part for part in turn.parts if part["type"] != "text")])})
         else:
-            log.warning("account %s: the new token expired before it arrived; is this machine's clock right? "
-                        "Using it anyway and signing in again every %d minutes", account.email, SKEWED_RENEWAL // 60)
-            expires, delay = None, SKEWED_RENEWAL
-        account.signed_in_at, account.expires_at, account.next_signin = now, expires, now + delay
-        self.pool.put_account_token(account.email, token, expires)
-        self.results["signed_in"] += 1
-        self.on_sign_in()
-        log.info("account %s signed in; next sign-in in %.0f s", account.email, delay)
-
-    def _failed(self, account, reason):
-        """Retries with backoff: 5 s, 10 s, 20 s ... up to 10 minutes."""
-        self.results["failed"] += 1
-        account.failures += 1
-        account.status, account.last_error = "failing", reason
-        account.next_signin = self.clock() + min(SIGNIN_BACKOFF_MAX, SIGNIN_BACKOFF_FIRST * 2 ** (account.failures - 1))
-        log.warning("account %s: %s; retrying in %.0f s", account.email, reason, account.next_signin - self.clock())
-
-    def stats(self):
-        return [{"email": a.email, "status": a.status, "last_error": a.last_error, "signed_in_at": a.signed_in_at,
-                 "expires_at": a.expires_at, "next_signin": a.next_signin if a.status != "wrong_password" else None,
-                 "failures": a.failures} for a in self.accounts.values()]
-
-
-# ─── Models ──────────────────────────────────────────────────────────────────
-# The model ids clients may ask for: upstream's own list in user mode, MODELS
-# otherwise, the retired ids and MODEL_ALIASES. Offers resolve().
-
-NOTHINK = "-nothink"
-RETIRED_MODELS = ("MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-v2")  # clients still ask for them: the default serves
-MODELS_RETRY_SECONDS = 30.0  # between model list fetches while upstream's list cannot be had
-MODELS_PATH = "/api/models"
-
-
-def model_ids(body):
-    """The ids of a model list answer, {"data": [...]} or a bare list."""
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return []
-    entries = value.get("data") if isinstance(value, dict) else value
-    return [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)] \
-        if isinstance(entries, list) else []
-
-
-class Models:
-    """The model ids clients may ask for: upstream's own list in user mode, MODELS otherwise, and aliases."""
-
-    def __init__(self, settings, upstream):
-        self.settings = settings
-        self.upstream = upstream
-        self.ids = list(settings.models)
-        self.source = "MODELS"
-        self.aliases = settings.model_aliases
-        self._wake = asyncio.Event()
-
-    def token_arrived(self):
-        """An account just signed in: if upstream's list is still unknown, ask now rather than in 30 s."""
-        if self.source != "upstream":
-            self._wake.set()
-
-    def listed(self):
-        return [name for model in self.ids for name in (model, model + NOTHINK)]
-
-    @property
-    def default(self):
-        """The model behind the retired ids: the first of MODELS while it is served, else the first served."""
-        return self.settings.models[0] if self.settings.models[0] in self.ids else self.ids[0]
-
-    def resolve(self, requested):
-        """(upstream model, show reasoning) for a client's model id or alias, or a 404 naming the ids there are."""
-        base = requested[:-len(NOTHINK)] if requested.endswith(NOTHINK) else requested
-        model = base if base in self.ids else self.aliases.get(base) or (
-            self.default if base in RETIRED_MODELS else base)
-        if model not in self.ids:
-            raise ApiError(404, f"The model '{requested}' does not exist; available: {', '.join(self.listed())}",
-                           param="model", code="model_not_found")
-        return model, base == requested
-
-    async def refresh(self):
-        """Asks upstream which models it serves; keeps the current list when it cannot say."""
-        token = self.upstream.pools["user"].usable()
-        if token is None:
-            return False
-        url = self.settings.k2think_base_url + MODELS_PATH
-        try:
-            async with self.upstream.session.get(url, headers=self.upstream.headers(token),
-                                                 allow_redirects=False) as response:
-                body = await read_body(response, MAX_FRAME_BYTES) if response.status == 200 else b""
-        except (ClientError, OSError, asyncio.TimeoutError) as exc:
-            log.warning("model list not fetched (%s); serving %s", type(exc).__name__, ", ".join(self.ids))
-            return False
-        ids = model_ids(body)
-        if not ids:
-            log.warning("upstream gave no model list; serving %s", ", ".join(self.ids))
-            return False
-        if ids != self.ids:
-            log.info("models from upstream: %s", ", ".join(ids))
-        self.ids, self.source = ids, "upstream"
-        return True
-
-    async def run(self):
-        """Refreshes the list every MODELS_REFRESH seconds in user mode (sooner while it cannot be had)."""
-        while True:
-            self._wake.clear()  # before asking: a sign-in during the request must still wake the next turn
-            fetched = self.upstream.mode == "user" and await self.refresh()
-            try:
-                await asyncio.wait_for(self._wake.wait(), self.settings.models_refresh if fetched
-                                       else min(MODELS_RETRY_SECONDS, self.settings.models_refresh))
-            except asyncio.TimeoutError:
-                pass
-
-
-# ─── Core ────────────────────────────────────────────────────────────────────
-# A completion request in no client's dialect, and the events its completion
-# produces. Offers the front doors below: checks of what the model can read
-# (images, text files), Transcript (upstream messages built turn by turn),
-# CoreRequest, the events, the two writers (EventStream, Collector), the
-# request record, read_json, and serve_completion: the one request
-# path every dialect takes.
-
-TEXT_FILE_EXTENSIONS = frozenset("""
-    txt text md markdown rst csv tsv json jsonl ndjson yaml yml toml ini cfg conf env properties log xml html htm
-    css scss js mjs cjs ts tsx jsx vue svelte py pyi ipynb java kt kts scala groovy gradle c h cc cpp cxx hpp cs
-    go rs rb php pl pm lua r m swift dart sh bash zsh fish ps1 bat cmd sql graphql proto tex bib srt vtt diff
-    patch dockerfile makefile cmake gitignore""".split())
-TEXT_MEDIA_TYPES = re.compile(r"text/.*|application/(json|ld\+json|xml|x-yaml|yaml|toml|javascript|"
-                              r"x-javascript|typescript|x-sh|x-python|sql|x-tex|csv|x-ndjson)")
-DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*(;base64)?,(.*)", re.S)
-CHARS_PER_TOKEN = 4  # the estimate of usage when upstream gives none
-
-
-def too_large(where, limit):
-    return ApiError(413, f"{where} is larger than MAX_FILE_MB ({limit / MB:g} MB)", param=where, code="file_too_large")
-
-
-def decode_base64(payload, where, limit):
-    """The bytes of base64 text, with 413 over `limit` and 400 when it is not base64."""
-    if len(payload) * 3 // 4 > limit + 3:
-        raise too_large(where, limit)
-    try:
-        raw = base64.b64decode("".join(payload.split()), validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"{where} does not hold valid base64 data", param=where, code="invalid_base64") from None
-    if len(raw) > limit:
-        raise too_large(where, limit)
-    return raw
-
-
-def decode_data(data, where, limit):
-    """(media type, bytes) of a data: URL or bare base64, with 413 over `limit` and 400 for bad base64."""
-    found = DATA_URL.fullmatch(data)
-    if found and not found.group(2):
-        raw = urllib.parse.unquote_to_bytes(found.group(3))
-        if len(raw) > limit:
-            raise too_large(where, limit)
-        return (found.group(1) or "").lower(), raw
-    media, payload = ((found.group(1) or ""), found.group(3)) if found else ("", data)
-    return media.lower(), decode_base64(payload, where, limit)
-
-
-def image_part(url, where, limit):
-    """An image as upstream takes it: a valid image data: URL or an http(s) URL, passed as it is."""
-    if url.startswith("data:"):
-        media, raw = decode_data(url, where, limit)
-        expect(media.startswith("image/"), f"{where} is a data: URL of '{media or 'no type'}', not an image",
-               where, "invalid_image")
-        expect(raw and re.match(r"data:[^,]*;base64,", url, re.IGNORECASE),
-               f"{where} must be a data: URL holding the image in base64 (data:image/png;base64,...)", where,
-               "invalid_image")
-    else:
-        expect(re.match(r"https?://\S+$", url), f"{where} must be a data: URL or an http(s) URL of an image",
-               where, "invalid_image")
-    return {"type": "image_url", "image_url": {"url": url}}
-
-
-def text_file(name, media, raw, where):
-    """A text file, inlined as a fenced block headed by its name; a binary file is a 400 naming it."""
-    extension = name.rsplit(".", 1)[-1].lower() if "." in name else name.lower()
-    text = None
-    if extension in TEXT_FILE_EXTENSIONS or TEXT_MEDIA_TYPES.fullmatch(media):
-        for encoding in ("utf-8-sig", "utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
-            try:
-                text = raw.decode(encoding)
-                break
-            except UnicodeDecodeError:
-                continue
-    if text is None or "\x00" in text:  # NUL bytes: a binary file, whatever its name says
-        raise ApiError(400, f"{where}: the file '{name}' ({media or 'unknown type'}) cannot be read by the model; "
-                            "supported are text files in UTF-8 (txt, md, csv, json, code, ...) and images",
-                       param=where, code="unsupported_file")
-    fence = "`" * max(3, max(map(len, re.findall(r"`+", text)), default=0) + 1)
-    return {"type": "text", "text": f"File: {name}\n{fence}\n{text}\n{fence}"}
-
-
-def text_of(parts):
-    return "\n".join(part["text"] for part in parts if part["type"] == "text")
-
-
-def content_of(parts):
-    """Message content as upstream takes it: a string when it is all text, else the list of parts."""
-    if all(part["type"] == "text" for part in parts):
-        return text_of(parts)
-    return parts
-
-
-class Transcript:
-    """Upstream messages built turn by turn from any dialect's history: tool calls and results become the text
-    the model is told to write and read, every assistant turn carries the thinking field the site requires (and
-    never the reasoning a client sends back), and the tool prompt joins the system message."""
-
-    def __init__(self):
-        self.messages = []
-        self.call_names = {}
-
-    def add(self, role, content):
-        """A system or user turn; `content` is a string or a list of upstream parts."""
-        self.messages.append({"role": role, "content": content})
-
-    def assistant(self, text, calls=()):
-        """An assistant turn: its text and the calls it made, as (call id, name, arguments) triples."""
-        blocks = []
-        for call_id, name, arguments in calls:
-            self.call_names[call_id] = name
-            blocks.append(render_call(name, arguments))
-        self.messages.append({"role": "assistant", "content": "\n".join(filter(None, [text, *blocks])),
-                              "reasoning": ""})
-
-    def tool_result(self, call_id, parts, name=None, failed=False):
-        """A tool's result (its content parts), as a user turn; its images (a screenshot) stay images."""
-        name = name or self.call_names.get(call_id) or "unknown"
-        text = render_tool_result(name, call_id, text_of(parts), failed)
-        self.add("user", content_of([{"type": "text", "text": text}, *(p for p in parts if p["type"] != "text")]))
-
-    def finish(self, plan, answer_format=None):
-        """The messages, with the tool prompt and the answer's format joined to the system message (or first, when
-        there is none)."""
-        messages = self.messages
-        prompt = "\n\n".join(filter(None, (plan and tool_prompt(plan), answer_format and answer_format.prompt())))
-        if prompt:
-            if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
-                messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{prompt}"}
-            else:
-                messages.insert(0, {"role": "system", "content": prompt})
-        return messages
-
-
-MAX_OUTPUT_TOKENS = 8192  # K2 Horizon writes at most this; asking for more only risks a refusal in long contexts
-
-
-def sampling(temperature, top_p, max_tokens, stop):
-    """The sampling options upstream understands, those given; max_tokens no more than the model can write."""
-    params = {"temperature": temperature, "top_p": top_p,
-              "max_tokens": min(max_tokens, MAX_OUTPUT_TOKENS) if max_tokens else None, "stop": stop}
-    return {name: value for name, value in params.items() if value is not None}
-
-
-def prompt_chars(messages):
-    """Characters of text in upstream messages, for the usage estimate."""
-    return sum(len(m["content"]) if isinstance(m["content"], str) else len(text_of(m["content"])) for m in messages)
-
-
-def estimate_tokens(chars):
-    return max(1, round(chars / CHARS_PER_TOKEN)) if chars else 0
-
-
-@dataclass(frozen=True)
-class AnswerFormat:
-    """An answer that must be one JSON object (of `schema`, when given): asked for in the prompt, and taken out
-    of whatever the model wrote around it."""
-    schema: dict = None
-
-    def prompt(self):
-        schema = f" matching this JSON Schema: {json.dumps(self.schema, ensure_ascii=False)}" if self.schema else ""
-        return (f"Answer with one JSON object{schema}, and nothing else: no prose before or after it, no code "
-                "fence.")
-
-    @staticmethod
-    def extract(text):
-        """The JSON object in an answer, as compact text: the whole answer, a fenced block, or the first object
-        in it that parses; None when there is none."""
-        candidates = itertools.chain([(text.strip(), 0)], ((found.group(1), 0) for found in FENCED_BODY.finditer(text)),
-                                     ((text, match.start()) for match in re.finditer(r"\{", text)))
-        for candidate, start in candidates:  # (text, where its object would start): tried lazily, nothing copied
-            try:
-                value, _ = JSON_DECODER.raw_decode(candidate, start)
-            except ValueError:
-                continue
-            if isinstance(value, dict):
-                return json_text(value)
-        return None
-
-
-JSON_DECODER = json.JSONDecoder()
-
-
-@dataclass(frozen=True)
-class CoreRequest:
-    """A completion request in no dialect: what goes upstream, and how the answer is to be shown."""
-    model: str                # the id the client asked for, echoed in its answer
-    upstream_model: str
-    messages: list            # rendered for upstream
-    params: dict              # temperature, top_p, max_tokens, stop
-    effort: str
-    stream: bool
-    show_reasoning: bool
-    tools: ToolPlan = None
-    answer_format: AnswerFormat = None
-
-    def payload(self):
-        return upstream_payload(self.upstream_model, self.messages, self.params, self.effort)
-
-    @functools.cached_property
-    def prompt_tokens(self):
-        """The estimate of the prompt's tokens, counted once."""
-        return estimate_tokens(prompt_chars(self.messages))
-
-
-# The events of a completion. What arrived from upstream together is one list of events, and leaves in one write.
-
-@dataclass(frozen=True)
-class Reasoning:
-    text: str
-
-
-@dataclass(frozen=True)
-class Text:
-    text: str
-
-
-@dataclass(frozen=True)
-class ToolCallStart:
-    index: int
-    id: str       # without a dialect's prefix (call_, toolu_, fc_)
-    name: str
-
-
-@dataclass(frozen=True)
-class ToolArguments:
-    index: int
-    text: str     # the next piece of the arguments' JSON
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    reasoning_tokens: int
-
-    @property
-    def total_tokens(self):
-        return self.prompt_tokens + self.completion_tokens
-
-
-@dataclass(frozen=True)
-class Finish:
-    reason: str   # stop | length | tool_calls | content_filter
-    usage: Usage
-
-
-@dataclass(frozen=True)
-class Failed:
-    error: ApiError
-
-
-UPSTREAM_FINISH_REASONS = ("length", "content_filter")  # the reasons of upstream's that a client is told
+            messages.append({"role": turn.role, "content": content_of(turn.parts)})
+    prompt = "\n\n".join(filter(None, (core.tools and tool_prompt(core.tools),
+                                       core.answer_format and core.answer_format.prompt())))
+    if prompt:
+        if messages and messages[0]["role"] == "system" and isinstance(messages[0]["content"], str):
+            messages[0] = {"role": "system", "content": f"{messages[0]['content']}\n\n{prompt}"}
+        else:
+            messages.insert(0, {"role": "system", "content": prompt})
+    return messages
+
+
+def site_payload(model, messages, params, effort):
+    """The chat payload the site's working public clients send. Never chat_id, id and session_id together:
+    with those, Open WebUI answers over the browser's websocket and the HTTP answer holds no text."""
+    return {"stream": True, "model": model, "messages": messages, "params": params,
+            "features": {"web_search": False},
+            "extra_body": {"chat_template_kwargs": {"reasoning_effort": effort}}}
+
+
+async def site_frames(response):
+    """The frames of a site answer, one list per network read; SSE or one JSON document, decided by the content
+    type; an error status or an HTML page raises its UpstreamError."""
+    kind = response.content_type
+    if response.status != 200 or kind == "text/html":
+        body = (await read_body(response, ERROR_BODY_BYTES)).decode("utf-8", "replace")
+        if kind == "text/html" and response.status != 429:
+            raise blocked_error(response.status, body)
+        raise site_error(response.status, error_detail(body), response.headers.get("Retry-After"))
+    if kind == "application/json":
+        frame = parse_frame((await read_body(response, MAX_FRAME_BYTES)).decode("utf-8", "replace"))
+        if frame is None:
+            raise UpstreamError(BROKEN, "upstream answered JSON that is not a chat answer")
+        yield [frame]
+        return
+    if kind != "text/event-stream":
+        raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {kind or 'no content type'}, not a stream")
+    decoder = SSEDecoder()
+    async for chunk in response.content.iter_any():
+        yield decoder.feed(chunk)
+    yield decoder.feed(b"", final=True)
 
 
 class Progress:
@@ -2323,1484 +2181,368 @@ class Progress:
                      estimate_tokens(self.reasoning_chars))
 
 
-class Completion:
-    """Turns what upstream sends into core events for the request's writer, and records when content began."""
 
-    def __init__(self, core, writer, record):
-        self.core = core
-        self.writer = writer
-        self.record = record
-        self.committed = False  # the client has seen content: no other token may take over now
-        self.reset()
+class SiteUpstream:
+    """The web site: the token pool of each mode, the active mode, and completions that fail over from token to
+    token."""
 
-    def reset(self):
-        """Forgets an attempt that failed before the client saw any of it."""
-        self.progress = Progress(self.core.tools, self.core.show_reasoning, self.core.answer_format)
+    name = "site"
 
-    async def take(self, reasoning, answer, usage=None, finish_reason=None):
-        """What one network read of upstream added; its events leave in one write."""
-        events = self.progress.events(reasoning, answer, usage, finish_reason)
-        if not events:
+    def __init__(self, settings, http):
+        self.settings = settings
+        self.http = http
+        self.mode = settings.proxy_mode
+        self.pools = {"guest": CredentialPool("guest", settings.guest_tokens_file, settings, anonymous=True),
+                      "user": CredentialPool("user", settings.user_tokens_file, settings)}
+        self.urls = {"guest": settings.guest_api_url, "user": settings.user_api_url}
+        self.origin = re.match(r"^https?://[^/]+", settings.k2think_base_url).group(0)
+        self.browser_headers = {"Origin": self.origin, "User-Agent": BROWSER_USER_AGENT,
+                                "Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
+
+    @property
+    def pool(self):
+        return self.pools[self.mode]
+
+    @property
+    def url(self):
+        return self.urls[self.mode]
+
+    def headers(self, credential, mode=None):
+        """The browser-like headers the web site expects (for the active mode, or `mode`), with the token."""
+        referer = f"{self.origin}/" if (mode or self.mode) == "user" else f"{self.origin}/guest"
+        headers = {**self.browser_headers, "Referer": referer}
+        if credential.value:
+            headers["Authorization"] = f"Bearer {credential.value}"
+        return headers
+
+    async def watch_tokens(self):
+        """Reads the active token file when it changed: edits, editor renames and bind mounts all show up."""
+        await self.pool.reload()
+        return TOKEN_FILE_POLL_SECONDS
+
+    async def complete(self, core):
+        """The completion's events, one list per network read, attempt by attempt: each attempt opens with an
+        Attempt, and a failure that another token may do better on yields a Restart before the next."""
+        pool, url = self.pool, self.url
+        body = json_text(site_payload(core.upstream_model, site_messages(core), core.params, core.effort)).encode()
+        tried, error = [], None
+        for _ in range(self.settings.max_retries + 1):
+            credential = pool.acquire(tried)
+            if credential is None:
+                break
+            tried.append(credential)
+            yield Attempt(len(tried), pool.index_of(credential))
+            progress = Progress(core.tools, core.show_reasoning, core.answer_format)
+            try:
+                async with contextlib.aclosing(self._answer(url, body, self.headers(credential), progress)) as read:
+                    async for events in read:
+                        yield events
+            except UpstreamError as failure:
+                pool.fail(credential, failure)
+                who = "anonymous" if credential is NO_CREDENTIAL else f"token {pool.index_of(credential)}"
+                log.info("upstream attempt %d failed (%s mode, %s) %s: %s", len(tried), pool.name, who,
+                         failure.failure.code, failure)
+                if not worth_another_try(failure.failure, credential):
+                    raise
+                error = failure
+                yield Restart(failure)
+                continue
+            pool.succeed(credential)
+            yield progress.closing(core.prompt_tokens)
             return
-        if not self.committed:
-            self.committed = True
-            self.record.first_content = time.monotonic() - self.record.started
-        await self.writer.write(events)
+        raise error or pool.unavailable()
 
-    async def finish(self):
-        events = self.progress.closing(self.core.prompt_tokens)
-        self.record.usage = events[-1].usage
-        return await self.writer.close(events)
-
-    async def fail(self, error):
-        """Ends with `error`: an HTTP error while nothing was sent, else the dialect's error event."""
-        self.record.upstream_failed, self.record.reason = True, error.code
-        response = await self.writer.close([Failed(error)])
-        self.record.outcome = "ended with error"
-        return response
-
-
-class ClientGone(Exception):
-    """The client closed its connection; nothing is to be sent, and no token is to blame."""
-
-
-class EventStream:
-    """Writes a completion's events as server-sent events through a dialect's renderer. The response opens with
-    the first bytes sent, so a failure before any is still a real HTTP error; silence gets heartbeats."""
-
-    def __init__(self, request, renderer, keepalive_seconds):
-        self.request = request
-        self.renderer = renderer
-        self.response = None
-        self._open_lock = asyncio.Lock()
-        self._keepalive_every = keepalive_seconds
-        self._last_write = time.monotonic()
-        self._heartbeat = None
-
-    def start(self):
-        self._heartbeat = asyncio.ensure_future(self._beat())
-
-    def stop(self):
-        if self._heartbeat:
-            self._heartbeat.cancel()
-
-    async def write(self, events):
-        await self._send(lambda: self.renderer.render(events))
-
-    async def close(self, events):
-        """Writes the last events (a Finish or a Failed) and ends the stream; raises a failure that comes
-        before anything was sent, as an HTTP error."""
-        self.stop()
-        if isinstance(events[-1], Failed) and self.response is None:
-            raise events[-1].error
-        await self._send(lambda: self.renderer.render(events), last=True)
-        return self.response
-
-    async def _send(self, render, last=False):
-        """Writes what `render` gives, rendered only now: after the response and its opening, so that the
-        renderer's events go out in the order it numbered them."""
-        opening = b""
-        if self.response is None:
-            async with self._open_lock:
-                if self.response is None:
-                    response = web.StreamResponse(headers={
-                        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                        "X-Accel-Buffering": "no"})
-                    await response.prepare(self.request)
-                    self.response = response
-                    opening = self.renderer.opening()
-        data = opening + render()
-        self._last_write = time.monotonic()
-        try:
-            await (self.response.write_eof(data) if last else self.response.write(data))
-        except (ConnectionError, RuntimeError):
-            raise ClientGone() from None
-
-    async def _beat(self):
-        """Sends the dialect's heartbeat after each KEEPALIVE_SECONDS of silence, so proxies keep the stream."""
-        try:
-            while True:
-                idle = time.monotonic() - self._last_write
-                if idle >= self._keepalive_every:
-                    await self._send(self.renderer.heartbeat)
-                else:
-                    await asyncio.sleep(self._keepalive_every - idle)
-        except ClientGone:
-            pass
+    async def _answer(self, url, body, headers, progress):
+        """One attempt: the events of each network read, until the answer's end."""
+        async with self.http.exchange(url, body, headers) as response:
+            reader = SiteReader()
+            async for frames in site_frames(response):
+                delta = reader.read(frames)
+                events = progress.events(delta.reasoning, delta.text, delta.usage, delta.finish_reason)
+                if events:
+                    yield events
+                if delta.error:
+                    raise delta.error
+                if delta.ended:
+                    break
+        reasoning, answer = reader.finish()
+        if reader.text.is_empty():
+            raise no_content_error(response.content_type, reader.fields)
+        events = progress.events(reasoning, answer)
+        if events:
+            yield events
 
 
-@dataclass
-class Answer:
-    """A whole completion, gathered from its events for a non-streamed response."""
-    reasoning: str = ""
-    text: str = ""
-    calls: list = field(default_factory=list)  # [id, name, arguments]
-    finish: Finish = None
+# ─── Accounts ────────────────────────────────────────────────────────────────
+# Accounts of ACCOUNTS_FILE sign in by themselves and keep a fresh token in the
+# user pool: before it expires, and again when the site refuses it.
+
+TOKEN_REFRESH_SHARE = 0.8           # of a token's lifetime, when its account signs in again
+ASSUMED_TOKEN_LIFETIME = 6 * 3600   # seconds, for a token whose expiry cannot be read
+SKEWED_RENEWAL = 600                # seconds between sign-ins while this machine's clock runs ahead
+SIGNIN_BACKOFF_FIRST, SIGNIN_BACKOFF_MAX = 5, 600  # seconds between failing sign-ins, doubling
+ACCOUNTS_POLL_SECONDS = 1.0         # how often the file and refused tokens are looked at
+SIGNIN_PATH = "/api/v1/auths/signin"
 
 
-class Collector:
-    """Gathers a completion's events into an Answer, which the dialect's `render` turns into the JSON body; an
-    answer beyond MAX_ANSWER_MB is a failure, not a response of any size."""
-
-    def __init__(self, render, limit):
-        self.render = render
-        self.limit = limit
-        self.size = 0
-        self.reasoning, self.text = [], []  # pieces, joined once at the end (+= on a str would copy it each time)
-        self.calls = []                     # [id, name, pieces of its arguments]
-        self.finish = None
-        self.response = None
-
-    def start(self):
-        pass
-
-    def stop(self):
-        pass
-
-    async def write(self, events):
-        added = sum(len(event.text) for event in events if isinstance(event, (Reasoning, Text, ToolArguments)))
-        self.size += added
-        if added and self.size > self.limit:
-            raise UpstreamError(ANSWER_TOO_LARGE, f"upstream's answer is larger than MAX_ANSWER_MB "
-                                                  f"({self.limit / MB:g} MB); ask for a stream to receive it")
-        for event in events:
-            if isinstance(event, Reasoning):
-                self.reasoning.append(event.text)
-            elif isinstance(event, Text):
-                self.text.append(event.text)
-            elif isinstance(event, ToolCallStart):
-                self.calls.append([event.id, event.name, []])
-            elif isinstance(event, ToolArguments):
-                self.calls[event.index][2].append(event.text)
-            elif isinstance(event, Finish):
-                self.finish = event
-            elif isinstance(event, Failed):
-                raise event.error
-
-    async def close(self, events):
-        await self.write(events)
-        answer = Answer("".join(self.reasoning), "".join(self.text),
-                        [[id_, name, "".join(pieces)] for id_, name, pieces in self.calls], self.finish)
-        self.response = web.json_response(self.render(answer), dumps=json_text)
-        return self.response
-
-
-def json_text(value):
-    return json.dumps(value, ensure_ascii=False)
-
-
-def sse_event(name, data):
-    """One named server-sent event, as the Anthropic and Responses streams send them."""
-    return b"event: " + name.encode() + b"\ndata: " + json_text(data).encode() + b"\n\n"
-
-
-@dataclass
-class RequestRecord:
-    """One request's facts, from its arrival to its log line and its share of the figures."""
-    method: str
-    path: str
-    dialect: str
-    counted: bool               # a completion: it counts in the figures
-    started: float              # time.monotonic()
-    model: str = None
-    stream: bool = None
-    outcome: str = None         # CLIENT_GONE, "ended with error"
-    reason: str = None          # the code of the error it ended with
-    upstream_failed: bool = False  # the error was upstream's (or no token could serve), not the client's
-    route: str = ""             # the route's path, as routed ("/v1/models/{model:.+}")
-    key: str = None             # the name of the API key it came with ("" for VALID_API_KEY's)
-    api_key: object = None      # that ApiKey, while it counts against the key's limits
-    first_content: float = None  # seconds from arrival to the first content sent
-    duration: float = None      # seconds from arrival to the end
-    attempts: int = 0
-    token_index: int = None     # the token that answered, by its place in the pool
-    usage: Usage = None
-    reserved: int = 0           # bytes of MEMORY_BUDGET_MB its body holds
-
-
-RECORD = web.RequestKey("record", RequestRecord)
-CLIENT_GONE = "client gone"  # the outcome of a request whose client left before its end
-CLIENT_GONE_STATUS = 499     # what the log and the figures say it ended with (nginx's "client closed request")
+class SignedIn(str, enum.Enum):
+    OK = "signed_in"
+    REFUSED = "wrong_password"  # a wrong email or password
+    FAILED = "failed"           # no answer, or an answer without a token
 
 
 @dataclass(frozen=True)
-class Dialect:
-    """A client API as the app factory sees it: its name in logs, and how it shapes an error."""
-    name: str
-    error_response: object  # ApiError → web.Response
+class SignIn:
+    """What came of one sign-in: the outcome, the token issued, and for a failure what happened."""
+    outcome: SignedIn
+    token: str = None
+    reason: str = ""
 
 
-SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-BODY_WAIT_SECONDS = 5           # how long a body waits for room in MEMORY_BUDGET_MB before a 503
-MAX_EXPANSION = 12              # a body that would take more than this many times its size once parsed is refused
-EXPANSION_FLOOR = MB            # smaller bodies are parsed whatever their shape
-CONTAINER_BYTES, ELEMENT_BYTES = 64, 40  # the least a parsed object, and an element of one, takes
-THREAD_PARSE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
-MAX_JSON_DEPTH = 64
-
-
-class MemoryBudget:
-    """Memory that request bodies may take at once: a body is admitted when its share fits, else waits (bodies
-    that fit go first), then is refused with a 503 and Retry-After."""
-
-    def __init__(self, megabytes):
-        self.limit = int(megabytes * MB)
-        self.used = 0
-        self.waiting = collections.deque()  # (amount, future) in arrival order
-
-    async def admit(self, amount):
-        if self.used + amount <= self.limit:
-            self.used += amount
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self.waiting.append((amount, waiter))
-        try:
-            await asyncio.wait_for(waiter, BODY_WAIT_SECONDS)
-        except asyncio.TimeoutError:
-            if waiter.done() and not waiter.cancelled():  # admitted in the very turn it gave up: give the share back
-                self.release(amount)
-            raise ApiError(503, "The proxy is busy reading other large requests; try again in a moment",
-                           code="busy", retry_after=1) from None
-
-    def release(self, amount):
-        self.used -= amount
-        for entry in list(self.waiting):
-            wanted, waiter = entry
-            if waiter.done():
-                self.waiting.remove(entry)
-            elif self.used + wanted <= self.limit:
-                self.waiting.remove(entry)
-                self.used += wanted
-                waiter.set_result(None)
-
-
-def expanded_size(raw):
-    """A rough bound of what a JSON body takes once parsed: each container and each element is an object of its
-    own. Brackets, commas and quotes count wherever they stand, so text full of them counts high; the bound is
-    for refusing bodies built to expand (a list of millions of {}), which count far higher."""
-    quotes = raw.count(b'"') - raw.count(b'\\"')
-    containers = raw.count(b"{") + raw.count(b"[")
-    return len(raw) + CONTAINER_BYTES * containers + ELEMENT_BYTES * (raw.count(b",") + quotes // 2)
-
-
-def json_depth(value):
-    """How deeply a JSON value nests, found without recursion; it stops counting past MAX_JSON_DEPTH."""
-    deepest, pending = 0, [(value, 1)]
-    while pending and deepest <= MAX_JSON_DEPTH:
-        item, depth = pending.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            pending += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
-    return deepest
-
-
-def parse_body(raw):
-    """A request body's JSON value; a 4xx for a body built to expand, one not in UTF-8, not JSON, nested too
-    deeply, or holding a lone surrogate."""
-    if len(raw) > EXPANSION_FLOOR and expanded_size(raw) > MAX_EXPANSION * len(raw):
-        raise ApiError(413, f"The request body's JSON is made of so many small values that it would take over "
-                            f"{MAX_EXPANSION} times its size once read; send fewer, larger values",
-                       code="request_too_complex")
+async def sign_in(site, email, password):
+    """Asks the site to sign an account in."""
+    url = site.settings.k2think_base_url + SIGNIN_PATH
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(400, "The request body is not valid UTF-8", code="invalid_encoding") from None
-    too_deep = ApiError(400, f"The request body's JSON nests more than {MAX_JSON_DEPTH} levels deep",
-                        code="json_too_deep")
+        async with site.http.session.post(url, json={"email": email, "password": password},
+                                          headers=site.headers(NO_CREDENTIAL), allow_redirects=False) as response:
+            body = await read_body(response, ERROR_BODY_BYTES)
+            status = response.status
+            token = issued_token(body, response.cookies.get("token")) if status == 200 else None
+    except (ClientError, OSError, asyncio.TimeoutError) as exc:
+        return SignIn(SignedIn.FAILED, reason=f"sign-in request failed ({type(exc).__name__})")
+    if status in (400, 401):
+        return SignIn(SignedIn.REFUSED, reason=error_detail(body.decode("utf-8", "replace")) or f"HTTP {status}")
+    if not token:
+        return SignIn(SignedIn.FAILED, reason=f"sign-in answered HTTP {status} without a token")
+    return SignIn(SignedIn.OK, token)
+
+
+def issued_token(body, cookie):
+    """The JWT a sign-in answer carries: in its JSON body (`token`), or else in its `token` cookie."""
     try:
-        value = json.loads(text)
-    except RecursionError:
-        raise too_deep from None
-    except ValueError as exc:
-        raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-    if json_depth(value) > MAX_JSON_DEPTH:
-        raise too_deep
-    if SURROGATE_ESCAPE.search(text):  # rare, so the whole value is checked only then
-        try:
-            json.dumps(value, ensure_ascii=False).encode()
-        except UnicodeEncodeError:
-            raise ApiError(400, "The request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
-                                "text", code="invalid_encoding") from None
-    return value
-
-
-async def read_json(request):
-    """The request body as JSON, read once MEMORY_BUDGET_MB has room for it, parsed off the event loop when large;
-    a 4xx for anything that is not JSON in UTF-8."""
-    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise ApiError(415, f"Compressed request bodies (Content-Encoding: {encoding[:40]}) are not accepted; "
-                            "send the JSON uncompressed", code="unsupported_content_encoding")
-    state, record = request.app[STATE], request[RECORD]
-    limit = int(state.settings.max_request_mb * MB)
-    if (request.content_length or 0) > limit:
-        raise body_too_large(state)
-    share = (request.content_length or limit) * BODY_MEMORY_FACTOR
-    await state.budget.admit(share)
-    record.reserved = share
-    raw = await read_body_within(request, limit, state)
-    return parse_body(raw) if len(raw) <= THREAD_PARSE_BYTES else await asyncio.to_thread(parse_body, raw)
-
-
-async def read_body_within(request, limit, state):
-    """The body, refused once it passes `limit`. Read from the stream rather than by request.read(), which keeps
-    a copy on the request: aiohttp holds a connection's last request while the connection idles."""
-    parts, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise body_too_large(state)
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def body_too_large(state):
-    return ApiError(413, f"The request body is larger than MAX_REQUEST_MB ({state.settings.max_request_mb:g} MB)",
-                    code="request_too_large")
-
-
-MODEL_NAME_CHARS = 100  # of a model id in a log line
-
-
-def requested_model(body):
-    """The model a completion request names; a 400 when the body is not an object or names none."""
-    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
-    model = body.get("model")
-    expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
-    return model
-
-
-def default_effort(settings, show_reasoning):
-    """How long the model thinks when a request does not say: REASONING_EFFORT, or low for a -nothink model."""
-    return settings.reasoning_effort if show_reasoning else "low"
-
-
-async def read_request(request):
-    """A completion request's body, its model noted for the log line even when the request is then refused."""
-    body = await read_json(request)
-    if isinstance(body, dict) and isinstance(body.get("model"), str):
-        request[RECORD].model = body["model"][:MODEL_NAME_CHARS]
-    return body
-
-
-async def within_deadline(work, seconds):
-    """Awaits `work`; past `seconds` it is cancelled and ends as an upstream timeout."""
-    try:
-        return await asyncio.wait_for(work, seconds)
-    except asyncio.TimeoutError:
-        raise UpstreamError(TIMED_OUT, f"the answer took longer than COMPLETION_TIMEOUT ({seconds:g} s)") from None
-
-
-async def serve_completion(request, core, renderer, render_answer):
-    """The one request path of every dialect: runs `core` upstream into an EventStream with the dialect's
-    `renderer` (a stream) or a Collector with its `render_answer` (one JSON body), and answers."""
-    state = request.app[STATE]
-    record = request[RECORD]
-    record.stream = core.stream  # its model is noted already, by read_request
-    settings = state.settings
-    writer = (EventStream(request, renderer(), settings.keepalive_seconds) if core.stream
-              else Collector(render_answer, int(settings.max_answer_mb * MB)))
-    completion, tried = Completion(core, writer, record), []
-    writer.start()
-    try:
-        try:
-            await within_deadline(state.upstream.complete(core.payload(), completion, tried),
-                                  settings.completion_timeout)
-            return await completion.finish()
-        except UpstreamError as error:
-            return await completion.fail(error.api_error())
-        except ApiError as error:
-            return await completion.fail(error)
-    except ClientGone:
-        record.outcome = CLIENT_GONE
-        return writer.response or web.Response(status=CLIENT_GONE_STATUS)  # the latter for nobody: it left first
-    finally:
-        writer.stop()
-        record.attempts = len(tried)
-        record.token_index = state.upstream.pool.index_of(tried[-1]) if tried else None
-
-
-# ─── Dialect: OpenAI chat completions ────────────────────────────────────────
-# POST /v1/chat/completions and GET /v1/models: OpenAI's request becomes a
-# CoreRequest; core events become chat.completion.chunk events or one
-# chat.completion; errors are {"error": {message, type, param, code}}.
-
-CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
-                      500: "server_error", 502: "upstream_error", 503: "service_unavailable", 504: "timeout_error"}
-REQUEST_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}  # OpenAI's → the site's
-
-
-def openai_error_body(error):
-    kind = OPENAI_ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error")
-    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
-
-
-def openai_error_response(error):
-    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
-    return web.json_response(openai_error_body(error), status=error.status, headers=headers)
-
-
-OPENAI = Dialect("openai", openai_error_response)
-
-
-def chat_part(part, where, limit):
-    """One part of an OpenAI message's content, as an upstream part."""
-    expect(isinstance(part, dict) and isinstance(part.get("type"), str), f"{where} must be an object with a 'type'",
-           where, "invalid_type")
-    kind = part["type"]
-    if kind == "text":
-        expect(isinstance(part.get("text"), str), f"{where}.text must be a string", where, "invalid_type")
-        return {"type": "text", "text": part["text"]}
-    if kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url") if isinstance(image, dict) else image
-        expect(isinstance(url, str) and url, f"{where}.image_url.url is missing", where, "invalid_type")
-        return image_part(url, where, limit)
-    if kind == "file":
-        return chat_file(part.get("file"), where, limit)
-    raise ApiError(400, f"{where} has type '{kind}', which is not supported (text, image_url, file)", param=where,
-                   code="unsupported_content")
-
-
-def chat_file(file, where, limit):
-    """An OpenAI file part: a text file sent as file_data, inlined; a file id cannot be fetched."""
-    expect(isinstance(file, dict), f"{where}.file must be an object with filename and file_data", where,
-           "invalid_type")
-    name = file.get("filename") if isinstance(file.get("filename"), str) and file.get("filename") else "file"
-    data = file.get("file_data")
-    if data is None and file.get("file_id"):
-        raise ApiError(400, f"{where}: uploaded file ids cannot be fetched through this proxy; send the file "
-                            "itself as file_data", param=where, code="unsupported_file")
-    expect(isinstance(data, str) and data, f"{where}.file.file_data is missing", where, "invalid_type")
-    return text_file(name, *decode_data(data, where, limit), where)
-
-
-def chat_content(content, index, limit):
-    """A message's content as a list of upstream parts."""
-    if content is None or isinstance(content, str):
-        return [{"type": "text", "text": content or ""}]
-    expect(isinstance(content, list), f"messages[{index}].content must be a string or a list of parts",
-           f"messages[{index}].content", "invalid_type")
-    return [chat_part(part, f"messages[{index}].content[{number}]", limit) for number, part in enumerate(content)]
-
-
-def chat_calls(calls, index):
-    """An assistant message's tool_calls as (id, name, arguments) triples."""
-    where = f"messages[{index}].tool_calls"
-    expect(isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict)
-                                           and isinstance(c.get("id", ""), str)
-                                           and isinstance(c["function"].get("name", ""), str) for c in calls),
-           f"{where} must be a list of tool calls with string ids and names", where, "invalid_type")
-    return [(call.get("id", ""), call["function"].get("name", ""), call["function"].get("arguments", {}))
-            for call in calls]
-
-
-def chat_transcript(messages, limit):
-    """OpenAI messages as upstream takes them: developer is system, tool history is text."""
-    expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages",
-           "invalid_type" if not isinstance(messages, list) else "invalid_value")
-    transcript = Transcript()
-    for index, message in enumerate(messages):
-        expect(isinstance(message, dict), f"messages[{index}] must be an object", f"messages[{index}]",
-               "invalid_type")
-        role = message.get("role")
-        expect(role in CHAT_ROLES, f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}",
-               f"messages[{index}].role")
-        parts = chat_content(message.get("content"), index, limit)
-        if role == "assistant":
-            image = next((number for number, part in enumerate(parts) if part["type"] != "text"), None)
-            where = f"messages[{index}].content[{image}]"
-            expect(image is None, f"{where}: assistant messages hold text only, as on OpenAI; send images in user "
-                   "messages", where, "unsupported_content")
-            transcript.assistant(text_of(parts), chat_calls(message["tool_calls"], index)
-                                 if message.get("tool_calls") else ())
-        elif role in ("tool", "function"):
-            call_id = message.get("tool_call_id", "")
-            expect(isinstance(call_id, str), f"messages[{index}].tool_call_id must be a string",
-                   f"messages[{index}].tool_call_id", "invalid_type")
-            name = message.get("name")
-            transcript.tool_result(call_id, parts, name if isinstance(name, str) else None)
-        else:
-            transcript.add("user" if role == "user" else "system", content_of(parts))
-    return transcript
-
-
-def chat_tools(body, enabled):
-    """The request's tools and tool_choice as a ToolPlan (None: no tool text is to be sent or parsed)."""
-    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
-    if tools is None:
-        return None
-    expect(isinstance(tools, list), "'tools' must be a list", "tools", "invalid_type")
-    checked = []
-    for index, tool in enumerate(tools):
-        where = f"tools[{index}]"
-        expect(isinstance(tool, dict) and tool.get("type", "function") == "function"
-               and isinstance(tool.get("function"), dict),
-               f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where, "invalid_type")
-        function = tool["function"]
-        checked.append(check_tool(function.get("name"), function.get("description"), function.get("parameters"),
-                                  f"{where}.function"))
-    if isinstance(choice, dict):
-        named = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
-        expect(isinstance(named, str), "tool_choice must name a function: {\"type\": \"function\", \"function\": "
-               "{\"name\": ...}}", "tool_choice")
-        choice = named
-    else:
-        expect(choice in ("auto", "none", "required"),
-               "'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", ...}", "tool_choice")
-    return tool_plan(checked, choice, enabled)
-
-
-def chat_params(body):
-    """The sampling options upstream understands, checked."""
-    stop = body.get("stop")
-    expect(stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
-           "'stop' must be a string or a list of strings", "stop", "invalid_type")
-    return sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
-                    integer_field(body, "max_completion_tokens", 1) or integer_field(body, "max_tokens", 1),
-                    [stop] if isinstance(stop, str) else stop)
-
-
-def chat_answer_format(response_format):
-    """The AnswerFormat of OpenAI's response_format: json_object, or json_schema with its schema; None for text."""
-    kind = one_of_field(response_format, "type", ("text", "json_object", "json_schema"), "text",
-                        "response_format.type")
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return AnswerFormat()
-    schema = object_field(object_field(response_format, "json_schema", "response_format.json_schema"), "schema",
-                          "response_format.json_schema.schema")
-    return AnswerFormat(schema or None)
-
-
-def parse_chat_request(body, settings, models):
-    """Checks an OpenAI chat request and translates it; every problem is a 400 naming the field. Returns the
-    CoreRequest and whether the client asked for a usage chunk."""
-    model = requested_model(body)
-    upstream_model, show_reasoning = models.resolve(model)
-    stream = body.get("stream", False)
-    expect(stream is None or isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
-    n = integer_field(body, "n", 1)
-    expect(n in (None, 1), "Only n=1 is supported", "n")
-    options = object_field(body, "stream_options")
-    for name in ("logprobs", "top_logprobs"):
-        expect(body.get(name) in (None, False), f"'{name}' is not supported: the site does not report token "
-               "probabilities", name, "unsupported_parameter")
-    effort = REQUEST_EFFORTS[one_of_field(body, "reasoning_effort", tuple(REQUEST_EFFORTS),
-                                          default_effort(settings, show_reasoning))]
-    tools = chat_tools(body, settings.tool_support)
-    answer_format = chat_answer_format(object_field(body, "response_format"))
-    messages = chat_transcript(body.get("messages"), int(settings.max_file_mb * MB)).finish(tools, answer_format)
-    core = CoreRequest(model, upstream_model, messages, chat_params(body), effort, bool(stream), show_reasoning,
-                       tools, answer_format)
-    return core, bool(options.get("include_usage"))
-
-
-def openai_usage(usage):
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
-
-
-class ChatChunks:
-    """Core events as OpenAI chat.completion.chunk events: reasoning as reasoning_content (never in the same
-    delta as content, since many clients read one field per delta), or inline <think> tags."""
-
-    def __init__(self, core, think_tags, include_usage):
-        self.core = core
-        self.think_tags = think_tags
-        self.include_usage = include_usage
-        self.id = "chatcmpl-" + uuid.uuid4().hex
-        self.created = int(time.time())
-        head = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                           "model": core.model}, ensure_ascii=False)
-        self._chunk_head = b"data: " + head[:-1].encode() + b',"choices":[{"index":0,"delta":'
-        self._role_sent = False
-        self._in_think = False
-
-    def opening(self):
-        return b""
-
-    def heartbeat(self):
-        return b": keep-alive\n\n"
-
-    def render(self, events):
-        deltas, content, tail = [], "", b""
-        for event in events:
-            if isinstance(event, Reasoning) and self.think_tags:
-                content += event.text if self._in_think else "<think>" + event.text
-                self._in_think = True
-            elif isinstance(event, Reasoning):
-                deltas.append({"reasoning_content": event.text})
-            elif isinstance(event, Text):
-                content += self._think_closed("</think>\n\n") + event.text
-            elif isinstance(event, ToolCallStart):
-                content += self._think_closed("</think>\n\n")
-                deltas += [{"content": content}] if content else []
-                content = ""
-                deltas.append({"tool_calls": [{"index": event.index, "id": "call_" + event.id, "type": "function",
-                                               "function": {"name": event.name, "arguments": ""}}]})
-            elif isinstance(event, ToolArguments):
-                deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
-            elif isinstance(event, Finish):
-                content += self._think_closed("</think>")
-                tail = self._ending(event)
-            else:
-                tail = b"data: " + json.dumps(openai_error_body(event.error)).encode() + b"\n\ndata: [DONE]\n\n"
-        if content:
-            deltas.append({"content": content})
-        return b"".join(map(self._chunk, deltas)) + tail
-
-    def _think_closed(self, closing):
-        """The closing of an open <think> tag, once."""
-        if not self._in_think:
-            return ""
-        self._in_think = False
-        return closing
-
-    def _ending(self, finish):
-        data = self._chunk({}, finish.reason)
-        if self.include_usage:
-            usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                     "model": self.core.model, "choices": [], "usage": openai_usage(finish.usage)}
-            data += b"data: " + json.dumps(usage).encode() + b"\n\n"
-        return data + b"data: [DONE]\n\n"
-
-    def _chunk(self, delta, finish_reason=None):
-        if not self._role_sent:
-            self._role_sent = True
-            delta = {"role": "assistant", **delta}
-        finish = b"null" if finish_reason is None else b'"%s"' % finish_reason.encode()
-        return (self._chunk_head + json.dumps(delta, ensure_ascii=False).encode()
-                + b',"finish_reason":' + finish + b"}]}\n\n")
-
-
-def chat_completion(core, answer, think_tags):
-    """One chat.completion for a whole Answer."""
-    content = answer.text
-    if answer.reasoning and think_tags:
-        content = f"<think>{answer.reasoning}</think>" + (f"\n\n{content}" if content or answer.calls else "")
-    message = {"role": "assistant", "content": (content.strip() or None) if answer.calls else content}
-    if answer.calls:
-        message["tool_calls"] = [{"id": "call_" + call_id, "type": "function",
-                                  "function": {"name": name, "arguments": arguments}}
-                                 for call_id, name, arguments in answer.calls]
-    if answer.reasoning and not think_tags:
-        message["reasoning_content"] = answer.reasoning
-    return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
-            "model": core.model, "choices": [{"index": 0, "message": message, "finish_reason": answer.finish.reason}],
-            "usage": openai_usage(answer.finish.usage)}
-
-
-async def chat_completions(request):
-    state = request.app[STATE]
-    core, include_usage = parse_chat_request(await read_request(request), state.settings, state.models)
-    think_tags = state.settings.thinking_format == "think_tags"
-    return await serve_completion(request, core, lambda: ChatChunks(core, think_tags, include_usage),
-                                  lambda answer: chat_completion(core, answer, think_tags))
-
-
-def model_card(model_id, created):
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "MBZUAI-IFM"}
-
-
-async def list_models(request):
-    state = request.app[STATE]
-    return web.json_response({"object": "list",
-                              "data": [model_card(m, state.started) for m in state.models.listed()]})
-
-
-async def get_model(request):
-    state = request.app[STATE]
-    model_id = request.match_info["model"]
-    state.models.resolve(model_id)
-    return web.json_response(model_card(model_id, state.started))
-
-
-# ─── Dialect: Anthropic Messages ─────────────────────────────────────────────
-# POST /v1/messages and /v1/messages/count_tokens, for Claude Code and the
-# Anthropic SDKs: a Messages request becomes a CoreRequest; core events become
-# message_start … message_stop (signed thinking blocks, ping as the heartbeat)
-# or one message; errors are {"type": "error", "error": {type, message}}.
-
-ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-                         413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
-                         504: "timeout_error"}
-OVERLOADED = 529  # Anthropic's "try again soon", which Claude Code retries: what the proxy's 503s become
-ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
-                          "content_filter": "refusal"}
-ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}  # Anthropic's → the site's
-THINKING_BUDGET_EFFORTS = ((4000, "low"), (16000, "medium"))  # a budget under the bound thinks this hard; else high
-BILLING_HEADER = "x-anthropic-billing-header:"  # Claude Code's bookkeeping, sent as a system block; not for the model
-
-
-def anthropic_error_body(error):
-    kind = ANTHROPIC_ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": error.message}}
-
-
-def anthropic_error_response(error):
-    headers = {"retry-after": str(error.retry_after)} if error.retry_after else None
-    return web.json_response(anthropic_error_body(error), status=OVERLOADED if error.status == 503 else error.status,
-                             headers=headers)
-
-
-ANTHROPIC = Dialect("anthropic", anthropic_error_response)
-
-
-def content_blocks(content, where):
-    """A message's content as a list of blocks: a string is one text block."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    expect(isinstance(content, list) and all(isinstance(b, dict) and isinstance(b.get("type"), str) for b in content),
-           f"{where} must be a string or a list of blocks with a 'type'", where, "invalid_type")
-    return content
-
-
-def block_text(block, where):
-    expect(isinstance(block.get("text"), str), f"{where}.text must be a string", f"{where}.text", "invalid_type")
-    return block["text"]
-
-
-def block_source(block, where, kinds):
-    """A block's source and its type, which must be one of `kinds`."""
-    source = block.get("source")
-    expect(isinstance(source, dict) and source.get("type") in kinds,
-           f"{where}.source must be an object whose type is one of {', '.join(kinds)}", f"{where}.source")
-    return source, source["type"]
-
-
-def source_field(source, name, where):
-    expect(isinstance(source.get(name), str) and source[name], f"{where}.source.{name} must be a non-empty string",
-           f"{where}.source.{name}", "invalid_type")
-    return source[name]
-
-
-def anthropic_image(block, where, limit):
-    source, kind = block_source(block, where, ("base64", "url"))
-    if kind == "url":
-        return image_part(source_field(source, "url", where), where, limit)
-    media, data = source_field(source, "media_type", where), source_field(source, "data", where)
-    return image_part(f"data:{media};base64,{data}", where, limit)
-
-
-def anthropic_document(block, where, limit):
-    """A document: text sources inlined like text files; a PDF or other binary source is a 400 naming it."""
-    source, kind = block_source(block, where, ("text", "base64", "content"))
-    name = block.get("title") if isinstance(block.get("title"), str) and block.get("title") else "document"
-    if kind == "content":
-        blocks = content_blocks(source.get("content"), f"{where}.source.content")
-        text = "\n".join(block_text(b, f"{where}.source.content[{n}]") for n, b in enumerate(blocks))
-        return text_file(name, "text/plain", text.encode(), where)
-    media = source.get("media_type") if isinstance(source.get("media_type"), str) else "text/plain"
-    data = source_field(source, "data", where)
-    raw = data.encode() if kind == "text" else decode_base64(data, where, limit)
-    return text_file(name, media, raw, where)
-
-
-def anthropic_part(block, where, limit):
-    """A text, image or document block as an upstream part."""
-    kind = block["type"]
-    if kind == "text":
-        return {"type": "text", "text": block_text(block, where)}
-    if kind == "image":
-        return anthropic_image(block, where, limit)
-    if kind == "document":
-        return anthropic_document(block, where, limit)
-    raise ApiError(400, f"{where} has type '{kind}', which is not supported here (text, image, document, tool_use, "
-                        "tool_result, thinking)", param=where, code="unsupported_content")
-
-
-def anthropic_result(transcript, block, where, limit):
-    """A tool_result block: its text and images, and whether the tool failed."""
-    call_id = block.get("tool_use_id")
-    expect(isinstance(call_id, str), f"{where}.tool_use_id must be a string", f"{where}.tool_use_id", "invalid_type")
-    blocks = content_blocks(block.get("content", ""), f"{where}.content")
-    parts = [anthropic_part(b, f"{where}.content[{n}]", limit) for n, b in enumerate(blocks)]
-    transcript.tool_result(call_id, parts, failed=block.get("is_error") is True)
-
-
-def anthropic_user(transcript, blocks, where, limit):
-    """A user turn: each tool result on its own, then the rest (text, images, documents) as one message."""
-    parts = []
-    for number, block in enumerate(blocks):
-        place = f"{where}[{number}]"
-        if block["type"] == "tool_result":
-            anthropic_result(transcript, block, place, limit)
-        elif block["type"] not in ("thinking", "redacted_thinking"):
-            parts.append(anthropic_part(block, place, limit))
-    if parts:
-        transcript.add("user", content_of(parts))
-
-
-def anthropic_assistant(transcript, blocks, where):
-    """An assistant turn: its text and tool_use blocks; thinking blocks are not sent back upstream."""
-    texts, calls = [], []
-    for number, block in enumerate(blocks):
-        place, kind = f"{where}[{number}]", block["type"]
-        if kind == "text":
-            texts.append(block_text(block, place))
-        elif kind == "tool_use":
-            expect(isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
-                   and isinstance(block.get("input", {}), dict), f"{place}: a tool_use block needs a string id "
-                   "and name and an object input", place, "invalid_type")
-            calls.append((block["id"], block["name"], block.get("input", {})))
-        else:
-            expect(kind in ("thinking", "redacted_thinking"), f"{place} has type '{kind}'; assistant turns hold "
-                   "text, tool_use and thinking blocks", place, "unsupported_content")
-    transcript.assistant("\n".join(texts), calls)
-
-
-def anthropic_system(system):
-    """The system prompt, a string or text blocks (cache_control and Claude Code's billing header left out)."""
-    if system is None or isinstance(system, str):
-        return system
-    blocks = content_blocks(system, "system")
-    texts = [block_text(block, f"system[{n}]") for n, block in enumerate(blocks)]
-    return "\n".join(text for text in texts if not text.startswith(BILLING_HEADER))
-
-
-def anthropic_transcript(body, limit):
-    transcript = Transcript()
-    system = anthropic_system(body.get("system"))
-    if system:
-        transcript.add("system", system)
-    messages = body.get("messages")
-    expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages", "invalid_type")
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        expect(isinstance(message, dict) and message.get("role") in ("user", "assistant", "system"),
-               f"{where} must be an object whose role is user, assistant or system", f"{where}.role")
-        blocks = content_blocks(message.get("content"), f"{where}.content")
-        if message["role"] == "assistant":
-            anthropic_assistant(transcript, blocks, f"{where}.content")
-        elif message["role"] == "user":
-            anthropic_user(transcript, blocks, f"{where}.content", limit)
-        else:  # Claude Code's mid-conversation system messages
-            transcript.add("system", "\n".join(block_text(b, f"{where}.content[{n}]") for n, b in enumerate(blocks)))
-    return transcript
-
-
-def anthropic_tools(body, enabled):
-    """(ToolPlan or None, the types of tools left out): tools with a `type` other than custom are server tools
-    (web search) or Anthropic-defined ones the model cannot be told of; they are left out, never refused."""
-    tools, choice = body.get("tools"), object_field(body, "tool_choice")
-    if tools is None:
-        return None, []
-    expect(isinstance(tools, list) and all(isinstance(t, dict) for t in tools), "'tools' must be a list of objects",
-           "tools", "invalid_type")
-    checked, left_out = [], []
-    for index, tool in enumerate(tools):
-        if tool.get("type", "custom") != "custom":
-            left_out.append(str(tool.get("type")))
-            continue
-        checked.append(check_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"),
-                                  f"tools[{index}]", "input_schema"))
-    kind = one_of_field(choice, "type", ("auto", "any", "tool", "none"), "auto", "tool_choice.type")
-    if kind == "tool":
-        expect(isinstance(choice.get("name"), str), "tool_choice.name must name a tool", "tool_choice.name")
-    named = {"any": "required", "tool": choice.get("name")}.get(kind, kind)
-    return tool_plan(checked, named, enabled, "tool_choice.name"), left_out
-
-
-def anthropic_thinking(body):
-    """(thinking on, its text shown, the effort it asks for or None) from `thinking` and `output_config`."""
-    thinking = object_field(body, "thinking")
-    kind = one_of_field(thinking, "type", ("enabled", "adaptive", "disabled"), "disabled", "thinking.type")
-    display = thinking.get("display")
-    expect(display is None or isinstance(display, str), "thinking.display must be a string", "thinking.display",
-           "invalid_type")
-    effort = None
-    if kind == "enabled":
-        budget = integer_field(thinking, "budget_tokens", 1, "thinking.budget_tokens")
-        if budget is not None:
-            effort = next((name for bound, name in THINKING_BUDGET_EFFORTS if budget < bound), "high")
-    config = object_field(body, "output_config")
-    asked = one_of_field(config, "effort", tuple(ANTHROPIC_EFFORTS), None, "output_config.effort")
-    return kind != "disabled", display != "omitted", ANTHROPIC_EFFORTS[asked] if asked else effort
-
-
-def mapped_model(model_map, asked):
-    """The model ANTHROPIC_MODEL_MAP names for a claude- id: an exact name, else the longest matching prefix*."""
-    if asked in model_map:
-        return model_map[asked]
-    prefixes = [name for name in model_map if name.endswith("*") and asked.startswith(name[:-1])]
-    return model_map[max(prefixes, key=len)] if prefixes else None
-
-
-def anthropic_model(asked, settings, models):
-    """(upstream model, show reasoning): claude- ids through ANTHROPIC_MODEL_MAP, else the default model; any
-    other id as on chat completions."""
-    if asked.startswith("claude-"):
-        target = mapped_model(settings.anthropic_model_map, asked)
-        if target is None:
-            return models.default, True
-        asked = target
-    return models.resolve(asked)
-
-
-def parse_messages_request(body, settings, models, counting=False):
-    """Checks a Messages request (or a count_tokens one, which needs no max_tokens) and translates it. Returns
-    the CoreRequest, whether thinking text is shown, and the types of tools left out."""
-    model = requested_model(body)
-    upstream_model, show_reasoning = anthropic_model(model, settings, models)
-    thinking, show_text, effort = anthropic_thinking(body)
-    max_tokens = integer_field(body, "max_tokens", 1)
-    expect(counting or max_tokens is not None, "'max_tokens' is required", "max_tokens", "missing")
-    stream = body.get("stream", False)
-    expect(isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
-    stop = body.get("stop_sequences")
-    expect(stop is None or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
-           "'stop_sequences' must be a list of strings", "stop_sequences", "invalid_type")
-    params = sampling(number_field(body, "temperature", 0, 1), number_field(body, "top_p", 0, 1), max_tokens, stop)
-    tools, left_out = anthropic_tools(body, settings.tool_support)
-    messages = anthropic_transcript(body, int(settings.max_file_mb * MB)).finish(tools)
-    effort = effort or default_effort(settings, show_reasoning)
-    core = CoreRequest(model, upstream_model, messages, params, effort, stream, show_reasoning and thinking, tools)
-    return core, show_text, left_out
-
-
-def anthropic_usage(usage):
-    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
-
-
-def thinking_signature():
-    """The opaque signature of a thinking block: clients that send blocks back need one, and it signs nothing."""
-    return "k2proxy-" + secrets.token_urlsafe(32)
-
-
-class MessageEvents:
-    """Core events as Anthropic's stream: message_start, then each block's content_block_start, deltas and
-    content_block_stop (a thinking block ends with its signature), then message_delta and message_stop."""
-
-    def __init__(self, core, show_thinking_text):
-        self.core = core
-        self.show_thinking_text = show_thinking_text
-        self.id = "msg_" + uuid.uuid4().hex[:24]
-        self.block = None  # the type of the open block
-        self.index = -1
-
-    def opening(self):
-        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.core.model, "content": [],
-                   "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": self.core.prompt_tokens, "output_tokens": 0}}
-        return sse_event("message_start", {"type": "message_start", "message": message}) + self.heartbeat()
-
-    def heartbeat(self):
-        return sse_event("ping", {"type": "ping"})
-
-    def render(self, events):
-        return b"".join(self._render(event) for event in events)
-
-    def _render(self, event):
-        if isinstance(event, Reasoning):
-            opened = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-            return opened + (self._text_delta(b"thinking_delta", b"thinking", event.text)
-                             if self.show_thinking_text else b"")
-        if isinstance(event, Text):
-            return self._open("text", {"type": "text", "text": ""}) + self._text_delta(b"text_delta", b"text",
-                                                                                      event.text)
-        if isinstance(event, ToolCallStart):
-            return self._close() + self._open("tool_use", {"type": "tool_use", "id": "toolu_" + event.id,
-                                                           "name": event.name, "input": {}})
-        if isinstance(event, ToolArguments):
-            return self._delta({"type": "input_json_delta", "partial_json": event.text})
-        if isinstance(event, Finish):
-            delta = {"type": "message_delta", "usage": anthropic_usage(event.usage),
-                     "delta": {"stop_reason": ANTHROPIC_STOP_REASONS[event.reason], "stop_sequence": None}}
-            return self._close() + sse_event("message_delta", delta) + sse_event("message_stop",
-                                                                                  {"type": "message_stop"})
-        return sse_event("error", anthropic_error_body(event.error))
-
-    def _open(self, kind, block):
-        if self.block == kind and kind != "tool_use":
-            return b""
-        closed = self._close()
-        self.block, self.index = kind, self.index + 1
-        return closed + sse_event("content_block_start", {"type": "content_block_start", "index": self.index,
-                                                          "content_block": block})
-
-    def _delta(self, delta):
-        return sse_event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
-
-    def _text_delta(self, kind, field, text):
-        """The event a stream sends for nearly every frame, its fixed parts written as they are."""
-        return (b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": %d, "delta": '
-                b'{"type": "%s", "%s": ' % (self.index, kind, field) + json_text(text).encode() + b"}}\n\n")
-
-    def _close(self):
-        if self.block is None:
-            return b""
-        signed = self._delta({"type": "signature_delta", "signature": thinking_signature()}) \
-            if self.block == "thinking" else b""
-        self.block = None
-        return signed + sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
-
-
-def anthropic_message(core, answer, show_thinking_text):
-    """One Messages answer for a whole Answer."""
-    content = []
-    if answer.reasoning:
-        content.append({"type": "thinking", "thinking": answer.reasoning if show_thinking_text else "",
-                        "signature": thinking_signature()})
-    text = answer.text.strip() if answer.calls else answer.text  # what led up to a call, without its blank end
-    if text:
-        content.append({"type": "text", "text": text})
-    content += [{"type": "tool_use", "id": "toolu_" + call_id, "name": name, "input": json.loads(arguments)}
-                for call_id, name, arguments in answer.calls]
-    return {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant", "model": core.model,
-            "content": content, "stop_reason": ANTHROPIC_STOP_REASONS[answer.finish.reason], "stop_sequence": None,
-            "usage": anthropic_usage(answer.finish.usage)}
-
-
-async def messages(request):
-    state = request.app[STATE]
-    core, show_text, left_out = parse_messages_request(await read_request(request), state.settings, state.models)
-    state.note_left_out_tools(left_out)
-    return await serve_completion(request, core, lambda: MessageEvents(core, show_text),
-                                  lambda answer: anthropic_message(core, answer, show_text))
-
-
-async def count_message_tokens(request):
-    """What /v1/messages would send upstream, counted here with the usage estimate; upstream is not asked."""
-    state = request.app[STATE]
-    core, _, _ = parse_messages_request(await read_request(request), state.settings, state.models, counting=True)
-    return web.json_response({"input_tokens": core.prompt_tokens})
-
-
-# ─── Dialect: OpenAI Responses ───────────────────────────────────────────────
-# POST /v1/responses, and GET and DELETE /v1/responses/{id}, for Codex CLI and
-# the newer OpenAI SDK clients: input items become a CoreRequest; core events
-# become output items (reasoning summary, message, function calls) streamed
-# as response.* events with sequence numbers, or one response object; stored
-# responses carry conversations on by previous_response_id; errors are in
-# OpenAI's shape.
-
-RESPONSES = Dialect("responses", openai_error_response)
-RESPONSE_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
-                    "xhigh": "high"}  # OpenAI's → the site's
-SUMMARIES = ("auto", "concise", "detailed")
-INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
-SKIPPED_ITEMS = frozenset((  # items of history that say nothing the model could use: reasoning, built-in tools
-    "reasoning", "web_search_call", "file_search_call", "computer_call", "computer_call_output",
-    "image_generation_call", "code_interpreter_call", "local_shell_call", "local_shell_call_output",
-    "mcp_list_tools", "mcp_call", "mcp_approval_request", "mcp_approval_response", "item_reference"))
-ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "previous_response_id", "store",
-          "temperature", "text", "tool_choice", "tools", "top_p", "truncation", "user")  # a response repeats these
-ECHO_DEFAULTS = {"parallel_tool_calls": True, "store": True, "text": {"format": {"type": "text"}},
-                 "tool_choice": "auto", "tools": [], "truncation": "disabled", "metadata": {}}
-
-
-class ResponseStore:
-    """Kept responses and the conversation that led to each, for previous_response_id and GET/DELETE: bounded by
-    count and bytes (the oldest go first), each kept for RESPONSES_STORE_TTL seconds."""
-
-    def __init__(self, settings, clock=time.monotonic):
-        self.max_count = settings.responses_store_count
-        self.max_bytes = settings.responses_store_mb * MB
-        self.ttl = settings.responses_store_ttl
+        token = json.loads(body).get("token")
+    except (ValueError, AttributeError):
+        token = None
+    token = token or (cookie.value if cookie else None)
+    return token if isinstance(token, str) and token else None
+
+
+class AccountStatus(str, enum.Enum):
+    PENDING = "pending"
+    SIGNED_IN = "signed_in"
+    WRONG_PASSWORD = "wrong_password"
+    FAILING = "failing"
+
+
+@dataclass(eq=False)
+class Account:
+    email: str
+    password: str = field(repr=False)
+    status: AccountStatus = AccountStatus.PENDING
+    last_error: str = None
+    signed_in_at: float = None
+    expires_at: float = None
+    next_signin: float = 0.0
+    failures: int = 0
+
+
+class Accounts:
+    """Signs in with the accounts of ACCOUNTS_FILE and keeps each one's token fresh in the user pool."""
+
+    def __init__(self, settings, site, on_sign_in=lambda: None, clock=time.time):
+        self.settings = settings
+        self.site = site
+        self.on_sign_in = on_sign_in
+        self.pool = site.pools["user"]
+        self.file = WatchedFile(settings.accounts_file)
         self.clock = clock
-        self.entries = collections.OrderedDict()  # id → (kept at, size, response, history); oldest first
-        self.bytes = 0
+        self.accounts = {}
+        self.results = collections.Counter()  # sign-ins by result, for /metrics
 
-    def put(self, response, history):
-        size = len(json_text(response)) + len(json_text(history))
-        if size > self.max_bytes or not self.max_count:
+    async def reload(self):
+        pairs = await self.file.parsed_changes(parse_accounts_file, "email:password or JSON")
+        if pairs is None:
             return
-        self.entries[response["id"]] = (self.clock(), size, response, history)
-        self.bytes += size
-        while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
-            self._drop(next(iter(self.entries)))
+        old, self.accounts = self.accounts, {}
+        for email, password in pairs:
+            kept = old.get(email)
+            self.accounts[email] = kept if kept and kept.password == password else Account(email, password)
+        for email in old.keys() - self.accounts.keys():
+            self.pool.drop_account(email)
+        if self.file.state is not None:
+            log.info("%d accounts in %s", len(self.accounts), self.file.path)
 
-    def get(self, response_id):
-        """(response, history), or None when it was never kept, has expired or was deleted."""
-        while self.entries and self.clock() - next(iter(self.entries.values()))[0] > self.ttl:
-            self._drop(next(iter(self.entries)))
-        entry = self.entries.get(response_id)
-        return entry and entry[2:]
+    def next_due(self, now):
+        """The account to sign in now, or None: the one waiting longest among those whose time has come or
+        whose token the site refused; a wrong password waits for its line to change."""
+        refused = set(self.pool.refused_accounts())
+        due = [a for a in self.accounts.values()
+               if a.status is not AccountStatus.WRONG_PASSWORD and (a.next_signin <= now or a.email in refused)]
+        return min(due, key=lambda a: a.next_signin, default=None)
 
-    def delete(self, response_id):
-        found = self.get(response_id) is not None
-        if found:
-            self._drop(response_id)
-        return found
+    async def run(self):
+        """Signs in whichever account is due, one at a time and spaced out; reads the file meanwhile. Returns the
+        seconds until the next look, for keep_polling."""
+        await self.reload()
+        now = self.clock()
+        account = self.next_due(now)
+        if account:
+            self.pool.forget_refusal(account.email)
+            await self.sign_in(account)
+            return self.settings.signin_interval
+        soonest = min((a.next_signin for a in self.accounts.values() if a.status is not AccountStatus.WRONG_PASSWORD),
+                      default=now + ACCOUNTS_POLL_SECONDS)
+        return min(ACCOUNTS_POLL_SECONDS, soonest - now)
 
-    def _drop(self, response_id):
-        self.bytes -= self.entries.pop(response_id)[1]
-
-    def missing(self, response_id, param=None):
-        return ApiError(404, f"No response with id '{response_id}': it was not stored (store: false), has been "
-                             f"deleted, or has expired (responses are kept {self.ttl:g} s, the newest "
-                             f"{self.max_count})", param=param, code="response_not_found")
-
-
-RESPONSE_STORE = web.AppKey("response_store", ResponseStore)
-
-
-def response_part(part, where, limit):
-    """One part of a message item's content as an upstream part."""
-    expect(isinstance(part, dict) and isinstance(part.get("type"), str), f"{where} must be an object with a 'type'",
-           where, "invalid_type")
-    kind = part["type"]
-    if kind in ("input_text", "output_text", "text", "summary_text"):
-        expect(isinstance(part.get("text"), str), f"{where}.text must be a string", where, "invalid_type")
-        return {"type": "text", "text": part["text"]}
-    if kind == "refusal":
-        return {"type": "text", "text": str(part.get("refusal", ""))}
-    if kind == "input_image":
-        url = part.get("image_url")
-        expect(isinstance(url, str) and url, f"{where}.image_url must be an image's URL or data: URL (file ids cannot "
-               "be fetched through this proxy)", where, "invalid_type")
-        return image_part(url, where, limit)
-    if kind == "input_file":
-        data, name = part.get("file_data"), part.get("filename")
-        expect(isinstance(data, str) and data, f"{where}.file_data is missing: send the file itself (file ids and "
-               "URLs cannot be fetched through this proxy)", where, "invalid_type")
-        return text_file(name if isinstance(name, str) and name else "file", *decode_data(data, where, limit), where)
-    raise ApiError(400, f"{where} has type '{kind}', which is not supported (input_text, input_image, input_file, "
-                        "output_text)", param=where, code="unsupported_content")
-
-
-def response_parts(content, where, limit):
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    expect(isinstance(content, list), f"{where} must be a string or a list of parts", where, "invalid_type")
-    return [response_part(part, f"{where}[{number}]", limit) for number, part in enumerate(content)]
-
-
-class TurnBuilder:
-    """Builds a Transcript from Responses items: an assistant message and the calls after it are one turn."""
-
-    def __init__(self, limit):
-        self.transcript = Transcript()
-        self.limit = limit
-        self.texts, self.calls = [], []
-
-    def add(self, item, where):
-        kind = item.get("type", "message")
-        expect(isinstance(kind, str), f"{where}.type must be a string", f"{where}.type", "invalid_type")
-        if kind in ("function_call", "custom_tool_call"):
-            self.calls.append(self._call(item, where))
-            return
-        if kind == "message" and item.get("role") == "assistant":
-            self.texts.append(text_of(response_parts(item.get("content"), f"{where}.content", self.limit)))
-            return
-        self._end_turn()
-        if kind in ("function_call_output", "custom_tool_call_output"):
-            self._result(item, where)
-        elif kind == "message":
-            role = item.get("role")
-            expect(role in ("user", "system", "developer"), f"{where}.role must be user, assistant, system or "
-                   "developer", f"{where}.role")
-            parts = response_parts(item.get("content"), f"{where}.content", self.limit)
-            self.transcript.add("user" if role == "user" else "system", content_of(parts))
+    async def sign_in(self, account):
+        result = await sign_in(self.site, account.email, account.password)
+        if result.outcome is SignedIn.OK:
+            self._signed_in(account, result.token)
+        elif result.outcome is SignedIn.REFUSED:
+            self._refused(account, result.reason)
         else:
-            expect(kind in SKIPPED_ITEMS, f"{where} has type '{kind}', which is not supported", f"{where}.type")
+            self._failed(account, result.reason)
 
-    def finish(self, plan):
-        self._end_turn()
-        return self.transcript.finish(plan)
+    def _refused(self, account, detail):
+        """A wrong email or password: the account waits until its line changes."""
+        self.results[SignedIn.REFUSED.value] += 1
+        account.status, account.last_error = AccountStatus.WRONG_PASSWORD, f"sign-in refused: {detail}"
+        self.pool.drop_account(account.email)
+        log.warning("account %s: sign-in refused (wrong email or password); fix %s", account.email,
+                    self.file.path.name)
 
-    def _call(self, item, where):
-        call_id, name = item.get("call_id"), item.get("name")
-        arguments = item.get("arguments") if item.get("type") == "function_call" else {"input": item.get("input")}
-        expect(isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, (str, dict)),
-               f"{where} must have a string call_id and name and its arguments", where, "invalid_type")
-        return call_id, name, arguments
+    def _signed_in(self, account, token):
+        """Puts the new token in the pool and sets the next sign-in before it expires."""
+        now = self.clock()
+        account.status, account.last_error, account.failures = AccountStatus.SIGNED_IN, None, 0
+        expires = jwt_expiry(token)
+        if expires is None:
+            delay = TOKEN_REFRESH_SHARE * ASSUMED_TOKEN_LIFETIME
+        elif expires > now:
+            delay = TOKEN_REFRESH_SHARE * (expires - now)
+        else:
+            log.warning("account %s: the new token expired before it arrived; is this machine's clock right? "
+                        "Using it anyway and signing in again every %d minutes", account.email, SKEWED_RENEWAL // 60)
+            expires, delay = None, SKEWED_RENEWAL
+        account.signed_in_at, account.expires_at, account.next_signin = now, expires, now + delay
+        self.pool.put_account_token(account.email, token, expires)
+        self.results[SignedIn.OK.value] += 1
+        self.on_sign_in()
+        log.info("account %s signed in; next sign-in in %.0f s", account.email, delay)
 
-    def _result(self, item, where):
-        call_id, output = item.get("call_id"), item.get("output", "")
-        expect(isinstance(call_id, str), f"{where}.call_id must be a string", f"{where}.call_id", "invalid_type")
-        parts = response_parts(output, f"{where}.output", self.limit)
-        self.transcript.tool_result(call_id, parts)
+    def _failed(self, account, reason):
+        """Retries with backoff: 5 s, 10 s, 20 s ... up to 10 minutes."""
+        self.results[SignedIn.FAILED.value] += 1
+        account.failures += 1
+        account.status, account.last_error = AccountStatus.FAILING, reason
+        account.next_signin = self.clock() + min(SIGNIN_BACKOFF_MAX, SIGNIN_BACKOFF_FIRST * 2 ** (account.failures - 1))
+        log.warning("account %s: %s; retrying in %.0f s", account.email, reason, account.next_signin - self.clock())
 
-    def _end_turn(self):
-        if self.texts or self.calls:
-            self.transcript.assistant("\n".join(self.texts), self.calls)
-            self.texts, self.calls = [], []
-
-
-def response_tools(body, enabled):
-    """(ToolPlan or None, function name → its namespace, built-in tool types left out). Namespaces are flattened
-    into their functions; built-in tools (web search, …) are left out, never refused: Codex always sends some."""
-    tools, choice = body.get("tools") or [], body.get("tool_choice", "auto")
-    expect(isinstance(tools, list) and all(isinstance(t, dict) for t in tools), "'tools' must be a list of objects",
-           "tools", "invalid_type")
-    checked, namespaces, left_out = [], {}, []
-    for index, tool in enumerate(tools):
-        kind = tool.get("type")
-        inner = tool.get("tools") if kind == "namespace" else [tool] if kind == "function" else None
-        if inner is None:
-            left_out.append(str(kind))
-            continue
-        expect(isinstance(inner, list) and all(isinstance(t, dict) for t in inner), f"tools[{index}].tools must be a "
-               "list of functions", f"tools[{index}].tools", "invalid_type")
-        for number, function in enumerate(inner):
-            where = f"tools[{index}]" + (f".tools[{number}]" if kind == "namespace" else "")
-            checked.append(check_tool(function.get("name"), function.get("description"), function.get("parameters"),
-                                      where))
-            if kind == "namespace":
-                namespaces[function["name"]] = tool.get("name")
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        choice = choice.get("name")
-    expect(isinstance(choice, str), "tool_choice must be \"auto\", \"none\", \"required\" or "
-           "{\"type\": \"function\", \"name\": ...}", "tool_choice")
-    return tool_plan(checked, choice, enabled), namespaces, left_out
+    def stats(self):
+        return [{"email": a.email, "status": a.status.value, "last_error": a.last_error,
+                 "signed_in_at": a.signed_in_at, "expires_at": a.expires_at,
+                 "next_signin": a.next_signin if a.status is not AccountStatus.WRONG_PASSWORD else None,
+                 "failures": a.failures} for a in self.accounts.values()]
 
 
-def response_history(body, store):
-    """The items of the conversation so far, this request's input last; previous_response_id must be kept."""
-    items = body.get("input")
-    items = [{"type": "message", "role": "user", "content": items}] if isinstance(items, str) else items
-    expect(isinstance(items, list) and all(isinstance(item, dict) for item in items), "'input' must be a string or "
-           "a list of items", "input", "invalid_type")
-    previous = body.get("previous_response_id")
-    if previous is None:
-        return items
-    expect(isinstance(previous, str), "'previous_response_id' must be a string", "previous_response_id",
-           "invalid_type")
-    kept = store.get(previous)
-    if kept is None:
-        raise store.missing(previous, "previous_response_id")
-    return kept[1] + items
+# ─── Models ──────────────────────────────────────────────────────────────────
+# The model ids clients may ask for: upstream's own list in user mode, MODELS
+# otherwise, the retired ids and MODEL_ALIASES. Offers resolve().
+
+NOTHINK = "-nothink"
+RETIRED_MODELS = ("MBZUAI-IFM/K2-Think", "MBZUAI-IFM/K2-Think-v2")  # clients still ask for them: the default serves
+MODELS_RETRY_SECONDS = 30.0  # between model list fetches while upstream's list cannot be had
+MODELS_PATH = "/api/models"
+PREVIEW_CHARS = 80  # of a text quoted from upstream in a report
+
+
+def model_ids(body):
+    """The ids of a model list answer, {"data": [...]} or a bare list."""
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return []
+    entries = value.get("data") if isinstance(value, dict) else value
+    if not isinstance(entries, list):
+        return []
+    return [e["id"] for e in entries if isinstance(e, dict) and isinstance(e.get("id"), str)]
 
 
 @dataclass(frozen=True)
-class ResponsesAsked:
-    """What a Responses request asked for beyond the core request: whether the response is kept, the history it
-    continues, which namespace each function belongs to, and the fields the response object repeats."""
-    store: bool
-    history: list
-    namespaces: dict
-    echo: dict
+class ModelList:
+    """Upstream's model list, or why there is none."""
+    ids: list
+    problem: str = ""
 
 
-def parse_responses_request(body, settings, models, store):
-    """Checks a Responses request and translates it; every problem is a 400 naming the field (a 404 for an unknown
-    previous_response_id). Returns the CoreRequest, what else was asked, and the built-in tool types left out."""
-    model = requested_model(body)
-    upstream_model, show_reasoning = models.resolve(model)
-    stream, stored = body.get("stream", False), body.get("store", True)
-    expect(isinstance(stream, bool) and isinstance(stored, bool), "'stream' and 'store' must be true or false",
-           "stream" if not isinstance(stream, bool) else "store", "invalid_type")
-    reasoning = object_field(body, "reasoning")
-    effort = one_of_field(reasoning, "effort", tuple(RESPONSE_EFFORTS), None, "reasoning.effort")
-    summary = one_of_field(reasoning, "summary", SUMMARIES, None, "reasoning.summary")
-    instructions = body.get("instructions")
-    expect(instructions is None or isinstance(instructions, str), "'instructions' must be a string",
-           "instructions", "invalid_type")
-    tools, namespaces, left_out = response_tools(body, settings.tool_support)
-    history = response_history(body, store)
-    turns = TurnBuilder(int(settings.max_file_mb * MB))
-    if instructions:
-        turns.transcript.add("system", instructions)
-    for index, item in enumerate(history):
-        turns.add(item, f"input[{index}]")
-    params = sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
-                      integer_field(body, "max_output_tokens", 1), None)
-    effort = RESPONSE_EFFORTS[effort] if effort else default_effort(settings, show_reasoning)
-    core = CoreRequest(model, upstream_model, turns.finish(tools), params, effort, stream,
-                       show_reasoning and summary is not None, tools)
-    echo = {**ECHO_DEFAULTS, **{name: body[name] for name in ECHOED if body.get(name) is not None},
-            "reasoning": {"effort": reasoning.get("effort"), "summary": summary}}
-    return core, ResponsesAsked(stored, history, namespaces, echo), left_out
+async def fetch_model_list(http, url, headers):
+    """Asks upstream which models it serves."""
+    try:
+        async with http.session.get(url, headers=headers, allow_redirects=False) as response:
+            status, body = response.status, await read_body(response, MAX_FRAME_BYTES)
+    except (ClientError, OSError, asyncio.TimeoutError) as exc:
+        return ModelList([], f"no answer ({type(exc).__name__})")
+    ids = model_ids(body) if status == 200 else []
+    if ids:
+        return ModelList(ids)
+    detail = error_detail(body.decode("utf-8", "replace"))[:PREVIEW_CHARS]
+    return ModelList([], f"HTTP {status} without a model list ({detail or 'nothing said'})")
 
 
-def output_text_part(text):
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+class Models:
+    """The model ids clients may ask for: upstream's own list in user mode, MODELS otherwise, and aliases."""
 
+    def __init__(self, settings, site):
+        self.settings = settings
+        self.site = site
+        self.ids = list(settings.models)
+        self.source = "MODELS"
+        self.aliases = settings.model_aliases
+        self.wake = asyncio.Event()
 
-def reasoning_item(item_id, text, status):
-    return {"type": "reasoning", "id": item_id, "status": status,
-            "summary": [] if text is None else [{"type": "summary_text", "text": text}]}
+    def token_arrived(self):
+        """An account just signed in: if upstream's list is still unknown, ask now rather than in 30 s."""
+        if self.source != "upstream":
+            self.wake.set()
 
+    def listed(self):
+        return [name for model in self.ids for name in (model, model + NOTHINK)]
 
-def message_item(item_id, text, status):
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [] if text is None else [output_text_part(text)]}
+    @property
+    def default(self):
+        """The model behind the retired ids: the first of MODELS while it is served, else the first served."""
+        return self.settings.models[0] if self.settings.models[0] in self.ids else self.ids[0]
 
+    def resolve(self, requested):
+        """(upstream model, show reasoning) for a client's model id or alias, or a 404 naming the ids there are."""
+        base = requested[:-len(NOTHINK)] if requested.endswith(NOTHINK) else requested
+        model = base if base in self.ids else self.aliases.get(base) or (
+            self.default if base in RETIRED_MODELS else base)
+        if model not in self.ids:
+            raise ApiError(404, f"The model '{requested}' does not exist; available: {', '.join(self.listed())}",
+                           param="model", code="model_not_found")
+        return model, base == requested
 
-def function_call_item(item_id, call_id, name, arguments, status, namespace):
-    item = {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
-            "status": status}
-    return {**item, "namespace": namespace} if namespace else item
+    async def refresh(self):
+        """Asks upstream which models it serves; keeps the current list when it cannot say."""
+        token = self.site.pools["user"].usable()
+        if token is None:
+            return False
+        found = await fetch_model_list(self.site.http, self.settings.k2think_base_url + MODELS_PATH,
+                                       self.site.headers(token))
+        if not found.ids:
+            log.warning("model list not fetched (%s); serving %s", found.problem, ", ".join(self.ids))
+            return False
+        if found.ids != self.ids:
+            log.info("models from upstream: %s", ", ".join(found.ids))
+        self.ids, self.source = found.ids, "upstream"
+        return True
 
-
-def responses_usage(usage):
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": usage.completion_tokens,
-            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}, "total_tokens": usage.total_tokens}
-
-
-class ResponseBuilder:
-    """One response's id and fields, and its finished form once the completion ends (which the handler keeps)."""
-
-    def __init__(self, core, asked):
-        self.core = core
-        self.asked = asked
-        self.id = "resp_" + uuid.uuid4().hex
-        self.created = int(time.time())
-        self.final = None
-
-    def response(self, status, output, usage=None, error=None, incomplete=None):
-        return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
-                "incomplete_details": incomplete, "model": self.core.model, "output": output,
-                "usage": responses_usage(usage) if usage else None, **self.asked.echo}
-
-    def finished(self, output, finish):
-        """The response of a completion that ended: completed, or incomplete (the answer was cut short)."""
-        cut = INCOMPLETE_REASONS.get(finish.reason)
-        self.final = self.response("incomplete" if cut else "completed", output, finish.usage,
-                                   incomplete={"reason": cut} if cut else None)
-        return self.final
-
-    def failed(self, error):
-        code = "rate_limit_exceeded" if error.status == 429 else error.code or "server_error"
-        return self.response("failed", [], error={"code": code, "message": error.message})
-
-    def call(self, call_id, name, arguments, status):
-        return function_call_item("fc_" + call_id, "call_" + call_id, name, arguments, status,
-                                  self.asked.namespaces.get(name))
-
-
-def response_body(builder, answer):
-    """One response object for a whole Answer."""
-    output = []
-    if answer.reasoning:
-        output.append(reasoning_item("rs_" + uuid.uuid4().hex, answer.reasoning, "completed"))
-    if answer.text or not answer.calls:
-        output.append(message_item("msg_" + uuid.uuid4().hex, answer.text.strip() if answer.calls else answer.text,
-                                   "completed"))
-    output += [builder.call(call_id, name, arguments, "completed") for call_id, name, arguments in answer.calls]
-    return builder.finished(output, answer.finish)
-
-
-class ResponseEvents:
-    """Core events as the Responses stream: response.created and .in_progress, each output item's added, deltas
-    and done events, then response.completed (or .incomplete, or .failed); every event numbered in order."""
-
-    def __init__(self, builder):
-        self.builder = builder
-        self.sequence = 0
-        self.output = []     # the items done so far
-        self.item = None     # the open item
-        self.pieces = []     # the text (or arguments) of the open item so far
-        self.call = None     # (id, name) of the call whose item opens next
-
-    def opening(self):
-        started = self.builder.response("in_progress", [])
-        return self._event("response.created", response=started) + self._event("response.in_progress",
-                                                                                response=started)
-
-    def heartbeat(self):
-        return b": keep-alive\n\n"
-
-    def render(self, events):
-        return b"".join(self._render(event) for event in events)
-
-    def _render(self, event):
-        if isinstance(event, Reasoning):
-            return self._open("reasoning") + self._delta(b"response.reasoning_summary_text.delta", b"summary_index",
-                                                         event.text)
-        if isinstance(event, Text):
-            return self._open("message") + self._delta(b"response.output_text.delta", b"content_index", event.text)
-        if isinstance(event, ToolCallStart):
-            self.call = (event.id, event.name)
-            return self._open("function_call")
-        if isinstance(event, ToolArguments):
-            self.pieces.append(event.text)
-            return self._event("response.function_call_arguments.delta", item_id=self.item["id"],
-                               output_index=len(self.output), delta=event.text)
-        if isinstance(event, Finish):
-            closed, final = self._close(), self.builder.finished(self.output, event)
-            kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-            return closed + self._event(kind, response=final)
-        return self._event("response.failed", response=self.builder.failed(event.error))
-
-    def _event(self, kind, **fields):
-        self.sequence += 1
-        return sse_event(kind, {"type": kind, "sequence_number": self.sequence - 1, **fields})
-
-    def _delta(self, kind, index_name, text):
-        """The event a stream sends for nearly every frame, its fixed parts written as they are."""
-        self.pieces.append(text)
-        self.sequence += 1
-        head = (b'event: %s\ndata: {"type": "%s", "sequence_number": %d, "item_id": "%s", "output_index": %d, '
-                b'"%s": 0, "delta": ' % (kind, kind, self.sequence - 1, self.item["id"].encode(), len(self.output),
-                                         index_name))
-        return head + json_text(text).encode() + b"}\n\n"
-
-    def _open(self, kind):
-        if self.item and self.item["type"] == kind and kind != "function_call":
-            return b""
-        closed = self._close()
-        if kind == "reasoning":
-            self.item = reasoning_item("rs_" + uuid.uuid4().hex, None, "in_progress")
-        elif kind == "message":
-            self.item = message_item("msg_" + uuid.uuid4().hex, None, "in_progress")
-        else:
-            self.item = self.builder.call(*self.call, "", "in_progress")
-        added = self._event("response.output_item.added", output_index=len(self.output), item=self.item)
-        return closed + added + self._part("added", "")
-
-    def _part(self, stage, text):
-        """The added or done event of the open item's one part (its text, or its reasoning summary)."""
-        place = {"item_id": self.item["id"], "output_index": len(self.output)}
-        if self.item["type"] == "message":
-            return self._event(f"response.content_part.{stage}", **place, content_index=0, part=output_text_part(text))
-        if self.item["type"] == "reasoning":
-            return self._event(f"response.reasoning_summary_part.{stage}", **place, summary_index=0,
-                               part={"type": "summary_text", "text": text})
-        return b""
-
-    def _close(self):
-        if self.item is None:
-            return b""
-        text, kind, place = "".join(self.pieces), self.item["type"], {"item_id": self.item["id"],
-                                                                      "output_index": len(self.output)}
-        if kind == "message":
-            ended = self._event("response.output_text.done", **place, content_index=0, text=text, logprobs=[])
-            done = message_item(self.item["id"], text, "completed")
-        elif kind == "reasoning":
-            ended = self._event("response.reasoning_summary_text.done", **place, summary_index=0, text=text)
-            done = reasoning_item(self.item["id"], text, "completed")
-        else:
-            ended = self._event("response.function_call_arguments.done", **place, arguments=text)
-            done = {**self.item, "arguments": text, "status": "completed"}
-        ended += self._part("done", text)
-        ended += self._event("response.output_item.done", output_index=len(self.output), item=done)
-        self.output.append(done)
-        self.item, self.pieces = None, []
-        return ended
-
-
-async def create_response(request):
-    state, store = request.app[STATE], request.app[RESPONSE_STORE]
-    core, asked, left_out = parse_responses_request(await read_request(request), state.settings, state.models, store)
-    state.note_left_out_tools(left_out)
-    builder = ResponseBuilder(core, asked)
-    response = await serve_completion(request, core, lambda: ResponseEvents(builder),
-                                      lambda answer: response_body(builder, answer))
-    if builder.final and asked.store:
-        store.put(builder.final, asked.history + builder.final["output"])
-    return response
-
-
-async def get_response(request):
-    store = request.app[RESPONSE_STORE]
-    kept = store.get(request.match_info["id"])
-    if kept is None:
-        raise store.missing(request.match_info["id"])
-    return web.json_response(kept[0], dumps=json_text)
-
-
-async def delete_response(request):
-    store, response_id = request.app[RESPONSE_STORE], request.match_info["id"]
-    if not store.delete(response_id):
-        raise store.missing(response_id)
-    return web.json_response({"id": response_id, "object": "response", "deleted": True})
+    async def run(self):
+        """Refreshes the list in user mode; the seconds until the next refresh (sooner while it cannot be had),
+        for keep_polling, which a sign-in wakes."""
+        fetched = self.site.mode == "user" and await self.refresh()
+        return self.settings.models_refresh if fetched else min(MODELS_RETRY_SECONDS, self.settings.models_refresh)
 
 
 # ─── Upstream check ──────────────────────────────────────────────────────────
@@ -3812,8 +2554,15 @@ async def delete_response(request):
 
 CHECK_PROMPT = [{"role": "user", "content": "Reply with the word OK."}]
 CHECK_MAX_TOKENS = 64
-PREVIEW_CHARS = 80
-MARKS = {"ok": "✓", "failed": "✗", "skipped": "–"}
+
+
+class Verdict(str, enum.Enum):
+    OK = "ok"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+MARKS = {Verdict.OK: "✓", Verdict.FAILED: "✗", Verdict.SKIPPED: "–"}
 HTTP_PORTS = {"http": 80, "https": 443}
 
 CHECK_PROBLEMS = {  # an upstream failure in a probe → (what went wrong, what to do)
@@ -3849,7 +2598,7 @@ GONE = ("the chat endpoint is gone (HTTP 404)", "set K2THINK_BASE_URL (or GUEST_
 class Probe:
     """One line of the report: what was tried, what came of it, and for a failure what to do."""
     name: str
-    verdict: str          # ok | failed | skipped
+    verdict: Verdict
     summary: str
     hint: str = ""
     details: dict = field(default_factory=dict)
@@ -3869,6 +2618,14 @@ class AnswerLook:
     answer: str = ""
     raw: str = ""
     snapshots: bool = False
+
+    def seen(self, reader):
+        """Takes in what the reader saw of the answer."""
+        text = reader.text
+        self.frames, self.fields = reader.frames, reader.fields
+        self.reasoning, self.answer = text.splitter.reasoning.text(), text.splitter.answer.text()
+        self.raw, self.snapshots = text.raw_text(), text.snapshots
+        return self
 
     def dialect(self):
         """Which site's dialect the answer speaks, as far as it shows."""
@@ -3925,52 +2682,35 @@ async def probe_host(settings):
             done = await asyncio.wait_for(attempt(), settings.request_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = "no answer" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
-            return Probe("host", "failed", f"{host}:{port}: {step} failed ({reason})",
+            return Probe("host", Verdict.FAILED, f"{host}:{port}: {step} failed ({reason})",
                          "check the host name in K2THINK_BASE_URL, and this server's DNS, firewall and route to it")
         took.append(f"{step} {(time.monotonic() - started) * 1000:.0f} ms")
     done[1].close()  # the connection's writer
-    return Probe("host", "ok", f"{host}:{port}: " + ", ".join(took))
+    return Probe("host", Verdict.OK, f"{host}:{port}: " + ", ".join(took))
 
 
-async def look_at_chat(upstream, url, token, mode, model):
+async def look_at_chat(site, token, mode, model):
     """One tiny chat, read as the proxy reads answers; (what it looked like, the UpstreamError or None)."""
-    look, parser, started = AnswerLook(), UpstreamText(), time.monotonic()
-    body = json.dumps(upstream_payload(model, CHECK_PROMPT, {"max_tokens": CHECK_MAX_TOKENS}, "low")).encode()
+    look, reader, started = AnswerLook(), SiteReader(), time.monotonic()
+    body = json_text(site_payload(model, CHECK_PROMPT, {"max_tokens": CHECK_MAX_TOKENS}, "low")).encode()
     try:
-        async with upstream.session.post(url, data=body, headers=upstream.headers(token, mode),
-                                         allow_redirects=False) as response:
+        async with site.http.exchange(site.urls[mode], body, site.headers(token, mode)) as response:
             look.status, look.content_type = response.status, response.content_type
             look.first_byte = time.monotonic() - started
-            async for frames in upstream.batches(response):
-                look.ended = look_at_frames(look, frames, parser)
-                if look.ended:
+            async for frames in site_frames(response):
+                delta = reader.read(frames)
+                if delta.error:
+                    raise delta.error
+                if delta.ended:
+                    look.ended = True
                     break
     except UpstreamError as error:
-        return look, error
-    except asyncio.TimeoutError:
-        return look, UpstreamError(TIMED_OUT, f"upstream sent nothing for {upstream.settings.request_timeout:g} s")
-    except (ClientError, OSError) as exc:
-        failure = BROKEN if look.status else UNREACHABLE
-        return look, UpstreamError(failure, f"the connection failed ({type(exc).__name__})")
+        return look.seen(reader), error
     finally:
         look.total = time.monotonic() - started
-    parser.finish()
-    look.reasoning, look.answer = parser.splitter.reasoning.text(), parser.splitter.answer.text()
-    look.raw, look.snapshots = parser.raw_text(), parser.snapshots
-    return look, (no_content_error(look.content_type, look.fields) if parser.is_empty() else None)
-
-
-def look_at_frames(look, frames, parser):
-    """Takes the frames of one read into the look; True at the answer's end."""
-    for frame in frames:
-        look.frames += 1
-        look.fields.update(frame.fields)
-        if frame.error:
-            raise upstream_error(502, frame.error)
-        parser.read(frame)
-        if frame.done or frame.finish_reason:
-            return True
-    return False
+    reader.finish()
+    look.seen(reader)
+    return look, (no_content_error(look.content_type, look.fields) if reader.text.is_empty() else None)
 
 
 def problem_of(error, look):
@@ -3984,90 +2724,79 @@ def problem_of(error, look):
     return CHECK_PROBLEMS[error.failure]
 
 
-async def probe_chat(upstream, mode, token, model):
+async def probe_chat(site, mode, token, model):
     """A tiny chat in `mode`, and what its answer looked like."""
     name = f"{mode} chat"
-    look, error = await look_at_chat(upstream, upstream.urls[mode], Token(token) if token else NO_TOKEN, mode, model)
+    look, error = await look_at_chat(site, Credential(token) if token else NO_CREDENTIAL, mode, model)
     details = {**look.facts(), "dialect": look.dialect() if not error else None}
     if error is None:
-        return Probe(name, "ok", look.describe() + "\n" + look.preview() + "\nthe answer speaks " + look.dialect(),
+        return Probe(name, Verdict.OK, look.describe() + "\n" + look.preview() + "\nthe answer speaks " + look.dialect(),
                      details=details)
     what, hint = problem_of(error, look)
-    settings = upstream.settings
+    settings = site.settings
     hint = hint.format(model=model, base=settings.k2think_base_url, timeout=settings.request_timeout)
     seen = look.describe() if look.status else "no answer"
-    return Probe(name, "failed", f"{what}: {error}\n{seen}", hint, details={**details, "problem": what})
+    return Probe(name, Verdict.FAILED, f"{what}: {error}\n{seen}", hint, details={**details, "problem": what})
 
 
-async def probe_sign_ins(upstream, settings):
+async def probe_sign_ins(site, settings):
     """Each account of ACCOUNTS_FILE signs in once: (its probes, the first token issued or None)."""
     text, _ = WatchedFile(settings.accounts_file).read()
     pairs, _ = parse_accounts_file(text or "")
     if not pairs:
-        return [Probe("sign-in", "skipped", f"no accounts in {settings.accounts_file}")], None
+        return [Probe("sign-in", Verdict.SKIPPED, f"no accounts in {settings.accounts_file}")], None
     probes, issued = [], None
     for email, password in pairs:
-        try:
-            status, _, token = await request_sign_in(upstream, settings.k2think_base_url + SIGNIN_PATH, email,
-                                                     password)
-        except (ClientError, OSError, asyncio.TimeoutError) as exc:
-            probes.append(Probe(f"sign-in {email}", "failed", f"no answer ({type(exc).__name__})",
-                                "see the host line"))
-            continue
-        if token:
-            issued = issued or token
-            probes.append(Probe(f"sign-in {email}", "ok", "signed in"))
-        elif status in (400, 401):
-            probes.append(Probe(f"sign-in {email}", "failed", "refused: wrong email or password",
+        result = await sign_in(site, email, password)
+        if result.outcome is SignedIn.OK:
+            issued = issued or result.token
+            probes.append(Probe(f"sign-in {email}", Verdict.OK, "signed in"))
+        elif result.outcome is SignedIn.REFUSED:
+            probes.append(Probe(f"sign-in {email}", Verdict.FAILED, "refused: wrong email or password",
                                 f"fix this account's line in {settings.accounts_file}"))
         else:
-            probes.append(Probe(f"sign-in {email}", "failed", f"HTTP {status} without a token",
-                                "the site may be down, or ask for a bot check: try again later"))
+            probes.append(Probe(f"sign-in {email}", Verdict.FAILED, result.reason,
+                                "the site may be down, or ask for a bot check: see the host line, or try again "
+                                "later"))
     return probes, issued
 
 
-async def probe_models(upstream, settings, token):
+async def probe_models(site, settings, token):
     """Upstream's model list, and whether the configured model is in it."""
     if token is None:
-        return Probe("models", "skipped", "the model list needs an account token: none in "
-                                          f"{settings.user_tokens_file}, and no account signed in")
-    try:
-        async with upstream.session.get(settings.k2think_base_url + MODELS_PATH,
-                                        headers=upstream.headers(Token(token), "user"), allow_redirects=False) as response:
-            body = await read_body(response, MAX_FRAME_BYTES)
-            status = response.status
-    except (ClientError, OSError, asyncio.TimeoutError) as exc:
-        return Probe("models", "failed", f"no answer ({type(exc).__name__})", "see the host line")
-    ids = model_ids(body) if status == 200 else []
-    if not ids:
-        detail = error_detail(body.decode("utf-8", "replace"))[:PREVIEW_CHARS]
-        return Probe("models", "failed", f"HTTP {status} without a model list ({detail or 'nothing said'})",
+        return Probe("models", Verdict.SKIPPED, "the model list needs an account token: none in "
+                                                f"{settings.user_tokens_file}, and no account signed in")
+    found = await fetch_model_list(site.http, settings.k2think_base_url + MODELS_PATH,
+                                   site.headers(Credential(token), "user"))
+    if not found.ids:
+        return Probe("models", Verdict.FAILED, found.problem,
                      "the token may be refused (see user chat), or the site has moved its model list")
-    model = settings.models[0]
+    ids, model = found.ids, settings.models[0]
     if model in ids:
-        return Probe("models", "ok", f"serves {model} (offers {len(ids)}: {', '.join(ids)})", details={"ids": ids})
-    return Probe("models", "failed", f"does not serve {model}; it offers {', '.join(ids)}",
+        return Probe("models", Verdict.OK, f"serves {model} (offers {len(ids)}: {', '.join(ids)})",
+                     details={"ids": ids})
+    return Probe("models", Verdict.FAILED, f"does not serve {model}; it offers {', '.join(ids)}",
                  f"set MODELS={','.join(ids)}", details={"ids": ids})
 
 
-async def check_upstream(settings, upstream):
-    """Runs every probe against the configured upstream (with `upstream`'s open session); the report, as JSON."""
+async def check_upstream(settings, site):
+    """Runs every probe against the configured upstream (with `site`'s open session); the report, as JSON."""
     now, model = time.time(), settings.models[0]
     probes = [await probe_host(settings)]
-    if probes[0].verdict == "ok":
-        sign_ins, issued = await probe_sign_ins(upstream, settings)
+    if probes[0].verdict is Verdict.OK:
+        sign_ins, issued = await probe_sign_ins(site, settings)
         user_token = first_token(settings.user_tokens_file, now) or issued
         guest_token = first_token(settings.guest_tokens_file, now)
-        probes += [*sign_ins, await probe_models(upstream, settings, user_token),
-                   await probe_chat(upstream, "guest", guest_token, model)]
-        probes.append(await probe_chat(upstream, "user", user_token, model) if user_token else
-                      Probe("user chat", "skipped", f"no user token: none in {settings.user_tokens_file}, and no "
+        probes += [*sign_ins, await probe_models(site, settings, user_token),
+                   await probe_chat(site, "guest", guest_token, model)]
+        probes.append(await probe_chat(site, "user", user_token, model) if user_token else
+                      Probe("user chat", Verdict.SKIPPED, f"no user token: none in {settings.user_tokens_file}, and no "
                                                     "account signed in"))
     else:
-        probes += [Probe(name, "skipped", "not tried: the host cannot be reached")
+        probes += [Probe(name, Verdict.SKIPPED, "not tried: the host cannot be reached")
                    for name in ("sign-in", "models", "guest chat", "user chat")]
     mode_probe = next((p for p in probes if p.name == f"{settings.proxy_mode} chat"), None)
-    works = bool(mode_probe and mode_probe.verdict == "ok")
+    works = bool(mode_probe and mode_probe.verdict is Verdict.OK)
     return {"version": __version__, "upstream": settings.k2think_base_url, "mode": settings.proxy_mode,
             "model": model, "works": works, "dialect": mode_probe.details.get("dialect") if mode_probe else None,
             "probes": [asdict(probe) for probe in probes]}
@@ -4091,21 +2820,51 @@ def report_text(report):
 
 async def run_check(settings, as_json):
     """--check: the report on standard output; 0 when chat works in the configured mode, else 1."""
-    upstream = Upstream(settings)
-    await upstream.open_session()
+    http = HttpClient(settings)
+    await http.open()
     try:
-        report = await check_upstream(settings, upstream)
+        report = await check_upstream(settings, SiteUpstream(settings, http))
     finally:
-        await upstream.stop()
+        await http.stop()
     print(json.dumps(report, ensure_ascii=False, indent=2) if as_json else report_text(report))
     return 0 if report["works"] else 1
 
 
 # ─── Monitoring ──────────────────────────────────────────────────────────────
-# What the proxy has done, from each request's record as it ends: the totals of
+# What the proxy has done, from each request's record (RequestRecord, which
+# every request carries from its arrival to its log line) as it ends: the totals of
 # the admin page, the last REQUEST_LOG_SIZE requests, the last hour minute by
 # minute, and the counters and histograms of GET /metrics in Prometheus's text
 # format. Nothing secret and no message text is kept.
+
+@dataclass
+class RequestRecord:
+    """One request's facts, from its arrival to its log line and its share of the figures."""
+    method: str
+    path: str
+    dialect: str
+    counted: bool               # a completion: it counts in the figures
+    started: float              # time.monotonic()
+    model: str = None
+    stream: bool = None
+    outcome: str = None         # CLIENT_GONE, "ended with error"
+    reason: str = None          # the code of the error it ended with
+    upstream_failed: bool = False  # the error was upstream's (or no token could serve), not the client's
+    route: str = ""             # the route's path, as routed ("/v1/models/{model:.+}")
+    key: str = None             # the name of the API key it came with ("" for VALID_API_KEY's)
+    api_key: object = None      # that ApiKey, while it counts against the key's limits
+    first_content: float = None  # seconds from arrival to the first content sent
+    duration: float = None      # seconds from arrival to the end
+    attempts: int = 0
+    token_index: int = None     # the credential that answered, by its place in its pool
+    usage: Usage = None
+    reserved: int = 0           # bytes of MEMORY_BUDGET_MB its body holds
+
+
+RECORD = web.RequestKey("record", RequestRecord)
+CLIENT_GONE = "client gone"  # the outcome of a request whose client left before its end
+CLIENT_GONE_STATUS = 499     # what the log and the figures say it ended with (nginx's "client closed request")
+
 
 TIME_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # seconds, for the histograms
 MINUTE_SAMPLES = 2000  # first-content times kept per minute, for its p50 and p95
@@ -4441,16 +3200,1537 @@ class ApiKeys:
         self.take(keys)
 
     async def watch(self):
-        """Polls the file every second, like the token file."""
-        while True:
-            await self.reload()
-            await asyncio.sleep(TOKEN_FILE_POLL_SECONDS)
+        """Reads the file when it changed; polled every second, like the token file."""
+        await self.reload()
+        return TOKEN_FILE_POLL_SECONDS
 
     def listed(self, figures):
         """The named keys as the admin page shows them: masked, with their limits, the completions they are
         running and, from `figures` (the monitor's, by name), what they have done."""
         return [{"name": key.name, "masked": mask_token(key.value), "rpm": key.rpm, "concurrent": key.concurrent,
                  "active": key.active, **asdict(figures.get(key.name, KeyFigures()))} for key in self.named]
+
+
+# ─── Stored responses ────────────────────────────────────────────────────────
+# The Responses API's kept responses, and the conversation that led to each,
+# for previous_response_id and GET/DELETE /v1/responses/{id}. Offers
+# ResponseStore to the app state.
+
+
+@dataclass(frozen=True)
+class StoredResponse:
+    kept_at: float   # the store's clock
+    size: int        # characters of its JSON, response and history
+    response: dict
+    history: list    # the items of the conversation up to and including this response's output
+
+
+class ResponseStore:
+    """Kept responses and the conversation that led to each, for previous_response_id and GET/DELETE: bounded by
+    count and bytes (the oldest go first), each kept for RESPONSES_STORE_TTL seconds."""
+
+    def __init__(self, settings, clock=time.monotonic):
+        self.max_count = settings.responses_store_count
+        self.max_bytes = settings.responses_store_mb * MB
+        self.ttl = settings.responses_store_ttl
+        self.clock = clock
+        self.entries = collections.OrderedDict()  # id → StoredResponse, oldest first
+        self.bytes = 0
+
+    def put(self, response, history):
+        size = len(json_text(response)) + len(json_text(history))
+        if size > self.max_bytes or not self.max_count:
+            return
+        self.entries[response["id"]] = StoredResponse(self.clock(), size, response, history)
+        self.bytes += size
+        while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
+            self._drop(next(iter(self.entries)))
+
+    def get(self, response_id):
+        """The StoredResponse, or None when it was never kept, has expired or was deleted."""
+        while self.entries and self.clock() - next(iter(self.entries.values())).kept_at > self.ttl:
+            self._drop(next(iter(self.entries)))
+        return self.entries.get(response_id)
+
+    def delete(self, response_id):
+        found = self.get(response_id) is not None
+        if found:
+            self._drop(response_id)
+        return found
+
+    def _drop(self, response_id):
+        self.bytes -= self.entries.pop(response_id).size
+
+    def missing(self, response_id, param=None):
+        return ApiError(404, f"No response with id '{response_id}': it was not stored (store: false), has been "
+                             f"deleted, or has expired (responses are kept {self.ttl:g} s, the newest "
+                             f"{self.max_count})", param=param, code="response_not_found")
+
+
+# ─── App state ───────────────────────────────────────────────────────────────
+# Everything a running proxy keeps, and its key in the aiohttp application:
+# settings, the HTTP client and the upstream kinds, models, accounts, API keys,
+# the monitor, stored responses and the memory budget of request bodies. Offers
+# the sections below STATE, and finish(), where every request ends.
+
+BODY_WAIT_SECONDS = 5           # how long a body waits for room in MEMORY_BUDGET_MB before a 503
+
+
+class MemoryBudget:
+    """Memory that request bodies may take at once: a body is admitted when its share fits, else waits (bodies
+    that fit go first), then is refused with a 503 and Retry-After."""
+
+    def __init__(self, megabytes):
+        self.limit = int(megabytes * MB)
+        self.used = 0
+        self.waiting = collections.deque()  # (amount, future) in arrival order
+
+    async def admit(self, amount):
+        if self.used + amount <= self.limit:
+            self.used += amount
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiting.append((amount, waiter))
+        try:
+            await asyncio.wait_for(waiter, BODY_WAIT_SECONDS)
+        except asyncio.TimeoutError:
+            if waiter.done() and not waiter.cancelled():  # admitted in the very turn it gave up: give the share back
+                self.release(amount)
+            raise ApiError(503, "The proxy is busy reading other large requests; try again in a moment",
+                           code="busy", retry_after=1) from None
+
+    def release(self, amount):
+        self.used -= amount
+        for entry in list(self.waiting):
+            wanted, waiter = entry
+            if waiter.done():
+                self.waiting.remove(entry)
+            elif self.used + wanted <= self.limit:
+                self.waiting.remove(entry)
+                self.used += wanted
+                waiter.set_result(None)
+
+
+class AppState:
+    """Everything a running proxy keeps: settings, the upstream side, models, accounts, keys, the monitor."""
+
+    def __init__(self, settings):
+        self.settings = settings
+        self.http = HttpClient(settings)
+        self.site = SiteUpstream(settings, self.http)
+        self.models = Models(settings, self.site)
+        self.accounts = Accounts(settings, self.site, on_sign_in=self.models.token_arrived)
+        self.monitor = Monitor(settings)
+        self.keys = ApiKeys(settings)
+        self.responses = ResponseStore(settings)
+        self.budget = MemoryBudget(settings.memory_budget_mb)
+        self.started = int(time.time())
+        self.admin_page = None  # (body, headers), read at start-up by the admin section
+        self.save_lock = asyncio.Lock()
+        self.tasks = []
+        self.tools_left_out = set()
+        self.check_run = None  # the upstream check under way, which a second asker waits for
+
+    def note_left_out_tools(self, kinds):
+        """Logs, once per kind, the tools a client sent that the model cannot be told of (server tools)."""
+        for kind in set(kinds) - self.tools_left_out:
+            self.tools_left_out.add(kind)
+            log.info("tools of type %s are left out of the prompt: the site cannot run them", kind)
+
+    async def start(self):
+        """Opens the upstream session and starts the background work."""
+        await self.http.open()
+        await self.site.pool.reload()
+        await self.keys.reload()
+        self.tasks = [asyncio.ensure_future(keep_polling(self.site.watch_tokens)),
+                      asyncio.ensure_future(keep_polling(self.accounts.run)),
+                      asyncio.ensure_future(keep_polling(self.models.run, self.models.wake)),
+                      asyncio.ensure_future(keep_polling(self.keys.watch))]
+
+    async def stop(self):
+        """Stops the background work first, so that nothing starts an upstream request once the session closes."""
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.http.stop()
+
+    def finish(self, record, status):
+        """A request's end: its share of the figures, its memory budget and its key's limits given back, and its
+        log line; a request whose client left is logged as CLIENT_GONE_STATUS, whatever was sent."""
+        status = CLIENT_GONE_STATUS if record.outcome == CLIENT_GONE else status
+        self.budget.release(record.reserved)
+        record.reserved = 0
+        if record.api_key:
+            self.keys.done(record.api_key)
+            record.api_key = None
+        record.duration = time.monotonic() - record.started
+        self.monitor.end(record, status)
+        first = f"{record.first_content * 1000:.0f}ms" if record.first_content is not None else "-"
+        why = ", ".join(filter(None, (record.outcome, record.reason)))
+        log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", record.method, record.path,
+                 record.model or "-", "-" if record.stream is None else str(record.stream).lower(), status,
+                 f" ({why})" if why else "", first, record.duration * 1000)
+
+
+STATE = web.AppKey("state", AppState)
+
+
+# ─── Request bodies ──────────────────────────────────────────────────────────
+# A request's JSON body, read within MAX_REQUEST_MB and the memory budget, and
+# parsed with limits on what parsing it may cost. Offers read_json (admin
+# routes) and read_request (completions, whose model the log line names).
+
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+MAX_EXPANSION = 12              # a body that would take more than this many times its size once parsed is refused
+EXPANSION_FLOOR = MB            # smaller bodies are parsed whatever their shape
+CONTAINER_BYTES, ELEMENT_BYTES = 64, 40  # the least a parsed object, and an element of one, takes
+THREAD_PARSE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
+MAX_JSON_DEPTH = 64
+
+
+def expanded_size(raw):
+    """A rough bound of what a JSON body takes once parsed: each container and each element is an object of its
+    own. Brackets, commas and quotes count wherever they stand, so text full of them counts high; the bound is
+    for refusing bodies built to expand (a list of millions of {}), which count far higher."""
+    quotes = raw.count(b'"') - raw.count(b'\\"')
+    containers = raw.count(b"{") + raw.count(b"[")
+    return len(raw) + CONTAINER_BYTES * containers + ELEMENT_BYTES * (raw.count(b",") + quotes // 2)
+
+
+def json_depth(value):
+    """How deeply a JSON value nests, found without recursion; it stops counting past MAX_JSON_DEPTH."""
+    deepest, pending = 0, [(value, 1)]
+    while pending and deepest <= MAX_JSON_DEPTH:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            pending += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
+def parse_body(raw):
+    """A request body's JSON value; a 4xx for a body built to expand, one not in UTF-8, not JSON, nested too
+    deeply, or holding a lone surrogate."""
+    if len(raw) > EXPANSION_FLOOR and expanded_size(raw) > MAX_EXPANSION * len(raw):
+        raise ApiError(413, f"The request body's JSON is made of so many small values that it would take over "
+                            f"{MAX_EXPANSION} times its size once read; send fewer, larger values",
+                       code="request_too_complex")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, "The request body is not valid UTF-8", code="invalid_encoding") from None
+    too_deep = ApiError(400, f"The request body's JSON nests more than {MAX_JSON_DEPTH} levels deep",
+                        code="json_too_deep")
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise too_deep from None
+    except ValueError as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise too_deep
+    if SURROGATE_ESCAPE.search(text):  # rare, so the whole value is checked only then
+        try:
+            json.dumps(value, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise ApiError(400, "The request body holds a lone UTF-16 surrogate (\\ud800-\\udfff), which is not "
+                                "text", code="invalid_encoding") from None
+    return value
+
+
+async def read_json(request):
+    """The request body as JSON, read once MEMORY_BUDGET_MB has room for it, parsed off the event loop when large;
+    a 4xx for anything that is not JSON in UTF-8."""
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, f"Compressed request bodies (Content-Encoding: {encoding[:40]}) are not accepted; "
+                            "send the JSON uncompressed", code="unsupported_content_encoding")
+    state, record = request.app[STATE], request[RECORD]
+    limit = int(state.settings.max_request_mb * MB)
+    if (request.content_length or 0) > limit:
+        raise body_too_large(state)
+    share = (request.content_length or limit) * BODY_MEMORY_FACTOR
+    await state.budget.admit(share)
+    record.reserved = share
+    raw = await read_body_within(request, limit, state)
+    return parse_body(raw) if len(raw) <= THREAD_PARSE_BYTES else await asyncio.to_thread(parse_body, raw)
+
+
+async def read_body_within(request, limit, state):
+    """The body, refused once it passes `limit`. Read from the stream rather than by request.read(), which keeps
+    a copy on the request: aiohttp holds a connection's last request while the connection idles."""
+    parts, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(state)
+        parts.append(chunk)
+    return b"".join(parts)
+
+
+def body_too_large(state):
+    return ApiError(413, f"The request body is larger than MAX_REQUEST_MB ({state.settings.max_request_mb:g} MB)",
+                    code="request_too_large")
+
+
+MODEL_NAME_CHARS = 100  # of a model id in a log line
+
+
+async def read_request(request):
+    """A completion request's body, its model noted for the log line even when the request is then refused."""
+    body = await read_json(request)
+    if isinstance(body, dict) and isinstance(body.get("model"), str):
+        request[RECORD].model = body["model"][:MODEL_NAME_CHARS]
+    return body
+
+
+# ─── Core ────────────────────────────────────────────────────────────────────
+# The one request path every dialect takes: a front door's Asked (the core
+# request, and how its answer is written) runs through an upstream kind, whose
+# events go to a writer: an EventStream for a stream, a Collector for one JSON
+# body. Offers the dialects Dialect, Asked and completion_handler.
+
+class ClientGone(Exception):
+    """The client closed its connection; nothing is to be sent, and no token is to blame."""
+
+
+class EventStream:
+    """Writes a completion's events as server-sent events through a dialect's renderer. The response opens with
+    the first bytes sent, so a failure before any is still a real HTTP error; silence gets heartbeats."""
+
+    def __init__(self, request, renderer, keepalive_seconds):
+        self.request = request
+        self.renderer = renderer
+        self.response = None
+        self._open_lock = asyncio.Lock()
+        self._keepalive_every = keepalive_seconds
+        self._last_write = time.monotonic()
+        self._heartbeat = None
+
+    @property
+    def committed(self):
+        """Whether the client has seen anything: then no other credential may take over."""
+        return self.response is not None
+
+    def reset(self):
+        """A failed attempt's events are void; none was sent (else the stream would be committed)."""
+
+    def start(self):
+        self._heartbeat = asyncio.ensure_future(self._beat())
+
+    def stop(self):
+        if self._heartbeat:
+            self._heartbeat.cancel()
+
+    async def write(self, events):
+        await self._send(lambda: self.renderer.render(events))
+
+    async def close(self, events):
+        """Writes the last events (a Finish or a Failed) and ends the stream; raises a failure that comes
+        before anything was sent, as an HTTP error."""
+        self.stop()
+        if isinstance(events[-1], Failed) and self.response is None:
+            raise events[-1].error
+        await self._send(lambda: self.renderer.render(events), last=True)
+        return self.response
+
+    async def _send(self, render, last=False):
+        """Writes what `render` gives, rendered only now: after the response and its opening, so that the
+        renderer's events go out in the order it numbered them."""
+        opening = b""
+        if self.response is None:
+            async with self._open_lock:
+                if self.response is None:
+                    response = web.StreamResponse(headers={
+                        "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                        "X-Accel-Buffering": "no"})
+                    await response.prepare(self.request)
+                    self.response = response
+                    opening = self.renderer.opening()
+        data = opening + render()
+        self._last_write = time.monotonic()
+        try:
+            await (self.response.write_eof(data) if last else self.response.write(data))
+        except (ConnectionError, RuntimeError):
+            raise ClientGone() from None
+
+    async def _beat(self):
+        """Sends the dialect's heartbeat after each KEEPALIVE_SECONDS of silence, so proxies keep the stream."""
+        try:
+            while True:
+                idle = time.monotonic() - self._last_write
+                if idle >= self._keepalive_every:
+                    await self._send(self.renderer.heartbeat)
+                else:
+                    await asyncio.sleep(self._keepalive_every - idle)
+        except ClientGone:
+            pass
+
+
+class Collector:
+    """Gathers a completion's events into an Answer, which the dialect's `render` turns into the JSON body; an
+    answer beyond MAX_ANSWER_MB is a failure, not a response of any size."""
+
+    committed = False  # the client sees nothing until the end
+
+    def __init__(self, render, limit):
+        self.render = render
+        self.limit = limit
+        self.response = None
+        self.reset()
+
+    def reset(self):
+        """Starts over: a failed attempt's events are forgotten."""
+        self.size = 0
+        self.reasoning, self.text = [], []  # pieces, joined once at the end (+= on a str would copy it each time)
+        self.calls = []                     # [id, name, pieces of its arguments]
+        self.finish = None
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    async def write(self, events):
+        added = sum(len(event.text) for event in events if isinstance(event, (Reasoning, Text, ToolArguments)))
+        self.size += added
+        if added and self.size > self.limit:
+            raise UpstreamError(ANSWER_TOO_LARGE, f"upstream's answer is larger than MAX_ANSWER_MB "
+                                                  f"({self.limit / MB:g} MB); ask for a stream to receive it")
+        for event in events:
+            if isinstance(event, Reasoning):
+                self.reasoning.append(event.text)
+            elif isinstance(event, Text):
+                self.text.append(event.text)
+            elif isinstance(event, ToolCallStart):
+                self.calls.append([event.id, event.name, []])
+            elif isinstance(event, ToolArguments):
+                self.calls[event.index][2].append(event.text)
+            elif isinstance(event, Finish):
+                self.finish = event
+            elif isinstance(event, Failed):
+                raise event.error
+
+    async def close(self, events):
+        await self.write(events)
+        answer = Answer("".join(self.reasoning), "".join(self.text),
+                        [[id_, name, "".join(pieces)] for id_, name, pieces in self.calls], self.finish)
+        self.response = web.json_response(self.render(answer), dumps=json_text)
+        return self.response
+
+
+@dataclass(frozen=True)
+class Asked:
+    """What a front door made of a completion request: the core request, and how its answer is written."""
+    core: CoreRequest
+    stream_writer: object  # () → a renderer of the core's events as the dialect's server-sent events
+    answer_body: object    # Answer → the dialect's JSON body of a whole response
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """A client API: its name in logs, how it shapes an error, and how it reads a completion request."""
+    name: str
+    error_response: object  # ApiError → web.Response
+    parse: object = None     # (JSON body, AppState) → Asked
+
+
+async def within_deadline(work, seconds):
+    """Awaits `work`; past `seconds` it is cancelled and ends as an upstream timeout."""
+    try:
+        return await asyncio.wait_for(work, seconds)
+    except asyncio.TimeoutError:
+        raise UpstreamError(TIMED_OUT, f"the answer took longer than COMPLETION_TIMEOUT ({seconds:g} s)") from None
+
+
+async def pull(events, writer, record):
+    """Writes what an upstream kind yields, attempt by attempt, and ends with its Finish; a Restart voids what the
+    writer holds, unless the client has seen some of it."""
+    async with contextlib.aclosing(events):
+        async for item in events:
+            if isinstance(item, Attempt):
+                record.attempts, record.token_index = item.number, item.credential
+            elif isinstance(item, Restart):
+                if writer.committed:
+                    raise item.error
+                writer.reset()
+            elif isinstance(item[-1], Finish):
+                record.usage = item[-1].usage
+                return await writer.close(item)
+            else:
+                if record.first_content is None:
+                    record.first_content = time.monotonic() - record.started
+                await writer.write(item)
+    raise UpstreamError(NOT_AN_ANSWER, "upstream's answer ended without a finish")
+
+
+async def serve_completion(request, asked):
+    """Runs the request's core upstream into its writer, and answers."""
+    state, record, core = request.app[STATE], request[RECORD], asked.core
+    record.stream = core.stream  # its model is noted already, by read_request
+    settings = state.settings
+    writer = (EventStream(request, asked.stream_writer(), settings.keepalive_seconds) if core.stream
+              else Collector(asked.answer_body, int(settings.max_answer_mb * MB)))
+    writer.start()
+    try:
+        try:
+            return await within_deadline(pull(state.site.complete(core), writer, record), settings.completion_timeout)
+        except (UpstreamError, ApiError) as failure:
+            error = failure.api_error() if isinstance(failure, UpstreamError) else failure
+            record.upstream_failed, record.reason = True, error.code
+            response = await writer.close([Failed(error)])
+            record.outcome = "ended with error"
+            return response
+    except ClientGone:
+        record.outcome = CLIENT_GONE
+        return writer.response or web.Response(status=CLIENT_GONE_STATUS)  # the latter for nobody: it left first
+    finally:
+        writer.stop()
+
+
+def completion_handler(dialect):
+    """The handler of a dialect's completion route: its request, read and parsed, through the core."""
+    async def complete(request):
+        asked = dialect.parse(await read_request(request), request.app[STATE])
+        return await serve_completion(request, asked)
+    return complete
+
+
+# ─── Dialect: OpenAI chat completions ────────────────────────────────────────
+# POST /v1/chat/completions and GET /v1/models: OpenAI's request becomes a
+# CoreRequest; core events become chat.completion.chunk events or one
+# chat.completion; errors are {"error": {message, type, param, code}}.
+
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
+                      500: "server_error", 502: "upstream_error", 503: "service_unavailable", 504: "timeout_error"}
+REQUEST_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}  # OpenAI's → the site's
+
+
+def openai_error_body(error):
+    kind = OPENAI_ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "server_error")
+    return {"error": {"message": error.message, "type": kind, "param": error.param, "code": error.code}}
+
+
+def openai_error_response(error):
+    headers = {"Retry-After": str(error.retry_after)} if error.retry_after else None
+    return web.json_response(openai_error_body(error), status=error.status, headers=headers)
+
+
+def chat_part(part, where, limit):
+    """One part of an OpenAI message's content, as an upstream part."""
+    expect(isinstance(part, dict) and isinstance(part.get("type"), str), f"{where} must be an object with a 'type'",
+           where, "invalid_type")
+    kind = part["type"]
+    if kind == "text":
+        expect(isinstance(part.get("text"), str), f"{where}.text must be a string", where, "invalid_type")
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":
+        image = part.get("image_url")
+        url = image.get("url") if isinstance(image, dict) else image
+        expect(isinstance(url, str) and url, f"{where}.image_url.url is missing", where, "invalid_type")
+        return image_part(url, where, limit)
+    if kind == "file":
+        return chat_file(part.get("file"), where, limit)
+    raise ApiError(400, f"{where} has type '{kind}', which is not supported (text, image_url, file)", param=where,
+                   code="unsupported_content")
+
+
+def chat_file(file, where, limit):
+    """An OpenAI file part: a text file sent as file_data, inlined; a file id cannot be fetched."""
+    expect(isinstance(file, dict), f"{where}.file must be an object with filename and file_data", where,
+           "invalid_type")
+    name = file.get("filename") if isinstance(file.get("filename"), str) and file.get("filename") else "file"
+    data = file.get("file_data")
+    if data is None and file.get("file_id"):
+        raise ApiError(400, f"{where}: uploaded file ids cannot be fetched through this proxy; send the file "
+                            "itself as file_data", param=where, code="unsupported_file")
+    expect(isinstance(data, str) and data, f"{where}.file.file_data is missing", where, "invalid_type")
+    return text_file(name, *decode_data(data, where, limit), where)
+
+
+def chat_content(content, index, limit):
+    """A message's content as a list of upstream parts."""
+    if content is None or isinstance(content, str):
+        return [{"type": "text", "text": content or ""}]
+    expect(isinstance(content, list), f"messages[{index}].content must be a string or a list of parts",
+           f"messages[{index}].content", "invalid_type")
+    return [chat_part(part, f"messages[{index}].content[{number}]", limit) for number, part in enumerate(content)]
+
+
+def chat_calls(calls, index):
+    """An assistant message's tool_calls as (id, name, arguments) triples."""
+    where = f"messages[{index}].tool_calls"
+    expect(isinstance(calls, list) and all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                           and isinstance(c.get("id", ""), str)
+                                           and isinstance(c["function"].get("name", ""), str) for c in calls),
+           f"{where} must be a list of tool calls with string ids and names", where, "invalid_type")
+    return [(call.get("id", ""), call["function"].get("name", ""), call["function"].get("arguments", {}))
+            for call in calls]
+
+
+def chat_transcript(messages, limit):
+    """OpenAI messages as upstream takes them: developer is system, tool history is text."""
+    expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages",
+           "invalid_type" if not isinstance(messages, list) else "invalid_value")
+    transcript = Transcript()
+    for index, message in enumerate(messages):
+        expect(isinstance(message, dict), f"messages[{index}] must be an object", f"messages[{index}]",
+               "invalid_type")
+        role = message.get("role")
+        expect(role in CHAT_ROLES, f"messages[{index}].role must be one of {', '.join(CHAT_ROLES)}",
+               f"messages[{index}].role")
+        parts = chat_content(message.get("content"), index, limit)
+        if role == "assistant":
+            image = next((number for number, part in enumerate(parts) if part["type"] != "text"), None)
+            where = f"messages[{index}].content[{image}]"
+            expect(image is None, f"{where}: assistant messages hold text only, as on OpenAI; send images in user "
+                   "messages", where, "unsupported_content")
+            transcript.assistant(text_of(parts), chat_calls(message["tool_calls"], index)
+                                 if message.get("tool_calls") else ())
+        elif role in ("tool", "function"):
+            call_id = message.get("tool_call_id", "")
+            expect(isinstance(call_id, str), f"messages[{index}].tool_call_id must be a string",
+                   f"messages[{index}].tool_call_id", "invalid_type")
+            name = message.get("name")
+            transcript.tool_result(call_id, parts, name if isinstance(name, str) else None)
+        else:
+            transcript.add("user" if role == "user" else "system", parts)
+    return transcript
+
+
+def chat_tools(body, enabled):
+    """The request's tools and tool_choice as a ToolPlan (None: no tool text is to be sent or parsed)."""
+    tools, choice = body.get("tools"), body.get("tool_choice", "auto")
+    if tools is None:
+        return None
+    expect(isinstance(tools, list), "'tools' must be a list", "tools", "invalid_type")
+    checked = []
+    for index, tool in enumerate(tools):
+        where = f"tools[{index}]"
+        expect(isinstance(tool, dict) and tool.get("type", "function") == "function"
+               and isinstance(tool.get("function"), dict),
+               f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}", where, "invalid_type")
+        function = tool["function"]
+        checked.append(check_tool(function.get("name"), function.get("description"), function.get("parameters"),
+                                  f"{where}.function"))
+    if isinstance(choice, dict):
+        named = choice.get("function", {}).get("name") if isinstance(choice.get("function"), dict) else None
+        expect(isinstance(named, str), "tool_choice must name a function: {\"type\": \"function\", \"function\": "
+               "{\"name\": ...}}", "tool_choice")
+        choice = named
+    else:
+        expect(choice in ("auto", "none", "required"),
+               "'tool_choice' must be \"auto\", \"none\", \"required\" or {\"type\": \"function\", ...}", "tool_choice")
+    return tool_plan(checked, choice, enabled)
+
+
+def chat_params(body):
+    """The sampling options upstream understands, checked."""
+    stop = body.get("stop")
+    expect(stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+           "'stop' must be a string or a list of strings", "stop", "invalid_type")
+    return sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
+                    integer_field(body, "max_completion_tokens", 1) or integer_field(body, "max_tokens", 1),
+                    [stop] if isinstance(stop, str) else stop)
+
+
+def chat_answer_format(response_format):
+    """The AnswerFormat of OpenAI's response_format: json_object, or json_schema with its schema; None for text."""
+    kind = one_of_field(response_format, "type", ("text", "json_object", "json_schema"), "text",
+                        "response_format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return AnswerFormat()
+    schema = object_field(object_field(response_format, "json_schema", "response_format.json_schema"), "schema",
+                          "response_format.json_schema.schema")
+    return AnswerFormat(schema or None)
+
+
+def parse_chat_request(body, settings, models):
+    """Checks an OpenAI chat request and translates it; every problem is a 400 naming the field. Returns the
+    CoreRequest and whether the client asked for a usage chunk."""
+    model = requested_model(body)
+    upstream_model, show_reasoning = models.resolve(model)
+    stream = body.get("stream", False)
+    expect(stream is None or isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
+    n = integer_field(body, "n", 1)
+    expect(n in (None, 1), "Only n=1 is supported", "n")
+    options = object_field(body, "stream_options")
+    for name in ("logprobs", "top_logprobs"):
+        expect(body.get(name) in (None, False), f"'{name}' is not supported: the site does not report token "
+               "probabilities", name, "unsupported_parameter")
+    effort = REQUEST_EFFORTS[one_of_field(body, "reasoning_effort", tuple(REQUEST_EFFORTS),
+                                          default_effort(settings, show_reasoning))]
+    tools = chat_tools(body, settings.tool_support)
+    answer_format = chat_answer_format(object_field(body, "response_format"))
+    turns = chat_transcript(body.get("messages"), int(settings.max_file_mb * MB)).finish()
+    core = CoreRequest(model, upstream_model, turns, chat_params(body), effort, bool(stream), show_reasoning,
+                       tools, answer_format)
+    return core, bool(options.get("include_usage"))
+
+
+def openai_usage(usage):
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
+
+
+class ChatChunks:
+    """Core events as OpenAI chat.completion.chunk events: reasoning as reasoning_content (never in the same
+    delta as content, since many clients read one field per delta), or inline <think> tags."""
+
+    def __init__(self, core, think_tags, include_usage):
+        self.core = core
+        self.think_tags = think_tags
+        self.include_usage = include_usage
+        self.id = "chatcmpl-" + uuid.uuid4().hex
+        self.created = int(time.time())
+        head = json.dumps({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                           "model": core.model}, ensure_ascii=False)
+        self._chunk_head = b"data: " + head[:-1].encode() + b',"choices":[{"index":0,"delta":'
+        self._role_sent = False
+        self._in_think = False
+
+    def opening(self):
+        return b""
+
+    def heartbeat(self):
+        return b": keep-alive\n\n"
+
+    def render(self, events):
+        deltas, content, tail = [], "", b""
+        for event in events:
+            if isinstance(event, Reasoning) and self.think_tags:
+                content += event.text if self._in_think else "<think>" + event.text
+                self._in_think = True
+            elif isinstance(event, Reasoning):
+                deltas.append({"reasoning_content": event.text})
+            elif isinstance(event, Text):
+                content += self._think_closed("</think>\n\n") + event.text
+            elif isinstance(event, ToolCallStart):
+                content += self._think_closed("</think>\n\n")
+                deltas += [{"content": content}] if content else []
+                content = ""
+                deltas.append({"tool_calls": [{"index": event.index, "id": "call_" + event.id, "type": "function",
+                                               "function": {"name": event.name, "arguments": ""}}]})
+            elif isinstance(event, ToolArguments):
+                deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
+            elif isinstance(event, Finish):
+                content += self._think_closed("</think>")
+                tail = self._ending(event)
+            else:
+                tail = b"data: " + json.dumps(openai_error_body(event.error)).encode() + b"\n\ndata: [DONE]\n\n"
+        if content:
+            deltas.append({"content": content})
+        return b"".join(map(self._chunk, deltas)) + tail
+
+    def _think_closed(self, closing):
+        """The closing of an open <think> tag, once."""
+        if not self._in_think:
+            return ""
+        self._in_think = False
+        return closing
+
+    def _ending(self, finish):
+        data = self._chunk({}, finish.reason)
+        if self.include_usage:
+            usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                     "model": self.core.model, "choices": [], "usage": openai_usage(finish.usage)}
+            data += b"data: " + json.dumps(usage).encode() + b"\n\n"
+        return data + b"data: [DONE]\n\n"
+
+    def _chunk(self, delta, finish_reason=None):
+        if not self._role_sent:
+            self._role_sent = True
+            delta = {"role": "assistant", **delta}
+        finish = b"null" if finish_reason is None else b'"%s"' % finish_reason.encode()
+        return (self._chunk_head + json.dumps(delta, ensure_ascii=False).encode()
+                + b',"finish_reason":' + finish + b"}]}\n\n")
+
+
+def chat_completion(core, answer, think_tags):
+    """One chat.completion for a whole Answer."""
+    content = answer.text
+    if answer.reasoning and think_tags:
+        content = f"<think>{answer.reasoning}</think>" + (f"\n\n{content}" if content or answer.calls else "")
+    message = {"role": "assistant", "content": (content.strip() or None) if answer.calls else content}
+    if answer.calls:
+        message["tool_calls"] = [{"id": "call_" + call_id, "type": "function",
+                                  "function": {"name": name, "arguments": arguments}}
+                                 for call_id, name, arguments in answer.calls]
+    if answer.reasoning and not think_tags:
+        message["reasoning_content"] = answer.reasoning
+    return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
+            "model": core.model, "choices": [{"index": 0, "message": message, "finish_reason": answer.finish.reason}],
+            "usage": openai_usage(answer.finish.usage)}
+
+
+def chat_asked(body, state):
+    core, include_usage = parse_chat_request(body, state.settings, state.models)
+    think_tags = state.settings.thinking_format == "think_tags"
+    return Asked(core, lambda: ChatChunks(core, think_tags, include_usage),
+                 lambda answer: chat_completion(core, answer, think_tags))
+
+
+OPENAI = Dialect("openai", openai_error_response, chat_asked)
+
+
+def model_card(model_id, created):
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "MBZUAI-IFM"}
+
+
+async def list_models(request):
+    state = request.app[STATE]
+    return web.json_response({"object": "list",
+                              "data": [model_card(m, state.started) for m in state.models.listed()]})
+
+
+async def get_model(request):
+    state = request.app[STATE]
+    model_id = request.match_info["model"]
+    state.models.resolve(model_id)
+    return web.json_response(model_card(model_id, state.started))
+
+
+# ─── Dialect: Anthropic Messages ─────────────────────────────────────────────
+# POST /v1/messages and /v1/messages/count_tokens, for Claude Code and the
+# Anthropic SDKs: a Messages request becomes a CoreRequest; core events become
+# message_start … message_stop (signed thinking blocks, ping as the heartbeat)
+# or one message; errors are {"type": "error", "error": {type, message}}.
+
+ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                         413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                         504: "timeout_error"}
+OVERLOADED = 529  # Anthropic's "try again soon", which Claude Code retries: what the proxy's 503s become
+ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
+                          "content_filter": "refusal"}
+ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}  # Anthropic's → the site's
+THINKING_BUDGET_EFFORTS = ((4000, "low"), (16000, "medium"))  # a budget under the bound thinks this hard; else high
+BILLING_HEADER = "x-anthropic-billing-header:"  # Claude Code's bookkeeping, sent as a system block; not for the model
+
+
+def anthropic_error_body(error):
+    kind = ANTHROPIC_ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+
+def anthropic_error_response(error):
+    headers = {"retry-after": str(error.retry_after)} if error.retry_after else None
+    return web.json_response(anthropic_error_body(error), status=OVERLOADED if error.status == 503 else error.status,
+                             headers=headers)
+
+
+def content_blocks(content, where):
+    """A message's content as a list of blocks: a string is one text block."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    expect(isinstance(content, list) and all(isinstance(b, dict) and isinstance(b.get("type"), str) for b in content),
+           f"{where} must be a string or a list of blocks with a 'type'", where, "invalid_type")
+    return content
+
+
+def block_text(block, where):
+    expect(isinstance(block.get("text"), str), f"{where}.text must be a string", f"{where}.text", "invalid_type")
+    return block["text"]
+
+
+def block_source(block, where, kinds):
+    """A block's source and its type, which must be one of `kinds`."""
+    source = block.get("source")
+    expect(isinstance(source, dict) and source.get("type") in kinds,
+           f"{where}.source must be an object whose type is one of {', '.join(kinds)}", f"{where}.source")
+    return source, source["type"]
+
+
+def source_field(source, name, where):
+    expect(isinstance(source.get(name), str) and source[name], f"{where}.source.{name} must be a non-empty string",
+           f"{where}.source.{name}", "invalid_type")
+    return source[name]
+
+
+def anthropic_image(block, where, limit):
+    source, kind = block_source(block, where, ("base64", "url"))
+    if kind == "url":
+        return image_part(source_field(source, "url", where), where, limit)
+    media, data = source_field(source, "media_type", where), source_field(source, "data", where)
+    return image_part(f"data:{media};base64,{data}", where, limit)
+
+
+def anthropic_document(block, where, limit):
+    """A document: text sources inlined like text files; a PDF or other binary source is a 400 naming it."""
+    source, kind = block_source(block, where, ("text", "base64", "content"))
+    name = block.get("title") if isinstance(block.get("title"), str) and block.get("title") else "document"
+    if kind == "content":
+        blocks = content_blocks(source.get("content"), f"{where}.source.content")
+        text = "\n".join(block_text(b, f"{where}.source.content[{n}]") for n, b in enumerate(blocks))
+        return text_file(name, "text/plain", text.encode(), where)
+    media = source.get("media_type") if isinstance(source.get("media_type"), str) else "text/plain"
+    data = source_field(source, "data", where)
+    raw = data.encode() if kind == "text" else decode_base64(data, where, limit)
+    return text_file(name, media, raw, where)
+
+
+def anthropic_part(block, where, limit):
+    """A text, image or document block as an upstream part."""
+    kind = block["type"]
+    if kind == "text":
+        return {"type": "text", "text": block_text(block, where)}
+    if kind == "image":
+        return anthropic_image(block, where, limit)
+    if kind == "document":
+        return anthropic_document(block, where, limit)
+    raise ApiError(400, f"{where} has type '{kind}', which is not supported here (text, image, document, tool_use, "
+                        "tool_result, thinking)", param=where, code="unsupported_content")
+
+
+def anthropic_result(transcript, block, where, limit):
+    """A tool_result block: its text and images, and whether the tool failed."""
+    call_id = block.get("tool_use_id")
+    expect(isinstance(call_id, str), f"{where}.tool_use_id must be a string", f"{where}.tool_use_id", "invalid_type")
+    blocks = content_blocks(block.get("content", ""), f"{where}.content")
+    parts = [anthropic_part(b, f"{where}.content[{n}]", limit) for n, b in enumerate(blocks)]
+    transcript.tool_result(call_id, parts, failed=block.get("is_error") is True)
+
+
+def anthropic_user(transcript, blocks, where, limit):
+    """A user turn: each tool result on its own, then the rest (text, images, documents) as one message."""
+    parts = []
+    for number, block in enumerate(blocks):
+        place = f"{where}[{number}]"
+        if block["type"] == "tool_result":
+            anthropic_result(transcript, block, place, limit)
+        elif block["type"] not in ("thinking", "redacted_thinking"):
+            parts.append(anthropic_part(block, place, limit))
+    if parts:
+        transcript.add("user", parts)
+
+
+def anthropic_assistant(transcript, blocks, where):
+    """An assistant turn: its text and tool_use blocks; thinking blocks are not sent back upstream."""
+    texts, calls = [], []
+    for number, block in enumerate(blocks):
+        place, kind = f"{where}[{number}]", block["type"]
+        if kind == "text":
+            texts.append(block_text(block, place))
+        elif kind == "tool_use":
+            expect(isinstance(block.get("id"), str) and isinstance(block.get("name"), str)
+                   and isinstance(block.get("input", {}), dict), f"{place}: a tool_use block needs a string id "
+                   "and name and an object input", place, "invalid_type")
+            calls.append((block["id"], block["name"], block.get("input", {})))
+        else:
+            expect(kind in ("thinking", "redacted_thinking"), f"{place} has type '{kind}'; assistant turns hold "
+                   "text, tool_use and thinking blocks", place, "unsupported_content")
+    transcript.assistant("\n".join(texts), calls)
+
+
+def anthropic_system(system):
+    """The system prompt, a string or text blocks (cache_control and Claude Code's billing header left out)."""
+    if system is None or isinstance(system, str):
+        return system
+    blocks = content_blocks(system, "system")
+    texts = [block_text(block, f"system[{n}]") for n, block in enumerate(blocks)]
+    return "\n".join(text for text in texts if not text.startswith(BILLING_HEADER))
+
+
+def anthropic_transcript(body, limit):
+    transcript = Transcript()
+    system = anthropic_system(body.get("system"))
+    if system:
+        transcript.add("system", system)
+    messages = body.get("messages")
+    expect(isinstance(messages, list) and messages, "'messages' must be a non-empty list", "messages", "invalid_type")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        expect(isinstance(message, dict) and message.get("role") in ("user", "assistant", "system"),
+               f"{where} must be an object whose role is user, assistant or system", f"{where}.role")
+        blocks = content_blocks(message.get("content"), f"{where}.content")
+        if message["role"] == "assistant":
+            anthropic_assistant(transcript, blocks, f"{where}.content")
+        elif message["role"] == "user":
+            anthropic_user(transcript, blocks, f"{where}.content", limit)
+        else:  # Claude Code's mid-conversation system messages
+            transcript.add("system", "\n".join(block_text(b, f"{where}.content[{n}]") for n, b in enumerate(blocks)))
+    return transcript
+
+
+def anthropic_tools(body, enabled):
+    """(ToolPlan or None, the types of tools left out): tools with a `type` other than custom are server tools
+    (web search) or Anthropic-defined ones the model cannot be told of; they are left out, never refused."""
+    tools, choice = body.get("tools"), object_field(body, "tool_choice")
+    if tools is None:
+        return None, []
+    expect(isinstance(tools, list) and all(isinstance(t, dict) for t in tools), "'tools' must be a list of objects",
+           "tools", "invalid_type")
+    checked, left_out = [], []
+    for index, tool in enumerate(tools):
+        if tool.get("type", "custom") != "custom":
+            left_out.append(str(tool.get("type")))
+            continue
+        checked.append(check_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"),
+                                  f"tools[{index}]", "input_schema"))
+    kind = one_of_field(choice, "type", ("auto", "any", "tool", "none"), "auto", "tool_choice.type")
+    if kind == "tool":
+        expect(isinstance(choice.get("name"), str), "tool_choice.name must name a tool", "tool_choice.name")
+    named = {"any": "required", "tool": choice.get("name")}.get(kind, kind)
+    return tool_plan(checked, named, enabled, "tool_choice.name"), left_out
+
+
+def anthropic_thinking(body):
+    """(thinking on, its text shown, the effort it asks for or None) from `thinking` and `output_config`."""
+    thinking = object_field(body, "thinking")
+    kind = one_of_field(thinking, "type", ("enabled", "adaptive", "disabled"), "disabled", "thinking.type")
+    display = thinking.get("display")
+    expect(display is None or isinstance(display, str), "thinking.display must be a string", "thinking.display",
+           "invalid_type")
+    effort = None
+    if kind == "enabled":
+        budget = integer_field(thinking, "budget_tokens", 1, "thinking.budget_tokens")
+        if budget is not None:
+            effort = next((name for bound, name in THINKING_BUDGET_EFFORTS if budget < bound), "high")
+    config = object_field(body, "output_config")
+    asked = one_of_field(config, "effort", tuple(ANTHROPIC_EFFORTS), None, "output_config.effort")
+    return kind != "disabled", display != "omitted", ANTHROPIC_EFFORTS[asked] if asked else effort
+
+
+def mapped_model(model_map, asked):
+    """The model ANTHROPIC_MODEL_MAP names for a claude- id: an exact name, else the longest matching prefix*."""
+    if asked in model_map:
+        return model_map[asked]
+    prefixes = [name for name in model_map if name.endswith("*") and asked.startswith(name[:-1])]
+    return model_map[max(prefixes, key=len)] if prefixes else None
+
+
+def anthropic_model(asked, settings, models):
+    """(upstream model, show reasoning): claude- ids through ANTHROPIC_MODEL_MAP, else the default model; any
+    other id as on chat completions."""
+    if asked.startswith("claude-"):
+        target = mapped_model(settings.anthropic_model_map, asked)
+        if target is None:
+            return models.default, True
+        asked = target
+    return models.resolve(asked)
+
+
+def parse_messages_request(body, settings, models, counting=False):
+    """Checks a Messages request (or a count_tokens one, which needs no max_tokens) and translates it. Returns
+    the CoreRequest, whether thinking text is shown, and the types of tools left out."""
+    model = requested_model(body)
+    upstream_model, show_reasoning = anthropic_model(model, settings, models)
+    thinking, show_text, effort = anthropic_thinking(body)
+    max_tokens = integer_field(body, "max_tokens", 1)
+    expect(counting or max_tokens is not None, "'max_tokens' is required", "max_tokens", "missing")
+    stream = body.get("stream", False)
+    expect(isinstance(stream, bool), "'stream' must be true or false", "stream", "invalid_type")
+    stop = body.get("stop_sequences")
+    expect(stop is None or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
+           "'stop_sequences' must be a list of strings", "stop_sequences", "invalid_type")
+    params = sampling(number_field(body, "temperature", 0, 1), number_field(body, "top_p", 0, 1), max_tokens, stop)
+    tools, left_out = anthropic_tools(body, settings.tool_support)
+    turns = anthropic_transcript(body, int(settings.max_file_mb * MB)).finish()
+    effort = effort or default_effort(settings, show_reasoning)
+    core = CoreRequest(model, upstream_model, turns, params, effort, stream, show_reasoning and thinking, tools)
+    return core, show_text, left_out
+
+
+def anthropic_usage(usage):
+    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+def thinking_signature():
+    """The opaque signature of a thinking block: clients that send blocks back need one, and it signs nothing."""
+    return "k2proxy-" + secrets.token_urlsafe(32)
+
+
+class MessageEvents:
+    """Core events as Anthropic's stream: message_start, then each block's content_block_start, deltas and
+    content_block_stop (a thinking block ends with its signature), then message_delta and message_stop."""
+
+    def __init__(self, core, show_thinking_text):
+        self.core = core
+        self.show_thinking_text = show_thinking_text
+        self.id = "msg_" + uuid.uuid4().hex[:24]
+        self.block = None  # the type of the open block
+        self.index = -1
+
+    def opening(self):
+        message = {"id": self.id, "type": "message", "role": "assistant", "model": self.core.model, "content": [],
+                   "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": self.core.prompt_tokens, "output_tokens": 0}}
+        return sse_event("message_start", {"type": "message_start", "message": message}) + self.heartbeat()
+
+    def heartbeat(self):
+        return sse_event("ping", {"type": "ping"})
+
+    def render(self, events):
+        return b"".join(self._render(event) for event in events)
+
+    def _render(self, event):
+        if isinstance(event, Reasoning):
+            opened = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+            return opened + (self._text_delta(b"thinking_delta", b"thinking", event.text)
+                             if self.show_thinking_text else b"")
+        if isinstance(event, Text):
+            return self._open("text", {"type": "text", "text": ""}) + self._text_delta(b"text_delta", b"text",
+                                                                                      event.text)
+        if isinstance(event, ToolCallStart):
+            return self._close() + self._open("tool_use", {"type": "tool_use", "id": "toolu_" + event.id,
+                                                           "name": event.name, "input": {}})
+        if isinstance(event, ToolArguments):
+            return self._delta({"type": "input_json_delta", "partial_json": event.text})
+        if isinstance(event, Finish):
+            delta = {"type": "message_delta", "usage": anthropic_usage(event.usage),
+                     "delta": {"stop_reason": ANTHROPIC_STOP_REASONS[event.reason], "stop_sequence": None}}
+            return self._close() + sse_event("message_delta", delta) + sse_event("message_stop",
+                                                                                  {"type": "message_stop"})
+        return sse_event("error", anthropic_error_body(event.error))
+
+    def _open(self, kind, block):
+        if self.block == kind and kind != "tool_use":
+            return b""
+        closed = self._close()
+        self.block, self.index = kind, self.index + 1
+        return closed + sse_event("content_block_start", {"type": "content_block_start", "index": self.index,
+                                                          "content_block": block})
+
+    def _delta(self, delta):
+        return sse_event("content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta})
+
+    def _text_delta(self, kind, field, text):
+        """The event a stream sends for nearly every frame, its fixed parts written as they are."""
+        return (b'event: content_block_delta\ndata: {"type": "content_block_delta", "index": %d, "delta": '
+                b'{"type": "%s", "%s": ' % (self.index, kind, field) + json_text(text).encode() + b"}}\n\n")
+
+    def _close(self):
+        if self.block is None:
+            return b""
+        signed = b""
+        if self.block == "thinking":
+            signed = self._delta({"type": "signature_delta", "signature": thinking_signature()})
+        self.block = None
+        return signed + sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
+
+
+def anthropic_message(core, answer, show_thinking_text):
+    """One Messages answer for a whole Answer."""
+    content = []
+    if answer.reasoning:
+        content.append({"type": "thinking", "thinking": answer.reasoning if show_thinking_text else "",
+                        "signature": thinking_signature()})
+    text = answer.text.strip() if answer.calls else answer.text  # what led up to a call, without its blank end
+    if text:
+        content.append({"type": "text", "text": text})
+    content += [{"type": "tool_use", "id": "toolu_" + call_id, "name": name, "input": json.loads(arguments)}
+                for call_id, name, arguments in answer.calls]
+    return {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant", "model": core.model,
+            "content": content, "stop_reason": ANTHROPIC_STOP_REASONS[answer.finish.reason], "stop_sequence": None,
+            "usage": anthropic_usage(answer.finish.usage)}
+
+
+def message_asked(body, state):
+    core, show_text, left_out = parse_messages_request(body, state.settings, state.models)
+    state.note_left_out_tools(left_out)
+    return Asked(core, lambda: MessageEvents(core, show_text), lambda answer: anthropic_message(core, answer,
+                                                                                                 show_text))
+
+
+ANTHROPIC = Dialect("anthropic", anthropic_error_response, message_asked)
+
+
+async def count_message_tokens(request):
+    """What /v1/messages would send upstream, counted here with the usage estimate; upstream is not asked."""
+    state = request.app[STATE]
+    core, _, _ = parse_messages_request(await read_request(request), state.settings, state.models, counting=True)
+    return web.json_response({"input_tokens": core.prompt_tokens})
+
+
+# ─── Dialect: OpenAI Responses ───────────────────────────────────────────────
+# POST /v1/responses, and GET and DELETE /v1/responses/{id}, for Codex CLI and
+# the newer OpenAI SDK clients: input items become a CoreRequest; core events
+# become output items (reasoning summary, message, function calls) streamed
+# as response.* events with sequence numbers, or one response object; stored
+# responses carry conversations on by previous_response_id; errors are in
+# OpenAI's shape.
+
+RESPONSE_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                    "xhigh": "high"}  # OpenAI's → the site's
+SUMMARIES = ("auto", "concise", "detailed")
+INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+SKIPPED_ITEMS = frozenset((  # items of history that say nothing the model could use: reasoning, built-in tools
+    "reasoning", "web_search_call", "file_search_call", "computer_call", "computer_call_output",
+    "image_generation_call", "code_interpreter_call", "local_shell_call", "local_shell_call_output",
+    "mcp_list_tools", "mcp_call", "mcp_approval_request", "mcp_approval_response", "item_reference"))
+ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "previous_response_id", "store",
+          "temperature", "text", "tool_choice", "tools", "top_p", "truncation", "user")  # a response repeats these
+ECHO_DEFAULTS = {"parallel_tool_calls": True, "store": True, "text": {"format": {"type": "text"}},
+                 "tool_choice": "auto", "tools": [], "truncation": "disabled", "metadata": {}}
+
+
+def response_part(part, where, limit):
+    """One part of a message item's content as an upstream part."""
+    expect(isinstance(part, dict) and isinstance(part.get("type"), str), f"{where} must be an object with a 'type'",
+           where, "invalid_type")
+    kind = part["type"]
+    if kind in ("input_text", "output_text", "text", "summary_text"):
+        expect(isinstance(part.get("text"), str), f"{where}.text must be a string", where, "invalid_type")
+        return {"type": "text", "text": part["text"]}
+    if kind == "refusal":
+        return {"type": "text", "text": str(part.get("refusal", ""))}
+    if kind == "input_image":
+        url = part.get("image_url")
+        expect(isinstance(url, str) and url, f"{where}.image_url must be an image's URL or data: URL (file ids cannot "
+               "be fetched through this proxy)", where, "invalid_type")
+        return image_part(url, where, limit)
+    if kind == "input_file":
+        data, name = part.get("file_data"), part.get("filename")
+        expect(isinstance(data, str) and data, f"{where}.file_data is missing: send the file itself (file ids and "
+               "URLs cannot be fetched through this proxy)", where, "invalid_type")
+        return text_file(name if isinstance(name, str) and name else "file", *decode_data(data, where, limit), where)
+    raise ApiError(400, f"{where} has type '{kind}', which is not supported (input_text, input_image, input_file, "
+                        "output_text)", param=where, code="unsupported_content")
+
+
+def response_parts(content, where, limit):
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    expect(isinstance(content, list), f"{where} must be a string or a list of parts", where, "invalid_type")
+    return [response_part(part, f"{where}[{number}]", limit) for number, part in enumerate(content)]
+
+
+class TurnBuilder:
+    """Builds a Transcript from Responses items: an assistant message and the calls after it are one turn."""
+
+    def __init__(self, limit):
+        self.transcript = Transcript()
+        self.limit = limit
+        self.texts, self.calls = [], []
+
+    def add(self, item, where):
+        kind = item.get("type", "message")
+        expect(isinstance(kind, str), f"{where}.type must be a string", f"{where}.type", "invalid_type")
+        if kind in ("function_call", "custom_tool_call"):
+            self.calls.append(self._call(item, where))
+            return
+        if kind == "message" and item.get("role") == "assistant":
+            self.texts.append(text_of(response_parts(item.get("content"), f"{where}.content", self.limit)))
+            return
+        self._end_turn()
+        if kind in ("function_call_output", "custom_tool_call_output"):
+            self._result(item, where)
+        elif kind == "message":
+            role = item.get("role")
+            expect(role in ("user", "system", "developer"), f"{where}.role must be user, assistant, system or "
+                   "developer", f"{where}.role")
+            parts = response_parts(item.get("content"), f"{where}.content", self.limit)
+            self.transcript.add("user" if role == "user" else "system", parts)
+        else:
+            expect(kind in SKIPPED_ITEMS, f"{where} has type '{kind}', which is not supported", f"{where}.type")
+
+    def finish(self):
+        self._end_turn()
+        return self.transcript.finish()
+
+    def _call(self, item, where):
+        call_id, name = item.get("call_id"), item.get("name")
+        arguments = item.get("arguments") if item.get("type") == "function_call" else {"input": item.get("input")}
+        expect(isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, (str, dict)),
+               f"{where} must have a string call_id and name and its arguments", where, "invalid_type")
+        return call_id, name, arguments
+
+    def _result(self, item, where):
+        call_id, output = item.get("call_id"), item.get("output", "")
+        expect(isinstance(call_id, str), f"{where}.call_id must be a string", f"{where}.call_id", "invalid_type")
+        parts = response_parts(output, f"{where}.output", self.limit)
+        self.transcript.tool_result(call_id, parts)
+
+    def _end_turn(self):
+        if self.texts or self.calls:
+            self.transcript.assistant("\n".join(self.texts), self.calls)
+            self.texts, self.calls = [], []
+
+
+def response_tools(body, enabled):
+    """(ToolPlan or None, function name → its namespace, built-in tool types left out). Namespaces are flattened
+    into their functions; built-in tools (web search, …) are left out, never refused: Codex always sends some."""
+    tools, choice = body.get("tools") or [], body.get("tool_choice", "auto")
+    expect(isinstance(tools, list) and all(isinstance(t, dict) for t in tools), "'tools' must be a list of objects",
+           "tools", "invalid_type")
+    checked, namespaces, left_out = [], {}, []
+    for index, tool in enumerate(tools):
+        kind = tool.get("type")
+        inner = tool.get("tools") if kind == "namespace" else [tool] if kind == "function" else None
+        if inner is None:
+            left_out.append(str(kind))
+            continue
+        expect(isinstance(inner, list) and all(isinstance(t, dict) for t in inner), f"tools[{index}].tools must be a "
+               "list of functions", f"tools[{index}].tools", "invalid_type")
+        for number, function in enumerate(inner):
+            where = f"tools[{index}]" + (f".tools[{number}]" if kind == "namespace" else "")
+            checked.append(check_tool(function.get("name"), function.get("description"), function.get("parameters"),
+                                      where))
+            if kind == "namespace":
+                namespaces[function["name"]] = tool.get("name")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = choice.get("name")
+    expect(isinstance(choice, str), "tool_choice must be \"auto\", \"none\", \"required\" or "
+           "{\"type\": \"function\", \"name\": ...}", "tool_choice")
+    return tool_plan(checked, choice, enabled), namespaces, left_out
+
+
+def response_history(body, store):
+    """The items of the conversation so far, this request's input last; previous_response_id must be kept."""
+    items = body.get("input")
+    items = [{"type": "message", "role": "user", "content": items}] if isinstance(items, str) else items
+    expect(isinstance(items, list) and all(isinstance(item, dict) for item in items), "'input' must be a string or "
+           "a list of items", "input", "invalid_type")
+    previous = body.get("previous_response_id")
+    if previous is None:
+        return items
+    expect(isinstance(previous, str), "'previous_response_id' must be a string", "previous_response_id",
+           "invalid_type")
+    kept = store.get(previous)
+    if kept is None:
+        raise store.missing(previous, "previous_response_id")
+    return kept.history + items
+
+
+@dataclass(frozen=True)
+class ResponsesAsked:
+    """What a Responses request asked for beyond the core request: whether the response is kept, the history it
+    continues, which namespace each function belongs to, and the fields the response object repeats."""
+    store: bool
+    history: list
+    namespaces: dict
+    echo: dict
+
+
+def parse_responses_request(body, settings, models, store):
+    """Checks a Responses request and translates it; every problem is a 400 naming the field (a 404 for an unknown
+    previous_response_id). Returns the CoreRequest, what else was asked, and the built-in tool types left out."""
+    model = requested_model(body)
+    upstream_model, show_reasoning = models.resolve(model)
+    stream, stored = body.get("stream", False), body.get("store", True)
+    expect(isinstance(stream, bool) and isinstance(stored, bool), "'stream' and 'store' must be true or false",
+           "stream" if not isinstance(stream, bool) else "store", "invalid_type")
+    reasoning = object_field(body, "reasoning")
+    effort = one_of_field(reasoning, "effort", tuple(RESPONSE_EFFORTS), None, "reasoning.effort")
+    summary = one_of_field(reasoning, "summary", SUMMARIES, None, "reasoning.summary")
+    instructions = body.get("instructions")
+    expect(instructions is None or isinstance(instructions, str), "'instructions' must be a string",
+           "instructions", "invalid_type")
+    tools, namespaces, left_out = response_tools(body, settings.tool_support)
+    history = response_history(body, store)
+    turns = TurnBuilder(int(settings.max_file_mb * MB))
+    if instructions:
+        turns.transcript.add("system", instructions)
+    for index, item in enumerate(history):
+        turns.add(item, f"input[{index}]")
+    params = sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
+                      integer_field(body, "max_output_tokens", 1), None)
+    effort = RESPONSE_EFFORTS[effort] if effort else default_effort(settings, show_reasoning)
+    core = CoreRequest(model, upstream_model, turns.finish(), params, effort, stream,
+                       show_reasoning and summary is not None, tools)
+    echo = {**ECHO_DEFAULTS, **{name: body[name] for name in ECHOED if body.get(name) is not None},
+            "reasoning": {"effort": reasoning.get("effort"), "summary": summary}}
+    return core, ResponsesAsked(stored, history, namespaces, echo), left_out
+
+
+def output_text_part(text):
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def reasoning_item(item_id, text, status):
+    return {"type": "reasoning", "id": item_id, "status": status,
+            "summary": [] if text is None else [{"type": "summary_text", "text": text}]}
+
+
+def message_item(item_id, text, status):
+    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
+            "content": [] if text is None else [output_text_part(text)]}
+
+
+def function_call_item(item_id, call_id, name, arguments, status, namespace):
+    item = {"type": "function_call", "id": item_id, "call_id": call_id, "name": name, "arguments": arguments,
+            "status": status}
+    return {**item, "namespace": namespace} if namespace else item
+
+
+def responses_usage(usage):
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}, "total_tokens": usage.total_tokens}
+
+
+class ResponseBuilder:
+    """One response's id and fields, and its finished form once the completion ends, kept in the store when the
+    request asked for it."""
+
+    def __init__(self, core, asked, store):
+        self.core = core
+        self.asked = asked
+        self.store = store
+        self.id = "resp_" + uuid.uuid4().hex
+        self.created = int(time.time())
+
+    def response(self, status, output, usage=None, error=None, incomplete=None):
+        return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
+                "incomplete_details": incomplete, "model": self.core.model, "output": output,
+                "usage": responses_usage(usage) if usage else None, **self.asked.echo}
+
+    def finished(self, output, finish):
+        """The response of a completion that ended: completed, or incomplete (the answer was cut short)."""
+        cut = INCOMPLETE_REASONS.get(finish.reason)
+        final = self.response("incomplete" if cut else "completed", output, finish.usage,
+                              incomplete={"reason": cut} if cut else None)
+        if self.asked.store:
+            self.store.put(final, self.asked.history + output)
+        return final
+
+    def failed(self, error):
+        code = "rate_limit_exceeded" if error.status == 429 else error.code or "server_error"
+        return self.response("failed", [], error={"code": code, "message": error.message})
+
+    def call(self, call_id, name, arguments, status):
+        return function_call_item("fc_" + call_id, "call_" + call_id, name, arguments, status,
+                                  self.asked.namespaces.get(name))
+
+
+def response_body(builder, answer):
+    """One response object for a whole Answer."""
+    output = []
+    if answer.reasoning:
+        output.append(reasoning_item("rs_" + uuid.uuid4().hex, answer.reasoning, "completed"))
+    if answer.text or not answer.calls:
+        output.append(message_item("msg_" + uuid.uuid4().hex, answer.text.strip() if answer.calls else answer.text,
+                                   "completed"))
+    output += [builder.call(call_id, name, arguments, "completed") for call_id, name, arguments in answer.calls]
+    return builder.finished(output, answer.finish)
+
+
+class ResponseEvents:
+    """Core events as the Responses stream: response.created and .in_progress, each output item's added, deltas
+    and done events, then response.completed (or .incomplete, or .failed); every event numbered in order."""
+
+    def __init__(self, builder):
+        self.builder = builder
+        self.sequence = 0
+        self.output = []     # the items done so far
+        self.item = None     # the open item
+        self.pieces = []     # the text (or arguments) of the open item so far
+        self.call = None     # (id, name) of the call whose item opens next
+
+    def opening(self):
+        started = self.builder.response("in_progress", [])
+        return self._event("response.created", response=started) + self._event("response.in_progress",
+                                                                                response=started)
+
+    def heartbeat(self):
+        return b": keep-alive\n\n"
+
+    def render(self, events):
+        return b"".join(self._render(event) for event in events)
+
+    def _render(self, event):
+        if isinstance(event, Reasoning):
+            return self._open("reasoning") + self._delta(b"response.reasoning_summary_text.delta", b"summary_index",
+                                                         event.text)
+        if isinstance(event, Text):
+            return self._open("message") + self._delta(b"response.output_text.delta", b"content_index", event.text)
+        if isinstance(event, ToolCallStart):
+            self.call = (event.id, event.name)
+            return self._open("function_call")
+        if isinstance(event, ToolArguments):
+            self.pieces.append(event.text)
+            return self._event("response.function_call_arguments.delta", item_id=self.item["id"],
+                               output_index=len(self.output), delta=event.text)
+        if isinstance(event, Finish):
+            closed, final = self._close(), self.builder.finished(self.output, event)
+            kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+            return closed + self._event(kind, response=final)
+        return self._event("response.failed", response=self.builder.failed(event.error))
+
+    def _event(self, kind, **fields):
+        self.sequence += 1
+        return sse_event(kind, {"type": kind, "sequence_number": self.sequence - 1, **fields})
+
+    def _delta(self, kind, index_name, text):
+        """The event a stream sends for nearly every frame, its fixed parts written as they are."""
+        self.pieces.append(text)
+        self.sequence += 1
+        head = (b'event: %s\ndata: {"type": "%s", "sequence_number": %d, "item_id": "%s", "output_index": %d, '
+                b'"%s": 0, "delta": ' % (kind, kind, self.sequence - 1, self.item["id"].encode(), len(self.output),
+                                         index_name))
+        return head + json_text(text).encode() + b"}\n\n"
+
+    def _open(self, kind):
+        if self.item and self.item["type"] == kind and kind != "function_call":
+            return b""
+        closed = self._close()
+        if kind == "reasoning":
+            self.item = reasoning_item("rs_" + uuid.uuid4().hex, None, "in_progress")
+        elif kind == "message":
+            self.item = message_item("msg_" + uuid.uuid4().hex, None, "in_progress")
+        else:
+            self.item = self.builder.call(*self.call, "", "in_progress")
+        added = self._event("response.output_item.added", output_index=len(self.output), item=self.item)
+        return closed + added + self._part("added", "")
+
+    def _part(self, stage, text):
+        """The added or done event of the open item's one part (its text, or its reasoning summary)."""
+        place = {"item_id": self.item["id"], "output_index": len(self.output)}
+        if self.item["type"] == "message":
+            return self._event(f"response.content_part.{stage}", **place, content_index=0, part=output_text_part(text))
+        if self.item["type"] == "reasoning":
+            return self._event(f"response.reasoning_summary_part.{stage}", **place, summary_index=0,
+                               part={"type": "summary_text", "text": text})
+        return b""
+
+    def _close(self):
+        if self.item is None:
+            return b""
+        text, kind, place = "".join(self.pieces), self.item["type"], {"item_id": self.item["id"],
+                                                                      "output_index": len(self.output)}
+        if kind == "message":
+            ended = self._event("response.output_text.done", **place, content_index=0, text=text, logprobs=[])
+            done = message_item(self.item["id"], text, "completed")
+        elif kind == "reasoning":
+            ended = self._event("response.reasoning_summary_text.done", **place, summary_index=0, text=text)
+            done = reasoning_item(self.item["id"], text, "completed")
+        else:
+            ended = self._event("response.function_call_arguments.done", **place, arguments=text)
+            done = {**self.item, "arguments": text, "status": "completed"}
+        ended += self._part("done", text)
+        ended += self._event("response.output_item.done", output_index=len(self.output), item=done)
+        self.output.append(done)
+        self.item, self.pieces = None, []
+        return ended
+
+
+def response_asked(body, state):
+    core, asked, left_out = parse_responses_request(body, state.settings, state.models, state.responses)
+    state.note_left_out_tools(left_out)
+    builder = ResponseBuilder(core, asked, state.responses)
+    return Asked(core, lambda: ResponseEvents(builder), lambda answer: response_body(builder, answer))
+
+
+RESPONSES = Dialect("responses", openai_error_response, response_asked)
+
+
+async def get_response(request):
+    store = request.app[STATE].responses
+    kept = store.get(request.match_info["id"])
+    if kept is None:
+        raise store.missing(request.match_info["id"])
+    return web.json_response(kept.response, dumps=json_text)
+
+
+async def delete_response(request):
+    store, response_id = request.app[STATE].responses, request.match_info["id"]
+    if not store.delete(response_id):
+        raise store.missing(response_id)
+    return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
 
 # ─── Admin API ───────────────────────────────────────────────────────────────
@@ -4498,29 +4778,29 @@ async def admin_page(request):
 
 async def admin_status(request):
     state = request.app[STATE]
-    upstream = state.upstream
+    site = state.site
     return web.json_response({
-        "mode": upstream.mode, "upstream_url": upstream.url, "tokens_file": str(upstream.pool.file.path),
-        "counts": upstream.pool.counts(), "version": __version__, "uptime_s": int(time.time()) - state.started,
+        "mode": site.mode, "upstream_url": site.url, "tokens_file": str(site.pool.file.path),
+        "counts": site.pool.counts(), "version": __version__, "uptime_s": int(time.time()) - state.started,
         "models": {"ids": state.models.ids, "source": state.models.source},
         "accounts": state.accounts.stats(), "stats": state.monitor.summary(),
         "settings": state.settings.public()})
 
 
 async def admin_token_stats(request):
-    pool = request.app[STATE].upstream.pool
-    return web.json_response({"mode": pool.mode, "tokens": pool.stats()})
+    pool = request.app[STATE].site.pool
+    return web.json_response({"mode": pool.name, "tokens": pool.stats()})
 
 
 async def admin_reset_token(request):
-    pool = request.app[STATE].upstream.pool
+    pool = request.app[STATE].site.pool
     index = request.match_info["index"]
-    expect(WHOLE_NUMBER.fullmatch(index) and int(index) < len(pool.tokens),
-            f"No token {index}: indexes go from 0 to {len(pool.tokens) - 1}" if pool.tokens
-           else f"No token {index}: the {pool.mode} pool is empty", "index")
-    token = pool.tokens[int(index)]
+    expect(WHOLE_NUMBER.fullmatch(index) and int(index) < len(pool.credentials),
+           f"No token {index}: indexes go from 0 to {len(pool.credentials) - 1}" if pool.credentials
+           else f"No token {index}: the {pool.name} pool is empty", "index")
+    token = pool.credentials[int(index)]
     pool.reset(token)
-    if token.status(pool.clock()) == "expired":
+    if pool.state(token, pool.clock()) is CredentialState.EXPIRED:
         expired = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(token.expires_at))
         return ok(f"Token {index} reset, but it stays expired: its JWT expired at {expired}; replace it in the "
                   "file (or let its account sign in again)")
@@ -4528,26 +4808,26 @@ async def admin_reset_token(request):
 
 
 async def admin_reset_all(request):
-    pool = request.app[STATE].upstream.pool
-    for token in pool.tokens:
+    pool = request.app[STATE].site.pool
+    for token in pool.credentials:
         pool.reset(token)
     expired = pool.counts()["expired"]
     stays = f"; {expired} stay expired (their JWTs have expired): replace them in the file" if expired else ""
-    return ok(f"All {len(pool.tokens)} tokens reset{stays}")
+    return ok(f"All {len(pool.credentials)} tokens reset{stays}")
 
 
 async def admin_reload(request):
-    pool = request.app[STATE].upstream.pool
+    pool = request.app[STATE].site.pool
     await pool.reload(force=True)
-    return ok(f"Reloaded {len(pool.tokens)} tokens from {pool.file.path.name}", counts=pool.counts())
+    return ok(f"Reloaded {len(pool.credentials)} tokens from {pool.file.path.name}", counts=pool.counts())
 
 
 async def admin_token_content(request):
-    pool = request.app[STATE].upstream.pool
+    pool = request.app[STATE].site.pool
     text, _ = await asyncio.to_thread(pool.file.read)
     if text is None:
         raise ApiError(409, f"{pool.file.path.name} cannot be read; see the proxy's log", code="token_file_unreadable")
-    return web.json_response({"mode": pool.mode, "file": str(pool.file.path), "content": text,
+    return web.json_response({"mode": pool.name, "file": str(pool.file.path), "content": text,
                               "tokens": parse_tokens_file(text), "version": file_version(text)})
 
 
@@ -4571,7 +4851,7 @@ async def save_unless_changed(state, file, body, new_content, save):
 
 async def admin_update_tokens(request):
     state = request.app[STATE]
-    pool = state.upstream.pool
+    pool = state.site.pool
     body = await read_json(request)
     expect(isinstance(body, dict) and ("tokens" in body or "content" in body),
            "Send {\"tokens\": [...]} or {\"content\": \"...\"}", None, "invalid_type")
@@ -4586,7 +4866,7 @@ async def admin_update_tokens(request):
         return file_text(parse_tokens_file("\n".join(tokens)), current) if "tokens" in body else content
 
     content = await save_unless_changed(state, pool.file, body, new_content, pool.save)
-    return ok(f"Saved {len(pool.tokens)} tokens to {pool.file.path.name}", counts=pool.counts(),
+    return ok(f"Saved {len(pool.credentials)} tokens to {pool.file.path.name}", counts=pool.counts(),
               version=file_version(content), warnings=not_jwt_warnings(content))
 
 
@@ -4603,7 +4883,7 @@ async def admin_check(request):
     """Runs the upstream check (or waits for the one under way) and answers its report."""
     state = request.app[STATE]
     if state.check_run is None or state.check_run.done():
-        state.check_run = asyncio.ensure_future(check_upstream(state.settings, state.upstream))
+        state.check_run = asyncio.ensure_future(check_upstream(state.settings, state.site))
     return web.json_response(await asyncio.shield(state.check_run), dumps=json_text)
 
 
@@ -4623,7 +4903,7 @@ async def admin_history(request):
 
 async def metrics(request):
     state = request.app[STATE]
-    return web.Response(text=metrics_text(state.monitor, state.upstream.pool, state.accounts.results),
+    return web.Response(text=metrics_text(state.monitor, state.site.pool, state.accounts.results),
                         content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
@@ -4669,266 +4949,23 @@ async def admin_accounts(request):
 
 
 async def admin_switch_mode(request):
-    upstream = request.app[STATE].upstream
+    site = request.app[STATE].site
     body = await read_json(request)
     mode = body.get("mode") if isinstance(body, dict) else None
     expect(mode in ("guest", "user"), "'mode' must be \"guest\" or \"user\"", "mode")
-    upstream.mode = mode
-    await upstream.pool.reload()
+    site.mode = mode
+    await site.pool.reload()
     if mode == "user":
         await request.app[STATE].models.refresh()
-    log.info("switched to %s mode (%s)", mode, upstream.url)
-    return ok(f"Switched to {mode} mode", mode=mode, upstream_url=upstream.url)
+    log.info("switched to %s mode (%s)", mode, site.url)
+    return ok(f"Switched to {mode} mode", mode=mode, upstream_url=site.url)
 
 
-# ─── App factory and main ────────────────────────────────────────────────────
-# The routes, each with the dialect its errors are shaped in; the middlewares
-# (keys, errors, the request's record and log line, CORS); make_app(settings)
-# for main() and the tests; main(), which only parses arguments and runs it.
-
-
-class AppState:
-    """Everything a running proxy keeps: settings, the upstream side, models, accounts, keys, the monitor."""
-
-    def __init__(self, settings):
-        self.settings = settings
-        self.upstream = Upstream(settings)
-        self.models = Models(settings, self.upstream)
-        self.accounts = Accounts(settings, self.upstream, on_sign_in=self.models.token_arrived)
-        self.monitor = Monitor(settings)
-        self.keys = ApiKeys(settings)
-        self.budget = MemoryBudget(settings.memory_budget_mb)
-        self.started = int(time.time())
-        self.admin_page = None  # (body, headers), read at start-up by the admin section
-        self.save_lock = asyncio.Lock()
-        self.tasks = []
-        self.tools_left_out = set()
-        self.check_run = None  # the upstream check under way, which a second asker waits for
-
-    def note_left_out_tools(self, kinds):
-        """Logs, once per kind, the tools a client sent that the model cannot be told of (server tools)."""
-        for kind in set(kinds) - self.tools_left_out:
-            self.tools_left_out.add(kind)
-            log.info("tools of type %s are left out of the prompt: the site cannot run them", kind)
-
-    async def start(self):
-        """Opens the upstream session and starts the background work."""
-        await self.upstream.start()
-        await self.keys.reload()
-        self.tasks = [asyncio.ensure_future(job) for job in (self.upstream.watch_tokens(), self.accounts.run(),
-                                                             self.models.run(), self.keys.watch())]
-
-    async def stop(self):
-        """Stops the background work first, so that nothing starts an upstream request once the session closes."""
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-        await self.upstream.stop()
-
-
-STATE = web.AppKey("state", AppState)
-
-
-async def index(request):
-    state = request.app[STATE]
-    return web.json_response({"name": "k2proxy", "version": __version__,
-                              "description": "K2 Horizon behind the OpenAI and Anthropic APIs",
-                              "endpoints": [f"{route.method} {route.path}" for route in ROUTES if route.listed]
-                              + [f"GET {state.settings.admin_page_path}"]})
-
-
-async def health(request):
-    """ok (200) when a request could be served now; degraded (503, for load balancers and Docker) when not."""
-    state = request.app[STATE]
-    pool = state.upstream.pool
-    problem = pool.ready()
-    body = {"status": "degraded" if problem else "ok", "version": __version__, "mode": state.upstream.mode,
-            "tokens": pool.counts()}
-    if problem:
-        body["reason"] = problem.message
-    return web.json_response(body, status=503 if problem else 200)
-
-
-@dataclass(frozen=True)
-class Route:
-    method: str
-    path: str
-    handler: object
-    dialect: Dialect = OPENAI
-    completion: bool = False  # counts in the request figures
-    listed: bool = True       # named by GET /
-
-
-ROUTES = (
-    Route("GET", "/", index, listed=False),
-    Route("GET", "/health", health),
-    Route("POST", "/v1/chat/completions", chat_completions, completion=True),
-    Route("POST", "/v1/messages", messages, ANTHROPIC, completion=True),
-    Route("POST", "/v1/messages/count_tokens", count_message_tokens, ANTHROPIC),
-    Route("POST", "/v1/responses", create_response, RESPONSES, completion=True),
-    Route("GET", "/v1/responses/{id}", get_response, RESPONSES, listed=False),
-    Route("DELETE", "/v1/responses/{id}", delete_response, RESPONSES, listed=False),
-    Route("GET", "/v1/models", list_models),
-    Route("GET", "/v1/models/{model:.+}", get_model, listed=False),
-    Route("GET", "/admin/status", admin_status, listed=False),
-    Route("GET", "/admin/tokens/stats", admin_token_stats, listed=False),
-    Route("GET", "/admin/tokens/content", admin_token_content, listed=False),
-    Route("POST", "/admin/tokens/reset-all", admin_reset_all, listed=False),
-    Route("POST", "/admin/tokens/reset/{index}", admin_reset_token, listed=False),
-    Route("POST", "/admin/tokens/reload", admin_reload, listed=False),
-    Route("POST", "/admin/tokens/update", admin_update_tokens, listed=False),
-    Route("POST", "/admin/switch_mode", admin_switch_mode, listed=False),
-    Route("GET", "/admin/accounts", admin_accounts, listed=False),
-    Route("POST", "/admin/check", admin_check, listed=False),
-    Route("GET", "/admin/requests", admin_requests, listed=False),
-    Route("GET", "/admin/history", admin_history, listed=False),
-    Route("GET", "/admin/keys", admin_keys, listed=False),
-    Route("POST", "/admin/keys/update", admin_update_keys, listed=False),
-    Route("GET", "/metrics", metrics),
-)
-ROUTE_OF = web.AppKey("route_of", dict)  # handler → its Route, for the middlewares
-UNROUTED = Route("", "", None)  # an unknown path or method
-UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC), "/v1/responses": Route("", "", None, RESPONSES)}  # … under a path whose clients read another dialect
-
-
-def route_of(request):
-    """The route a request came by; for an unknown path or method, one whose errors its family's clients read."""
-    route = request.app[ROUTE_OF].get(request.match_info.handler)
-    if route:
-        return route
-    return next((r for prefix, r in UNROUTED_FAMILIES.items() if request.path.startswith(prefix)), UNROUTED)
-
-
-def bearer(request):
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    return value.strip() if scheme.lower() == "bearer" else ""
-
-
-def api_key(request):
-    """The key a client sent: as a Bearer token, or in x-api-key as Anthropic's clients send it."""
-    return bearer(request) or request.headers.get("x-api-key", "").strip()
-
-
-HTTP_ERROR_MESSAGES = {404: "Unknown route: {method} {path}", 405: "Method {method} is not allowed on {path}"}
-
-
-@web.middleware
-async def handle_errors(request, handler):
-    """Opens the request's record, answers every failure in its route's dialect, and logs one line per request."""
-    state = request.app[STATE]
-    route = route_of(request)
-    record = request[RECORD] = RequestRecord(request.method, request.path, route.dialect.name, route.completion,
-                                             time.monotonic(), route=route.path)
-    state.monitor.begin(record)
-    try:
-        response = await handler(request)
-    except ApiError as error:
-        response = route.dialect.error_response(error)
-        record.reason = record.reason or error.code
-    except web.HTTPException as exc:
-        message = HTTP_ERROR_MESSAGES.get(exc.status, exc.reason).format(method=request.method, path=request.path)
-        record.reason = exc.reason.lower().replace(" ", "_")
-        response = route.dialect.error_response(ApiError(exc.status, message, code=record.reason))
-    except asyncio.CancelledError:
-        record.outcome = CLIENT_GONE
-        finish_record(state, record, CLIENT_GONE_STATUS)
-        raise
-    except Exception:
-        log.exception("internal error on %s %s", request.method, request.path)
-        record.reason = "internal_error"
-        response = route.dialect.error_response(ApiError(500, "Internal error; see the proxy's log",
-                                                         code=record.reason))
-    finish_record(state, record, response.status)
-    return response
-
-
-def finish_record(state, record, status):
-    """The request's share of the figures, its memory budget and its key's limits given back, and its log line;
-    a request whose client left is logged as CLIENT_GONE_STATUS, whatever was sent."""
-    status = CLIENT_GONE_STATUS if record.outcome == CLIENT_GONE else status
-    state.budget.release(record.reserved)
-    record.reserved = 0
-    if record.api_key:
-        state.keys.done(record.api_key)
-        record.api_key = None
-    record.duration = time.monotonic() - record.started
-    state.monitor.end(record, status)
-    first = f"{record.first_content * 1000:.0f}ms" if record.first_content is not None else "-"
-    why = ", ".join(filter(None, (record.outcome, record.reason)))
-    log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", record.method, record.path,
-             record.model or "-", "-" if record.stream is None else str(record.stream).lower(), status,
-             f" ({why})" if why else "", first, record.duration * 1000)
-
-
-@web.middleware
-async def check_keys(request, handler):
-    """API routes need an API key (but for CORS preflights), admin API routes the admin key; the rest is public."""
-    settings = request.app[STATE].settings
-    path = request.path
-    if request.method == "OPTIONS" and path.startswith("/v1/"):
-        return preflight(request)
-    if path.startswith("/v1/"):
-        admit_key(request)
-    elif path == "/metrics":
-        if matching_key(bearer(request), [key for key in (settings.admin_key, settings.metrics_key) if key]) is None:
-            raise ApiError(401, "Invalid or missing key: send Authorization: Bearer <METRICS_KEY> (or the admin key)",
-                           code="invalid_metrics_key")
-    elif path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD")):
-        if matching_key(bearer(request), [settings.admin_key]) is None:
-            raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
-                           code="invalid_admin_key")
-    return await handler(request)
-
-
-def admit_key(request):
-    """Finds the request's API key, and counts a completion against its limits (a 429 when over one)."""
-    state, record = request.app[STATE], request[RECORD]
-    key = state.keys.find(api_key(request))
-    if key is None:
-        raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)",
-                       code="invalid_api_key")
-    record.key = key.name
-    if record.counted:
-        state.keys.admit(key)
-        record.api_key = key
-
-
-def allowed_origin(request, origins):
-    origin = request.headers.get("Origin")
-    if not origin or not request.path.startswith("/v1/"):
-        return None
-    return "*" if "*" in origins else origin if origin in origins else None
-
-
-async def add_cors_headers(request, response):
-    origin = allowed_origin(request, request.app[STATE].settings.cors_origins)
-    if origin:
-        response.headers["Access-Control-Allow-Origin"] = origin
-        if origin != "*":
-            response.headers["Vary"] = "Origin"
-
-
-def preflight(request):
-    """Answers a browser's CORS preflight for any /v1 path, before routing."""
-    if not allowed_origin(request, request.app[STATE].settings.cors_origins):
-        raise ApiError(403, "This origin may not call the API; see CORS_ORIGINS", code="origin_not_allowed")
-    return web.Response(status=204, headers={
-        "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
-                                                            "Authorization, Content-Type"),
-        "Access-Control-Max-Age": "86400"})
-
-
-async def start_up(app):
-    state = app[STATE]
-    state.admin_page = await read_admin_page()
-    await state.start()
-
-
-async def shut_down(app):
-    await app[STATE].stop()
-
+# ─── Server ──────────────────────────────────────────────────────────────────
+# The connection layer under aiohttp's application: a deadline for a new
+# connection's headers, a cap on open connections, malformed HTTP answered
+# without echo, running out of file descriptors logged once a minute, and
+# serve(), which runs an application until SIGINT or SIGTERM.
 
 class ConnectionCount:
     """How many client connections are open, against the cap."""
@@ -5048,7 +5085,7 @@ async def serve(app, settings):
         raise
     listening = " (and on every address of this machine)" if settings.host in ("0.0.0.0", "::", "") else ""
     log.info("k2proxy %s listening on %s%s, %s mode, upstream %s; admin page %s%s", __version__,
-             reachable_url(settings), listening, settings.proxy_mode, app[STATE].upstream.url,
+             reachable_url(settings), listening, settings.proxy_mode, app[STATE].site.url,
              reachable_url(settings), settings.admin_page_path)
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stopping.set)
@@ -5061,6 +5098,195 @@ SHUTDOWN_SECONDS = 5  # what streams in flight get to end, after SIGTERM
 # read_json refuses compressed bodies before anything is unpacked; a body left unread (an unknown key's, one
 # over MAX_REQUEST_MB) is not drained afterwards, as aiohttp would for ten seconds: the connection just ends.
 HANDLER_ARGS = {"auto_decompress": False, "lingering_time": 0}
+
+
+# ─── App factory and main ────────────────────────────────────────────────────
+# The routes, each with the dialect its errors are shaped in; the middlewares
+# (keys, errors, the request's record and log line, CORS); make_app(settings)
+# for main() and the tests; main(), which only parses arguments and runs it.
+
+
+async def describe_routes(request):
+    state = request.app[STATE]
+    return web.json_response({"name": "k2proxy", "version": __version__,
+                              "description": "K2 Horizon behind the OpenAI and Anthropic APIs",
+                              "endpoints": [f"{route.method} {route.path}" for route in ROUTES if route.listed]
+                              + [f"GET {state.settings.admin_page_path}"]})
+
+
+async def health(request):
+    """ok (200) when a request could be served now; degraded (503, for load balancers and Docker) when not."""
+    state = request.app[STATE]
+    pool = state.site.pool
+    problem = pool.ready()
+    body = {"status": "degraded" if problem else "ok", "version": __version__, "mode": state.site.mode,
+            "tokens": pool.counts()}
+    if problem:
+        body["reason"] = problem.message
+    return web.json_response(body, status=503 if problem else 200)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: object
+    dialect: Dialect = OPENAI
+    completion: bool = False  # counts in the request figures
+    listed: bool = True       # named by GET /
+
+
+ROUTES = (
+    Route("GET", "/", describe_routes, listed=False),
+    Route("GET", "/health", health),
+    Route("POST", "/v1/chat/completions", completion_handler(OPENAI), completion=True),
+    Route("POST", "/v1/messages", completion_handler(ANTHROPIC), ANTHROPIC, completion=True),
+    Route("POST", "/v1/messages/count_tokens", count_message_tokens, ANTHROPIC),
+    Route("POST", "/v1/responses", completion_handler(RESPONSES), RESPONSES, completion=True),
+    Route("GET", "/v1/responses/{id}", get_response, RESPONSES, listed=False),
+    Route("DELETE", "/v1/responses/{id}", delete_response, RESPONSES, listed=False),
+    Route("GET", "/v1/models", list_models),
+    Route("GET", "/v1/models/{model:.+}", get_model, listed=False),
+    Route("GET", "/admin/status", admin_status, listed=False),
+    Route("GET", "/admin/tokens/stats", admin_token_stats, listed=False),
+    Route("GET", "/admin/tokens/content", admin_token_content, listed=False),
+    Route("POST", "/admin/tokens/reset-all", admin_reset_all, listed=False),
+    Route("POST", "/admin/tokens/reset/{index}", admin_reset_token, listed=False),
+    Route("POST", "/admin/tokens/reload", admin_reload, listed=False),
+    Route("POST", "/admin/tokens/update", admin_update_tokens, listed=False),
+    Route("POST", "/admin/switch_mode", admin_switch_mode, listed=False),
+    Route("GET", "/admin/accounts", admin_accounts, listed=False),
+    Route("POST", "/admin/check", admin_check, listed=False),
+    Route("GET", "/admin/requests", admin_requests, listed=False),
+    Route("GET", "/admin/history", admin_history, listed=False),
+    Route("GET", "/admin/keys", admin_keys, listed=False),
+    Route("POST", "/admin/keys/update", admin_update_keys, listed=False),
+    Route("GET", "/metrics", metrics),
+)
+ROUTE_OF = web.AppKey("route_of", dict)  # handler → its Route, for the middlewares
+UNROUTED = Route("", "", None)  # an unknown path or method
+UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC), "/v1/responses": Route("", "", None, RESPONSES)}  # … under a path whose clients read another dialect
+
+
+def route_of(request):
+    """The route a request came by; for an unknown path or method, one whose errors its family's clients read."""
+    route = request.app[ROUTE_OF].get(request.match_info.handler)
+    if route:
+        return route
+    return next((r for prefix, r in UNROUTED_FAMILIES.items() if request.path.startswith(prefix)), UNROUTED)
+
+
+def bearer(request):
+    header = request.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    return value.strip() if scheme.lower() == "bearer" else ""
+
+
+def presented_key(request):
+    """The key a client sent: as a Bearer token, or in x-api-key as Anthropic's clients send it."""
+    return bearer(request) or request.headers.get("x-api-key", "").strip()
+
+
+HTTP_ERROR_MESSAGES = {404: "Unknown route: {method} {path}", 405: "Method {method} is not allowed on {path}"}
+
+
+@web.middleware
+async def handle_errors(request, handler):
+    """Opens the request's record, answers every failure in its route's dialect, and logs one line per request."""
+    state = request.app[STATE]
+    route = route_of(request)
+    record = request[RECORD] = RequestRecord(request.method, request.path, route.dialect.name, route.completion,
+                                             time.monotonic(), route=route.path)
+    state.monitor.begin(record)
+    try:
+        response = await handler(request)
+    except ApiError as error:
+        response = route.dialect.error_response(error)
+        record.reason = record.reason or error.code
+    except web.HTTPException as exc:
+        message = HTTP_ERROR_MESSAGES.get(exc.status, exc.reason).format(method=request.method, path=request.path)
+        record.reason = exc.reason.lower().replace(" ", "_")
+        response = route.dialect.error_response(ApiError(exc.status, message, code=record.reason))
+    except asyncio.CancelledError:
+        record.outcome = CLIENT_GONE
+        state.finish(record, CLIENT_GONE_STATUS)
+        raise
+    except Exception:
+        log.exception("internal error on %s %s", request.method, request.path)
+        record.reason = "internal_error"
+        response = route.dialect.error_response(ApiError(500, "Internal error; see the proxy's log",
+                                                         code=record.reason))
+    state.finish(record, response.status)
+    return response
+
+
+@web.middleware
+async def check_keys(request, handler):
+    """API routes need an API key (but for CORS preflights), admin API routes the admin key; the rest is public."""
+    settings = request.app[STATE].settings
+    path = request.path
+    if request.method == "OPTIONS" and path.startswith("/v1/"):
+        return preflight(request)
+    if path.startswith("/v1/"):
+        admit_key(request)
+    elif path == "/metrics":
+        if matching_key(bearer(request), [key for key in (settings.admin_key, settings.metrics_key) if key]) is None:
+            raise ApiError(401, "Invalid or missing key: send Authorization: Bearer <METRICS_KEY> (or the admin key)",
+                           code="invalid_metrics_key")
+    elif path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD")):
+        if matching_key(bearer(request), [settings.admin_key]) is None:
+            raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
+                           code="invalid_admin_key")
+    return await handler(request)
+
+
+def admit_key(request):
+    """Finds the request's API key, and counts a completion against its limits (a 429 when over one)."""
+    state, record = request.app[STATE], request[RECORD]
+    key = state.keys.find(presented_key(request))
+    if key is None:
+        raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)",
+                       code="invalid_api_key")
+    record.key = key.name
+    if record.counted:
+        state.keys.admit(key)
+        record.api_key = key
+
+
+def allowed_origin(request, origins):
+    origin = request.headers.get("Origin")
+    if not origin or not request.path.startswith("/v1/"):
+        return None
+    return "*" if "*" in origins else origin if origin in origins else None
+
+
+async def add_cors_headers(request, response):
+    origin = allowed_origin(request, request.app[STATE].settings.cors_origins)
+    if origin:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        if origin != "*":
+            response.headers["Vary"] = "Origin"
+
+
+def preflight(request):
+    """Answers a browser's CORS preflight for any /v1 path, before routing."""
+    if not allowed_origin(request, request.app[STATE].settings.cors_origins):
+        raise ApiError(403, "This origin may not call the API; see CORS_ORIGINS", code="origin_not_allowed")
+    return web.Response(status=204, headers={
+        "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
+        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
+                                                            "Authorization, Content-Type"),
+        "Access-Control-Max-Age": "86400"})
+
+
+async def start_up(app):
+    state = app[STATE]
+    state.admin_page = await read_admin_page()
+    await state.start()
+
+
+async def shut_down(app):
+    await app[STATE].stop()
 
 
 def make_app(settings):
@@ -5078,7 +5304,6 @@ def make_app(settings):
         else:
             app.router.add_route(route.method, route.path, route.handler)
     app[ROUTE_OF] = {route.handler: route for route in routes}
-    app[RESPONSE_STORE] = ResponseStore(settings)
     app.on_response_prepare.append(add_cors_headers)
     app.on_startup.append(start_up)
     app.on_shutdown.append(shut_down)

@@ -14,9 +14,9 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import socket
 import statistics
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import aiohttp
-
 from fake_upstream import make_jwt
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,8 +17,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import urllib.request  # noqa: E402
 
-import k2proxy  # noqa: E402
 from fake_upstream import FakeK2Think  # noqa: E402
+
+import k2proxy  # noqa: E402
 
 MODEL = "IFM/K2-Horizon-375B-A23B"
 API_KEY = "sk-test-key"

@@ -4,9 +4,9 @@ import json
 import time
 
 import pytest
-
 from conftest import ADMIN, AUTH, chat, until
 from fake_upstream import AUTH_EXPIRED, Reply
+
 import k2proxy
 
 PASSWORDS = {"ann@example.com": "pa:ss-ann", "bob@example.com": "hunter2-bob"}
@@ -28,7 +28,7 @@ def account_proxy(make_proxy, fake, tmp_path):
 
 
 def account_tokens(proxy):
-    return {t.account: t.value for t in state_of(proxy).upstream.pool.tokens if t.account}
+    return {t.account: t.value for t in state_of(proxy).site.pool.credentials if t.account}
 
 
 def test_accounts_file_format():

@@ -4,8 +4,7 @@ import json
 import time
 
 import pytest
-
-from conftest import ADMIN, API_KEY, AUTH, ADMIN_KEY, chat
+from conftest import ADMIN, ADMIN_KEY, API_KEY, AUTH, chat
 from fake_upstream import make_jwt
 
 TOKENS = [make_jwt(time.time() + 3600, f"acc-{n}") for n in range(3)]

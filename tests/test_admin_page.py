@@ -11,9 +11,9 @@ import urllib.request
 
 import playwright.async_api as playwright
 import pytest
-
 from conftest import ADMIN, ADMIN_KEY, AUTH, MODEL, ROOT, chat, free_port
 from fake_upstream import Reply, make_jwt
+
 import k2proxy
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

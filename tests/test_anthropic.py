@@ -6,9 +6,9 @@ import json
 import time
 
 import pytest
-
 from conftest import API_KEY, MODEL, read_named_sse
 from fake_upstream import Reply, make_jwt
+
 import k2proxy
 
 KEY = {"x-api-key": API_KEY, "anthropic-version": "2023-06-01"}
@@ -294,7 +294,7 @@ async def test_failures_have_anthropics_statuses_and_types(make_proxy, fake, tmp
 
 
 def k2proxy_pool(proxy):
-    return proxy.server.app[k2proxy.STATE].upstream.pool
+    return proxy.server.app[k2proxy.STATE].site.pool
 
 
 async def test_a_failure_after_the_stream_started_is_an_error_event(make_proxy, fake):

@@ -5,7 +5,6 @@ import time
 
 import anthropic
 import pytest
-
 from conftest import E2E_KEY, MODEL
 from fake_upstream import make_jwt
 

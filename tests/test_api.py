@@ -3,7 +3,6 @@
 import json
 
 import pytest
-
 from conftest import API_KEY, AUTH, chat, read_sse
 from fake_upstream import Reply
 

@@ -8,9 +8,9 @@ import sys
 import time
 
 import pytest
-
 from conftest import ADMIN, ADMIN_KEY, API_KEY, MODEL, ROOT, free_port
 from fake_upstream import AUTH_EXPIRED, OLD_MODEL, Reply, make_jwt
+
 import k2proxy
 
 TOKEN = make_jwt(time.time() + 3600, "acc-check")
@@ -23,12 +23,12 @@ def check(proxy_settings, fake, tmp_path):
         (tmp_path / "tokens.txt").write_text("".join(t + "\n" for t in tokens))
         (tmp_path / "accounts.txt").write_text("".join(a + "\n" for a in accounts))
         settings = proxy_settings(ACCOUNTS_FILE=tmp_path / "accounts.txt", **env)
-        upstream = k2proxy.Upstream(settings)
-        await upstream.open_session()
+        http = k2proxy.HttpClient(settings)
+        await http.open()
         try:
-            return await asyncio.wait_for(k2proxy.check_upstream(settings, upstream), 20)
+            return await asyncio.wait_for(k2proxy.check_upstream(settings, k2proxy.SiteUpstream(settings, http)), 20)
         finally:
-            await upstream.stop()
+            await http.stop()
     return run
 
 
@@ -65,7 +65,7 @@ async def test_a_renamed_model_says_which_ids_to_set(check, fake):
     report = await check(tokens=[TOKEN], PROXY_MODE="user")
     found = probes(report)
     assert not report["works"]
-    assert found["models"]["verdict"] == "failed" and "set MODELS=IFM/K2-Horizon-2,IFM/K2-Horizon-2-mini" == found["models"]["hint"]
+    assert found["models"]["verdict"] == "failed" and found["models"]["hint"] == "set MODELS=IFM/K2-Horizon-2,IFM/K2-Horizon-2-mini"
     assert found["user chat"]["details"]["problem"] == "model not found" and MODEL in found["user chat"]["hint"]
 
 
@@ -129,13 +129,13 @@ async def test_an_account_that_signs_in_serves_the_user_chat(check, fake):
 async def test_the_check_costs_a_few_tiny_requests_and_leaves_the_pool_alone(make_proxy, fake, tmp_path):
     (tmp_path / "tokens.txt").write_text(TOKEN + "\n")
     proxy = await make_proxy(PROXY_MODE="user")
-    pool = proxy.server.app[k2proxy.STATE].upstream.pool
+    pool = proxy.server.app[k2proxy.STATE].site.pool
     fake.by_token[TOKEN] = Reply(status=500, body="down")
     first, second = await asyncio.gather(*(proxy.post("/admin/check", headers=ADMIN) for _ in range(2)))
     assert await first.json() == await second.json(), "a second asker gets the run under way"
     assert len(fake.received) == 2, "one chat per mode"
     assert all(len(json.dumps(r.body)) < 1000 for r in fake.received)
-    assert (pool.tokens[0].failures, pool.tokens[0].requests, pool.tokens[0].last_error) == (0, 0, None)
+    assert (pool.credentials[0].failures, pool.credentials[0].requests, pool.credentials[0].last_error) == (0, 0, None)
     assert (await proxy.post("/admin/check")).status == 401
 
 

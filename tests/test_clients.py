@@ -9,7 +9,6 @@ import shutil
 import subprocess
 
 import pytest
-
 from conftest import E2E_KEY, MODEL, ROOT
 
 CLIS = ROOT / ".clis" / "node_modules" / ".bin"

@@ -9,7 +9,6 @@ import socket
 import time
 
 import pytest
-
 from conftest import API_KEY, ROOT, free_port
 
 KEY = f"Authorization: Bearer {API_KEY}\r\n".encode()

@@ -7,7 +7,7 @@ import time
 import pytest
 
 import k2proxy
-from k2proxy import (Failed, Finish, Reasoning, Text, ToolArguments, ToolCallStart, Usage)
+from k2proxy import Failed, Finish, Reasoning, Text, ToolArguments, ToolCallStart, Usage
 
 PLAN = k2proxy.ToolPlan((k2proxy.Tool("search", "Web search.", {"type": "object"}),), "auto")
 CALL = '<tool_call>{"name": "search", "arguments": {"q": "k2"}}</tool_call>'
@@ -65,14 +65,16 @@ def test_usage_is_upstreams_where_given_else_estimated():
     assert partial.closing(prompt_tokens=7)[-1].usage == Usage(7, 10, 0)
 
 
-# ─── Completion: events to a writer, once committed no failover ─────────────
+# ─── pull: an upstream kind's events to a writer, a restart only while nothing was seen ───
 
 class Recorder:
-    """A writer that keeps what it was given, one list per write."""
+    """A writer that keeps what it was given, one list per write; committed once told so."""
 
-    def __init__(self):
+    def __init__(self, committed=False):
         self.writes = []
         self.closed = None
+        self.committed = committed
+        self.resets = 0
 
     async def write(self, events):
         self.writes.append(events)
@@ -81,44 +83,57 @@ class Recorder:
         self.closed = events
         return "response"
 
+    def reset(self):
+        self.resets += 1
+        self.writes = []
+
 
 def core(tools=None, show_reasoning=True):
-    return k2proxy.CoreRequest("m", "m", [{"role": "user", "content": "abcd" * 10}], {}, "medium", True,
-                               show_reasoning, tools)
+    return k2proxy.CoreRequest("m", "m", (k2proxy.Turn("user", ({"type": "text", "text": "abcd" * 10},)),), {},
+                               "medium", True, show_reasoning, tools)
 
 
 def record():
     return k2proxy.RequestRecord("POST", "/v1/chat/completions", "openai", True, time.monotonic())
 
 
-async def test_what_arrived_together_leaves_in_one_write_and_commits():
+async def upstream(*items):
+    for item in items:
+        yield item
+
+
+FINISH = Finish("stop", Usage(10, 2, 1))
+
+
+async def test_what_arrived_together_leaves_in_one_write_and_the_finish_closes():
     writer, facts = Recorder(), record()
-    completion = k2proxy.Completion(core(), writer, facts)
-    await completion.take("", "")
-    assert not completion.committed and writer.writes == [] and facts.first_content is None
-    await completion.take("why", "because")
-    assert writer.writes == [[Reasoning("why"), Text("because")]]
-    assert completion.committed and facts.first_content >= 0
-    assert await completion.finish() == "response"
-    assert writer.closed == [Finish("stop", Usage(10, 2, 1))]
+    reply = await k2proxy.pull(upstream(k2proxy.Attempt(1, 0), [Reasoning("why"), Text("because")], [FINISH]),
+                               writer, facts)
+    assert reply == "response" and writer.writes == [[Reasoning("why"), Text("because")]]
+    assert writer.closed == [FINISH] and facts.first_content >= 0 and facts.usage == FINISH.usage
+    assert (facts.attempts, facts.token_index) == (1, 0)
 
 
-async def test_reset_forgets_a_failed_attempt():
-    writer = Recorder()
-    completion = k2proxy.Completion(core(tools=PLAN), writer, record())
-    await completion.take("", "<tool_ca")
-    completion.reset()
-    await completion.take("", "plain")
-    await completion.finish()
-    assert writer.writes == [[Text("plain")]] and kinds(writer.closed) == ["Finish"]
-
-
-async def test_failing_ends_with_a_failed_event_and_says_so():
+async def test_a_restart_voids_a_failed_attempt_the_client_has_not_seen():
     writer, facts = Recorder(), record()
-    completion = k2proxy.Completion(core(), writer, facts)
-    error = k2proxy.ApiError(502, "boom", code="upstream_error")
-    await completion.fail(error)
-    assert writer.closed == [Failed(error)] and facts.outcome == "ended with error"
+    error = k2proxy.UpstreamError(k2proxy.BROKEN, "cut")
+    await k2proxy.pull(upstream(k2proxy.Attempt(1, 0), [Text("lost")], k2proxy.Restart(error),
+                                k2proxy.Attempt(2, 1), [Text("kept")], [FINISH]), writer, facts)
+    assert writer.resets == 1 and writer.writes == [[Text("kept")]] and (facts.attempts, facts.token_index) == (2, 1)
+
+
+async def test_a_restart_after_the_client_saw_content_ends_with_its_error():
+    error = k2proxy.UpstreamError(k2proxy.BROKEN, "cut")
+    with pytest.raises(k2proxy.UpstreamError) as raised:
+        await k2proxy.pull(upstream([Text("seen")], k2proxy.Restart(error), [Text("never")]),
+                           Recorder(committed=True), record())
+    assert raised.value is error
+
+
+def test_progress_closes_with_the_estimated_usage():
+    progress = k2proxy.Progress(None, show_reasoning=True)
+    progress.events("why", "because")
+    assert progress.closing(prompt_tokens=10) == [FINISH]
 
 
 async def test_the_collector_gathers_an_answer_and_raises_a_failure():
@@ -190,7 +205,7 @@ ANSWERS = [  # (status, body, Retry-After) → (kind, client status, code, charg
 @pytest.mark.parametrize("answer,policy", ANSWERS, ids=[f"{a[0]}-{p[0].name}" for a, p in ANSWERS])
 def test_each_upstream_answer_is_a_kind_with_its_policy(answer, policy):
     status, body, retry_after = answer
-    error = k2proxy.upstream_error(status, k2proxy.error_detail(body), retry_after)
+    error = k2proxy.site_error(status, k2proxy.error_detail(body), retry_after)
     kind, status, code, charged, fails_over = policy
     assert error.failure is kind
     assert (kind.status, kind.code, kind.charge, kind.fail_over) == (status, code, charged, fails_over)
@@ -210,7 +225,7 @@ def test_the_kinds_made_elsewhere_carry_their_policy():
 
 def pool(clock):
     settings = k2proxy.load_settings({"MAX_TOKEN_FAILURES": "2"})
-    tokens = k2proxy.TokenPool("user", "/nonexistent/tokens.txt", settings, clock=lambda: clock[0])
+    tokens = k2proxy.CredentialPool("user", "/nonexistent/tokens.txt", settings, clock=lambda: clock[0])
     tokens.load("first\nsecond\n")
     return tokens
 
@@ -221,7 +236,7 @@ def pool(clock):
                                                       (k2proxy.REJECTED, 0, None)])
 def test_a_charged_kind_counts_against_the_token_and_disables_it_at_the_limit(kind, charged, disabled_as):
     tokens = pool([1000.0])
-    token = tokens.tokens[0]
+    token = tokens.credentials[0]
     for _ in range(2):
         tokens.fail(token, k2proxy.UpstreamError(kind, "x"))
     assert token.failures == 2 * charged and token.disabled == disabled_as and token.last_error == "x"
@@ -230,9 +245,9 @@ def test_a_charged_kind_counts_against_the_token_and_disables_it_at_the_limit(ki
 def test_a_rate_limit_rests_the_token_without_charging_it():
     clock = [1000.0]
     tokens = pool(clock)
-    token = tokens.tokens[0]
+    token = tokens.credentials[0]
     tokens.fail(token, k2proxy.UpstreamError(k2proxy.RATE_LIMITED, "slow down", retry_after=30))
-    assert token.failures == 0 and token.cooling_until == 1030.0 and tokens.status(token, 1010.0) == "cooling"
+    assert token.failures == 0 and token.cooling_until == 1030.0 and tokens.state(token, 1010.0) == "cooling"
     tokens.fail(token, k2proxy.UpstreamError(k2proxy.RATE_LIMITED, "slow down"))
     assert token.cooling_until == 1000.0 + k2proxy.RATE_LIMIT_REST
 
@@ -240,8 +255,8 @@ def test_a_rate_limit_rests_the_token_without_charging_it():
 def test_a_refused_account_token_asks_its_account_to_sign_in_again():
     tokens = pool([1000.0])
     tokens.put_account_token("ann@example.com", "jwt", None)
-    account_token = tokens.tokens[-1]
-    tokens.fail(tokens.tokens[0], k2proxy.UpstreamError(k2proxy.REFUSED_TOKEN, "no"))
+    account_token = tokens.credentials[-1]
+    tokens.fail(tokens.credentials[0], k2proxy.UpstreamError(k2proxy.REFUSED_TOKEN, "no"))
     assert tokens.refused_accounts() == []
     tokens.fail(account_token, k2proxy.UpstreamError(k2proxy.REFUSED_TOKEN, "no"))
     assert tokens.refused_accounts() == ["ann@example.com"]
@@ -252,7 +267,7 @@ def test_a_refused_account_token_asks_its_account_to_sign_in_again():
 def test_a_pool_is_ready_again_once_its_tokens_cooldown_is_over():
     clock = [1000.0]
     tokens = pool(clock)
-    for token in tokens.tokens:
+    for token in tokens.credentials:
         for _ in range(2):
             tokens.fail(token, k2proxy.UpstreamError(k2proxy.BROKEN, "x"))
     assert tokens.ready().code == "no_usable_tokens"
@@ -262,10 +277,10 @@ def test_a_pool_is_ready_again_once_its_tokens_cooldown_is_over():
 
 def test_the_anonymous_identity_is_never_charged_and_cannot_change():
     tokens = pool([1000.0])
-    tokens.fail(k2proxy.NO_TOKEN, k2proxy.UpstreamError(k2proxy.BROKEN, "x"))
-    tokens.succeed(k2proxy.NO_TOKEN)
+    tokens.fail(k2proxy.NO_CREDENTIAL, k2proxy.UpstreamError(k2proxy.BROKEN, "x"))
+    tokens.succeed(k2proxy.NO_CREDENTIAL)
     with pytest.raises(AttributeError):
-        k2proxy.NO_TOKEN.value = "stolen"
+        k2proxy.NO_CREDENTIAL.value = "stolen"
 
 
 @pytest.mark.parametrize("kind", [k2proxy.REFUSED_TOKEN, k2proxy.RATE_LIMITED, k2proxy.BROKEN, k2proxy.UNREACHABLE,
@@ -273,7 +288,7 @@ def test_the_anonymous_identity_is_never_charged_and_cannot_change():
                                   k2proxy.MODEL_GONE, k2proxy.NOT_AN_ANSWER, k2proxy.SHUTTING_DOWN],
                          ids=lambda kind: kind.name)
 def test_another_try_follows_the_kind_and_one_identity_does_not_ask_twice_after_a_timeout_or_a_429(kind):
-    token = pool([0.0]).tokens[0]
-    assert k2proxy.Upstream.worth_another_try(kind, token) == kind.fail_over
+    token = pool([0.0]).credentials[0]
+    assert k2proxy.worth_another_try(kind, token) == kind.fail_over
     anonymous_again = kind.fail_over and kind not in (k2proxy.TIMED_OUT, k2proxy.RATE_LIMITED)
-    assert k2proxy.Upstream.worth_another_try(kind, k2proxy.NO_TOKEN) == anonymous_again
+    assert k2proxy.worth_another_try(kind, k2proxy.NO_CREDENTIAL) == anonymous_again

@@ -14,6 +14,7 @@ import threading
 import urllib.request
 
 from conftest import ROOT, free_port
+
 import k2proxy
 
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -215,7 +216,7 @@ def test_sigterm_ends_streams_and_exits_cleanly(spawn, tmp_path):
                     lines.append(raw.decode().strip())
                     if lines[-1].startswith("data: "):
                         first_data.set()
-        except Exception as exc:  # noqa: BLE001 - reported by the main thread
+        except Exception as exc:
             failures.append(exc)
         finally:
             first_data.set()

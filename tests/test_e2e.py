@@ -4,7 +4,6 @@ import time
 
 import openai
 import pytest
-
 from conftest import E2E_KEY, MODEL, ROOT, free_port
 from fake_upstream import make_jwt
 

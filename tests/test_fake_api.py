@@ -7,7 +7,6 @@ import urllib.request
 
 import aiohttp
 import pytest
-
 from conftest import MODEL, ROOT, free_port
 from fake_upstream import MISSING_THINKING, THINKING_NOT_STRING, ApiReply, FakeIFM
 

@@ -5,9 +5,9 @@ import asyncio
 import time
 
 import pytest
-
 from conftest import AUTH, chat, free_port, read_sse, stream_text
 from fake_upstream import Reply, make_jwt
+
 import k2proxy
 
 TOKEN = make_jwt(time.time() + 3600)
@@ -58,7 +58,7 @@ async def test_fault_gets_its_documented_result(one_token_proxy, fake, fault):
     if code is None:
         assert stream_text(events[:-1]) == reply.answer
     assert time.monotonic() - started < 8
-    token = one_token_proxy.server.app[k2proxy.STATE].upstream.pool.tokens[0]
+    token = one_token_proxy.server.app[k2proxy.STATE].site.pool.credentials[0]
     assert token.failures == (1 if charged else 0), token.last_error
 
 
@@ -68,4 +68,4 @@ async def test_refused_connection_is_a_quick_502_and_not_charged(make_proxy, tmp
     for stream in (False, True):
         response = await proxy.post("/v1/chat/completions", json=chat(stream=stream), headers=AUTH)
         assert response.status == 502 and "cannot reach upstream" in (await response.json())["error"]["message"]
-    assert proxy.server.app[k2proxy.STATE].upstream.pool.tokens[0].failures == 0
+    assert proxy.server.app[k2proxy.STATE].site.pool.credentials[0].failures == 0

@@ -4,7 +4,6 @@ import base64
 
 import openai
 import pytest
-
 from conftest import API_KEY
 from fake_upstream import Reply
 

@@ -7,7 +7,6 @@ import json
 import random
 
 import pytest
-
 from conftest import ADMIN, AUTH, MODEL, chat
 
 ROUTES = ["/", "/health", "/v1/chat/completions", "/v1/models", "/v1/models/IFM/K2-Horizon-375B-A23B", "/v1/models/x",

@@ -6,9 +6,9 @@ import asyncio
 import json
 
 import pytest
-
 from conftest import AUTH, chat, read_sse
 from fake_upstream import Reply
+
 import k2proxy
 
 
@@ -135,7 +135,7 @@ async def test_a_non_streamed_answer_beyond_max_answer_mb_is_a_502(make_proxy, f
     assert response.status == 502 and error["code"] == "upstream_answer_too_large" and "stream" in error["message"]
     events, _ = await read_sse(await proxy.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH))
     assert events[-1] == "[DONE]" and "error" not in events[-2], "a stream passes the answer on, whatever its size"
-    assert proxy.server.app[k2proxy.STATE].upstream.pool.counts()["total"] == 0
+    assert proxy.server.app[k2proxy.STATE].site.pool.counts()["total"] == 0
 
 
 @pytest.mark.parametrize("stream", [False, True])

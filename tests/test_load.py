@@ -12,9 +12,9 @@ import urllib.request
 
 import aiohttp
 import pytest
-
 from conftest import API_KEY, AUTH, ROOT, chat, free_port
 from fake_upstream import Reply
+
 import k2proxy
 
 
@@ -50,7 +50,7 @@ async def vanish(session, url, rng):
 
 @pytest.mark.load
 async def test_vanishing_clients_leave_nothing_open(proxy, fake):
-    upstream = proxy.server.app[k2proxy.STATE].upstream
+    upstream = proxy.server.app[k2proxy.STATE].http
     fake.reply = Reply(reasoning="r" * 300, answer="a" * 300, piece=5, delay=0.005)
     url = proxy.make_url("/v1/chat/completions")
     rng = random.Random(7)

@@ -6,10 +6,10 @@ import json
 import time
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-
 from conftest import ADMIN, ADMIN_KEY, API_KEY, AUTH, chat, read_sse, until
 from fake_upstream import AUTH_EXPIRED, Reply, make_jwt
+from prometheus_client.parser import text_string_to_metric_families
+
 import k2proxy
 
 TOKENS = [make_jwt(time.time() + 3600, name) for name in ("first", "second")]
@@ -71,7 +71,7 @@ async def test_metrics_parse_and_count_what_the_traffic_did(monitored, fake):
     assert found[("k2proxy_first_content_seconds_count", (chat_route,))] >= 1
     assert found[("k2proxy_request_duration_seconds_count", (chat_route,))] == 5
     states = {dict(labels)["state"]: value for (name, labels), value in found.items() if name == "k2proxy_tokens"}
-    pool = proxy_state(monitored).upstream.pool.counts()
+    pool = proxy_state(monitored).site.pool.counts()
     assert states == {state: pool[state] for state in ("active", "cooling", "disabled", "expired")}
     assert sum(states.values()) == 2 and found[("k2proxy_in_flight_requests", ())] == 0
     assert found[("k2proxy_prompt_tokens_total", (("key", "alice"),))] == 12

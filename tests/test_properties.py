@@ -2,10 +2,11 @@
 
 import json
 
-from hypothesis import HealthCheck, assume, example, given, settings, strategies as st
-
 from conftest import scan_answer
 from fake_upstream import Reply, old_site, sse_events
+from hypothesis import HealthCheck, assume, example, given, settings
+from hypothesis import strategies as st
+
 import k2proxy
 
 MARKUP = ("<think>", "</think>", "<answer>", "</answer>", "<details", "</details>", "<summary", "</summary>")

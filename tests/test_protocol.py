@@ -3,8 +3,8 @@
 import itertools
 
 import pytest
+from fake_upstream import Reply, json_document, old_site, snapshots, sse_events
 
-from fake_upstream import Reply, full_text, json_document, old_site, snapshots, sse_events
 import k2proxy
 
 REASONING = "The user asks 2+2.\nThat is 4 — simple ✓.\n\n> not a quote marker"
@@ -15,19 +15,18 @@ SITES = {"k2horizon": Reply, "k2think": old_site}  # each site's opening, end an
 
 
 def parse_body(body, cut):
-    """Feeds an SSE body cut every `cut` bytes through the decoder and the text parser."""
-    decoder, text = k2proxy.SSEDecoder(), k2proxy.UpstreamText()
-    reasoning, answer, usage, done = [], [], None, False
+    """Feeds an SSE body cut every `cut` bytes through the decoder and the site's reader, as the proxy reads it."""
+    decoder, reader = k2proxy.SSEDecoder(), k2proxy.SiteReader()
+    reasoning, answer, usage, ended = [], [], None, False
     chunks = [body[i:i + cut] for i in range(0, len(body), cut)] + [b""]
     for number, chunk in enumerate(chunks):
-        for frame in decoder.feed(chunk, final=number == len(chunks) - 1):
-            r, a = text.read(frame)
-            reasoning.append(r)
-            answer.append(a)
-            usage = frame.usage or usage
-            done = done or frame.done
-    r, a = text.finish()
-    return "".join(reasoning) + r, "".join(answer) + a, usage, done
+        delta = reader.read(decoder.feed(chunk, final=number == len(chunks) - 1))
+        reasoning.append(delta.reasoning)
+        answer.append(delta.text)
+        usage = delta.usage or usage
+        ended = ended or delta.ended
+    r, a = reader.finish()
+    return "".join(reasoning) + r, "".join(answer) + a, usage, ended
 
 
 @pytest.mark.parametrize("markup,style,form", VARIANTS)

@@ -3,6 +3,7 @@
 import re
 
 from conftest import ROOT
+
 import k2proxy
 
 

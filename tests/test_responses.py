@@ -5,9 +5,9 @@ import base64
 import json
 
 import pytest
-
 from conftest import AUTH, MODEL, read_named_sse
 from fake_upstream import Reply
+
 import k2proxy
 
 REASONING = "The user greets me.\nI greet back."
@@ -178,7 +178,7 @@ def test_the_store_keeps_the_newest_by_count_bytes_and_age():
 async def test_an_expired_response_is_a_404_for_previous_response_id(make_proxy, fake):
     proxy = await make_proxy(RESPONSES_STORE_TTL="0.001")
     first = await (await post(proxy, request())).json()
-    proxy.server.app[k2proxy.RESPONSE_STORE].clock = lambda: 10 ** 9
+    proxy.server.app[k2proxy.STATE].responses.clock = lambda: 10 ** 9
     response = await post(proxy, request(previous_response_id=first["id"]))
     error = (await response.json())["error"]
     assert response.status == 404 and error["param"] == "previous_response_id" and len(fake.received) == 1

@@ -6,7 +6,6 @@ import json
 
 import openai
 import pytest
-
 from conftest import E2E_KEY, MODEL
 
 REASONING = "The user greets me.\nA short greeting fits."

@@ -5,6 +5,7 @@ import time
 
 from conftest import ADMIN, ADMIN_KEY, API_KEY, AUTH, chat
 from fake_upstream import Reply, make_jwt
+
 import k2proxy
 
 TOKENS = [make_jwt(time.time() + 3600, "good"), make_jwt(time.time() + 3600, "dead")]

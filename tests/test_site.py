@@ -5,9 +5,9 @@ import json
 import time
 
 import pytest
-
 from conftest import AUTH, MODEL, ROOT, chat, read_sse, stream_text
 from fake_upstream import Reply, make_jwt
+
 import k2proxy
 
 REASONING = "The user greets me.\nI greet back."

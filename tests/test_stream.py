@@ -4,9 +4,9 @@ import asyncio
 import json
 
 import pytest
-
 from conftest import AUTH, chat, read_sse, stream_text
 from fake_upstream import Reply, old_site
+
 import k2proxy
 
 REASONING = "Let me think.\nThe user wants a greeting."
@@ -223,7 +223,7 @@ async def test_shutdown_ends_streams_in_flight_with_their_end(proxy, fake):
     async for line in response.content:
         if b"reasoning_content" in line:
             break
-    await proxy.server.app[k2proxy.STATE].upstream.stop()
+    await proxy.server.app[k2proxy.STATE].http.stop()
     events, _ = await read_sse(response)
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down"
 
@@ -234,6 +234,6 @@ async def test_shutdown_ends_requests_still_waiting_for_upstream(proxy, fake, st
     request = asyncio.ensure_future(post(proxy, chat(stream=stream)))
     while not fake.received:
         await asyncio.sleep(0.01)
-    await proxy.server.app[k2proxy.STATE].upstream.stop()
+    await proxy.server.app[k2proxy.STATE].http.stop()
     response = await asyncio.wait_for(request, 5)
     assert response.status == 503 and (await response.json())["error"]["code"] == "shutting_down"

@@ -2,15 +2,14 @@
 
 import asyncio
 import collections
+import json
 import time
 
 import pytest
-
 from conftest import ADMIN, AUTH, chat, read_sse, stream_text, until
 from fake_upstream import AUTH_EXPIRED, Reply, make_jwt
-import k2proxy
 
-import json
+import k2proxy
 
 GOOD = [make_jwt(time.time() + 3600, f"acc-{n}") for n in range(4)]
 EXPIRED = make_jwt(time.time() - 60, "old")
@@ -29,7 +28,7 @@ def user_proxy(make_proxy, tmp_path):
 
 
 def pool_of(proxy):
-    return proxy.server.app[k2proxy.STATE].upstream.pool
+    return proxy.server.app[k2proxy.STATE].site.pool
 
 
 async def ask(proxy, stream=False):
@@ -108,7 +107,7 @@ async def test_failover_to_the_next_token_before_any_content(user_proxy, fake, s
     text = stream_text(body[:-1]) if stream else body["choices"][0]["message"]["content"]
     assert text == "from the good token"
     assert [r.token for r in fake.received] == [GOOD[0], GOOD[1]]
-    first = pool_of(proxy).tokens[0]
+    first = pool_of(proxy).credentials[0]
     assert first.last_error and (first.failures == 1 or first.cooling_until)
 
 
@@ -124,7 +123,7 @@ async def test_failure_after_content_is_not_retried_but_is_charged(user_proxy, f
     fake.reply = Reply(reasoning="x" * 100, piece=5, drop_after=5)
     status, events = await ask(proxy, stream=True)
     assert status == 200 and events[-2]["error"] and len(fake.received) == 1
-    assert pool_of(proxy).tokens[0].failures == 1
+    assert pool_of(proxy).credentials[0].failures == 1
 
 
 async def test_auth_failures_disable_until_reset(user_proxy, fake):
@@ -163,9 +162,9 @@ async def test_success_resets_the_failure_count(user_proxy, fake):
     proxy = await user_proxy(GOOD[0])
     fake.script = [Reply(status=500, body="x"), Reply()]
     assert (await ask(proxy))[0] == 502
-    assert pool_of(proxy).tokens[0].failures == 1
+    assert pool_of(proxy).credentials[0].failures == 1
     assert (await ask(proxy))[0] == 200
-    assert pool_of(proxy).tokens[0].failures == 0 and pool_of(proxy).tokens[0].successes == 1
+    assert pool_of(proxy).credentials[0].failures == 0 and pool_of(proxy).credentials[0].successes == 1
 
 
 async def test_rate_limited_token_cools_down_and_is_skipped(user_proxy, fake):
@@ -233,9 +232,9 @@ async def test_file_edits_are_picked_up_within_two_seconds(user_proxy, fake, tmp
         (tmp_path / "tokens.txt.swp").write_text(f"{GOOD[0]}\n{GOOD[3]}\n")
         (tmp_path / "tokens.txt.swp").replace(path)
         expected = [GOOD[0], GOOD[3]]
-    await wait_until(lambda: [t.value for t in pool.tokens] == expected)
+    await wait_until(lambda: [t.value for t in pool.credentials] == expected)
     if GOOD[0] in expected:
-        assert pool.tokens[0].requests == 1, "tokens still present keep their stats"
+        assert pool.credentials[0].requests == 1, "tokens still present keep their stats"
 
 
 async def test_auth_disabled_token_returns_when_its_line_changes(user_proxy, fake, tmp_path):
@@ -246,7 +245,7 @@ async def test_auth_disabled_token_returns_when_its_line_changes(user_proxy, fak
     assert pool.stats()[0]["status"] == "disabled"
     (tmp_path / "tokens.txt").write_text(GOOD[1] + "\n")
     await wait_until(lambda: pool.stats()[0]["status"] == "active")
-    assert pool.tokens[0].value == GOOD[1]
+    assert pool.credentials[0].value == GOOD[1]
 
 
 async def test_admin_reload_readmits_disabled_tokens(user_proxy, fake):
@@ -266,7 +265,7 @@ async def test_save_is_atomic_and_keeps_comments(user_proxy, tmp_path):
                                 headers=ADMIN)
     assert response.status == 200
     assert path.read_text() == f"# my accounts\n# spare\n{GOOD[1]}\n{GOOD[2]}\n"
-    assert [t.value for t in pool_of(proxy).tokens] == [GOOD[1], GOOD[2]]
+    assert [t.value for t in pool_of(proxy).credentials] == [GOOD[1], GOOD[2]]
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tokens")] == []
 
 
@@ -292,7 +291,7 @@ async def test_concurrent_saves_and_edits_never_lose_a_token(user_proxy, tmp_pat
     assert all(r.status == 200 for r in responses)
     saved = k2proxy.parse_tokens_file(path.read_text())
     assert saved in sets
-    assert [t.value for t in pool_of(proxy).tokens] == saved
+    assert [t.value for t in pool_of(proxy).credentials] == saved
 
 
 async def test_a_save_with_a_stale_version_is_refused(user_proxy, tmp_path):
@@ -335,9 +334,9 @@ async def test_a_file_that_cannot_be_read_is_read_again_once_it_can(user_proxy, 
     monkeypatch.setattr(k2proxy.Path, "read_text", guarded)
     write_tokens(tmp_path, GOOD[1])
     await until(lambda: "Permission denied" in caplog.text)
-    assert [t.value for t in pool_of(proxy).tokens] == [GOOD[0]], "what was loaded stays"
+    assert [t.value for t in pool_of(proxy).credentials] == [GOOD[0]], "what was loaded stays"
     blocked[0] = False
-    await until(lambda: [t.value for t in pool_of(proxy).tokens] == [GOOD[1]])
+    await until(lambda: [t.value for t in pool_of(proxy).credentials] == [GOOD[1]])
     assert caplog.text.count("cannot be read") == 1
 
 

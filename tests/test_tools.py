@@ -4,9 +4,9 @@ import json
 
 import openai
 import pytest
-
 from conftest import API_KEY, AUTH, chat, read_sse, scan_answer
 from fake_upstream import Reply
+
 import k2proxy
 
 WEATHER = {"type": "function", "function": {
