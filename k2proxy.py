@@ -164,40 +164,65 @@ BODY_MEMORY_FACTOR = 4   # what reading a body takes at most, in all its forms, 
 SETTINGS = (
     Setting("HOST", "0.0.0.0", _text, "Address to listen on"),
     Setting("PORT", "8001", _int_between(1, 65535), "Port to listen on"),
-    Setting("VALID_API_KEY", "", _csv, "API keys clients must send, comma-separated; empty: a random key is generated and printed at start-up", True),
+    Setting("VALID_API_KEY", "", _csv,
+            "API keys clients must send, comma-separated; empty: a random key is generated and printed at "
+            "start-up", True),
     Setting("ADMIN_KEY", "", _text, "Key for the admin page and API; empty: the first API key", True),
-    Setting("API_KEYS_FILE", "api_keys.txt", _text, "Named API keys with limits, one per line: name:key [rpm=N] [concurrent=N]; watched like the token file"),
-    Setting("METRICS_KEY", "", _text, "Another key for GET /metrics (a Bearer token), for a scraper that should not hold the admin key; the admin key works too", True),
-    Setting("REQUEST_LOG_SIZE", "500", _int_between(0, MAX_REQUEST_LOG), f"Requests kept in memory for GET /admin/requests and the admin page (at most {MAX_REQUEST_LOG})"),
-    Setting("PROXY_MODE", "guest", _one_of("guest", "user"), "guest (no account) or user (account tokens from USER_TOKENS_FILE)"),
-    Setting("K2THINK_BASE_URL", "https://chat.ifm.ai", _url, "Upstream site; every upstream path and the browser headers hang off it"),
-    Setting("GUEST_API_URL", "", _url, "Full URL of the guest chat endpoint; empty: K2THINK_BASE_URL/api/guest/chat/completions"),
-    Setting("USER_API_URL", "", _url, "Full URL of the user chat endpoint; empty: K2THINK_BASE_URL/api/chat/completions"),
-    Setting("MODELS", "IFM/K2-Horizon-375B-A23B", _csv, "Model ids listed by /v1/models, comma-separated (each also as ID-nothink); the first is the default model"),
-    Setting("REASONING_EFFORT", "medium", _one_of("low", "medium", "high"), "How long the model thinks when a request does not say: low, medium or high"),
-    Setting("THINKING_FORMAT", "reasoning_content", _one_of("reasoning_content", "think_tags"), "How reasoning reaches clients: the reasoning_content field, or think_tags inline in content"),
+    Setting("API_KEYS_FILE", "api_keys.txt", _text,
+            "Named API keys with limits, one per line: name:key [rpm=N] [concurrent=N]; watched like the token file"),
+    Setting("METRICS_KEY", "", _text,
+            "Another key for GET /metrics (a Bearer token), for a scraper that should not hold the admin key; the "
+            "admin key works too", True),
+    Setting("REQUEST_LOG_SIZE", "500", _int_between(0, MAX_REQUEST_LOG),
+            f"Requests kept in memory for GET /admin/requests and the admin page (at most {MAX_REQUEST_LOG})"),
+    Setting("PROXY_MODE", "guest", _one_of("guest", "user"),
+            "guest (no account) or user (account tokens from USER_TOKENS_FILE)"),
+    Setting("K2THINK_BASE_URL", "https://chat.ifm.ai", _url,
+            "Upstream site; every upstream path and the browser headers hang off it"),
+    Setting("GUEST_API_URL", "", _url,
+            "Full URL of the guest chat endpoint; empty: K2THINK_BASE_URL/api/guest/chat/completions"),
+    Setting("USER_API_URL", "", _url,
+            "Full URL of the user chat endpoint; empty: K2THINK_BASE_URL/api/chat/completions"),
+    Setting("MODELS", "IFM/K2-Horizon-375B-A23B", _csv,
+            "Model ids listed by /v1/models, comma-separated (each also as ID-nothink); the first is the default "
+            "model"),
+    Setting("REASONING_EFFORT", "medium", _one_of("low", "medium", "high"),
+            "How long the model thinks when a request does not say: low, medium or high"),
+    Setting("THINKING_FORMAT", "reasoning_content", _one_of("reasoning_content", "think_tags"),
+            "How reasoning reaches clients: the reasoning_content field, or think_tags inline in content"),
     Setting("TOOL_SUPPORT", "true", _boolean, "Emulate OpenAI function calling for requests with tools"),
     Setting("MAX_REQUEST_MB", "32", _positive, "Largest request body accepted, in MB"),
     Setting("MAX_FILE_MB", "10", _positive, "Largest image or file attached to a message, in MB"),
     Setting("REQUEST_TIMEOUT", "120", _positive, "Seconds to wait for upstream's first byte, and between its frames"),
     Setting("COMPLETION_TIMEOUT", "900", _positive, "Seconds one completion may take in all, streams included"),
     Setting("MAX_ANSWER_MB", "16", _positive, "Largest answer kept for a non-streamed response, in MB"),
-    Setting("MEMORY_BUDGET_MB", "384", _positive, f"Memory request bodies may take at once, in MB (each counts {BODY_MEMORY_FACTOR} times its size); a body beyond it waits, then gets a 503"),
+    Setting("MEMORY_BUDGET_MB", "384", _positive,
+            f"Memory request bodies may take at once, in MB (each counts {BODY_MEMORY_FACTOR} times its size); a body"
+            f" beyond it waits, then gets a 503"),
     Setting("HEADER_TIMEOUT", "10", _positive, "Seconds a new connection has to send its first request's headers"),
     Setting("IDLE_TIMEOUT", "75", _positive, "Seconds an idle keep-alive connection stays open"),
-    Setting("MAX_CONNECTIONS", "0", _int_between(0, 1000000), "Client connections open at once, more refused at once; 0: three quarters of the open-files limit"),
+    Setting("MAX_CONNECTIONS", "0", _int_between(0, 1000000),
+            "Client connections open at once, more refused at once; 0: three quarters of the open-files limit"),
     Setting("KEEPALIVE_SECONDS", "15", _positive, "Seconds of upstream silence before a stream gets an SSE comment"),
     Setting("USER_TOKENS_FILE", "tokens.txt", _text, "Token file of user mode, one JWT per line"),
-    Setting("GUEST_TOKENS_FILE", "tokens_guest.txt", _text, "Token file of guest mode (optional; empty means no Authorization)"),
-    Setting("MAX_RETRIES", "3", _int_between(0, 20), "Further tokens tried when upstream fails before the client got anything"),
+    Setting("GUEST_TOKENS_FILE", "tokens_guest.txt", _text,
+            "Token file of guest mode (optional; empty means no Authorization)"),
+    Setting("MAX_RETRIES", "3", _int_between(0, 20),
+            "Further tokens tried when upstream fails before the client got anything"),
     Setting("MAX_TOKEN_FAILURES", "3", _int_between(1, 1000), "Failures in a row that disable a token"),
     Setting("TOKEN_COOLDOWN", "300", _positive, "Seconds before a token disabled by upstream errors is tried again"),
-    Setting("ACCOUNTS_FILE", "accounts.txt", _text, "Accounts to sign in with (email:password per line); their tokens join the user pool"),
+    Setting("ACCOUNTS_FILE", "accounts.txt", _text,
+            "Accounts to sign in with (email:password per line); their tokens join the user pool"),
     Setting("SIGNIN_INTERVAL", "2", _positive, "Seconds between two sign-ins, so the site sees no burst"),
     Setting("MODELS_REFRESH", "600", _positive, "Seconds between two model list fetches from upstream in user mode"),
-    Setting("MODEL_ALIASES", "", _pairs, "More model names, comma-separated alias=model-id pairs (k2=IFM/K2-Horizon-375B-A23B); the old K2-Think ids are built in"),
-    Setting("ANTHROPIC_MODEL_MAP", "", _model_map, "Which model serves each claude-... id on /v1/messages, comma-separated claude-id=model-id pairs (* ends a prefix: claude-haiku-*=IFM/K2-Horizon-375B-A23B-nothink); unmapped claude- ids get the default model"),
-    Setting("RESPONSES_STORE_COUNT", "1000", _int_between(0, 1000000), "Responses kept for previous_response_id and GET /v1/responses/{id}; 0 keeps none"),
+    Setting("MODEL_ALIASES", "", _pairs,
+            "More model names, comma-separated alias=model-id pairs (k2=IFM/K2-Horizon-375B-A23B); the old K2-Think "
+            "ids are built in"),
+    Setting("ANTHROPIC_MODEL_MAP", "", _model_map,
+            "Which model serves each claude-... id on /v1/messages, comma-separated claude-id=model-id pairs (* ends "
+            "a prefix: claude-haiku-*=IFM/K2-Horizon-375B-A23B-nothink); unmapped claude- ids get the default model"),
+    Setting("RESPONSES_STORE_COUNT", "1000", _int_between(0, 1000000),
+            "Responses kept for previous_response_id and GET /v1/responses/{id}; 0 keeps none"),
     Setting("RESPONSES_STORE_MB", "32", _positive, "Memory the kept responses may take, in MB; the oldest go first"),
     Setting("RESPONSES_STORE_TTL", "3600", _positive, "Seconds a kept response stays"),
     Setting("CORS_ORIGINS", "*", _csv, "Origins allowed to call /v1 from a browser, comma-separated, or *"),
@@ -752,7 +777,11 @@ class ToolCallScanner:
 # yield (Reasoning, Text, ToolCallStart, ToolArguments, Finish, and Attempt and
 # Restart between attempts), and Answer for whole responses.
 
-TEXT_FILE_EXTENSIONS = frozenset(["txt", "text", "md", "markdown", "rst", "csv", "tsv", "json", "jsonl", "ndjson", "yaml", "yml", "toml", "ini", "cfg", "conf", "env", "properties", "log", "xml", "html", "htm", "css", "scss", "js", "mjs", "cjs", "ts", "tsx", "jsx", "vue", "svelte", "py", "pyi", "ipynb", "java", "kt", "kts", "scala", "groovy", "gradle", "c", "h", "cc", "cpp", "cxx", "hpp", "cs", "go", "rs", "rb", "php", "pl", "pm", "lua", "r", "m", "swift", "dart", "sh", "bash", "zsh", "fish", "ps1", "bat", "cmd", "sql", "graphql", "proto", "tex", "bib", "srt", "vtt", "diff", "patch", "dockerfile", "makefile", "cmake", "gitignore"])
+TEXT_FILE_EXTENSIONS = frozenset("""
+    txt text md markdown rst csv tsv json jsonl ndjson yaml yml toml ini cfg conf env properties log xml html htm
+    css scss js mjs cjs ts tsx jsx vue svelte py pyi ipynb java kt kts scala groovy gradle c h cc cpp cxx hpp cs
+    go rs rb php pl pm lua r m swift dart sh bash zsh fish ps1 bat cmd sql graphql proto tex bib srt vtt diff
+    patch dockerfile makefile cmake gitignore""".split())
 TEXT_MEDIA_TYPES = re.compile(r"text/.*|application/(json|ld\+json|xml|x-yaml|yaml|toml|javascript|"
                               r"x-javascript|typescript|x-sh|x-python|sql|x-tex|csv|x-ndjson)")
 DATA_URL = re.compile(r"data:([\w.+-]+/[\w.+-]+)?(?:;[\w.+-]+=[^;,]*)*(;base64)?,(.*)", re.S)
@@ -1106,7 +1135,7 @@ class Frame:
     finish_reason: str = None
     done: bool = False
     error: str = None
-    fields: tuple = field(default=(), compare=False)  # the payload's top-level keys, or the end marker: what an answer without text did hold
+    fields: tuple = field(default=(), compare=False)  # the payload's top-level keys, or the end marker
 
 
 END_MARKERS = frozenset(("[DONE]", "DONE", "done"))
@@ -1401,7 +1430,8 @@ class UpstreamText:
         """A snapshot whose markup changed (Open WebUI rewrites the reasoning tag): keep it if its texts only grew.
 
         Tried once snapshots have been seen, or for a frame as long as the text so far that opens with the
-        same SNAPSHOT_HEAD_CHARS characters (a rewrite can come as early as the second frame); an incremental piece does neither."""
+        same SNAPSHOT_HEAD_CHARS characters (a rewrite can come as early as the second frame); an incremental
+        piece does neither."""
         fresh = MarkupSplitter()
         fresh.feed(text)
         old_reasoning, old_answer = self.splitter.reasoning.text(), self.splitter.answer.text()
@@ -2730,8 +2760,8 @@ async def probe_chat(site, mode, token, model):
     look, error = await look_at_chat(site, Credential(token) if token else NO_CREDENTIAL, mode, model)
     details = {**look.facts(), "dialect": look.dialect() if not error else None}
     if error is None:
-        return Probe(name, Verdict.OK, look.describe() + "\n" + look.preview() + "\nthe answer speaks " + look.dialect(),
-                     details=details)
+        summary = f"{look.describe()}\n{look.preview()}\nthe answer speaks {look.dialect()}"
+        return Probe(name, Verdict.OK, summary, details=details)
     what, hint = problem_of(error, look)
     settings = site.settings
     hint = hint.format(model=model, base=settings.k2think_base_url, timeout=settings.request_timeout)
@@ -3085,8 +3115,9 @@ def metrics_text(monitor, pool, sign_ins):
 def histogram_lines(name, labels, histogram):
     bounds = [*(f"{bound:g}" for bound in TIME_BUCKETS), "+Inf"]
     counts = itertools.accumulate(histogram.in_bucket)
-    return ([f"{name}_bucket{labels_text(labels + (('le', bound),))} {count}" for bound, count in zip(bounds, counts)]
-            + [f"{name}_sum{labels_text(labels)} {histogram.sum}", f"{name}_count{labels_text(labels)} {histogram.count}"])
+    buckets = [f"{name}_bucket{labels_text((*labels, ('le', bound)))} {count}" for bound, count in zip(bounds, counts)]
+    return [*buckets, f"{name}_sum{labels_text(labels)} {histogram.sum}",
+            f"{name}_count{labels_text(labels)} {histogram.count}"]
 
 
 # ─── API keys ────────────────────────────────────────────────────────────────
@@ -4891,7 +4922,8 @@ async def admin_requests(request):
     """The request log, newest first; ?status=4xx, ?key=name and ?limit=N narrow it."""
     status, key, limit = (request.query.get(name) for name in ("status", "key", "limit"))
     expect(status in (None, "2xx", "4xx", "5xx"), "'status' must be 2xx, 4xx or 5xx", "status")
-    expect(limit is None or (WHOLE_NUMBER.fullmatch(limit) and int(limit) > 0), "'limit' must be a whole number above 0", "limit")
+    expect(limit is None or (WHOLE_NUMBER.fullmatch(limit) and int(limit) > 0),
+           "'limit' must be a whole number above 0", "limit")
     entries = request.app[STATE].monitor.requests_logged(status, key)
     return web.json_response({"requests": list(itertools.islice(entries, int(limit) if limit else None))})
 
@@ -5165,7 +5197,8 @@ ROUTES = (
 )
 ROUTE_OF = web.AppKey("route_of", dict)  # handler → its Route, for the middlewares
 UNROUTED = Route("", "", None)  # an unknown path or method
-UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC), "/v1/responses": Route("", "", None, RESPONSES)}  # … under a path whose clients read another dialect
+# … and under a path whose clients read another dialect
+UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC), "/v1/responses": Route("", "", None, RESPONSES)}
 
 
 def route_of(request):
@@ -5233,10 +5266,10 @@ async def check_keys(request, handler):
         if matching_key(bearer(request), [key for key in (settings.admin_key, settings.metrics_key) if key]) is None:
             raise ApiError(401, "Invalid or missing key: send Authorization: Bearer <METRICS_KEY> (or the admin key)",
                            code="invalid_metrics_key")
-    elif path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD")):
-        if matching_key(bearer(request), [settings.admin_key]) is None:
-            raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
-                           code="invalid_admin_key")
+    elif (path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD"))
+          and matching_key(bearer(request), [settings.admin_key]) is None):
+        raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
+                       code="invalid_admin_key")
     return await handler(request)
 
 
