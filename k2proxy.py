@@ -5,7 +5,7 @@ One module that reads top to bottom, each section using only those above it:
 settings; errors; tool calls (pure); requests and events (a dialect-neutral
 request and the events of its completion); site protocol (pure parsing);
 files; credentials; upstream client; one section per upstream kind (upstream:
-the web site); accounts; models; upstream check; monitoring; API keys; stored
+the web site; upstream: the official API); accounts; models; upstream check; monitoring; API keys; stored
 responses; app state; request bodies; core (the one request path); one front
 door per client API (dialect: OpenAI chat completions; dialect: Anthropic
 Messages; dialect: OpenAI Responses); admin API; server; app factory and main.
@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import secrets
 import signal
@@ -38,7 +39,7 @@ import tempfile
 import time
 import urllib.parse
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
@@ -142,6 +143,17 @@ def _url_path(value):
     return value.rstrip("/") or "/admin"
 
 
+UPSTREAM_KINDS = ("site", "api")
+
+
+def _upstream_order(value):
+    """Upstream kinds in the order requests try them; empty: chosen at start-up."""
+    kinds = _csv(value.lower())
+    if any(kind not in UPSTREAM_KINDS for kind in kinds) or len(set(kinds)) != len(kinds):
+        raise ValueError("must be site, api, or both in an order such as api,site")
+    return kinds
+
+
 def _log_level(value):
     level = value.strip().upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -175,6 +187,15 @@ SETTINGS = (
             "admin key works too", True),
     Setting("REQUEST_LOG_SIZE", "500", _int_between(0, MAX_REQUEST_LOG),
             f"Requests kept in memory for GET /admin/requests and the admin page (at most {MAX_REQUEST_LOG})"),
+    Setting("UPSTREAM", "", _upstream_order,
+            "Which upstream serves: site (the K2Think web site), api (IFM's API or a self-hosted vLLM/SGLang server), "
+            "or an order such as api,site, where each request takes the first with a usable credential; empty: api "
+            "when an IFM key is configured, else site"),
+    Setting("IFM_API_KEY", "", _csv, "Keys of IFM's API, comma-separated (more in IFM_KEYS_FILE)", True),
+    Setting("IFM_KEYS_FILE", "ifm_keys.txt", _text,
+            "Keys of IFM's API, one per line; watched like the token file, editable on the admin page"),
+    Setting("IFM_BASE_URL", "https://api.ifm.ai/v1", _url,
+            "The OpenAI-compatible API: IFM's, or a self-hosted vLLM or SGLang server (which may need no key)"),
     Setting("PROXY_MODE", "guest", _one_of("guest", "user"),
             "guest (no account) or user (account tokens from USER_TOKENS_FILE)"),
     Setting("K2THINK_BASE_URL", "https://chat.ifm.ai", _url,
@@ -186,13 +207,18 @@ SETTINGS = (
     Setting("MODELS", "IFM/K2-Horizon-375B-A23B", _csv,
             "Model ids listed by /v1/models, comma-separated (each also as ID-nothink); the first is the default "
             "model"),
-    Setting("REASONING_EFFORT", "medium", _one_of("low", "medium", "high"),
+    Setting("REASONING_EFFORT", "high", _one_of("low", "medium", "high"),
             "How long the model thinks when a request does not say: low, medium or high"),
     Setting("THINKING_FORMAT", "reasoning_content", _one_of("reasoning_content", "think_tags"),
             "How reasoning reaches clients: the reasoning_content field, or think_tags inline in content"),
     Setting("TOOL_SUPPORT", "true", _boolean, "Emulate OpenAI function calling for requests with tools"),
     Setting("MAX_REQUEST_MB", "32", _positive, "Largest request body accepted, in MB"),
     Setting("MAX_FILE_MB", "10", _positive, "Largest image or file attached to a message, in MB"),
+    Setting("IMAGES", "refuse", _one_of("refuse", "forward"),
+            "Images in messages: refuse (a 400 that says the model reads text only) or forward (for an upstream that "
+            "reads images)"),
+    Setting("REPLAY_CACHE_MB", "16", _positive,
+            "Memory for the reasoning of recent answers, sent back to the API for clients that drop it, in MB"),
     Setting("REQUEST_TIMEOUT", "120", _positive, "Seconds to wait for upstream's first byte, and between its frames"),
     Setting("COMPLETION_TIMEOUT", "900", _positive, "Seconds one completion may take in all, streams included"),
     Setting("MAX_ANSWER_MB", "16", _positive, "Largest answer kept for a non-streamed response, in MB"),
@@ -272,6 +298,24 @@ def parse_dotenv(text):
     return values
 
 
+def read_if_there(path):
+    """A small file's text, or "" when it cannot be read: for defaults that depend on a file being there."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig", errors="replace")
+    except OSError:
+        return ""
+
+
+def parse_tokens_file(text):
+    """Tokens of a tokens file in order: one per line, blanks and # comments skipped, duplicates once."""
+    seen = {}
+    for line in text.splitlines():
+        token = line.strip()
+        if token and not token.startswith("#"):
+            seen.setdefault(token, None)
+    return list(seen)
+
+
 EXAMPLE_KEY = "sk-change-me"  # the placeholder of .env.example, refused as a key
 
 
@@ -321,6 +365,8 @@ def load_settings(environ, dotenv_text=None):
         values["valid_api_key"] = ["sk-" + secrets.token_urlsafe(32)]
     values["admin_key"] = values["admin_key"] or values["valid_api_key"][0]
     values["warnings"] = unknown_names(dotenv, environ)
+    values["upstream"] = values["upstream"] or [
+        "api" if values["ifm_api_key"] or parse_tokens_file(read_if_there(values["ifm_keys_file"])) else "site"]
     base = values["k2think_base_url"]
     values["guest_api_url"] = values["guest_api_url"] or base + "/api/guest/chat/completions"
     values["user_api_url"] = values["user_api_url"] or base + "/api/chat/completions"
@@ -367,8 +413,9 @@ class Failure:
     charge: bool                  # counts against the token (MAX_TOKEN_FAILURES disables it)
     fail_over: bool               # another token may do better, while the client has seen nothing
     retry_anonymous: bool = True  # without tokens, asking again is worth it
-    cool_down: bool = False       # the token rests for Retry-After instead of being charged
-    refused: bool = False         # the site refused the token itself: its account signs in again
+    cool_down: bool = False       # the credential rests for Retry-After instead of being charged
+    refused: bool = False         # upstream refused the credential itself: its account signs in again
+    disables: bool = False        # the credential is disabled at once (an API key that upstream refused)
 
 
 REFUSED_TOKEN = Failure("token refused", 502, "upstream_auth_failed", charge=True, fail_over=True, refused=True)
@@ -386,6 +433,14 @@ NOT_AN_ANSWER = Failure("not an answer", 502, "upstream_error", charge=False, fa
 SHUTTING_DOWN = Failure("shutting down", 503, "shutting_down", charge=False, fail_over=False)
 INVALID_JSON = Failure("invalid JSON", 502, "invalid_json_output", charge=False, fail_over=False)
 ANSWER_TOO_LARGE = Failure("answer too large", 502, "upstream_answer_too_large", charge=False, fail_over=False)
+KEY_REFUSED = Failure("key refused", 502, "upstream_auth_failed", charge=True, fail_over=True, refused=True,
+                      disables=True)
+BUDGET_SPENT = Failure("daily budget spent", 429, "rate_limited", charge=False, fail_over=True, cool_down=True,
+                       retry_anonymous=False)
+SERVER_FAILED = Failure("server failed", 502, "upstream_error", charge=False, fail_over=True)
+SERVER_OVERLOADED = Failure("overloaded", 503, "upstream_overloaded", charge=False, fail_over=True)
+TRUNCATED = Failure("truncated", 502, "upstream_truncated", charge=False, fail_over=True)
+MODEL_RETIRED = Failure("model retired", 410, "model_deprecated", charge=False, fail_over=False)
 
 
 class UpstreamError(Exception):
@@ -817,10 +872,26 @@ def decode_data(data, where, limit):
     return media.lower(), decode_base64(payload, where, limit)
 
 
+@dataclass(frozen=True)
+class FileLimit:
+    """What a message may attach: files up to MAX_FILE_MB, and images only when IMAGES=forward."""
+    bytes: int
+    images: bool
+
+    @classmethod
+    def of(cls, settings):
+        return cls(int(settings.max_file_mb * MB), settings.images == "forward")
+
+
 def image_part(url, where, limit):
-    """An image as upstream takes it: a valid image data: URL or an http(s) URL, passed as it is."""
+    """An image as upstream takes it: a valid image data: URL or an http(s) URL, passed as it is; refused unless
+    IMAGES=forward, since K2 Horizon reads text only (and a chat template blanks what is not text)."""
+    if not limit.images:
+        raise ApiError(400, f"{where} is an image, and K2 Horizon reads text only: it cannot see images. Send the "
+                            "text instead (an operator whose upstream reads images sets IMAGES=forward)",
+                       param=where, code="images_not_supported")
     if url.startswith("data:"):
-        media, raw = decode_data(url, where, limit)
+        media, raw = decode_data(url, where, limit.bytes)
         expect(media.startswith("image/"), f"{where} is a data: URL of '{media or 'no type'}', not an image",
                where, "invalid_image")
         expect(raw and re.match(r"data:[^,]*;base64,", url, re.IGNORECASE),
@@ -922,10 +993,15 @@ class Transcript:
 MAX_OUTPUT_TOKENS = 8192  # K2 Horizon writes at most this; asking for more only risks a refusal in long contexts
 
 
-def sampling(temperature, top_p, max_tokens, stop):
+MAX_STOP_SEQUENCES = 4  # what K2's API takes
+
+
+def sampling(temperature, top_p, max_tokens, stop, seed=None, stop_param="stop"):
     """The sampling options upstream understands, those given; max_tokens no more than the model can write."""
+    expect(stop is None or len(stop) <= MAX_STOP_SEQUENCES, f"'{stop_param}' may hold at most {MAX_STOP_SEQUENCES} "
+           "sequences", stop_param)
     params = {"temperature": temperature, "top_p": top_p,
-              "max_tokens": min(max_tokens, MAX_OUTPUT_TOKENS) if max_tokens else None, "stop": stop}
+              "max_tokens": min(max_tokens, MAX_OUTPUT_TOKENS) if max_tokens else None, "stop": stop, "seed": seed}
     return {name: value for name, value in params.items() if value is not None}
 
 
@@ -941,9 +1017,18 @@ def estimate_tokens(chars):
 
 @dataclass(frozen=True)
 class AnswerFormat:
-    """An answer that must be one JSON object (of `schema`, when given): asked for in the prompt, and taken out
-    of whatever the model wrote around it."""
+    """An answer that must be one JSON object (of `schema`, when given): passed on natively where upstream
+    enforces it, else asked for in the prompt and taken out of whatever the model wrote around it."""
     schema: dict = None
+    name: str = "answer"
+    strict: bool = None
+
+    def wire(self):
+        """OpenAI's response_format for it."""
+        if self.schema is None:
+            return {"type": "json_object"}
+        spec = {"name": self.name, "schema": self.schema}
+        return {"type": "json_schema", "json_schema": spec if self.strict is None else {**spec, "strict": self.strict}}
 
     def prompt(self):
         schema = f" matching this JSON Schema: {json.dumps(self.schema, ensure_ascii=False)}" if self.schema else ""
@@ -981,6 +1066,9 @@ class CoreRequest:
     show_reasoning: bool
     tools: ToolPlan = None
     answer_format: AnswerFormat = None
+    session_hint: str = None  # the client's own name for the conversation (prompt_cache_key, a session header)
+    session: str = None       # the conversation's X-Session-ID, set by the core
+    client: str = None        # who asks, as a digest of the API key it came with, set by the core
 
     @functools.cached_property
     def prompt_tokens(self):
@@ -1018,10 +1106,71 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self):
         return self.prompt_tokens + self.completion_tokens
+
+
+def whole_number(value):
+    """`value` when it is a whole number (not a bool), else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def usage_of(given, prompt_tokens, reasoning_chars, answer_chars):
+    """Upstream's counts (OpenAI's usage object) where it gave them, else estimates from what was written."""
+    given = given or {}
+    details = given.get("completion_tokens_details") if isinstance(given.get("completion_tokens_details"), dict) else {}
+    cached = given.get("prompt_tokens_details") if isinstance(given.get("prompt_tokens_details"), dict) else {}
+    prompt = whole_number(given.get("prompt_tokens"))
+    completion = whole_number(given.get("completion_tokens"))
+    reasoning = whole_number(details.get("reasoning_tokens"))
+    return Usage(prompt_tokens if prompt is None else prompt,
+                 estimate_tokens(reasoning_chars + answer_chars) if completion is None else completion,
+                 estimate_tokens(reasoning_chars) if reasoning is None else reasoning,
+                 whole_number(cached.get("cached_tokens")) or 0)
+
+
+EFFORT_CLOSERS = tuple(f"<{slash}ifm|think{speed}>" for slash in ("/", "") for speed in ("", "_fast", "_faster"))
+EFFORT_CLOSER = re.compile(r"</?ifm\|think(?:_fast(?:er)?)?>")
+
+
+class CloserSplitter:
+    """K2's reasoning as it streams, split at an effort closer: when a follow-up at low or medium effort closes its
+    reasoning with the high-effort tag, the whole reply is filed as reasoning, and what follows the closer is the
+    answer. Work per piece is in proportion to the piece."""
+
+    def __init__(self):
+        self.held = ""          # the end of the reasoning that may be the start of a closer
+        self.closed = False
+        self.answer_begun = False
+
+    def feed(self, text):
+        """(reasoning, answer) of the next piece of reasoning."""
+        if self.closed:
+            return "", self._answer(text)
+        text = self.held + text
+        found = EFFORT_CLOSER.search(text)
+        if found:
+            self.closed, self.held = True, ""
+            return text[:found.start()], self._answer(text[found.end():])
+        start = text.rfind("<", max(0, len(text) - len(EFFORT_CLOSERS[-1]) + 1))
+        keep = start >= 0 and any(closer.startswith(text[start:]) for closer in EFFORT_CLOSERS)
+        self.held = text[start:] if keep else ""
+        return (text[:start] if keep else text), ""
+
+    def finish(self):
+        """The reasoning held back at the end."""
+        held, self.held = self.held, ""
+        return held
+
+    def _answer(self, text):
+        """The answer after the closer, without the blank lines that open it."""
+        if not self.answer_begun:
+            text = text.lstrip()
+            self.answer_begun = bool(text)
+        return text
 
 
 @dataclass(frozen=True)
@@ -1095,9 +1244,11 @@ ERROR_TEXT_CHARS = 500  # of an error message quoted from upstream
 
 
 class SSEDecoder:
-    """Splits upstream bytes into frames, whatever the TCP, line and UTF-8 cut points."""
+    """Splits upstream bytes into frames, whatever the TCP, line and UTF-8 cut points; `parse` reads each
+    payload (the site's frames by default), and what it gives as None or empty is noise."""
 
-    def __init__(self):
+    def __init__(self, parse=None):
+        self.parse = parse or parse_frame
         self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
         self._partial = []
         self._partial_size = 0
@@ -1115,7 +1266,7 @@ class SSEDecoder:
         rest = "" if final else lines.pop()
         self._partial = [rest]
         self._partial_size = len(rest)
-        return [frame for frame in map(parse_frame, filter(None, map(sse_payload, lines))) if frame]
+        return [frame for frame in map(self.parse, filter(None, map(sse_payload, lines))) if frame]
 
 
 def sse_payload(line):
@@ -1532,6 +1683,7 @@ class Delta:
     finish_reason: str = None
     ended: bool = False
     error: UpstreamError = None  # an error frame: what came before it in the read is still delivered
+    calls: list = field(default_factory=list)  # pieces of native tool calls (CallPiece)
 
 
 class SiteReader:
@@ -1645,16 +1797,6 @@ def write_atomically(path, content):
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
-
-
-def parse_tokens_file(text):
-    """Tokens of a tokens file in order: one per line, blanks and # comments skipped, duplicates once."""
-    seen = {}
-    for line in text.splitlines():
-        token = line.strip()
-        if token and not token.startswith("#"):
-            seen.setdefault(token, None)
-    return list(seen)
 
 
 def file_version(text):
@@ -1773,6 +1915,9 @@ class Credential:
     cooling_until: float = None
     account: str = None
     refused: bool = False  # upstream refused it: its account is to sign in again
+    day: int = None               # the UTC day tokens_today counts
+    tokens_today: int = 0         # prompt and completion tokens of its answers on that day
+    budget_left: int = None       # the daily budget upstream says is left (x-ratelimit-remaining-tokens-daily)
     minutes: Minutes = field(default_factory=lambda: Minutes(lambda: [0, 0]), repr=False)  # [requests, failures]
 
 
@@ -1783,18 +1928,21 @@ class Anonymous:
 
 
 NO_CREDENTIAL = Anonymous()
+DAY_SECONDS = 86400
 RATE_LIMIT_REST = 60  # seconds a rate-limited credential rests when upstream gives no Retry-After
 LAST_ERROR_CHARS = 200
 
 
 class CredentialPool:
-    """The credentials of one file, with their health; requests take them round-robin. `anonymous` pools serve
-    without any credential while the file holds none."""
+    """The credentials of one file (and `fixed` ones of a setting), with their health; requests take them
+    round-robin. `anonymous` pools serve without any credential while they hold none."""
 
-    def __init__(self, name, path, settings, anonymous=False, clock=time.time):
+    def __init__(self, name, path, settings, anonymous=False, fixed=(), noun="token", clock=time.time):
         self.name = name
+        self.noun = noun
         self.file = WatchedFile(path)
         self.anonymous = anonymous
+        self.fixed = list(fixed)
         self.max_failures = settings.max_token_failures
         self.cooldown = settings.token_cooldown
         self.clock = clock
@@ -1804,8 +1952,9 @@ class CredentialPool:
     def load(self, text, readmit=False):
         """Replaces the file's credentials with those of `text`; credentials still present keep their stats."""
         known = {held.value: held for held in self.credentials if not held.account}
+        values = dict.fromkeys([*self.fixed, *parse_tokens_file(text)])
         self.credentials = [known.get(value) or Credential(value, jwt_expiry(value))
-                            for value in parse_tokens_file(text)] + [held for held in self.credentials if held.account]
+                            for value in values] + [held for held in self.credentials if held.account]
         self._next = 0
         if readmit:
             for credential in self.credentials:
@@ -1881,7 +2030,9 @@ class CredentialPool:
             return
         credential.failures += 1
         credential.refused = failure.refused and credential.account is not None
-        if credential.failures >= self.max_failures:
+        if failure.disables:
+            log.warning("%s %s disabled: %s", self.noun, mask_token(credential.value), error)
+        if credential.failures >= self.max_failures or failure.disables:
             credential.disabled = Disabled.REFUSED if failure.refused else Disabled.FAILURES
             credential.disabled_at = now
 
@@ -1904,6 +2055,19 @@ class CredentialPool:
         credential.refused = False
         credential.disabled = credential.disabled_at = credential.cooling_until = credential.last_error = None
 
+    def spent(self, credential, tokens, budget_left):
+        """Counts an answer's tokens against today's; a daily budget at 0 rests the credential until the next UTC
+        day."""
+        now = self.clock()
+        day = int(now // DAY_SECONDS)
+        if credential.day != day:
+            credential.day, credential.tokens_today = day, 0
+        credential.tokens_today += tokens
+        if budget_left is not None:
+            credential.budget_left = budget_left
+            if budget_left <= 0:
+                credential.cooling_until = (day + 1) * DAY_SECONDS
+
     def counts(self):
         now = self.clock()
         counts = dict.fromkeys(("total", *(state.value for state in CredentialState)), 0)
@@ -1922,6 +2086,8 @@ class CredentialPool:
                          "successes": held.successes, "last_used": held.last_used, "last_error": held.last_error,
                          "expires_at": held.expires_at,
                          "cooling_until": held.cooling_until if state is CredentialState.COOLING else None,
+                         "tokens_today": held.tokens_today if held.day == int(now // DAY_SECONDS) else 0,
+                         "budget_left": held.budget_left,
                          "last_hour": [bucket or [0, 0] for _, bucket in held.minutes.last_hour(now)]})
         return rows
 
@@ -1941,10 +2107,10 @@ class CredentialPool:
         cooling = [c.cooling_until - now for c, state in zip(self.credentials, states)
                    if state is CredentialState.COOLING]
         if cooling and all(state in (CredentialState.COOLING, CredentialState.ACTIVE) for state in states):
-            return ApiError(429, "Every token is rate limited by upstream; try again later",
+            return ApiError(429, f"Every {self.noun} is rate limited by upstream; try again later",
                             code="rate_limited", retry_after=max(1, round(min(cooling))))
-        return ApiError(503, f"No usable token left in {self.file.path.name} (disabled or expired); "
-                             "fix the file or reset tokens on the admin page", code="no_usable_tokens")
+        return ApiError(503, f"No usable {self.noun} left in {self.file.path.name} (disabled or expired); "
+                             f"fix the file or reset them on the admin page", code="no_usable_tokens")
 
     async def reload(self, force=False):
         """Loads the file if it changed; `force` reads it anyway and re-admits disabled credentials."""
@@ -2202,13 +2368,7 @@ class Progress:
         return events
 
     def usage(self, prompt_tokens):
-        """Upstream's counts where it gave them, else estimates; reasoning tokens are always estimated."""
-        given = self.upstream_usage or {}
-        counted = {key: given[key] for key in ("prompt_tokens", "completion_tokens")
-                   if isinstance(given.get(key), int) and not isinstance(given.get(key), bool)}
-        completion = estimate_tokens(self.reasoning_chars + self.answer_chars)
-        return Usage(counted.get("prompt_tokens", prompt_tokens), counted.get("completion_tokens", completion),
-                     estimate_tokens(self.reasoning_chars))
+        return usage_of(self.upstream_usage, prompt_tokens, self.reasoning_chars, self.answer_chars)
 
 
 
@@ -2301,6 +2461,389 @@ class SiteUpstream:
         events = progress.events(reasoning, answer)
         if events:
             yield events
+
+
+# ─── Upstream: the official API ──────────────────────────────────────────────
+# IFM's keyed, OpenAI-compatible API (api.ifm.ai), and self-hosted vLLM or
+# SGLang servers, which speak the same: chat completions with K2's own rules
+# (reasoning replayed on every assistant turn, text-only content, effort in the
+# chat template, a session id that routes to the node holding the
+# conversation), native tool calls and structured output, a daily token budget
+# per key. Offers ApiUpstream, whose complete() yields a completion's events
+# attempt by attempt, failing over from key to key.
+
+API_END = "[DONE]"
+RETRY_AFTER_MAX = 3600     # seconds: a longer Retry-After from upstream is taken as this
+BACKOFF_FIRST, BACKOFF_MAX = 0.25, 4.0  # seconds before the next attempt after a server failure, doubling
+OVERLOAD_BACKOFF = 4       # times longer after a 529
+SESSION_HINT_HEADERS = ("x-session-id", "session_id", "x-claude-code-session-id", "conversation_id")
+REPLAY_ENTRY_MAX = 4 * MB  # reasoning longer than this is not kept for replay
+MINUTE_GUARD_CODE = "token_rate_limit"
+TOOL_FORMATS = {"tool_presentation_format": "xml", "tool_call_format": "xml"}
+
+
+def api_chunk(payload):
+    """One payload of the API's stream: its JSON object, API_END for [DONE], None for noise."""
+    if payload == API_END:
+        return API_END
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+@dataclass(frozen=True)
+class CallPiece:
+    """A piece of a streamed tool call: the first of a call has its id and name, the rest more arguments."""
+    index: int
+    name: str = None
+    arguments: str = ""
+
+
+class ApiReader:
+    """The API's stream chunks, read by network read into Deltas; the finish reason, once one came."""
+
+    def __init__(self):
+        self.finish_reason = None
+
+    def read(self, chunks):
+        reasoning, text, delta = [], [], Delta(calls=[])
+        for chunk in chunks:
+            if chunk is API_END:
+                delta.ended = True
+                break
+            if isinstance(chunk.get("error"), dict):
+                delta.error = UpstreamError(SERVER_FAILED, "upstream reported an error mid-answer: "
+                                            + error_text(chunk["error"]))
+                break
+            choices = chunk.get("choices")
+            part = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+            said = part.get("delta") if isinstance(part.get("delta"), dict) else {}
+            thought = said.get("reasoning_content")
+            thought = thought if isinstance(thought, str) else said.get("reasoning")  # the mirror, when alone
+            reasoning.append(thought if isinstance(thought, str) else "")
+            text.append(said.get("content") if isinstance(said.get("content"), str) else "")
+            delta.calls += [piece for call in said.get("tool_calls") or () if (piece := call_piece(call))]
+            if isinstance(part.get("finish_reason"), str):
+                self.finish_reason = delta.finish_reason = part["finish_reason"]
+            if isinstance(chunk.get("usage"), dict):
+                delta.usage = chunk["usage"]
+        delta.reasoning, delta.text = "".join(reasoning), "".join(text)
+        return delta
+
+
+def call_piece(call):
+    """A CallPiece of a streamed tool call, or None when it is not one."""
+    if not isinstance(call, dict) or whole_number(call.get("index")) is None:
+        return None
+    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    name, arguments = function.get("name"), function.get("arguments")
+    return CallPiece(call["index"], name if isinstance(name, str) and name else None,
+                     arguments if isinstance(arguments, str) else "")
+
+
+def seconds_to_midnight(now):
+    """Seconds until 00:00 UTC, when a key's daily budget is back."""
+    return (int(now // DAY_SECONDS) + 1) * DAY_SECONDS - now
+
+
+def api_failure(status, body, headers, now):
+    """The UpstreamError for a failed answer of the API: by the error's type and code (never its message), with
+    a short summary of what it said."""
+    try:
+        error = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        error = None
+    error = error if isinstance(error, dict) else {}
+    kind, code = str(error.get("type") or ""), str(error.get("code") or "")
+    shown = f"upstream answered HTTP {status}" + (f" {kind}" if kind else "") + (
+        f": {error_text(error)[:LAST_ERROR_CHARS]}" if error.get("message") else "")
+    if status == 429:
+        daily = code != MINUTE_GUARD_CODE and (headers.get("x-ratelimit-remaining-tokens-daily") == "0"
+                                               or "daily" in code)
+        if daily:
+            return UpstreamError(BUDGET_SPENT, shown + " (the key's daily budget is spent)",
+                                 retry_after=seconds_to_midnight(now))
+        wait = headers.get("Retry-After", "").strip()
+        return UpstreamError(RATE_LIMITED, shown, retry_after=min(int(wait), RETRY_AFTER_MAX)
+                             if WHOLE_NUMBER.fullmatch(wait) else None)
+    if status in (401, 403):
+        return UpstreamError(KEY_REFUSED, shown + " (the IFM key was refused)")
+    if status == 404:
+        return UpstreamError(MODEL_GONE, shown)
+    if status == 410:
+        return UpstreamError(MODEL_RETIRED, shown + " (the model is retired: set MODELS to a served one)")
+    if status in (400, 422):
+        return UpstreamError(REJECTED, shown)
+    if status == 413:
+        return UpstreamError(TOO_LARGE, shown)
+    if status == 529:
+        return UpstreamError(SERVER_OVERLOADED, shown)
+    if status == 408 or status >= 500:
+        return UpstreamError(SERVER_FAILED, shown)
+    return UpstreamError(NOT_AN_ANSWER, shown)
+
+
+def backoff(failure, attempt):
+    """Seconds to wait before attempt number `attempt + 1`, with jitter, after a server failure; 0 after others."""
+    if failure not in (SERVER_FAILED, SERVER_OVERLOADED, TIMED_OUT):
+        return 0
+    base = BACKOFF_FIRST * (OVERLOAD_BACKOFF if failure is SERVER_OVERLOADED else 1)
+    return min(BACKOFF_MAX, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+def session_id(secret, client, hint, turns):
+    """The X-Session-ID of a conversation: a keyed hash of the client's key and the client's own session hint, or
+    else of the conversation's opening turns; stable across its turns, never shared by two keys, unguessable, and
+    nothing personal."""
+    if not hint:
+        opening = [turn for turn in turns if turn.role == "system"][:1] + [
+            turn for turn in turns if turn.role == "user"][:1]
+        hint = "opening:" + json_text([[turn.role, turn.text] for turn in opening])
+    return hmac.new(secret, f"{client}\0{hint}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
+
+
+def turn_digest(text, calls):
+    """What identifies an assistant turn, whichever dialect carries it back: its text and its calls' names and
+    arguments (not their ids, which each dialect prefixes)."""
+    canonical = []
+    for name, arguments in calls:
+        try:
+            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except ValueError:
+            pass
+        canonical.append([name, json.dumps(arguments, sort_keys=True, ensure_ascii=False)])
+    return hashlib.sha256(json_text([text.strip(), canonical]).encode("utf-8", "surrogatepass")).digest()
+
+
+class ReplayCache:
+    """The reasoning of the answers the proxy gave, by client key and turn digest, for clients that send an
+    assistant turn back without it: bounded in bytes, and each client to a share of them, so that no key can
+    push out the others' entries."""
+
+    CLIENT_SHARE = 4  # a client holds at most a quarter of the cache
+
+    def __init__(self, megabytes):
+        self.limit = int(megabytes * MB)
+        self.entries = collections.OrderedDict()  # (client, digest) → reasoning, oldest first
+        self.size = 0
+        self.by_client = collections.Counter()    # client → bytes held
+
+    def put(self, client, digest, reasoning):
+        size = len(reasoning)
+        if not reasoning or size > min(REPLAY_ENTRY_MAX, self.limit // self.CLIENT_SHARE):
+            return
+        self.drop((client, digest))
+        while self.by_client[client] + size > self.limit // self.CLIENT_SHARE:
+            self.drop(next(key for key in self.entries if key[0] == client))
+        while self.size + size > self.limit:
+            self.drop(next(iter(self.entries)))
+        self.entries[client, digest] = reasoning
+        self.size += size
+        self.by_client[client] += size
+
+    def get(self, client, digest):
+        return self.entries.get((client, digest))
+
+    def drop(self, key):
+        reasoning = self.entries.pop(key, None)
+        if reasoning is not None:
+            self.size -= len(reasoning)
+            self.by_client[key[0]] -= len(reasoning)
+            if not self.by_client[key[0]]:
+                del self.by_client[key[0]]
+
+
+def api_tool(tool):
+    return {"type": "function", "function": {"name": tool.name, "description": tool.description,
+                                             "parameters": tool.parameters}}
+
+
+def api_tool_choice(choice):
+    return choice if choice in ("auto", "required", "none") else {"type": "function", "function": {"name": choice}}
+
+
+def api_content(parts):
+    """A message's content as the API takes it: one string, or the parts when images are forwarded."""
+    return text_of(parts) if all(part["type"] == "text" for part in parts) else list(parts)
+
+
+def api_messages(core, replayed):
+    """The conversation as the API takes it: content as strings, every assistant turn with its reasoning (the
+    client's, else `replayed(turn)`, else ""), tool calls and results natively."""
+    messages = []
+    for turn in core.turns:
+        if turn.role == "assistant":
+            message = {"role": "assistant", "content": turn.text,
+                       "reasoning_content": turn.reasoning if turn.reasoning is not None else replayed(turn) or ""}
+            if turn.calls:
+                message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
+                    "name": call.name, "arguments": call.arguments if isinstance(call.arguments, str)
+                    else json_text(call.arguments)}} for call in turn.calls]
+            messages.append(message)
+        elif turn.role == "tool":
+            text = turn.text if not turn.failed else f"Error: {turn.text}"
+            messages.append({"role": "tool", "tool_call_id": turn.call_id, "content": text})
+        else:
+            messages.append({"role": turn.role, "content": api_content(turn.parts)})
+    return messages
+
+
+def api_payload(core, messages):
+    """The chat completion request the API takes: effort where the chat template reads it, native tools with K2's
+    tool formats, native structured output; always streamed, with usage."""
+    payload = {"model": core.upstream_model, "messages": messages, "stream": True,
+               "stream_options": {"include_usage": True}, **core.params,
+               "chat_template_kwargs": {"reasoning_effort": core.effort}}
+    if core.tools:
+        payload.update(tools=[api_tool(tool) for tool in core.tools.tools],
+                       tool_choice=api_tool_choice(core.tools.choice), **TOOL_FORMATS)
+    if core.answer_format:
+        payload["response_format"] = core.answer_format.wire()
+    return payload
+
+
+class ApiProgress:
+    """What one attempt at the API has produced, as events: reasoning (split at an effort closer when the answer
+    was filed as reasoning), text and native tool calls, and what the replay cache keeps of it."""
+
+    def __init__(self, core):
+        self.show_reasoning = core.show_reasoning
+        self.closer = CloserSplitter()
+        self.calls = {}          # upstream's index → [our index, name, argument pieces]
+        self.reasoning = []      # kept for the replay cache while it stays under REPLAY_ENTRY_MAX
+        self.reasoning_chars = 0
+        self.text = []
+        self.answer_chars = 0
+        self.usage = None
+
+    def events(self, delta):
+        reasoning, answer = self.closer.feed(delta.reasoning) if delta.reasoning else ("", "")
+        self.usage = delta.usage or self.usage
+        events = self._reasoning(reasoning)
+        for text in (answer, delta.text):
+            if text:
+                self.answer_chars += len(text)
+                self.text.append(text)
+                events.append(Text(text))
+        for piece in delta.calls:
+            call = self.calls.get(piece.index)
+            if call is None:
+                call = self.calls[piece.index] = [len(self.calls), piece.name or "", []]
+                events.append(ToolCallStart(call[0], uuid.uuid4().hex[:24], call[1]))
+            if piece.arguments:
+                self.answer_chars += len(piece.arguments)
+                call[2].append(piece.arguments)
+                events.append(ToolArguments(call[0], piece.arguments))
+        return events
+
+    def _reasoning(self, text):
+        if not text:
+            return []
+        self.reasoning_chars += len(text)
+        if self.reasoning_chars <= REPLAY_ENTRY_MAX:
+            self.reasoning.append(text)
+        return [Reasoning(text)] if self.show_reasoning else []
+
+    def closing(self, finish_reason, prompt_tokens):
+        events = self._reasoning(self.closer.finish())
+        reason = "tool_calls" if self.calls else finish_reason if finish_reason in UPSTREAM_FINISH_REASONS else "stop"
+        return [*events, Finish(reason, usage_of(self.usage, prompt_tokens, self.reasoning_chars, self.answer_chars))]
+
+    def digest(self):
+        """The digest of the assistant turn this answer becomes, as a client carries it back."""
+        return turn_digest("".join(self.text), [(name, "".join(pieces)) for _, name, pieces in self.calls.values()])
+
+
+class ApiUpstream:
+    """The official API (or a self-hosted server): its keys, and completions that fail over from key to key."""
+
+    name = "api"
+
+    def __init__(self, settings, http, clock=time.time):
+        self.settings = settings
+        self.http = http
+        self.url = settings.ifm_base_url + "/chat/completions"
+        self.pool = CredentialPool("api", settings.ifm_keys_file, settings, anonymous=True,
+                                   fixed=settings.ifm_api_key, noun="IFM key", clock=clock)
+        self.replay = ReplayCache(settings.replay_cache_mb)
+        self.clock = clock
+
+    async def watch_keys(self):
+        """Reads the keys file when it changed, like the token file."""
+        await self.pool.reload()
+        return TOKEN_FILE_POLL_SECONDS
+
+    def headers(self, credential, session):
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream", "X-Session-ID": session}
+        if credential.value:
+            headers["Authorization"] = f"Bearer {credential.value}"
+        return headers
+
+    def replayed(self, client):
+        """The reasoning the proxy gave with an assistant turn, looked up for a client that sent it back without."""
+        return lambda turn: self.replay.get(client, turn_digest(turn.text, [(c.name, c.arguments) for c in turn.calls]))
+
+    async def complete(self, core):
+        """The completion's events, attempt by attempt, as SiteUpstream.complete gives them; a stream cut before
+        its finish is tried again on another key (with the same session id) while the client has seen nothing."""
+        body = json_text(api_payload(core, api_messages(core, self.replayed(core.client)))).encode()
+        tried, error = [], None
+        for _ in range(self.settings.max_retries + 1):
+            credential = self.pool.acquire(tried)
+            if credential is None:
+                break
+            tried.append(credential)
+            yield Attempt(len(tried), self.pool.index_of(credential))
+            progress = ApiProgress(core)
+            try:
+                async with contextlib.aclosing(self._answer(body, credential, core, progress)) as read:
+                    async for events in read:
+                        yield events
+            except UpstreamError as failure:
+                self.pool.fail(credential, failure)
+                who = "no key" if credential is NO_CREDENTIAL else f"key {mask_token(credential.value)}"
+                log.info("upstream attempt %d failed (api, %s) %s: %s", len(tried), who, failure.failure.code,
+                         failure)
+                if not worth_another_try(failure.failure, credential):
+                    raise
+                error = failure
+                yield Restart(failure)
+                await asyncio.sleep(backoff(failure.failure, len(tried)))
+                continue
+            self.pool.succeed(credential)
+            return
+        raise error or self.pool.unavailable()
+
+    async def _answer(self, body, credential, core, progress):
+        """One attempt: the events of each network read, then the finish; a stream without one is truncated."""
+        async with self.http.exchange(self.url, body, self.headers(credential, core.session)) as response:
+            if response.status != 200:
+                text = (await read_body(response, ERROR_BODY_BYTES)).decode("utf-8", "replace")
+                raise api_failure(response.status, text, response.headers, self.clock())
+            if response.content_type != "text/event-stream":
+                raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {response.content_type or 'no content type'}"
+                                                   ", not a stream")
+            reader, decoder = ApiReader(), SSEDecoder(api_chunk)
+            async for data in response.content.iter_any():
+                delta = reader.read(decoder.feed(data))
+                events = progress.events(delta)
+                if events:
+                    yield events
+                if delta.error:
+                    raise delta.error
+                if delta.ended:
+                    break
+            budget = response.headers.get("x-ratelimit-remaining-tokens-daily", "").strip()
+        if reader.finish_reason is None:
+            raise UpstreamError(TRUNCATED, "upstream's stream ended before its answer did (no finish reason)")
+        closing = progress.closing(reader.finish_reason, core.prompt_tokens)
+        self.pool.spent(credential, closing[-1].usage.total_tokens, int(budget) if WHOLE_NUMBER.fullmatch(budget)
+                        else None)
+        self.replay.put(core.client, progress.digest(), "".join(progress.reasoning))
+        yield closing
+
 
 
 # ─── Accounts ────────────────────────────────────────────────────────────────
@@ -3349,6 +3892,9 @@ class AppState:
         self.settings = settings
         self.http = HttpClient(settings)
         self.site = SiteUpstream(settings, self.http)
+        self.api = ApiUpstream(settings, self.http)
+        self.upstreams = [{"site": self.site, "api": self.api}[kind] for kind in settings.upstream]
+        self.session_secret = hashlib.sha256(b"k2proxy X-Session-ID\0" + settings.admin_key.encode()).digest()
         self.models = Models(settings, self.site)
         self.accounts = Accounts(settings, self.site, on_sign_in=self.models.token_arrived)
         self.monitor = Monitor(settings)
@@ -3362,6 +3908,10 @@ class AppState:
         self.tools_left_out = set()
         self.check_run = None  # the upstream check under way, which a second asker waits for
 
+    def upstream(self):
+        """The first upstream kind of UPSTREAM that could serve a request now; else the first, which says why not."""
+        return next((kind for kind in self.upstreams if kind.pool.ready() is None), self.upstreams[0])
+
     def note_left_out_tools(self, kinds):
         """Logs, once per kind, the tools a client sent that the model cannot be told of (server tools)."""
         for kind in set(kinds) - self.tools_left_out:
@@ -3372,8 +3922,10 @@ class AppState:
         """Opens the upstream session and starts the background work."""
         await self.http.open()
         await self.site.pool.reload()
+        await self.api.pool.reload()
         await self.keys.reload()
         self.tasks = [asyncio.ensure_future(keep_polling(self.site.watch_tokens)),
+                      asyncio.ensure_future(keep_polling(self.api.watch_keys)),
                       asyncio.ensure_future(keep_polling(self.accounts.run)),
                       asyncio.ensure_future(keep_polling(self.models.run, self.models.wake)),
                       asyncio.ensure_future(keep_polling(self.keys.watch))]
@@ -3696,9 +4248,19 @@ async def pull(events, writer, record):
     raise UpstreamError(NOT_AN_ANSWER, "upstream's answer ended without a finish")
 
 
+def in_conversation(request, core):
+    """The core request with who asks (a digest of their API key) and its conversation's X-Session-ID: from the
+    client's own hint (prompt_cache_key, a session header) or else its opening turns."""
+    state, key = request.app[STATE], request[RECORD].api_key
+    client = hashlib.sha256(key.value.encode()).hexdigest()[:16] if key else ""
+    hint = core.session_hint or next(filter(None, map(request.headers.get, SESSION_HINT_HEADERS)), None)
+    return replace(core, client=client, session=session_id(state.session_secret, client, hint, core.turns))
+
+
 async def serve_completion(request, asked):
-    """Runs the request's core upstream into its writer, and answers."""
-    state, record, core = request.app[STATE], request[RECORD], asked.core
+    """Runs the request's core through the upstream kind that can serve it into its writer, and answers."""
+    state, record = request.app[STATE], request[RECORD]
+    core = in_conversation(request, asked.core)
     record.stream = core.stream  # its model is noted already, by read_request
     settings = state.settings
     writer = (EventStream(request, asked.stream_writer(), settings.keepalive_seconds) if core.stream
@@ -3706,7 +4268,8 @@ async def serve_completion(request, asked):
     writer.start()
     try:
         try:
-            return await within_deadline(pull(state.site.complete(core), writer, record), settings.completion_timeout)
+            events = state.upstream().complete(core)
+            return await within_deadline(pull(events, writer, record), settings.completion_timeout)
         except (UpstreamError, ApiError) as failure:
             error = failure.api_error() if isinstance(failure, UpstreamError) else failure
             record.upstream_failed, record.reason = True, error.code
@@ -3736,7 +4299,8 @@ def completion_handler(dialect):
 CHAT_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 OPENAI_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error",
                       500: "server_error", 502: "upstream_error", 503: "service_unavailable", 504: "timeout_error"}
-REQUEST_EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high"}  # OpenAI's → the site's
+REQUEST_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
+                   "xhigh": "high"}  # OpenAI's → K2's
 
 
 def openai_error_body(error):
@@ -3778,7 +4342,7 @@ def chat_file(file, where, limit):
         raise ApiError(400, f"{where}: uploaded file ids cannot be fetched through this proxy; send the file "
                             "itself as file_data", param=where, code="unsupported_file")
     expect(isinstance(data, str) and data, f"{where}.file.file_data is missing", where, "invalid_type")
-    return text_file(name, *decode_data(data, where, limit), where)
+    return text_file(name, *decode_data(data, where, limit.bytes), where)
 
 
 def chat_content(content, index, limit):
@@ -3819,7 +4383,7 @@ def chat_transcript(messages, limit):
             expect(image is None, f"{where}: assistant messages hold text only, as on OpenAI; send images in user "
                    "messages", where, "unsupported_content")
             transcript.assistant(text_of(parts), chat_calls(message["tool_calls"], index)
-                                 if message.get("tool_calls") else ())
+                                 if message.get("tool_calls") else (), chat_reasoning(message, index))
         elif role in ("tool", "function"):
             call_id = message.get("tool_call_id", "")
             expect(isinstance(call_id, str), f"messages[{index}].tool_call_id must be a string",
@@ -3857,6 +4421,17 @@ def chat_tools(body, enabled):
     return tool_plan(checked, choice, enabled)
 
 
+def chat_reasoning(message, index):
+    """The reasoning an assistant message carries back (reasoning_content, or its mirror reasoning), or None."""
+    for name in ("reasoning_content", "reasoning"):
+        value = message.get(name)
+        if value is not None:
+            expect(isinstance(value, str), f"messages[{index}].{name} must be a string", f"messages[{index}].{name}",
+                   "invalid_type")
+            return value
+    return None
+
+
 def chat_params(body):
     """The sampling options upstream understands, checked."""
     stop = body.get("stop")
@@ -3864,7 +4439,15 @@ def chat_params(body):
            "'stop' must be a string or a list of strings", "stop", "invalid_type")
     return sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
                     integer_field(body, "max_completion_tokens", 1) or integer_field(body, "max_tokens", 1),
-                    [stop] if isinstance(stop, str) else stop)
+                    [stop] if isinstance(stop, str) else stop, integer_field(body, "seed", -2 ** 63))
+
+
+def session_hint(body):
+    """The client's own key for a conversation, prompt_cache_key, which routes its turns alike."""
+    hint = body.get("prompt_cache_key")
+    expect(hint is None or isinstance(hint, str), "'prompt_cache_key' must be a string", "prompt_cache_key",
+           "invalid_type")
+    return hint or None
 
 
 def chat_answer_format(response_format):
@@ -3875,9 +4458,20 @@ def chat_answer_format(response_format):
         return None
     if kind == "json_object":
         return AnswerFormat()
-    schema = object_field(object_field(response_format, "json_schema", "response_format.json_schema"), "schema",
-                          "response_format.json_schema.schema")
-    return AnswerFormat(schema or None)
+    spec = object_field(response_format, "json_schema", "response_format.json_schema")
+    return json_schema_format(spec, "response_format.json_schema")
+
+
+def json_schema_format(spec, where):
+    """The AnswerFormat of a json_schema format's name, schema and strict (`where` names them for a 400)."""
+    schema = object_field(spec, "schema", f"{where}.schema")
+    name = spec.get("name", "answer")
+    expect(isinstance(name, str) and name, f"'{where}.name' must be a non-empty string", f"{where}.name",
+           "invalid_type")
+    strict = spec.get("strict")
+    expect(strict is None or isinstance(strict, bool), f"'{where}.strict' must be true or false", f"{where}.strict",
+           "invalid_type")
+    return AnswerFormat(schema or None, name, strict)
 
 
 def parse_chat_request(body, settings, models):
@@ -3897,9 +4491,9 @@ def parse_chat_request(body, settings, models):
                                           default_effort(settings, show_reasoning))]
     tools = chat_tools(body, settings.tool_support)
     answer_format = chat_answer_format(object_field(body, "response_format"))
-    turns = chat_transcript(body.get("messages"), int(settings.max_file_mb * MB)).finish()
+    turns = chat_transcript(body.get("messages"), FileLimit.of(settings)).finish()
     core = CoreRequest(model, upstream_model, turns, chat_params(body), effort, bool(stream), show_reasoning,
-                       tools, answer_format)
+                       tools, answer_format, session_hint(body))
     return core, bool(options.get("include_usage"))
 
 
@@ -4099,7 +4693,7 @@ def anthropic_document(block, where, limit):
         return text_file(name, "text/plain", text.encode(), where)
     media = source.get("media_type") if isinstance(source.get("media_type"), str) else "text/plain"
     data = source_field(source, "data", where)
-    raw = data.encode() if kind == "text" else decode_base64(data, where, limit)
+    raw = data.encode() if kind == "text" else decode_base64(data, where, limit.bytes)
     return text_file(name, media, raw, where)
 
 
@@ -4139,8 +4733,8 @@ def anthropic_user(transcript, blocks, where, limit):
 
 
 def anthropic_assistant(transcript, blocks, where):
-    """An assistant turn: its text and tool_use blocks; thinking blocks are not sent back upstream."""
-    texts, calls = [], []
+    """An assistant turn: its text, tool_use blocks and the reasoning of its thinking blocks."""
+    texts, calls, thoughts = [], [], []
     for number, block in enumerate(blocks):
         place, kind = f"{where}[{number}]", block["type"]
         if kind == "text":
@@ -4150,10 +4744,14 @@ def anthropic_assistant(transcript, blocks, where):
                    and isinstance(block.get("input", {}), dict), f"{place}: a tool_use block needs a string id "
                    "and name and an object input", place, "invalid_type")
             calls.append((block["id"], block["name"], block.get("input", {})))
+        elif kind == "thinking":
+            expect(isinstance(block.get("thinking"), str), f"{place}.thinking must be a string", f"{place}.thinking",
+                   "invalid_type")
+            thoughts.append(block["thinking"])
         else:
-            expect(kind in ("thinking", "redacted_thinking"), f"{place} has type '{kind}'; assistant turns hold "
-                   "text, tool_use and thinking blocks", place, "unsupported_content")
-    transcript.assistant("\n".join(texts), calls)
+            expect(kind == "redacted_thinking", f"{place} has type '{kind}'; assistant turns hold text, tool_use "
+                   "and thinking blocks", place, "unsupported_content")
+    transcript.assistant("\n".join(texts), calls, "".join(thoughts) if any(thoughts) else None)
 
 
 def anthropic_system(system):
@@ -4257,9 +4855,10 @@ def parse_messages_request(body, settings, models, counting=False):
     stop = body.get("stop_sequences")
     expect(stop is None or (isinstance(stop, list) and all(isinstance(s, str) for s in stop)),
            "'stop_sequences' must be a list of strings", "stop_sequences", "invalid_type")
-    params = sampling(number_field(body, "temperature", 0, 1), number_field(body, "top_p", 0, 1), max_tokens, stop)
+    params = sampling(number_field(body, "temperature", 0, 1), number_field(body, "top_p", 0, 1), max_tokens, stop,
+                      stop_param="stop_sequences")
     tools, left_out = anthropic_tools(body, settings.tool_support)
-    turns = anthropic_transcript(body, int(settings.max_file_mb * MB)).finish()
+    turns = anthropic_transcript(body, FileLimit.of(settings)).finish()
     effort = effort or default_effort(settings, show_reasoning)
     core = CoreRequest(model, upstream_model, turns, params, effort, stream, show_reasoning and thinking, tools)
     return core, show_text, left_out
@@ -4389,8 +4988,8 @@ RESPONSE_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "me
                     "xhigh": "high"}  # OpenAI's → the site's
 SUMMARIES = ("auto", "concise", "detailed")
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
-SKIPPED_ITEMS = frozenset((  # items of history that say nothing the model could use: reasoning, built-in tools
-    "reasoning", "web_search_call", "file_search_call", "computer_call", "computer_call_output",
+SKIPPED_ITEMS = frozenset((  # items of history that say nothing the model could use: built-in tools
+    "web_search_call", "file_search_call", "computer_call", "computer_call_output",
     "image_generation_call", "code_interpreter_call", "local_shell_call", "local_shell_call_output",
     "mcp_list_tools", "mcp_call", "mcp_approval_request", "mcp_approval_response", "item_reference"))
 ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "previous_response_id", "store",
@@ -4418,7 +5017,8 @@ def response_part(part, where, limit):
         data, name = part.get("file_data"), part.get("filename")
         expect(isinstance(data, str) and data, f"{where}.file_data is missing: send the file itself (file ids and "
                "URLs cannot be fetched through this proxy)", where, "invalid_type")
-        return text_file(name if isinstance(name, str) and name else "file", *decode_data(data, where, limit), where)
+        return text_file(name if isinstance(name, str) and name else "file", *decode_data(data, where, limit.bytes),
+                         where)
     raise ApiError(400, f"{where} has type '{kind}', which is not supported (input_text, input_image, input_file, "
                         "output_text)", param=where, code="unsupported_content")
 
@@ -4436,11 +5036,14 @@ class TurnBuilder:
     def __init__(self, limit):
         self.transcript = Transcript()
         self.limit = limit
-        self.texts, self.calls = [], []
+        self.texts, self.calls, self.thoughts = [], [], []
 
     def add(self, item, where):
         kind = item.get("type", "message")
         expect(isinstance(kind, str), f"{where}.type must be a string", f"{where}.type", "invalid_type")
+        if kind == "reasoning":
+            self.thoughts.append(reasoning_text(item, where))
+            return
         if kind in ("function_call", "custom_tool_call"):
             self.calls.append(self._call(item, where))
             return
@@ -4477,9 +5080,24 @@ class TurnBuilder:
         self.transcript.tool_result(call_id, parts)
 
     def _end_turn(self):
+        """Ends the assistant turn under way: its messages, calls and the reasoning items before them."""
         if self.texts or self.calls:
-            self.transcript.assistant("\n".join(self.texts), self.calls)
-            self.texts, self.calls = [], []
+            thoughts = "".join(self.thoughts)
+            self.transcript.assistant("\n".join(self.texts), self.calls, thoughts or None)
+        self.texts, self.calls, self.thoughts = [], [], []
+
+
+def reasoning_text(item, where):
+    """The text of a reasoning item: its reasoning content, else its summary (encrypted content is opaque)."""
+    texts = []
+    for field_name in ("content", "summary"):
+        parts = item.get(field_name) or []
+        expect(isinstance(parts, list) and all(isinstance(p, dict) for p in parts), f"{where}.{field_name} must be "
+               "a list of parts", f"{where}.{field_name}", "invalid_type")
+        texts = [p["text"] for p in parts if isinstance(p.get("text"), str)]
+        if texts:
+            break
+    return "\n".join(texts)
 
 
 def response_tools(body, enabled):
@@ -4553,7 +5171,7 @@ def parse_responses_request(body, settings, models, store):
            "instructions", "invalid_type")
     tools, namespaces, left_out = response_tools(body, settings.tool_support)
     history = response_history(body, store)
-    turns = TurnBuilder(int(settings.max_file_mb * MB))
+    turns = TurnBuilder(FileLimit.of(settings))
     if instructions:
         turns.transcript.add("system", instructions)
     for index, item in enumerate(history):
@@ -4562,10 +5180,23 @@ def parse_responses_request(body, settings, models, store):
                       integer_field(body, "max_output_tokens", 1), None)
     effort = RESPONSE_EFFORTS[effort] if effort else default_effort(settings, show_reasoning)
     core = CoreRequest(model, upstream_model, turns.finish(), params, effort, stream,
-                       show_reasoning and summary is not None, tools)
+                       show_reasoning and summary is not None, tools, response_format(body), session_hint(body))
     echo = {**ECHO_DEFAULTS, **{name: body[name] for name in ECHOED if body.get(name) is not None},
             "reasoning": {"effort": reasoning.get("effort"), "summary": summary}}
     return core, ResponsesAsked(stored, history, namespaces, echo), left_out
+
+
+def response_format(body):
+    """The AnswerFormat of text.format: json_object, or json_schema with its name, schema and strict; None for
+    text."""
+    text = object_field(body, "text")
+    answer_format = object_field(text, "format", "text.format")
+    kind = one_of_field(answer_format, "type", ("text", "json_object", "json_schema"), "text", "text.format.type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return AnswerFormat()
+    return json_schema_format(answer_format, "text.format")
 
 
 def output_text_part(text):
@@ -5149,10 +5780,11 @@ async def describe_routes(request):
 async def health(request):
     """ok (200) when a request could be served now; degraded (503, for load balancers and Docker) when not."""
     state = request.app[STATE]
-    pool = state.site.pool
-    problem = pool.ready()
-    body = {"status": "degraded" if problem else "ok", "version": __version__, "mode": state.site.mode,
-            "tokens": pool.counts()}
+    problem = state.upstream().pool.ready()
+    body = {"status": "degraded" if problem else "ok", "version": __version__, "upstream": state.settings.upstream,
+            "mode": state.site.mode, "tokens": state.site.pool.counts()}
+    if state.api in state.upstreams:
+        body["ifm_keys"] = state.api.pool.counts()
     if problem:
         body["reason"] = problem.message
     return web.json_response(body, status=503 if problem else 200)

@@ -213,6 +213,19 @@ class Bench:
             self.errors.append(f"{method} {path}: {type(exc).__name__}")
             return None
 
+    async def timed(self, method, path_of, body, key, total, lanes):
+        """Latencies of the requests numbered 0 to `total` - 1, made over `lanes` concurrent lanes (a failed request
+        is recorded by `service` and not timed)."""
+        latencies = []
+
+        async def lane(first):
+            for number in range(first, total, lanes):
+                started = time.perf_counter()
+                if await self.service(method, path_of(number), body, key) is not None:
+                    latencies.append(time.perf_counter() - started)
+        await asyncio.gather(*(lane(first) for first in range(lanes)))
+        return latencies
+
     async def services(self, count, concurrency):
         """Requests per second and p99 latency of every other route, `count` requests (or its share) each."""
         ids = await self.stored_responses(int(count * SERVICES["DELETE /v1/responses/{id}"][3]) + 1)
@@ -221,16 +234,9 @@ class Bench:
         figures = {}
         for name, (path, body, key, share) in SERVICES.items():
             method, path_of = name.split()[0], paths.get(name, lambda n, path=path: path)
-            total, latencies = max(1, int(count * share)), []
-            lanes = min(concurrency, total)
-
-            async def lane(first):
-                for number in range(first, total, lanes):
-                    started = time.perf_counter()
-                    if await self.service(method, path_of(number), body, key) is not None:
-                        latencies.append(time.perf_counter() - started)
+            total = max(1, int(count * share))
             started = time.perf_counter()
-            await asyncio.gather(*(lane(first) for first in range(lanes)))
+            latencies = await self.timed(method, path_of, body, key, total, min(concurrency, total))
             figures[name] = (len(latencies) / (time.perf_counter() - started), percentile(latencies, 0.99) * 1000)
         return figures
 
@@ -329,7 +335,8 @@ def report(quick, ttfb, paused, streamed, plain, cpu, idle, peak, errors):
           f"load generator on the same machine.\n")
     print("| metric | direct | " + " | ".join(f"`{route}`" for route in PROXIED) + " |")
     print("|---|" + "---:|" * (1 + len(PROXIED)))
-    print(row("time to first content, p50 (slow upstream: 50 ms between frames)", {r: v[0] for r, v in ttfb.items()}, " ms"))
+    print(row("time to first content, p50 (slow upstream: 50 ms between frames)",
+              {r: v[0] for r, v in ttfb.items()}, " ms"))
     print(row("time to first content, p99", {r: v[1] for r, v in ttfb.items()}, " ms"))
     print(row("time to first content, p50, first words after 100 ms of markup (the 2026 site)",
               {r: v[0] for r, v in paused.items()}, " ms"))
@@ -337,8 +344,9 @@ def report(quick, ttfb, paused, streamed, plain, cpu, idle, peak, errors):
     print(row("streamed latency p99, 64 concurrent", {r: v[1] for r, v in streamed.items()}, " ms", 0))
     print(row("non-streamed requests/s, 32 concurrent", {r: v[0] for r, v in plain.items()}, digits=0))
     print()
-    print(f"Proxy CPU for one streamed answer in 200 snapshot frames: {cpu[20000] * 1000:.0f} ms for 20,000 characters, "
-          f"{cpu[40000] * 1000:.0f} ms for 40,000 ({growth:.2f}x). Proxy resident memory: {idle:.1f} MB idle, "
+    print(f"Proxy CPU for one streamed answer in 200 snapshot frames: {cpu[20000] * 1000:.0f} ms "
+          f"for 20,000 characters, {cpu[40000] * 1000:.0f} ms for 40,000 ({growth:.2f}x). "
+          f"Proxy resident memory: {idle:.1f} MB idle, "
           f"{peak:.1f} MB at peak under load. Errors: {len(errors)}.\n")
     print("| target | figure | |")
     print("|---|---|---|")
@@ -347,9 +355,11 @@ def report(quick, ttfb, paused, streamed, plain, cpu, idle, peak, errors):
         gap = ttfb[route][0] - ttfb[chat][0]
         print(f"| `{route}` first content within 1 ms of `{chat}` at p50 | {gap:+.1f} ms | {mark(abs(gap) <= 1)} |")
     for route in PROXIED:
-        print(f"| `{route}` streamed throughput at least 50% of direct | {shares[route]:.0%} | {mark(shares[route] >= 0.5)} |")
+        print(f"| `{route}` streamed throughput at least 50% of direct | {shares[route]:.0%} "
+              f"| {mark(shares[route] >= 0.5)} |")
     print(f"| CPU growth for 2x the answer at most 2.3x | {growth:.2f}x | {mark(growth <= 2.3)} |")
-    print(f"| idle memory at most {IDLE_MEMORY_MB} MB, a plain start | {idle:.1f} MB | {mark(idle <= IDLE_MEMORY_MB)} |")
+    print(f"| idle memory at most {IDLE_MEMORY_MB} MB, a plain start | {idle:.1f} MB "
+          f"| {mark(idle <= IDLE_MEMORY_MB)} |")
     print(f"| zero errors | {len(errors)} | {mark(not errors)} |")
     for error in errors[:10]:
         print(f"- error: {error}")

@@ -184,7 +184,8 @@ class Pair:
             "K2THINK_BASE_URL": f"http://127.0.0.1:{self.upstream_port}", **env})
 
     def _fake(self, path, body=None):
-        request = urllib.request.Request(f"http://127.0.0.1:{self.upstream_port}{path}", method="POST" if body else "GET",
+        request = urllib.request.Request(f"http://127.0.0.1:{self.upstream_port}{path}",
+                                         method="POST" if body else "GET",
                                          data=json.dumps(body).encode() if body else None)
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.load(response)

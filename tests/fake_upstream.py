@@ -29,7 +29,6 @@ import asyncio
 import base64
 import json
 import math
-import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -42,7 +41,8 @@ THINKING_FIELDS = ("think", "reasoning", "reasoning_content", "think_fast", "thi
 EFFORTS = ("low", "medium", "high")
 MODEL_NOT_FOUND = {"detail": "Model not found"}
 AUTH_EXPIRED = {"detail": "Your session has expired or the token is invalid. Please sign in again."}
-WRONG_PASSWORD = {"detail": "The email or password provided is incorrect. Please check for typos and try logging in again."}
+WRONG_PASSWORD = {"detail": "The email or password provided is incorrect. "
+                            "Please check for typos and try logging in again."}
 
 
 def make_jwt(exp, account_id="0b7c2a5e-6a55-4b7e-9c43-5a0c4c1f6e21", signature="c2lnbmF0dXJl"):
@@ -475,6 +475,15 @@ def count_tokens(text):
     return (len(text) + 3) // 4
 
 
+def shared_prefix(one, other):
+    """How many leading characters two strings have in common, compared character by character (the prompt cache
+    is a prefix of text, not of path components)."""
+    for at, (a, b) in enumerate(zip(one, other)):
+        if a != b:
+            return at
+    return min(len(one), len(other))
+
+
 def cut(text, size):
     return [text[start:start + size] for start in range(0, len(text), size)]
 
@@ -824,7 +833,7 @@ class FakeIFM:
         cached = 0
         if session_id:
             held = self.sessions.get(session_id, "")
-            cached = min(prompt_tokens, len(os.path.commonprefix([held, prompt_text])) // 4)
+            cached = min(prompt_tokens, shared_prefix(held, prompt_text) // 4)
             made = [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls]
             self.sessions[session_id] = prompt_text + rendered(
                 {"role": "assistant", "reasoning": reasoning, "content": text, "tool_calls": made})

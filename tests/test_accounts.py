@@ -47,7 +47,8 @@ async def test_sign_in_fills_the_pool_and_serves_requests(account_proxy, fake):
         assert (await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
     assert {r.token for r in fake.received} == set(issued.values())
     accounts = (await (await proxy.get("/admin/accounts", headers=ADMIN)).json())["accounts"]
-    assert {a["email"]: a["status"] for a in accounts} == {"ann@example.com": "signed_in", "bob@example.com": "signed_in"}
+    assert {a["email"]: a["status"] for a in accounts} == {"ann@example.com": "signed_in",
+                                                           "bob@example.com": "signed_in"}
     assert all(a["next_signin"] > time.time() + 60 for a in accounts)
 
 
@@ -58,7 +59,8 @@ async def test_wrong_password_disables_the_account(account_proxy, fake):
     much_later = state_of(proxy).accounts.next_due(time.time() + 10 ** 6)
     assert much_later.email == "bob@example.com", "no retry of a wrong password, however long it waits"
     accounts = {a["email"]: a for a in (await (await proxy.get("/admin/accounts", headers=ADMIN)).json())["accounts"]}
-    assert accounts["ann@example.com"]["status"] == "wrong_password" and accounts["ann@example.com"]["next_signin"] is None
+    assert accounts["ann@example.com"]["status"] == "wrong_password"
+    assert accounts["ann@example.com"]["next_signin"] is None
     assert "incorrect" in accounts["ann@example.com"]["last_error"]
     assert list(account_tokens(proxy)) == ["bob@example.com"]
 

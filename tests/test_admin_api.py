@@ -60,7 +60,8 @@ async def test_token_stats_fields(admin_proxy):
     rows = (await (await admin_proxy.get("/admin/tokens/stats", headers=ADMIN)).json())["tokens"]
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert set(rows[0]) == {"index", "masked", "status", "failures", "requests", "successes", "last_used",
-                            "last_error", "expires_at", "cooling_until", "account", "last_hour"}
+                            "last_error", "expires_at", "cooling_until", "account", "last_hour", "tokens_today",
+                            "budget_left"}
     assert rows[0]["expires_at"] > time.time()
 
 
@@ -115,7 +116,8 @@ async def test_saving_a_line_that_is_not_a_jwt_warns_but_saves_it(admin_proxy, t
     content = "# pool\n" + TOKENS[0] + "\nnot-a-jwt-at-all-12345\n"
     body = await (await admin_proxy.post("/admin/tokens/update", json={"content": content}, headers=ADMIN)).json()
     assert body["ok"] and (tmp_path / "tokens.txt").read_text() == content
-    assert len(body["warnings"]) == 1 and body["warnings"][0].startswith("line 3:") and "not a JWT" in body["warnings"][0]
+    assert len(body["warnings"]) == 1
+    assert body["warnings"][0].startswith("line 3:") and "not a JWT" in body["warnings"][0]
     assert "not-a-jwt-at-all-12345" not in json.dumps(body), "masked, like every token outside the editor"
 
 

@@ -56,7 +56,8 @@ async def test_the_stream_is_a_sequence_of_named_events(proxy, fake):
     assert names[:2] == ["message_start", "ping"] and names[-2:] == ["message_delta", "message_stop"]
     assert all(name == data["type"] for name, data in events)
     starts = [data for name, data in events if name == "content_block_start"]
-    assert [s["content_block"]["type"] for s in starts] == ["thinking", "text"] and [s["index"] for s in starts] == [0, 1]
+    assert [s["content_block"]["type"] for s in starts] == ["thinking", "text"]
+    assert [s["index"] for s in starts] == [0, 1]
     deltas = [data["delta"] for name, data in events if name == "content_block_delta"]
     assert "".join(d.get("thinking", "") for d in deltas) == REASONING
     assert "".join(d.get("text", "") for d in deltas) == ANSWER
@@ -75,14 +76,15 @@ async def test_thinking_is_shown_only_when_enabled_and_not_omitted(proxy, fake, 
     blocks = [b for b in body["content"] if b["type"] == "thinking"]
     assert [b["thinking"] for b in blocks] == ([] if shown is None else [shown])
     assert all(b["signature"] for b in blocks)
-    events = await read_named_sse(await post(proxy, request(stream=True, **({"thinking": thinking} if thinking else {}))))
+    streamed = request(stream=True, **({"thinking": thinking} if thinking else {}))
+    events = await read_named_sse(await post(proxy, streamed))
     kinds = [d["content_block"]["type"] for n, d in events if n == "content_block_start"]
     assert kinds == (["text"] if shown is None else ["thinking", "text"])
     assert "".join(d["delta"].get("thinking", "") for n, d in events if n == "content_block_delta") == (shown or "")
 
 
 @pytest.mark.parametrize("extra,effort", [
-    ({}, "medium"),
+    ({}, "high"),
     ({"thinking": {"type": "enabled", "budget_tokens": 1024}}, "low"),
     ({"thinking": {"type": "enabled", "budget_tokens": 8000}}, "medium"),
     ({"thinking": {"type": "enabled", "budget_tokens": 32000}}, "high"),
@@ -113,7 +115,8 @@ async def test_a_claude_code_request_is_taken_whole(proxy, fake):
     sent = fake.received[0].body
     system = sent["messages"][0]
     assert system["role"] == "system" and system["content"].startswith("You are a Claude agent.")
-    assert "billing-header" not in json.dumps(sent) and "### Bash" in system["content"] and "web_search" not in system["content"]
+    assert "billing-header" not in json.dumps(sent)
+    assert "### Bash" in system["content"] and "web_search" not in system["content"]
     assert sent["messages"][1] == {"role": "user", "content": "<system-reminder>context</system-reminder>\nSay hello"}
     assert sent["messages"][2] == {"role": "system", "content": "Available agent types: claude."}
     assert sent["params"] == {"temperature": 1, "max_tokens": k2proxy.MAX_OUTPUT_TOKENS, "stop": ["STOP"]}
@@ -143,7 +146,8 @@ async def test_a_tool_call_round_trip(proxy, fake):
     sent = fake.received[1].body["messages"]
     assert sent[-3]["role"] == "assistant" and sent[-3]["reasoning"] == "" and '"command": "ls"' in sent[-3]["content"]
     assert "I need ls." not in json.dumps(sent)
-    assert sent[-2]["content"].startswith(f'<tool_result name="Bash" tool_call_id="{call["id"]}">') and "b.txt" in sent[-2]["content"]
+    assert sent[-2]["content"].startswith(f'<tool_result name="Bash" tool_call_id="{call["id"]}">')
+    assert "b.txt" in sent[-2]["content"]
     assert sent[-1] == {"role": "user", "content": "And?"}
 
 
@@ -180,7 +184,8 @@ async def test_tool_choice_none_sends_no_tool_text(proxy, fake):
     assert all("Bash" not in m["content"] for m in fake.received[0].body["messages"])
 
 
-async def test_images_and_text_documents_reach_the_model(proxy, fake):
+async def test_images_and_text_documents_reach_the_model(make_proxy, fake):
+    proxy = await make_proxy(IMAGES="forward")
     content = [{"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}},
                {"type": "image", "source": {"type": "url", "url": "https://example.com/cat.png"}},
                {"type": "document", "title": "notes.md", "source": {"type": "text", "media_type": "text/plain",
@@ -197,7 +202,8 @@ async def test_images_and_text_documents_reach_the_model(proxy, fake):
     ({}, "claude-opus-4-8", MODEL, True),
     ({}, "claude-haiku-4-5-20251001", MODEL, True),
     ({"ANTHROPIC_MODEL_MAP": f"claude-haiku-*={MODEL}-nothink"}, "claude-haiku-4-5", MODEL, False),
-    ({"ANTHROPIC_MODEL_MAP": f"claude-haiku-*={MODEL}-nothink, claude-haiku-4-5-x=k2"}, "claude-haiku-4-5-x", MODEL, True),
+    ({"ANTHROPIC_MODEL_MAP": f"claude-haiku-*={MODEL}-nothink, claude-haiku-4-5-x=k2"},
+     "claude-haiku-4-5-x", MODEL, True),
     ({}, MODEL, MODEL, True), ({}, "MBZUAI-IFM/K2-Think-nothink", MODEL, False),
     ({"MODEL_ALIASES": f"k2={MODEL}"}, "k2", MODEL, True),
 ])

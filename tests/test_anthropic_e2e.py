@@ -37,7 +37,7 @@ def test_messages_create_with_thinking_on_and_off(running):
     plain = client.messages.create(model="claude-sonnet-4-6", max_tokens=2000, messages=HI)
     assert [block.type for block in plain.content] == ["text"] and plain.content[0].text == ANSWER
     sent = started.received()
-    assert [r["body"]["extra_body"]["chat_template_kwargs"]["reasoning_effort"] for r in sent] == ["low", "medium"]
+    assert [r["body"]["extra_body"]["chat_template_kwargs"]["reasoning_effort"] for r in sent] == ["low", "high"]
     assert all(r["body"]["model"] == MODEL for r in sent)
 
 
@@ -56,7 +56,8 @@ def test_messages_stream_then_the_final_message(running):
 
 def test_a_tool_round_trip(running):
     client, started = running
-    started.steer(script=[{"answer": 'Checking.\n<tool_call>{"name": "Bash", "arguments": {"command": "date"}}</tool_call>'},
+    started.steer(script=[{"answer": 'Checking.\n'
+                                     '<tool_call>{"name": "Bash", "arguments": {"command": "date"}}</tool_call>'},
                           {"answer": "It is noon."}])
     first = client.messages.create(model="claude-opus-4-8", max_tokens=500, messages=HI, tools=[BASH])
     call = next(block for block in first.content if block.type == "tool_use")
@@ -70,15 +71,15 @@ def test_a_tool_round_trip(running):
     assert f'tool_call_id="{call.id}"' in result and "12:00" in result
 
 
-def test_an_image_reaches_the_model(running):
+def test_an_image_is_refused_saying_the_model_reads_text_only(running):
     client, started = running
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 32).decode()
-    client.messages.create(model="claude-opus-4-8", max_tokens=100, messages=[{"role": "user", "content": [
-        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
-        {"type": "text", "text": "What is this?"}]}])
-    parts = started.received()[-1]["body"]["messages"][-1]["content"]
-    assert parts == [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}},
-                     {"type": "text", "text": "What is this?"}]
+    with pytest.raises(anthropic.BadRequestError) as raised:
+        client.messages.create(model="claude-opus-4-8", max_tokens=100, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": png}},
+            {"type": "text", "text": "What is this?"}]}])
+    assert raised.value.body["error"]["type"] == "invalid_request_error"
+    assert "text only" in raised.value.body["error"]["message"] and started.received() == []
 
 
 def test_count_tokens(running):

@@ -32,7 +32,8 @@ async def test_several_api_keys(make_proxy, fake):
 @pytest.mark.parametrize("data,param,fragment", [
     (b"{not json", None, "not valid JSON"),
     (b"\xff\xfe{}", None, "UTF-8"),
-    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "user", "content": "a\\ud800b"}]}', None, "surrogate"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", '
+     b'"messages": [{"role": "user", "content": "a\\ud800b"}]}', None, "surrogate"),
     (b"[1, 2]", None, "JSON object"),
     (b'"text"', None, "JSON object"),
     (b'{"model": "IFM/K2-Horizon-375B-A23B"}', "messages", "messages"),
@@ -40,16 +41,24 @@ async def test_several_api_keys(make_proxy, fake):
     (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": "hi"}', "messages", "list"),
     (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": ["hi"]}', "messages[0]", "object"),
     (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"content": "hi"}]}', "messages[0].role", "role"),
-    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "wizard", "content": "hi"}]}', "messages[0].role", "role"),
-    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "user", "content": 5}]}', "messages[0].content", "string"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "wizard", "content": "hi"}]}',
+     "messages[0].role", "role"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "messages": [{"role": "user", "content": 5}]}',
+     "messages[0].content", "string"),
     (b'{"messages": [{"role": "user", "content": "hi"}]}', "model", "model"),
     (b'{"model": 7, "messages": [{"role": "user", "content": "hi"}]}', "model", "model"),
-    (b'{"model": "IFM/K2-Horizon-375B-A23B", "stream": "yes", "messages": [{"role": "user", "content": "hi"}]}', "stream", "stream"),
-    (b'{"model": "IFM/K2-Horizon-375B-A23B", "n": 2, "messages": [{"role": "user", "content": "hi"}]}', "n", "n=1"),
-    (b'{"model": "IFM/K2-Horizon-375B-A23B", "temperature": "hot", "messages": [{"role": "user", "content": "hi"}]}', "temperature", "temperature"),
-    (b'{"model": "IFM/K2-Horizon-375B-A23B", "max_tokens": -1, "messages": [{"role": "user", "content": "hi"}]}', "max_tokens", "max_tokens"),
-    (b'{"model": "IFM/K2-Horizon-375B-A23B", "stop": [1], "messages": [{"role": "user", "content": "hi"}]}', "stop", "stop"),
-    (b'{"model": "IFM/K2-Horizon-375B-A23B", "stream_options": 3, "messages": [{"role": "user", "content": "hi"}]}', "stream_options", "stream_options"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "stream": "yes", '
+     b'"messages": [{"role": "user", "content": "hi"}]}', "stream", "stream"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "n": 2, '
+     b'"messages": [{"role": "user", "content": "hi"}]}', "n", "n=1"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "temperature": "hot", '
+     b'"messages": [{"role": "user", "content": "hi"}]}', "temperature", "temperature"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "max_tokens": -1, '
+     b'"messages": [{"role": "user", "content": "hi"}]}', "max_tokens", "max_tokens"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "stop": [1], '
+     b'"messages": [{"role": "user", "content": "hi"}]}', "stop", "stop"),
+    (b'{"model": "IFM/K2-Horizon-375B-A23B", "stream_options": 3, '
+     b'"messages": [{"role": "user", "content": "hi"}]}', "stream_options", "stream_options"),
 ])
 async def test_bad_body_is_400_naming_the_problem(proxy, fake, data, param, fragment):
     response = await proxy.post("/v1/chat/completions", data=data,
@@ -162,7 +171,8 @@ async def test_client_errors_and_upstream_failures_are_counted_apart_with_their_
     await proxy.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer wrong"})
     fake.reply = Reply(status=500, body="down")
     await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)
-    stats = (await (await proxy.get("/admin/status", headers={"Authorization": "Bearer admin-test-key"})).json())["stats"]
+    admin_status = await proxy.get("/admin/status", headers={"Authorization": "Bearer admin-test-key"})
+    stats = (await admin_status.json())["stats"]
     assert (stats["requests"], stats["client_errors"], stats["upstream_failures"], stats["errors"]) == (3, 2, 1, 3)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /v1/chat")]
     assert "model=gpt-4" in lines[0] and "status=404 (model_not_found)" in lines[0]
@@ -185,14 +195,15 @@ async def test_response_format_asks_for_json_and_takes_it_out_of_the_answer(prox
         content = (await response.json())["choices"][0]["message"]["content"]
     assert json.loads(content) == {"city": "Paris"}
     system = fake.received[0].body["messages"][0]
-    assert system["role"] == "system" and "one JSON object" in system["content"] and '"required": ["city"]' in system["content"]
+    assert system["role"] == "system" and "one JSON object" in system["content"]
+    assert '"required": ["city"]' in system["content"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_answer_without_the_json_asked_for_is_a_502(proxy, fake, stream):
     fake.reply = Reply(answer="I would rather not use JSON today.")
-    response = await proxy.post("/v1/chat/completions", json=chat(stream=stream, response_format={"type": "json_object"}),
-                                headers=AUTH)
+    response = await proxy.post("/v1/chat/completions",
+                                json=chat(stream=stream, response_format={"type": "json_object"}), headers=AUTH)
     if stream:
         events, _ = await read_sse(response)
         assert events[-2]["error"]["code"] == "invalid_json_output"

@@ -65,7 +65,8 @@ async def test_a_renamed_model_says_which_ids_to_set(check, fake):
     report = await check(tokens=[TOKEN], PROXY_MODE="user")
     found = probes(report)
     assert not report["works"]
-    assert found["models"]["verdict"] == "failed" and found["models"]["hint"] == "set MODELS=IFM/K2-Horizon-2,IFM/K2-Horizon-2-mini"
+    assert found["models"]["verdict"] == "failed"
+    assert found["models"]["hint"] == "set MODELS=IFM/K2-Horizon-2,IFM/K2-Horizon-2-mini"
     assert found["user chat"]["details"]["problem"] == "model not found" and MODEL in found["user chat"]["hint"]
 
 
@@ -156,7 +157,8 @@ def test_exit_codes_and_the_json_form(spawn, tmp_path):
     report = json.loads(as_json.stdout)
     assert as_json.returncode == 0 and report["works"] and probes(report)["guest chat"]["verdict"] == "ok"
     broken = run_cli(port, "--json", MODELS="Retired/Model")
-    assert broken.returncode == 1 and probes(json.loads(broken.stdout))["guest chat"]["details"]["problem"] == "model not found"
+    assert broken.returncode == 1
+    assert probes(json.loads(broken.stdout))["guest chat"]["details"]["problem"] == "model not found"
     text = run_cli(port, MODELS="Retired/Model").stdout
     assert "✗ guest chat  model not found" in text and "→ the site does not serve Retired/Model" in text
     assert run_cli(port, PORT="not-a-port").returncode == 2

@@ -49,7 +49,8 @@ def test_claude_code_answers_through_the_proxy(pair, tmp_path):
 def test_claude_code_runs_the_tool_the_model_calls_and_sends_its_result_back(pair, tmp_path):
     started = pair()
     marker = f"tool-ran-{secrets.token_hex(4)}"
-    call = f'<tool_call>{{"name": "Bash", "arguments": {{"command": "echo {marker}", "description": "Print"}}}}</tool_call>'
+    call = (f'<tool_call>{{"name": "Bash", "arguments": {{"command": "echo {marker}", "description": "Print"}}}}'
+            '</tool_call>')
     started.steer(script=[{"answer": "I will run it.\n" + call}, {"answer": "The command printed the marker."}])
     run = claude(started, tmp_path, "Run the marker command", "--allowedTools", "Bash")
     assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "The command printed the marker.", "")

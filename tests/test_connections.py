@@ -21,7 +21,8 @@ def start(spawn, tmp_path):
         port = free_port()
         settings = {"PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": API_KEY, "LOG_LEVEL": "INFO",
                     **{key: str(value) for key, value in env.items()}}
-        preexec = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files))) if limit_files else None
+        preexec = ((lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit_files, limit_files)))
+                   if limit_files else None)
         return port, spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env=settings, preexec_fn=preexec)
     return run
 
@@ -91,7 +92,7 @@ async def test_idle_keep_alive_connections_are_closed(start):
 async def test_connections_beyond_the_cap_are_refused_at_once(start):
     port, _ = start(MAX_CONNECTIONS=5, HEADER_TIMEOUT=30)
     held = [await held_open(port) for _ in range(5)]
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, _writer = await asyncio.open_connection("127.0.0.1", port)
     answer = await asyncio.wait_for(reader.read(), 5)
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head

@@ -230,10 +230,11 @@ def pool(clock):
     return tokens
 
 
-@pytest.mark.parametrize("kind,charged,disabled_as", [(k2proxy.REFUSED_TOKEN, 1, "auth"), (k2proxy.BROKEN, 1, "failures"),
-                                                      (k2proxy.TIMED_OUT, 1, "failures"), (k2proxy.NO_CONTENT, 1, "failures"),
-                                                      (k2proxy.BLOCKED, 0, None), (k2proxy.UNREACHABLE, 0, None),
-                                                      (k2proxy.REJECTED, 0, None)])
+@pytest.mark.parametrize("kind,charged,disabled_as", [
+    (k2proxy.REFUSED_TOKEN, 1, "auth"), (k2proxy.BROKEN, 1, "failures"),
+    (k2proxy.TIMED_OUT, 1, "failures"), (k2proxy.NO_CONTENT, 1, "failures"),
+    (k2proxy.BLOCKED, 0, None), (k2proxy.UNREACHABLE, 0, None),
+    (k2proxy.REJECTED, 0, None)])
 def test_a_charged_kind_counts_against_the_token_and_disables_it_at_the_limit(kind, charged, disabled_as):
     tokens = pool([1000.0])
     token = tokens.credentials[0]

@@ -15,8 +15,19 @@ TOOLS = [{"type": "function", "function": {"name": "describe", "parameters": {"t
 
 
 @pytest.fixture
-async def sdk(proxy):
+async def sdk(make_proxy):
+    """The openai SDK in front of a proxy that forwards images (IMAGES=forward), for an upstream that reads them."""
+    proxy = await make_proxy(IMAGES="forward")
     return openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key=API_KEY, max_retries=0)
+
+
+async def test_an_image_is_refused_by_default_saying_the_model_reads_text_only(proxy, fake):
+    sdk = openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as raised:
+        await send(sdk, user(text("What is this?"), {"type": "image_url", "image_url": {"url": PNG_URL}}))
+    error = raised.value.body
+    assert error["param"] == "messages[0].content[1]" and error["code"] == "images_not_supported"
+    assert "text only" in error["message"] and fake.received == []
 
 
 def user(*parts):
@@ -106,7 +117,7 @@ async def test_text_only_parts_become_a_plain_string(sdk, fake):
     ({"type": "file", "file": "nope"}, 400, "file"),
 ])
 async def test_bad_parts_are_rejected_naming_message_and_part(make_proxy, fake, part, status, fragment):
-    proxy = await make_proxy(MAX_FILE_MB="1")
+    proxy = await make_proxy(MAX_FILE_MB="1", IMAGES="forward")
     sdk = openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key=API_KEY, max_retries=0)
     messages = [{"role": "system", "content": "Be helpful."}] + user(text("look"), part)
     with pytest.raises(openai.APIStatusError) as raised:

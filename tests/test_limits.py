@@ -145,7 +145,8 @@ async def test_an_endless_answer_ends_at_completion_timeout(make_proxy, fake, st
     response = await asyncio.wait_for(proxy.post("/v1/chat/completions", json=chat(stream=stream), headers=AUTH), 10)
     if stream:
         events, _ = await read_sse(response)
-        assert events[-2]["error"]["code"] == "upstream_timeout" and "COMPLETION_TIMEOUT" in events[-2]["error"]["message"]
+        assert events[-2]["error"]["code"] == "upstream_timeout"
+        assert "COMPLETION_TIMEOUT" in events[-2]["error"]["message"]
     else:
         assert response.status == 504 and (await response.json())["error"]["code"] == "upstream_timeout"
     await asyncio.wait_for(fake.client_gone.wait(), 5)

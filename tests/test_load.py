@@ -63,7 +63,7 @@ async def test_vanishing_clients_leave_nothing_open(proxy, fake):
         await settle(lambda: proxy.server.app[k2proxy.STATE].monitor.in_flight == 0)
         current = len(asyncio.all_tasks())
         baseline_tasks = baseline_tasks or current
-        await settle(lambda: len(asyncio.all_tasks()) <= baseline_tasks)
+        await settle(lambda baseline_tasks=baseline_tasks: len(asyncio.all_tasks()) <= baseline_tasks)
         await asyncio.sleep(0)
         fds.append(open_fds())
     assert fake.streams_cut_by_client > 0
@@ -209,7 +209,8 @@ async def test_sigterm_ends_the_process_in_time_under_load(spawn, tmp_path):
             pass  # the proxy stopped
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        flood = asyncio.ensure_future(asyncio.gather(*(big(session) for _ in range(40))))
+        posts = [big(session) for _ in range(40)]
+        flood = asyncio.ensure_future(asyncio.gather(*posts))
         await asyncio.sleep(0.5)
         started = time.monotonic()
         proxy.terminate()

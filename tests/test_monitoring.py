@@ -4,6 +4,7 @@ and named API keys with their limits."""
 import asyncio
 import json
 import time
+from itertools import pairwise
 
 import pytest
 from conftest import ADMIN, ADMIN_KEY, API_KEY, AUTH, chat, read_sse, until
@@ -92,7 +93,7 @@ async def test_the_request_log_says_what_happened_and_nothing_secret(monitored, 
     await traffic(monitored, fake)
     log = (await (await monitored.get("/admin/requests", headers=ADMIN)).json())["requests"]
     assert [entry["status"] for entry in log] == [499, 200, 504, 502, 404, 200], "newest first"
-    newest_first_gone, failover, timeout, failed, refused, success = log
+    newest_first_gone, failover, timeout, _failed, refused, success = log
     assert success["key"] == "alice" and success["model"] == k2proxy.load_settings({}).models[0]
     assert success["prompt_tokens"] == 12 and success["token"] in (0, 1) and success["first_content_ms"] >= 0
     assert refused["reason"] == "model_not_found" and refused["model"] == "gpt-4" and refused["key"] == ""
@@ -115,7 +116,7 @@ async def test_the_last_hour_minute_by_minute(monitored, fake):
     await traffic(monitored, fake)
     minutes = (await (await monitored.get("/admin/history", headers=ADMIN)).json())["minutes"]
     assert len(minutes) == 60 and minutes[-1]["minute"] <= time.time() < minutes[-1]["minute"] + 60
-    assert [b["minute"] - a["minute"] for a, b in zip(minutes, minutes[1:])] == [60] * 59, "a row a minute, in order"
+    assert [b["minute"] - a["minute"] for a, b in pairwise(minutes)] == [60] * 59, "a row a minute, in order"
     totals = {name: sum(minute[name] for minute in minutes)
               for name in ("requests", "client_errors", "upstream_failures", "clients_gone")}
     assert totals == {"requests": 6, "client_errors": 1, "upstream_failures": 2, "clients_gone": 1}
@@ -157,7 +158,8 @@ async def test_a_key_over_its_streams_at_once_is_refused(monitored, fake):
 async def test_a_key_edited_while_it_streams_gets_its_slots_back_when_they_end(monitored, fake, tmp_path):
     fake.reply = Reply(reasoning="x" * 3000, piece=5, delay=0.02)
     streams = [await monitored.post("/v1/chat/completions", json=chat(stream=True), headers=BOB) for _ in range(2)]
-    (tmp_path / "api_keys.txt").write_text(KEYS_FILE.replace("alice:sk-alice-0123456789 rpm=5", "alice:sk-alice-0123456789"))
+    (tmp_path / "api_keys.txt").write_text(KEYS_FILE.replace("alice:sk-alice-0123456789 rpm=5",
+                                                             "alice:sk-alice-0123456789"))
     await until(lambda: proxy_state(monitored).keys.named[0].rpm is None)
     for stream in streams:
         stream.close()
@@ -190,7 +192,8 @@ async def test_the_admin_api_edits_keys_without_ever_holding_them(monitored, tmp
     saved = await (await monitored.post("/admin/keys/update", json={"keys": keys, "version": listed["version"]},
                                         headers=ADMIN)).json()
     assert saved["ok"] and "sk-eve" not in json.dumps(saved)
-    assert (tmp_path / "api_keys.txt").read_text() == "# team keys\nalice:sk-alice-0123456789 rpm=10\neve:sk-eve-0123456789 concurrent=1\n"
+    assert (tmp_path / "api_keys.txt").read_text() == ("# team keys\nalice:sk-alice-0123456789 rpm=10\n"
+                                                       "eve:sk-eve-0123456789 concurrent=1\n")
     assert (await monitored.get("/v1/models", headers={"Authorization": "Bearer sk-eve-0123456789"})).status == 200
     assert (await monitored.get("/v1/models", headers=BOB)).status == 401
     stale = await monitored.post("/admin/keys/update", json={"keys": keys, "version": listed["version"]}, headers=ADMIN)
@@ -202,7 +205,8 @@ async def test_the_admin_api_edits_keys_without_ever_holding_them(monitored, tmp
 
 async def test_each_named_key_has_its_figures_and_requests_without_a_key_their_label(monitored, fake):
     await traffic(monitored, fake)
-    assert (await monitored.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer nope"})).status == 401
+    unnamed = await monitored.post("/v1/chat/completions", json=chat(), headers={"Authorization": "Bearer nope"})
+    assert unnamed.status == 401
     keys = {key["name"]: key for key in (await (await monitored.get("/admin/keys", headers=ADMIN)).json())["keys"]}
     assert {name: (key["requests"], key["errors"], key["active"]) for name, key in keys.items()} == {
         "alice": (1, 0, 0), "bob": (1, 0, 0), "ci": (0, 0, 0)}

@@ -11,7 +11,8 @@ import k2proxy
 
 MARKUP = ("<think>", "</think>", "<answer>", "</answer>", "<details", "</details>", "<summary", "</summary>")
 NAMES = frozenset({"get_weather", "search"})
-text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
+text = st.text(st.characters(blacklist_categories=("Cs",),
+                             blacklist_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
                min_size=1, max_size=80).map(str.strip).filter(bool)
 
 

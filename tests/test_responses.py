@@ -82,10 +82,12 @@ async def test_a_codex_request_is_taken_whole(proxy, fake, caplog):
         {"type": "function", "name": "spawn_agent", "description": "Spawn.", "strict": False,
          "parameters": {"type": "object", "properties": {"task": {"type": "string"}}}}]}
     body = {"model": MODEL, "stream": True, "input": [
-        {"type": "message", "id": "msg_1", "role": "developer", "content": [{"type": "input_text", "text": "You are Codex."}]},
+        {"type": "message", "id": "msg_1", "role": "developer", "content": [
+            {"type": "input_text", "text": "You are Codex."}]},
         {"type": "message", "id": "msg_2", "role": "developer", "content": [
             {"type": "input_text", "text": "<skills>"}, {"type": "input_text", "text": "<permissions>"}]},
-        {"type": "message", "id": "msg_3", "role": "user", "content": [{"type": "input_text", "text": "<environment_context/>"}]},
+        {"type": "message", "id": "msg_3", "role": "user", "content": [
+            {"type": "input_text", "text": "<environment_context/>"}]},
         {"type": "message", "id": "msg_4", "role": "user", "content": [{"type": "input_text", "text": "Say hello"}]}],
         "tools": [SHELL, namespace, {"type": "web_search", "external_web_access": False}],
         "tool_choice": "auto", "parallel_tool_calls": True, "reasoning": {"summary": "auto"}, "store": False,
@@ -204,7 +206,7 @@ async def test_a_streamed_call_is_an_item_with_argument_deltas(proxy, fake):
     assert item["call_id"] == added["call_id"] and item["arguments"] == deltas and item["status"] == "completed"
 
 
-@pytest.mark.parametrize("extra,effort", [({}, "medium"), ({"reasoning": {"effort": "minimal"}}, "low"),
+@pytest.mark.parametrize("extra,effort", [({}, "high"), ({"reasoning": {"effort": "minimal"}}, "low"),
                                           ({"reasoning": {"effort": "high"}}, "high"),
                                           ({"reasoning": {"effort": "xhigh"}}, "high"),
                                           ({"model": MODEL + "-nothink"}, "low")])
@@ -213,7 +215,8 @@ async def test_reasoning_effort_reaches_upstream(proxy, fake, extra, effort):
     assert fake.received[-1].body["extra_body"]["chat_template_kwargs"]["reasoning_effort"] == effort
 
 
-async def test_images_and_text_files_reach_the_model(proxy, fake):
+async def test_images_and_text_files_reach_the_model(make_proxy, fake):
+    proxy = await make_proxy(IMAGES="forward")
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 8).decode()
     notes = base64.b64encode(b"# Notes").decode()
     content = [{"type": "input_text", "text": "Look."},
@@ -246,13 +249,16 @@ async def test_a_failure_after_the_start_is_response_failed(make_proxy, fake):
 
 
 @pytest.mark.parametrize("body,param", [
-    (request(input=5), "input"), (request(input=[{"type": "message", "role": "robot", "content": "x"}]), "input[0].role"),
+    (request(input=5), "input"),
+    (request(input=[{"type": "message", "role": "robot", "content": "x"}]), "input[0].role"),
     (request(input=[{"type": "mystery_item"}]), "input[0].type"),
     (request(input=[{"role": "user", "content": [{"type": "input_audio"}]}]), "input[0].content[0]"),
-    (request(input=[{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]), "input[0].content[0]"),
+    (request(input=[{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]),
+     "input[0].content[0]"),
     (request(input=[{"type": "function_call", "call_id": 1, "name": "x", "arguments": "{}"}]), "input[0]"),
     (request(model=7), "model"), (request(stream="yes"), "stream"), (request(store="no"), "store"),
-    (request(reasoning={"effort": "extreme"}), "reasoning.effort"), (request(reasoning={"summary": "all"}), "reasoning.summary"),
+    (request(reasoning={"effort": "extreme"}), "reasoning.effort"),
+    (request(reasoning={"summary": "all"}), "reasoning.summary"),
     (request(temperature=3), "temperature"), (request(max_output_tokens=0), "max_output_tokens"),
     (request(tools=[{"type": "function", "name": "bad name"}]), "tools[0].name"),
     (request(tools=[SHELL], tool_choice={"type": "function", "name": "missing"}), "tool_choice"),

@@ -65,7 +65,8 @@ def test_a_function_call_round_trip_with_the_whole_history(running):
     started.steer(script=[{"answer": CALL}, {"answer": "It is 18 °C in Paris."}])
     first = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[WEATHER], store=False)
     call = first.output[0]
-    assert call.type == "function_call" and call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Paris"}
     history = [{"role": "user", "content": "Weather in Paris?"}, call.model_dump(exclude_none=True),
                {"type": "function_call_output", "call_id": call.call_id, "output": '{"celsius": 18}'}]
     final = client.responses.create(model=MODEL, input=history, tools=[WEATHER], store=False)
@@ -83,17 +84,19 @@ def test_a_function_call_round_trip_by_previous_response_id(running):
         {"type": "function_call_output", "call_id": call.call_id, "output": '{"celsius": 18}'}])
     assert final.output_text == "It is 18 °C in Paris." and final.previous_response_id == first.id
     sent = started.received()[-1]["body"]["messages"]
-    assert sent[-3]["content"] == "Weather in Paris?" and "get_weather" in sent[-2]["content"] and "18" in sent[-1]["content"]
+    assert sent[-3]["content"] == "Weather in Paris?"
+    assert "get_weather" in sent[-2]["content"] and "18" in sent[-1]["content"]
 
 
-def test_an_image_reaches_the_model(running):
+def test_an_image_is_refused_saying_the_model_reads_text_only(running):
     client, started = running
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n" + b"\x00" * 16).decode()
-    client.responses.create(model=MODEL, input=[{"role": "user", "content": [
-        {"type": "input_text", "text": "What is this?"},
-        {"type": "input_image", "image_url": f"data:image/png;base64,{png}"}]}])
-    parts = started.received()[-1]["body"]["messages"][-1]["content"]
-    assert parts[1] == {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{png}"}}
+    with pytest.raises(openai.BadRequestError) as raised:
+        client.responses.create(model=MODEL, input=[{"role": "user", "content": [
+            {"type": "input_text", "text": "What is this?"},
+            {"type": "input_image", "image_url": f"data:image/png;base64,{png}"}]}])
+    assert raised.value.body["param"] == "input[0].content[1]" and "text only" in raised.value.body["message"]
+    assert started.received() == []
 
 
 def test_retrieve_and_delete(running):

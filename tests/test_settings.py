@@ -21,7 +21,8 @@ ADMIN_KEY='single quoted # kept'
 MODELS=a#b
 LOG_LEVEL=
 """
-    assert k2proxy.parse_dotenv(text) == {"HOST": "127.0.0.1", "PORT": "9000", "VALID_API_KEY": "sk-a,sk-b # not a comment",
+    assert k2proxy.parse_dotenv(text) == {"HOST": "127.0.0.1", "PORT": "9000",
+                                          "VALID_API_KEY": "sk-a,sk-b # not a comment",
                                           "ADMIN_KEY": "single quoted # kept", "MODELS": "a#b", "LOG_LEVEL": ""}
 
 
@@ -41,7 +42,7 @@ def test_defaults():
     assert settings.port == 8001 and settings.proxy_mode == "guest"
     assert settings.guest_api_url == "https://chat.ifm.ai/api/guest/chat/completions"
     assert settings.user_api_url == "https://chat.ifm.ai/api/chat/completions"
-    assert settings.models == ["IFM/K2-Horizon-375B-A23B"] and settings.reasoning_effort == "medium"
+    assert settings.models == ["IFM/K2-Horizon-375B-A23B"] and settings.reasoning_effort == "high"
     assert settings.valid_api_key[0].startswith("sk-") and settings.api_key_generated
     assert settings.admin_key == settings.valid_api_key[0]
 
@@ -76,7 +77,8 @@ def test_an_address_it_cannot_listen_on_stops_start_up_with_one_line(host):
                                 env={"HOST": host, "PORT": str(taken.getsockname()[1]), "VALID_API_KEY": "sk-x",
                                      "LOG_LEVEL": "ERROR", "PATH": ""}, cwd=ROOT / "tests")
     assert result.returncode == 1
-    assert result.stderr.startswith(f"k2proxy: cannot listen on {host}:") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"k2proxy: cannot listen on {host}:"), result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
 
 
 def test_secret_values_are_not_echoed_in_errors():
@@ -120,7 +122,8 @@ def test_names_that_are_not_settings_are_warned_of_with_the_closest_one():
     assert settings.tool_support is True, "a misspelt name sets nothing"
     env_warnings = [w for w in settings.warnings if w.startswith("the environment")]
     dotenv_warnings = [w for w in settings.warnings if w.startswith(".env")]
-    assert len(env_warnings) == 1 and "TOOL_SUPORT" in env_warnings[0] and "did you mean TOOL_SUPPORT?" in env_warnings[0]
+    assert len(env_warnings) == 1
+    assert "TOOL_SUPORT" in env_warnings[0] and "did you mean TOOL_SUPPORT?" in env_warnings[0]
     assert len(dotenv_warnings) == 2 and "did you mean TOOL_SUPPORT?" in dotenv_warnings[0]
     assert "MY_OWN_THING" in dotenv_warnings[1] and "did you mean" not in dotenv_warnings[1]
 

@@ -85,13 +85,15 @@ async def test_an_answer_without_text_fails_over_to_the_next_token(make_proxy, f
 
 
 @pytest.mark.parametrize("env,extra,model,expected", [
-    ({}, {}, MODEL, "medium"),
-    ({"REASONING_EFFORT": "high"}, {}, MODEL, "high"),
+    ({}, {}, MODEL, "high"),
+    ({"REASONING_EFFORT": "medium"}, {}, MODEL, "medium"),
     ({"REASONING_EFFORT": "low"}, {}, MODEL, "low"),
     ({}, {"reasoning_effort": "high"}, MODEL, "high"),
     ({}, {"reasoning_effort": "medium"}, MODEL, "medium"),
     ({}, {"reasoning_effort": "low"}, MODEL, "low"),
     ({}, {"reasoning_effort": "minimal"}, MODEL, "low"),
+    ({}, {"reasoning_effort": "none"}, MODEL, "low"),
+    ({}, {"reasoning_effort": "xhigh"}, MODEL, "high"),
     ({"REASONING_EFFORT": "high"}, {}, MODEL + "-nothink", "low"),
 ])
 async def test_reasoning_effort_reaches_upstream(make_proxy, fake, env, extra, model, expected):
@@ -105,7 +107,7 @@ async def test_an_unknown_reasoning_effort_is_a_400_naming_the_allowed_values(pr
     response = await post(proxy, chat(reasoning_effort=value))
     error = (await response.json())["error"]
     assert response.status == 400 and error["param"] == "reasoning_effort"
-    assert "minimal, low, medium, high" in error["message"] and fake.received == []
+    assert "none, minimal, low, medium, high, xhigh" in error["message"] and fake.received == []
 
 
 async def test_a_conversation_of_several_turns_is_accepted_by_the_site(proxy, fake):

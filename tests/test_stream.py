@@ -166,7 +166,7 @@ async def test_upstream_payload_and_headers(proxy, fake):
         "params": {"temperature": 0.3, "top_p": 0.9, "max_tokens": 77, "stop": ["END"]},
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": "Hello", "reasoning": ""}, {"role": "user", "content": "Again"}],
-        "features": {"web_search": False}, "extra_body": {"chat_template_kwargs": {"reasoning_effort": "medium"}}}
+        "features": {"web_search": False}, "extra_body": {"chat_template_kwargs": {"reasoning_effort": "high"}}}
     assert "secret thoughts" not in json.dumps(sent)
     headers = received.headers
     assert headers["Origin"] == fake.url and headers["Referer"] == fake.url + "/guest"

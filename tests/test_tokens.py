@@ -114,7 +114,7 @@ async def test_failover_to_the_next_token_before_any_content(user_proxy, fake, s
 async def test_retries_stop_at_max_retries(user_proxy, fake):
     proxy = await user_proxy(*GOOD, MAX_RETRIES=2)
     fake.reply = Reply(status=500, body="down")
-    status, body = await ask(proxy)
+    status, _body = await ask(proxy)
     assert status == 502 and len(fake.received) == 3
 
 

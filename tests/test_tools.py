@@ -90,7 +90,8 @@ def test_tool_prompt_describes_everything_without_truncation():
     assert "- city (string, required): City name" in prompt
     assert '"celsius", "fahrenheit"' in prompt and "### search" in prompt and "<tool_call>" in prompt
     assert "must call at least one tool" in prompt
-    named = k2proxy.chat_tools({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}}, True)
+    named = k2proxy.chat_tools({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "search"}}},
+                               True)
     assert 'must call the tool "search"' in k2proxy.tool_prompt(named)
 
 
@@ -209,7 +210,8 @@ async def test_tool_prompt_joins_an_existing_system_message(proxy, fake):
             "messages": [{"role": "system", "content": "You are terse."}, *MESSAGES]}
     await proxy.post("/v1/chat/completions", json=body, headers=AUTH)
     sent = fake.received[0].body["messages"]
-    assert len(sent) == 2 and sent[0]["content"].startswith("You are terse.\n\n") and "get_weather" in sent[0]["content"]
+    assert len(sent) == 2
+    assert sent[0]["content"].startswith("You are terse.\n\n") and "get_weather" in sent[0]["content"]
 
 
 @pytest.mark.parametrize("extra,param", [
@@ -230,7 +232,8 @@ async def test_stream_chunks_for_a_call_have_the_openai_shape(proxy, fake):
     fake.reply = Reply(answer=ANSWERS["own"][0])
     response = await proxy.post("/v1/chat/completions", json=chat(stream=True, tools=TOOLS), headers=AUTH)
     events, _ = await read_sse(response)
-    pieces = [e["choices"][0]["delta"]["tool_calls"][0] for e in events[:-1] if "tool_calls" in e["choices"][0]["delta"]]
+    pieces = [e["choices"][0]["delta"]["tool_calls"][0] for e in events[:-1]
+              if "tool_calls" in e["choices"][0]["delta"]]
     assert pieces[0]["index"] == 0 and pieces[0]["type"] == "function" and pieces[0]["function"] == {
         "name": "get_weather", "arguments": ""}
     assert pieces[1] == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
