@@ -1915,6 +1915,7 @@ class Credential:
     cooling_until: float = None
     account: str = None
     refused: bool = False  # upstream refused it: its account is to sign in again
+    errors: int = 0               # failed requests, in all
     day: int = None               # the UTC day tokens_today counts
     tokens_today: int = 0         # prompt and completion tokens of its answers on that day
     budget_left: int = None       # the daily budget upstream says is left (x-ratelimit-remaining-tokens-daily)
@@ -2023,6 +2024,7 @@ class CredentialPool:
             return
         failure, now = error.failure, self.clock()
         credential.last_error = str(error)[:LAST_ERROR_CHARS]
+        credential.errors += 1
         credential.minutes.at(now)[1] += 1
         if failure.cool_down:
             credential.cooling_until = now + (error.retry_after or RATE_LIMIT_REST)
@@ -2082,7 +2084,8 @@ class CredentialPool:
         for index, held in enumerate(self.credentials):
             state = self.state(held, now)
             rows.append({"index": index, "masked": mask_token(held.value), "status": state.value,
-                         "account": held.account, "failures": held.failures, "requests": held.requests,
+                         "account": held.account, "failures": held.failures, "errors": held.errors,
+                         "requests": held.requests,
                          "successes": held.successes, "last_used": held.last_used, "last_error": held.last_error,
                          "expires_at": held.expires_at,
                          "cooling_until": held.cooling_until if state is CredentialState.COOLING else None,
@@ -2765,6 +2768,7 @@ class ApiUpstream:
         self.settings = settings
         self.http = http
         self.url = settings.ifm_base_url + "/chat/completions"
+        self.models_url = settings.ifm_base_url + "/models"
         self.pool = CredentialPool("api", settings.ifm_keys_file, settings, anonymous=True,
                                    fixed=settings.ifm_api_key, noun="IFM key", clock=clock)
         self.replay = ReplayCache(settings.replay_cache_mb)
@@ -2798,7 +2802,7 @@ class ApiUpstream:
             yield Attempt(len(tried), self.pool.index_of(credential))
             progress = ApiProgress(core)
             try:
-                async with contextlib.aclosing(self._answer(body, credential, core, progress)) as read:
+                async with contextlib.aclosing(self.attempt(body, credential, core, progress)) as read:
                     async for events in read:
                         yield events
             except UpstreamError as failure:
@@ -2816,7 +2820,7 @@ class ApiUpstream:
             return
         raise error or self.pool.unavailable()
 
-    async def _answer(self, body, credential, core, progress):
+    async def attempt(self, body, credential, core, progress):
         """One attempt: the events of each network read, then the finish; a stream without one is truncated."""
         async with self.http.exchange(self.url, body, self.headers(credential, core.session)) as response:
             if response.status != 200:
@@ -3241,9 +3245,10 @@ def first_token(path, now):
     return None
 
 
-async def probe_host(settings):
-    """Reaches the site's host: DNS, then TCP (and TLS for https), with the time each took."""
-    url = urllib.parse.urlsplit(settings.k2think_base_url)
+async def probe_host(settings, base_url=None, setting="K2THINK_BASE_URL", name="host"):
+    """Reaches the host of the site (or of `base_url`): DNS, then TCP (and TLS for https), with the time each
+    took."""
+    url = urllib.parse.urlsplit(base_url or settings.k2think_base_url)
     host, port = url.hostname, url.port or HTTP_PORTS[url.scheme]
     connection = "connection and TLS" if url.scheme == "https" else "connection"
     steps = (("DNS", lambda: asyncio.get_running_loop().getaddrinfo(host, port)),
@@ -3255,11 +3260,11 @@ async def probe_host(settings):
             done = await asyncio.wait_for(attempt(), settings.request_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = "no answer" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
-            return Probe("host", Verdict.FAILED, f"{host}:{port}: {step} failed ({reason})",
-                         "check the host name in K2THINK_BASE_URL, and this server's DNS, firewall and route to it")
+            return Probe(name, Verdict.FAILED, f"{host}:{port}: {step} failed ({reason})",
+                         f"check the host name in {setting}, and this server's DNS, firewall and route to it")
         took.append(f"{step} {(time.monotonic() - started) * 1000:.0f} ms")
     done[1].close()  # the connection's writer
-    return Probe("host", Verdict.OK, f"{host}:{port}: " + ", ".join(took))
+    return Probe(name, Verdict.OK, f"{host}:{port}: " + ", ".join(took))
 
 
 async def look_at_chat(site, token, mode, model):
@@ -3352,8 +3357,51 @@ async def probe_models(site, settings, token):
                  f"set MODELS={','.join(ids)}", details={"ids": ids})
 
 
-async def check_upstream(settings, site):
-    """Runs every probe against the configured upstream (with `site`'s open session); the report, as JSON."""
+API_CHECK_PROMPT = "Reply with the word OK."
+API_PROBLEMS = {  # an API failure in a probe → what to do
+    KEY_REFUSED: "the API refused this key: remove it from IFM_API_KEY or IFM_KEYS_FILE, or make a new one at "
+                 "platform.ifm.ai",
+    BUDGET_SPENT: "this key's daily budget is spent: it is back at 00:00 UTC",
+    RATE_LIMITED: "the per-minute guard: try again in a minute",
+    MODEL_GONE: "the API does not serve {model}: set MODELS to an id it lists",
+    MODEL_RETIRED: "the API retired {model}: set MODELS to an id it lists",
+    UNREACHABLE: "see the api host line: IFM_BASE_URL cannot be reached from here",
+}
+
+
+async def probe_api_key(api, credential, model):
+    """One key (or none, for a keyless server): the model list and a tiny chat, read as the proxy reads answers."""
+    name = f"api key {mask_token(credential.value)}" if credential.value else "api (no key)"
+    listed = await fetch_model_list(api.http, api.models_url, api.headers(credential, "k2proxy-check"))
+    core = CoreRequest(model, model, (Turn("user", (text_part(API_CHECK_PROMPT),)),), {"max_tokens": CHECK_MAX_TOKENS},
+                       "low", True, True, session="k2proxy-check")
+    body = json_text(api_payload(core, api_messages(core, lambda turn: None))).encode()
+    answer = []
+    try:
+        async for events in api.attempt(body, credential, core, ApiProgress(core)):
+            answer += [event.text for event in events if isinstance(event, Text)]
+    except UpstreamError as error:
+        hint = API_PROBLEMS.get(error.failure, "the message says what the API answered").format(model=model)
+        return Probe(name, Verdict.FAILED, f"{error.failure.name}: {error}", hint,
+                     details={"models": listed.ids, "problem": error.failure.name})
+    budget = f"; {credential.budget_left:,} tokens left today" if credential.budget_left is not None else ""
+    models = f"serves {', '.join(listed.ids)}" if listed.ids else f"no model list ({listed.problem})"
+    return Probe(name, Verdict.OK, f'{models}; chat answered "{"".join(answer)[:PREVIEW_CHARS]}"{budget}',
+                 details={"models": listed.ids, "budget_left": credential.budget_left})
+
+
+async def check_api(settings, api):
+    """The API's host, then each key of IFM_API_KEY and IFM_KEYS_FILE (none for a keyless server)."""
+    api.pool.load(await asyncio.to_thread(read_if_there, settings.ifm_keys_file))
+    host = await probe_host(settings, settings.ifm_base_url, "IFM_BASE_URL", "api host")
+    if host.verdict is not Verdict.OK:
+        return [host, Probe("api keys", Verdict.SKIPPED, "not tried: the host cannot be reached")]
+    return [host, *[await probe_api_key(api, credential, settings.models[0])
+                    for credential in api.pool.credentials or [NO_CREDENTIAL]]]
+
+
+async def check_site(settings, site):
+    """The site's host, each account's sign-in, the model list, and a tiny chat in each mode."""
     now, model = time.time(), settings.models[0]
     probes = [await probe_host(settings)]
     if probes[0].verdict is Verdict.OK:
@@ -3368,11 +3416,27 @@ async def check_upstream(settings, site):
     else:
         probes += [Probe(name, Verdict.SKIPPED, "not tried: the host cannot be reached")
                    for name in ("sign-in", "models", "guest chat", "user chat")]
-    mode_probe = next((p for p in probes if p.name == f"{settings.proxy_mode} chat"), None)
-    works = bool(mode_probe and mode_probe.verdict is Verdict.OK)
-    return {"version": __version__, "upstream": settings.k2think_base_url, "mode": settings.proxy_mode,
-            "model": model, "works": works, "dialect": mode_probe.details.get("dialect") if mode_probe else None,
-            "probes": [asdict(probe) for probe in probes]}
+    return probes
+
+
+async def check_upstream(settings, http):
+    """Runs every probe against each upstream kind of UPSTREAM (with `http`'s open session, and kinds of its own, so
+    that nothing touches the running proxy's pools); the report, as JSON. Chat works when it works with one kind."""
+    probes, works, dialect = [], False, None
+    if "site" in settings.upstream:
+        probes += await check_site(settings, SiteUpstream(settings, http))
+        mode_probe = next((p for p in probes if p.name == f"{settings.proxy_mode} chat"), None)
+        works = bool(mode_probe and mode_probe.verdict is Verdict.OK)
+        dialect = mode_probe.details.get("dialect") if mode_probe else None
+    if "api" in settings.upstream:
+        api_probes = await check_api(settings, ApiUpstream(settings, http))
+        works = works or any(p.verdict is Verdict.OK for p in api_probes[1:])
+        probes += api_probes
+    first = settings.upstream[0]
+    return {"version": __version__, "upstreams": settings.upstream,
+            "upstream": settings.k2think_base_url if first == "site" else settings.ifm_base_url,
+            "mode": settings.proxy_mode if first == "site" else "api", "model": settings.models[0], "works": works,
+            "dialect": dialect, "probes": [asdict(probe) for probe in probes]}
 
 
 def report_text(report):
@@ -3396,7 +3460,7 @@ async def run_check(settings, as_json):
     http = HttpClient(settings)
     await http.open()
     try:
-        report = await check_upstream(settings, SiteUpstream(settings, http))
+        report = await check_upstream(settings, http)
     finally:
         await http.stop()
     print(json.dumps(report, ensure_ascii=False, indent=2) if as_json else report_text(report))
@@ -3627,6 +3691,12 @@ METRIC_HELP = {
     "k2proxy_in_flight_requests": ("gauge", "Completion requests under way"),
     "k2proxy_tokens": ("gauge", "Tokens of the active pool, by state"),
     "k2proxy_signins_total": ("counter", "Account sign-ins, by result"),
+    "k2proxy_ifm_key_state": ("gauge", "Each IFM key (masked) in its state: 1"),
+    "k2proxy_ifm_key_requests_total": ("counter", "Requests sent with each IFM key"),
+    "k2proxy_ifm_key_failures_total": ("counter", "Failed requests sent with each IFM key"),
+    "k2proxy_ifm_key_tokens_today": ("gauge", "Tokens each IFM key's answers took today (UTC)"),
+    "k2proxy_ifm_key_budget_left": ("gauge", "The daily budget upstream says each IFM key has left"),
+    "k2proxy_ifm_key_rested_until_seconds": ("gauge", "Until when (Unix time) each resting IFM key rests"),
 }
 
 
@@ -3637,11 +3707,27 @@ def labels_text(labels):
     return "{" + ",".join(f'{name}="{value}"' for (name, _), value in zip(labels, escaped)) + "}"
 
 
-def metrics_text(monitor, pool, sign_ins):
+def key_series(ifm_keys):
+    """The series of each IFM key, by its masked value, as (name, labels) → value."""
+    series = {}
+    for row in ifm_keys.stats():
+        key = (("key", row["masked"]),)
+        series.update({("k2proxy_ifm_key_state", (*key, ("state", row["status"]))): 1,
+                       ("k2proxy_ifm_key_requests_total", key): row["requests"],
+                       ("k2proxy_ifm_key_failures_total", key): row["errors"],
+                       ("k2proxy_ifm_key_tokens_today", key): row["tokens_today"]})
+        if row["budget_left"] is not None:
+            series["k2proxy_ifm_key_budget_left", key] = row["budget_left"]
+        if row["cooling_until"] is not None:
+            series["k2proxy_ifm_key_rested_until_seconds", key] = round(row["cooling_until"])
+    return series
+
+
+def metrics_text(monitor, pool, sign_ins, ifm_keys):
     """Every series in Prometheus's text exposition format."""
     gauges = {("k2proxy_in_flight_requests", ()): monitor.in_flight,
               **{("k2proxy_tokens", (("state", state),)): count for state, count in pool.counts().items()
-                 if state != "total"}}
+                 if state != "total"}, **key_series(ifm_keys)}
     counters = {**monitor.counters, **{("k2proxy_signins_total", (("result", result),)): count
                                        for result, count in sign_ins.items()}}
     series_of = collections.defaultdict(list)  # metric name → its lines
@@ -5427,6 +5513,9 @@ async def read_admin_page():
     return html.encode(), {**ADMIN_PAGE_HEADERS, "Content-Security-Policy": page_policy(html)}
 
 
+IFM_KEYS_ADMIN = "/admin/ifm-keys/"  # the token routes under this prefix edit the IFM keys instead
+
+
 def ok(message, **extra):
     return web.json_response({"ok": True, "message": message, **extra})
 
@@ -5443,49 +5532,58 @@ async def admin_status(request):
     site = state.site
     return web.json_response({
         "mode": site.mode, "upstream_url": site.url, "tokens_file": str(site.pool.file.path),
-        "counts": site.pool.counts(), "version": __version__, "uptime_s": int(time.time()) - state.started,
+        "counts": site.pool.counts(), "upstream": state.settings.upstream,
+        "ifm": {"base_url": state.api.url.removesuffix("/chat/completions"), "keys_file": str(state.api.pool.file.path),
+                "counts": state.api.pool.counts()},
+        "version": __version__, "uptime_s": int(time.time()) - state.started,
         "models": {"ids": state.models.ids, "source": state.models.source},
         "accounts": state.accounts.stats(), "stats": state.monitor.summary(),
         "settings": state.settings.public()})
 
 
 async def admin_token_stats(request):
-    pool = request.app[STATE].site.pool
+    pool = pool_of(request)
     return web.json_response({"mode": pool.name, "tokens": pool.stats()})
 
 
+def pool_of(request):
+    """The pool an admin route edits: the IFM keys under /admin/ifm-keys/, else the active mode's tokens."""
+    state = request.app[STATE]
+    return state.api.pool if request.path.startswith(IFM_KEYS_ADMIN) else state.site.pool
+
+
 async def admin_reset_token(request):
-    pool = request.app[STATE].site.pool
+    pool = pool_of(request)
     index = request.match_info["index"]
     expect(WHOLE_NUMBER.fullmatch(index) and int(index) < len(pool.credentials),
-           f"No token {index}: indexes go from 0 to {len(pool.credentials) - 1}" if pool.credentials
-           else f"No token {index}: the {pool.name} pool is empty", "index")
+           f"No {pool.noun} {index}: indexes go from 0 to {len(pool.credentials) - 1}" if pool.credentials
+           else f"No {pool.noun} {index}: the {pool.name} pool is empty", "index")
     token = pool.credentials[int(index)]
     pool.reset(token)
     if pool.state(token, pool.clock()) is CredentialState.EXPIRED:
         expired = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(token.expires_at))
         return ok(f"Token {index} reset, but it stays expired: its JWT expired at {expired}; replace it in the "
                   "file (or let its account sign in again)")
-    return ok(f"Token {index} reset")
+    return ok(f"{pool.noun.capitalize()} {index} reset")
 
 
 async def admin_reset_all(request):
-    pool = request.app[STATE].site.pool
+    pool = pool_of(request)
     for token in pool.credentials:
         pool.reset(token)
     expired = pool.counts()["expired"]
     stays = f"; {expired} stay expired (their JWTs have expired): replace them in the file" if expired else ""
-    return ok(f"All {len(pool.credentials)} tokens reset{stays}")
+    return ok(f"All {len(pool.credentials)} {pool.noun}s reset{stays}")
 
 
 async def admin_reload(request):
-    pool = request.app[STATE].site.pool
+    pool = pool_of(request)
     await pool.reload(force=True)
-    return ok(f"Reloaded {len(pool.credentials)} tokens from {pool.file.path.name}", counts=pool.counts())
+    return ok(f"Reloaded {len(pool.credentials)} {pool.noun}s from {pool.file.path.name}", counts=pool.counts())
 
 
 async def admin_token_content(request):
-    pool = request.app[STATE].site.pool
+    pool = pool_of(request)
     text, _ = await asyncio.to_thread(pool.file.read)
     if text is None:
         raise ApiError(409, f"{pool.file.path.name} cannot be read; see the proxy's log", code="token_file_unreadable")
@@ -5513,7 +5611,7 @@ async def save_unless_changed(state, file, body, new_content, save):
 
 async def admin_update_tokens(request):
     state = request.app[STATE]
-    pool = state.site.pool
+    pool = pool_of(request)
     body = await read_json(request)
     expect(isinstance(body, dict) and ("tokens" in body or "content" in body),
            "Send {\"tokens\": [...]} or {\"content\": \"...\"}", None, "invalid_type")
@@ -5528,8 +5626,9 @@ async def admin_update_tokens(request):
         return file_text(parse_tokens_file("\n".join(tokens)), current) if "tokens" in body else content
 
     content = await save_unless_changed(state, pool.file, body, new_content, pool.save)
-    return ok(f"Saved {len(pool.credentials)} tokens to {pool.file.path.name}", counts=pool.counts(),
-              version=file_version(content), warnings=not_jwt_warnings(content))
+    warnings = not_jwt_warnings(content) if pool is not state.api.pool else []
+    return ok(f"Saved {len(pool.credentials)} {pool.noun}s to {pool.file.path.name}", counts=pool.counts(),
+              version=file_version(content), warnings=warnings)
 
 
 def not_jwt_warnings(content):
@@ -5545,7 +5644,7 @@ async def admin_check(request):
     """Runs the upstream check (or waits for the one under way) and answers its report."""
     state = request.app[STATE]
     if state.check_run is None or state.check_run.done():
-        state.check_run = asyncio.ensure_future(check_upstream(state.settings, state.site))
+        state.check_run = asyncio.ensure_future(check_upstream(state.settings, state.http))
     return web.json_response(await asyncio.shield(state.check_run), dumps=json_text)
 
 
@@ -5566,7 +5665,7 @@ async def admin_history(request):
 
 async def metrics(request):
     state = request.app[STATE]
-    return web.Response(text=metrics_text(state.monitor, state.site.pool, state.accounts.results),
+    return web.Response(text=metrics_text(state.monitor, state.site.pool, state.accounts.results, state.api.pool),
                         content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
@@ -5819,6 +5918,12 @@ ROUTES = (
     Route("POST", "/admin/tokens/reload", admin_reload, listed=False),
     Route("POST", "/admin/tokens/update", admin_update_tokens, listed=False),
     Route("POST", "/admin/switch_mode", admin_switch_mode, listed=False),
+    Route("GET", "/admin/ifm-keys/stats", admin_token_stats, listed=False),
+    Route("GET", "/admin/ifm-keys/content", admin_token_content, listed=False),
+    Route("POST", "/admin/ifm-keys/update", admin_update_tokens, listed=False),
+    Route("POST", "/admin/ifm-keys/reset-all", admin_reset_all, listed=False),
+    Route("POST", "/admin/ifm-keys/reset/{index}", admin_reset_token, listed=False),
+    Route("POST", "/admin/ifm-keys/reload", admin_reload, listed=False),
     Route("GET", "/admin/accounts", admin_accounts, listed=False),
     Route("POST", "/admin/check", admin_check, listed=False),
     Route("GET", "/admin/requests", admin_requests, listed=False),
@@ -5827,7 +5932,7 @@ ROUTES = (
     Route("POST", "/admin/keys/update", admin_update_keys, listed=False),
     Route("GET", "/metrics", metrics),
 )
-ROUTE_OF = web.AppKey("route_of", dict)  # handler → its Route, for the middlewares
+ROUTE_OF = web.AppKey("route_of", dict)  # (aiohttp's resource, method) → its Route, for the middlewares
 UNROUTED = Route("", "", None)  # an unknown path or method
 # … and under a path whose clients read another dialect
 UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC), "/v1/responses": Route("", "", None, RESPONSES)}
@@ -5835,7 +5940,8 @@ UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC), "/v1/respon
 
 def route_of(request):
     """The route a request came by; for an unknown path or method, one whose errors its family's clients read."""
-    route = request.app[ROUTE_OF].get(request.match_info.handler)
+    method = "GET" if request.method == "HEAD" else request.method
+    route = request.app[ROUTE_OF].get((request.match_info.route.resource, method))
     if route:
         return route
     return next((r for prefix, r in UNROUTED_FAMILIES.items() if request.path.startswith(prefix)), UNROUTED)
@@ -5963,12 +6069,13 @@ def make_app(settings):
     if admin.startswith("/v1/") or any(route.path == admin for route in ROUTES):
         raise SettingsError(f"setting ADMIN_PAGE_PATH={admin!r} is a path the proxy already serves")
     routes = [*ROUTES, Route("GET", admin, admin_page, listed=False)]
+    app[ROUTE_OF] = {}
     for route in routes:
         if route.method == "GET":
-            app.router.add_get(route.path, route.handler)  # HEAD too
+            added = app.router.add_get(route.path, route.handler)  # HEAD too
         else:
-            app.router.add_route(route.method, route.path, route.handler)
-    app[ROUTE_OF] = {route.handler: route for route in routes}
+            added = app.router.add_route(route.method, route.path, route.handler)
+        app[ROUTE_OF][added.resource, route.method] = route
     app.on_response_prepare.append(add_cors_headers)
     app.on_startup.append(start_up)
     app.on_shutdown.append(shut_down)

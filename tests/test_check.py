@@ -26,7 +26,7 @@ def check(proxy_settings, fake, tmp_path):
         http = k2proxy.HttpClient(settings)
         await http.open()
         try:
-            return await asyncio.wait_for(k2proxy.check_upstream(settings, k2proxy.SiteUpstream(settings, http)), 20)
+            return await asyncio.wait_for(k2proxy.check_upstream(settings, http), 20)
         finally:
             await http.stop()
     return run
