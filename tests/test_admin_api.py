@@ -60,8 +60,8 @@ async def test_token_stats_fields(admin_proxy):
     rows = (await (await admin_proxy.get("/admin/tokens/stats", headers=ADMIN)).json())["tokens"]
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert set(rows[0]) == {"index", "masked", "status", "failures", "requests", "successes", "last_used",
-                            "last_error", "expires_at", "cooling_until", "account", "last_hour", "tokens_today", "errors",
-                            "budget_left"}
+                            "last_error", "expires_at", "cooling_until", "account", "last_hour", "tokens_today",
+                            "errors", "budget_left"}
     assert rows[0]["expires_at"] > time.time()
 
 
