@@ -991,6 +991,7 @@ class Transcript:
 
 
 MAX_OUTPUT_TOKENS = 8192  # K2 Horizon writes at most this; asking for more only risks a refusal in long contexts
+CONTEXT_TOKENS = 512 * 1024  # K2 Horizon's context (512K tokens; 128,000 is some clients' own preset)
 
 
 MAX_STOP_SEQUENCES = 4  # what K2's API takes
@@ -1287,6 +1288,7 @@ class Frame:
     done: bool = False
     error: str = None
     fields: tuple = field(default=(), compare=False)  # the payload's top-level keys, or the end marker
+    choices: bool = False  # the text came in OpenAI's choices form, not as a top-level content snapshot
 
 
 END_MARKERS = frozenset(("[DONE]", "DONE", "done"))
@@ -1311,7 +1313,7 @@ def parse_frame(payload):
         choice = choices[0]
         part = choice.get("delta") or choice.get("message")
         if isinstance(part, dict) and isinstance(part.get("content"), str):
-            frame.text = part["content"]
+            frame.text, frame.choices = part["content"], True
         if isinstance(choice.get("finish_reason"), str):
             frame.finish_reason = choice["finish_reason"]
     elif isinstance(obj.get("content"), str):
@@ -1693,6 +1695,7 @@ class SiteReader:
         self.text = UpstreamText()
         self.fields = set()  # the top-level keys of every frame: what an answer without text did hold
         self.frames = 0
+        self.snapshots_seen = False  # a top-level content frame came: choices frames beside it are not text
 
     def read(self, frames):
         """What frames that arrived together add. The answer has ended at a done event or a finish reason (the
@@ -1704,6 +1707,9 @@ class SiteReader:
             if frame.error:
                 delta.error = site_error(502, frame.error)
                 break
+            self.snapshots_seen = self.snapshots_seen or (frame.text is not None and not frame.choices)
+            if frame.choices and self.snapshots_seen:
+                frame = replace(frame, text=None)  # the same text again, in another form: reading it would double it
             more_reasoning, more_answer = self.text.read(frame)
             reasoning.append(more_reasoning)
             answer.append(more_answer)
@@ -2253,8 +2259,15 @@ def worth_another_try(failure, credential):
 # SiteUpstream, whose complete() yields a completion's events attempt by
 # attempt, failing over from token to token as each failure's policy allows.
 
+CHROME_VERSION = 142
 BROWSER_USER_AGENT = ("Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 "
-                      "(KHTML, like Gecko) Chrome/142.0.0.0 Safari/537.36")
+                      f"(KHTML, like Gecko) Chrome/{CHROME_VERSION}.0.0.0 Safari/537.36")
+CLIENT_HINTS = {  # what this Chrome on Windows sends with every request
+    "sec-ch-ua": f'"Chromium";v="{CHROME_VERSION}", "Google Chrome";v="{CHROME_VERSION}", "Not_A Brand";v="99"',
+    "sec-ch-ua-mobile": "?0", "sec-ch-ua-platform": '"Windows"'}
+
+
+SITE_PARAMS = ("temperature", "top_p", "max_tokens", "stop")  # the sampling options the site is known to read
 
 
 def site_messages(core):
@@ -2285,11 +2298,14 @@ def site_messages(core):
 
 
 def site_payload(model, messages, params, effort):
-    """The chat payload the site's working public clients send. Never chat_id, id and session_id together:
-    with those, Open WebUI answers over the browser's websocket and the HTTP answer holds no text."""
+    """The chat payload the site's working public clients send, with the effort also where the chat template reads
+    it (top-level chat_template_kwargs: the clients' extra_body is an SDK wrapper that may never reach it). Never
+    chat_id, id and session_id together: with those, Open WebUI answers over the browser's websocket and the HTTP
+    answer holds no text."""
+    effort_field = {"reasoning_effort": effort}
     return {"stream": True, "model": model, "messages": messages, "params": params,
-            "features": {"web_search": False},
-            "extra_body": {"chat_template_kwargs": {"reasoning_effort": effort}}}
+            "features": {"web_search": False}, "chat_template_kwargs": effort_field,
+            "extra_body": {"chat_template_kwargs": effort_field}}
 
 
 async def site_frames(response):
@@ -2320,6 +2336,7 @@ class Progress:
 
     def __init__(self, tools, show_reasoning, answer_format=None):
         self.scanner = ToolCallScanner(tools.names) if tools else None
+        self.closer = CloserSplitter()
         self.show_reasoning = show_reasoning
         self.answer_format = answer_format
         self.held = []  # the answer's text, while it must be JSON taken out at the end
@@ -2330,20 +2347,26 @@ class Progress:
         self.finish_reason = None
 
     def events(self, reasoning, answer, usage=None, finish_reason=None):
-        """The events for what upstream added: reasoning, then answer text and the tool calls found in it."""
+        """The events for what upstream added: reasoning (up to an effort closer: what follows it is the answer),
+        then answer text and the tool calls found in it."""
         self.upstream_usage = usage or self.upstream_usage
         self.finish_reason = finish_reason or self.finish_reason
-        events = []
         if reasoning:
-            self.reasoning_chars += len(reasoning)
-            if self.show_reasoning:
-                events.append(Reasoning(reasoning))
-        return events + self._answer(self.scanner.feed(answer) if self.scanner and answer else [answer])
+            reasoning, after_closer = self.closer.feed(reasoning)
+            answer = after_closer + answer
+        return self._reasoning(reasoning) + self._answer(self.scanner.feed(answer) if self.scanner and answer
+                                                         else [answer])
+
+    def _reasoning(self, text):
+        if not text:
+            return []
+        self.reasoning_chars += len(text)
+        return [Reasoning(text)] if self.show_reasoning else []
 
     def closing(self, prompt_tokens):
         """The last events: what the tool-call scanner held back (the JSON answer, when one was asked for), and
         the finish with its usage."""
-        events = self._answer(self.scanner.finish()) if self.scanner else []
+        events = self._reasoning(self.closer.finish()) + (self._answer(self.scanner.finish()) if self.scanner else [])
         if self.answer_format and not self.calls:
             found = AnswerFormat.extract("".join(self.held))
             if found is None:
@@ -2389,7 +2412,7 @@ class SiteUpstream:
                       "user": CredentialPool("user", settings.user_tokens_file, settings)}
         self.urls = {"guest": settings.guest_api_url, "user": settings.user_api_url}
         self.origin = re.match(r"^https?://[^/]+", settings.k2think_base_url).group(0)
-        self.browser_headers = {"Origin": self.origin, "User-Agent": BROWSER_USER_AGENT,
+        self.browser_headers = {"Origin": self.origin, "User-Agent": BROWSER_USER_AGENT, **CLIENT_HINTS,
                                 "Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
 
     @property
@@ -2417,7 +2440,8 @@ class SiteUpstream:
         """The completion's events, one list per network read, attempt by attempt: each attempt opens with an
         Attempt, and a failure that another token may do better on yields a Restart before the next."""
         pool, url = self.pool, self.url
-        body = json_text(site_payload(core.upstream_model, site_messages(core), core.params, core.effort)).encode()
+        params = {name: value for name, value in core.params.items() if name in SITE_PARAMS}
+        body = json_text(site_payload(core.upstream_model, site_messages(core), params, core.effort)).encode()
         tried, error = [], None
         for _ in range(self.settings.max_retries + 1):
             credential = pool.acquire(tried)
@@ -4373,6 +4397,9 @@ def completion_handler(dialect):
     """The handler of a dialect's completion route: its request, read and parsed, through the core."""
     async def complete(request):
         asked = dialect.parse(await read_request(request), request.app[STATE])
+        tokens = asked.core.prompt_tokens
+        expect(tokens <= CONTEXT_TOKENS, f"prompt is too long: about {tokens} tokens > {CONTEXT_TOKENS} maximum "
+               "(K2 Horizon's context); shorten the conversation", "messages", "context_length_exceeded")
         return await serve_completion(request, asked)
     return complete
 
@@ -4689,7 +4716,8 @@ OPENAI = Dialect("openai", openai_error_response, chat_asked)
 
 
 def model_card(model_id, created):
-    return {"id": model_id, "object": "model", "created": created, "owned_by": "MBZUAI-IFM"}
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "MBZUAI-IFM",
+            "context_length": CONTEXT_TOKENS}
 
 
 async def list_models(request):

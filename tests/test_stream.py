@@ -166,11 +166,16 @@ async def test_upstream_payload_and_headers(proxy, fake):
         "params": {"temperature": 0.3, "top_p": 0.9, "max_tokens": 77, "stop": ["END"]},
         "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
                      {"role": "assistant", "content": "Hello", "reasoning": ""}, {"role": "user", "content": "Again"}],
-        "features": {"web_search": False}, "extra_body": {"chat_template_kwargs": {"reasoning_effort": "high"}}}
+        "features": {"web_search": False}, "chat_template_kwargs": {"reasoning_effort": "high"},
+        "extra_body": {"chat_template_kwargs": {"reasoning_effort": "high"}}}
     assert "secret thoughts" not in json.dumps(sent)
     headers = received.headers
     assert headers["Origin"] == fake.url and headers["Referer"] == fake.url + "/guest"
     assert headers["Accept"] == "text/event-stream, application/json" and "Mozilla" in headers["User-Agent"]
+    hints = {name.lower(): value for name, value in headers.items() if name.lower().startswith("sec-ch-ua")}
+    chrome = headers["User-Agent"].split("Chrome/")[1].split(".")[0]
+    assert f'"Google Chrome";v="{chrome}"' in hints["sec-ch-ua"] and hints["sec-ch-ua-mobile"] == "?0"
+    assert hints["sec-ch-ua-platform"] == '"Windows"' and "Windows" in headers["User-Agent"]
     assert "Authorization" not in headers
 
 
