@@ -3291,10 +3291,15 @@ async def probe_host(settings, base_url=None, setting="K2THINK_BASE_URL", name="
     return Probe(name, Verdict.OK, f"{host}:{port}: " + ", ".join(took))
 
 
-async def look_at_chat(site, token, mode, model):
-    """One tiny chat, read as the proxy reads answers; (what it looked like, the UpstreamError or None)."""
+def check_payload(model):
+    return site_payload(model, CHECK_PROMPT, {"max_tokens": CHECK_MAX_TOKENS}, "low")
+
+
+async def look_at_chat(site, token, mode, model, payload=None):
+    """One tiny chat (or `payload`), read as the proxy reads answers; (what it looked like, the UpstreamError or
+    None)."""
     look, reader, started = AnswerLook(), SiteReader(), time.monotonic()
-    body = json_text(site_payload(model, CHECK_PROMPT, {"max_tokens": CHECK_MAX_TOKENS}, "low")).encode()
+    body = json_text(payload or check_payload(model)).encode()
     try:
         async with site.http.exchange(site.urls[mode], body, site.headers(token, mode)) as response:
             look.status, look.content_type = response.status, response.content_type
@@ -3339,6 +3344,29 @@ async def probe_chat(site, mode, token, model):
     hint = hint.format(model=model, base=settings.k2think_base_url, timeout=settings.request_timeout)
     seen = look.describe() if look.status else "no answer"
     return Probe(name, Verdict.FAILED, f"{what}: {error}\n{seen}", hint, details={**details, "problem": what})
+
+
+UNKNOWN_EFFORT = "k2proxy-check"  # an effort no chat template knows: refused wherever the template reads it
+EFFORT_FIELDS = {"chat_template_kwargs": "the top-level chat_template_kwargs",
+                 "extra_body": "extra_body.chat_template_kwargs"}
+
+
+async def probe_effort_field(site, mode, token, model):
+    """Which effort field reaches the site's chat template: an unknown effort is refused where it is read."""
+    read = []
+    for place in EFFORT_FIELDS:
+        payload = check_payload(model)
+        (payload if place == "chat_template_kwargs" else payload["extra_body"])[
+            "chat_template_kwargs"] = {"reasoning_effort": UNKNOWN_EFFORT}
+        _, error = await look_at_chat(site, Credential(token) if token else NO_CREDENTIAL, mode, model, payload)
+        if error and error.failure is REJECTED and "effort" in str(error).lower():
+            read.append(place)
+    if not read:
+        return Probe("effort field", Verdict.SKIPPED, "cannot tell: the site refused an unknown effort in neither "
+                     "field, so which one its template reads does not show (k2proxy sends both)",
+                     details={"read": []})
+    return Probe("effort field", Verdict.OK, "the site's template reads the effort from "
+                 + " and ".join(EFFORT_FIELDS[place] for place in read), details={"read": read})
 
 
 async def probe_sign_ins(site, settings):
@@ -3437,6 +3465,9 @@ async def check_site(settings, site):
         probes.append(await probe_chat(site, "user", user_token, model) if user_token else
                       Probe("user chat", Verdict.SKIPPED, f"no user token: none in {settings.user_tokens_file}, and no "
                                                     "account signed in"))
+        mode, token = settings.proxy_mode, user_token if settings.proxy_mode == "user" else guest_token
+        if next(p for p in probes if p.name == f"{mode} chat").verdict is Verdict.OK:
+            probes.append(await probe_effort_field(site, mode, token, model))
     else:
         probes += [Probe(name, Verdict.SKIPPED, "not tried: the host cannot be reached")
                    for name in ("sign-in", "models", "guest chat", "user chat")]

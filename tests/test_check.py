@@ -47,7 +47,9 @@ async def test_the_2026_site_healthy(check, fake):
     assert {"content", "task_id"} <= set(chat["frame_fields"]) and chat["ended"]
     assert chat["answer"] == fake.reply.answer and chat["reasoning"] == fake.reply.reasoning
     assert "reasoning markup: <details>; no <answer> tags" in found["user chat"]["summary"]
-    assert fake.received[-1].body["extra_body"]["chat_template_kwargs"]["reasoning_effort"] == "low"
+    efforts = [r.body["extra_body"]["chat_template_kwargs"]["reasoning_effort"] for r in fake.received]
+    assert efforts[:2] == ["low", "low"], "the chats ask for little thinking"
+    assert found["effort field"]["details"]["read"] == ["extra_body"], "the fake's template reads extra_body only"
 
 
 async def test_the_older_sites_dialect_still_works_and_is_named(aiohttp_server, check, fake):
