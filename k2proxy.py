@@ -3090,6 +3090,12 @@ async def fetch_model_list(http, url, headers):
     return ModelList([], f"HTTP {status} without a model list ({detail or 'nothing said'})")
 
 
+def short_id(model):
+    """A model id without its organisation (k2-horizon-375b-a23b), for clients that read IFM/ as a provider prefix
+    (the OpenAI Agents SDK, LiteLLM)."""
+    return model.rsplit("/", 1)[-1].lower()
+
+
 class Models:
     """The model ids clients may ask for: upstream's own list in user mode, MODELS otherwise, and aliases."""
 
@@ -3107,7 +3113,9 @@ class Models:
             self.wake.set()
 
     def listed(self):
-        return [name for model in self.ids for name in (model, model + NOTHINK)]
+        """Every id a client may ask for: each model's, its slash-free short id, and both with -nothink."""
+        return [name for model in self.ids for base in dict.fromkeys((model, short_id(model)))
+                for name in (base, base + NOTHINK)]
 
     @property
     def default(self):
@@ -3117,7 +3125,8 @@ class Models:
     def resolve(self, requested):
         """(upstream model, show reasoning) for a client's model id or alias, or a 404 naming the ids there are."""
         base = requested[:-len(NOTHINK)] if requested.endswith(NOTHINK) else requested
-        model = base if base in self.ids else self.aliases.get(base) or (
+        short = {short_id(model): model for model in self.ids}
+        model = base if base in self.ids else self.aliases.get(base) or short.get(base) or (
             self.default if base in RETIRED_MODELS else base)
         if model not in self.ids:
             raise ApiError(404, f"The model '{requested}' does not exist; available: {', '.join(self.listed())}",

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import API_KEY, AUTH, chat, read_sse
+from conftest import API_KEY, AUTH, MODEL, chat, read_sse
 from fake_upstream import Reply
 
 
@@ -90,13 +90,28 @@ async def test_models_list_and_single_model(make_proxy):
     proxy = await make_proxy(MODELS="IFM/K2-Horizon-375B-A23B,IFM/K2-Horizon-375B-A23B-v2")
     body = await (await proxy.get("/v1/models", headers=AUTH)).json()
     assert body["object"] == "list"
-    assert [m["id"] for m in body["data"]] == ["IFM/K2-Horizon-375B-A23B", "IFM/K2-Horizon-375B-A23B-nothink",
-                                              "IFM/K2-Horizon-375B-A23B-v2", "IFM/K2-Horizon-375B-A23B-v2-nothink"]
+    assert [m["id"] for m in body["data"]] == [
+        "IFM/K2-Horizon-375B-A23B", "IFM/K2-Horizon-375B-A23B-nothink", "k2-horizon-375b-a23b",
+        "k2-horizon-375b-a23b-nothink", "IFM/K2-Horizon-375B-A23B-v2", "IFM/K2-Horizon-375B-A23B-v2-nothink",
+        "k2-horizon-375b-a23b-v2", "k2-horizon-375b-a23b-v2-nothink"]
+    assert {m["context_length"] for m in body["data"]} == {512 * 1024}
     assert all(m["object"] == "model" and m["owned_by"] for m in body["data"])
     one = await (await proxy.get("/v1/models/IFM/K2-Horizon-375B-A23B-v2-nothink", headers=AUTH)).json()
     assert one["id"] == "IFM/K2-Horizon-375B-A23B-v2-nothink"
     missing = await proxy.get("/v1/models/gpt-4", headers=AUTH)
     assert missing.status == 404
+
+
+async def test_the_slash_free_id_serves_chat_and_responses_like_the_full_one(proxy, fake):
+    """Clients that read "IFM/" as a provider prefix (the OpenAI Agents SDK) ask for the short id instead."""
+    chat_answer = await (await proxy.post("/v1/chat/completions", json=chat(model="k2-horizon-375b-a23b"),
+                                          headers=AUTH)).json()
+    response = await (await proxy.post("/v1/responses", json={"model": "k2-horizon-375b-a23b", "input": "Hi"},
+                                       headers=AUTH)).json()
+    assert chat_answer["model"] == response["model"] == "k2-horizon-375b-a23b"
+    assert chat_answer["choices"][0]["message"]["content"] == fake.reply.answer
+    assert response["output"][-1]["content"][0]["text"] == fake.reply.answer
+    assert [r.body["model"] for r in fake.received] == [MODEL, MODEL]
 
 
 async def test_health_and_index_are_public_and_hold_no_secrets(proxy):

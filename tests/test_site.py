@@ -142,7 +142,7 @@ async def test_retired_model_ids_are_served_by_the_current_model(proxy, fake, as
     assert ("reasoning_content" in body["choices"][0]["message"]) == (not asked.endswith("-nothink"))
     assert fake.received[-1].body["model"] == MODEL
     listed = [m["id"] for m in (await (await proxy.get("/v1/models", headers=AUTH)).json())["data"]]
-    assert listed == [MODEL, MODEL + "-nothink"]
+    assert listed == [MODEL, MODEL + "-nothink", "k2-horizon-375b-a23b", "k2-horizon-375b-a23b-nothink"]
 
 
 async def test_aliases_still_add_names(make_proxy, fake):
