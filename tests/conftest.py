@@ -3,6 +3,7 @@
 import asyncio
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -128,6 +129,22 @@ async def until(condition, seconds=5.0):
     while not condition():
         assert time.monotonic() < deadline, "did not happen in time"
         await asyncio.sleep(0.02)
+
+
+REQUIRE_PROGRAMS = "K2PROXY_REQUIRE_PROGRAMS"
+
+
+def need_program(name, install_hint, *places):
+    """A program a test runs, from `places` or the PATH; missing: a skip naming its install, or in CI a failure."""
+    for place in places:
+        if os.access(place, os.X_OK):
+            return str(place)
+    if path := shutil.which(name):
+        return path
+    message = f"needs the program {name}, which is not installed: {install_hint}"
+    if os.environ.get(REQUIRE_PROGRAMS) == "1":
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
 
 
 def free_port():

@@ -1,15 +1,16 @@
 """The real client programs, from npm, run through the proxy as a user runs them: Claude Code on /v1/messages,
 Codex CLI on /v1/responses.
 
-They are looked for in .clis/ (where `.ci/run` installs them) and then on the PATH."""
+They are looked for in .clis/ (where `.ci/run` installs them) and then on the PATH; without them their tests are
+skipped, naming the install command (failed instead under K2PROXY_REQUIRE_PROGRAMS=1, as CI runs them)."""
 
+import json
 import os
 import secrets
-import shutil
 import subprocess
 
 import pytest
-from conftest import E2E_KEY, MODEL, ROOT
+from conftest import E2E_KEY, MODEL, REQUIRE_PROGRAMS, ROOT, Pair, free_port, need_program
 
 CLIS = ROOT / ".clis" / "node_modules" / ".bin"
 INSTALL = "npm install --prefix .clis @anthropic-ai/claude-code@2.1.197 @openai/codex@0.169.0"
@@ -18,12 +19,50 @@ QUIET = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "
 
 
 def cli(name):
-    """The path of a client program, or a one-line failure naming the install command."""
-    path = CLIS / name if (CLIS / name).exists() else shutil.which(name)
-    if not path:
-        pytest.fail(f"the client tests need the real {name} program, which is not installed: {INSTALL}",
-                    pytrace=False)
-    return str(path)
+    """The path of a client program; missing, a skip (in CI a failure) naming the install command."""
+    return need_program(name, INSTALL, CLIS / name)
+
+
+IFM_KEY = "IFM-e2e-0123456789abcdef"
+
+
+class ApiPair(Pair):
+    """The API fake (FakeIFM) and a proxy with UPSTREAM=api in front of it, both as processes."""
+
+    def __init__(self, spawn, cwd):
+        self.upstream_port, self.port = free_port(), free_port()
+        spawn([str(ROOT / "tests" / "fake_upstream.py"), "--port", str(self.upstream_port), "--api"],
+              self.upstream_port)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = spawn([str(ROOT / "k2proxy.py")], self.port, cwd=cwd, env={
+            "PORT": str(self.port), "HOST": "127.0.0.1", "VALID_API_KEY": E2E_KEY, "UPSTREAM": "api",
+            "IFM_BASE_URL": f"http://127.0.0.1:{self.upstream_port}/v1", "IFM_API_KEY": IFM_KEY})
+
+    def completions(self):
+        """The chat completions the API fake received, in order."""
+        return [record for record in self.received() if record["path"] == "/v1/chat/completions"]
+
+
+@pytest.fixture
+def api_pair(spawn, tmp_path):
+    """Starts the API fake and a proxy with UPSTREAM=api as processes."""
+    return lambda: ApiPair(spawn, tmp_path)
+
+
+def assert_tool_loop_over_the_api(started, call, thought, marker):
+    """Two completions in one session: the first answered by a call, the second carrying its result and reasoning."""
+    first, second = started.completions()
+    assert (first["status"], second["status"], first["key"]) == (200, 200, IFM_KEY)
+    assert first["session_id"] and first["session_id"] == second["session_id"], "one X-Session-ID for the run"
+    messages = second["body"]["messages"]
+    called = next(m for m in messages if m["role"] == "assistant" and m.get("tool_calls"))
+    assert [(made["function"]["name"], json.loads(made["function"]["arguments"]))
+            for made in called["tool_calls"]] == [(call["name"], call["arguments"])]
+    assert called["reasoning_content"] == thought, "the first turn's reasoning replayed verbatim"
+    results = [m for m in messages if m["role"] == "tool"]
+    assert [m["tool_call_id"] for m in results] == [called["tool_calls"][0]["id"]]
+    output = json.dumps(results[0]["content"])
+    assert marker in output and f"echo {marker}" not in output, "the command's output, not the command"
 
 
 def claude(started, tmp_path, prompt, *flags):
@@ -109,3 +148,39 @@ def test_codex_runs_the_shell_command_the_model_calls_and_sends_its_output_back(
     result = started.received()[-1]["body"]["messages"][-1]
     assert result["role"] == "user" and result["content"].startswith('<tool_result name="exec_command"')
     assert f"Output:\n{marker}" in result["content"], "the command's output, as Codex reports it"
+
+
+def test_claude_code_runs_a_native_tool_call_over_the_api_and_replays_its_reasoning(api_pair, tmp_path):
+    started = api_pair()
+    marker = f"tool-ran-{secrets.token_hex(4)}"
+    thought = f"The user wants the marker command run; the Bash tool runs it. Marker {marker}."
+    call = {"name": "Bash", "arguments": {"command": f"echo {marker}", "description": "Print the marker"}}
+    started.steer(script=[{"reasoning": thought, "answer": "I will run it.", "tool_calls": [call]},
+                          {"reasoning": "The output shows the marker.", "answer": "The command printed the marker."}])
+    run = claude(started, tmp_path, "Run the marker command", "--allowedTools", "Bash")
+    assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "The command printed the marker.", "")
+    assert_tool_loop_over_the_api(started, call, thought, marker)
+
+
+def test_codex_runs_a_native_tool_call_over_the_api_and_replays_its_reasoning(api_pair, tmp_path):
+    started = api_pair()
+    marker = f"tool-ran-{secrets.token_hex(4)}"
+    thought = f"The user wants the marker command run; exec_command runs it. Marker {marker}."
+    call = {"name": "exec_command", "arguments": {"cmd": f"echo {marker}"}}
+    started.steer(script=[{"reasoning": thought, "answer": "", "tool_calls": [call]},
+                          {"reasoning": "The output shows the marker.", "answer": "The command printed the marker."}])
+    run = codex(started, tmp_path, "Run the marker command")
+    assert (run.returncode, run.stdout.strip()) == (0, "The command printed the marker."), run.stderr
+    assert_tool_loop_over_the_api(started, call, thought, marker)
+
+
+def test_a_missing_program_is_skipped_naming_its_install_command_unless_ci_requires_it(monkeypatch):
+    name = f"k2proxy-no-such-program-{secrets.token_hex(4)}"
+    expected = f"needs the program {name}, which is not installed: apt-get install -y {name}"
+    monkeypatch.delenv(REQUIRE_PROGRAMS, raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        need_program(name, f"apt-get install -y {name}", ROOT / ".clis" / name)
+    monkeypatch.setenv(REQUIRE_PROGRAMS, "1")
+    with pytest.raises(pytest.fail.Exception) as failed:
+        need_program(name, f"apt-get install -y {name}", ROOT / ".clis" / name)
+    assert (skipped.value.msg, failed.value.msg, failed.value.pytrace) == (expected, expected, False)
