@@ -2,13 +2,15 @@
 # aiohttp and its dependencies ship musllinux wheels, so nothing is compiled: no build tools, one stage.
 FROM python:3.12.12-alpine3.23
 
-# Token, account and API key files live on the /data volume; .env comes from `docker run --env-file` or compose.
+# Token, account, API key and IFM key files (and a generated key) live on the /data volume; .env comes from `docker run --env-file` or compose.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     USER_TOKENS_FILE=/data/tokens.txt \
     GUEST_TOKENS_FILE=/data/tokens_guest.txt \
     ACCOUNTS_FILE=/data/accounts.txt \
-    API_KEYS_FILE=/data/api_keys.txt
+    API_KEYS_FILE=/data/api_keys.txt \
+    IFM_KEYS_FILE=/data/ifm_keys.txt \
+    GENERATED_KEY_FILE=/data/k2proxy_key.txt
 
 WORKDIR /app
 COPY requirements.txt ./

@@ -177,9 +177,11 @@ SETTINGS = (
     Setting("HOST", "0.0.0.0", _text, "Address to listen on"),
     Setting("PORT", "8001", _int_between(1, 65535), "Port to listen on"),
     Setting("VALID_API_KEY", "", _csv,
-            "API keys clients must send, comma-separated; empty: a random key is generated and printed at "
-            "start-up", True),
+            "API keys clients must send, comma-separated; empty: a key is generated, kept in GENERATED_KEY_FILE "
+            "and printed at start-up", True),
     Setting("ADMIN_KEY", "", _text, "Key for the admin page and API; empty: the first API key", True),
+    Setting("GENERATED_KEY_FILE", "k2proxy_key.txt", _text,
+            "Where the key generated when VALID_API_KEY is empty is kept (0600), so that it survives restarts"),
     Setting("API_KEYS_FILE", "api_keys.txt", _text,
             "Named API keys with limits, one per line: name:key [rpm=N] [concurrent=N]; watched like the token file"),
     Setting("METRICS_KEY", "", _text,
@@ -255,6 +257,9 @@ SETTINGS = (
     Setting("ADMIN_PAGE_PATH", "/admin", _url_path, "Path of the admin page"),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
 )
+
+
+SETTINGS_BY_NAME = {setting.name: setting for setting in SETTINGS}
 
 
 class Settings:
@@ -338,9 +343,32 @@ def unknown_names(dotenv, environ):
     return warnings
 
 
-def load_settings(environ, dotenv_text=None):
+def new_key(values=None):
+    """A key for one run, which nothing keeps."""
+    return "sk-" + secrets.token_urlsafe(32)
+
+
+def kept_key(values):
+    """The generated key kept in GENERATED_KEY_FILE, or a new one saved there readable by this user only; a new
+    one for this run alone when the file cannot be written."""
+    path = Path(values["generated_key_file"])
+    key = read_if_there(path).strip()
+    if key.startswith("sk-") and len(key.split()) == 1:
+        return key
+    key = new_key()
+    try:
+        handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            out.write(key + "\n")
+    except OSError as exc:
+        print(f"k2proxy: cannot keep the generated key in {path} ({exc.strerror}); it is good for this run only",
+              file=sys.stderr)
+    return key
+
+
+def load_settings(environ, dotenv_text=None, generate_key=new_key):
     """Builds Settings from the environment over .env over defaults; the first bad value raises. Names that look
-    like settings but are not are kept as `warnings`."""
+    like settings but are not are kept as `warnings`. An empty VALID_API_KEY takes `generate_key(settings values)`."""
     dotenv = parse_dotenv(dotenv_text) if dotenv_text else {}
     source = {**dotenv, **environ}
     values = {}
@@ -362,7 +390,7 @@ def load_settings(environ, dotenv_text=None):
                                 "of your own (anyone who reads the example knows this one)")
     values["api_key_generated"] = not values["valid_api_key"]
     if values["api_key_generated"]:
-        values["valid_api_key"] = ["sk-" + secrets.token_urlsafe(32)]
+        values["valid_api_key"] = [generate_key(values)]
     values["admin_key"] = values["admin_key"] or values["valid_api_key"][0]
     values["warnings"] = unknown_names(dotenv, environ)
     values["upstream"] = values["upstream"] or [
@@ -422,7 +450,7 @@ REFUSED_TOKEN = Failure("token refused", 502, "upstream_auth_failed", charge=Tru
 RATE_LIMITED = Failure("rate limited", 429, "rate_limited", charge=False, fail_over=True, cool_down=True,
                        retry_anonymous=False)
 BROKEN = Failure("upstream broken", 502, "upstream_error", charge=True, fail_over=True)
-UNREACHABLE = Failure("unreachable", 502, "upstream_error", charge=False, fail_over=True)
+UNREACHABLE = Failure("unreachable", 502, "upstream_unreachable", charge=False, fail_over=False)  # one endpoint
 TIMED_OUT = Failure("timed out", 504, "upstream_timeout", charge=True, fail_over=True, retry_anonymous=False)
 NO_CONTENT = Failure("no content", 502, "upstream_no_content", charge=True, fail_over=True)
 BLOCKED = Failure("blocked", 502, "upstream_blocked", charge=False, fail_over=True)
@@ -1194,9 +1222,9 @@ class Attempt:
 
 @dataclass(frozen=True)
 class Restart:
-    """The attempt failed before its answer was whole, and another credential may do better: what came of the
-    failed attempt is void, if the client has seen none of it; else `error` ends the completion."""
-    error: UpstreamError
+    """The attempt failed before its answer was whole, and another credential (or upstream kind) may do better:
+    what came of the failed attempt is void, if the client has seen none of it; else `error` ends the completion."""
+    error: Exception  # the UpstreamError, or the ApiError of a kind with no credential left
 
 
 UPSTREAM_FINISH_REASONS = ("length", "content_filter")  # the reasons of upstream's that a client is told
@@ -2064,10 +2092,11 @@ class CredentialPool:
         credential.disabled = credential.disabled_at = credential.cooling_until = credential.last_error = None
 
     def spent(self, credential, tokens, budget_left):
-        """Counts an answer's tokens against today's; a daily budget at 0 rests the credential until the next UTC
-        day."""
-        now = self.clock()
-        day = int(now // DAY_SECONDS)
+        """Counts an answer's tokens against today's, and notes the daily budget upstream says is left (a budget at
+        0 rests the credential until the next UTC day); `tokens` is 0 for an answer that failed."""
+        if credential is NO_CREDENTIAL:
+            return
+        day = int(self.clock() // DAY_SECONDS)
         if credential.day != day:
             credential.day, credential.tokens_today = day, 0
         credential.tokens_today += tokens
@@ -2198,6 +2227,8 @@ class HttpClient:
         self.session = None
         self.responses = set()
         self.stopping = False
+        self.unreachable = 0          # connection failures in a row, for /health
+        self.unreachable_host = None
 
     async def open(self):
         self.session = ClientSession(connector=TCPConnector(limit=0, ttl_dns_cache=DNS_CACHE_SECONDS),
@@ -2228,7 +2259,12 @@ class HttpClient:
         except (ClientError, OSError) as exc:
             if self.stopping:
                 raise self.stopped() from None
-            raise UpstreamError(UNREACHABLE, f"cannot reach upstream ({type(exc).__name__})") from None
+            self.unreachable += 1
+            self.unreachable_host = urllib.parse.urlsplit(url).netloc
+            raise UpstreamError(UNREACHABLE, f"cannot reach upstream {self.unreachable_host} ({type(exc).__name__});"
+                                " check the URL setting and this server's network: python k2proxy.py --check "
+                                "says what fails") from None
+        self.unreachable = 0
         self.responses.add(response)
         try:
             yield response
@@ -2822,6 +2858,8 @@ class ApiUpstream:
             credential = self.pool.acquire(tried)
             if credential is None:
                 break
+            if error:  # a server that failed gets a moment before the next key asks it again
+                await asyncio.sleep(backoff(error.failure, len(tried)))
             tried.append(credential)
             yield Attempt(len(tried), self.pool.index_of(credential))
             progress = ApiProgress(core)
@@ -2838,7 +2876,6 @@ class ApiUpstream:
                     raise
                 error = failure
                 yield Restart(failure)
-                await asyncio.sleep(backoff(failure.failure, len(tried)))
                 continue
             self.pool.succeed(credential)
             return
@@ -2847,9 +2884,13 @@ class ApiUpstream:
     async def attempt(self, body, credential, core, progress):
         """One attempt: the events of each network read, then the finish; a stream without one is truncated."""
         async with self.http.exchange(self.url, body, self.headers(credential, core.session)) as response:
+            budget = response.headers.get("x-ratelimit-remaining-tokens-daily", "").strip()
+            budget = int(budget) if WHOLE_NUMBER.fullmatch(budget) else None
             if response.status != 200:
                 text = (await read_body(response, ERROR_BODY_BYTES)).decode("utf-8", "replace")
-                raise api_failure(response.status, text, response.headers, self.clock())
+                failure = api_failure(response.status, text, response.headers, self.clock())
+                self.pool.spent(credential, 0, 0 if failure.failure is BUDGET_SPENT and budget is None else budget)
+                raise failure
             if response.content_type != "text/event-stream":
                 raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {response.content_type or 'no content type'}"
                                                    ", not a stream")
@@ -2863,12 +2904,10 @@ class ApiUpstream:
                     raise delta.error
                 if delta.ended:
                     break
-            budget = response.headers.get("x-ratelimit-remaining-tokens-daily", "").strip()
         if reader.finish_reason is None:
             raise UpstreamError(TRUNCATED, "upstream's stream ended before its answer did (no finish reason)")
         closing = progress.closing(reader.finish_reason, core.prompt_tokens)
-        self.pool.spent(credential, closing[-1].usage.total_tokens, int(budget) if WHOLE_NUMBER.fullmatch(budget)
-                        else None)
+        self.pool.spent(credential, closing[-1].usage.total_tokens, budget)
         self.replay.put(core.client, progress.digest(), "".join(progress.reasoning))
         yield closing
 
@@ -3093,7 +3132,7 @@ async def fetch_model_list(http, url, headers):
 def short_id(model):
     """A model id without its organisation (k2-horizon-375b-a23b), for clients that read IFM/ as a provider prefix
     (the OpenAI Agents SDK, LiteLLM)."""
-    return model.rsplit("/", 1)[-1].lower()
+    return model.rsplit("/", 1)[-1].lower() if "/" in model else model
 
 
 class Models:
@@ -3177,7 +3216,8 @@ HTTP_PORTS = {"http": 80, "https": 443}
 
 CHECK_PROBLEMS = {  # an upstream failure in a probe → (what went wrong, what to do)
     MODEL_GONE: ("model not found", "the site does not serve {model}: set MODELS to an id it offers (the model "
-                                    "list shows them)"),
+                                    "list shows them in user mode), or leave MODELS unset for the default, "
+                                    f"{SETTINGS_BY_NAME['MODELS'].default}"),
     REFUSED_TOKEN: ("token refused", "the token has expired or was revoked: replace it in the token file, or let "
                                      "accounts.txt sign in"),
     RATE_LIMITED: ("rate limited", "the site asks to slow down: try again in a minute"),
@@ -3471,9 +3511,11 @@ async def check_site(settings, site):
         guest_token = first_token(settings.guest_tokens_file, now)
         probes += [*sign_ins, await probe_models(site, settings, user_token),
                    await probe_chat(site, "guest", guest_token, model)]
+        needed = (f"put an account's token in {settings.user_tokens_file}, or email:password lines in "
+                  f"{settings.accounts_file}") if settings.proxy_mode == "user" else ""
         probes.append(await probe_chat(site, "user", user_token, model) if user_token else
-                      Probe("user chat", Verdict.SKIPPED, f"no user token: none in {settings.user_tokens_file}, and no "
-                                                    "account signed in"))
+                      Probe("user chat", Verdict.SKIPPED, f"no user token: none in {settings.user_tokens_file}, and "
+                                                          "no account signed in", needed))
         mode, token = settings.proxy_mode, user_token if settings.proxy_mode == "user" else guest_token
         if next(p for p in probes if p.name == f"{mode} chat").verdict is Verdict.OK:
             probes.append(await probe_effort_field(site, mode, token, model))
@@ -3527,7 +3569,10 @@ async def run_check(settings, as_json):
         report = await check_upstream(settings, http)
     finally:
         await http.stop()
-    print(json.dumps(report, ensure_ascii=False, indent=2) if as_json else report_text(report))
+    try:
+        print(json.dumps(report, ensure_ascii=False, indent=2) if as_json else report_text(report), flush=True)
+    except BrokenPipeError:  # `--check | head` stopped reading: the rest is not wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if report["works"] else 1
 
 
@@ -3998,6 +4043,7 @@ class ResponseStore:
 # the sections below STATE, and finish(), where every request ends.
 
 BODY_WAIT_SECONDS = 5           # how long a body waits for room in MEMORY_BUDGET_MB before a 503
+POLLED_PATHS = ("/admin/", "/health", "/metrics")  # what the admin page and monitors poll: logged at DEBUG
 
 
 class MemoryBudget:
@@ -4058,9 +4104,10 @@ class AppState:
         self.tools_left_out = set()
         self.check_run = None  # the upstream check under way, which a second asker waits for
 
-    def upstream(self):
-        """The first upstream kind of UPSTREAM that could serve a request now; else the first, which says why not."""
-        return next((kind for kind in self.upstreams if kind.pool.ready() is None), self.upstreams[0])
+    def ready_upstreams(self):
+        """The upstream kinds of UPSTREAM that could serve a request now, in order; else the first, which says why
+        not."""
+        return [kind for kind in self.upstreams if kind.pool.ready() is None] or self.upstreams[:1]
 
     def note_left_out_tools(self, kinds):
         """Logs, once per kind, the tools a client sent that the model cannot be told of (server tools)."""
@@ -4100,9 +4147,11 @@ class AppState:
         self.monitor.end(record, status)
         first = f"{record.first_content * 1000:.0f}ms" if record.first_content is not None else "-"
         why = ", ".join(filter(None, (record.outcome, record.reason)))
-        log.info("%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms", record.method, record.path,
-                 record.model or "-", "-" if record.stream is None else str(record.stream).lower(), status,
-                 f" ({why})" if why else "", first, record.duration * 1000)
+        polled = record.method == "GET" and record.path.startswith(POLLED_PATHS) and status < 400
+        log.log(logging.DEBUG if polled else logging.INFO, "%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms",
+                record.method, record.path, record.model or "-",
+                "-" if record.stream is None else str(record.stream).lower(), status, f" ({why})" if why else "",
+                first, record.duration * 1000)
 
 
 STATE = web.AppKey("state", AppState)
@@ -4407,6 +4456,31 @@ def in_conversation(request, core):
     return replace(core, client=client, session=session_id(state.session_secret, client, hint, core.turns))
 
 
+def hands_over(error):
+    """Whether another upstream kind may serve what this one gave up on: its credentials all failed, rest or are
+    spent, or it could not be reached; not a request it refused, which any kind would refuse."""
+    if isinstance(error, UpstreamError):
+        return error.failure.fail_over or error.failure in (UNREACHABLE, RATE_LIMITED, BUDGET_SPENT)
+    return error.status in (429, 503)
+
+
+async def through_upstreams(state, core):
+    """The events of the first upstream kind that can serve; when it gives up and a later kind of UPSTREAM can
+    serve now, that one takes over, as a Restart the core sees."""
+    kinds = state.ready_upstreams()
+    for place, kind in enumerate(kinds):
+        try:
+            async with contextlib.aclosing(kind.complete(core)) as events:
+                async for item in events:
+                    yield item
+            return
+        except (UpstreamError, ApiError) as error:
+            if not (hands_over(error) and any(later.pool.ready() is None for later in kinds[place + 1:])):
+                raise
+            log.info("upstream %s gave up (%s); %s takes over", kind.name, error, kinds[place + 1].name)
+            yield Restart(error)
+
+
 async def serve_completion(request, asked):
     """Runs the request's core through the upstream kind that can serve it into its writer, and answers."""
     state, record = request.app[STATE], request[RECORD]
@@ -4418,7 +4492,7 @@ async def serve_completion(request, asked):
     writer.start()
     try:
         try:
-            events = state.upstream().complete(core)
+            events = through_upstreams(state, core)
             return await within_deadline(pull(events, writer, record), settings.completion_timeout)
         except (UpstreamError, ApiError) as failure:
             error = failure.api_error() if isinstance(failure, UpstreamError) else failure
@@ -4652,7 +4726,8 @@ def parse_chat_request(body, settings, models):
 
 def openai_usage(usage):
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+            "total_tokens": usage.total_tokens, "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "completion_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}}
 
 
 class ChatChunks:
@@ -5019,8 +5094,10 @@ def parse_messages_request(body, settings, models, counting=False):
 
 
 def anthropic_usage(usage):
-    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    """Anthropic's usage, where input_tokens leaves out what was read from the cache."""
+    return {"input_tokens": usage.prompt_tokens - usage.cached_tokens, "output_tokens": usage.completion_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": usage.cached_tokens,
+            "output_tokens_details": {"thinking_tokens": usage.reasoning_tokens}}
 
 
 def thinking_signature():
@@ -5374,7 +5451,7 @@ def function_call_item(item_id, call_id, name, arguments, status, namespace):
 
 
 def responses_usage(usage):
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
             "output_tokens": usage.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}, "total_tokens": usage.total_tokens}
 
@@ -5632,7 +5709,7 @@ async def admin_reset_token(request):
         expired = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(token.expires_at))
         return ok(f"Token {index} reset, but it stays expired: its JWT expired at {expired}; replace it in the "
                   "file (or let its account sign in again)")
-    return ok(f"{pool.noun.capitalize()} {index} reset")
+    return ok(f"{pool.noun[:1].upper()}{pool.noun[1:]} {index} reset")
 
 
 async def admin_reset_all(request):
@@ -5788,7 +5865,10 @@ async def admin_switch_mode(request):
     if mode == "user":
         await request.app[STATE].models.refresh()
     log.info("switched to %s mode (%s)", mode, site.url)
-    return ok(f"Switched to {mode} mode", mode=mode, upstream_url=site.url)
+    problem = site.pool.ready()
+    warning = f"; but no request can be served now: {problem.message}" if problem else ""
+    return ok(f"Switched to {mode} mode{warning}", mode=mode, upstream_url=site.url,
+              warnings=[problem.message] if problem else [])
 
 
 # ─── Server ──────────────────────────────────────────────────────────────────
@@ -5920,8 +6000,10 @@ async def serve(app, settings):
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stopping.set)
     await stopping.wait()
+    log.info("k2proxy stopping: streams in flight get %d s to end", SHUTDOWN_SECONDS)
     server.close()
     await runner.cleanup()
+    log.info("k2proxy stopped")
 
 
 SHUTDOWN_SECONDS = 5  # what streams in flight get to end, after SIGTERM
@@ -5939,7 +6021,8 @@ HANDLER_ARGS = {"auto_decompress": False, "lingering_time": 0}
 async def describe_routes(request):
     state = request.app[STATE]
     return web.json_response({"name": "k2proxy", "version": __version__,
-                              "description": "K2 Horizon behind the OpenAI and Anthropic APIs",
+                              "description": "K2 Horizon behind the OpenAI chat completions, OpenAI Responses and "
+                                             "Anthropic Messages APIs",
                               "endpoints": [f"{route.method} {route.path}" for route in ROUTES if route.listed]
                               + [f"GET {state.settings.admin_page_path}"]})
 
@@ -5947,7 +6030,7 @@ async def describe_routes(request):
 async def health(request):
     """ok (200) when a request could be served now; degraded (503, for load balancers and Docker) when not."""
     state = request.app[STATE]
-    problem = state.upstream().pool.ready()
+    problem = state.ready_upstreams()[0].pool.ready() or unreachable(state.http)
     body = {"status": "degraded" if problem else "ok", "version": __version__, "upstream": state.settings.upstream,
             "mode": state.site.mode, "tokens": state.site.pool.counts()}
     if state.api in state.upstreams:
@@ -5955,6 +6038,17 @@ async def health(request):
     if problem:
         body["reason"] = problem.message
     return web.json_response(body, status=503 if problem else 200)
+
+
+UNREACHABLE_DEGRADED = 3  # connection failures in a row after which /health says degraded
+
+
+def unreachable(http):
+    """The problem of an upstream that refused the last connections, or None."""
+    if http.unreachable < UNREACHABLE_DEGRADED:
+        return None
+    return ApiError(503, f"upstream {http.unreachable_host} cannot be reached ({http.unreachable} connection "
+                         "failures in a row); run python k2proxy.py --check", code="upstream_unreachable")
 
 
 @dataclass(frozen=True)
@@ -5974,10 +6068,10 @@ ROUTES = (
     Route("POST", "/v1/messages", completion_handler(ANTHROPIC), ANTHROPIC, completion=True),
     Route("POST", "/v1/messages/count_tokens", count_message_tokens, ANTHROPIC),
     Route("POST", "/v1/responses", completion_handler(RESPONSES), RESPONSES, completion=True),
-    Route("GET", "/v1/responses/{id}", get_response, RESPONSES, listed=False),
-    Route("DELETE", "/v1/responses/{id}", delete_response, RESPONSES, listed=False),
+    Route("GET", "/v1/responses/{id}", get_response, RESPONSES),
+    Route("DELETE", "/v1/responses/{id}", delete_response, RESPONSES),
     Route("GET", "/v1/models", list_models),
-    Route("GET", "/v1/models/{model:.+}", get_model, listed=False),
+    Route("GET", "/v1/models/{model:.+}", get_model),
     Route("GET", "/admin/status", admin_status, listed=False),
     Route("GET", "/admin/tokens/stats", admin_token_stats, listed=False),
     Route("GET", "/admin/tokens/content", admin_token_content, listed=False),
@@ -6002,8 +6096,8 @@ ROUTES = (
 )
 ROUTE_OF = web.AppKey("route_of", dict)  # (aiohttp's resource, method) → its Route, for the middlewares
 UNROUTED = Route("", "", None)  # an unknown path or method
-# … and under a path whose clients read another dialect
-UNROUTED_FAMILIES = {"/v1/messages": Route("", "", None, ANTHROPIC), "/v1/responses": Route("", "", None, RESPONSES)}
+# … and under a path whose clients read another dialect, with or without its /v1 (or with it twice)
+UNROUTED_FAMILIES = {"/messages": Route("", "", None, ANTHROPIC), "/responses": Route("", "", None, RESPONSES)}
 
 
 def route_of(request):
@@ -6012,7 +6106,10 @@ def route_of(request):
     route = request.app[ROUTE_OF].get((request.match_info.route.resource, method))
     if route:
         return route
-    return next((r for prefix, r in UNROUTED_FAMILIES.items() if request.path.startswith(prefix)), UNROUTED)
+    path = request.path
+    while path.startswith("/v1/"):
+        path = path[3:]
+    return next((r for prefix, r in UNROUTED_FAMILIES.items() if path.startswith(prefix)), UNROUTED)
 
 
 def bearer(request):
@@ -6027,6 +6124,21 @@ def presented_key(request):
 
 
 HTTP_ERROR_MESSAGES = {404: "Unknown route: {method} {path}", 405: "Method {method} is not allowed on {path}"}
+ROUTE_HINT_CUTOFF = 0.75  # how alike an unknown path must be to a route to be suggested
+
+
+def route_hint(method, path):
+    """What the client likely meant by an unknown path: a base URL without /v1, one with /v1 twice (Anthropic
+    clients add /v1 themselves), or a path close to a route's; "" when nothing is close."""
+    known = [route.path for route in ROUTES if route.method == method and "{" not in route.path]
+    if path.startswith("/v1/v1/") and path[3:] in known:
+        return (f"; did you mean {method} {path[3:]}? The client adds /v1 to a base URL that has it already: "
+                "remove /v1 from the base URL (ANTHROPIC_BASE_URL is the proxy's address alone)")
+    if not path.startswith("/v1/") and "/v1" + path in known:
+        return (f"; did you mean {method} /v1{path}? Put /v1 at the end of the client's base URL "
+                "(OpenAI clients: http://host:8001/v1)")
+    close = difflib.get_close_matches(path, known, n=1, cutoff=ROUTE_HINT_CUTOFF)
+    return f"; did you mean {method} {close[0]}?" if close else ""
 
 
 @web.middleware
@@ -6044,6 +6156,8 @@ async def handle_errors(request, handler):
         record.reason = record.reason or error.code
     except web.HTTPException as exc:
         message = HTTP_ERROR_MESSAGES.get(exc.status, exc.reason).format(method=request.method, path=request.path)
+        if exc.status == 404:
+            message += route_hint(request.method, request.path)
         record.reason = exc.reason.lower().replace(" ", "_")
         response = route.dialect.error_response(ApiError(exc.status, message, code=record.reason))
     except asyncio.CancelledError:
@@ -6153,7 +6267,9 @@ def make_app(settings):
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="k2proxy.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="K2 Horizon behind the OpenAI API. Configure with environment variables or ./.env.",
+        description="K2 Horizon behind the OpenAI chat completions, OpenAI Responses and Anthropic Messages APIs, "
+                    "from the K2Think web site, IFM's API or a self-hosted server. Configure with environment "
+                    "variables or ./.env.",
         epilog=settings_help())
     parser.add_argument("--env-file", help="file of KEY=value settings (default: ./.env when there is one)")
     parser.add_argument("--check", action="store_true", help="probe the upstream, print what works and what to set, "
@@ -6165,7 +6281,8 @@ def main(argv=None):
     try:
         if args.env_file and not env_file.is_file():
             raise SettingsError(f"--env-file {args.env_file}: no such file")
-        settings = load_settings(os.environ, env_file.read_text(encoding="utf-8") if env_file.is_file() else None)
+        settings = load_settings(os.environ, env_file.read_text(encoding="utf-8") if env_file.is_file() else None,
+                                 kept_key)
         app = make_app(settings)
     except (SettingsError, UnicodeDecodeError) as exc:
         print(f"k2proxy: {exc}", file=sys.stderr)
@@ -6176,9 +6293,10 @@ def main(argv=None):
     for warning in settings.warnings:
         log.warning("%s", warning)
     if settings.api_key_generated:
-        print("WARNING: VALID_API_KEY is not set. Generated an API key for this run only, which is also the admin "
-              f"key of the admin page ({reachable_url(settings)}{settings.admin_page_path}); set VALID_API_KEY "
-              f"to keep one:\n  {settings.valid_api_key[0]}", file=sys.stderr, flush=True)
+        print(f"WARNING: VALID_API_KEY is not set. Using the generated API key kept in {settings.generated_key_file} "
+              f"(readable by you only), which is also the admin key of the admin page ({reachable_url(settings)}"
+              f"{settings.admin_page_path}); set VALID_API_KEY to choose your own:\n  {settings.valid_api_key[0]}",
+              file=sys.stderr, flush=True)
     try:
         asyncio.run(serve(app, settings))
     except OSError as exc:  # the address is taken, or HOST is not an address of this machine

@@ -154,7 +154,8 @@ async def test_models_follow_upstream(make_proxy, fake, tmp_path):
     async def listed():
         return [m["id"] for m in (await (await proxy.get("/v1/models", headers=AUTH)).json())["data"]]
     await until(lambda: state_of(proxy).models.source == "upstream")
-    assert await listed() == [V2, V2 + "-nothink", "IFM/K2-Pilot", "IFM/K2-Pilot-nothink"]
+    assert await listed() == [V2, V2 + "-nothink", "k2-horizon-375b-a23b-v2", "k2-horizon-375b-a23b-v2-nothink",
+                              "IFM/K2-Pilot", "IFM/K2-Pilot-nothink", "k2-pilot", "k2-pilot-nothink"]
     fake.models_bare = True
     fake.models = [{"id": V2}]
     await until(lambda: state_of(proxy).models.ids == [V2])
@@ -174,7 +175,8 @@ async def test_models_are_fetched_as_soon_as_an_account_signs_in(account_proxy, 
     proxy = await account_proxy(["ann@example.com:pa:ss-ann"], MODELS_REFRESH=600)
     await until(lambda: state_of(proxy).models.source == "upstream")
     body = await (await proxy.get("/v1/models", headers=AUTH)).json()
-    assert [m["id"] for m in body["data"]] == [V2, V2 + "-nothink"]
+    assert [m["id"] for m in body["data"]] == [V2, V2 + "-nothink", "k2-horizon-375b-a23b-v2",
+                                              "k2-horizon-375b-a23b-v2-nothink"]
 
 
 async def test_models_fall_back_to_the_setting(make_proxy, fake, tmp_path):
@@ -183,7 +185,8 @@ async def test_models_fall_back_to_the_setting(make_proxy, fake, tmp_path):
     proxy = await make_proxy(PROXY_MODE="user", MODELS_REFRESH=0.1, MODELS="IFM/K2-Horizon-375B-A23B,Other")
     assert await state_of(proxy).models.refresh() is False
     body = await (await proxy.get("/v1/models", headers=AUTH)).json()
-    assert [m["id"] for m in body["data"]] == ["IFM/K2-Horizon-375B-A23B", "IFM/K2-Horizon-375B-A23B-nothink", "Other",
+    assert [m["id"] for m in body["data"]] == ["IFM/K2-Horizon-375B-A23B", "IFM/K2-Horizon-375B-A23B-nothink",
+                                              "k2-horizon-375b-a23b", "k2-horizon-375b-a23b-nothink", "Other",
                                               "Other-nothink"]
     assert state_of(proxy).models.source == "MODELS"
 

@@ -161,9 +161,11 @@ def test_openai_chunks_keep_reasoning_and_content_apart_and_end_with_done():
     sent = chunks(renderer.render([Reasoning("r"), Text("a")]))
     deltas = [json.loads(c)["choices"][0]["delta"] for c in sent]
     assert deltas == [{"role": "assistant", "reasoning_content": "r"}, {"content": "a"}]
-    ending = chunks(renderer.render([Finish("stop", Usage(1, 2, 0))]))
+    ending = chunks(renderer.render([Finish("stop", Usage(1, 2, 0, 1))]))
     assert json.loads(ending[0])["choices"][0]["finish_reason"] == "stop"
-    assert json.loads(ending[1])["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    assert json.loads(ending[1])["usage"] == {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3,
+                                              "prompt_tokens_details": {"cached_tokens": 1},
+                                              "completion_tokens_details": {"reasoning_tokens": 0}}
     assert ending[2] == "[DONE]"
 
 
@@ -214,7 +216,7 @@ def test_each_upstream_answer_is_a_kind_with_its_policy(answer, policy):
 
 
 def test_the_kinds_made_elsewhere_carry_their_policy():
-    table = {k2proxy.UNREACHABLE: (502, False, True), k2proxy.TIMED_OUT: (504, True, True),
+    table = {k2proxy.UNREACHABLE: (502, False, False), k2proxy.TIMED_OUT: (504, True, True),
              k2proxy.NO_CONTENT: (502, True, True), k2proxy.BLOCKED: (502, False, True),
              k2proxy.SHUTTING_DOWN: (503, False, False)}
     for kind, (status, charged, fails_over) in table.items():

@@ -7,6 +7,8 @@ import pytest
 from conftest import E2E_KEY, MODEL, ROOT, free_port
 from fake_upstream import make_jwt
 
+SHORT = "k2-horizon-375b-a23b"  # the model's slash-free id
+
 
 @pytest.fixture
 def running(pair):
@@ -58,7 +60,7 @@ def test_openai_sdk_sees_typed_errors(running):
 
 def test_models_listed_by_the_sdk(running):
     client, _, _ = running
-    assert [m.id for m in client.models.list()] == [MODEL, MODEL + "-nothink"]
+    assert [m.id for m in client.models.list()] == [MODEL, MODEL + "-nothink", SHORT, SHORT + "-nothink"]
 
 
 def test_no_set_up_start_prints_a_generated_key_once(spawn, tmp_path):
@@ -69,7 +71,7 @@ def test_no_set_up_start_prints_a_generated_key_once(spawn, tmp_path):
     key = process.stderr.readline().strip()
     assert "VALID_API_KEY is not set" in warning and key.startswith("sk-")
     client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=key, max_retries=0)
-    assert [m.id for m in client.models.list()] == [MODEL, MODEL + "-nothink"]
+    assert [m.id for m in client.models.list()] == [MODEL, MODEL + "-nothink", SHORT, SHORT + "-nothink"]
     process.terminate()
     assert process.wait(10) == 0 or process.returncode < 0
     assert process.stderr.read().count(key) == 0, "the key is printed once, never logged again"
