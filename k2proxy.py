@@ -484,6 +484,50 @@ class UpstreamError(Exception):
         return ApiError(self.failure.status, str(self), code=self.failure.code, retry_after=retry_after)
 
 
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value):
+    """How deeply a JSON value nests, found without recursion; it stops counting past MAX_JSON_DEPTH."""
+    deepest, pending = 0, [(value, 1)]
+    while pending and deepest <= MAX_JSON_DEPTH:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            pending += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
+    return deepest
+
+
+def not_a_number(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+JSON_DECODER = json.JSONDecoder(parse_constant=not_a_number)  # strict JSON: no NaN or Infinity
+
+
+def loads(text):
+    """The value of JSON text; ValueError, never a RecursionError, for text that is not strict JSON or that nests
+    more than MAX_JSON_DEPTH levels (arguments a model or a client wrote, answers of upstream)."""
+    if isinstance(text, bytes):
+        text = text.decode("utf-8", "replace")
+    try:
+        value = JSON_DECODER.decode(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def loggable(text):
+    """Text a client chose, as it may stand in a log line: control characters escaped, so none starts a forged
+    line."""
+    return CONTROL_CHARACTERS.sub(lambda found: found.group().encode("unicode_escape").decode(), text)
+
+
 def expect(condition, message, param, code="invalid_value"):
     """Raises a 400 naming the field when a request check fails."""
     if not condition:
@@ -628,7 +672,7 @@ def tool_prompt(plan):
 def render_call(name, arguments):
     """A past call, written the way the model is told to write calls."""
     try:
-        arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+        arguments = loads(arguments) if isinstance(arguments, str) else arguments
     except ValueError:
         pass
     call = json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
@@ -652,7 +696,7 @@ def normalise_call(item, names):
         return None
     if isinstance(arguments, str):
         try:
-            arguments = json.loads(arguments) if arguments.strip() else {}
+            arguments = loads(arguments) if arguments.strip() else {}
         except ValueError:
             return None
     if not isinstance(arguments, dict):
@@ -838,7 +882,7 @@ class ToolCallScanner:
         if body is None:
             body = raw[call["body"]:call["end"] or consumed]
         try:
-            value = json.loads(body)
+            value = loads(body)
         except ValueError:
             value = None
         if call["kind"] == "natural":
@@ -1073,14 +1117,12 @@ class AnswerFormat:
         for candidate, start in candidates:  # (text, where its object would start): tried lazily, nothing copied
             try:
                 value, _ = JSON_DECODER.raw_decode(candidate, start)
-            except ValueError:
+            except (ValueError, RecursionError):
                 continue
-            if isinstance(value, dict):
+            if isinstance(value, dict) and json_depth(value) <= MAX_JSON_DEPTH:
                 return json_text(value)
         return None
 
-
-JSON_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -1327,7 +1369,7 @@ def parse_frame(payload):
     if payload in END_MARKERS:
         return Frame(done=True, fields=(payload,))
     try:
-        obj = json.loads(payload)
+        obj = loads(payload)
     except ValueError:
         return None
     if not isinstance(obj, dict):
@@ -1404,13 +1446,13 @@ class TrimmedText:
 #
 # In `details`, <summary> is dropped and so is the "> " quoting at each line start.
 
-DETAILS_TAG_MAX = 512  # an opening <details ...> tag longer than this is no reasoning block
+DETAILS_TAG_MAX = 512  # an opening <details ...> or <think ...> tag longer than this is no reasoning block
 
 
 class MarkupSplitter:
     """Separates the site's reasoning markup (<think>, <details>, <answer>) from the answer, piece by piece."""
 
-    OPENERS = ("<think>", "<answer>", "<details")
+    OPENERS = ("<think>", "<think ", "<answer>", "<details")
 
     def __init__(self):
         self.reasoning = TrimmedText()
@@ -1466,10 +1508,12 @@ class MarkupSplitter:
             return self._consume(7, self._think)
         if text.startswith("<answer>"):
             return self._consume(8, self._answer)
-        if text.startswith("<details"):
+        if text.startswith(("<details", "<think ")):
             end = text.find(">")
             if end < 0 and len(text) < DETAILS_TAG_MAX:
                 return False
+            if text.startswith("<think ") and end >= 0:  # <think duration="3">: attributes, then the reasoning
+                return self._consume(end + 1, self._think)
             if 'type="reasoning"' in text[:end]:
                 self._line_start = True
                 return self._consume(end + 1, self._details)
@@ -1523,8 +1567,7 @@ class MarkupSplitter:
             if marker == "</details>":
                 return self._consume(len(marker), self._after_reasoning)
             if marker == "<summary":
-                end = text.find("</summary>")
-                return end >= 0 and self._consume(end + 10, self._details)
+                return self._consume(len(marker), self._summary)
             if marker:
                 self._pending = text[len(marker):]
             self._line_start = False
@@ -1541,6 +1584,16 @@ class MarkupSplitter:
         keep = held_tag_prefix(text, "</details>")
         self._reason(text[:len(text) - keep])
         self._pending = text[len(text) - keep:]
+        return False
+
+    def _summary(self):
+        """Open WebUI's <summary> inside a reasoning block: dropped as it arrives (only a possible start of its
+        closing tag is held), so that one never closed costs no more than its length."""
+        text = self._pending
+        end = text.find("</summary>")
+        if end >= 0:
+            return self._consume(end + len("</summary>"), self._details)
+        self._pending = text[len(text) - held_tag_prefix(text, "</summary>"):]
         return False
 
     def _after_reasoning(self):
@@ -1649,7 +1702,7 @@ class UpstreamText:
 def error_detail(body):
     """The message of an upstream error body, JSON or not."""
     try:
-        return error_text(json.loads(body)) if body.strip() else ""
+        return error_text(loads(body)) if body.strip() else ""
     except ValueError:
         return body.strip()[:ERROR_TEXT_CHARS]
 
@@ -1683,6 +1736,15 @@ def blocked_error(status, body):
                                   "server to see it")
 
 
+RETRY_AFTER_MAX = 3600  # seconds: a longer Retry-After from upstream is taken as this
+
+
+def retry_after_seconds(value):
+    """Upstream's Retry-After in seconds, at most RETRY_AFTER_MAX; None when it gives none that is a number."""
+    value = (value or "").strip()
+    return min(int(value), RETRY_AFTER_MAX) if WHOLE_NUMBER.fullmatch(value) else None
+
+
 def site_error(status, detail, retry_after=None):
     """The UpstreamError for a failed answer, from its status and what it said (error_detail of its body)."""
     shown = f"upstream answered HTTP {status}" + (f": {detail}" if detail else "")
@@ -1691,7 +1753,7 @@ def site_error(status, detail, retry_after=None):
     if status in (401, 403):
         return UpstreamError(REFUSED_TOKEN, shown + " (the account token was refused)")
     if status == 429:
-        seconds = float(retry_after) if retry_after and WHOLE_NUMBER.fullmatch(retry_after.strip()) else None
+        seconds = retry_after_seconds(retry_after)
         return UpstreamError(RATE_LIMITED, shown, retry_after=seconds)
     if 300 <= status < 400:
         return UpstreamError(NOT_AN_ANSWER, shown + " (redirect not followed)")
@@ -1702,6 +1764,28 @@ def site_error(status, detail, retry_after=None):
     if status < 500:
         return UpstreamError(NOT_AN_ANSWER, shown)
     return UpstreamError(BROKEN, shown)
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class WholeText:
+    """Text that streams in pieces, its UTF-16 surrogate pairs made whole again (JSON escapes may cut one between two
+    frames) and any lone surrogate replaced, so that every piece can be encoded; work in proportion to the piece."""
+
+    def __init__(self):
+        self.held = ""  # a high surrogate at the end of the last piece, waiting for its pair
+
+    def add(self, text):
+        text, self.held = self.held + text, ""
+        if not SURROGATE.search(text):
+            return text
+        if "\ud800" <= text[-1] <= "\udbff":
+            text, self.held = text[:-1], text[-1]
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+    def finish(self):
+        return self.add("") + ("\ufffd" if self.held else "")
 
 
 @dataclass
@@ -1721,6 +1805,7 @@ class SiteReader:
 
     def __init__(self):
         self.text = UpstreamText()
+        self.whole_reasoning, self.whole_answer = WholeText(), WholeText()
         self.fields = set()  # the top-level keys of every frame: what an answer without text did hold
         self.frames = 0
         self.snapshots_seen = False  # a top-level content frame came: choices frames beside it are not text
@@ -1746,12 +1831,15 @@ class SiteReader:
             delta.ended = delta.ended or frame.finish_reason is not None or frame.done
             if frame.done:
                 break
-        delta.reasoning, delta.text = "".join(reasoning), "".join(answer)
+        delta.reasoning = self.whole_reasoning.add("".join(reasoning))
+        delta.text = self.whole_answer.add("".join(answer))
         return delta
 
     def finish(self):
         """The (reasoning, answer) held back until the end."""
-        return self.text.finish()
+        reasoning, answer = self.text.finish()
+        reasoning = self.whole_reasoning.add(reasoning) + self.whole_reasoning.finish()
+        return reasoning, self.whole_answer.add(answer) + self.whole_answer.finish()
 
 
 # ─── Files ───────────────────────────────────────────────────────────────────
@@ -2536,7 +2624,6 @@ class SiteUpstream:
 # attempt by attempt, failing over from key to key.
 
 API_END = "[DONE]"
-RETRY_AFTER_MAX = 3600     # seconds: a longer Retry-After from upstream is taken as this
 BACKOFF_FIRST, BACKOFF_MAX = 0.25, 4.0  # seconds before the next attempt after a server failure, doubling
 OVERLOAD_BACKOFF = 4       # times longer after a 529
 SESSION_HINT_HEADERS = ("x-session-id", "session_id", "x-claude-code-session-id", "conversation_id")
@@ -2550,7 +2637,7 @@ def api_chunk(payload):
     if payload == API_END:
         return API_END
     try:
-        value = json.loads(payload)
+        value = loads(payload)
     except ValueError:
         return None
     return value if isinstance(value, dict) else None
@@ -2565,10 +2652,12 @@ class CallPiece:
 
 
 class ApiReader:
-    """The API's stream chunks, read by network read into Deltas; the finish reason, once one came."""
+    """The API's stream chunks, read by network read into Deltas (texts made whole, as WholeText makes them); the
+    finish reason, once one came."""
 
     def __init__(self):
         self.finish_reason = None
+        self.whole = collections.defaultdict(WholeText)  # "reasoning", "text", and each call's index
 
     def read(self, chunks):
         reasoning, text, delta = [], [], Delta(calls=[])
@@ -2587,12 +2676,14 @@ class ApiReader:
             thought = thought if isinstance(thought, str) else said.get("reasoning")  # the mirror, when alone
             reasoning.append(thought if isinstance(thought, str) else "")
             text.append(said.get("content") if isinstance(said.get("content"), str) else "")
-            delta.calls += [piece for call in said.get("tool_calls") or () if (piece := call_piece(call))]
+            delta.calls += [replace(piece, arguments=self.whole[piece.index].add(piece.arguments))
+                            for call in said.get("tool_calls") or () if (piece := call_piece(call))]
             if isinstance(part.get("finish_reason"), str):
                 self.finish_reason = delta.finish_reason = part["finish_reason"]
             if isinstance(chunk.get("usage"), dict):
                 delta.usage = chunk["usage"]
-        delta.reasoning, delta.text = "".join(reasoning), "".join(text)
+        delta.reasoning = self.whole["reasoning"].add("".join(reasoning))
+        delta.text = self.whole["text"].add("".join(text))
         return delta
 
 
@@ -2615,7 +2706,7 @@ def api_failure(status, body, headers, now):
     """The UpstreamError for a failed answer of the API: by the error's type and code (never its message), with
     a short summary of what it said."""
     try:
-        error = json.loads(body).get("error")
+        error = loads(body).get("error")
     except (ValueError, AttributeError):
         error = None
     error = error if isinstance(error, dict) else {}
@@ -2628,9 +2719,7 @@ def api_failure(status, body, headers, now):
         if daily:
             return UpstreamError(BUDGET_SPENT, shown + " (the key's daily budget is spent)",
                                  retry_after=seconds_to_midnight(now))
-        wait = headers.get("Retry-After", "").strip()
-        return UpstreamError(RATE_LIMITED, shown, retry_after=min(int(wait), RETRY_AFTER_MAX)
-                             if WHOLE_NUMBER.fullmatch(wait) else None)
+        return UpstreamError(RATE_LIMITED, shown, retry_after=retry_after_seconds(headers.get("Retry-After")))
     if status in (401, 403):
         return UpstreamError(KEY_REFUSED, shown + " (the IFM key was refused)")
     if status == 404:
@@ -2673,7 +2762,7 @@ def turn_digest(text, calls):
     canonical = []
     for name, arguments in calls:
         try:
-            arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
+            arguments = loads(arguments) if isinstance(arguments, str) else arguments
         except ValueError:
             pass
         canonical.append([name, json.dumps(arguments, sort_keys=True, ensure_ascii=False)])
@@ -3099,7 +3188,7 @@ PREVIEW_CHARS = 80  # of a text quoted from upstream in a report
 def model_ids(body):
     """The ids of a model list answer, {"data": [...]} or a bare list."""
     try:
-        value = json.loads(body)
+        value = loads(body)
     except ValueError:
         return []
     entries = value.get("data") if isinstance(value, dict) else value
@@ -3606,6 +3695,11 @@ class RequestRecord:
     usage: Usage = None
     reserved: int = 0           # bytes of MEMORY_BUDGET_MB its body holds
 
+    @property
+    def logged_path(self):
+        """The path as the log line shows it: a stored response's id, which is a secret, as {id}."""
+        return self.route if "{id}" in self.route else self.path
+
 
 RECORD = web.RequestKey("record", RequestRecord)
 CLIENT_GONE = "client gone"  # the outcome of a request whose client left before its end
@@ -4044,6 +4138,7 @@ class ResponseStore:
 
 BODY_WAIT_SECONDS = 5           # how long a body waits for room in MEMORY_BUDGET_MB before a 503
 POLLED_PATHS = ("/admin/", "/health", "/metrics")  # what the admin page and monitors poll: logged at DEBUG
+TOOL_KINDS_NOTED, TOOL_KIND_CHARS = 64, 40  # tool types left out that are logged, and how much of each name
 
 
 class MemoryBudget:
@@ -4110,10 +4205,13 @@ class AppState:
         return [kind for kind in self.upstreams if kind.pool.ready() is None] or self.upstreams[:1]
 
     def note_left_out_tools(self, kinds):
-        """Logs, once per kind, the tools a client sent that the model cannot be told of (server tools)."""
-        for kind in set(kinds) - self.tools_left_out:
+        """Logs, once per kind (up to TOOL_KINDS_NOTED kinds), the tools a client sent that the model cannot be told
+        of (server tools): what clients send never grows a collection without bound."""
+        for kind in {kind[:TOOL_KIND_CHARS] for kind in kinds} - self.tools_left_out:
+            if len(self.tools_left_out) >= TOOL_KINDS_NOTED:
+                return
             self.tools_left_out.add(kind)
-            log.info("tools of type %s are left out of the prompt: the site cannot run them", kind)
+            log.info("tools of type %s are left out of the prompt: the model cannot run them", loggable(kind))
 
     async def start(self):
         """Opens the upstream session and starts the background work."""
@@ -4149,7 +4247,7 @@ class AppState:
         why = ", ".join(filter(None, (record.outcome, record.reason)))
         polled = record.method == "GET" and record.path.startswith(POLLED_PATHS) and status < 400
         log.log(logging.DEBUG if polled else logging.INFO, "%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms",
-                record.method, record.path, record.model or "-",
+                record.method, loggable(record.logged_path), loggable(record.model or "-"),
                 "-" if record.stream is None else str(record.stream).lower(), status, f" ({why})" if why else "",
                 first, record.duration * 1000)
 
@@ -4167,7 +4265,6 @@ MAX_EXPANSION = 12              # a body that would take more than this many tim
 EXPANSION_FLOOR = MB            # smaller bodies are parsed whatever their shape
 CONTAINER_BYTES, ELEMENT_BYTES = 64, 40  # the least a parsed object, and an element of one, takes
 THREAD_PARSE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
-MAX_JSON_DEPTH = 64
 
 
 def expanded_size(raw):
@@ -4179,20 +4276,9 @@ def expanded_size(raw):
     return len(raw) + CONTAINER_BYTES * containers + ELEMENT_BYTES * (raw.count(b",") + quotes // 2)
 
 
-def json_depth(value):
-    """How deeply a JSON value nests, found without recursion; it stops counting past MAX_JSON_DEPTH."""
-    deepest, pending = 0, [(value, 1)]
-    while pending and deepest <= MAX_JSON_DEPTH:
-        item, depth = pending.pop()
-        if isinstance(item, (dict, list)):
-            deepest = max(deepest, depth)
-            pending += [(child, depth + 1) for child in (item.values() if isinstance(item, dict) else item)]
-    return deepest
-
-
 def parse_body(raw):
-    """A request body's JSON value; a 4xx for a body built to expand, one not in UTF-8, not JSON, nested too
-    deeply, or holding a lone surrogate."""
+    """A request body's JSON value; a 4xx for a body built to expand, one not in UTF-8, not strict JSON (NaN and
+    Infinity are not JSON), nested too deeply, or holding a lone surrogate."""
     if len(raw) > EXPANSION_FLOOR and expanded_size(raw) > MAX_EXPANSION * len(raw):
         raise ApiError(413, f"The request body's JSON is made of so many small values that it would take over "
                             f"{MAX_EXPANSION} times its size once read; send fewer, larger values",
@@ -4204,7 +4290,7 @@ def parse_body(raw):
     too_deep = ApiError(400, f"The request body's JSON nests more than {MAX_JSON_DEPTH} levels deep",
                         code="json_too_deep")
     try:
-        value = json.loads(text)
+        value = JSON_DECODER.decode(text)
     except RecursionError:
         raise too_deep from None
     except ValueError as exc:
@@ -4494,8 +4580,16 @@ async def serve_completion(request, asked):
         try:
             events = through_upstreams(state, core)
             return await within_deadline(pull(events, writer, record), settings.completion_timeout)
-        except (UpstreamError, ApiError) as failure:
-            error = failure.api_error() if isinstance(failure, UpstreamError) else failure
+        except ClientGone:
+            raise
+        except Exception as failure:  # whatever went wrong, a started stream ends with an error event and its end
+            if isinstance(failure, UpstreamError):
+                error = failure.api_error()
+            elif isinstance(failure, ApiError):
+                error = failure
+            else:
+                log.exception("internal error in a completion of %s", loggable(request.path))
+                error = ApiError(500, "Internal error; see the proxy's log", code="internal_error")
             record.upstream_failed, record.reason = True, error.code
             response = await writer.close([Failed(error)])
             record.outcome = "ended with error"
@@ -5174,6 +5268,15 @@ class MessageEvents:
         return signed + sse_event("content_block_stop", {"type": "content_block_stop", "index": self.index})
 
 
+def tool_input(arguments):
+    """A call's arguments as the object a tool_use block holds ({} when the model wrote something else)."""
+    try:
+        value = loads(arguments)
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def anthropic_message(core, answer, show_thinking_text):
     """One Messages answer for a whole Answer."""
     content = []
@@ -5183,7 +5286,7 @@ def anthropic_message(core, answer, show_thinking_text):
     text = answer.text.strip() if answer.calls else answer.text  # what led up to a call, without its blank end
     if text:
         content.append({"type": "text", "text": text})
-    content += [{"type": "tool_use", "id": "toolu_" + call_id, "name": name, "input": json.loads(arguments)}
+    content += [{"type": "tool_use", "id": "toolu_" + call_id, "name": name, "input": tool_input(arguments)}
                 for call_id, name, arguments in answer.calls]
     return {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant", "model": core.model,
             "content": content, "stop_reason": ANTHROPIC_STOP_REASONS[answer.finish.reason], "stop_sequence": None,
