@@ -16,6 +16,13 @@ and records what it received. Tests drive it in-process; the benchmark and
 end-to-end tests run it as a process (`python tests/fake_upstream.py --port N`)
 and steer it through its /_fake routes.
 
+The 2026 variants: choices frames beside the content snapshots (Reply.choices_too), a done event whose snapshot
+holds a tail no snapshot showed (Reply.done_tail), <think duration="N"> markup, follow-ups at low or medium effort
+filed wholly as reasoning with the answer after an effort closer (`empty_followups`, on by default; Reply.closer),
+a template that blanks content that is not a string (`blanking`), one that refuses null thinking fields, and
+the effort field the template reads (`effort_from`: extra_body, the default, chat_template_kwargs, both or
+neither; Received.effort is the effort acted on).
+
 FakeIFM is the other upstream kind, built from shared/ifm-api.md: the official OpenAI-compatible API
 (api.ifm.ai/v1, `--api`) or a self-hosted vLLM/SGLang server of the open weights (`--api --self-hosted`). It
 enforces every documented rule with the documented error shape (keys, models, thinking fields, text-only content,
@@ -57,7 +64,8 @@ class Reply:
     """How the fake answers one chat request; the defaults are what the 2026 site sends."""
     reasoning: str = "The user greets me. I should greet back."
     answer: str = "Hello! How can I help you today?"
-    markup: str = "details_plain"  # details_plain | details | tags | tags_no_answer | lone_think | plain
+    markup: str = "details_plain"  # details_plain | details | tags | tags_no_answer | lone_think | plain |
+                                   # think_duration (<think duration="2">, the older site in 2026)
     style: str = "snapshot"       # snapshot | incremental
     form: str = "content"         # content (top-level "content") | choices (OpenAI delta)
     task_id: bool = True          # a first {"task_id": ...} event
@@ -84,6 +92,11 @@ class Reply:
     body: str = ""                # the whole answer instead of a stream (any status)
     headers: dict = field(default_factory=dict)
     content_type: str = ""        # overrides the answer's content type
+    choices_too: str = ""         # "after" | "before": beside each top-level content frame, an OpenAI-style
+                                  # {"choices": [{"delta": {"content": <the piece that frame added>}}]} frame
+    done_tail: str = ""           # more answer that only the done event's final content snapshot holds
+    empty_followup: bool | None = None  # the effort-closer case for this reply (None: the fake's empty_followups)
+    closer: str = "<ifm|think>"   # the tag between the reasoning and the answer in that case
 
 
 OLD_SITE = {"markup": "tags", "form": "choices", "task_id": False, "end": "[DONE]", "ragged": False}
@@ -114,11 +127,12 @@ def answer_markup(reply):
 def full_text(reply):
     r, a = reply.reasoning, reply.answer
     if reply.markup in ("details", "details_plain"):
-        return details_snapshot(r, len(r), answer_markup(reply), len(answer_markup(reply)))
+        return details_snapshot(r, len(r), answer_markup(reply), max(len(answer_markup(reply)), 1))  # closed
     return {
         "tags": f"<think>{r}</think>\n<answer>{a}</answer>",
         "tags_no_answer": f"<think>{r}</think>\n\n{a}",
         "lone_think": f"{r}\n</think>\n\n<answer>\n{a}\n</answer>",
+        "think_duration": f'<think duration="2">{r}</think>\n\n{a}',
         "plain": a,
     }[reply.markup]
 
@@ -133,6 +147,8 @@ def snapshots(reply):
              for shown in range(0, len(reply.reasoning), reply.piece)]
     steps += [details_snapshot(reply.reasoning, len(reply.reasoning), answer_markup_text, answered)
               for answered in range(reply.piece, len(answer_markup_text) + reply.piece, reply.piece)]
+    if reply.reasoning and not answer_markup_text:
+        steps.append(full_text(reply))  # no answer: the block still closes, with nothing after </details>
     return steps
 
 
@@ -160,14 +176,26 @@ def frame_payloads(reply):
             obj = {"choices": [{"index": 0, "delta": delta, "finish_reason": last_finish if last else None}]}
         if reply.usage and not reply.usage_alone and number == len(pieces) - 1:
             obj["usage"] = reply.usage
-        payloads.append(json.dumps(obj, ensure_ascii=False))
+        frame = [json.dumps(obj, ensure_ascii=False)]
+        if reply.form == "content" and reply.choices_too:
+            beside = choices_beside(reply, pieces[number - 1] if number else "", text)
+            frame.insert(0 if reply.choices_too == "before" else 1, beside)
+        payloads += frame
     if reply.usage and reply.usage_alone:
         payloads.append(json.dumps({"usage": reply.usage}))
     if reply.end == "finish_done":
         payloads.append(json.dumps({"choices": [{"index": 0, "delta": {},
                                                  "finish_reason": reply.finish_reason or "stop"}]}))
-        payloads.append(json.dumps({"done": True, "content": full_text(reply)}, ensure_ascii=False))
+        final = full_text(replace(reply, answer=reply.answer + reply.done_tail) if reply.done_tail else reply)
+        payloads.append(json.dumps({"done": True, "content": final}, ensure_ascii=False))
     return payloads
+
+
+def choices_beside(reply, previous, text):
+    """The OpenAI-style frame the 2026 site may send beside a content frame: the piece that frame added."""
+    added = text[shared_prefix(previous, text):] if reply.style == "snapshot" else text
+    return json.dumps({"choices": [{"index": 0, "delta": {"content": added}, "finish_reason": None}]},
+                      ensure_ascii=False)
 
 
 def sse_events(reply):
@@ -198,6 +226,11 @@ class Received:
     headers: dict
     body: dict
     token: str
+    effort: str = None            # the effort the template acted on (from the fields of effort_from; else high)
+    prompt: list = None           # the messages as the template saw them (non-string content blanked, if blanking)
+
+
+EFFORT_FROM = ("extra_body", "chat_template_kwargs", "both", "neither")
 
 
 SITES = {  # what each site serves, and the reply it gives by default
@@ -218,6 +251,9 @@ class FakeK2Think:
         self.received = []
         self.models = [model]
         self.models_bare = False           # answer the model list as a bare array
+        self.effort_from = "extra_body"    # where the template reads the effort: one of EFFORT_FROM
+        self.empty_followups = True        # low/medium follow-ups come back all reasoning, split by a closer
+        self.blanking = False              # the template blanks content that is not a string
         self.accounts = {}                 # email -> password
         self.signin_status = 200           # anything else: the sign-in endpoint fails this way
         self.signin_cookie_only = False    # the token only in Set-Cookie, not in the body
@@ -250,7 +286,7 @@ class FakeK2Think:
         refusal = self.refusal(body)
         if refusal:
             return refusal
-        reply = self.reply_for(token)
+        reply = self.as_the_template_reads(self.reply_for(token), body, self.received[-1])
         if reply.first_delay:
             await asyncio.sleep(reply.first_delay)
         if request.path == "/api/chat/completions" and not token:
@@ -275,10 +311,45 @@ class FakeK2Think:
         for message in body.get("messages") or []:
             if message.get("role") == "assistant" and not any(name in message for name in THINKING_FIELDS):
                 return web.json_response({"detail": "Assistant message is missing a thinking field"}, status=400)
-        effort = ((body.get("extra_body") or {}).get("chat_template_kwargs") or {}).get("reasoning_effort")
-        if effort is not None and effort not in EFFORTS:
-            return web.json_response({"detail": f"Unknown reasoning_effort: {effort}"}, status=400)
+            if message.get("role") == "assistant" and any(
+                    not isinstance(message[name], str) for name in THINKING_FIELDS if name in message):
+                return web.json_response({"detail": "Assistant thinking fields must be strings"}, status=400)
+        for effort in self.efforts_given(body):
+            if effort not in EFFORTS:
+                return web.json_response({"detail": f"Unknown reasoning_effort: {effort}"}, status=400)
         return None
+
+    def efforts_given(self, body):
+        """The efforts given in the fields the template reads (effort_from), top-level chat_template_kwargs first."""
+        places = {"extra_body": ("extra_body",), "chat_template_kwargs": ("top",), "both": ("top", "extra_body"),
+                  "neither": ()}[self.effort_from]
+        found = []
+        for place in places:
+            holder = body if place == "top" else body.get("extra_body")
+            kwargs = holder.get("chat_template_kwargs") if isinstance(holder, dict) else None
+            effort = kwargs.get("reasoning_effort") if isinstance(kwargs, dict) else None
+            if effort is not None:
+                found.append(effort)
+        return found
+
+    def as_the_template_reads(self, reply, body, record):
+        """The reply to this request at the effort and prompt the template saw, both noted in its record."""
+        # effort: from the fields of effort_from, else the template's default (high). With `blanking`, content that
+        # is not a string is blanked, and an empty last user turn gets a fluent reply to nothing. With
+        # empty_followups (or the reply's empty_followup), a follow-up at low or medium effort comes all
+        # reasoning: the answer follows the reply's closer inside it, and nothing follows </details>.
+        messages = [m for m in body.get("messages") or [] if isinstance(m, dict)] if isinstance(body, dict) else []
+        record.effort = next(iter(self.efforts_given(body)), "high") if isinstance(body, dict) else None
+        record.prompt = [{**m, "content": m.get("content") if isinstance(m.get("content"), str) else ""}
+                         if self.blanking else m for m in messages]
+        if self.blanking and record.prompt and record.prompt[-1].get("role") == "user" \
+                and not record.prompt[-1]["content"].strip():
+            reply = replace(reply, **EMPTY_PROMPT_REPLY)
+        closer_case = reply.empty_followup if reply.empty_followup is not None else self.empty_followups
+        if closer_case and self.site == "k2horizon" and record.effort in ("low", "medium") \
+                and any(m.get("role") == "assistant" for m in messages):
+            reply = replace(reply, reasoning=f"{reply.reasoning}{reply.closer}\n\n{reply.answer}", answer="")
+        return reply
 
     async def send(self, request, reply, text, content_type):
         """One whole body, in slices of reply.chunk_bytes when set."""
@@ -375,7 +446,8 @@ class FakeK2Think:
 
     async def list_received(self, request):
         """What the chat endpoints received, for tests that run the fake as a process."""
-        return web.json_response([{"path": r.path, "body": r.body, "token": r.token} for r in self.received])
+        return web.json_response([{"path": r.path, "body": r.body, "token": r.token, "effort": r.effort}
+                                  for r in self.received])
 
 
 
