@@ -228,6 +228,8 @@ SETTINGS = (
             f"Memory request bodies may take at once, in MB (each counts {BODY_MEMORY_FACTOR} times its size); a body"
             f" beyond it waits, then gets a 503"),
     Setting("HEADER_TIMEOUT", "10", _positive, "Seconds a new connection has to send its first request's headers"),
+    Setting("BODY_TIMEOUT", "60", _positive,
+            "Seconds a request body may take to arrive once its headers have; a slower upload gets a 408"),
     Setting("IDLE_TIMEOUT", "75", _positive, "Seconds an idle keep-alive connection stays open"),
     Setting("MAX_CONNECTIONS", "0", _int_between(0, 1000000),
             "Client connections open at once, more refused at once; 0: three quarters of the open-files limit"),
@@ -1205,6 +1207,7 @@ def usage_of(given, prompt_tokens, reasoning_chars, answer_chars):
 
 EFFORT_CLOSERS = tuple(f"<{slash}ifm|think{speed}>" for slash in ("/", "") for speed in ("", "_fast", "_faster"))
 EFFORT_CLOSER = re.compile(r"</?ifm\|think(?:_fast(?:er)?)?>")
+CLOSER_MAX = max(map(len, EFFORT_CLOSERS))
 
 
 class CloserSplitter:
@@ -1226,7 +1229,7 @@ class CloserSplitter:
         if found:
             self.closed, self.held = True, ""
             return text[:found.start()], self._answer(text[found.end():])
-        start = text.rfind("<", max(0, len(text) - len(EFFORT_CLOSERS[-1]) + 1))
+        start = text.rfind("<", max(0, len(text) - CLOSER_MAX + 1))
         keep = start >= 0 and any(closer.startswith(text[start:]) for closer in EFFORT_CLOSERS)
         self.held = text[start:] if keep else ""
         return (text[:start] if keep else text), ""
@@ -1809,10 +1812,10 @@ class SiteReader:
         self.fields = set()  # the top-level keys of every frame: what an answer without text did hold
         self.frames = 0
         self.snapshots_seen = False  # a top-level content frame came: choices frames beside it are not text
+        self.finished = False        # a finish reason came: only a done event (whose content is read) may follow
 
     def read(self, frames):
-        """What frames that arrived together add. The answer has ended at a done event or a finish reason (the
-        rest of that read is still taken, as a usage or done event often rides along)."""
+        """What frames that arrived together add; the answer has ended at a done event."""
         reasoning, answer, delta = [], [], Delta()
         for frame in frames:
             self.frames += 1
@@ -1828,8 +1831,9 @@ class SiteReader:
             answer.append(more_answer)
             delta.usage = frame.usage or delta.usage
             delta.finish_reason = frame.finish_reason or delta.finish_reason
-            delta.ended = delta.ended or frame.finish_reason is not None or frame.done
+            self.finished = self.finished or frame.finish_reason is not None
             if frame.done:
+                delta.ended = True
                 break
         delta.reasoning = self.whole_reasoning.add("".join(reasoning))
         delta.text = self.whole_answer.add("".join(answer))
@@ -2522,6 +2526,30 @@ class Progress:
 
 
 
+DONE_GRACE_SECONDS = 1.0  # how long a done event (which may hold the answer's tail) may follow the finish chunk
+
+
+async def site_deltas(response, reader):
+    """The Deltas of a site answer, network read by network read, to its end: a done event, or a finish chunk with
+    no done event in DONE_GRACE_SECONDS; after the finish, a connection torn down is the end, not an error."""
+    frames = site_frames(response)
+    async with contextlib.aclosing(frames):
+        while True:
+            try:
+                batch = await (asyncio.wait_for(anext(frames), DONE_GRACE_SECONDS) if reader.finished
+                               else anext(frames))
+            except StopAsyncIteration:
+                return
+            except (asyncio.TimeoutError, ClientError, OSError):
+                if reader.finished:
+                    return
+                raise
+            delta = reader.read(batch)
+            yield delta
+            if delta.error or delta.ended:
+                return
+
+
 class SiteUpstream:
     """The web site: the token pool of each mode, the active mode, and completions that fail over from token to
     token."""
@@ -2597,15 +2625,12 @@ class SiteUpstream:
         """One attempt: the events of each network read, until the answer's end."""
         async with self.http.exchange(url, body, headers) as response:
             reader = SiteReader()
-            async for frames in site_frames(response):
-                delta = reader.read(frames)
+            async for delta in site_deltas(response, reader):
                 events = progress.events(delta.reasoning, delta.text, delta.usage, delta.finish_reason)
                 if events:
                     yield events
                 if delta.error:
                     raise delta.error
-                if delta.ended:
-                    break
         reasoning, answer = reader.finish()
         if reader.text.is_empty():
             raise no_content_error(response.content_type, reader.fields)
@@ -3442,13 +3467,10 @@ async def look_at_chat(site, token, mode, model, payload=None):
         async with site.http.exchange(site.urls[mode], body, site.headers(token, mode)) as response:
             look.status, look.content_type = response.status, response.content_type
             look.first_byte = time.monotonic() - started
-            async for frames in site_frames(response):
-                delta = reader.read(frames)
+            async for delta in site_deltas(response, reader):
                 if delta.error:
                     raise delta.error
-                if delta.ended:
-                    look.ended = True
-                    break
+                look.ended = reader.finished or delta.ended
     except UpstreamError as error:
         return look.seen(reader), error
     finally:
@@ -3687,6 +3709,7 @@ class RequestRecord:
     upstream_failed: bool = False  # the error was upstream's (or no token could serve), not the client's
     route: str = ""             # the route's path, as routed ("/v1/models/{model:.+}")
     key: str = None             # the name of the API key it came with ("" for VALID_API_KEY's)
+    client: str = ""            # a digest of that key's value: who owns stored responses and replayed reasoning
     api_key: object = None      # that ApiKey, while it counts against the key's limits
     first_content: float = None  # seconds from arrival to the first content sent
     duration: float = None      # seconds from arrival to the end
@@ -4083,14 +4106,24 @@ class ApiKeys:
 @dataclass(frozen=True)
 class StoredResponse:
     kept_at: float   # the store's clock
-    size: int        # characters of its JSON, response and history
-    response: dict
-    history: list    # the items of the conversation up to and including this response's output
+    owner: str       # the digest of the API key that stored it: only that key reads, continues or deletes it
+    data: bytes      # the response and the items of its conversation, as compact JSON: its size is what it holds
+
+    @property
+    def size(self):
+        return len(self.data)
+
+    def response(self):
+        return json.loads(self.data)["response"]
+
+    def history(self):
+        """The items of the conversation up to and including this response's output."""
+        return json.loads(self.data)["history"]
 
 
 class ResponseStore:
-    """Kept responses and the conversation that led to each, for previous_response_id and GET/DELETE: bounded by
-    count and bytes (the oldest go first), each kept for RESPONSES_STORE_TTL seconds."""
+    """Kept responses and the conversation that led to each, for previous_response_id and GET/DELETE by the key
+    that stored them: bounded by count and bytes (the oldest go first), each kept for RESPONSES_STORE_TTL seconds."""
 
     def __init__(self, settings, clock=time.monotonic):
         self.max_count = settings.responses_store_count
@@ -4100,23 +4133,24 @@ class ResponseStore:
         self.entries = collections.OrderedDict()  # id → StoredResponse, oldest first
         self.bytes = 0
 
-    def put(self, response, history):
-        size = len(json_text(response)) + len(json_text(history))
-        if size > self.max_bytes or not self.max_count:
+    def put(self, response, history, owner):
+        data = json_text({"response": response, "history": history}).encode()
+        if len(data) > self.max_bytes or not self.max_count:
             return
-        self.entries[response["id"]] = StoredResponse(self.clock(), size, response, history)
-        self.bytes += size
+        self.entries[response["id"]] = StoredResponse(self.clock(), owner, data)
+        self.bytes += len(data)
         while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
             self._drop(next(iter(self.entries)))
 
-    def get(self, response_id):
-        """The StoredResponse, or None when it was never kept, has expired or was deleted."""
+    def get(self, response_id, owner):
+        """The StoredResponse, or None when it was never kept, has expired, was deleted, or is another key's."""
         while self.entries and self.clock() - next(iter(self.entries.values())).kept_at > self.ttl:
             self._drop(next(iter(self.entries)))
-        return self.entries.get(response_id)
+        kept = self.entries.get(response_id)
+        return kept if kept and hmac.compare_digest(kept.owner, owner) else None
 
-    def delete(self, response_id):
-        found = self.get(response_id) is not None
+    def delete(self, response_id, owner):
+        found = self.get(response_id, owner) is not None
         if found:
             self._drop(response_id)
         return found
@@ -4262,6 +4296,7 @@ STATE = web.AppKey("state", AppState)
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 MAX_EXPANSION = 12              # a body that would take more than this many times its size once parsed is refused
+BODY_COPIES = 2                 # a body is held twice while it is read: its pieces, then joined
 EXPANSION_FLOOR = MB            # smaller bodies are parsed whatever their shape
 CONTAINER_BYTES, ELEMENT_BYTES = 64, 40  # the least a parsed object, and an element of one, takes
 THREAD_PARSE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
@@ -4276,13 +4311,20 @@ def expanded_size(raw):
     return len(raw) + CONTAINER_BYTES * containers + ELEMENT_BYTES * (raw.count(b",") + quotes // 2)
 
 
-def parse_body(raw):
-    """A request body's JSON value; a 4xx for a body built to expand, one not in UTF-8, not strict JSON (NaN and
-    Infinity are not JSON), nested too deeply, or holding a lone surrogate."""
-    if len(raw) > EXPANSION_FLOOR and expanded_size(raw) > MAX_EXPANSION * len(raw):
+def parse_cost(raw):
+    """What parsing a body will take besides its bytes; a 413 for a body built to expand (a list of millions of {}),
+    which would take more than MAX_EXPANSION times its size."""
+    cost = expanded_size(raw)
+    if len(raw) > EXPANSION_FLOOR and cost > MAX_EXPANSION * len(raw):
         raise ApiError(413, f"The request body's JSON is made of so many small values that it would take over "
                             f"{MAX_EXPANSION} times its size once read; send fewer, larger values",
                        code="request_too_complex")
+    return cost
+
+
+def parse_body(raw):
+    """A request body's JSON value; a 4xx for one not in UTF-8, not strict JSON (NaN and Infinity are not JSON),
+    nested too deeply, or holding a lone surrogate."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -4313,25 +4355,30 @@ async def read_json(request):
     if encoding not in ("", "identity"):
         raise ApiError(415, f"Compressed request bodies (Content-Encoding: {encoding[:40]}) are not accepted; "
                             "send the JSON uncompressed", code="unsupported_content_encoding")
-    state, record = request.app[STATE], request[RECORD]
+    state = request.app[STATE]
     limit = int(state.settings.max_request_mb * MB)
     if (request.content_length or 0) > limit:
         raise body_too_large(state)
-    share = (request.content_length or limit) * BODY_MEMORY_FACTOR
-    await state.budget.admit(share)
-    record.reserved = share
-    raw = await read_body_within(request, limit, state)
+    try:
+        raw = await asyncio.wait_for(read_body_within(request, limit, state), state.settings.body_timeout)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"The request body did not arrive within BODY_TIMEOUT ({state.settings.body_timeout:g} "
+                            "s); send it at once, or raise BODY_TIMEOUT", code="body_timeout") from None
+    await reserve(request, parse_cost(raw))
     return parse_body(raw) if len(raw) <= THREAD_PARSE_BYTES else await asyncio.to_thread(parse_body, raw)
 
 
 async def read_body_within(request, limit, state):
-    """The body, refused once it passes `limit`. Read from the stream rather than by request.read(), which keeps
-    a copy on the request: aiohttp holds a connection's last request while the connection idles."""
+    """The body, refused once it passes `limit`; its memory is taken from the budget as its bytes arrive (twice:
+    the pieces, then the whole), so an upload that trickles holds no more than it sent. Read from the stream rather
+    than by request.read(), which keeps a copy on the request: aiohttp holds a connection's last request while the
+    connection idles."""
     parts, size = [], 0
     async for chunk in request.content.iter_any():
         size += len(chunk)
         if size > limit:
             raise body_too_large(state)
+        await reserve(request, BODY_COPIES * len(chunk))
         parts.append(chunk)
     return b"".join(parts)
 
@@ -4342,6 +4389,12 @@ def body_too_large(state):
 
 
 MODEL_NAME_CHARS = 100  # of a model id in a log line
+
+
+async def reserve(request, amount):
+    """Takes `amount` bytes of MEMORY_BUDGET_MB for the request until it ends (a 503 when none frees in time)."""
+    await request.app[STATE].budget.admit(amount)
+    request[RECORD].reserved += amount
 
 
 async def read_request(request):
@@ -4501,7 +4554,7 @@ class Dialect:
     """A client API: its name in logs, how it shapes an error, and how it reads a completion request."""
     name: str
     error_response: object  # ApiError → web.Response
-    parse: object = None     # (JSON body, AppState) → Asked
+    parse: object = None     # async (JSON body, request) → Asked
 
 
 async def within_deadline(work, seconds):
@@ -4536,8 +4589,7 @@ async def pull(events, writer, record):
 def in_conversation(request, core):
     """The core request with who asks (a digest of their API key) and its conversation's X-Session-ID: from the
     client's own hint (prompt_cache_key, a session header) or else its opening turns."""
-    state, key = request.app[STATE], request[RECORD].api_key
-    client = hashlib.sha256(key.value.encode()).hexdigest()[:16] if key else ""
+    state, client = request.app[STATE], request[RECORD].client
     hint = core.session_hint or next(filter(None, map(request.headers.get, SESSION_HINT_HEADERS)), None)
     return replace(core, client=client, session=session_id(state.session_secret, client, hint, core.turns))
 
@@ -4604,7 +4656,7 @@ async def serve_completion(request, asked):
 def completion_handler(dialect):
     """The handler of a dialect's completion route: its request, read and parsed, through the core."""
     async def complete(request):
-        asked = dialect.parse(await read_request(request), request.app[STATE])
+        asked = await dialect.parse(await read_request(request), request)
         tokens = asked.core.prompt_tokens
         expect(tokens <= CONTEXT_TOKENS, f"prompt is too long: about {tokens} tokens > {CONTEXT_TOKENS} maximum "
                "(K2 Horizon's context); shorten the conversation", "messages", "context_length_exceeded")
@@ -4914,7 +4966,8 @@ def chat_completion(core, answer, think_tags):
             "usage": openai_usage(answer.finish.usage)}
 
 
-def chat_asked(body, state):
+async def chat_asked(body, request):
+    state = request.app[STATE]
     core, include_usage = parse_chat_request(body, state.settings, state.models)
     think_tags = state.settings.thinking_format == "think_tags"
     return Asked(core, lambda: ChatChunks(core, think_tags, include_usage),
@@ -5293,7 +5346,8 @@ def anthropic_message(core, answer, show_thinking_text):
             "usage": anthropic_usage(answer.finish.usage)}
 
 
-def message_asked(body, state):
+async def message_asked(body, request):
+    state = request.app[STATE]
     core, show_text, left_out = parse_messages_request(body, state.settings, state.models)
     state.note_left_out_tools(left_out)
     return Asked(core, lambda: MessageEvents(core, show_text), lambda answer: anthropic_message(core, answer,
@@ -5462,21 +5516,29 @@ def response_tools(body, enabled):
     return tool_plan(checked, choice, enabled), namespaces, left_out
 
 
-def response_history(body, store):
-    """The items of the conversation so far, this request's input last; previous_response_id must be kept."""
+def response_history(body, previous):
+    """The items of the conversation so far: those of the response it continues, then this request's input."""
     items = body.get("input")
     items = [{"type": "message", "role": "user", "content": items}] if isinstance(items, str) else items
     expect(isinstance(items, list) and all(isinstance(item, dict) for item in items), "'input' must be a string or "
            "a list of items", "input", "invalid_type")
-    previous = body.get("previous_response_id")
+    return previous + items
+
+
+async def continued(body, request):
+    """The items of the response a previous_response_id names ([] without one): the key's own, read within the
+    memory budget."""
+    previous = body.get("previous_response_id") if isinstance(body, dict) else None
     if previous is None:
-        return items
+        return []
     expect(isinstance(previous, str), "'previous_response_id' must be a string", "previous_response_id",
            "invalid_type")
-    kept = store.get(previous)
+    store = request.app[STATE].responses
+    kept = store.get(previous, request[RECORD].client)
     if kept is None:
         raise store.missing(previous, "previous_response_id")
-    return kept.history + items
+    await reserve(request, kept.size * BODY_MEMORY_FACTOR)
+    return kept.history()
 
 
 @dataclass(frozen=True)
@@ -5489,7 +5551,7 @@ class ResponsesAsked:
     echo: dict
 
 
-def parse_responses_request(body, settings, models, store):
+def parse_responses_request(body, settings, models, previous=()):
     """Checks a Responses request and translates it; every problem is a 400 naming the field (a 404 for an unknown
     previous_response_id). Returns the CoreRequest, what else was asked, and the built-in tool types left out."""
     model = requested_model(body)
@@ -5504,7 +5566,7 @@ def parse_responses_request(body, settings, models, store):
     expect(instructions is None or isinstance(instructions, str), "'instructions' must be a string",
            "instructions", "invalid_type")
     tools, namespaces, left_out = response_tools(body, settings.tool_support)
-    history = response_history(body, store)
+    history = response_history(body, list(previous))
     turns = TurnBuilder(FileLimit.of(settings))
     if instructions:
         turns.transcript.add("system", instructions)
@@ -5563,10 +5625,11 @@ class ResponseBuilder:
     """One response's id and fields, and its finished form once the completion ends, kept in the store when the
     request asked for it."""
 
-    def __init__(self, core, asked, store):
+    def __init__(self, core, asked, store, owner):
         self.core = core
         self.asked = asked
         self.store = store
+        self.owner = owner
         self.id = "resp_" + uuid.uuid4().hex
         self.created = int(time.time())
 
@@ -5581,7 +5644,7 @@ class ResponseBuilder:
         final = self.response("incomplete" if cut else "completed", output, finish.usage,
                               incomplete={"reason": cut} if cut else None)
         if self.asked.store:
-            self.store.put(final, self.asked.history + output)
+            self.store.put(final, self.asked.history + output, self.owner)
         return final
 
     def failed(self, error):
@@ -5704,10 +5767,11 @@ class ResponseEvents:
         return ended
 
 
-def response_asked(body, state):
-    core, asked, left_out = parse_responses_request(body, state.settings, state.models, state.responses)
+async def response_asked(body, request):
+    state = request.app[STATE]
+    core, asked, left_out = parse_responses_request(body, state.settings, state.models, await continued(body, request))
     state.note_left_out_tools(left_out)
-    builder = ResponseBuilder(core, asked, state.responses)
+    builder = ResponseBuilder(core, asked, state.responses, request[RECORD].client)
     return Asked(core, lambda: ResponseEvents(builder), lambda answer: response_body(builder, answer))
 
 
@@ -5716,15 +5780,16 @@ RESPONSES = Dialect("responses", openai_error_response, response_asked)
 
 async def get_response(request):
     store = request.app[STATE].responses
-    kept = store.get(request.match_info["id"])
+    kept = store.get(request.match_info["id"], request[RECORD].client)
     if kept is None:
         raise store.missing(request.match_info["id"])
-    return web.json_response(kept.response, dumps=json_text)
+    await reserve(request, kept.size * BODY_MEMORY_FACTOR)
+    return web.json_response(kept.response(), dumps=json_text)
 
 
 async def delete_response(request):
     store, response_id = request.app[STATE].responses, request.match_info["id"]
-    if not store.delete(response_id):
+    if not store.delete(response_id, request[RECORD].client):
         raise store.missing(response_id)
     return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
@@ -6303,7 +6368,7 @@ def admit_key(request):
     if key is None:
         raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)",
                        code="invalid_api_key")
-    record.key = key.name
+    record.key, record.client = key.name, hashlib.sha256(key.value.encode()).hexdigest()[:32]
     if record.counted:
         state.keys.admit(key)
         record.api_key = key

@@ -27,7 +27,7 @@ async def post_raw(proxy, data, path="/v1/chat/completions", headers=AUTH):
 async def test_a_body_built_to_expand_is_refused_before_it_is_parsed(make_proxy, fake, monkeypatch, path, shape):
     proxy = await make_proxy(MAX_REQUEST_MB="4")
     parsed = []
-    monkeypatch.setattr(k2proxy.json, "loads", lambda *args, **kwargs: parsed.append(1))
+    monkeypatch.setattr(k2proxy, "parse_body", lambda *args, **kwargs: parsed.append(1))
     response = await post_raw(proxy, expanding(3 * k2proxy.MB), path)
     body = await response.json()
     assert response.status == 413 and shape in body and "small values" in json.dumps(body)
@@ -38,10 +38,11 @@ def test_real_bodies_are_not_taken_for_expanding_ones():
     csv = "name,age,city\n" + "ann,30,paris\n" * 200_000
     for text in (csv, json.dumps([{"id": n, "tags": ["a", "b"]} for n in range(60_000)]), "x" * 3_000_000):
         raw = json.dumps({"messages": [{"role": "user", "content": text}]}).encode()
-        assert len(raw) > k2proxy.EXPANSION_FLOOR and k2proxy.parse_body(raw)["messages"][0]["content"] == text
+        assert len(raw) > k2proxy.EXPANSION_FLOOR and k2proxy.parse_cost(raw) <= k2proxy.MAX_EXPANSION * len(raw)
+        assert k2proxy.parse_body(raw)["messages"][0]["content"] == text
     for attack in (b'{"x": [' + b'"ab",' * 400_000 + b'"ab"]}', b'{"x": [' + b"1," * 900_000 + b"1]}"):
         with pytest.raises(k2proxy.ApiError) as refused:
-            k2proxy.parse_body(attack)
+            k2proxy.parse_cost(attack)
         assert refused.value.status == 413
 
 

@@ -162,19 +162,26 @@ def test_the_store_keeps_the_newest_by_count_bytes_and_age():
     now = [0.0]
     by_count = store(count=2, now=now)
     for name in "abc":
-        by_count.put({"id": name}, [])
-    assert [by_count.get(name) is not None for name in "abc"] == [False, True, True]
+        by_count.put({"id": name}, [], "me")
+    assert [by_count.get(name, "me") is not None for name in "abc"] == [False, True, True]
     by_bytes = store(count=10, mb=0.01, now=now)  # 10,485 bytes
     for name in "abcd":
-        by_bytes.put({"id": name, "text": "x" * 3000}, [])
-    assert [by_bytes.get(name) is not None for name in "abcd"] == [False, True, True, True]
-    by_bytes.put({"id": "big", "text": "x" * 20000}, [])
-    assert by_bytes.get("big") is None and by_bytes.get("d") is not None, "larger than the whole store: not kept"
+        by_bytes.put({"id": name, "text": "x" * 3000}, [], "me")
+    assert [by_bytes.get(name, "me") is not None for name in "abcd"] == [False, True, True, True]
+    by_bytes.put({"id": "big", "text": "x" * 20000}, [], "me")
+    assert by_bytes.get("big", "me") is None and by_bytes.get("d", "me") is not None, "larger than the whole store"
     now[0] = 61.0
-    assert by_bytes.get("d") is None and by_bytes.bytes == 0, "expired"
+    assert by_bytes.get("d", "me") is None and by_bytes.bytes == 0, "expired"
     nothing = store(count=0, now=now)
-    nothing.put({"id": "a"}, [])
-    assert nothing.get("a") is None
+    nothing.put({"id": "a"}, [], "me")
+    assert nothing.get("a", "me") is None
+
+
+def test_a_stored_response_is_its_owners_alone():
+    kept = store(count=2, now=[0.0])
+    kept.put({"id": "a"}, [{"type": "message"}], "alice")
+    assert kept.get("a", "bob") is None and not kept.delete("a", "bob")
+    assert kept.get("a", "alice").response() == {"id": "a"} and kept.delete("a", "alice")
 
 
 async def test_an_expired_response_is_a_404_for_previous_response_id(make_proxy, fake):
