@@ -481,6 +481,12 @@ class UpstreamError(Exception):
         self.failure = failure
         self.retry_after = retry_after
 
+    def without(self, secret):
+        """The same error, with `secret` (the credential it was sent with) blanked out of its message."""
+        if not secret or secret not in str(self):
+            return self
+        return UpstreamError(self.failure, str(self).replace(secret, "[redacted]"), self.retry_after)
+
     def api_error(self):
         retry_after = max(1, round(self.retry_after)) if self.retry_after else None
         return ApiError(self.failure.status, str(self), code=self.failure.code, retry_after=retry_after)
@@ -1247,6 +1253,38 @@ class CloserSplitter:
         return text
 
 
+def answer_too_large(limit):
+    return UpstreamError(ANSWER_TOO_LARGE, f"upstream's answer is larger than MAX_ANSWER_MB ({limit / MB:g} MB); ask "
+                                           "for a stream to receive it")
+
+
+def answer_limit(settings, core):
+    """The most characters a non-streamed answer may hold, reasoning the client does not see included; None for
+    a stream, which holds none of it."""
+    return None if core.stream else int(settings.max_answer_mb * MB)
+
+
+class Counted:
+    """What an attempt has written so far, counted, with its effort closer found: reasoning becomes events, or, when
+    the client does not see it, counts against the answer's limit (the writer never sees it)."""
+
+    def __init__(self, show_reasoning, limit):
+        self.show_reasoning = show_reasoning
+        self.limit = limit  # answer_limit
+        self.closer = CloserSplitter()
+        self.reasoning_chars = self.answer_chars = 0
+
+    def _reasoning(self, text):
+        if not text:
+            return []
+        self.reasoning_chars += len(text)
+        if self.show_reasoning:
+            return [Reasoning(text)]
+        if self.limit and self.reasoning_chars + self.answer_chars > self.limit:
+            raise answer_too_large(self.limit)
+        return []
+
+
 @dataclass(frozen=True)
 class Finish:
     reason: str   # stop | length | tool_calls | content_filter
@@ -1314,7 +1352,8 @@ def default_effort(settings, show_reasoning):
 # work proportional to what its input added.
 
 MAX_FRAME_BYTES = 16 * MB
-ERROR_TEXT_CHARS = 500  # of an error message quoted from upstream
+ERROR_TEXT_CHARS = 200  # of an error message quoted from upstream
+SECRET_LOOKING = re.compile(r"(?i)bearer\s+\S+|eyJ[\w-]+\.[\w-]+\.[\w-]*|\b(?:sk|ifm)-[\w-]{6,}")
 
 
 class SSEDecoder:
@@ -1397,12 +1436,19 @@ def parse_frame(payload):
 
 
 def error_text(problem):
-    """A short human message out of whatever upstream put in an error field."""
+    """A short human message out of whatever upstream put in an error field (see safe_summary)."""
     if isinstance(problem, dict):
         problem = problem.get("message") or problem.get("detail") or json.dumps(problem)
     elif isinstance(problem, list):
         problem = "; ".join(error_text(item) for item in problem)
-    return str(problem)[:ERROR_TEXT_CHARS]
+    return safe_summary(str(problem))
+
+
+def safe_summary(text):
+    """What upstream said, as a client and the log may see it: one line of at most ERROR_TEXT_CHARS, with anything
+    that looks like a credential (an echoed Authorization header, a JWT, a key) blanked out."""
+    line = " ".join(text[:4 * ERROR_TEXT_CHARS].split())
+    return loggable(SECRET_LOOKING.sub("[redacted]", line))[:ERROR_TEXT_CHARS]
 
 
 def held_tag_prefix(text, tag):
@@ -1707,7 +1753,7 @@ def error_detail(body):
     try:
         return error_text(loads(body)) if body.strip() else ""
     except ValueError:
-        return body.strip()[:ERROR_TEXT_CHARS]
+        return safe_summary(body)
 
 
 def bare_task_id(fields):
@@ -1733,7 +1779,7 @@ HTML_TITLE = re.compile(r"<title[^>]*>(.*?)</title>", re.IGNORECASE | re.DOTALL)
 def blocked_error(status, body):
     """The error for an HTML page where a chat answer belongs: a bot check or a maintenance page."""
     title = HTML_TITLE.search(body)
-    named = f" titled '{' '.join(title.group(1).split())[:ERROR_TEXT_CHARS]}'" if title else ""
+    named = f" titled '{safe_summary(title.group(1))}'" if title else ""
     return UpstreamError(BLOCKED, f"upstream answered an HTML page{named} (HTTP {status}) instead of a chat answer: "
                                   "a bot check or a maintenance page; open K2THINK_BASE_URL in a browser on this "
                                   "server to see it")
@@ -2459,18 +2505,15 @@ async def site_frames(response):
     yield decoder.feed(b"", final=True)
 
 
-class Progress:
+class Progress(Counted):
     """What one upstream attempt has produced, as events: a failed attempt's progress is dropped whole."""
 
-    def __init__(self, tools, show_reasoning, answer_format=None):
+    def __init__(self, tools, show_reasoning, answer_format=None, limit=None):
+        super().__init__(show_reasoning, limit)
         self.scanner = ToolCallScanner(tools.names) if tools else None
-        self.closer = CloserSplitter()
-        self.show_reasoning = show_reasoning
         self.answer_format = answer_format
         self.held = []  # the answer's text, while it must be JSON taken out at the end
         self.calls = 0
-        self.reasoning_chars = 0
-        self.answer_chars = 0
         self.upstream_usage = None
         self.finish_reason = None
 
@@ -2484,12 +2527,6 @@ class Progress:
             answer = after_closer + answer
         return self._reasoning(reasoning) + self._answer(self.scanner.feed(answer) if self.scanner and answer
                                                          else [answer])
-
-    def _reasoning(self, text):
-        if not text:
-            return []
-        self.reasoning_chars += len(text)
-        return [Reasoning(text)] if self.show_reasoning else []
 
     def closing(self, prompt_tokens):
         """The last events: what the tool-call scanner held back (the JSON answer, when one was asked for), and
@@ -2601,18 +2638,20 @@ class SiteUpstream:
                 break
             tried.append(credential)
             yield Attempt(len(tried), pool.index_of(credential))
-            progress = Progress(core.tools, core.show_reasoning, core.answer_format)
+            progress = Progress(core.tools, core.show_reasoning, core.answer_format,
+                                answer_limit(self.settings, core))
             try:
                 async with contextlib.aclosing(self._answer(url, body, self.headers(credential), progress)) as read:
                     async for events in read:
                         yield events
-            except UpstreamError as failure:
+            except UpstreamError as caught:
+                failure = caught.without(credential.value)
                 pool.fail(credential, failure)
                 who = "anonymous" if credential is NO_CREDENTIAL else f"token {pool.index_of(credential)}"
                 log.info("upstream attempt %d failed (%s mode, %s) %s: %s", len(tried), pool.name, who,
                          failure.failure.code, failure)
                 if not worth_another_try(failure.failure, credential):
-                    raise
+                    raise failure from None
                 error = failure
                 yield Restart(failure)
                 continue
@@ -2881,18 +2920,15 @@ def api_payload(core, messages):
     return payload
 
 
-class ApiProgress:
+class ApiProgress(Counted):
     """What one attempt at the API has produced, as events: reasoning (split at an effort closer when the answer
     was filed as reasoning), text and native tool calls, and what the replay cache keeps of it."""
 
-    def __init__(self, core):
-        self.show_reasoning = core.show_reasoning
-        self.closer = CloserSplitter()
+    def __init__(self, core, limit=None):
+        super().__init__(core.show_reasoning, limit)
         self.calls = {}          # upstream's index → [our index, name, argument pieces]
         self.reasoning = []      # kept for the replay cache while it stays under REPLAY_ENTRY_MAX
-        self.reasoning_chars = 0
         self.text = []
-        self.answer_chars = 0
         self.usage = None
 
     def events(self, delta):
@@ -2916,12 +2952,9 @@ class ApiProgress:
         return events
 
     def _reasoning(self, text):
-        if not text:
-            return []
-        self.reasoning_chars += len(text)
-        if self.reasoning_chars <= REPLAY_ENTRY_MAX:
+        if text and self.reasoning_chars + len(text) <= REPLAY_ENTRY_MAX:
             self.reasoning.append(text)
-        return [Reasoning(text)] if self.show_reasoning else []
+        return super()._reasoning(text)
 
     def closing(self, finish_reason, prompt_tokens):
         events = self._reasoning(self.closer.finish())
@@ -2976,18 +3009,19 @@ class ApiUpstream:
                 await asyncio.sleep(backoff(error.failure, len(tried)))
             tried.append(credential)
             yield Attempt(len(tried), self.pool.index_of(credential))
-            progress = ApiProgress(core)
+            progress = ApiProgress(core, answer_limit(self.settings, core))
             try:
                 async with contextlib.aclosing(self.attempt(body, credential, core, progress)) as read:
                     async for events in read:
                         yield events
-            except UpstreamError as failure:
+            except UpstreamError as caught:
+                failure = caught.without(credential.value)
                 self.pool.fail(credential, failure)
                 who = "no key" if credential is NO_CREDENTIAL else f"key {mask_token(credential.value)}"
                 log.info("upstream attempt %d failed (api, %s) %s: %s", len(tried), who, failure.failure.code,
                          failure)
                 if not worth_another_try(failure.failure, credential):
-                    raise
+                    raise failure from None
                 error = failure
                 yield Restart(failure)
                 continue
@@ -4051,10 +4085,10 @@ class ApiKeys:
             key.recent.popleft()
         if key.rpm is not None and len(key.recent) >= key.rpm:
             wait = max(1, math.ceil(key.recent[0] + RATE_WINDOW - now))
-            raise ApiError(429, f"The key '{key.name}' may ask for {key.rpm} completions a minute; try again in "
+            raise ApiError(429, f"The key '{key.name}' may make {key.rpm} requests a minute; try again in "
                                 f"{wait} s", code="rate_limited", retry_after=wait)
         if key.concurrent is not None and key.active >= key.concurrent:
-            raise ApiError(429, f"The key '{key.name}' may run {key.concurrent} completions at once; try again "
+            raise ApiError(429, f"The key '{key.name}' may make {key.concurrent} requests at once; try again "
                                 "when one has ended", code="too_many_at_once", retry_after=1)
         if key.rpm is not None:
             key.recent.append(now)
@@ -4517,8 +4551,7 @@ class Collector:
         added = sum(len(event.text) for event in events if isinstance(event, (Reasoning, Text, ToolArguments)))
         self.size += added
         if added and self.size > self.limit:
-            raise UpstreamError(ANSWER_TOO_LARGE, f"upstream's answer is larger than MAX_ANSWER_MB "
-                                                  f"({self.limit / MB:g} MB); ask for a stream to receive it")
+            raise answer_too_large(self.limit)
         for event in events:
             if isinstance(event, Reasoning):
                 self.reasoning.append(event.text)
@@ -6225,8 +6258,13 @@ class Route:
     path: str
     handler: object
     dialect: Dialect = OPENAI
-    completion: bool = False  # counts in the request figures
+    completion: bool = False  # counts in the request figures, and against its key's limits
     listed: bool = True       # named by GET /
+    limited: bool = False     # counts against its key's rpm and concurrent limits, though no completion
+
+    @property
+    def keyed_limits(self):
+        return self.completion or self.limited
 
 
 ROUTES = (
@@ -6234,10 +6272,10 @@ ROUTES = (
     Route("GET", "/health", health),
     Route("POST", "/v1/chat/completions", completion_handler(OPENAI), completion=True),
     Route("POST", "/v1/messages", completion_handler(ANTHROPIC), ANTHROPIC, completion=True),
-    Route("POST", "/v1/messages/count_tokens", count_message_tokens, ANTHROPIC),
+    Route("POST", "/v1/messages/count_tokens", count_message_tokens, ANTHROPIC, limited=True),
     Route("POST", "/v1/responses", completion_handler(RESPONSES), RESPONSES, completion=True),
-    Route("GET", "/v1/responses/{id}", get_response, RESPONSES),
-    Route("DELETE", "/v1/responses/{id}", delete_response, RESPONSES),
+    Route("GET", "/v1/responses/{id}", get_response, RESPONSES, limited=True),
+    Route("DELETE", "/v1/responses/{id}", delete_response, RESPONSES, limited=True),
     Route("GET", "/v1/models", list_models),
     Route("GET", "/v1/models/{model:.+}", get_model),
     Route("GET", "/admin/status", admin_status, listed=False),
@@ -6362,14 +6400,15 @@ async def check_keys(request, handler):
 
 
 def admit_key(request):
-    """Finds the request's API key, and counts a completion against its limits (a 429 when over one)."""
+    """Finds the request's API key, and counts a request of a limited route against its limits (a 429 when over
+    one), from its headers on: an upload under way holds one of its key's concurrent slots."""
     state, record = request.app[STATE], request[RECORD]
     key = state.keys.find(presented_key(request))
     if key is None:
         raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)",
                        code="invalid_api_key")
     record.key, record.client = key.name, hashlib.sha256(key.value.encode()).hexdigest()[:32]
-    if record.counted:
+    if route_of(request).keyed_limits:
         state.keys.admit(key)
         record.api_key = key
 
