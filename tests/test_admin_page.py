@@ -19,6 +19,11 @@ TOKENS = [make_jwt(time.time() + 3600, f"acc-{n}") for n in range(3)]
 ALICE_KEY = "sk-alice-0123456789"
 KEYS_FILE = f"# team keys\nalice:{ALICE_KEY} rpm=2\n"
 HOSTILE = "<script>window.hacked = 1</script><img src=x onerror='window.hacked=2'>"
+IFM_REFUSED = "IFM-0123456789abcdef-refused-rfd"
+IFM_SPENT = "IFM-fedcba9876543210-spent-spt"
+IFM_NEW = "sk-ifm-0a1b2c3d4e5f6a7b-new-nwk"
+IFM_OVER_SSH = "IFM-99887766554433-over-ssh-ssh"
+IFM_KEYS_TEXT = f"# IFM keys\n{IFM_REFUSED}\n{IFM_SPENT}\n"
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +52,19 @@ async def site(make_proxy, tmp_path, fake):
     return proxy
 
 
-async def open_page(browser, site, width=1280, scheme="light"):
-    page = await browser.new_page(viewport={"width": width, "height": 900}, color_scheme=scheme)
+@pytest.fixture
+async def api_site(make_proxy, tmp_path, fake_api):
+    """A proxy that asks IFM's API first (the site when no key is usable), with a refused key and a good one."""
+    (tmp_path / "ifm_keys.txt").write_text(IFM_KEYS_TEXT)
+    fake_api.refused = {IFM_REFUSED}
+    proxy = await make_proxy(UPSTREAM="api,site", IFM_BASE_URL=fake_api.url + "/v1",
+                             IFM_KEYS_FILE=tmp_path / "ifm_keys.txt")
+    proxy.ifm_keys_file = tmp_path / "ifm_keys.txt"
+    return proxy
+
+
+async def open_page(browser, site, width=1280, scheme="light", **context):
+    page = await browser.new_page(viewport={"width": width, "height": 900}, color_scheme=scheme, **context)
     await page.goto(str(site.make_url("/admin")))
     return page
 
@@ -186,6 +202,8 @@ async def test_keys_edited_on_the_page_and_on_the_server(browser, site):
     await playwright.expect(page.locator("#flash")).to_contain_text("Saved 0 keys", timeout=8000)
     assert site.keys_file.read_text() == "# team keys\n"
     await playwright.expect(page.locator("#keys-body")).to_contain_text("No named keys")
+    await page.click("#flash")  # the first save's message goes, so that the wait below sees the second save's
+    await playwright.expect(page.locator("#flash")).to_be_hidden()
     await page.click("#save-keys")
     await playwright.expect(page.locator("#flash")).to_contain_text("Saved 0 keys", timeout=8000)
 
@@ -363,3 +381,117 @@ async def test_the_editor_warns_of_a_line_that_is_not_a_jwt(browser, site):
     await playwright.expect(page.locator("#flash")).to_contain_text("line 2", timeout=8000)
     await playwright.expect(page.locator("#flash")).to_contain_text("not a JWT")
     assert site.tokens_file.read_text() == f"{TOKENS[0]}\nsomething-pasted-wrong\n"
+
+
+def ifm_row(page, key):
+    """The row of the IFM keys table that shows `key` by its mask."""
+    return page.locator("#ifm-keys-body tr").filter(
+        has=page.locator("td[data-label='Key']", has_text=k2proxy.mask_token(key)))
+
+
+async def whole_keys_shown(page, keys):
+    """The whole keys the page holds anywhere but in the IFM keys editor: its markup, its text, its other fields."""
+    shown = await page.evaluate("""() => [document.documentElement.outerHTML, document.body.innerText,
+        ...[...document.querySelectorAll("input, textarea")].filter((field) => field.id !== "ifm-editor")
+            .map((field) => field.value)].join("\\n")""")
+    return [key for key in keys if key in shown]
+
+
+async def test_ifm_keys_show_their_state_budget_and_rest_and_a_reset_readmits_one(browser, api_site, fake_api):
+    assert (await api_site.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
+    page = await open_page(browser, api_site, locale="en-GB", timezone_id="Asia/Dubai")
+    await log_in(page)
+    await playwright.expect(page.locator("#ifm-panel")).to_be_visible(timeout=8000)
+    await text_of(page, "#ifm-base-url", fake_api.url + "/v1")
+    await playwright.expect(page.locator("#upstream-order")).to_contain_text("api (IFM keys), then site")
+    await playwright.expect(page.locator("#ifm-keys-body tr")).to_have_count(2)
+    refused, spent = ifm_row(page, IFM_REFUSED), ifm_row(page, IFM_SPENT)
+    await playwright.expect(refused.locator(".badge")).to_have_text("disabled")
+    await playwright.expect(refused.locator("td[data-label='Last error']")).to_contain_text("refused")
+    await playwright.expect(spent.locator(".badge")).to_have_text("active")
+    await playwright.expect(spent.locator("td[data-label='Budget left']")).to_have_text(
+        f"{fake_api.daily_budget - fake_api.daily_used[IFM_SPENT]:,}")
+
+    fake_api.daily_budget = fake_api.daily_used[IFM_SPENT] + 1
+    assert (await api_site.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
+    await playwright.expect(spent.locator(".badge")).to_have_text("cooling", timeout=8000)
+    in_dubai = time.gmtime((int(time.time()) // 86400 + 1) * 86400 + 4 * 3600)  # the next 00:00 UTC, local time
+    await playwright.expect(spent.locator("td[data-label='Status']")).to_contain_text(
+        f"rested until {in_dubai.tm_mday} {time.strftime('%b %Y', in_dubai)}, 04:00")
+    await playwright.expect(spent.locator("td[data-label='Budget left']")).to_have_text("0")
+    await playwright.expect(spent.locator("td[data-label='Tokens today']")).to_have_text(
+        f"{fake_api.daily_used[IFM_SPENT]:,}")
+    await playwright.expect(spent.locator("td[data-label='Requests']")).to_have_text("2")
+    await playwright.expect(refused.locator("td[data-label='Errors']")).to_have_text("1")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "admin-ifm-keys.png"), full_page=True)
+
+    await refused.locator("button.reset-one").click()
+    await playwright.expect(page.locator("#flash")).to_contain_text("IFM key 0 reset", timeout=8000)
+    await playwright.expect(refused.locator(".badge")).to_have_text("active", timeout=8000)
+    await playwright.expect(spent.locator(".badge")).to_have_text("cooling")
+    await playwright.expect(page.locator("#ifm-editor")).to_have_value(IFM_KEYS_TEXT)
+    assert await whole_keys_shown(page, [IFM_REFUSED, IFM_SPENT]) == []
+
+
+async def test_the_ifm_keys_file_is_edited_on_the_page_and_a_file_changed_meanwhile_is_kept(browser, api_site):
+    page = await open_page(browser, api_site)
+    await log_in(page)
+    editor = page.locator("#ifm-editor")
+    await playwright.expect(editor).to_have_value(IFM_KEYS_TEXT, timeout=8000)
+    await playwright.expect(page.locator("#ifm-keys-body tr")).to_have_count(2)
+    await editor.fill(f"# IFM keys\n{IFM_SPENT}\n{IFM_NEW}\n")
+    await playwright.expect(page.locator("#ifm-editor-dirty")).to_be_visible()
+    await page.click("#save-ifm-keys")
+    await playwright.expect(page.locator("#flash")).to_contain_text("Saved 2 IFM keys", timeout=8000)
+    assert api_site.ifm_keys_file.read_text() == f"# IFM keys\n{IFM_SPENT}\n{IFM_NEW}\n"
+    await playwright.expect(page.locator("#ifm-editor-dirty")).to_be_hidden()
+    await playwright.expect(page.locator("#ifm-keys-body td[data-label='Key']")).to_have_text(
+        [k2proxy.mask_token(IFM_SPENT), k2proxy.mask_token(IFM_NEW)], timeout=8000)
+    assert await whole_keys_shown(page, [IFM_REFUSED, IFM_SPENT, IFM_NEW]) == []
+
+    changed_over_ssh = f"# IFM keys\n{IFM_SPENT}\n{IFM_NEW}\n{IFM_OVER_SSH}\n"
+    api_site.ifm_keys_file.write_text(changed_over_ssh)
+    await editor.fill(f"# IFM keys\n{IFM_NEW}\n")
+    await page.click("#save-ifm-keys")
+    await playwright.expect(page.locator("#flash")).to_contain_text("changed since it was loaded", timeout=8000)
+    await playwright.expect(page.locator("#ifm-changed")).to_be_visible()
+    assert api_site.ifm_keys_file.read_text() == changed_over_ssh
+    await page.click("#ifm-load-again")
+    await playwright.expect(editor).to_have_value(changed_over_ssh, timeout=8000)
+    await playwright.expect(page.locator("#ifm-changed")).to_be_hidden()
+    await playwright.expect(page.locator("#ifm-keys-body tr")).to_have_count(3, timeout=8000)
+    assert await whole_keys_shown(page, [IFM_SPENT, IFM_NEW, IFM_OVER_SSH]) == []
+
+    await page.click("#logout")
+    await playwright.expect(page.locator("#admin-key")).to_be_visible()
+    await playwright.expect(editor).to_have_value("")
+
+
+async def test_the_ifm_section_shows_when_the_api_may_serve_or_keys_are_held(browser, make_proxy, tmp_path):
+    site_only = await make_proxy(UPSTREAM="site", IFM_KEYS_FILE=tmp_path / "no_ifm_keys.txt")
+    page = await open_page(browser, site_only)
+    await log_in(page)
+    await text_of(page, "#mode", "guest")
+    await playwright.expect(page.locator("#ifm-panel")).to_be_hidden()
+
+    (tmp_path / "ifm_keys.txt").write_text(f"{IFM_SPENT}\n")
+    keys_held = await make_proxy(UPSTREAM="site", IFM_KEYS_FILE=tmp_path / "ifm_keys.txt")
+    page = await open_page(browser, keys_held)
+    await log_in(page)
+    await playwright.expect(page.locator("#ifm-panel")).to_be_visible(timeout=8000)
+    await playwright.expect(page.locator("#upstream-order")).to_contain_text("these keys are not used")
+    await playwright.expect(page.locator("#ifm-keys-body td[data-label='Key']")).to_have_text(
+        k2proxy.mask_token(IFM_SPENT))
+
+
+async def test_the_ifm_section_fits_a_phone(browser, api_site):
+    assert (await api_site.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
+    page = await open_page(browser, api_site, width=360)
+    await log_in(page)
+    await playwright.expect(page.locator("#ifm-keys-body tr")).to_have_count(2, timeout=8000)
+    await playwright.expect(page.locator("#ifm-editor")).to_have_value(IFM_KEYS_TEXT, timeout=8000)
+    widths = await page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], f"page is {widths[0]} px wide in a {widths[1]} px viewport"
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "admin-ifm-phone.png"), full_page=True)
