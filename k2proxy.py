@@ -34,6 +34,7 @@ import random
 import re
 import secrets
 import signal
+import stat
 import sys
 import tempfile
 import time
@@ -1905,13 +1906,14 @@ class WatchedFile:
         self.state = "unread"
         self.version = file_version("")  # of the text last read or saved, which what was loaded from it matches
         self._unreadable = "not yet"  # the state last reported unreadable, so that it is reported once
+        self._open_mode_told = False  # the warning about a file others may read is given once
 
     def stat(self):
         try:
-            stat = self.path.stat()
+            found = self.path.stat()
         except OSError:
             return None
-        return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        return (found.st_ino, found.st_mtime_ns, found.st_size)
 
     def read(self):
         """The file's text and state; a missing file reads as empty, an unreadable one (a directory, no
@@ -1919,7 +1921,7 @@ class WatchedFile:
         mark (Windows Notepad) is dropped."""
         state = self.stat()
         try:
-            return self.path.read_text(encoding="utf-8-sig", errors="replace"), state
+            text = self.path.read_text(encoding="utf-8-sig", errors="replace")
         except FileNotFoundError:
             return "", None
         except OSError as exc:
@@ -1928,6 +1930,21 @@ class WatchedFile:
                           exc.strerror or type(exc).__name__)
             self._unreadable = state
             return None, self.state
+        if self.stat() != state:  # written while it was read (half a file): the next poll reads it whole
+            return None, self.state
+        self.tell_open_mode()
+        return text, state
+
+    def tell_open_mode(self):
+        """Warns once when others than its owner may read the file, which holds secrets."""
+        try:
+            mode = stat.S_IMODE(self.path.stat().st_mode)
+        except OSError:
+            return
+        if mode & 0o077 and not self._open_mode_told:
+            self._open_mode_told = True
+            log.warning("%s holds secrets but others may read it (mode %o): chmod 600 %s; k2proxy saves it 0600",
+                        self.path, mode, self.path)
 
     async def changes(self, force=False):
         """The file's text when it changed since the last call (or `force`), else None."""
@@ -1939,32 +1956,53 @@ class WatchedFile:
         return text
 
     async def parsed_changes(self, parse, line_form):
-        """What `parse` makes of the file when it changed, else None; the lines it skipped are logged by number."""
+        """What `parse` makes of the file when it changed, else None; a file with a line that does not parse (a
+        half-written one, a typo) is not taken: what was loaded before stays, and the lines are named."""
         text = await self.changes()
         if text is None:
             return None
         entries, bad = parse(text)
         if bad:
-            log.warning("%s: lines %s are not %s; skipped", self.path, ", ".join(map(str, bad)), line_form)
+            log.warning("%s: lines %s are not %s; keeping what was loaded before until the file is fixed",
+                        self.path, ", ".join(map(str, bad)), line_form)
+            return None
         return entries
 
-    def save(self, content):
-        """Writes the file atomically (blocking: run it in a thread); the next poll sees no change."""
-        write_atomically(self.path, content)
+    def rewrite(self, make_content, version=None):
+        """Replaces the file's text with what `make_content` makes of it, unless it changed since `version`
+        (FileChanged); lines another writer appends meanwhile are not lost, but added after (blocking: run it in a
+        thread). The next poll sees no change. Returns the text written."""
+        try:
+            old = self.path.open("rb")
+        except FileNotFoundError:
+            old = None
+        with old or contextlib.nullcontext():
+            current = (old.read() if old else b"").decode("utf-8-sig", "replace")
+            if version is not None and file_version(current) != version:
+                raise FileChanged()
+            content = make_content(current)
+            write_atomically(self.path, content)
+            appended = old.read() if old else b""  # written to the file this one replaced, after it was read
         self.state, self.version = self.stat(), file_version(content)
+        if appended:
+            text = appended.decode("utf-8", "replace")
+            return self.rewrite(lambda now: now + ("" if now.endswith("\n") else "\n") + text)
+        return content
+
+
+class FileChanged(Exception):
+    """A file changed since the version a save was based on."""
 
 
 def write_atomically(path, content):
     """Saves a file so that a crash leaves the old one or the new one, never half: temporary file, fsync,
-    rename; the file keeps its permissions."""
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    rename; readable by its owner only (0600), as the files it saves hold secrets."""
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # mkstemp makes it 0600
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as out:
             out.write(content)
             out.flush()
             os.fsync(out.fileno())
-        if path.exists():
-            os.chmod(temporary, path.stat().st_mode & 0o777)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -2301,11 +2339,6 @@ class CredentialPool:
         else:
             log.info("%s pool: %d loaded from %s", self.name, len(self.credentials), self.file.path)
         return True
-
-    async def save(self, content):
-        """Saves the file (atomically) and takes its credentials."""
-        await asyncio.to_thread(self.file.save, content)
-        self.load(content)
 
 
 # ─── Upstream client ─────────────────────────────────────────────────────────
@@ -4104,20 +4137,16 @@ class ApiKeys:
             self.take(keys)
 
     def take(self, keys):
-        """Makes `keys` the named keys; one already known (same name and value) stays the same ApiKey, with the
-        new limits, so that the completions it is running still count, and end, against it."""
-        known = {(key.name, key.value): key for key in self.named}
+        """Makes `keys` the named keys; one already known by its name stays the same ApiKey, with the new value and
+        limits, so that the requests it is running still count, and end, against it, and a reload keeps its
+        counts."""
+        known = {key.name: key for key in self.named}
         for index, key in enumerate(keys):
-            kept = known.get((key.name, key.value))
+            kept = known.get(key.name)
             if kept:
-                kept.rpm, kept.concurrent = key.rpm, key.concurrent
+                kept.value, kept.rpm, kept.concurrent = key.value, key.rpm, key.concurrent
                 keys[index] = kept
         self.named = keys
-
-    async def save(self, keys, content):
-        """Saves the keys file (atomically) and takes its keys."""
-        await asyncio.to_thread(self.file.save, content)
-        self.take(keys)
 
     async def watch(self):
         """Reads the file when it changed; polled every second, like the token file."""
@@ -5937,21 +5966,21 @@ async def admin_token_content(request):
                               "tokens": parse_tokens_file(text), "version": file_version(text)})
 
 
-async def save_unless_changed(state, file, body, new_content, save):
-    """Saves, with `save`, what `new_content` makes of the file's text, unless the file changed since the page
-    loaded the `version` in `body` (a 409); a file that cannot be written is a 500 that says why."""
+async def save_unless_changed(state, file, body, new_content, take):
+    """Saves what `new_content` makes of the file's text, unless the file changed since the page loaded the
+    `version` in `body` (a 409), and has `take` load what was written; a file that cannot be written is a 500 that
+    says why."""
     version = body.get("version")
     expect(version is None or isinstance(version, str), "'version' must be a string", "version", "invalid_type")
     async with state.save_lock:
-        current, _ = await asyncio.to_thread(file.read)
-        if version is not None and (current is None or file_version(current) != version):
-            raise ApiError(409, f"{file.path.name} changed since it was loaded; load it again, then save",
-                           param="version", code="file_changed")
-        content = new_content(current or "")
         try:
-            await save(content)
+            content = await asyncio.to_thread(file.rewrite, new_content, version)
+        except FileChanged:
+            raise ApiError(409, f"{file.path.name} changed since it was loaded; load it again, then save",
+                           param="version", code="file_changed") from None
         except OSError as exc:
             raise ApiError(500, f"Could not save {file.path.name}: {exc.strerror}", code="save_failed") from None
+    take(content)
     return content
 
 
@@ -5971,7 +6000,7 @@ async def admin_update_tokens(request):
     def new_content(current):
         return file_text(parse_tokens_file("\n".join(tokens)), current) if "tokens" in body else content
 
-    content = await save_unless_changed(state, pool.file, body, new_content, pool.save)
+    content = await save_unless_changed(state, pool.file, body, new_content, pool.load)
     warnings = not_jwt_warnings(content) if pool is not state.api.pool else []
     return ok(f"Saved {len(pool.credentials)} {pool.noun}s to {pool.file.path.name}", counts=pool.counts(),
               version=file_version(content), warnings=warnings)
@@ -6034,7 +6063,7 @@ async def admin_update_keys(request):
     names = [key.name for key in keys]
     expect(len(set(names)) == len(names), "two keys have the same name", "keys")
     content = await save_unless_changed(state, state.keys.file, body, lambda current: file_text(
-        map(api_key_line, keys), current), lambda content: state.keys.save(keys, content))
+        map(api_key_line, keys), current), lambda content: state.keys.take(parse_api_keys_file(content)[0]))
     return ok(f"Saved {len(keys)} keys to {state.keys.file.path.name}", keys=state.keys.listed(state.monitor.keys),
               version=file_version(content))
 
