@@ -237,3 +237,13 @@ async def fake_api(aiohttp_server):
     server = await aiohttp_server(upstream.app)
     upstream.url = str(server.make_url("")).rstrip("/")
     return upstream
+
+
+async def run_check(settings):
+    """`python k2proxy.py --check`'s report for `settings`, run in-process with a session of its own."""
+    http = k2proxy.HttpClient(settings)
+    await http.open()
+    try:
+        return await asyncio.wait_for(k2proxy.check_upstream(settings, http), 20)
+    finally:
+        await http.stop()

@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import ADMIN, ADMIN_KEY, API_KEY, MODEL, ROOT, free_port
+from conftest import ADMIN, ADMIN_KEY, API_KEY, MODEL, ROOT, free_port, run_check
 from fake_upstream import AUTH_EXPIRED, OLD_MODEL, Reply, make_jwt
 
 import k2proxy
@@ -23,12 +23,7 @@ def check(proxy_settings, fake, tmp_path):
         (tmp_path / "tokens.txt").write_text("".join(t + "\n" for t in tokens))
         (tmp_path / "accounts.txt").write_text("".join(a + "\n" for a in accounts))
         settings = proxy_settings(ACCOUNTS_FILE=tmp_path / "accounts.txt", **env)
-        http = k2proxy.HttpClient(settings)
-        await http.open()
-        try:
-            return await asyncio.wait_for(k2proxy.check_upstream(settings, http), 20)
-        finally:
-            await http.stop()
+        return await run_check(settings)
     return run
 
 

@@ -12,7 +12,7 @@ import sys
 import openai
 import pydantic
 import pytest
-from conftest import ADMIN, API_KEY, AUTH, MODEL, ROOT, chat, free_port
+from conftest import ADMIN, API_KEY, AUTH, MODEL, ROOT, chat, free_port, run_check
 from fake_upstream import Reply
 
 import k2proxy
@@ -177,7 +177,7 @@ def test_help_names_every_client_api_and_upstream():
     assert "OpenAI chat completions, OpenAI Responses and Anthropic Messages" in text and "IFM's API" in text
 
 
-def run_check(tmp_path, *flags, **env):
+def check_process(tmp_path, *flags, **env):
     """`python k2proxy.py --check` against nothing that answers, with stdout piped."""
     return subprocess.Popen([sys.executable, str(ROOT / "k2proxy.py"), "--check", *flags], cwd=tmp_path,
                             env={**os.environ, "VALID_API_KEY": API_KEY, "REQUEST_TIMEOUT": "2",
@@ -186,7 +186,7 @@ def run_check(tmp_path, *flags, **env):
 
 
 def test_check_json_read_by_head_ends_without_a_traceback(tmp_path):
-    process = run_check(tmp_path, "--json")
+    process = check_process(tmp_path, "--json")
     process.stdout.readline()  # one line, then the reader goes away, as `| head -1` does
     process.stdout.close()
     assert process.wait(30) in (0, 1) and "Traceback" not in process.stderr.read()
@@ -194,24 +194,14 @@ def test_check_json_read_by_head_ends_without_a_traceback(tmp_path):
 
 async def test_check_in_user_mode_without_tokens_says_what_to_do(proxy_settings, fake, tmp_path):
     settings = proxy_settings(PROXY_MODE="user", ACCOUNTS_FILE=tmp_path / "accounts.txt")
-    http = k2proxy.HttpClient(settings)
-    await http.open()
-    try:
-        report = await k2proxy.check_upstream(settings, http)
-    finally:
-        await http.stop()
+    report = await run_check(settings)
     user = next(probe for probe in report["probes"] if probe["name"] == "user chat")
     assert user["verdict"] == "skipped" and "tokens.txt" in user["hint"] and "accounts.txt" in user["hint"]
 
 
 async def test_check_of_an_unknown_model_in_guest_mode_names_the_default(proxy_settings, fake, tmp_path):
     settings = proxy_settings(MODELS="IFM/K2-Nope", ACCOUNTS_FILE=tmp_path / "accounts.txt")
-    http = k2proxy.HttpClient(settings)
-    await http.open()
-    try:
-        report = await k2proxy.check_upstream(settings, http)
-    finally:
-        await http.stop()
+    report = await run_check(settings)
     guest = next(probe for probe in report["probes"] if probe["name"] == "guest chat")
     assert guest["verdict"] == "failed" and MODEL in guest["hint"] and not report["works"]
 

@@ -3,7 +3,6 @@ streamed, with the official openai and anthropic SDKs: text only, effort and whe
 reasoning, the stream's choices frames and done snapshot, browser client hints, history, the model's context, and
 --check's effort-field probe."""
 
-import asyncio
 import json
 import re
 import time
@@ -11,7 +10,7 @@ import time
 import anthropic
 import openai
 import pytest
-from conftest import AUTH, MODEL, chat, read_sse
+from conftest import AUTH, MODEL, chat, read_sse, run_check
 from fake_upstream import EFFORT_FROM, EMPTY_PROMPT_REPLY, Reply, make_jwt, old_site
 
 import k2proxy
@@ -473,12 +472,7 @@ def check(proxy_settings, fake, tmp_path):
     async def run(**env):
         (tmp_path / "tokens.txt").write_text(TOKEN + "\n")
         settings = proxy_settings(ACCOUNTS_FILE=tmp_path / "accounts.txt", **env)
-        http = k2proxy.HttpClient(settings)
-        await http.open()
-        try:
-            return await asyncio.wait_for(k2proxy.check_upstream(settings, http), 20)
-        finally:
-            await http.stop()
+        return await run_check(settings)
     return run
 
 
