@@ -2333,7 +2333,7 @@ class CredentialPool:
             return False
         self.load(text, readmit=force)
         if self.file.state is None and self.anonymous:
-            log.info("%s pool: no file %s; requests go without a token", self.name, self.file.path)
+            log.info("%s pool: no file %s; requests go without a %s", self.name, self.file.path, self.noun)
         elif self.file.state is None:
             log.warning("%s pool: file %s not found; the pool is empty", self.name, self.file.path)
         else:
@@ -2757,7 +2757,7 @@ class ApiReader:
         self.whole = collections.defaultdict(WholeText)  # "reasoning", "text", and each call's index
 
     def read(self, chunks):
-        reasoning, text, delta = [], [], Delta(calls=[])
+        reasoning, text, delta = [], [], Delta()
         for chunk in chunks:
             if chunk is API_END:
                 delta.ended = True
@@ -2807,9 +2807,9 @@ def api_failure(status, body, headers, now):
     except (ValueError, AttributeError):
         error = None
     error = error if isinstance(error, dict) else {}
-    kind, code = str(error.get("type") or ""), str(error.get("code") or "")
+    kind, code = safe_summary(str(error.get("type") or "")), str(error.get("code") or "")
     shown = f"upstream answered HTTP {status}" + (f" {kind}" if kind else "") + (
-        f": {error_text(error)[:LAST_ERROR_CHARS]}" if error.get("message") else "")
+        f": {error_text(error)}" if error.get("message") else "")
     if status == 429:
         daily = code != MINUTE_GUARD_CODE and (headers.get("x-ratelimit-remaining-tokens-daily") == "0"
                                                or "daily" in code)
