@@ -172,7 +172,7 @@ class Setting:
 
 
 MAX_REQUEST_LOG = 10000  # entries: a whole log is then a few MB of JSON, made in tens of milliseconds
-BODY_MEMORY_FACTOR = 4   # what reading a body takes at most, in all its forms, for each byte of it
+BODY_MEMORY_FACTOR = 3   # what reading a body takes for each byte of it: its buffer with room to grow, its text
 
 SETTINGS = (
     Setting("HOST", "0.0.0.0", _text, "Address to listen on"),
@@ -226,8 +226,8 @@ SETTINGS = (
     Setting("COMPLETION_TIMEOUT", "900", _positive, "Seconds one completion may take in all, streams included"),
     Setting("MAX_ANSWER_MB", "16", _positive, "Largest answer kept for a non-streamed response, in MB"),
     Setting("MEMORY_BUDGET_MB", "384", _positive,
-            f"Memory request bodies may take at once, in MB (each counts {BODY_MEMORY_FACTOR} times its size); a body"
-            f" beyond it waits, then gets a 503"),
+            f"Memory request bodies may take at once, in MB (each counts {BODY_MEMORY_FACTOR} times its size, and what "
+            "parsing it takes); a body beyond it waits, then gets a 503"),
     Setting("HEADER_TIMEOUT", "10", _positive, "Seconds a new connection has to send its first request's headers"),
     Setting("BODY_TIMEOUT", "60", _positive,
             "Seconds a request body may take to arrive once its headers have; a slower upload gets a 408"),
@@ -4359,7 +4359,6 @@ STATE = web.AppKey("state", AppState)
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 MAX_EXPANSION = 12              # a body that would take more than this many times its size once parsed is refused
-BODY_COPIES = 2                 # a body is held twice while it is read: its pieces, then joined
 EXPANSION_FLOOR = MB            # smaller bodies are parsed whatever their shape
 CONTAINER_BYTES, ELEMENT_BYTES = 64, 40  # the least a parsed object, and an element of one, takes
 THREAD_PARSE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
@@ -4422,7 +4421,8 @@ async def read_json(request):
     limit = int(state.settings.max_request_mb * MB)
     if (request.content_length or 0) > limit:
         raise body_too_large(state)
-    try:
+    await reserve(request, BODY_MEMORY_FACTOR * (request.content_length or limit))  # before any byte is read, so
+    try:                                                                           # no upload waits holding a part
         raw = await asyncio.wait_for(read_body_within(request, limit, state), state.settings.body_timeout)
     except asyncio.TimeoutError:
         raise ApiError(408, f"The request body did not arrive within BODY_TIMEOUT ({state.settings.body_timeout:g} "
@@ -4432,18 +4432,15 @@ async def read_json(request):
 
 
 async def read_body_within(request, limit, state):
-    """The body, refused once it passes `limit`; its memory is taken from the budget as its bytes arrive (twice:
-    the pieces, then the whole), so an upload that trickles holds no more than it sent. Read from the stream rather
-    than by request.read(), which keeps a copy on the request: aiohttp holds a connection's last request while the
+    """The body, refused once it passes `limit`, gathered in one buffer. Read from the stream rather than by
+    request.read(), which keeps a copy on the request: aiohttp holds a connection's last request while the
     connection idles."""
-    parts, size = [], 0
+    body = bytearray()
     async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
+        if len(body) + len(chunk) > limit:
             raise body_too_large(state)
-        await reserve(request, BODY_COPIES * len(chunk))
-        parts.append(chunk)
-    return b"".join(parts)
+        body += chunk
+    return body
 
 
 def body_too_large(state):
