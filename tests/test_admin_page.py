@@ -221,7 +221,8 @@ async def test_keys_edited_on_the_page_and_on_the_server(browser, site):
 async def test_hostile_values_render_as_text(browser, site, fake):
     site.tokens_file.write_text(HOSTILE.replace("\n", "") + "\n")
     await site.post("/admin/tokens/reload", headers=ADMIN)
-    fake.reply = Reply(status=401, body=json.dumps({"detail": HOSTILE}))
+    fake.reply = Reply(status=401, body=json.dumps({"detail": HOSTILE.replace("= 1", "= 3")}))  # not the token:
+    # an error that quotes the token back is shown with the token blanked out
     await site.post("/v1/chat/completions", json=chat(), headers=AUTH)
     page = await open_page(browser, site)
     await log_in(page)
