@@ -1430,10 +1430,15 @@ def parse_frame(payload):
         if isinstance(choice.get("finish_reason"), str):
             frame.finish_reason = choice["finish_reason"]
     elif isinstance(obj.get("content"), str):
-        frame.text = obj["content"]
+        frame.text = without_cut_pair(obj["content"])
     if isinstance(obj.get("usage"), dict):
         frame.usage = obj["usage"]
     return frame
+
+
+def without_cut_pair(snapshot):
+    """A snapshot cut inside a UTF-16 surrogate pair, without its first half: the next snapshot holds it whole."""
+    return snapshot[:-1] if snapshot and "\ud800" <= snapshot[-1] <= "\udbff" else snapshot
 
 
 def error_text(problem):
