@@ -9,8 +9,9 @@ import time
 
 import aiohttp
 import pytest
-from conftest import ADMIN, AUTH, MODEL, chat, read_sse, until
+from conftest import ADMIN, API_KEY, AUTH, MODEL, ROOT, chat, free_port, read_sse, until
 from fake_upstream import Reply, make_jwt
+from test_load import peak_rss_kb
 
 import k2proxy
 
@@ -225,3 +226,68 @@ async def test_tool_kinds_left_out_are_remembered_and_logged_up_to_a_bound(proxy
     assert len(k2proxy_state(proxy).tools_left_out) == k2proxy.TOOL_KINDS_NOTED
     assert caplog.text.count("are left out of the prompt") == k2proxy.TOOL_KINDS_NOTED
     assert "y" * (k2proxy.TOOL_KIND_CHARS + 1) not in caplog.text
+
+
+# ─── The issue's figures, from a real process (load tests: run with --load) ──
+
+def one_key_objects(size):
+    """`size` bytes of small one-key objects, which parse to about twelve times their size."""
+    head, tail = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "x": [', b"]}"
+    item = b'{"a":1},'
+    return head + item * ((size - len(head) - len(tail)) // len(item)) + b'{"a":1}' + tail
+
+
+def started_proxy(spawn, tmp_path, keys_file=""):
+    """`python k2proxy.py` with its defaults (MEMORY_BUDGET_MB 384, MAX_REQUEST_MB 32) on a free port."""
+    port = free_port()
+    (tmp_path / "api_keys.txt").write_text(keys_file)
+    process = spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env={
+        "PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": API_KEY, "LOG_LEVEL": "WARNING",
+        "K2THINK_BASE_URL": f"http://127.0.0.1:{free_port()}"})
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.load
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages/count_tokens", "/v1/responses"])
+async def test_eight_expanding_31_mb_bodies_keep_the_process_under_700_mb(spawn, tmp_path, path):
+    process, base = started_proxy(spawn, tmp_path)
+    body = one_key_objects(31 * k2proxy.MB)
+
+    async def send(session):
+        async with session.post(base + path, data=body, headers={**AUTH, "Content-Type": "application/json"},
+                                timeout=aiohttp.ClientTimeout(total=120)) as response:
+            return response.status
+
+    async with aiohttp.ClientSession() as session:
+        statuses = await asyncio.gather(*(send(session) for _ in range(8)))
+    peak_mb = peak_rss_kb(process.pid) / 1024
+    print(f"8 x 31 MB expanding bodies to {path}: {sorted(set(statuses))}, peak RSS {peak_mb:.0f} MB")
+    assert all(400 <= status < 600 for status in statuses) and process.poll() is None
+    assert peak_mb < 700, f"peak RSS {peak_mb:.0f} MB"
+
+
+@pytest.mark.load
+async def test_another_key_is_served_while_a_limited_key_trickles_three_32_mb_uploads(spawn, tmp_path):
+    _, base = started_proxy(spawn, tmp_path, f"alice:{ALICE} concurrent=3\nbob:{BOB}\n")
+    host, port = base.removeprefix("http://").split(":")
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ALICE}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {32 * k2proxy.MB}\r\n\r\n{{").encode()
+    tricklers = [await asyncio.open_connection(host, int(port)) for _ in range(3)]
+    try:
+        for _, writer in tricklers:
+            writer.write(head)
+            await writer.drain()
+        async with aiohttp.ClientSession() as session:
+            count = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            started = time.monotonic()
+            async with session.post(base + "/v1/messages/count_tokens", json=count, headers=as_key(BOB),
+                                    timeout=aiohttp.ClientTimeout(total=3)) as served:
+                assert served.status == 200
+            took = time.monotonic() - started
+            async with session.post(base + "/v1/messages/count_tokens", json=count, headers=as_key(ALICE),
+                                    timeout=aiohttp.ClientTimeout(total=3)) as fourth:
+                assert fourth.status == 429
+        print(f"another key served in {took * 1000:.0f} ms while three 32 MB uploads trickle")
+    finally:
+        for _, writer in tricklers:
+            writer.close()
