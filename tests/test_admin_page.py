@@ -63,8 +63,8 @@ async def api_site(make_proxy, tmp_path, fake_api):
     return proxy
 
 
-async def open_page(browser, site, width=1280, scheme="light", **context):
-    page = await browser.new_page(viewport={"width": width, "height": 900}, color_scheme=scheme, **context)
+async def open_page(browser, site, width=1280, scheme="light", height=900, **context):
+    page = await browser.new_page(viewport={"width": width, "height": height}, color_scheme=scheme, **context)
     await page.goto(str(site.make_url("/admin")))
     return page
 
@@ -496,3 +496,106 @@ async def test_the_ifm_section_fits_a_phone(browser, api_site):
     assert widths[0] <= widths[1], f"page is {widths[0]} px wide in a {widths[1]} px viewport"
     ARTIFACTS.mkdir(exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "admin-ifm-phone.png"), full_page=True)
+
+
+# ─── What a newcomer met: where the admin key comes from, a switch that cannot serve, a long list on a phone ──
+
+async def test_the_sign_in_text_names_the_admin_key_and_its_defaults(browser, site):
+    """The prompt says which key it wants: ADMIN_KEY, else VALID_API_KEY's first, else the kept generated key."""
+    page = await open_page(browser, site)
+    intro = page.locator("#login-intro")
+    await playwright.expect(intro).to_be_visible()
+    await playwright.expect(intro).to_contain_text(  # a string: its whitespace and the page's are normalised
+        "admin key: the value of ADMIN_KEY. When ADMIN_KEY is not set, it is the first key of VALID_API_KEY. "
+        "When neither is set, it is the key generated at the first start and kept in the file GENERATED_KEY_FILE "
+        "(default k2proxy_key.txt in the proxy's working directory), which the start-up line prints.")
+
+
+async def test_without_admin_key_the_first_key_of_valid_api_key_signs_in(browser, make_proxy):
+    """What the sign-in text says holds: with ADMIN_KEY unset, VALID_API_KEY's first key is the admin key."""
+    site = await make_proxy(ADMIN_KEY="", VALID_API_KEY="sk-first-0123456789,sk-second-0123456789")
+    page = await open_page(browser, site)
+    await log_in(page, "sk-second-0123456789")
+    await playwright.expect(page.locator("#login-error")).to_be_visible(timeout=8000)
+    await log_in(page, "sk-first-0123456789")
+    await text_of(page, "#mode", "guest")
+
+
+async def test_without_any_key_set_the_key_kept_in_k2proxy_key_txt_signs_in(browser, spawn, tmp_path):
+    """With neither key set, the key generated into k2proxy_key.txt, in the working directory, signs in."""
+    port = free_port()
+    process = spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path,
+                    env={"PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": "", "ADMIN_KEY": ""})
+    kept = (tmp_path / "k2proxy_key.txt").read_text().strip()
+    page = await browser.new_page()
+    await page.goto(f"http://127.0.0.1:{port}/admin")
+    await log_in(page, kept)
+    await text_of(page, "#mode", "guest")
+    process.terminate()
+    _, start_up = process.communicate(timeout=10)
+    assert "kept in k2proxy_key.txt" in start_up and f"\n  {kept}\n" in start_up, "the start-up line prints it"
+
+
+async def test_a_switch_to_user_mode_that_cannot_serve_shows_its_warning_until_dismissed(browser, make_proxy):
+    """An empty user pool: the switch's warning shows as a failure and stays, also with unsaved edits."""
+    site = await make_proxy()  # guest mode, and no user tokens
+    page = await browser.new_page(viewport={"width": 1280, "height": 900})
+    await page.clock.install()  # the flash's timer is run forward, not waited for
+    await page.goto(str(site.make_url("/admin")))
+    await log_in(page)
+    await text_of(page, "#mode", "guest")
+    flash = page.locator("#flash")
+
+    await page.click("#mode-user")
+    await text_of(page, "#mode", "user")
+    await playwright.expect(flash).to_have_text(
+        re.compile(r"^Switched to user mode; but no request can be served now: \S"), timeout=8000)
+    await playwright.expect(flash).to_have_class(re.compile(r"\berror\b"))
+    await page.clock.fast_forward(60_000)
+    await playwright.expect(flash).to_be_visible()
+    await playwright.expect(flash).to_contain_text("no request can be served now")
+    await flash.click()
+    await playwright.expect(flash).to_be_hidden()
+
+    await page.click("#mode-guest")  # a plain success, for comparison: it goes by itself
+    await playwright.expect(flash).to_have_text("Switched to guest mode", timeout=8000)
+    await playwright.expect(flash).not_to_have_class(re.compile(r"\berror\b"))
+    await page.clock.fast_forward(7000)
+    await playwright.expect(flash).to_be_hidden()
+
+    await page.fill("#tokens-editor", "# edits not saved yet\n")
+    await page.click("#mode-user")
+    await playwright.expect(flash).to_contain_text("no request can be served now", timeout=8000)
+    await playwright.expect(flash).to_contain_text("unsaved edits")
+    await playwright.expect(flash).to_have_class(re.compile(r"\berror\b"))
+    await page.clock.fast_forward(60_000)
+    await playwright.expect(flash).to_contain_text("no request can be served now")
+
+
+async def test_fifty_requests_on_a_phone_leave_the_tokens_within_two_screens(monkeypatch, browser, make_proxy,
+                                                                             tmp_path):
+    """At 360 px the request list is a box of its own, so 50 requests do not push the Tokens section away."""
+    monkeypatch.chdir(tmp_path)  # the default file names, as a user has them (the Proxy section shows them)
+    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
+    site = await make_proxy(PROXY_MODE="user", USER_TOKENS_FILE="tokens.txt", GUEST_TOKENS_FILE="tokens_guest.txt")
+    for _ in range(50):
+        assert (await site.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
+    page = await open_page(browser, site, width=360, height=740)
+    await log_in(page)
+    requests = page.locator("#requests-body tr")
+    await playwright.expect(requests).to_have_count(50, timeout=8000)
+    await playwright.expect(page.locator("#tokens-body tr")).to_have_count(3)
+    tokens_top, screen = await page.evaluate("""() => [document.getElementById("tokens-title").closest("section")
+        .getBoundingClientRect().top + window.scrollY, window.innerHeight]""")
+    assert tokens_top < 2 * screen, f"the Tokens section starts {tokens_top:.0f} px down, below two {screen} px screens"
+    widths = await page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], f"page is {widths[0]} px wide in a {widths[1]} px viewport"
+
+    await requests.nth(49).scroll_into_view_if_needed()  # the oldest is still there, at the end of the list's box
+    await playwright.expect(requests.nth(49)).to_be_in_viewport()
+    still_top = await page.evaluate("""() => document.getElementById("tokens-title").closest("section")
+        .getBoundingClientRect().top + window.scrollY""")
+    assert still_top == tokens_top
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.evaluate("window.scrollTo(0, 0)")
+    await page.screenshot(path=str(ARTIFACTS / "admin-phone-requests.png"), full_page=True)
