@@ -514,6 +514,10 @@ def not_a_number(name):
 JSON_DECODER = json.JSONDecoder(parse_constant=not_a_number)  # strict JSON: no NaN or Infinity
 
 
+class TooDeep(ValueError):
+    """JSON nested more than MAX_JSON_DEPTH levels."""
+
+
 def loads(text):
     """The value of JSON text; ValueError, never a RecursionError, for text that is not strict JSON or that nests
     more than MAX_JSON_DEPTH levels (arguments a model or a client wrote, answers of upstream)."""
@@ -522,10 +526,23 @@ def loads(text):
     try:
         value = JSON_DECODER.decode(text)
     except RecursionError:
-        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
+        raise TooDeep(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
     if json_depth(value) > MAX_JSON_DEPTH:
-        raise ValueError(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
+        raise TooDeep(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
     return value
+
+
+def check_arguments(arguments, where):
+    """A 400 for a call's arguments (JSON text) nested deeper than a request body may be; other text passes."""
+    if isinstance(arguments, str):
+        try:
+            loads(arguments)
+        except TooDeep:
+            raise ApiError(400, f"{where}: the arguments' JSON nests more than {MAX_JSON_DEPTH} levels deep",
+                           param=where, code="json_too_deep") from None
+        except ValueError:
+            pass
+    return arguments
 
 
 CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -4432,7 +4449,12 @@ async def read_json(request):
     except asyncio.TimeoutError:
         raise ApiError(408, f"The request body did not arrive within BODY_TIMEOUT ({state.settings.body_timeout:g} "
                             "s); send it at once, or raise BODY_TIMEOUT", code="body_timeout") from None
-    await reserve(request, parse_cost(raw))
+    cost = parse_cost(raw)
+    if request[RECORD].reserved + cost > state.budget.limit:
+        raise ApiError(413, f"The request body's JSON would take more memory once read than MEMORY_BUDGET_MB "
+                            f"({state.settings.memory_budget_mb:g} MB) allows; send fewer, larger values",
+                       code="request_too_complex")
+    await reserve(request, cost)
     return parse_body(raw) if len(raw) <= THREAD_PARSE_BYTES else await asyncio.to_thread(parse_body, raw)
 
 
@@ -4798,8 +4820,9 @@ def chat_calls(calls, index):
                                            and isinstance(c.get("id", ""), str)
                                            and isinstance(c["function"].get("name", ""), str) for c in calls),
            f"{where} must be a list of tool calls with string ids and names", where, "invalid_type")
-    return [(call.get("id", ""), call["function"].get("name", ""), call["function"].get("arguments", {}))
-            for call in calls]
+    return [(call.get("id", ""), call["function"].get("name", ""),
+             check_arguments(call["function"].get("arguments", {}), f"{where}[{number}].function.arguments"))
+            for number, call in enumerate(calls)]
 
 
 def chat_transcript(messages, limit):
@@ -5523,7 +5546,7 @@ class TurnBuilder:
         arguments = item.get("arguments") if item.get("type") == "function_call" else {"input": item.get("input")}
         expect(isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, (str, dict)),
                f"{where} must have a string call_id and name and its arguments", where, "invalid_type")
-        return call_id, name, arguments
+        return call_id, name, check_arguments(arguments, f"{where}.arguments")
 
     def _result(self, item, where):
         call_id, output = item.get("call_id"), item.get("output", "")

@@ -118,7 +118,7 @@ async def test_tool_arguments_nested_too_deeply_are_never_a_500(proxy, fake):
                     {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}]},
                 {"role": "tool", "tool_call_id": "c1", "content": "done"}]
     response = await proxy.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}, headers=AUTH)
-    assert response.status == 200
+    assert response.status == 400 and (await response.json())["error"]["code"] == "json_too_deep"
     fake.reply = Reply(answer='<tool_call>{"name": "f", "arguments": ' + deep + "}</tool_call>")
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     answered = await proxy.post("/v1/chat/completions", json=chat(tools=tools), headers=AUTH)
