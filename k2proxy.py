@@ -5,11 +5,13 @@ One module that reads top to bottom, each section using only those above it:
 settings; errors; tool calls (pure); requests and events (a dialect-neutral
 request and the events of its completion); site protocol (pure parsing);
 files; credentials; upstream client; one section per upstream kind (upstream:
-the web site; upstream: the official API); accounts; models; upstream check; monitoring; API keys; stored
-responses; app state; request bodies; core (the one request path); one front
-door per client API (dialect: OpenAI chat completions; dialect: Anthropic
-Messages; dialect: OpenAI Responses); admin API; server; app factory and main.
-aiohttp is the only dependency.
+the web site; upstream: the official API); accounts; models; upstream check;
+monitoring; shared state (the Redis replicas share, when there is one); API
+keys; stored responses; replicas; app state; request bodies; core (the one
+request path); one front door per client API (dialect: OpenAI chat
+completions; dialect: Anthropic Messages; dialect: OpenAI Responses); admin
+API; server; app factory and main.
+aiohttp is the only dependency (and redis, only with REDIS_URL).
 """
 
 import argparse
@@ -34,6 +36,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import stat
 import sys
 import tempfile
@@ -259,6 +262,12 @@ SETTINGS = (
     Setting("CORS_ORIGINS", "*", _csv, "Origins allowed to call /v1 from a browser, comma-separated, or *"),
     Setting("ADMIN_PAGE_PATH", "/admin", _url_path, "Path of the admin page"),
     Setting("LOG_LEVEL", "INFO", _log_level, "DEBUG, INFO, WARNING or ERROR"),
+    Setting("REDIS_URL", "", _text,
+            "A Redis that replicas share (redis://host:6379/0; needs pip install -r requirements-redis.txt): key "
+            "limits, stored responses, credential state, the request log and admin edits hold across them; empty: "
+            "everything stays in this process", True),
+    Setting("WORKERS", "1", _int_between(1, 64),
+            "Processes serving the one port (SO_REUSEPORT), each a replica; more than 1 needs REDIS_URL"),
 )
 
 
@@ -395,6 +404,10 @@ def load_settings(environ, dotenv_text=None, generate_key=new_key):
     if values["api_key_generated"]:
         values["valid_api_key"] = [generate_key(values)]
     values["admin_key"] = values["admin_key"] or values["valid_api_key"][0]
+    if values["workers"] > 1 and not values["redis_url"]:
+        raise SettingsError(f"setting WORKERS={values['workers']} needs REDIS_URL: the workers are replicas, which "
+                            "share key limits, stored responses and credential state through Redis (see "
+                            "docs/replicas.md); set REDIS_URL, or WORKERS=1")
     values["warnings"] = unknown_names(dotenv, environ)
     values["upstream"] = values["upstream"] or [
         "api" if values["ifm_api_key"] or parse_tokens_file(read_if_there(values["ifm_keys_file"])) else "site"]
@@ -3125,6 +3138,7 @@ ASSUMED_TOKEN_LIFETIME = 6 * 3600   # seconds, for a token whose expiry cannot b
 SKEWED_RENEWAL = 600                # seconds between sign-ins while this machine's clock runs ahead
 SIGNIN_BACKOFF_FIRST, SIGNIN_BACKOFF_MAX = 5, 600  # seconds between failing sign-ins, doubling
 ACCOUNTS_POLL_SECONDS = 1.0         # how often the file and refused tokens are looked at
+CLAIMED_SIGN_IN_WAIT = 5            # seconds an account another replica signs in waits for its token to arrive
 SIGNIN_PATH = "/api/v1/auths/signin"
 
 
@@ -3201,6 +3215,7 @@ class Accounts:
         self.clock = clock
         self.accounts = {}
         self.results = collections.Counter()  # sign-ins by result, for /metrics
+        self.claim = None  # async (email) → whether this replica signs the account in now (replicas take turns)
 
     async def reload(self):
         pairs = await self.file.parsed_changes(parse_accounts_file, "email:password or JSON")
@@ -3229,7 +3244,9 @@ class Accounts:
         await self.reload()
         now = self.clock()
         account = self.next_due(now)
-        if account:
+        if account and self.claim and not await self.claim(account.email):
+            account.next_signin = now + CLAIMED_SIGN_IN_WAIT  # another replica signs it in, and hands its token over
+        elif account:
             self.pool.forget_refusal(account.email)
             await self.sign_in(account)
             return self.settings.signin_interval
@@ -3254,7 +3271,13 @@ class Accounts:
         log.warning("account %s: sign-in refused (wrong email or password); fix %s", account.email,
                     self.file.path.name)
 
-    def _signed_in(self, account, token):
+    def adopt(self, email, token):
+        """Takes the token another replica signed the account in with, as if this one had."""
+        account = self.accounts.get(email)
+        if account:
+            self._signed_in(account, token, by_another=True)
+
+    def _signed_in(self, account, token, by_another=False):
         """Puts the new token in the pool and sets the next sign-in before it expires."""
         now = self.clock()
         account.status, account.last_error, account.failures = AccountStatus.SIGNED_IN, None, 0
@@ -3269,8 +3292,11 @@ class Accounts:
             expires, delay = None, SKEWED_RENEWAL
         account.signed_in_at, account.expires_at, account.next_signin = now, expires, now + delay
         self.pool.put_account_token(account.email, token, expires)
-        self.results[SignedIn.OK.value] += 1
         self.on_sign_in()
+        if by_another:
+            log.info("account %s: took the token another replica signed in with", account.email)
+            return
+        self.results[SignedIn.OK.value] += 1
         log.info("account %s signed in; next sign-in in %.0f s", account.email, delay)
 
     def _failed(self, account, reason):
@@ -3799,7 +3825,7 @@ class RequestRecord:
     route: str = ""             # the route's path, as routed ("/v1/models/{model:.+}")
     key: str = None             # the name of the API key it came with ("" for VALID_API_KEY's)
     client: str = ""            # a digest of that key's value: who owns stored responses and replayed reasoning
-    api_key: object = None      # that ApiKey, while it counts against the key's limits
+    slot: object = None         # its Slot within its key's limits, while it holds one
     first_content: float = None  # seconds from arrival to the first content sent
     duration: float = None      # seconds from arrival to the end
     attempts: int = 0
@@ -3894,6 +3920,7 @@ class Monitor:
         self.requests = self.client_errors = self.upstream_failures = self.in_flight = 0
         self.first_content_total, self.first_content_count = 0.0, 0
         self.log = collections.deque(maxlen=settings.request_log_size)
+        self.logged = 0  # entries ever added to the log, so that the fleet's log takes each one once
         self.minutes = Minutes(Minute)
         self.counters = collections.Counter()  # (name, labels) → value
         self.histograms = collections.defaultdict(Histogram)  # (name, labels) → Histogram
@@ -3913,6 +3940,7 @@ class Monitor:
         minute = self.minutes.at(now)
         minute.requests += 1
         self.log.append(log_entry(record, status, now))
+        self.logged += 1
         self.count_series(record, status, kind)
         if record.key:
             self.count_key(self.keys[record.key], record, kind)
@@ -3973,11 +4001,12 @@ class Monitor:
                          "first_content_p95_ms": round(p95 * 1000, 1) if p95 is not None else None})
         return rows
 
-    def requests_logged(self, status_class=None, key=None):
-        """The request log, newest first, of one status class (2xx, 4xx, 5xx) and one key's name when given."""
-        return (entry for entry in reversed(self.log)
-                if (status_class is None or f"{entry['status'] // 100}xx" == status_class)
-                and (key is None or entry["key"] == key))
+
+
+def requests_logged(entries, status_class=None, key=None):
+    """The log `entries` (newest first) of one status class (2xx, 4xx, 5xx) and one key's name when given."""
+    return (entry for entry in entries if (status_class is None or f"{entry['status'] // 100}xx" == status_class)
+            and (key is None or entry["key"] == key))
 
 
 def log_entry(record, status, now):
@@ -4038,8 +4067,10 @@ def key_series(ifm_keys):
     return series
 
 
-def metrics_text(monitor, pool, sign_ins, ifm_keys):
-    """Every series in Prometheus's text exposition format."""
+def metrics_text(monitor, pool, sign_ins, ifm_keys, replica=None):
+    """Every series in Prometheus's text exposition format; with a `replica`, each labelled with it (Prometheus adds
+    the replicas up)."""
+    this = (("replica", replica),) if replica else ()
     gauges = {("k2proxy_in_flight_requests", ()): monitor.in_flight,
               **{("k2proxy_tokens", (("state", state),)): count for state, count in pool.counts().items()
                  if state != "total"}, **key_series(ifm_keys)}
@@ -4047,9 +4078,9 @@ def metrics_text(monitor, pool, sign_ins, ifm_keys):
                                        for result, count in sign_ins.items()}}
     series_of = collections.defaultdict(list)  # metric name → its lines
     for (name, labels), value in sorted({**counters, **gauges}.items()):
-        series_of[name].append(f"{name}{labels_text(labels)} {value}")
+        series_of[name].append(f"{name}{labels_text(this + labels)} {value}")
     for (name, labels), histogram in sorted(monitor.histograms.items()):
-        series_of[name] += histogram_lines(name, labels, histogram)
+        series_of[name] += histogram_lines(name, this + labels, histogram)
     lines = []
     for name, (kind, help_text) in METRIC_HELP.items():
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", *series_of[name]]
@@ -4064,14 +4095,167 @@ def histogram_lines(name, labels, histogram):
             f"{name}_count{labels_text(labels)} {histogram.count}"]
 
 
+# ─── Shared state ────────────────────────────────────────────────────────────
+# Replicas that share one Redis (REDIS_URL; the redis package is imported only
+# then). The link to it: any failed command marks it down, and the sections
+# below serve from their local state; /health says so, the log warns once a
+# minute, and the heartbeat, which also tells the fleet this replica is up,
+# brings it back and has each section resync. Offers Shared, Unshared and the
+# replicas the heartbeats show.
+
+REDIS_TIMEOUT = 0.5          # seconds a Redis command may take before Redis counts as unreachable
+HEARTBEAT_SECONDS = 0.5      # between two heartbeats: how soon a replica sees Redis back
+REPLICA_GONE_SECONDS = 10    # a replica whose heartbeat is older is no longer listed
+REDIS_WARNING_SECONDS = 60   # between two warnings that Redis cannot be reached
+REDIS_PREFIX = "k2proxy:"    # of every key k2proxy keeps in Redis
+REPLICAS_KEY = REDIS_PREFIX + "replicas"
+
+
+class Unshared(Exception):
+    """Redis cannot be reached: the caller serves from its local state."""
+
+
+def redis_place(url):
+    """Where a Redis URL points, without its password, for logs and /health."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path if parts.path not in ('', '/') else ''}"
+
+
+class Shared:
+    """The link to the Redis that replicas share: commands run through `run`, which turns any failure into
+    Unshared; `up` says whether the last command worked."""
+
+    def __init__(self, url, replica, clock=time.time):
+        try:
+            import redis.asyncio as redis_client  # optional: requirements-redis.txt
+            from redis.exceptions import RedisError
+        except ImportError:
+            raise SettingsError("setting REDIS_URL needs the redis package: pip install -r requirements-redis.txt "
+                                "(the Docker image: build it with --build-arg WITH_REDIS=1)") from None
+        self.client = redis_client.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
+        self.failures = (RedisError, OSError, asyncio.TimeoutError)
+        self.place = redis_place(url)
+        self.replica = replica
+        self.clock = clock
+        self.started = clock()
+        self.up = False
+        self.down_since = self.started  # until the first heartbeat gets through
+        self.reason = "not reached yet"
+        self.warned_at = None
+        self.resyncs = []  # async callables the sections below add: run when Redis is back
+
+    def script(self, text):
+        """A Lua script run atomically in Redis, called as `await script(keys=[...], args=[...])`."""
+        return self.client.register_script(text)
+
+    async def run(self, command):
+        """What `command(client)` gives; Unshared when Redis is down or the command fails (which marks it down)."""
+        if not self.up:
+            raise Unshared()
+        try:
+            return await command(self.client)
+        except self.failures as exc:
+            self.lost(exc)
+            raise Unshared() from None
+
+    def lost(self, exc):
+        if self.up:
+            self.up, self.down_since = False, self.clock()
+            self.warned_at = None
+        self.reason = loggable(str(exc) or type(exc).__name__)[:LAST_ERROR_CHARS]
+
+    async def beat(self):
+        """Tells the fleet this replica is up, which also tries Redis: when it is back, each section resyncs."""
+        now = self.clock()
+        entry = json_text({"started": self.started, "seen": now, "version": __version__})
+        try:
+            await self.client.hset(REPLICAS_KEY, self.replica, entry)
+        except self.failures as exc:
+            self.lost(exc)
+        else:
+            if not self.up:
+                self.up = True
+                log.info("Redis at %s reached: key limits, stored responses, credential state, the request log and "
+                         "admin edits are shared with the other replicas", self.place)
+                for resync in self.resyncs:
+                    with contextlib.suppress(Unshared):
+                        await resync()
+        if not self.up and (self.warned_at is None or now - self.warned_at >= REDIS_WARNING_SECONDS):
+            self.warned_at = now
+            log.warning("Redis at %s cannot be reached (%s) for %.0f s: this replica serves from its own state "
+                        "(see docs/replicas.md for what that means) and resyncs when Redis is back", self.place,
+                        self.reason, now - self.down_since)
+        return HEARTBEAT_SECONDS
+
+    def problem(self):
+        """What /health says while Redis is down, else None."""
+        if self.up:
+            return None
+        return ApiError(503, f"Redis at {self.place} cannot be reached ({self.reason}) for "
+                             f"{self.clock() - self.down_since:.0f} s: this replica serves from its own state",
+                        code="redis_unreachable")
+
+    async def replicas(self):
+        """The replicas whose heartbeat is recent: name, start and last heartbeat, in order of start."""
+        entries = await self.run(lambda redis: redis.hgetall(REPLICAS_KEY))
+        now, seen = self.clock(), []
+        for name, entry in entries.items():
+            entry = json.loads(entry)
+            if now - entry["seen"] < REPLICA_GONE_SECONDS:
+                seen.append({"name": name.decode(), "started": entry["started"], "seen": entry["seen"],
+                             "uptime_s": int(now - entry["started"]), "version": entry["version"]})
+        return sorted(seen, key=lambda entry: entry["started"])
+
+    async def leave(self):
+        """Takes this replica off the list as it stops."""
+        with contextlib.suppress(Unshared):
+            await self.run(lambda redis: redis.hdel(REPLICAS_KEY, self.replica))
+        await self.client.aclose()
+
+
 # ─── API keys ────────────────────────────────────────────────────────────────
 # The keys clients may use: VALID_API_KEY's (unnamed, no limits) and those of
 # API_KEYS_FILE (named, each with its requests per minute and completions at
-# once), which the file's edits change within two seconds. Offers find() for
-# the key check, and admit() / done() for the limits.
+# once), which the file's edits change within two seconds. With Redis the
+# limits hold across replicas: the minute's requests and the slots in use
+# (leases, which expire unless renewed, so a replica that dies frees its slots)
+# are kept there. Offers find() for the key check, and admit() / done() for the
+# limits.
 
 KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 RATE_WINDOW = 60  # seconds: rpm counts the completions asked for in the last minute
+LEASE_SECONDS = 30        # a slot held in Redis is freed this long after its replica last renewed it
+LEASE_RENEW_SECONDS = 10  # how often a replica renews the slots its requests hold
+LIMITS_KEY = REDIS_PREFIX + "limits:"
+# One atomic step per request: forget what left the minute and the leases that expired, then refuse (1: over rpm,
+# with the milliseconds until a request leaves the minute; 2: over concurrent) or count it (0).
+ADMIT_SCRIPT = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local rpm, concurrent, window, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if rpm > 0 and redis.call('ZCARD', KEYS[1]) >= rpm then
+  return {1, tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) + window - now}
+end
+if concurrent > 0 and redis.call('ZCARD', KEYS[2]) >= concurrent then
+  return {2, 0}
+end
+redis.call('ZADD', KEYS[1], now, ARGV[4])
+redis.call('PEXPIRE', KEYS[1], window)
+redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
+redis.call('PEXPIRE', KEYS[2], lease)
+return {0, 0}
+"""
+# Renews this replica's leases: KEYS are the keys' lease sets, ARGV the lease of each, then the lease's length.
+RENEW_SCRIPT = """
+local clock = redis.call('TIME')
+local expiry = clock[1] * 1000 + math.floor(clock[2] / 1000) + tonumber(ARGV[#ARGV])
+for index, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', 'CH', expiry, ARGV[index]) == 1 then redis.call('PEXPIRE', key, ARGV[#ARGV]) end
+end
+return 0
+"""
 
 
 @dataclass(eq=False)
@@ -4093,6 +4277,24 @@ def matching_key(given, keys, value_of=lambda key: key):
         if hmac.compare_digest(given, value_of(key).encode()):
             found = key
     return found
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A request's place within its key's limits: `lease` names it in Redis, None when only this replica counts it."""
+    key: ApiKey
+    lease: str = None
+
+
+def over_rpm(key, wait):
+    wait = max(1, math.ceil(wait))
+    return ApiError(429, f"The key '{key.name}' may make {key.rpm} requests a minute; try again in {wait} s",
+                    code="rate_limited", retry_after=wait)
+
+
+def over_concurrent(key):
+    return ApiError(429, f"The key '{key.name}' may make {key.concurrent} requests at once; try again when one has "
+                         "ended", code="too_many_at_once", retry_after=1)
 
 
 def parse_api_keys_file(text):
@@ -4123,34 +4325,74 @@ def api_key_line(key):
 class ApiKeys:
     """The keys clients may use, and the limits of the named ones."""
 
-    def __init__(self, settings, clock=time.monotonic):
+    def __init__(self, settings, shared=None, clock=time.monotonic):
         self.unnamed = [ApiKey("", value) for value in settings.valid_api_key]
         self.named = []
         self.file = WatchedFile(settings.api_keys_file)
         self.clock = clock
+        self.shared = shared
+        self.leases = {}      # lease → the key's lease set in Redis, for each slot this replica's requests hold
+        self.freeing = set()  # the slots being given back to Redis
+        if shared:
+            self.admit_script, self.renew_script = shared.script(ADMIT_SCRIPT), shared.script(RENEW_SCRIPT)
 
     def find(self, given):
         """The key `given` is, or None."""
         return matching_key(given, itertools.chain(self.unnamed, self.named), lambda key: key.value)
 
-    def admit(self, key):
-        """Counts a completion against the key's limits, or refuses it with a 429 before anything is sent upstream."""
+    async def admit(self, key):
+        """Counts a request against the key's limits, or refuses it with a 429 before anything is sent upstream;
+        the Slot it takes is given back by done(). The fleet's counts decide while Redis is up, this replica's
+        otherwise."""
+        lease = None
+        if self.shared and (key.rpm or key.concurrent):
+            with contextlib.suppress(Unshared):
+                lease = await self.admit_shared(key)
         now = self.clock()
         while key.recent and key.recent[0] <= now - RATE_WINDOW:
             key.recent.popleft()
-        if key.rpm is not None and len(key.recent) >= key.rpm:
-            wait = max(1, math.ceil(key.recent[0] + RATE_WINDOW - now))
-            raise ApiError(429, f"The key '{key.name}' may make {key.rpm} requests a minute; try again in "
-                                f"{wait} s", code="rate_limited", retry_after=wait)
-        if key.concurrent is not None and key.active >= key.concurrent:
-            raise ApiError(429, f"The key '{key.name}' may make {key.concurrent} requests at once; try again "
-                                "when one has ended", code="too_many_at_once", retry_after=1)
+        if lease is None:
+            if key.rpm is not None and len(key.recent) >= key.rpm:
+                raise over_rpm(key, key.recent[0] + RATE_WINDOW - now)
+            if key.concurrent is not None and key.active >= key.concurrent:
+                raise over_concurrent(key)
         if key.rpm is not None:
             key.recent.append(now)
         key.active += 1
+        return Slot(key, lease)
 
-    def done(self, key):
-        key.active -= 1
+    async def admit_shared(self, key):
+        """The lease of a request the fleet's counts admit (a 429 when they do not)."""
+        lease, names = uuid.uuid4().hex, [LIMITS_KEY + key.name + ":minute", LIMITS_KEY + key.name + ":slots"]
+        refused, wait_ms = await self.shared.run(lambda redis: self.admit_script(
+            keys=names, args=[key.rpm or 0, key.concurrent or 0, RATE_WINDOW * 1000, lease, LEASE_SECONDS * 1000]))
+        if refused == 1:
+            raise over_rpm(key, wait_ms / 1000)
+        if refused == 2:
+            raise over_concurrent(key)
+        self.leases[lease] = names[1]
+        return lease
+
+    def done(self, slot):
+        """Gives a request's slot back: at once here, and in Redis as soon as it answers (else the lease expires)."""
+        slot.key.active -= 1
+        if slot.lease and self.leases.pop(slot.lease, None):
+            freeing = asyncio.ensure_future(self.free(slot.lease, LIMITS_KEY + slot.key.name + ":slots"))
+            self.freeing.add(freeing)
+            freeing.add_done_callback(self.freeing.discard)
+
+    async def free(self, lease, name):
+        with contextlib.suppress(Unshared):
+            await self.shared.run(lambda redis: redis.zrem(name, lease))
+
+    async def renew_leases(self):
+        """Renews the slots this replica's requests hold in Redis, so that they do not expire under them."""
+        if self.leases:
+            leases = list(self.leases.items())
+            with contextlib.suppress(Unshared):
+                await self.shared.run(lambda redis: self.renew_script(
+                    keys=[name for _, name in leases], args=[*(lease for lease, _ in leases), LEASE_SECONDS * 1000]))
+        return LEASE_RENEW_SECONDS
 
     async def reload(self):
         """Reads the file if it changed; keys still present keep their counts."""
@@ -4184,8 +4426,49 @@ class ApiKeys:
 
 # ─── Stored responses ────────────────────────────────────────────────────────
 # The Responses API's kept responses, and the conversation that led to each,
-# for previous_response_id and GET/DELETE /v1/responses/{id}. Offers
-# ResponseStore to the app state.
+# for previous_response_id and GET/DELETE /v1/responses/{id}. With Redis they
+# are kept there, for every replica; while it cannot be reached they are kept
+# here, and moved there when it is back: an id handed to a client is never
+# dropped unsaid. Offers ResponseStore to the app state.
+
+RESPONSES_KEY = REDIS_PREFIX + "responses:"
+OWNER_CHARS = 32  # of the digest of an API key (RequestRecord.client), which a kept response in Redis starts with
+# Drops a kept response from Redis: its data, its place in the order and its bytes.
+DROP_RESPONSE_LUA = """
+local function drop(prefix, id)
+  redis.call('DEL', prefix .. 'data:' .. id)
+  redis.call('ZREM', prefix .. 'order', id)
+  local size = redis.call('HGET', prefix .. 'sizes', id)
+  if size then
+    redis.call('HDEL', prefix .. 'sizes', id)
+    redis.call('DECRBY', prefix .. 'bytes', size)
+  end
+end
+"""
+DROP_RESPONSE_SCRIPT = DROP_RESPONSE_LUA + "drop(ARGV[1], ARGV[2])\nreturn 0"
+# Keeps a response (ARGV: prefix, id, data, its age, ttl, count and bytes allowed, all times in ms): the expired
+# and, past the count or the bytes, the oldest go first.
+PUT_RESPONSE_SCRIPT = DROP_RESPONSE_LUA + """
+local prefix, id, data = ARGV[1], ARGV[2], ARGV[3]
+local age, ttl, count, bytes = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'order', '-inf', now - ttl)) do drop(prefix, old) end
+drop(prefix, id)
+redis.call('SET', prefix .. 'data:' .. id, data, 'PX', ttl - age)
+redis.call('ZADD', prefix .. 'order', now - age, id)
+redis.call('HSET', prefix .. 'sizes', id, string.len(data))
+redis.call('INCRBY', prefix .. 'bytes', string.len(data))
+while redis.call('ZCARD', prefix .. 'order') > count or tonumber(redis.call('GET', prefix .. 'bytes')) > bytes do
+  drop(prefix, redis.call('ZRANGE', prefix .. 'order', 0, 0)[1])
+end
+return 0
+"""
+
+
+def store_unreachable():
+    return ApiError(503, "Stored responses are kept in Redis, which cannot be reached now; try again in a moment",
+                    code="store_unreachable", retry_after=1)
 
 
 @dataclass(frozen=True)
@@ -4208,45 +4491,274 @@ class StoredResponse:
 
 class ResponseStore:
     """Kept responses and the conversation that led to each, for previous_response_id and GET/DELETE by the key
-    that stored them: bounded by count and bytes (the oldest go first), each kept for RESPONSES_STORE_TTL seconds."""
+    that stored them: bounded by count and bytes (the oldest go first), each kept for RESPONSES_STORE_TTL seconds;
+    in Redis when there is one (`entries` then holds those kept while it could not be reached)."""
 
-    def __init__(self, settings, clock=time.monotonic):
+    def __init__(self, settings, shared=None, clock=time.monotonic):
         self.max_count = settings.responses_store_count
         self.max_bytes = settings.responses_store_mb * MB
         self.ttl = settings.responses_store_ttl
         self.clock = clock
         self.entries = collections.OrderedDict()  # id → StoredResponse, oldest first
         self.bytes = 0
+        self.shared = shared
+        if shared:
+            self.put_script, self.drop_script = shared.script(PUT_RESPONSE_SCRIPT), shared.script(DROP_RESPONSE_SCRIPT)
+            shared.resyncs.append(self.move_to_shared)
 
-    def put(self, response, history, owner):
+    async def put(self, response, history, owner):
         data = json_text({"response": response, "history": history}).encode()
         if len(data) > self.max_bytes or not self.max_count:
             return
-        self.entries[response["id"]] = StoredResponse(self.clock(), owner, data)
+        kept = StoredResponse(self.clock(), owner, data)
+        if self.shared:
+            with contextlib.suppress(Unshared):
+                return await self.put_shared(response["id"], kept)
+        self.entries[response["id"]] = kept
         self.bytes += len(data)
         while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
             self._drop(next(iter(self.entries)))
 
-    def get(self, response_id, owner):
-        """The StoredResponse, or None when it was never kept, has expired, was deleted, or is another key's."""
+    async def put_shared(self, response_id, kept):
+        age = self.clock() - kept.kept_at
+        await self.shared.run(lambda redis: self.put_script(args=[
+            RESPONSES_KEY, response_id, kept.owner.encode() + kept.data, int(age * 1000), int(self.ttl * 1000),
+            self.max_count, int(self.max_bytes)]))
+
+    async def get(self, response_id, owner):
+        """The StoredResponse, or None when it was never kept, has expired, was deleted, or is another key's; a
+        503 when it could be in a Redis that cannot be reached."""
         while self.entries and self.clock() - next(iter(self.entries.values())).kept_at > self.ttl:
             self._drop(next(iter(self.entries)))
         kept = self.entries.get(response_id)
+        if kept is None and self.shared:
+            try:
+                data = await self.shared.run(lambda redis: redis.get(RESPONSES_KEY + "data:" + response_id))
+            except Unshared:
+                raise store_unreachable() from None
+            kept = data and StoredResponse(self.clock(), data[:OWNER_CHARS].decode(), data[OWNER_CHARS:])
         return kept if kept and hmac.compare_digest(kept.owner, owner) else None
 
-    def delete(self, response_id, owner):
-        found = self.get(response_id, owner) is not None
-        if found:
+    async def delete(self, response_id, owner):
+        found = await self.get(response_id, owner) is not None
+        if found and response_id in self.entries:
             self._drop(response_id)
+        elif found:
+            try:
+                await self.shared.run(lambda redis: self.drop_script(args=[RESPONSES_KEY, response_id]))
+            except Unshared:
+                raise store_unreachable() from None
         return found
 
     def _drop(self, response_id):
         self.bytes -= self.entries.pop(response_id).size
 
+    async def move_to_shared(self):
+        """Moves the responses kept here while Redis could not be reached to Redis, oldest first, with their age."""
+        while self.entries:
+            response_id, kept = next(iter(self.entries.items()))
+            if self.clock() - kept.kept_at < self.ttl:
+                await self.put_shared(response_id, kept)
+            self._drop(response_id)
+
     def missing(self, response_id, param=None):
         return ApiError(404, f"No response with id '{response_id}': it was not stored (store: false), has been "
                              f"deleted, or has expired (responses are kept {self.ttl:g} s, the newest "
                              f"{self.max_count})", param=param, code="response_not_found")
+
+
+# ─── Replicas ────────────────────────────────────────────────────────────────
+# What replicas sharing one Redis keep in step beyond key limits and stored
+# responses, by one exchange with Redis every half second: each credential's
+# rest, disabling and daily budget, the tokens accounts signed in with, the
+# files edited on the admin page, and the request log. Each replica publishes
+# what changed here since the last exchange and takes what the others
+# published. Offers Fleet to the app state and the admin API.
+
+SYNC_SECONDS = 0.5
+CREDENTIALS_KEY = REDIS_PREFIX + "credentials:"  # + pool: a hash of each credential's state, by fingerprint
+TOKENS_TODAY_KEY = REDIS_PREFIX + "tokens-today:"  # + pool:day: a hash of each credential's tokens that day
+ACCOUNT_TOKENS_KEY = REDIS_PREFIX + "account-tokens"
+SIGNING_IN_KEY = REDIS_PREFIX + "signing-in:"  # + email: the replica signing the account in
+SIGN_IN_CLAIM_SECONDS = 60
+EDITS_KEY = REDIS_PREFIX + "edits"
+LOG_KEY = REDIS_PREFIX + "log"
+NO_STATE = (None, None, None, None, None)  # a credential's shared fields when nothing happened to it
+
+
+def replica_name():
+    """This process among the replicas: its host and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def fingerprint(value):
+    """A credential's name in Redis: the same on every replica, and no use to whoever reads it."""
+    return hashlib.sha256(b"k2proxy credential\0" + value.encode()).hexdigest()[:24]
+
+
+def shared_fields(credential):
+    """The part of a credential's state the fleet shares: its rest, why and since when it is disabled, the budget
+    upstream says it has left, its last error."""
+    return (credential.cooling_until, credential.disabled and credential.disabled.value, credential.disabled_at,
+            credential.budget_left, credential.last_error)
+
+
+def take_fields(credential, fields):
+    credential.cooling_until, disabled, credential.disabled_at, credential.budget_left, credential.last_error = fields
+    credential.disabled = Disabled(disabled) if disabled else None
+
+
+class Fleet:
+    """Keeps this replica in step with the others through Redis, one exchange every SYNC_SECONDS."""
+
+    def __init__(self, shared, settings, pools, accounts, edits, monitor, clock=time.time):
+        self.shared = shared
+        self.pools = pools
+        self.accounts = accounts
+        self.edits = edits            # the name of each file the admin page edits → (its WatchedFile, load(text))
+        self.monitor = monitor
+        self.log_size = settings.request_log_size
+        self.clock = clock
+        self.published = {}           # (pool, fingerprint) → (shared fields, when), as last published or taken
+        self.tokens_synced = {}       # (pool, fingerprint) → tokens today, as last synced
+        self.account_tokens = {}      # email → the account's token, as last published or taken
+        self.edits_taken = {}         # file name → the version of the edit last taken
+        self.log_pushed = 0           # the monitor's `logged` when the log was last pushed
+        self.unpublished = {}         # file name → the text saved here while Redis could not be reached
+        shared.resyncs.append(self.publish_edits)
+
+    async def sync(self):
+        """One exchange, when Redis is up; a step of keep_polling."""
+        if self.shared.up:
+            with contextlib.suppress(Unshared):
+                await self.shared.run(self.exchange)
+        return SYNC_SECONDS
+
+    async def exchange(self, redis):
+        now = self.clock()
+        day = int(now // DAY_SECONDS)
+        reading = redis.pipeline(transaction=False)
+        for pool in self.pools:
+            reading.hgetall(CREDENTIALS_KEY + pool.name)
+            reading.hgetall(f"{TOKENS_TODAY_KEY}{pool.name}:{day}")
+        reading.hgetall(ACCOUNT_TOKENS_KEY)
+        reading.hgetall(EDITS_KEY)
+        *pool_hashes, accounts, edits = await reading.execute()
+        writing = redis.pipeline(transaction=False)
+        for place, pool in enumerate(self.pools):
+            self.sync_pool(pool, pool_hashes[2 * place], pool_hashes[2 * place + 1], writing, now, day)
+        self.sync_accounts(accounts, writing, now)
+        self.push_log(writing)
+        await writing.execute()
+        await self.take_edits(edits)
+
+    def sync_pool(self, pool, states, totals, writing, now, day):
+        """Publishes the state of the pool's credentials that changed here, takes what others published since."""
+        for credential in pool.credentials:
+            name = fingerprint(credential.value)
+            key, local = (pool.name, name), shared_fields(credential)
+            fields, when = self.published.get(key, (NO_STATE, 0))
+            remote = json.loads(states[name.encode()]) if name.encode() in states else None
+            if local != fields:
+                self.published[key] = (local, now)
+                writing.hset(CREDENTIALS_KEY + pool.name, name, json_text({"fields": local, "at": now}))
+            elif remote and remote["at"] > when:
+                take_fields(credential, tuple(remote["fields"]))
+                self.published[key] = (tuple(remote["fields"]), remote["at"])
+            self.sync_tokens_today(pool, credential, key, int(totals.get(name.encode(), 0)), writing, day)
+
+    def sync_tokens_today(self, pool, credential, key, total, writing, day):
+        """Adds the tokens this replica counted since the last exchange to the fleet's count of the day, and takes
+        the fleet's count."""
+        counted = credential.tokens_today if credential.day == day else 0
+        added = counted - self.tokens_synced.get(key, 0) if credential.day == day else 0
+        if added > 0:
+            name = f"{TOKENS_TODAY_KEY}{pool.name}:{day}"
+            writing.hincrby(name, key[1], added)
+            writing.expire(name, 2 * DAY_SECONDS)
+        credential.day, credential.tokens_today = day, total + max(0, added)
+        self.tokens_synced[key] = credential.tokens_today
+
+    def sync_accounts(self, remote, writing, now):
+        """Publishes the token an account signed in with here; takes the one another replica signed in with."""
+        for credential in self.accounts.pool.credentials:
+            email = credential.account
+            if email is None:
+                continue
+            entry = json.loads(remote[email.encode()]) if email.encode() in remote else None
+            if credential.value != self.account_tokens.get(email):
+                self.account_tokens[email] = credential.value
+                writing.hset(ACCOUNT_TOKENS_KEY, email, json_text({"token": credential.value, "at": now}))
+            elif entry and entry["token"] != credential.value:
+                self.account_tokens[email] = entry["token"]
+                self.accounts.adopt(email, entry["token"])
+        for email, entry in remote.items():
+            email, token = email.decode(), json.loads(entry)["token"]
+            if email in self.accounts.accounts and email not in self.account_tokens:
+                self.account_tokens[email] = token
+                self.accounts.adopt(email, token)
+
+    async def claim_sign_in(self, email):
+        """Whether this replica is to sign the account in now: no other is (while Redis is down, each signs in)."""
+        try:
+            return bool(await self.shared.run(lambda redis: redis.set(
+                SIGNING_IN_KEY + email, self.shared.replica, nx=True, ex=SIGN_IN_CLAIM_SECONDS)))
+        except Unshared:
+            return True
+
+    def push_log(self, writing):
+        """Adds the requests logged here since the last exchange to the fleet's log, which keeps REQUEST_LOG_SIZE."""
+        new = min(self.monitor.logged - self.log_pushed, len(self.monitor.log))
+        self.log_pushed = self.monitor.logged
+        if new and self.log_size:
+            entries = itertools.islice(self.monitor.log, len(self.monitor.log) - new, None)
+            writing.lpush(LOG_KEY, *(json_text({**entry, "replica": self.shared.replica}) for entry in entries))
+            writing.ltrim(LOG_KEY, 0, self.log_size - 1)
+
+    async def requests(self):
+        """The fleet's request log, newest first; this replica's own while Redis cannot be reached."""
+        try:
+            entries = await self.shared.run(lambda redis: redis.lrange(LOG_KEY, 0, self.log_size - 1))
+        except Unshared:
+            return list(reversed(self.monitor.log))
+        return sorted(map(json.loads, entries), key=lambda entry: entry["time"], reverse=True)
+
+    async def publish_edit(self, name, content):
+        """Hands a file saved on the admin page to the other replicas, which take it within SYNC_SECONDS; while
+        Redis cannot be reached, when it is back."""
+        version = file_version(content)
+        self.edits_taken[name] = version
+        self.unpublished[name] = content
+        with contextlib.suppress(Unshared):
+            await self.publish_edits()
+
+    async def publish_edits(self):
+        """Publishes the edits saved here that the others have not had yet."""
+        if self.unpublished:
+            edits = {name: json_text({"version": file_version(content), "content": content})
+                     for name, content in self.unpublished.items()}
+            await self.shared.run(lambda redis: redis.hset(EDITS_KEY, mapping=edits))
+            self.unpublished.clear()
+
+    async def take_edits(self, edits):
+        """Saves and loads each file another replica's admin page saved since the last exchange."""
+        for name, entry in edits.items():
+            name, entry = name.decode(), json.loads(entry)
+            if name not in self.edits or self.edits_taken.get(name) == entry["version"]:
+                continue
+            self.edits_taken[name] = entry["version"]
+            file, load = self.edits[name]
+            if file.version != entry["version"]:
+                await self.take_edit(file, load, entry["content"])
+
+    @staticmethod
+    async def take_edit(file, load, content):
+        try:
+            await asyncio.to_thread(file.rewrite, lambda _: content)
+        except OSError as exc:
+            log.error("could not save %s as another replica's admin page edited it: %s", file.path, exc.strerror)
+        load(content)
+        log.info("%s: took the edit another replica's admin page saved", file.path)
 
 
 # ─── App state ───────────────────────────────────────────────────────────────
@@ -4308,8 +4820,13 @@ class AppState:
         self.models = Models(settings, self.site)
         self.accounts = Accounts(settings, self.site, on_sign_in=self.models.token_arrived)
         self.monitor = Monitor(settings)
-        self.keys = ApiKeys(settings)
-        self.responses = ResponseStore(settings)
+        self.shared = Shared(settings.redis_url, replica_name()) if settings.redis_url else None
+        self.keys = ApiKeys(settings, self.shared)
+        self.responses = ResponseStore(settings, self.shared)
+        self.fleet = self.shared and Fleet(self.shared, settings, [*self.site.pools.values(), self.api.pool],
+                                           self.accounts, self.edited_files(), self.monitor)
+        if self.fleet:
+            self.accounts.claim = self.fleet.claim_sign_in
         self.budget = MemoryBudget(settings.memory_budget_mb)
         self.started = int(time.time())
         self.admin_page = None  # (body, headers), read at start-up by the admin section
@@ -4317,6 +4834,11 @@ class AppState:
         self.tasks = []
         self.tools_left_out = set()
         self.check_run = None  # the upstream check under way, which a second asker waits for
+
+    def edited_files(self):
+        """The files the admin page edits, by the name the fleet knows each by, with how each is loaded."""
+        return {**{pool.name: (pool.file, pool.load) for pool in (*self.site.pools.values(), self.api.pool)},
+                "api_keys": (self.keys.file, lambda content: self.keys.take(parse_api_keys_file(content)[0]))}
 
     def ready_upstreams(self):
         """The upstream kinds of UPSTREAM that could serve a request now, in order; else the first, which says why
@@ -4338,7 +4860,12 @@ class AppState:
         await self.site.pool.reload()
         await self.api.pool.reload()
         await self.keys.reload()
-        self.tasks = [asyncio.ensure_future(keep_polling(self.site.watch_tokens)),
+        if self.fleet:
+            await self.shared.beat()
+            await self.fleet.sync()
+            self.tasks = [asyncio.ensure_future(keep_polling(step)) for step in (
+                self.shared.beat, self.fleet.sync, self.keys.renew_leases)]
+        self.tasks += [asyncio.ensure_future(keep_polling(self.site.watch_tokens)),
                       asyncio.ensure_future(keep_polling(self.api.watch_keys)),
                       asyncio.ensure_future(keep_polling(self.accounts.run)),
                       asyncio.ensure_future(keep_polling(self.models.run, self.models.wake)),
@@ -4348,7 +4875,9 @@ class AppState:
         """Stops the background work first, so that nothing starts an upstream request once the session closes."""
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, *self.keys.freeing, return_exceptions=True)
+        if self.shared:
+            await self.shared.leave()
         await self.http.stop()
 
     def finish(self, record, status):
@@ -4357,9 +4886,9 @@ class AppState:
         status = CLIENT_GONE_STATUS if record.outcome == CLIENT_GONE else status
         self.budget.release(record.reserved)
         record.reserved = 0
-        if record.api_key:
-            self.keys.done(record.api_key)
-            record.api_key = None
+        if record.slot:
+            self.keys.done(record.slot)
+            record.slot = None
         record.duration = time.monotonic() - record.started
         self.monitor.end(record, status)
         first = f"{record.first_content * 1000:.0f}ms" if record.first_content is not None else "-"
@@ -4506,9 +5035,10 @@ class EventStream:
     """Writes a completion's events as server-sent events through a dialect's renderer. The response opens with
     the first bytes sent, so a failure before any is still a real HTTP error; silence gets heartbeats."""
 
-    def __init__(self, request, renderer, keepalive_seconds):
+    def __init__(self, request, renderer, keepalive_seconds, settle=None):
         self.request = request
         self.renderer = renderer
+        self.settle = settle
         self.response = None
         self._open_lock = asyncio.Lock()
         self._keepalive_every = keepalive_seconds
@@ -4556,6 +5086,8 @@ class EventStream:
                     self.response = response
                     opening = self.renderer.opening()
         data = opening + render()
+        if last and self.settle:
+            await self.settle()
         self._last_write = time.monotonic()
         try:
             await (self.response.write_eof(data) if last else self.response.write(data))
@@ -4581,9 +5113,10 @@ class Collector:
 
     committed = False  # the client sees nothing until the end
 
-    def __init__(self, render, limit):
+    def __init__(self, render, limit, settle=None):
         self.render = render
         self.limit = limit
+        self.settle = settle
         self.response = None
         self.reset()
 
@@ -4623,7 +5156,10 @@ class Collector:
         await self.write(events)
         answer = Answer("".join(self.reasoning), "".join(self.text),
                         [[id_, name, "".join(pieces)] for id_, name, pieces in self.calls], self.finish)
-        self.response = web.json_response(self.render(answer), dumps=json_text)
+        body = self.render(answer)
+        if self.settle:
+            await self.settle()
+        self.response = web.json_response(body, dumps=json_text)
         return self.response
 
 
@@ -4633,6 +5169,7 @@ class Asked:
     core: CoreRequest
     stream_writer: object  # () → a renderer of the core's events as the dialect's server-sent events
     answer_body: object    # Answer → the dialect's JSON body of a whole response
+    settle: object = None  # async () → None: what is done before the client sees the answer's end
 
 
 @dataclass(frozen=True)
@@ -4711,8 +5248,8 @@ async def serve_completion(request, asked):
     core = in_conversation(request, asked.core)
     record.stream = core.stream  # its model is noted already, by read_request
     settings = state.settings
-    writer = (EventStream(request, asked.stream_writer(), settings.keepalive_seconds) if core.stream
-              else Collector(asked.answer_body, int(settings.max_answer_mb * MB)))
+    writer = (EventStream(request, asked.stream_writer(), settings.keepalive_seconds, asked.settle) if core.stream
+              else Collector(asked.answer_body, int(settings.max_answer_mb * MB), asked.settle))
     writer.start()
     try:
         try:
@@ -5621,7 +6158,7 @@ async def continued(body, request):
     expect(isinstance(previous, str), "'previous_response_id' must be a string", "previous_response_id",
            "invalid_type")
     store = request.app[STATE].responses
-    kept = store.get(previous, request[RECORD].client)
+    kept = await store.get(previous, request[RECORD].client)
     if kept is None:
         raise store.missing(previous, "previous_response_id")
     await reserve(request, kept.size * BODY_MEMORY_FACTOR)
@@ -5719,6 +6256,7 @@ class ResponseBuilder:
         self.owner = owner
         self.id = "resp_" + uuid.uuid4().hex
         self.created = int(time.time())
+        self.kept = None  # (response, history) of the finished response, while it is to be stored
 
     def response(self, status, output, usage=None, error=None, incomplete=None):
         return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
@@ -5731,8 +6269,13 @@ class ResponseBuilder:
         final = self.response("incomplete" if cut else "completed", output, finish.usage,
                               incomplete={"reason": cut} if cut else None)
         if self.asked.store:
-            self.store.put(final, self.asked.history + output, self.owner)
+            self.kept = (final, self.asked.history + output)
         return final
+
+    async def settle(self):
+        """Stores the finished response before the client sees its end, so that any replica can continue it."""
+        if self.kept:
+            await self.store.put(*self.kept, self.owner)
 
     def failed(self, error):
         code = "rate_limit_exceeded" if error.status == 429 else error.code or "server_error"
@@ -5859,7 +6402,7 @@ async def response_asked(body, request):
     core, asked, left_out = parse_responses_request(body, state.settings, state.models, await continued(body, request))
     state.note_left_out_tools(left_out)
     builder = ResponseBuilder(core, asked, state.responses, request[RECORD].client)
-    return Asked(core, lambda: ResponseEvents(builder), lambda answer: response_body(builder, answer))
+    return Asked(core, lambda: ResponseEvents(builder), lambda answer: response_body(builder, answer), builder.settle)
 
 
 RESPONSES = Dialect("responses", openai_error_response, response_asked)
@@ -5867,7 +6410,7 @@ RESPONSES = Dialect("responses", openai_error_response, response_asked)
 
 async def get_response(request):
     store = request.app[STATE].responses
-    kept = store.get(request.match_info["id"], request[RECORD].client)
+    kept = await store.get(request.match_info["id"], request[RECORD].client)
     if kept is None:
         raise store.missing(request.match_info["id"])
     await reserve(request, kept.size * BODY_MEMORY_FACTOR)
@@ -5876,7 +6419,7 @@ async def get_response(request):
 
 async def delete_response(request):
     store, response_id = request.app[STATE].responses, request.match_info["id"]
-    if not store.delete(response_id, request[RECORD].client):
+    if not await store.delete(response_id, request[RECORD].client):
         raise store.missing(response_id)
     return web.json_response({"id": response_id, "object": "response", "deleted": True})
 
@@ -5938,7 +6481,18 @@ async def admin_status(request):
         "version": __version__, "uptime_s": int(time.time()) - state.started,
         "models": {"ids": state.models.ids, "source": state.models.source},
         "accounts": state.accounts.stats(), "stats": state.monitor.summary(),
-        "settings": state.settings.public()})
+        "settings": state.settings.public(), "replicas": await replicas_seen(state)})
+
+
+async def replicas_seen(state):
+    """The replicas sharing this one's Redis, as their heartbeats show them; this one alone without Redis (or while
+    it cannot be reached), `this` marking it."""
+    uptime = int(time.time()) - state.started
+    here = {"name": state.shared.replica if state.shared else replica_name(), "uptime_s": uptime}
+    if state.shared:
+        with contextlib.suppress(Unshared):
+            return [{**seen, "this": seen["name"] == here["name"]} for seen in await state.shared.replicas()]
+    return [{**here, "this": True}]
 
 
 async def admin_token_stats(request):
@@ -6026,6 +6580,8 @@ async def admin_update_tokens(request):
         return file_text(parse_tokens_file("\n".join(tokens)), current) if "tokens" in body else content
 
     content = await save_unless_changed(state, pool.file, body, new_content, pool.load)
+    if state.fleet:
+        await state.fleet.publish_edit(pool.name, content)
     warnings = not_jwt_warnings(content) if pool is not state.api.pool else []
     return ok(f"Saved {len(pool.credentials)} {pool.noun}s to {pool.file.path.name}", counts=pool.counts(),
               version=file_version(content), warnings=warnings)
@@ -6054,7 +6610,8 @@ async def admin_requests(request):
     expect(status in (None, "2xx", "4xx", "5xx"), "'status' must be 2xx, 4xx or 5xx", "status")
     expect(limit is None or (WHOLE_NUMBER.fullmatch(limit) and int(limit) > 0),
            "'limit' must be a whole number above 0", "limit")
-    entries = request.app[STATE].monitor.requests_logged(status, key)
+    state = request.app[STATE]
+    entries = requests_logged(await state.fleet.requests() if state.fleet else reversed(state.monitor.log), status, key)
     return web.json_response({"requests": list(itertools.islice(entries, int(limit) if limit else None))})
 
 
@@ -6065,7 +6622,8 @@ async def admin_history(request):
 
 async def metrics(request):
     state = request.app[STATE]
-    return web.Response(text=metrics_text(state.monitor, state.site.pool, state.accounts.results, state.api.pool),
+    return web.Response(text=metrics_text(state.monitor, state.site.pool, state.accounts.results, state.api.pool,
+                                          state.shared and state.shared.replica),
                         content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
@@ -6089,6 +6647,8 @@ async def admin_update_keys(request):
     expect(len(set(names)) == len(names), "two keys have the same name", "keys")
     content = await save_unless_changed(state, state.keys.file, body, lambda current: file_text(
         map(api_key_line, keys), current), lambda content: state.keys.take(parse_api_keys_file(content)[0]))
+    if state.fleet:
+        await state.fleet.publish_edit("api_keys", content)
     return ok(f"Saved {len(keys)} keys to {state.keys.file.path.name}", keys=state.keys.listed(state.monitor.keys),
               version=file_version(content))
 
@@ -6244,7 +6804,8 @@ async def serve(app, settings):
     try:
         server = await loop.create_server(lambda: ClientConnection(
             runner.server, count, settings.header_timeout, keepalive_timeout=settings.idle_timeout,
-            access_log=None, **HANDLER_ARGS), settings.host, settings.port, reuse_address=True)
+            access_log=None, **HANDLER_ARGS), settings.host, settings.port, reuse_address=True,
+            reuse_port=settings.workers > 1)
     except OSError:
         await runner.cleanup()
         raise
@@ -6283,15 +6844,19 @@ async def describe_routes(request):
 
 
 async def health(request):
-    """ok (200) when a request could be served now; degraded (503, for load balancers and Docker) when not."""
+    """ok (200) when a request could be served now; degraded (503, for load balancers and Docker) when not; degraded
+    but 200 while only Redis is missing, as this replica still serves."""
     state = request.app[STATE]
     problem = state.ready_upstreams()[0].pool.ready() or unreachable(state.http)
-    body = {"status": "degraded" if problem else "ok", "version": __version__, "upstream": state.settings.upstream,
-            "mode": state.site.mode, "tokens": state.site.pool.counts()}
+    shared_problem = state.shared and state.shared.problem()
+    body = {"status": "degraded" if problem or shared_problem else "ok", "version": __version__,
+            "upstream": state.settings.upstream, "mode": state.site.mode, "tokens": state.site.pool.counts()}
     if state.api in state.upstreams:
         body["ifm_keys"] = state.api.pool.counts()
-    if problem:
-        body["reason"] = problem.message
+    if state.shared:
+        body["redis"] = "unreachable" if shared_problem else "ok"
+    if problem or shared_problem:
+        body["reason"] = "; ".join(error.message for error in (problem, shared_problem) if error)
     return web.json_response(body, status=503 if problem else 200)
 
 
@@ -6441,7 +7006,7 @@ async def check_keys(request, handler):
     if request.method == "OPTIONS" and path.startswith("/v1/"):
         return preflight(request)
     if path.startswith("/v1/"):
-        admit_key(request)
+        await admit_key(request)
     elif path == "/metrics":
         if matching_key(bearer(request), [key for key in (settings.admin_key, settings.metrics_key) if key]) is None:
             raise ApiError(401, "Invalid or missing key: send Authorization: Bearer <METRICS_KEY> (or the admin key)",
@@ -6453,7 +7018,7 @@ async def check_keys(request, handler):
     return await handler(request)
 
 
-def admit_key(request):
+async def admit_key(request):
     """Finds the request's API key, and counts a request of a limited route against its limits (a 429 when over
     one), from its headers on: an upload under way holds one of its key's concurrent slots."""
     state, record = request.app[STATE], request[RECORD]
@@ -6463,8 +7028,7 @@ def admit_key(request):
                        code="invalid_api_key")
     record.key, record.client = key.name, hashlib.sha256(key.value.encode()).hexdigest()[:32]
     if route_of(request).keyed_limits:
-        state.keys.admit(key)
-        record.api_key = key
+        record.slot = await state.keys.admit(key)
 
 
 def allowed_origin(request, origins):
@@ -6550,7 +7114,8 @@ def main(argv=None):
         return 2
     if args.check:
         return asyncio.run(run_check(settings, args.json))
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s " + (
+        "[%(process)d] " if settings.workers > 1 else "") + "%(message)s")
     for warning in settings.warnings:
         log.warning("%s", warning)
     if settings.api_key_generated:
@@ -6558,12 +7123,59 @@ def main(argv=None):
               f"(readable by you only), which is also the admin key of the admin page ({reachable_url(settings)}"
               f"{settings.admin_page_path}); set VALID_API_KEY to choose your own:\n  {settings.valid_api_key[0]}",
               file=sys.stderr, flush=True)
+    return run_workers(settings) if settings.workers > 1 else run_server(app, settings)
+
+
+def run_server(app, settings):
+    """Serves until SIGINT or SIGTERM; 1 when the port cannot be listened on."""
     try:
         asyncio.run(serve(app, settings))
     except OSError as exc:  # the address is taken, or HOST is not an address of this machine
         print(f"k2proxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+WORKER_RESTART_SECONDS = 1  # before a worker that died is started again
+
+
+def run_workers(settings):
+    """WORKERS processes, each a replica serving the one port (SO_REUSEPORT); this one hands SIGINT and SIGTERM on
+    to them, starts again one that dies, and ends when they all have after a signal."""
+    workers, stopping = {}, []
+
+    def start_worker():
+        pid = os.fork()
+        if pid == 0:  # the worker: a whole proxy of its own
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os._exit(run_server(make_app(settings), settings))
+        workers[pid] = True
+
+    def stop(signal_number, _frame):
+        stopping.append(signal_number)
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
+    log.info("k2proxy starting %d workers on port %d", settings.workers, settings.port)
+    for _ in range(settings.workers):
+        start_worker()
+    failed = False
+    while workers:
+        pid, status = os.wait()
+        workers.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if not stopping and code == 1:  # the port cannot be listened on: another start would fail alike
+            failed = True
+            stop(signal.SIGTERM, None)
+        elif not stopping:
+            log.warning("worker %d ended (exit code %d); starting another in %d s", pid, code, WORKER_RESTART_SECONDS)
+            time.sleep(WORKER_RESTART_SECONDS)
+            start_worker()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

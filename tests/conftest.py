@@ -247,3 +247,89 @@ async def run_check(settings):
         return await asyncio.wait_for(k2proxy.check_upstream(settings, http), 20)
     finally:
         await http.stop()
+
+
+REDIS_INSTALL = "apt-get install redis-server (Debian's package)"
+
+
+class RedisServer:
+    """A real redis-server on a free port, with nothing saved to disk; stop() and start() again keep the port."""
+
+    def __init__(self, workdir):
+        self.program = need_program("redis-server", REDIS_INSTALL)
+        self.port, self.workdir, self.process = free_port(), workdir, None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        self.process = subprocess.Popen([self.program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                         "--appendonly", "no", "--dir", str(self.workdir)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        wait_for_port(self.port, self.process)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A real redis-server (Debian's package), stopped after the test."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    if server.process.poll() is None:
+        server.stop()
+
+
+def http_json(method, url, body=None, key=E2E_KEY, timeout=10):
+    """(status, JSON body) of one request to a process, with `key` as the Bearer key."""
+    request = urllib.request.Request(url, method=method, data=json.dumps(body).encode() if body is not None else None,
+                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+E2E_ADMIN_KEY = "admin-e2e"
+
+
+class Replicas(Pair):
+    """A fake upstream process and `count` proxy processes sharing one Redis, each in a working directory of its
+    own holding its own copy of `files`: nothing but Redis is shared between them."""
+
+    def __init__(self, spawn, tmp_path, redis, count, env, files, api=False):
+        self.upstream_port = free_port()
+        kind = ["--api"] if api else ["--site", "k2horizon"]
+        spawn([str(ROOT / "tests" / "fake_upstream.py"), "--port", str(self.upstream_port), *kind],
+              self.upstream_port)
+        upstream = f"http://127.0.0.1:{self.upstream_port}"
+        self.urls, self.processes, self.homes = [], [], []
+        for number in range(count):
+            port, home = free_port(), tmp_path / f"replica{number}"
+            home.mkdir()
+            for name, text in files.items():
+                (home / name).write_text(text)
+            self.processes.append(spawn([str(ROOT / "k2proxy.py")], port, cwd=home, env={
+                "PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": E2E_KEY, "ADMIN_KEY": E2E_ADMIN_KEY,
+                "REDIS_URL": redis.url, "K2THINK_BASE_URL": upstream, "IFM_BASE_URL": upstream + "/v1",
+                "REQUEST_TIMEOUT": "10", **env}))
+            self.urls.append(f"http://127.0.0.1:{port}")
+            self.homes.append(home)
+
+    def call(self, replica, method, path, body=None, key=E2E_KEY):
+        """(status, JSON body) of a request to replica number `replica`."""
+        return http_json(method, self.urls[replica] + path, body, key)
+
+    def admin(self, replica, method, path, body=None):
+        return self.call(replica, method, path, body, E2E_ADMIN_KEY)
+
+
+@pytest.fixture
+def replicas(spawn, tmp_path, redis_server):
+    """Starts a fake upstream and proxy processes sharing the test's Redis; keyword arguments are their settings."""
+    def start(count=2, api=False, files=None, **env):
+        return Replicas(spawn, tmp_path, redis_server, count, {key: str(value) for key, value in env.items()},
+                        files or {}, api)
+    return start

@@ -158,30 +158,34 @@ def store(count=3, mb=1.0, ttl=60.0, now=None):
     return k2proxy.ResponseStore(settings, clock=lambda: now[0])
 
 
-def test_the_store_keeps_the_newest_by_count_bytes_and_age():
+async def test_the_store_keeps_the_newest_by_count_bytes_and_age():
     now = [0.0]
+
+    async def kept(where, names):
+        return [await where.get(name, "me") is not None for name in names]
+
     by_count = store(count=2, now=now)
     for name in "abc":
-        by_count.put({"id": name}, [], "me")
-    assert [by_count.get(name, "me") is not None for name in "abc"] == [False, True, True]
+        await by_count.put({"id": name}, [], "me")
+    assert await kept(by_count, "abc") == [False, True, True]
     by_bytes = store(count=10, mb=0.01, now=now)  # 10,485 bytes
     for name in "abcd":
-        by_bytes.put({"id": name, "text": "x" * 3000}, [], "me")
-    assert [by_bytes.get(name, "me") is not None for name in "abcd"] == [False, True, True, True]
-    by_bytes.put({"id": "big", "text": "x" * 20000}, [], "me")
-    assert by_bytes.get("big", "me") is None and by_bytes.get("d", "me") is not None, "larger than the whole store"
+        await by_bytes.put({"id": name, "text": "x" * 3000}, [], "me")
+    assert await kept(by_bytes, "abcd") == [False, True, True, True]
+    await by_bytes.put({"id": "big", "text": "x" * 20000}, [], "me")
+    assert await kept(by_bytes, ["big", "d"]) == [False, True], "larger than the whole store"
     now[0] = 61.0
-    assert by_bytes.get("d", "me") is None and by_bytes.bytes == 0, "expired"
+    assert await kept(by_bytes, "d") == [False] and by_bytes.bytes == 0, "expired"
     nothing = store(count=0, now=now)
-    nothing.put({"id": "a"}, [], "me")
-    assert nothing.get("a", "me") is None
+    await nothing.put({"id": "a"}, [], "me")
+    assert await kept(nothing, "a") == [False]
 
 
-def test_a_stored_response_is_its_owners_alone():
+async def test_a_stored_response_is_its_owners_alone():
     kept = store(count=2, now=[0.0])
-    kept.put({"id": "a"}, [{"type": "message"}], "alice")
-    assert kept.get("a", "bob") is None and not kept.delete("a", "bob")
-    assert kept.get("a", "alice").response() == {"id": "a"} and kept.delete("a", "alice")
+    await kept.put({"id": "a"}, [{"type": "message"}], "alice")
+    assert await kept.get("a", "bob") is None and not await kept.delete("a", "bob")
+    assert (await kept.get("a", "alice")).response() == {"id": "a"} and await kept.delete("a", "alice")
 
 
 async def test_an_expired_response_is_a_404_for_previous_response_id(make_proxy, fake):

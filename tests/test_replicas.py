@@ -1,0 +1,341 @@
+"""Replicas sharing one Redis (REDIS_URL) and WORKERS: a real redis-server (Debian's package) and real
+`python k2proxy.py` processes, each in a directory of its own, so that only Redis joins them; without
+redis-server these tests are skipped, naming its install command (failed instead under K2PROXY_REQUIRE_PROGRAMS=1,
+as CI runs them)."""
+
+import asyncio
+import http.client
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import pytest
+from conftest import (
+    API_KEY,
+    E2E_ADMIN_KEY,
+    E2E_KEY,
+    MODEL,
+    ROOT,
+    chat,
+    free_port,
+    http_json,
+    need_program,
+    wait_for_port,
+)
+from fake_upstream import make_jwt
+
+import k2proxy
+
+FIRST, SECOND = (make_jwt(time.time() + 86400, name, signature)
+                 for name, signature in (("first", "c2lnMQ"), ("second", "c2lnMg")))  # masked, still two
+
+
+def eventually(condition, seconds=5.0):
+    """Waits for what another process does in the background (an exchange with Redis), failing after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "did not happen in time"
+        time.sleep(0.05)
+
+
+def completion(fleet, replica, key=E2E_KEY, **extra):
+    return fleet.call(replica, "POST", "/v1/chat/completions", chat(**extra), key)
+
+
+def test_a_key_limit_holds_across_replicas(replicas):
+    fleet = replicas(count=3, files={"api_keys.txt": "team:sk-team rpm=3\n"})
+    statuses = [completion(fleet, number % 3, "sk-team")[0] for number in range(4)]
+    assert statuses == [200, 200, 200, 429], "three a minute for the whole fleet, not three per replica"
+    status, body = completion(fleet, 1, "sk-team")
+    assert status == 429 and body["error"]["code"] == "rate_limited"
+
+
+def open_stream(url, key):
+    """A streamed completion left open: the connection, once the proxy has started answering."""
+    parts = urllib.parse.urlsplit(url)
+    connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    connection.request("POST", "/v1/chat/completions", json.dumps(chat(stream=True)),
+                       {"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    response = connection.getresponse()
+    assert response.status == 200
+    response.read1(1)  # the first frame: the request holds its slot
+    return connection
+
+
+def test_a_slot_held_on_one_replica_is_counted_by_the_others_and_freed_when_it_ends(replicas):
+    fleet = replicas(files={"api_keys.txt": "solo:sk-solo concurrent=1\n"})
+    fleet.steer(script=[{"hang_after": 12}])  # the next answer stops after a few frames and stays open
+    held = open_stream(fleet.urls[0], "sk-solo")
+    status, body = completion(fleet, 1, "sk-solo")
+    assert (status, body["error"]["code"]) == (429, "too_many_at_once")
+    held.close()  # the client leaves: its replica gives the slot back
+    eventually(lambda: completion(fleet, 1, "sk-solo")[0] == 200)
+
+
+async def test_a_slot_of_a_replica_that_died_is_freed_when_its_lease_expires(redis_server, monkeypatch):
+    monkeypatch.setattr(k2proxy, "LEASE_SECONDS", 1)
+    settings = k2proxy.load_settings({"VALID_API_KEY": API_KEY})
+    died, alive = k2proxy.Shared(redis_server.url, "died"), k2proxy.Shared(redis_server.url, "alive")
+    for shared in (died, alive):
+        await shared.beat()
+    keys_died, keys_alive = k2proxy.ApiKeys(settings, died), k2proxy.ApiKeys(settings, alive)
+    for keys in (keys_died, keys_alive):
+        keys.take([k2proxy.ApiKey("solo", "sk-solo", concurrent=1)])
+    await keys_died.admit(keys_died.named[0])  # and never renews nor gives it back
+    with pytest.raises(k2proxy.ApiError) as refused:
+        await keys_alive.admit(keys_alive.named[0])
+    assert refused.value.code == "too_many_at_once"
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            slot = await keys_alive.admit(keys_alive.named[0])
+            break
+        except k2proxy.ApiError:
+            assert time.monotonic() < deadline, "the dead replica's lease never expired"
+            await asyncio.sleep(0.05)
+    assert slot.lease
+    for shared in (died, alive):
+        await shared.leave()
+
+
+def test_a_stored_response_continues_and_is_read_on_another_replica(replicas):
+    fleet = replicas()
+    status, first = fleet.call(0, "POST", "/v1/responses", {"model": MODEL, "input": "Remember the number 42."})
+    assert status == 200
+    assert fleet.call(1, "GET", f"/v1/responses/{first['id']}") == (200, first)
+    status, second = fleet.call(1, "POST", "/v1/responses", {"model": MODEL, "input": "Which number was it?",
+                                                             "previous_response_id": first["id"]})
+    assert status == 200 and second["id"] != first["id"]
+    sent = json.dumps(fleet.received()[-1]["body"]["messages"])
+    assert "Remember the number 42." in sent and "Which number was it?" in sent, "the whole conversation went upstream"
+    assert fleet.call(1, "DELETE", f"/v1/responses/{first['id']}")[0] == 200
+    status, body = fleet.call(0, "GET", f"/v1/responses/{first['id']}")
+    assert (status, body["error"]["code"]) == (404, "response_not_found")
+    status, body = fleet.call(0, "GET", f"/v1/responses/{second['id']}", key="sk-someone-else")
+    assert status == 401, "another key's stored responses stay its own on every replica"
+
+
+def test_a_key_added_on_one_replicas_admin_api_works_on_another_within_two_seconds(replicas):
+    fleet = replicas(count=3)
+    assert completion(fleet, 1, "sk-new")[0] == 401
+    status, _ = fleet.admin(0, "POST", "/admin/keys/update", {"keys": [{"name": "new", "key": "sk-new"}]})
+    assert status == 200
+    eventually(lambda: all(completion(fleet, number, "sk-new")[0] == 200 for number in (1, 2)), seconds=2)
+    assert "new:sk-new" in (fleet.homes[2] / "api_keys.txt").read_text(), "kept in that replica's file too"
+
+
+def test_tokens_saved_on_one_replicas_admin_page_are_used_by_the_others(replicas):
+    fleet = replicas(PROXY_MODE="user", files={"tokens.txt": FIRST + "\n"})
+    assert fleet.admin(0, "POST", "/admin/tokens/update", {"tokens": [SECOND]})[0] == 200
+    eventually(lambda: fleet.admin(1, "GET", "/admin/tokens/stats")[1]["tokens"][0]["masked"]
+               == k2proxy.mask_token(SECOND), seconds=2)
+    assert completion(fleet, 1)[0] == 200 and fleet.received()[-1]["token"] == SECOND
+
+
+def test_a_token_rested_on_one_replica_is_skipped_by_the_others(replicas):
+    fleet = replicas(PROXY_MODE="user", files={"tokens.txt": f"{FIRST}\n{SECOND}\n"})
+    fleet.steer(token=FIRST, status=429, body='{"detail": "Too many requests"}', headers={"Retry-After": "600"})
+    assert completion(fleet, 0)[0] == 200, "the first token is rate limited; the second answers"
+    assert [record["token"] for record in fleet.received()] == [FIRST, SECOND]
+    eventually(lambda: fleet.admin(1, "GET", "/admin/tokens/stats")[1]["tokens"][0]["status"] == "cooling")
+    for _ in range(3):
+        assert completion(fleet, 1)[0] == 200
+    assert [record["token"] for record in fleet.received()[2:]] == [SECOND] * 3, "the rested token is not tried"
+
+
+def health(fleet, replica):
+    return fleet.call(replica, "GET", "/health")
+
+
+def test_redis_stopped_then_restarted_mid_run(replicas, redis_server):
+    fleet = replicas()
+    redis_server.stop()
+    assert completion(fleet, 0)[0] == 200 and completion(fleet, 1)[0] == 200, "both keep serving"
+    eventually(lambda: health(fleet, 0)[1]["status"] == "degraded")
+    status, body = health(fleet, 0)
+    assert status == 200 and body["redis"] == "unreachable" and "Redis at 127.0.0.1" in body["reason"]
+    status, kept = fleet.call(0, "POST", "/v1/responses", {"model": MODEL, "input": "Kept while Redis is down."})
+    assert status == 200 and fleet.call(0, "GET", f"/v1/responses/{kept['id']}") == (200, kept)
+    status, body = fleet.call(1, "GET", f"/v1/responses/{kept['id']}")
+    assert (status, body["error"]["code"]) == (503, "store_unreachable"), "said, not silently a 404"
+    redis_server.start()
+    eventually(lambda: all(health(fleet, number)[1]["status"] == "ok" for number in (0, 1)), seconds=10)
+    assert fleet.call(1, "GET", f"/v1/responses/{kept['id']}") == (200, kept), "moved to Redis when it came back"
+
+
+def test_the_admin_api_shows_every_replica_and_the_fleets_log_and_metrics_are_per_replica(replicas):
+    fleet = replicas()
+    assert completion(fleet, 0)[0] == 200 and completion(fleet, 1)[0] == 200
+    names = [fleet.admin(number, "GET", "/admin/status")[1]["replicas"] for number in (0, 1)]
+    assert len(names[0]) == 2 and all(seen["uptime_s"] >= 0 for seen in names[0])
+    assert [seen["this"] for seen in names[0]] != [seen["this"] for seen in names[1]], "each marks itself"
+    eventually(lambda: len(fleet.admin(0, "GET", "/admin/requests")[1]["requests"]) == 2)
+    logged = fleet.admin(0, "GET", "/admin/requests")[1]["requests"]
+    assert {entry["replica"] for entry in logged} == {seen["name"] for seen in names[0]}
+    request = urllib.request.Request(fleet.urls[1] + "/metrics", headers={"Authorization": f"Bearer {E2E_ADMIN_KEY}"})
+    with urllib.request.urlopen(request, timeout=5) as response:
+        metrics = response.read().decode()
+    this = next(seen["name"] for seen in names[1] if seen["this"])
+    assert f'k2proxy_in_flight_requests{{replica="{this}"}} 0' in metrics
+
+
+def test_workers_needs_redis_url_and_says_so():
+    run = subprocess.run([sys.executable, str(ROOT / "k2proxy.py")], env={**os.environ, "WORKERS": "2",
+                                                                         "VALID_API_KEY": E2E_KEY},
+                         capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2 and "WORKERS=2 needs REDIS_URL" in run.stderr
+
+
+def test_workers_serve_one_port_as_replicas_and_stop_together(redis_server, tmp_path):
+    port = free_port()
+    process = subprocess.Popen([sys.executable, str(ROOT / "k2proxy.py")], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={
+                                   **os.environ, "WORKERS": "2", "REDIS_URL": redis_server.url, "PORT": str(port),
+                                   "HOST": "127.0.0.1", "VALID_API_KEY": E2E_KEY, "ADMIN_KEY": E2E_ADMIN_KEY})
+    try:
+        wait_for_port(port, process)
+        url = f"http://127.0.0.1:{port}/admin/status"
+        eventually(lambda: len(http_json("GET", url, key=E2E_ADMIN_KEY)[1]["replicas"]) == 2)
+        serving = {next(seen["name"] for seen in http_json("GET", url, key=E2E_ADMIN_KEY)[1]["replicas"]
+                        if seen["this"]) for _ in range(40)}
+        assert len(serving) == 2, "the kernel spreads connections over both workers"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+    with pytest.raises(OSError):
+        http_json("GET", f"http://127.0.0.1:{port}/health", timeout=1)
+
+
+async def test_redis_down_is_warned_once_a_minute_and_named_by_health(caplog):
+    now = [1000.0]
+    shared = k2proxy.Shared(f"redis://127.0.0.1:{free_port()}/0", "here", clock=lambda: now[0])
+    with caplog.at_level(logging.WARNING, logger="k2proxy"):
+        for moment in (1000.0, 1030.0, 1059.0, 1061.0):
+            now[0] = moment
+            await shared.beat()
+    warnings = [record.getMessage() for record in caplog.records if "cannot be reached" in record.getMessage()]
+    assert len(warnings) == 2 and "Redis at 127.0.0.1:" in warnings[0]
+    assert shared.problem().code == "redis_unreachable" and "Redis at 127.0.0.1:" in shared.problem().message
+    with pytest.raises(k2proxy.Unshared):
+        await shared.run(lambda redis: redis.ping())
+    await shared.client.aclose()
+
+
+async def test_a_redis_password_never_reaches_the_log_or_health(caplog):
+    shared = k2proxy.Shared(f"redis://:hunter2secret@127.0.0.1:{free_port()}/0", "here")
+    with caplog.at_level(logging.WARNING, logger="k2proxy"):
+        await shared.beat()
+    assert "hunter2secret" not in caplog.text + shared.problem().message
+    await shared.client.aclose()
+    settings = k2proxy.load_settings({"VALID_API_KEY": API_KEY, "REDIS_URL": "redis://:hunter2secret@x:1/0"})
+    assert "REDIS_URL" not in settings.public()
+
+
+async def test_one_replica_signs_an_account_in_and_the_others_take_its_token(fake, proxy_settings, redis_server,
+                                                                              tmp_path):
+    fake.accounts = {"ann@example.com": "pw"}
+    (tmp_path / "accounts.txt").write_text("ann@example.com:pw\n")
+    settings = proxy_settings(PROXY_MODE="user", ACCOUNTS_FILE=str(tmp_path / "accounts.txt"),
+                              REDIS_URL=redis_server.url)
+    states = [k2proxy.AppState(settings), k2proxy.AppState(settings)]
+    for state in states:
+        await state.http.open()
+        await state.shared.beat()
+    try:
+        for state in states:
+            await state.accounts.run()
+        assert len(fake.signins) == 1, "the second replica leaves the sign-in to the first"
+        for state in states:
+            await state.fleet.sync()
+        tokens = [state.site.pools["user"].credentials for state in states]
+        assert [len(held) for held in tokens] == [1, 1] and tokens[0][0].value == tokens[1][0].value
+        assert states[1].accounts.stats()[0]["status"] == "signed_in"
+    finally:
+        for state in states:
+            await state.http.stop()
+            await state.shared.leave()
+
+
+NGINX_CONF = """
+worker_processes 1;
+error_log {home}/error.log;
+pid {home}/nginx.pid;
+events {{ worker_connections 256; }}
+http {{
+  access_log off;
+  client_body_temp_path {home}/body;
+  proxy_temp_path {home}/proxy;
+  client_max_body_size 64m;
+  client_body_buffer_size 16m;
+  upstream k2proxy {{ server 127.0.0.1:{first}; server 127.0.0.1:{second}; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://k2proxy;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering off;
+      proxy_request_buffering off;
+      proxy_read_timeout 900s;
+    }}
+  }}
+}}
+"""
+
+
+@pytest.fixture
+def nginx(tmp_path):
+    """nginx (Debian's package) round-robin in front of two replicas: start(first_url, second_url) → its URL."""
+    program = need_program("nginx", "apt-get install nginx-light (Debian's package)", "/usr/sbin/nginx")
+    processes = []
+
+    def start(*urls):
+        home, port = tmp_path / "nginx", free_port()
+        home.mkdir()
+        first, second = (urllib.parse.urlsplit(url).port for url in urls)
+        (home / "nginx.conf").write_text(NGINX_CONF.format(home=home, port=port, first=first, second=second))
+        process = subprocess.Popen([program, "-p", str(home), "-c", str(home / "nginx.conf"), "-g", "daemon off;"],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        processes.append(process)
+        wait_for_port(port, process)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for process in processes:
+        process.terminate()
+        process.wait(10)
+
+
+def test_codex_runs_a_multi_turn_task_through_nginx_in_front_of_two_replicas(replicas, nginx, tmp_path):
+    from test_clients import IFM_KEY, codex
+    fleet = replicas(api=True, UPSTREAM="api", IFM_API_KEY=IFM_KEY)
+    fleet.url = nginx(*fleet.urls)
+    marker = f"tool-ran-{os.urandom(4).hex()}"
+    thoughts = [f"First list the folder. Marker {marker}.", "Now print the marker.", "The output shows the marker."]
+    calls = [{"name": "exec_command", "arguments": {"cmd": "ls"}},
+             {"name": "exec_command", "arguments": {"cmd": f"echo {marker}"}}]
+    fleet.steer(script=[{"reasoning": thoughts[0], "answer": "", "tool_calls": [calls[0]]},
+                        {"reasoning": thoughts[1], "answer": "", "tool_calls": [calls[1]]},
+                        {"reasoning": thoughts[2], "answer": "The command printed the marker."}])
+    run = codex(fleet, tmp_path, "List the folder, then run the marker command")
+    assert (run.returncode, run.stdout.strip()) == (0, "The command printed the marker."), run.stderr
+    sent = [record for record in fleet.received() if record["path"] == "/v1/chat/completions"]
+    assert [record["status"] for record in sent] == [200, 200, 200]
+    assert len({record["session_id"] for record in sent}) == 1, "one X-Session-ID on both replicas"
+    for turn, record in enumerate(sent[1:], 1):
+        replayed = [m.get("reasoning_content") or m.get("reasoning") for m in record["body"]["messages"]
+                    if m["role"] == "assistant"]
+        assert replayed == thoughts[:turn], "each turn's reasoning replayed, whichever replica made it"
+    assert marker in json.dumps(sent[2]["body"]["messages"]), "the command's output went back to the model"
+
+    def served():
+        return [entry["replica"] for entry in fleet.admin(0, "GET", "/admin/requests")[1]["requests"]
+                if entry["route"] == "/v1/responses"]
+    eventually(lambda: len(served()) == 3)
+    assert len(set(served())) == 2, "nginx sent the turns to both replicas"
