@@ -4608,6 +4608,16 @@ def take_fields(credential, fields):
     credential.disabled = Disabled(disabled) if disabled else None
 
 
+@dataclass
+class Synced:
+    """What a replica knows of one credential's shared state."""
+    fingerprint: str
+    fields: tuple = NO_STATE  # its shared fields, as last published or taken
+    at: float = 0             # when they were
+    entry: bytes = None       # the fleet's entry as last read, so that an unchanged one is not parsed again
+    tokens: int = 0           # its tokens today, as last synced
+
+
 class Fleet:
     """Keeps this replica in step with the others through Redis, one exchange every SYNC_SECONDS."""
 
@@ -4619,8 +4629,7 @@ class Fleet:
         self.monitor = monitor
         self.log_size = settings.request_log_size
         self.clock = clock
-        self.published = {}           # (pool, fingerprint) → (shared fields, when), as last published or taken
-        self.tokens_synced = {}       # (pool, fingerprint) → tokens today, as last synced
+        self.synced = {}              # (pool name, credential value) → what is known of its shared state
         self.account_tokens = {}      # email → the account's token, as last published or taken
         self.edits_taken = {}         # file name → the version of the edit last taken
         self.log_pushed = 0           # the monitor's `logged` when the log was last pushed
@@ -4645,39 +4654,47 @@ class Fleet:
         reading.hgetall(EDITS_KEY)
         *pool_hashes, accounts, edits = await reading.execute()
         writing = redis.pipeline(transaction=False)
+        synced = {}
         for place, pool in enumerate(self.pools):
-            self.sync_pool(pool, pool_hashes[2 * place], pool_hashes[2 * place + 1], writing, now, day)
+            synced.update(self.sync_pool(pool, pool_hashes[2 * place], pool_hashes[2 * place + 1], writing, now, day))
+        self.synced = synced  # of the credentials the pools hold now: one that left is forgotten
         self.sync_accounts(accounts, writing, now)
         self.push_log(writing)
         await writing.execute()
         await self.take_edits(edits)
 
     def sync_pool(self, pool, states, totals, writing, now, day):
-        """Publishes the state of the pool's credentials that changed here, takes what others published since."""
+        """Publishes the state of the pool's credentials that changed here, takes what others published since;
+        returns what is known of each credential the pool holds now."""
+        known = {}
         for credential in pool.credentials:
-            name = fingerprint(credential.value)
-            key, local = (pool.name, name), shared_fields(credential)
-            fields, when = self.published.get(key, (NO_STATE, 0))
-            remote = json.loads(states[name.encode()]) if name.encode() in states else None
-            if local != fields:
-                self.published[key] = (local, now)
-                writing.hset(CREDENTIALS_KEY + pool.name, name, json_text({"fields": local, "at": now}))
-            elif remote and remote["at"] > when:
-                take_fields(credential, tuple(remote["fields"]))
-                self.published[key] = (tuple(remote["fields"]), remote["at"])
-            self.sync_tokens_today(pool, credential, key, int(totals.get(name.encode(), 0)), writing, day)
+            synced = self.synced.get((pool.name, credential.value)) or Synced(fingerprint(credential.value))
+            known[pool.name, credential.value] = synced
+            local, entry = shared_fields(credential), states.get(synced.fingerprint.encode())
+            if local != synced.fields:
+                synced.fields, synced.at = local, now
+                writing.hset(CREDENTIALS_KEY + pool.name, synced.fingerprint, json_text({"fields": local, "at": now}))
+            elif entry is not None and entry != synced.entry:
+                remote = json.loads(entry)
+                if remote["at"] > synced.at:
+                    synced.fields, synced.at = tuple(remote["fields"]), remote["at"]
+                    take_fields(credential, synced.fields)
+            synced.entry = entry
+            self.sync_tokens_today(pool.name, credential, synced, int(totals.get(synced.fingerprint.encode(), 0)),
+                                   writing, day)
+        return known
 
-    def sync_tokens_today(self, pool, credential, key, total, writing, day):
+    @staticmethod
+    def sync_tokens_today(pool_name, credential, synced, total, writing, day):
         """Adds the tokens this replica counted since the last exchange to the fleet's count of the day, and takes
         the fleet's count."""
-        counted = credential.tokens_today if credential.day == day else 0
-        added = counted - self.tokens_synced.get(key, 0) if credential.day == day else 0
+        added = credential.tokens_today - synced.tokens if credential.day == day else 0
         if added > 0:
-            name = f"{TOKENS_TODAY_KEY}{pool.name}:{day}"
-            writing.hincrby(name, key[1], added)
+            name = f"{TOKENS_TODAY_KEY}{pool_name}:{day}"
+            writing.hincrby(name, synced.fingerprint, added)
             writing.expire(name, 2 * DAY_SECONDS)
         credential.day, credential.tokens_today = day, total + max(0, added)
-        self.tokens_synced[key] = credential.tokens_today
+        synced.tokens = credential.tokens_today
 
     def sync_accounts(self, remote, writing, now):
         """Publishes the token an account signed in with here; takes the one another replica signed in with."""

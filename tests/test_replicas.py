@@ -205,6 +205,15 @@ def test_workers_serve_one_port_as_replicas_and_stop_together(redis_server, tmp_
         serving = {next(seen["name"] for seen in http_json("GET", url, key=E2E_ADMIN_KEY)[1]["replicas"]
                         if seen["this"]) for _ in range(40)}
         assert len(serving) == 2, "the kernel spreads connections over both workers"
+        died = sorted(serving)[0]
+        os.kill(int(died.rsplit(":", 1)[1]), signal.SIGKILL)
+
+        def replicas_seen():
+            try:
+                return {seen["name"] for seen in http_json("GET", url, key=E2E_ADMIN_KEY)[1]["replicas"]}
+            except OSError:  # a connection the killed worker had queued
+                return set()
+        eventually(lambda: len(replicas_seen() - serving) == 1, seconds=10)  # a worker that dies is started again
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
@@ -259,6 +268,34 @@ async def test_one_replica_signs_an_account_in_and_the_others_take_its_token(fak
     finally:
         for state in states:
             await state.http.stop()
+            await state.shared.leave()
+
+
+async def test_credential_state_and_the_days_tokens_are_the_fleets(proxy_settings, redis_server):
+    settings = proxy_settings(UPSTREAM="api", IFM_API_KEY="ifm-one,ifm-two", REDIS_URL=redis_server.url)
+    first, second = states = [k2proxy.AppState(settings), k2proxy.AppState(settings)]
+    for state in states:
+        await state.shared.beat()
+        await state.api.pool.reload()
+
+    async def exchange():
+        for state in (*states, *states):  # each publishes, then takes what the other published
+            await state.fleet.sync()
+
+    try:
+        first.api.pool.spent(first.api.pool.credentials[0], 120, 0)  # its daily budget is spent: it rests
+        first.api.pool.spent(first.api.pool.credentials[1], 30, 5000)
+        second.api.pool.spent(second.api.pool.credentials[1], 20, 4000)
+        await exchange()
+        for state in states:
+            spent, other = state.api.pool.stats()
+            assert (spent["status"], spent["tokens_today"], spent["budget_left"]) == ("cooling", 120, 0)
+            assert (other["status"], other["tokens_today"], other["budget_left"]) == ("active", 50, 4000)
+        second.api.pool.reset(second.api.pool.credentials[0])  # the admin page's reset, on the second replica
+        await exchange()
+        assert first.api.pool.stats()[0]["status"] == "active"
+    finally:
+        for state in states:
             await state.shared.leave()
 
 
