@@ -4,10 +4,10 @@
 One module that reads top to bottom, each section using only those above it:
 settings; errors; tool calls (pure); requests and events (a dialect-neutral
 request and the events of its completion); site protocol (pure parsing);
-files; credentials; upstream client; one section per upstream kind (upstream:
-the web site; upstream: the official API); accounts; models; upstream check;
-monitoring; shared state (the Redis replicas share, when there is one); API
-keys; stored responses; replicas; app state; request bodies; core (the one
+files; credentials; upstream client; shared state (the Redis replicas share,
+when there is one); one section per upstream kind (upstream: the web site;
+upstream: the official API); accounts; models; upstream check; monitoring;
+API keys; stored responses; replicas; app state; request bodies; core (the one
 request path); one front door per client API (dialect: OpenAI chat
 completions; dialect: Anthropic Messages; dialect: OpenAI Responses); admin
 API; server; app factory and main.
@@ -2493,6 +2493,181 @@ def worth_another_try(failure, credential):
     return failure.fail_over and (credential is not NO_CREDENTIAL or failure.retry_anonymous)
 
 
+# ─── Shared state ────────────────────────────────────────────────────────────
+# Replicas that share one Redis (REDIS_URL; the redis package is imported only
+# then). The link to it: any failed command marks it down, and the sections
+# below serve from their local state; /health says so, the log warns once a
+# minute, and the heartbeat, which also tells the fleet this replica is up,
+# brings it back and has each section resync. Offers Shared, Unshared, the
+# replicas the heartbeats show, and CappedStore, bounded like the stores here.
+
+REDIS_TIMEOUT = 0.5          # seconds a Redis command may take before Redis counts as unreachable
+HEARTBEAT_SECONDS = 0.5      # between two heartbeats: how soon a replica sees Redis back
+REPLICA_GONE_SECONDS = 10    # a replica whose heartbeat is older is no longer listed
+REDIS_WARNING_SECONDS = 60   # between two warnings that Redis cannot be reached
+REDIS_PREFIX = "k2proxy:"    # of every key k2proxy keeps in Redis
+REPLICAS_KEY = REDIS_PREFIX + "replicas"
+
+
+# A capped store in Redis: the entries under a prefix (their data, their order, their sizes and their bytes in all),
+# bounded by count, bytes and age. Dropping one entry:
+DROP_ENTRY_LUA = """
+local function drop(prefix, id)
+  redis.call('DEL', prefix .. 'data:' .. id)
+  redis.call('ZREM', prefix .. 'order', id)
+  local size = redis.call('HGET', prefix .. 'sizes', id)
+  if size then
+    redis.call('HDEL', prefix .. 'sizes', id)
+    redis.call('DECRBY', prefix .. 'bytes', size)
+  end
+end
+"""
+DROP_ENTRY_SCRIPT = DROP_ENTRY_LUA + "drop(ARGV[1], ARGV[2])\nreturn 0"
+# Keeping one (ARGV: prefix, id, data, its age, ttl, count and bytes allowed, times in ms): the expired and, past
+# the count or the bytes, the oldest go first.
+PUT_ENTRY_SCRIPT = DROP_ENTRY_LUA + """
+local prefix, id, data = ARGV[1], ARGV[2], ARGV[3]
+local age, ttl, count, bytes = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'order', '-inf', now - ttl)) do drop(prefix, old) end
+drop(prefix, id)
+redis.call('SET', prefix .. 'data:' .. id, data, 'PX', ttl - age)
+redis.call('ZADD', prefix .. 'order', now - age, id)
+redis.call('HSET', prefix .. 'sizes', id, string.len(data))
+redis.call('INCRBY', prefix .. 'bytes', string.len(data))
+while redis.call('ZCARD', prefix .. 'order') > count or tonumber(redis.call('GET', prefix .. 'bytes')) > bytes do
+  drop(prefix, redis.call('ZRANGE', prefix .. 'order', 0, 0)[1])
+end
+return 0
+"""
+
+
+class Unshared(Exception):
+    """Redis cannot be reached: the caller serves from its local state."""
+
+
+def redis_place(url):
+    """Where a Redis URL points, without its password, for logs and /health."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path if parts.path not in ('', '/') else ''}"
+
+
+class Shared:
+    """The link to the Redis that replicas share: commands run through `run`, which turns any failure into
+    Unshared; `up` says whether the last command worked."""
+
+    def __init__(self, url, replica, clock=time.time):
+        try:
+            import redis.asyncio as redis_client  # optional: requirements-redis.txt
+            from redis.exceptions import RedisError
+        except ImportError:
+            raise SettingsError("setting REDIS_URL needs the redis package: pip install -r requirements-redis.txt "
+                                "(the Docker image: build it with --build-arg WITH_REDIS=1)") from None
+        self.client = redis_client.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
+        self.failures = (RedisError, OSError, asyncio.TimeoutError)
+        self.place = redis_place(url)
+        self.replica = replica
+        self.clock = clock
+        self.started = clock()
+        self.up = False
+        self.down_since = self.started  # until the first heartbeat gets through
+        self.reason = "not reached yet"
+        self.warned_at = None
+        self.resyncs = []  # async callables the sections below add: run when Redis is back
+        self.put_entry, self.drop_entry = self.script(PUT_ENTRY_SCRIPT), self.script(DROP_ENTRY_SCRIPT)  # CappedStore's
+
+    def script(self, text):
+        """A Lua script run atomically in Redis, called as `await script(keys=[...], args=[...])`."""
+        return self.client.register_script(text)
+
+    async def run(self, command):
+        """What `command(client)` gives; Unshared when Redis is down or the command fails (which marks it down)."""
+        if not self.up:
+            raise Unshared()
+        try:
+            return await command(self.client)
+        except self.failures as exc:
+            self.lost(exc)
+            raise Unshared() from None
+
+    def lost(self, exc):
+        if self.up:
+            self.up, self.down_since = False, self.clock()
+            self.warned_at = None
+        self.reason = loggable(str(exc) or type(exc).__name__)[:LAST_ERROR_CHARS]
+
+    async def beat(self):
+        """Tells the fleet this replica is up, which also tries Redis: when it is back, each section resyncs."""
+        now = self.clock()
+        entry = json_text({"started": self.started, "seen": now, "version": __version__})
+        try:
+            await self.client.hset(REPLICAS_KEY, self.replica, entry)
+        except self.failures as exc:
+            self.lost(exc)
+        else:
+            if not self.up:
+                self.up = True
+                log.info("Redis at %s reached: key limits, stored responses, credential state, the request log and "
+                         "admin edits are shared with the other replicas", self.place)
+                for resync in self.resyncs:
+                    with contextlib.suppress(Unshared):
+                        await resync()
+        if not self.up and (self.warned_at is None or now - self.warned_at >= REDIS_WARNING_SECONDS):
+            self.warned_at = now
+            log.warning("Redis at %s cannot be reached (%s) for %.0f s: this replica serves from its own state "
+                        "(see docs/replicas.md for what that means) and resyncs when Redis is back", self.place,
+                        self.reason, now - self.down_since)
+        return HEARTBEAT_SECONDS
+
+    def problem(self):
+        """What /health says while Redis is down, else None."""
+        if self.up:
+            return None
+        return ApiError(503, f"Redis at {self.place} cannot be reached ({self.reason}) for "
+                             f"{self.clock() - self.down_since:.0f} s: this replica serves from its own state",
+                        code="redis_unreachable")
+
+    async def replicas(self):
+        """The replicas whose heartbeat is recent: name, start and last heartbeat, in order of start."""
+        entries = await self.run(lambda redis: redis.hgetall(REPLICAS_KEY))
+        now, seen = self.clock(), []
+        for name, entry in entries.items():
+            entry = json.loads(entry)
+            if now - entry["seen"] < REPLICA_GONE_SECONDS:
+                seen.append({"name": name.decode(), "started": entry["started"], "seen": entry["seen"],
+                             "uptime_s": int(now - entry["started"]), "version": entry["version"]})
+        return sorted(seen, key=lambda entry: entry["started"])
+
+    async def leave(self):
+        """Takes this replica off the list as it stops."""
+        with contextlib.suppress(Unshared):
+            await self.run(lambda redis: redis.hdel(REPLICAS_KEY, self.replica))
+        await self.client.aclose()
+
+
+class CappedStore:
+    """Entries under one prefix in Redis, bounded by count, bytes and age (the oldest go first), for the stores that
+    replicas share; every call raises Unshared while Redis cannot be reached."""
+
+    def __init__(self, shared, prefix, count, max_bytes, ttl):
+        self.shared, self.prefix = shared, prefix
+        self.limits = [count, int(max_bytes), int(ttl * 1000)]
+
+    async def put(self, entry_id, data, age=0.0):
+        """Keeps `data`, which was made `age` seconds ago (its time to live runs from then)."""
+        count, max_bytes, ttl = self.limits
+        await self.shared.run(lambda redis: self.shared.put_entry(
+            args=[self.prefix, entry_id, data, int(age * 1000), ttl, count, max_bytes]))
+
+    async def get_many(self, entry_ids):
+        """The data of each entry, None for one not kept."""
+        return await self.shared.run(lambda redis: redis.mget([self.prefix + "data:" + entry for entry in entry_ids]))
+
+    async def drop(self, entry_id):
+        await self.shared.run(lambda redis: self.shared.drop_entry(args=[self.prefix, entry_id]))
+
+
 # ─── Upstream: the web site ──────────────────────────────────────────────────
 # The K2Think web site (an Open WebUI deployment) as an upstream kind: its two
 # modes (guest, user) and their token pools, the browser-like headers it
@@ -2760,6 +2935,9 @@ BACKOFF_FIRST, BACKOFF_MAX = 0.25, 4.0  # seconds before the next attempt after 
 OVERLOAD_BACKOFF = 4       # times longer after a 529
 SESSION_HINT_HEADERS = ("x-session-id", "session_id", "x-claude-code-session-id", "conversation_id")
 REPLAY_ENTRY_MAX = 4 * MB  # reasoning longer than this is not kept for replay
+REPLAY_KEY = REDIS_PREFIX + "replay:"  # + client: its share of the replay cache, for every replica
+REPLAY_SHARED_ENTRIES = 100000        # at most, in a client's share in Redis (its bytes are bounded too)
+REPLAY_SHARED_SECONDS = DAY_SECONDS   # how long an answer's reasoning is kept there
 MINUTE_GUARD_CODE = "token_rate_limit"
 TOOL_FORMATS = {"tool_presentation_format": "xml", "tool_call_format": "xml"}
 
@@ -2901,20 +3079,26 @@ def turn_digest(text, calls):
     return hashlib.sha256(json_text([text.strip(), canonical]).encode("utf-8", "surrogatepass")).digest()
 
 
+def assistant_digest(turn):
+    """The digest an assistant turn's reasoning is kept under: its text and its calls."""
+    return turn_digest(turn.text, [(call.name, call.arguments) for call in turn.calls])
+
+
 class ReplayCache:
     """The reasoning of the answers the proxy gave, by client key and turn digest, for clients that send an
     assistant turn back without it: bounded in bytes, and each client to a share of them, so that no key can
-    push out the others' entries."""
+    push out the others' entries. With Redis, each client's share is kept there too, for every replica."""
 
     CLIENT_SHARE = 4  # a client holds at most a quarter of the cache
 
-    def __init__(self, megabytes):
+    def __init__(self, megabytes, shared=None):
         self.limit = int(megabytes * MB)
         self.entries = collections.OrderedDict()  # (client, digest) → reasoning, oldest first
         self.size = 0
         self.by_client = collections.Counter()    # client → bytes held
+        self.shared = shared
 
-    def put(self, client, digest, reasoning):
+    async def put(self, client, digest, reasoning):
         size = len(reasoning)
         if not reasoning or size > min(REPLAY_ENTRY_MAX, self.limit // self.CLIENT_SHARE):
             return
@@ -2926,9 +3110,24 @@ class ReplayCache:
         self.entries[client, digest] = reasoning
         self.size += size
         self.by_client[client] += size
+        if self.shared:
+            with contextlib.suppress(Unshared):
+                await self.shared_share(client).put(digest.hex(), reasoning.encode())
 
-    def get(self, client, digest):
-        return self.entries.get((client, digest))
+    def shared_share(self, client):
+        """The client's share of the cache in Redis."""
+        return CappedStore(self.shared, f"{REPLAY_KEY}{client}:", REPLAY_SHARED_ENTRIES,
+                           self.limit // self.CLIENT_SHARE, REPLAY_SHARED_SECONDS)
+
+    async def lookup(self, client, digests):
+        """The reasoning kept for each of `digests` that is kept, here or (for the others) in Redis."""
+        found = {digest: self.entries[client, digest] for digest in digests if (client, digest) in self.entries}
+        wanted = [digest for digest in digests if digest not in found]
+        if self.shared and wanted:
+            with contextlib.suppress(Unshared):
+                kept = await self.shared_share(client).get_many([digest.hex() for digest in wanted])
+                found.update((digest, data.decode()) for digest, data in zip(wanted, kept) if data)
+        return found
 
     def drop(self, key):
         reasoning = self.entries.pop(key, None)
@@ -3039,14 +3238,14 @@ class ApiUpstream:
 
     name = "api"
 
-    def __init__(self, settings, http, clock=time.time):
+    def __init__(self, settings, http, shared=None, clock=time.time):
         self.settings = settings
         self.http = http
         self.url = settings.ifm_base_url + "/chat/completions"
         self.models_url = settings.ifm_base_url + "/models"
         self.pool = CredentialPool("api", settings.ifm_keys_file, settings, anonymous=True,
                                    fixed=settings.ifm_api_key, noun="IFM key", clock=clock)
-        self.replay = ReplayCache(settings.replay_cache_mb)
+        self.replay = ReplayCache(settings.replay_cache_mb, shared)
         self.clock = clock
 
     async def watch_keys(self):
@@ -3060,14 +3259,18 @@ class ApiUpstream:
             headers["Authorization"] = f"Bearer {credential.value}"
         return headers
 
-    def replayed(self, client):
-        """The reasoning the proxy gave with an assistant turn, looked up for a client that sent it back without."""
-        return lambda turn: self.replay.get(client, turn_digest(turn.text, [(c.name, c.arguments) for c in turn.calls]))
+    async def replayed(self, core):
+        """The reasoning the proxy gave with each assistant turn a client sent back without it, by the turn's
+        digest."""
+        return await self.replay.lookup(core.client, [assistant_digest(turn) for turn in core.turns
+                                                      if turn.role == "assistant" and turn.reasoning is None])
 
     async def complete(self, core):
         """The completion's events, attempt by attempt, as SiteUpstream.complete gives them; a stream cut before
         its finish is tried again on another key (with the same session id) while the client has seen nothing."""
-        body = json_text(api_payload(core, api_messages(core, self.replayed(core.client)))).encode()
+        replayed = await self.replayed(core)
+        messages = api_messages(core, lambda turn: replayed.get(assistant_digest(turn)))
+        body = json_text(api_payload(core, messages)).encode()
         tried, error = [], None
         for _ in range(self.settings.max_retries + 1):
             credential = self.pool.acquire(tried)
@@ -3124,7 +3327,7 @@ class ApiUpstream:
             raise UpstreamError(TRUNCATED, "upstream's stream ended before its answer did (no finish reason)")
         closing = progress.closing(reader.finish_reason, core.prompt_tokens)
         self.pool.spent(credential, closing[-1].usage.total_tokens, budget)
-        self.replay.put(core.client, progress.digest(), "".join(progress.reasoning))
+        await self.replay.put(core.client, progress.digest(), "".join(progress.reasoning))
         yield closing
 
 
@@ -4095,124 +4298,6 @@ def histogram_lines(name, labels, histogram):
             f"{name}_count{labels_text(labels)} {histogram.count}"]
 
 
-# ─── Shared state ────────────────────────────────────────────────────────────
-# Replicas that share one Redis (REDIS_URL; the redis package is imported only
-# then). The link to it: any failed command marks it down, and the sections
-# below serve from their local state; /health says so, the log warns once a
-# minute, and the heartbeat, which also tells the fleet this replica is up,
-# brings it back and has each section resync. Offers Shared, Unshared and the
-# replicas the heartbeats show.
-
-REDIS_TIMEOUT = 0.5          # seconds a Redis command may take before Redis counts as unreachable
-HEARTBEAT_SECONDS = 0.5      # between two heartbeats: how soon a replica sees Redis back
-REPLICA_GONE_SECONDS = 10    # a replica whose heartbeat is older is no longer listed
-REDIS_WARNING_SECONDS = 60   # between two warnings that Redis cannot be reached
-REDIS_PREFIX = "k2proxy:"    # of every key k2proxy keeps in Redis
-REPLICAS_KEY = REDIS_PREFIX + "replicas"
-
-
-class Unshared(Exception):
-    """Redis cannot be reached: the caller serves from its local state."""
-
-
-def redis_place(url):
-    """Where a Redis URL points, without its password, for logs and /health."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path if parts.path not in ('', '/') else ''}"
-
-
-class Shared:
-    """The link to the Redis that replicas share: commands run through `run`, which turns any failure into
-    Unshared; `up` says whether the last command worked."""
-
-    def __init__(self, url, replica, clock=time.time):
-        try:
-            import redis.asyncio as redis_client  # optional: requirements-redis.txt
-            from redis.exceptions import RedisError
-        except ImportError:
-            raise SettingsError("setting REDIS_URL needs the redis package: pip install -r requirements-redis.txt "
-                                "(the Docker image: build it with --build-arg WITH_REDIS=1)") from None
-        self.client = redis_client.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
-        self.failures = (RedisError, OSError, asyncio.TimeoutError)
-        self.place = redis_place(url)
-        self.replica = replica
-        self.clock = clock
-        self.started = clock()
-        self.up = False
-        self.down_since = self.started  # until the first heartbeat gets through
-        self.reason = "not reached yet"
-        self.warned_at = None
-        self.resyncs = []  # async callables the sections below add: run when Redis is back
-
-    def script(self, text):
-        """A Lua script run atomically in Redis, called as `await script(keys=[...], args=[...])`."""
-        return self.client.register_script(text)
-
-    async def run(self, command):
-        """What `command(client)` gives; Unshared when Redis is down or the command fails (which marks it down)."""
-        if not self.up:
-            raise Unshared()
-        try:
-            return await command(self.client)
-        except self.failures as exc:
-            self.lost(exc)
-            raise Unshared() from None
-
-    def lost(self, exc):
-        if self.up:
-            self.up, self.down_since = False, self.clock()
-            self.warned_at = None
-        self.reason = loggable(str(exc) or type(exc).__name__)[:LAST_ERROR_CHARS]
-
-    async def beat(self):
-        """Tells the fleet this replica is up, which also tries Redis: when it is back, each section resyncs."""
-        now = self.clock()
-        entry = json_text({"started": self.started, "seen": now, "version": __version__})
-        try:
-            await self.client.hset(REPLICAS_KEY, self.replica, entry)
-        except self.failures as exc:
-            self.lost(exc)
-        else:
-            if not self.up:
-                self.up = True
-                log.info("Redis at %s reached: key limits, stored responses, credential state, the request log and "
-                         "admin edits are shared with the other replicas", self.place)
-                for resync in self.resyncs:
-                    with contextlib.suppress(Unshared):
-                        await resync()
-        if not self.up and (self.warned_at is None or now - self.warned_at >= REDIS_WARNING_SECONDS):
-            self.warned_at = now
-            log.warning("Redis at %s cannot be reached (%s) for %.0f s: this replica serves from its own state "
-                        "(see docs/replicas.md for what that means) and resyncs when Redis is back", self.place,
-                        self.reason, now - self.down_since)
-        return HEARTBEAT_SECONDS
-
-    def problem(self):
-        """What /health says while Redis is down, else None."""
-        if self.up:
-            return None
-        return ApiError(503, f"Redis at {self.place} cannot be reached ({self.reason}) for "
-                             f"{self.clock() - self.down_since:.0f} s: this replica serves from its own state",
-                        code="redis_unreachable")
-
-    async def replicas(self):
-        """The replicas whose heartbeat is recent: name, start and last heartbeat, in order of start."""
-        entries = await self.run(lambda redis: redis.hgetall(REPLICAS_KEY))
-        now, seen = self.clock(), []
-        for name, entry in entries.items():
-            entry = json.loads(entry)
-            if now - entry["seen"] < REPLICA_GONE_SECONDS:
-                seen.append({"name": name.decode(), "started": entry["started"], "seen": entry["seen"],
-                             "uptime_s": int(now - entry["started"]), "version": entry["version"]})
-        return sorted(seen, key=lambda entry: entry["started"])
-
-    async def leave(self):
-        """Takes this replica off the list as it stops."""
-        with contextlib.suppress(Unshared):
-            await self.run(lambda redis: redis.hdel(REPLICAS_KEY, self.replica))
-        await self.client.aclose()
-
-
 # ─── API keys ────────────────────────────────────────────────────────────────
 # The keys clients may use: VALID_API_KEY's (unnamed, no limits) and those of
 # API_KEYS_FILE (named, each with its requests per minute and completions at
@@ -4433,39 +4518,6 @@ class ApiKeys:
 
 RESPONSES_KEY = REDIS_PREFIX + "responses:"
 OWNER_CHARS = 32  # of the digest of an API key (RequestRecord.client), which a kept response in Redis starts with
-# Drops a kept response from Redis: its data, its place in the order and its bytes.
-DROP_RESPONSE_LUA = """
-local function drop(prefix, id)
-  redis.call('DEL', prefix .. 'data:' .. id)
-  redis.call('ZREM', prefix .. 'order', id)
-  local size = redis.call('HGET', prefix .. 'sizes', id)
-  if size then
-    redis.call('HDEL', prefix .. 'sizes', id)
-    redis.call('DECRBY', prefix .. 'bytes', size)
-  end
-end
-"""
-DROP_RESPONSE_SCRIPT = DROP_RESPONSE_LUA + "drop(ARGV[1], ARGV[2])\nreturn 0"
-# Keeps a response (ARGV: prefix, id, data, its age, ttl, count and bytes allowed, all times in ms): the expired
-# and, past the count or the bytes, the oldest go first.
-PUT_RESPONSE_SCRIPT = DROP_RESPONSE_LUA + """
-local prefix, id, data = ARGV[1], ARGV[2], ARGV[3]
-local age, ttl, count, bytes = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local clock = redis.call('TIME')
-local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
-for _, old in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'order', '-inf', now - ttl)) do drop(prefix, old) end
-drop(prefix, id)
-redis.call('SET', prefix .. 'data:' .. id, data, 'PX', ttl - age)
-redis.call('ZADD', prefix .. 'order', now - age, id)
-redis.call('HSET', prefix .. 'sizes', id, string.len(data))
-redis.call('INCRBY', prefix .. 'bytes', string.len(data))
-while redis.call('ZCARD', prefix .. 'order') > count or tonumber(redis.call('GET', prefix .. 'bytes')) > bytes do
-  drop(prefix, redis.call('ZRANGE', prefix .. 'order', 0, 0)[1])
-end
-return 0
-"""
-
-
 def store_unreachable():
     return ApiError(503, "Stored responses are kept in Redis, which cannot be reached now; try again in a moment",
                     code="store_unreachable", retry_after=1)
@@ -4501,9 +4553,8 @@ class ResponseStore:
         self.clock = clock
         self.entries = collections.OrderedDict()  # id → StoredResponse, oldest first
         self.bytes = 0
-        self.shared = shared
+        self.shared = shared and CappedStore(shared, RESPONSES_KEY, self.max_count, self.max_bytes, self.ttl)
         if shared:
-            self.put_script, self.drop_script = shared.script(PUT_RESPONSE_SCRIPT), shared.script(DROP_RESPONSE_SCRIPT)
             shared.resyncs.append(self.move_to_shared)
 
     async def put(self, response, history, owner):
@@ -4520,10 +4571,7 @@ class ResponseStore:
             self._drop(next(iter(self.entries)))
 
     async def put_shared(self, response_id, kept):
-        age = self.clock() - kept.kept_at
-        await self.shared.run(lambda redis: self.put_script(args=[
-            RESPONSES_KEY, response_id, kept.owner.encode() + kept.data, int(age * 1000), int(self.ttl * 1000),
-            self.max_count, int(self.max_bytes)]))
+        await self.shared.put(response_id, kept.owner.encode() + kept.data, self.clock() - kept.kept_at)
 
     async def get(self, response_id, owner):
         """The StoredResponse, or None when it was never kept, has expired, was deleted, or is another key's; a
@@ -4533,7 +4581,7 @@ class ResponseStore:
         kept = self.entries.get(response_id)
         if kept is None and self.shared:
             try:
-                data = await self.shared.run(lambda redis: redis.get(RESPONSES_KEY + "data:" + response_id))
+                data, = await self.shared.get_many([response_id])
             except Unshared:
                 raise store_unreachable() from None
             kept = data and StoredResponse(self.clock(), data[:OWNER_CHARS].decode(), data[OWNER_CHARS:])
@@ -4545,7 +4593,7 @@ class ResponseStore:
             self._drop(response_id)
         elif found:
             try:
-                await self.shared.run(lambda redis: self.drop_script(args=[RESPONSES_KEY, response_id]))
+                await self.shared.drop(response_id)
             except Unshared:
                 raise store_unreachable() from None
         return found
@@ -4830,14 +4878,14 @@ class AppState:
     def __init__(self, settings):
         self.settings = settings
         self.http = HttpClient(settings)
+        self.shared = Shared(settings.redis_url, replica_name()) if settings.redis_url else None
         self.site = SiteUpstream(settings, self.http)
-        self.api = ApiUpstream(settings, self.http)
+        self.api = ApiUpstream(settings, self.http, self.shared)
         self.upstreams = [{"site": self.site, "api": self.api}[kind] for kind in settings.upstream]
         self.session_secret = hashlib.sha256(b"k2proxy X-Session-ID\0" + settings.admin_key.encode()).digest()
         self.models = Models(settings, self.site)
         self.accounts = Accounts(settings, self.site, on_sign_in=self.models.token_arrived)
         self.monitor = Monitor(settings)
-        self.shared = Shared(settings.redis_url, replica_name()) if settings.redis_url else None
         self.keys = ApiKeys(settings, self.shared)
         self.responses = ResponseStore(settings, self.shared)
         self.fleet = self.shared and Fleet(self.shared, settings, [*self.site.pools.values(), self.api.pool],

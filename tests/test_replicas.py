@@ -376,3 +376,16 @@ def test_codex_runs_a_multi_turn_task_through_nginx_in_front_of_two_replicas(rep
                 if entry["route"] == "/v1/responses"]
     eventually(lambda: len(served()) == 3)
     assert len(set(served())) == 2, "nginx sent the turns to both replicas"
+
+
+def test_reasoning_a_client_dropped_is_replayed_whichever_replica_gave_it(replicas):
+    fleet = replicas(api=True, UPSTREAM="api", IFM_API_KEY="ifm-replay")
+    fleet.steer(reasoning="Seven is prime: no divisor between 2 and 6.", answer="Yes, 7 is prime.")
+    status, first = completion(fleet, 0, content="Is 7 prime?")
+    assert status == 200 and first["choices"][0]["message"]["reasoning_content"], first
+    follow_up = chat(content="And 9?")
+    follow_up["messages"][:0] = [{"role": "user", "content": "Is 7 prime?"},
+                                 {"role": "assistant", "content": "Yes, 7 is prime."}]  # its reasoning dropped
+    assert fleet.call(1, "POST", "/v1/chat/completions", follow_up)[0] == 200
+    sent = fleet.received()[-1]["body"]["messages"]
+    assert sent[1]["reasoning_content"] == "Seven is prime: no divisor between 2 and 6.", "from the first replica"
