@@ -9,7 +9,7 @@ import urllib.request
 
 import playwright.async_api as playwright
 import pytest
-from conftest import ADMIN, ADMIN_KEY, AUTH, MODEL, ROOT, chat, free_port, need_program
+from conftest import ADMIN, ADMIN_KEY, AUTH, E2E_ADMIN_KEY, MODEL, ROOT, chat, free_port, need_program
 from fake_upstream import Reply, make_jwt
 
 import k2proxy
@@ -599,3 +599,111 @@ async def test_fifty_requests_on_a_phone_leave_the_tokens_within_two_screens(mon
     ARTIFACTS.mkdir(exist_ok=True)
     await page.evaluate("window.scrollTo(0, 0)")
     await page.screenshot(path=str(ARTIFACTS / "admin-phone-requests.png"), full_page=True)
+
+
+# ─── Replicas sharing one Redis: which replicas the page sees, and which one served each request ──
+
+HOUR, DAY = 3600, 86400
+FLEET = [  # as /admin/status lists them with REDIS_URL set: in order of start, this one marked
+    {"name": "vps-a:101", "uptime_s": 2 * DAY + 4 * HOUR + 30, "this": False, "started": 1, "seen": 2,
+     "version": "0.9.0"},
+    {"name": "vps-a:102", "uptime_s": 3 * HOUR + 12 * 60 + 5, "this": True, "started": 1, "seen": 2,
+     "version": k2proxy.__version__},
+    {"name": "vps-b:7", "uptime_s": 45, "this": False, "started": 1, "seen": 2, "version": k2proxy.__version__}]
+
+
+def answer_changed(change):
+    """A route handler that answers with what the proxy answered, as `change` leaves its JSON."""
+    async def handle(route):
+        response = await route.fetch()
+        await route.fulfill(response=response, json=change(await response.json()))
+    return handle
+
+
+async def fleet_page(browser, site, replicas, replica=None, width=1280):
+    """A page signed in to `site` whose status lists `replicas`, and whose log names `replica` as each request's."""
+    page = await open_page(browser, site, width=width)
+    await page.route("**/admin/status", answer_changed(lambda status: {**status, "replicas": replicas}))
+    if replica:
+        await page.route(re.compile(r"/admin/requests(\?|$)"), answer_changed(
+            lambda log: {"requests": [{**entry, "replica": replica} for entry in log["requests"]]}))
+    await log_in(page)
+    return page
+
+
+async def test_a_single_process_without_redis_shows_no_replicas_and_no_replica_column(browser, site):
+    """The default: the page as it was before replicas, although the status lists this process."""
+    status = await (await site.get("/admin/status", headers=ADMIN)).json()
+    assert [sorted(seen) for seen in status["replicas"]] == [["name", "this", "uptime_s"]]
+    assert (await site.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
+    page = await dashboard(browser, site)
+    await playwright.expect(page.locator("#requests-body tr")).to_have_count(1, timeout=8000)
+    await playwright.expect(page.locator("#requests-body td[data-label='Key']")).to_have_text("VALID_API_KEY")
+    for hidden in ("#replicas-term", "#replicas", "#replica-head"):
+        await playwright.expect(page.locator(hidden)).to_be_hidden()
+    await playwright.expect(page.locator("#requests-body td[data-label='Replica']")).to_have_count(0)
+    await text_of(page, "#requests-hint", "the newest first; errors marked")
+    shown = await page.inner_text("#dashboard")
+    assert "Replica" not in shown and "this one" not in shown
+
+
+async def test_several_replicas_are_listed_with_their_uptime_and_this_one_marked(browser, site):
+    assert (await site.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
+    page = await fleet_page(browser, site, FLEET, replica="vps-b:7")
+    await playwright.expect(page.locator("#replicas-term")).to_be_visible(timeout=8000)
+    await playwright.expect(page.locator("#replicas li")).to_have_text([
+        "vps-a:101 up 2 d 4 h v0.9.0",  # versions that differ (an upgrade under way) are shown
+        f"vps-a:102 up 3 h 12 min v{k2proxy.__version__} this one",
+        f"vps-b:7 up 45 s v{k2proxy.__version__}"])
+    await playwright.expect(page.locator("#replicas")).to_contain_text("the request log is every replica's")
+
+    await playwright.expect(page.locator("#replica-head")).to_be_visible()
+    await playwright.expect(page.locator("#requests-body td[data-label='Replica']")).to_have_text(["vps-b:7"])
+    await text_of(page, "#requests-hint", "every replica's, the newest first; errors marked")
+    headers = await page.locator("#requests-body").locator("xpath=..").locator("th:visible").all_text_contents()
+    assert headers[:3] == ["Time", "Replica", "Key"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "admin-replicas.png"), full_page=True)
+
+
+async def test_replicas_and_the_replica_of_a_request_fit_a_phone(browser, site):
+    assert (await site.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
+    fleet = [{**seen, "name": seen["name"].replace("vps", "a-rather-long-kubernetes-pod-name-7f9c4d")}
+             for seen in FLEET]
+    page = await fleet_page(browser, site, fleet, replica=fleet[2]["name"], width=360)
+    await playwright.expect(page.locator("#replicas li")).to_have_count(3, timeout=8000)
+    field = page.locator("#requests-body td[data-label='Replica']")
+    await playwright.expect(field).to_have_text(fleet[2]["name"], timeout=8000)
+    await playwright.expect(field).to_be_visible()
+    widths = await page.evaluate("[document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+    assert widths[0] <= widths[1], f"page is {widths[0]} px wide in a {widths[1]} px viewport"
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "admin-replicas-phone.png"), full_page=True)
+
+
+async def test_one_replica_with_redis_is_shown_as_such(browser, site):
+    """REDIS_URL set, no other replica yet (its entry has "seen"): the page says which one it sees."""
+    page = await fleet_page(browser, site, [FLEET[1]])
+    await playwright.expect(page.locator("#replicas li")).to_have_text(
+        ["vps-a:102 up 3 h 12 min this one"], timeout=8000)
+    await playwright.expect(page.locator("#replica-head")).to_be_hidden()
+
+
+async def test_a_real_fleet_shows_both_replicas_and_which_one_served_each_request(browser, replicas):
+    """Two `python k2proxy.py` processes sharing a real redis-server: each one's page lists both, marks itself,
+    and its log names the replica of each request."""
+    fleet = replicas()
+    for number in (1, 0):
+        assert fleet.call(number, "POST", "/v1/chat/completions", chat())[0] == 200
+    names = [seen["name"] for seen in fleet.admin(0, "GET", "/admin/status")[1]["replicas"]]
+    assert len(names) == 2
+    for number in (0, 1):
+        page = await browser.new_page(viewport={"width": 1280, "height": 900})
+        await page.goto(fleet.urls[number] + "/admin")
+        await log_in(page, E2E_ADMIN_KEY)
+        await playwright.expect(page.locator("#replicas li")).to_have_text(
+            [re.compile(f"^{re.escape(name)} up \\d+ (s|min)" + (" this one$" if this == number else "$"))
+             for this, name in enumerate(names)], timeout=8000)
+        await playwright.expect(page.locator("#requests-body td[data-label='Replica']")).to_have_text(
+            names, timeout=8000)  # the newest first: replica 0 served the second request
+        await page.close()
