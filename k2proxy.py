@@ -2504,6 +2504,7 @@ def worth_another_try(failure, credential):
 REDIS_TIMEOUT = 0.5          # seconds a Redis command may take before Redis counts as unreachable
 HEARTBEAT_SECONDS = 0.5      # between two heartbeats: how soon a replica sees Redis back
 REPLICA_GONE_SECONDS = 10    # a replica whose heartbeat is older is no longer listed
+SILENT_SECONDS = 3           # a replica whose heartbeat is older may be cut off from Redis
 REDIS_WARNING_SECONDS = 60   # between two warnings that Redis cannot be reached
 REDIS_PREFIX = "k2proxy:"    # of every key k2proxy keeps in Redis
 REPLICAS_KEY = REDIS_PREFIX + "replicas"
@@ -2617,7 +2618,7 @@ class Shared:
             self.warned_at = now
             log.warning("Redis at %s cannot be reached (%s) for %.0f s: this replica serves from its own state "
                         "(see docs/replicas.md for what that means) and resyncs when Redis is back", self.place,
-                        self.reason, now - self.down_since)
+                        self.reason, self.clock() - self.down_since)
         return HEARTBEAT_SECONDS
 
     def problem(self):
@@ -2628,16 +2629,31 @@ class Shared:
                              f"{self.clock() - self.down_since:.0f} s: this replica serves from its own state",
                         code="redis_unreachable")
 
+    async def heartbeats(self):
+        """The last heartbeat of each replica that has not left, by name; those of a day ago are forgotten."""
+        entries = await self.run(lambda redis: redis.hgetall(REPLICAS_KEY))
+        beats = {name.decode(): json.loads(entry) for name, entry in entries.items()}
+        forgotten = [name for name, beat in beats.items() if self.clock() - beat["seen"] > DAY_SECONDS]
+        if forgotten:
+            await self.run(lambda redis: redis.hdel(REPLICAS_KEY, *forgotten))
+        return beats
+
     async def replicas(self):
         """The replicas whose heartbeat is recent: name, start and last heartbeat, in order of start."""
-        entries = await self.run(lambda redis: redis.hgetall(REPLICAS_KEY))
         now, seen = self.clock(), []
-        for name, entry in entries.items():
-            entry = json.loads(entry)
-            if now - entry["seen"] < REPLICA_GONE_SECONDS:
-                seen.append({"name": name.decode(), "started": entry["started"], "seen": entry["seen"],
-                             "uptime_s": int(now - entry["started"]), "version": entry["version"]})
+        for name, beat in (await self.heartbeats()).items():
+            if now - beat["seen"] < REPLICA_GONE_SECONDS:
+                seen.append({"name": name, "started": beat["started"], "seen": beat["seen"],
+                             "uptime_s": int(now - beat["started"]), "version": beat["version"]})
         return sorted(seen, key=lambda entry: entry["started"])
+
+    async def silent_since(self, within):
+        """Seconds since the oldest heartbeat of a replica that went silent, less than `within` seconds ago, without
+        leaving (it may serve, cut off from Redis), or None."""
+        now = self.clock()
+        silent = [now - beat["seen"] for beat in (await self.heartbeats()).values()
+                  if SILENT_SECONDS < now - beat["seen"] < within]
+        return max(silent, default=None)
 
     async def leave(self):
         """Takes this replica off the list as it stops."""
@@ -4517,7 +4533,6 @@ class ApiKeys:
 # dropped unsaid. Offers ResponseStore to the app state.
 
 RESPONSES_KEY = REDIS_PREFIX + "responses:"
-OWNER_CHARS = 32  # of the digest of an API key (RequestRecord.client), which a kept response in Redis starts with
 def store_unreachable():
     return ApiError(503, "Stored responses are kept in Redis, which cannot be reached now; try again in a moment",
                     code="store_unreachable", retry_after=1)
@@ -4554,6 +4569,7 @@ class ResponseStore:
         self.entries = collections.OrderedDict()  # id → StoredResponse, oldest first
         self.bytes = 0
         self.shared = shared and CappedStore(shared, RESPONSES_KEY, self.max_count, self.max_bytes, self.ttl)
+        self.link = shared
         if shared:
             shared.resyncs.append(self.move_to_shared)
 
@@ -4571,7 +4587,7 @@ class ResponseStore:
             self._drop(next(iter(self.entries)))
 
     async def put_shared(self, response_id, kept):
-        await self.shared.put(response_id, kept.owner.encode() + kept.data, self.clock() - kept.kept_at)
+        await self.shared.put(response_id, kept.owner.encode() + b" " + kept.data, self.clock() - kept.kept_at)
 
     async def get(self, response_id, owner):
         """The StoredResponse, or None when it was never kept, has expired, was deleted, or is another key's; a
@@ -4582,9 +4598,16 @@ class ResponseStore:
         if kept is None and self.shared:
             try:
                 data, = await self.shared.get_many([response_id])
+                silent = data is None and await self.link.silent_since(self.ttl)
             except Unshared:
                 raise store_unreachable() from None
-            kept = data and StoredResponse(self.clock(), data[:OWNER_CHARS].decode(), data[OWNER_CHARS:])
+            if silent:  # it may be kept by that replica, to be moved to Redis when the two meet again
+                raise ApiError(503, f"No response with this id in Redis, and a replica has not been heard from for "
+                                    f"{silent:.0f} s: it may hold it; try again in a moment", code="store_unreachable",
+                               retry_after=1)
+            if data:
+                owner_of, _, data = data.partition(b" ")
+                kept = StoredResponse(self.clock(), owner_of.decode(), data)
         return kept if kept and hmac.compare_digest(kept.owner, owner) else None
 
     async def delete(self, response_id, owner):
@@ -4665,6 +4688,9 @@ class Synced:
     entry: bytes = None       # the fleet's entry as last read, so that an unchanged one is not parsed again
     tokens: int = 0           # its tokens today, as last synced
 
+    def published(self, fields, at):
+        self.fields, self.at = fields, at
+
 
 class Fleet:
     """Keeps this replica in step with the others through Redis, one exchange every SYNC_SECONDS."""
@@ -4701,17 +4727,20 @@ class Fleet:
         reading.hgetall(ACCOUNT_TOKENS_KEY)
         reading.hgetall(EDITS_KEY)
         *pool_hashes, accounts, edits = await reading.execute()
-        writing = redis.pipeline(transaction=False)
+        writing, written = redis.pipeline(transaction=False), []  # what is published, once the writes went through
         synced = {}
         for place, pool in enumerate(self.pools):
-            synced.update(self.sync_pool(pool, pool_hashes[2 * place], pool_hashes[2 * place + 1], writing, now, day))
+            synced.update(self.sync_pool(pool, pool_hashes[2 * place], pool_hashes[2 * place + 1], writing, written,
+                                         now, day))
         self.synced = synced  # of the credentials the pools hold now: one that left is forgotten
-        self.sync_accounts(accounts, writing, now)
-        self.push_log(writing)
+        self.sync_accounts(accounts, writing, written, now)
+        self.push_log(writing, written)
         await writing.execute()
+        for published in written:
+            published()
         await self.take_edits(edits)
 
-    def sync_pool(self, pool, states, totals, writing, now, day):
+    def sync_pool(self, pool, states, totals, writing, written, now, day):
         """Publishes the state of the pool's credentials that changed here, takes what others published since;
         returns what is known of each credential the pool holds now."""
         known = {}
@@ -4720,8 +4749,8 @@ class Fleet:
             known[pool.name, credential.value] = synced
             local, entry = shared_fields(credential), states.get(synced.fingerprint.encode())
             if local != synced.fields:
-                synced.fields, synced.at = local, now
                 writing.hset(CREDENTIALS_KEY + pool.name, synced.fingerprint, json_text({"fields": local, "at": now}))
+                written.append(functools.partial(synced.published, local, now))
             elif entry is not None and entry != synced.entry:
                 remote = json.loads(entry)
                 if remote["at"] > synced.at:
@@ -4744,7 +4773,7 @@ class Fleet:
         credential.day, credential.tokens_today = day, total + max(0, added)
         synced.tokens = credential.tokens_today
 
-    def sync_accounts(self, remote, writing, now):
+    def sync_accounts(self, remote, writing, written, now):
         """Publishes the token an account signed in with here; takes the one another replica signed in with."""
         for credential in self.accounts.pool.credentials:
             email = credential.account
@@ -4752,8 +4781,8 @@ class Fleet:
                 continue
             entry = json.loads(remote[email.encode()]) if email.encode() in remote else None
             if credential.value != self.account_tokens.get(email):
-                self.account_tokens[email] = credential.value
                 writing.hset(ACCOUNT_TOKENS_KEY, email, json_text({"token": credential.value, "at": now}))
+                written.append(functools.partial(self.token_published, email, credential.value))
             elif entry and entry["token"] != credential.value:
                 self.account_tokens[email] = entry["token"]
                 self.accounts.adopt(email, entry["token"])
@@ -4763,6 +4792,12 @@ class Fleet:
                 self.account_tokens[email] = token
                 self.accounts.adopt(email, token)
 
+    def token_published(self, email, token):
+        self.account_tokens[email] = token
+
+    def log_published(self, logged):
+        self.log_pushed = logged
+
     async def claim_sign_in(self, email):
         """Whether this replica is to sign the account in now: no other is (while Redis is down, each signs in)."""
         try:
@@ -4771,10 +4806,10 @@ class Fleet:
         except Unshared:
             return True
 
-    def push_log(self, writing):
+    def push_log(self, writing, written):
         """Adds the requests logged here since the last exchange to the fleet's log, which keeps REQUEST_LOG_SIZE."""
         new = min(self.monitor.logged - self.log_pushed, len(self.monitor.log))
-        self.log_pushed = self.monitor.logged
+        written.append(functools.partial(self.log_published, self.monitor.logged))
         if new and self.log_size:
             entries = itertools.islice(self.monitor.log, len(self.monitor.log) - new, None)
             writing.lpush(LOG_KEY, *(json_text({**entry, "replica": self.shared.replica}) for entry in entries))
@@ -7197,11 +7232,12 @@ def run_server(app, settings):
         asyncio.run(serve(app, settings))
     except OSError as exc:  # the address is taken, or HOST is not an address of this machine
         print(f"k2proxy: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return CANNOT_LISTEN
     return 0
 
 
 WORKER_RESTART_SECONDS = 1  # before a worker that died is started again
+CANNOT_LISTEN, WORKER_FAILED = 1, 70  # exit codes: the port cannot be listened on; a worker failed otherwise
 
 
 def run_workers(settings):
@@ -7211,10 +7247,16 @@ def run_workers(settings):
 
     def start_worker():
         pid = os.fork()
-        if pid == 0:  # the worker: a whole proxy of its own
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os._exit(run_server(make_app(settings), settings))
+        if pid == 0:  # the worker: a whole proxy of its own, which never returns into this loop
+            code = WORKER_FAILED
+            try:
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                code = run_server(make_app(settings), settings)
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                os._exit(code)
         workers[pid] = True
 
     def stop(signal_number, _frame):
@@ -7233,14 +7275,15 @@ def run_workers(settings):
         pid, status = os.wait()
         workers.pop(pid, None)
         code = os.waitstatus_to_exitcode(status)
-        if not stopping and code == 1:  # the port cannot be listened on: another start would fail alike
+        if not stopping and code == CANNOT_LISTEN:  # another start would fail alike
             failed = True
             stop(signal.SIGTERM, None)
         elif not stopping:
             log.warning("worker %d ended (exit code %d); starting another in %d s", pid, code, WORKER_RESTART_SECONDS)
             time.sleep(WORKER_RESTART_SECONDS)
-            start_worker()
-    return 1 if failed else 0
+            if not stopping:  # a signal during the pause ends the workers instead
+                start_worker()
+    return CANNOT_LISTEN if failed else 0
 
 
 if __name__ == "__main__":

@@ -389,3 +389,25 @@ def test_reasoning_a_client_dropped_is_replayed_whichever_replica_gave_it(replic
     assert fleet.call(1, "POST", "/v1/chat/completions", follow_up)[0] == 200
     sent = fleet.received()[-1]["body"]["messages"]
     assert sent[1]["reasoning_content"] == "Seven is prime: no divisor between 2 and 6.", "from the first replica"
+
+
+async def test_a_response_kept_by_a_replica_cut_off_from_redis_is_a_503_elsewhere_not_a_404(redis_server):
+    now = [1000.0]
+    settings = k2proxy.load_settings({"VALID_API_KEY": API_KEY})
+    cut_off, other = (k2proxy.Shared(redis_server.url, name, clock=lambda: now[0]) for name in ("cut-off", "other"))
+    for shared in (cut_off, other):
+        await shared.beat()
+    stores = [k2proxy.ResponseStore(settings, shared) for shared in (cut_off, other)]
+    assert await stores[1].get("resp_unknown", "me") is None, "a 404 while every replica is heard from"
+    cut_off.lost(ConnectionError("network split"))
+    await stores[0].put({"id": "resp_kept"}, [], "me")
+    assert (await stores[0].get("resp_kept", "me")).response() == {"id": "resp_kept"}, "kept where it was made"
+    now[0] += 10  # the other replica beats on; the cut-off one cannot
+    await other.beat()
+    with pytest.raises(k2proxy.ApiError) as unreachable:
+        await stores[1].get("resp_kept", "me")
+    assert unreachable.value.status == 503 and "not been heard from for 10 s" in unreachable.value.message
+    await cut_off.beat()  # the split heals: the response moves to Redis
+    assert (await stores[1].get("resp_kept", "me")).response() == {"id": "resp_kept"}
+    for shared in (cut_off, other):
+        await shared.leave()
