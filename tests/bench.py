@@ -6,17 +6,22 @@ Starts the fake upstream and the proxy as processes on 127.0.0.1 and prints mark
 content, streamed and non-streamed throughput (direct and by each completion route), proxy CPU for long
 snapshot answers, proxy memory, the targets, what each completion's bookkeeping costs, and the rate of
 every other route; then the same for the official API's upstream kind (the fake API directly and through a
-second proxy with UPSTREAM=api). Timing misses are reported, not failed; the exit status is non-zero only
-when requests failed.
+second proxy with UPSTREAM=api); then, with a redis-server of its own, what REDIS_URL costs a request (a proxy
+in process and one with REDIS_URL, in turns) and the streamed rate of WORKERS=1 against WORKERS=2 (skipped,
+saying why, without redis-server or the redis package). Timing misses are reported, not failed; the exit
+status is non-zero only when requests failed.
 """
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import importlib.util
 import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -46,30 +51,47 @@ def free_port():
         return sock.getsockname()[1]
 
 
-def start(args, port, env=None, cwd=None):
-    """Starts a process and waits until it listens on `port`."""
-    process = subprocess.Popen([sys.executable, *args], env={**os.environ, **(env or {})}, cwd=cwd,
+def listeners(port):
+    """How many sockets listen on `port` of IPv4 loopback (with SO_REUSEPORT, one a worker)."""
+    with open("/proc/net/tcp") as table:
+        rows = [line.split() for line in list(table)[1:]]
+    return sum(1 for row in rows if row[1] == f"0100007F:{port:04X}" and row[3] == "0A")  # 0A: LISTEN
+
+
+def start(command, port, env=None, cwd=None, sockets=1):
+    """Starts a process (in a process group of its own, so that what it forks is stopped with it) and waits until
+    `sockets` sockets listen on `port`."""
+    process = subprocess.Popen(command, env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+    while time.monotonic() < deadline and process.poll() is None:
+        if listeners(port) >= sockets:
             return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"{args[0]} did not start")
+        time.sleep(0.05)
+    stop_process(process)
+    raise RuntimeError(f"{' '.join(command[:2])} did not start")
+
+
+def stop_process(process):
+    """Stops a process that `start` started, and whatever it forked that is still there."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
 
 
 @contextlib.contextmanager
-def running(args, port, env=None, cwd=None):
-    """A process started by `start`, stopped when the block ends."""
-    process = start(args, port, env, cwd)
+def running(command, port, env=None, cwd=None, sockets=1):
+    """A process started by `start`, stopped when the block ends, however it ends."""
+    process = start(command, port, env, cwd, sockets)
     try:
         yield process
     finally:
-        process.terminate()
-        process.wait(10)
+        stop_process(process)
 
 
 def proxy_env(files, port, **upstream):
@@ -97,6 +119,7 @@ def percentile(values, share):
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else float("nan")
 
 
+nan = float("nan")
 HELLO = [{"role": "user", "content": "Hello"}]
 ROUTES = {  # name: (path, request body, the bytes of the line that ends a stream)
     "direct": ("/api/guest/chat/completions", lambda stream: {"stream": True, "model": MODEL, "messages": HELLO,
@@ -121,6 +144,7 @@ API_HEADERS = {"Authorization": f"Bearer {IFM_KEY}", "X-Session-ID": "bench"}
 API_BUDGETS = {"daily_budget": 10 ** 15, "minute_budget": 10 ** 15}  # the fake API's token budgets, never reached
 BENCH_LIMITS = {"rpm": 10 ** 9, "concurrent": 10 ** 6}  # the bench key's, never reached
 BENCH_KEYS = {"keys": [{"name": "bench", "key": KEY, **BENCH_LIMITS}]}
+KEYS_LINE = f"bench:{KEY} " + " ".join(f"{name}={value}" for name, value in BENCH_LIMITS.items()) + "\n"
 BENCH_TOKEN = make_jwt(time.time() + 86400)  # a guest token, for the routes that reset one
 # Every other route: name: (path, or a function of the request's number to its path; body; key; share of the
 # request count, for routes that write a file or ask the upstream)
@@ -211,6 +235,40 @@ class Bench:
             self.errors.append(f"{route}: {type(exc).__name__}")
             return None, None
         return first, time.perf_counter() - started
+
+    async def drain(self, route):
+        """One streamed request by `route`, read as it comes (no line is parsed, which leaves the proxy more of the
+        CPU the load generator shares with it); whether it ended well (a failure is recorded)."""
+        path, body, end = self.routes[route]
+        base, headers = ((self.upstream, self.direct_headers) if route == "direct"
+                         else (self.proxy, {"Authorization": f"Bearer {KEY}"}))
+        try:
+            async with self.session.post(base + path, json=body(True), headers=headers) as response:
+                if response.status != 200:
+                    self.errors.append(f"{route}: HTTP {response.status}")
+                    return False
+                tail = b""
+                async for chunk in response.content.iter_any():
+                    if end in chunk or end in tail + chunk[:len(end)]:
+                        return True
+                    tail = chunk[-len(end):]
+                self.errors.append(f"{route}: stream without its end")
+        except aiohttp.ClientError as exc:
+            self.errors.append(f"{route}: {type(exc).__name__}")
+        return False
+
+    async def lanes(self, route, concurrency, seconds):
+        """(requests that ended well, seconds) of `concurrency` lanes each asking `route` again as soon as its last
+        request ended, for `seconds` (the requests under way then are finished and counted)."""
+        deadline, done = time.perf_counter() + seconds, [0]
+
+        async def lane():
+            while time.perf_counter() < deadline:
+                ended = await self.drain(route)  # not `done[0] += await`: it would add to a stale count
+                done[0] += ended
+        started = time.perf_counter()
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        return done[0], time.perf_counter() - started
 
     async def ttfb(self, samples, routes, concurrency=1, **shape):
         """p50 and p99 time to first content by each route, with a slow upstream, `concurrency` requests at once."""
@@ -310,7 +368,7 @@ class Bench:
             await asyncio.sleep(0.05)
 
 
-def bookkeeping_microseconds(count):
+async def bookkeeping_microseconds(count):
     """What the figures cost a completion, in process: its log entry, counters, histograms, minute and key limits."""
     sys.path.insert(0, str(ROOT))
     import k2proxy
@@ -323,10 +381,10 @@ def bookkeeping_microseconds(count):
                for _ in range(count)]
     started = time.perf_counter()
     for record in records:
-        keys.admit(key)
+        slot = await keys.admit(key)
         monitor.begin(record)
         monitor.end(record, 200)
-        keys.done(key)
+        keys.done(slot)
     return (time.perf_counter() - started) / count * 1e6
 
 
@@ -340,8 +398,9 @@ def benched(session, files, fake_args, upstream, **how):
     is the proxy's settings that point it at the fake at `url`, `how` what Bench takes besides."""
     upstream_port, proxy_port = free_port(), free_port()
     url = f"http://127.0.0.1:{upstream_port}"
-    with (running([FAKE, "--port", str(upstream_port), *fake_args], upstream_port, cwd=files),
-          running([PROXY], proxy_port, proxy_env(files, proxy_port, **upstream(url)), cwd=files) as proxy):
+    with (running([sys.executable, FAKE, "--port", str(upstream_port), *fake_args], upstream_port, cwd=files),
+          running([sys.executable, PROXY], proxy_port, proxy_env(files, proxy_port, **upstream(url)),
+                  cwd=files) as proxy):
         yield Bench(session, upstream_port, proxy_port, proxy.pid, **how)
 
 
@@ -379,22 +438,229 @@ async def api_figures(session, files, samples, rounds, runs):
     return alone, crowded, streamed, cpu, peak[0], bench.errors
 
 
+# ─── Replicas: what REDIS_URL costs a request, and WORKERS ───────────────────
+
+CONTINUED = "/v1/responses, continued"  # with previous_response_id: a stored response read back, a new one stored
+REPLICA_ROUTES = {"/v1/chat/completions": "`/v1/chat/completions`", "/v1/responses": "`/v1/responses` (stored)",
+                  CONTINUED: "`/v1/responses`, previous_response_id"}  # route: its name in the tables
+SHORT = {"reasoning": FIRST_WORDS.decode() + "r" * 60, "answer": "a" * 60, "piece": 12, "delay": 0}  # 10 frames
+SLOW = {"reasoning": FIRST_WORDS.decode() + "r" * 400, "answer": "a" * 400, "piece": 20, "delay": 0.05,
+        "site": "k2think"}  # as `ttfb`: words in the first frame, 50 ms between frames
+TURN = 10  # requests to one proxy before the other's turn
+WORKERS_CONCURRENCY = 32
+IN_PROCESS = "in process, no REDIS_URL"
+
+
+def replicas_missing():
+    """Why the figures of REDIS_URL and WORKERS cannot be taken on this machine, or None."""
+    if not shutil.which("redis-server"):
+        return "redis-server is not installed (Debian: apt-get install redis-server)"
+    if importlib.util.find_spec("redis") is None:
+        return "the redis package is not installed (pip install -r requirements-redis.txt)"
+    return None
+
+
+@contextlib.contextmanager
+def redis_server(files):
+    """A redis-server of the bench's own on a free port, saving nothing: (its URL, a client, its process)."""
+    import redis
+    port = free_port()
+    with running(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                  "--dir", str(files)], port) as process:
+        client = redis.Redis(host="127.0.0.1", port=port)
+        try:
+            yield f"redis://127.0.0.1:{port}/0", client, process
+        finally:
+            client.close()
+
+
+def start_proxy(stack, session, files, name, upstream_port, sockets=1, **settings):
+    """A Bench of a proxy in front of the fake at `upstream_port`, started in a directory `name` of its own with the
+    bench key's file, and stopped when `stack` closes."""
+    place, port = files / name, free_port()
+    place.mkdir()
+    (place / "api_keys.txt").write_text(KEYS_LINE)
+    env = proxy_env(place, port, UPSTREAM="site", K2THINK_BASE_URL=f"http://127.0.0.1:{upstream_port}", **settings)
+    process = stack.enter_context(running([sys.executable, PROXY], port, env, place, sockets))
+    return Bench(session, upstream_port, port, process.pid)
+
+
+def start_fake(stack, files):
+    """The fake site, stopped when `stack` closes: (its port, its process)."""
+    port = free_port()
+    return port, stack.enter_context(running([sys.executable, FAKE, "--port", str(port)], port, cwd=files))
+
+
+async def on_redis(bench):
+    """Waits until the proxy's /health says that it reaches Redis (until then it would count limits in process)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        health = await bench.service("GET", "/health", None, None)
+        if health and health.get("redis") == "ok":
+            return
+        await asyncio.sleep(0.1)
+    bench.errors.append(f"{bench.proxy}: never reached Redis")
+
+
+async def add_continued(bench):
+    """Stores a response in the proxy, and gives the bench a route that continues it (previous_response_id)."""
+    stored = await bench.service("POST", "/v1/responses", {"model": MODEL, "input": "Hello"}, KEY)
+    path, body, end = ROUTES["/v1/responses"]
+    previous = stored["id"] if stored else "resp_none"
+    bench.routes = {**ROUTES, CONTINUED: (path, lambda stream: {**body(stream), "previous_response_id": previous},
+                                          end)}
+
+
+async def in_turns(benches, routes, samples, first_only):
+    """Seconds to first content (or, not `first_only`, to the end) of `samples` requests by each of `routes` to
+    each of `benches`, one at a time, the benches taking turns of TURN requests, so that what the machine does
+    meanwhile falls on each alike."""
+    values = {(name, route): [] for name in benches for route in routes}
+    for _ in range(-(-samples // TURN)):
+        for route in routes:
+            for name, bench in benches.items():
+                for _ in range(TURN):
+                    first, total = await bench.one(route, first_only=first_only)
+                    value = first if first_only else total
+                    if value is not None:
+                        values[name, route].append(value)
+    return values
+
+
+async def redis_cost(session, files, redis_url, client, redis_pid, samples):
+    """A proxy in process and one with REDIS_URL, each with the bench key (its limits are what Redis keeps), in
+    front of one fake: first content with a slow upstream, and the whole request of a short answer (whose
+    response, by /v1/responses, is stored before its end); the figures `report_redis_cost` takes."""
+    with contextlib.ExitStack() as stack:
+        upstream_port, fake = start_fake(stack, files)
+        benches = {"in process": start_proxy(stack, session, files, "in-process", upstream_port),
+                   "with REDIS_URL": start_proxy(stack, session, files, "with-redis", upstream_port,
+                                                 REDIS_URL=redis_url)}
+        shared = benches["with REDIS_URL"]
+        await on_redis(shared)
+        await shared.steer(**SHORT)
+        for bench in benches.values():
+            await add_continued(bench)
+        await in_turns(benches, REPLICA_ROUTES, TURN, False)  # warm: connections, the scripts loaded in Redis
+        client.config_resetstat()
+        ours = {"ours": [fake.pid, redis_pid, *(bench.proxy_pid for bench in benches.values())]}
+        started, before = time.monotonic(), cpu_now(ours)
+        await shared.steer(**SLOW)
+        firsts = await in_turns(benches, REPLICA_ROUTES, samples, True)
+        await shared.steer(**SHORT)
+        cpu = {name: cpu_seconds(bench.proxy_pid) for name, bench in benches.items()}
+        ends = await in_turns(benches, REPLICA_ROUTES, samples, False)
+        requests = len(REPLICA_ROUTES) * -(-samples // TURN) * TURN
+        cpu = {name: (cpu_seconds(bench.proxy_pid) - cpu[name]) / requests for name, bench in benches.items()}
+        await asyncio.sleep(0.6)  # the slots given back after the last answers
+        commands = {name.removeprefix("cmdstat_"): (stats["calls"], stats["usec_per_call"])
+                    for name, stats in client.info("commandstats").items() if name != "cmdstat_config|resetstat"}
+        after, seconds = cpu_now(ours), time.monotonic() - started
+        rest = (after["machine"] - before["machine"] - sum(after[part] - before[part] for part in ours)
+                - (after["load generator"] - before["load generator"])) / seconds
+        errors = [*benches["in process"].errors, *shared.errors]
+    return firsts, ends, cpu, commands, 2 * requests, seconds, rest, errors
+
+
+def children(pid):
+    """The processes `pid` started (a WORKERS proxy's workers)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    if int(stat.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        found.append(int(entry))
+            except OSError:  # it ended meanwhile
+                pass
+    return sorted(found)
+
+
+def machine_busy():
+    """CPU seconds the whole machine has been busy, every process's (ours and any other's), from /proc/stat."""
+    with open("/proc/stat") as stat:
+        ticks = [int(value) for value in stat.readline().split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / TICKS  # all but idle and iowait
+
+
+def cpu_now(parts):
+    """CPU seconds so far of each part (its processes), of the load generator (this process) and of the machine."""
+    return {**{name: sum(map(cpu_seconds, pids)) for name, pids in parts.items()},
+            "load generator": time.process_time(), "machine": machine_busy()}
+
+
+async def workers_throughput(session, files, redis_url, redis_process, windows, seconds):
+    """Streamed chat completions, WORKERS_CONCURRENCY kept going, of the fake directly, a proxy in process (no
+    REDIS_URL), one with REDIS_URL and WORKERS=1 and one with WORKERS=2 (the same fake and Redis), in turns of
+    `seconds`, `windows` turns each; the figures `report_workers` takes: each one's rate, and the cores each process
+    used meanwhile."""
+    chat = "/v1/chat/completions"
+    with contextlib.ExitStack() as stack:
+        upstream_port, fake = start_fake(stack, files)
+        alone = start_proxy(stack, session, files, "workers-in-process", upstream_port)
+        one = start_proxy(stack, session, files, "workers-1", upstream_port, REDIS_URL=redis_url, WORKERS="1")
+        two = start_proxy(stack, session, files, "workers-2", upstream_port, sockets=2, REDIS_URL=redis_url,
+                          WORKERS="2")
+        workers = children(two.proxy_pid)
+        common = {"fake upstream": [fake.pid], "redis-server": [redis_process.pid]}
+        targets = {"the fake directly": (one, "direct", common),
+                   IN_PROCESS: (alone, chat, {"proxy": [alone.proxy_pid], **common}),
+                   "WORKERS=1": (one, chat, {"proxy": [one.proxy_pid], **common}),
+                   "WORKERS=2": (two, chat, {"proxy": [two.proxy_pid, *workers], **common,
+                                             **{f"worker {n}": [pid] for n, pid in enumerate(workers, 1)}})}
+        for bench in (one, two):
+            await on_redis(bench)
+        await one.steer(reasoning="r" * 600, answer="a" * 600, piece=12, delay=0)  # 100 frames, at once
+        for bench, route, _ in targets.values():
+            await bench.lanes(route, WORKERS_CONCURRENCY, 0.3)  # warm: connections, on both sides of the proxy
+        figures = {name: collections.Counter() for name in targets}
+        for _ in range(windows):
+            for name, (bench, route, parts) in targets.items():
+                before = cpu_now(parts)
+                done, elapsed = await bench.lanes(route, WORKERS_CONCURRENCY, seconds)
+                after = cpu_now(parts)
+                figures[name].update({part: after[part] - before[part] for part in after})
+                figures[name].update(requests=done, seconds=elapsed)
+        errors = [*alone.errors, *one.errors, *two.errors]
+    return figures, len(workers), errors
+
+
+async def replica_figures(session, files, quick):
+    """The figures of REDIS_URL and WORKERS, with a redis-server of the bench's own."""
+    samples, windows, seconds = (60, 3, 1.0) if quick else (300, 6, 3.0)
+    with redis_server(files) as (url, client, process):
+        cost = await redis_cost(session, files, url, client, process.pid, samples)
+        client.flushall()
+        workers = await workers_throughput(session, files, url, process, windows, seconds)
+    return cost, workers
+
+
 async def run(quick):
     samples, rounds, runs = (20, 3, 10) if quick else (60, 10, 40)
     files = Path(tempfile.mkdtemp(prefix="k2proxy-bench-"))
-    limits = " ".join(f"{name}={value}" for name, value in BENCH_LIMITS.items())
-    (files / "api_keys.txt").write_text(f"bench:{KEY} {limits}\n")
+    (files / "api_keys.txt").write_text(KEYS_LINE)
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0),
                                          timeout=aiohttp.ClientTimeout(total=120)) as session:
             site, services = await site_figures(session, files, quick, samples, rounds, runs)
             api = await api_figures(session, files, samples, rounds, runs)
+            missing, failed = replicas_missing(), None
+            if not missing:
+                try:
+                    cost, workers = await replica_figures(session, files, quick)
+                except RuntimeError as exc:  # a process that did not start: the figures above are still printed
+                    failed = str(exc)
     finally:
         shutil.rmtree(files)
     report(quick, *site)
-    report_services(services, bookkeeping_microseconds(2000 if quick else 20000))
+    report_services(services, await bookkeeping_microseconds(2000 if quick else 20000))
     report_api(*api)
-    return 1 if site[-1] or api[-1] else 0
+    if missing or failed:
+        print(f"\n### Replicas (REDIS_URL, WORKERS)\n\n{f'Skipped: {missing}' if missing else f'Failed: {failed}'}.")
+        return 1 if site[-1] or api[-1] or failed else 0
+    report_redis_cost(*cost)
+    report_workers(*workers)
+    return 1 if site[-1] or api[-1] or cost[-1] or workers[-1] else 0
 
 
 def row(name, figures, unit="", digits=1, routes=("direct", *PROXIED), sign=""):
@@ -499,6 +765,98 @@ def report_services(services, bookkeeping):
     print("|---|---:|---:|")
     for name, (rate, p99) in services.items():
         print(f"| `{name}` | {rate:,.0f} | {p99:.1f} ms |")
+
+
+def report_redis_cost(firsts, ends, cpu, commands, requests, seconds, rest, errors):
+    """What REDIS_URL costs a request: the same requests to a proxy in process and to one with REDIS_URL."""
+    names = ("in process", "with REDIS_URL")
+
+    def figure(values, route, name, share):
+        found = values[name, route]
+        return (statistics.median(found) if share == 0.5 else percentile(found, share)) * 1000 if found else nan
+
+    def line(label, values, name, share=0.5):
+        return f"| {label} | " + " | ".join(f"{figure(values, route, name, share):.2f} ms"
+                                           for route in REPLICA_ROUTES) + " |"
+
+    def gap(values, route):
+        return figure(values, route, names[1], 0.5) - figure(values, route, names[0], 0.5)
+
+    print("\n### Replicas: what REDIS_URL costs a request\n")
+    print("Two proxies in front of one fake site, each with the bench key (named, with rpm and concurrent limits it "
+          "never reaches), one in process and one with REDIS_URL (a redis-server on loopback, saving nothing); one "
+          f"request at a time, the two proxies taking turns of {TURN}:\n")
+    print("| metric | " + " | ".join(REPLICA_ROUTES.values()) + " |")
+    print("|---|" + "---:|" * len(REPLICA_ROUTES))
+    for share, tail in ((0.5, "p50"), (0.95, "p95")):
+        for name in names:
+            slow = " (slow upstream: 50 ms between frames)" if (share, name) == (0.5, names[0]) else ""
+            print(line(f"time to first content, {tail}, {name}{slow}", firsts, name, share))
+    print("| difference at p50 | " + " | ".join(f"{gap(firsts, route):+.2f} ms" for route in REPLICA_ROUTES) + " |")
+    for name in names:
+        short = " (a short answer: 10 frames at once)" if name == names[0] else ""
+        print(line(f"whole request, p50, {name}{short}", ends, name))
+    print("| difference at p50 | " + " | ".join(f"{gap(ends, route):+.2f} ms" for route in REPLICA_ROUTES) + " |")
+    print()
+    print(f"Proxy CPU per whole request (the three routes alike): {cpu[names[0]] * 1000:.2f} ms in process, "
+          f"{cpu[names[1]] * 1000:.2f} ms with REDIS_URL. What Redis did in the {seconds:.1f} s of these "
+          f"{requests} requests to the proxy with REDIS_URL (INFO commandstats: calls, and the microseconds each "
+          "took in Redis): " + ", ".join(f"{name} {calls} ({usec:.1f} µs)" for name, (calls, usec)
+                                      in sorted(commands.items(), key=lambda item: -item[1][0])) + ". The rest "
+          f"of the machine (the kernel, other processes) used {max(0.0, rest):.2f} cores meanwhile.\n")
+    print("| target | figure | |")
+    print("|---|---|---|")
+    for route, label in REPLICA_ROUTES.items():
+        extra = gap(firsts, route)
+        print(f"| {label}: first content with REDIS_URL within 1 ms of in process at p50 | {extra:+.2f} ms "
+              f"| {mark(abs(extra) <= 1)} |")
+    error_rows(errors)
+
+
+def report_workers(figures, workers, errors):
+    """Streamed throughput of WORKERS=1 against WORKERS=2, and the cores each process used meanwhile."""
+    def cores(name, part):
+        return figures[name][part] / figures[name]["seconds"]
+
+    def rate(name):
+        return figures[name]["requests"] / figures[name]["seconds"] if figures[name]["seconds"] else nan
+
+    parts = ("fake upstream", "redis-server", "load generator")
+    print(f"\n### WORKERS: processes on one port (REDIS_URL)\n\nStreamed `/v1/chat/completions` (100 frames, sent at "
+          f"once), {WORKERS_CONCURRENCY} requests kept going: the fake directly, a proxy in process (no REDIS_URL), "
+          "one proxy process with REDIS_URL and WORKERS=1, and one with WORKERS=2 (the same fake and Redis; the bench "
+          "key's limits kept in Redis), in turns. CPU in cores (CPU seconds a "
+          "second) over the same turns; the rest is the kernel's (loopback networking) and any other process's:\n")
+    print("| | requests/s | proxy | proxy CPU per request | " + " | ".join(parts) + " | the rest | machine |")
+    print("|---|---:|---:|---:|" + "---:|" * (len(parts) + 2))
+    for name in figures:
+        proxy = cores(name, "proxy")
+        split = " + ".join(f"{cores(name, f'worker {n}'):.2f}" for n in range(1, workers + 1))
+        shown = (f"{proxy:.2f}" + (f" ({split})" if name == "WORKERS=2" and workers > 1 else "")) if proxy else ""
+        per = f"{proxy / rate(name) * 1000:.2f} ms" if proxy and rate(name) else ""
+        others = cores(name, "machine") - proxy - sum(cores(name, part) for part in parts)
+        print(f"| {name} | {rate(name):.0f} | {shown} | {per} | "
+              + " | ".join(f"{cores(name, part):.2f}" for part in parts)
+              + f" | {max(0.0, others):.2f} | {cores(name, 'machine'):.2f} of {os.cpu_count()} |")
+    print(f"\nWith REDIS_URL, one worker: {rate('WORKERS=1') / rate(IN_PROCESS):.2f}x the requests a second of the "
+          "proxy in process.", end=" ")
+    ratio = rate("WORKERS=2") / rate("WORKERS=1") if rate("WORKERS=1") else nan
+    direct, fake, busy = rate("the fake directly"), cores("WORKERS=2", "fake upstream"), cores("WORKERS=2", "machine")
+    print(f"WORKERS=2 against WORKERS=1: {ratio:.2f}x the requests a second.")
+    if fake >= 0.9:
+        print(f"The fake upstream is the limit: it used {fake:.2f} of a core with WORKERS=2.")
+    else:
+        print(f"The fake upstream is not the limit: asked directly it serves {direct:.0f} requests/s, "
+              f"{direct / rate('WORKERS=2'):.1f}x what WORKERS=2 passes, and it used {fake:.2f} of a core meanwhile.")
+    if busy >= 0.9 * os.cpu_count():
+        helpers = busy - cores("WORKERS=2", "proxy")
+        print(f"The machine is the limit: its {os.cpu_count()} cores were {busy / os.cpu_count():.0%} busy with "
+              f"WORKERS=2, {helpers:.2f} cores of it not the proxy's (the load generator, the fake, Redis, the "
+              "kernel), which leaves the workers less than a core each.")
+    per_request = figures["WORKERS=1"]["proxy"] / figures["WORKERS=1"]["requests"] if rate("WORKERS=1") else nan
+    print(f"At {per_request * 1000:.2f} ms of proxy CPU a request, one worker (a core at most) passes at most "
+          f"{1 / per_request:.0f} requests/s of this kind, and each worker with a core of its own as many again.")
+    error_rows(errors)
 
 
 def cpu_model():
