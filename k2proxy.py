@@ -4342,10 +4342,14 @@ end
 if concurrent > 0 and redis.call('ZCARD', KEYS[2]) >= concurrent then
   return {2, 0}
 end
-redis.call('ZADD', KEYS[1], now, ARGV[4])
-redis.call('PEXPIRE', KEYS[1], window)
-redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
-redis.call('PEXPIRE', KEYS[2], lease)
+if rpm > 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], window)
+end
+if concurrent > 0 then
+  redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], lease)
+end
 return {0, 0}
 """
 # Renews this replica's leases: KEYS are the keys' lease sets, ARGV the lease of each, then the lease's length.
@@ -4471,7 +4475,8 @@ class ApiKeys:
             raise over_rpm(key, wait_ms / 1000)
         if refused == 2:
             raise over_concurrent(key)
-        self.leases[lease] = names[1]
+        if key.concurrent:  # a slot to renew, and to give back
+            self.leases[lease] = names[1]
         return lease
 
     def done(self, slot):
