@@ -4653,6 +4653,7 @@ class ResponseStore:
 
 SYNC_SECONDS = 0.5
 CREDENTIALS_KEY = REDIS_PREFIX + "credentials:"  # + pool: a hash of each credential's state, by fingerprint
+CREDENTIAL_STATE_SECONDS = 2 * DAY_SECONDS  # a pool's shared state is forgotten after this long without a change
 TOKENS_TODAY_KEY = REDIS_PREFIX + "tokens-today:"  # + pool:day: a hash of each credential's tokens that day
 ACCOUNT_TOKENS_KEY = REDIS_PREFIX + "account-tokens"
 SIGNING_IN_KEY = REDIS_PREFIX + "signing-in:"  # + email: the replica signing the account in
@@ -4688,13 +4689,25 @@ def take_fields(credential, fields):
 class Synced:
     """What a replica knows of one credential's shared state."""
     fingerprint: str
-    fields: tuple = NO_STATE  # its shared fields, as last published or taken
-    at: float = 0             # when they were
+    fields: tuple = NO_STATE  # its shared fields as this replica and the fleet last agreed on them
     entry: bytes = None       # the fleet's entry as last read, so that an unchanged one is not parsed again
-    tokens: int = 0           # its tokens today, as last synced
+    remote: tuple = None      # that entry's fields
+    day: int = None           # the UTC day `tokens` counts
+    tokens: int = 0           # its tokens that day, as last synced
 
-    def published(self, fields, at):
-        self.fields, self.at = fields, at
+    def agreed(self, fields):
+        self.fields = fields
+
+    def tokens_synced(self, credential, total, added):
+        """The fleet counted `added` more tokens over `total`: this replica's count takes the others' too."""
+        credential.tokens_today += total - self.tokens
+        self.tokens = total + added
+
+
+def merged_fields(local, agreed, remote):
+    """Each shared field as this replica changed it since it last agreed with the fleet, else as the fleet has it,
+    so that changes to different fields on two replicas at once are both kept."""
+    return tuple(mine if mine != before else theirs for mine, before, theirs in zip(local, agreed, remote))
 
 
 class Fleet:
@@ -4736,7 +4749,7 @@ class Fleet:
         synced = {}
         for place, pool in enumerate(self.pools):
             synced.update(self.sync_pool(pool, pool_hashes[2 * place], pool_hashes[2 * place + 1], writing, written,
-                                         now, day))
+                                         day))
         self.synced = synced  # of the credentials the pools hold now: one that left is forgotten
         self.sync_accounts(accounts, writing, written, now)
         self.push_log(writing, written)
@@ -4745,38 +4758,46 @@ class Fleet:
             published()
         await self.take_edits(edits)
 
-    def sync_pool(self, pool, states, totals, writing, written, now, day):
+    def sync_pool(self, pool, states, totals, writing, written, day):
         """Publishes the state of the pool's credentials that changed here, takes what others published since;
         returns what is known of each credential the pool holds now."""
         known = {}
         for credential in pool.credentials:
             synced = self.synced.get((pool.name, credential.value)) or Synced(fingerprint(credential.value))
             known[pool.name, credential.value] = synced
-            local, entry = shared_fields(credential), states.get(synced.fingerprint.encode())
-            if local != synced.fields:
-                writing.hset(CREDENTIALS_KEY + pool.name, synced.fingerprint, json_text({"fields": local, "at": now}))
-                written.append(functools.partial(synced.published, local, now))
-            elif entry is not None and entry != synced.entry:
-                remote = json.loads(entry)
-                if remote["at"] > synced.at:
-                    synced.fields, synced.at = tuple(remote["fields"]), remote["at"]
-                    take_fields(credential, synced.fields)
-            synced.entry = entry
+            entry = states.get(synced.fingerprint.encode())
+            if entry is not None and entry != synced.entry:
+                synced.entry, synced.remote = entry, tuple(json.loads(entry)["fields"])
+            remote = synced.remote if entry is not None else synced.fields
+            local = shared_fields(credential)
+            merged = merged_fields(local, synced.fields, remote)
+            if merged != local:
+                take_fields(credential, merged)
+            if merged != remote:
+                name = CREDENTIALS_KEY + pool.name
+                writing.hset(name, synced.fingerprint, json_text({"fields": merged}))
+                writing.expire(name, CREDENTIAL_STATE_SECONDS)
+                written.append(functools.partial(synced.agreed, merged))
+            else:
+                synced.agreed(merged)
             self.sync_tokens_today(pool.name, credential, synced, int(totals.get(synced.fingerprint.encode(), 0)),
-                                   writing, day)
+                                   writing, written, day)
         return known
 
     @staticmethod
-    def sync_tokens_today(pool_name, credential, synced, total, writing, day):
+    def sync_tokens_today(pool_name, credential, synced, total, writing, written, day):
         """Adds the tokens this replica counted since the last exchange to the fleet's count of the day, and takes
-        the fleet's count."""
-        added = credential.tokens_today - synced.tokens if credential.day == day else 0
-        if added > 0:
+        the others' count."""
+        if credential.day != day:
+            credential.day, credential.tokens_today = day, 0
+        if synced.day != day:
+            synced.day, synced.tokens = day, 0
+        added = credential.tokens_today - synced.tokens
+        if added:
             name = f"{TOKENS_TODAY_KEY}{pool_name}:{day}"
             writing.hincrby(name, synced.fingerprint, added)
             writing.expire(name, 2 * DAY_SECONDS)
-        credential.day, credential.tokens_today = day, total + max(0, added)
-        synced.tokens = credential.tokens_today
+        written.append(functools.partial(synced.tokens_synced, credential, total, added))
 
     def sync_accounts(self, remote, writing, written, now):
         """Publishes the token an account signed in with here; takes the one another replica signed in with."""

@@ -283,6 +283,8 @@ async def test_credential_state_and_the_days_tokens_are_the_fleets(proxy_setting
             await state.fleet.sync()
 
     try:
+        await exchange()  # nothing happened yet: nothing changes
+        assert [row["status"] for row in second.api.pool.stats()] == ["active", "active"]
         first.api.pool.spent(first.api.pool.credentials[0], 120, 0)  # its daily budget is spent: it rests
         first.api.pool.spent(first.api.pool.credentials[1], 30, 5000)
         second.api.pool.spent(second.api.pool.credentials[1], 20, 4000)
@@ -294,6 +296,12 @@ async def test_credential_state_and_the_days_tokens_are_the_fleets(proxy_setting
         second.api.pool.reset(second.api.pool.credentials[0])  # the admin page's reset, on the second replica
         await exchange()
         assert first.api.pool.stats()[0]["status"] == "active"
+        first.api.pool.fail(first.api.pool.credentials[1], k2proxy.UpstreamError(k2proxy.RATE_LIMITED, "429", 600))
+        second.api.pool.spent(second.api.pool.credentials[1], 10, 3000)  # at once: other fields, both kept
+        await exchange()
+        for state in states:
+            row = state.api.pool.stats()[1]
+            assert (row["status"], row["budget_left"], row["tokens_today"]) == ("cooling", 3000, 60)
     finally:
         for state in states:
             await state.shared.leave()
@@ -389,6 +397,30 @@ def test_reasoning_a_client_dropped_is_replayed_whichever_replica_gave_it(replic
     assert fleet.call(1, "POST", "/v1/chat/completions", follow_up)[0] == 200
     sent = fleet.received()[-1]["body"]["messages"]
     assert sent[1]["reasoning_content"] == "Seven is prime: no divisor between 2 and 6.", "from the first replica"
+
+
+async def test_the_days_tokens_start_again_at_midnight_on_every_replica(proxy_settings, redis_server, monkeypatch):
+    now = [20834 * 86400.0 - 10]  # ten seconds before a UTC midnight
+    monkeypatch.setattr(k2proxy.time, "time", lambda: now[0])
+    settings = proxy_settings(UPSTREAM="api", IFM_API_KEY="ifm-one", REDIS_URL=redis_server.url)
+    states = [k2proxy.AppState(settings), k2proxy.AppState(settings)]
+    for state in states:
+        state.api.pool.clock = state.fleet.clock = lambda: now[0]
+        await state.shared.beat()
+        await state.api.pool.reload()
+    try:
+        states[0].api.pool.spent(states[0].api.pool.credentials[0], 5000, None)
+        for state in (*states, *states):
+            await state.fleet.sync()
+        assert [state.api.pool.stats()[0]["tokens_today"] for state in states] == [5000, 5000]
+        now[0] += 20  # past midnight
+        states[1].api.pool.spent(states[1].api.pool.credentials[0], 300, None)
+        for state in (*states, *states):
+            await state.fleet.sync()
+        assert [state.api.pool.stats()[0]["tokens_today"] for state in states] == [300, 300]
+    finally:
+        for state in states:
+            await state.shared.leave()
 
 
 async def test_a_response_kept_by_a_replica_cut_off_from_redis_is_a_503_elsewhere_not_a_404(redis_server):
