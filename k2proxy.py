@@ -2504,7 +2504,7 @@ def worth_another_try(failure, credential):
 REDIS_TIMEOUT = 0.5          # seconds a Redis command may take before Redis counts as unreachable
 HEARTBEAT_SECONDS = 0.5      # between two heartbeats: how soon a replica sees Redis back
 REPLICA_GONE_SECONDS = 10    # a replica whose heartbeat is older is no longer listed
-SILENT_SECONDS = 3           # a replica whose heartbeat is older may be cut off from Redis
+SILENT_SECONDS = 1.5         # a replica whose heartbeat is older (three beats) may be cut off from Redis
 REDIS_WARNING_SECONDS = 60   # between two warnings that Redis cannot be reached
 REDIS_PREFIX = "k2proxy:"    # of every key k2proxy keeps in Redis
 REPLICAS_KEY = REDIS_PREFIX + "replicas"
@@ -2540,6 +2540,7 @@ redis.call('INCRBY', prefix .. 'bytes', string.len(data))
 while redis.call('ZCARD', prefix .. 'order') > count or tonumber(redis.call('GET', prefix .. 'bytes')) > bytes do
   drop(prefix, redis.call('ZRANGE', prefix .. 'order', 0, 0)[1])
 end
+for _, part in ipairs({'order', 'sizes', 'bytes'}) do redis.call('PEXPIRE', prefix .. part, ttl) end
 return 0
 """
 
@@ -2565,7 +2566,12 @@ class Shared:
         except ImportError:
             raise SettingsError("setting REDIS_URL needs the redis package: pip install -r requirements-redis.txt "
                                 "(the Docker image: build it with --build-arg WITH_REDIS=1)") from None
-        self.client = redis_client.from_url(url, socket_timeout=REDIS_TIMEOUT, socket_connect_timeout=REDIS_TIMEOUT)
+        try:
+            self.client = redis_client.from_url(url, socket_timeout=REDIS_TIMEOUT,
+                                                socket_connect_timeout=REDIS_TIMEOUT)
+        except ValueError:  # its message may quote the URL, password and all
+            raise SettingsError("setting REDIS_URL is invalid: it must be a redis://, rediss:// or unix:// URL (with "
+                                "its password URL-encoded)") from None
         self.failures = (RedisError, OSError, asyncio.TimeoutError)
         self.place = redis_place(url)
         self.replica = replica
@@ -3126,9 +3132,10 @@ class ReplayCache:
         self.entries[client, digest] = reasoning
         self.size += size
         self.by_client[client] += size
-        if self.shared:
+        data = reasoning.encode()
+        if self.shared and len(data) <= self.limit // self.CLIENT_SHARE:
             with contextlib.suppress(Unshared):
-                await self.shared_share(client).put(digest.hex(), reasoning.encode())
+                await self.shared_share(client).put(digest.hex(), data)
 
     def shared_share(self, client):
         """The client's share of the cache in Redis."""
@@ -4221,7 +4228,6 @@ class Monitor:
         return rows
 
 
-
 def requests_logged(entries, status_class=None, key=None):
     """The log `entries` (newest first) of one status class (2xx, 4xx, 5xx) and one key's name when given."""
     return (entry for entry in entries if (status_class is None or f"{entry['status'] // 100}xx" == status_class)
@@ -4469,21 +4475,28 @@ class ApiKeys:
     async def admit_shared(self, key):
         """The lease of a request the fleet's counts admit (a 429 when they do not)."""
         lease, names = uuid.uuid4().hex, [LIMITS_KEY + key.name + ":minute", LIMITS_KEY + key.name + ":slots"]
-        refused, wait_ms = await self.shared.run(lambda redis: self.admit_script(
-            keys=names, args=[key.rpm or 0, key.concurrent or 0, RATE_WINDOW * 1000, lease, LEASE_SECONDS * 1000]))
-        if refused == 1:
-            raise over_rpm(key, wait_ms / 1000)
-        if refused == 2:
-            raise over_concurrent(key)
-        if key.concurrent:  # a slot to renew, and to give back
+        if key.concurrent:  # a slot to renew and give back, also when the request is gone before Redis answers
             self.leases[lease] = names[1]
+        try:
+            refused, wait_ms = await self.shared.run(lambda redis: self.admit_script(
+                keys=names, args=[key.rpm or 0, key.concurrent or 0, RATE_WINDOW * 1000, lease, LEASE_SECONDS * 1000]))
+        except BaseException:
+            self.give_back(lease)
+            raise
+        if refused:
+            self.give_back(lease)
+            raise over_rpm(key, wait_ms / 1000) if refused == 1 else over_concurrent(key)
         return lease
 
     def done(self, slot):
         """Gives a request's slot back: at once here, and in Redis as soon as it answers (else the lease expires)."""
         slot.key.active -= 1
-        if slot.lease and self.leases.pop(slot.lease, None):
-            freeing = asyncio.ensure_future(self.free(slot.lease, LIMITS_KEY + slot.key.name + ":slots"))
+        self.give_back(slot.lease)
+
+    def give_back(self, lease):
+        name = self.leases.pop(lease, None)
+        if name:
+            freeing = asyncio.ensure_future(self.free(lease, name))
             self.freeing.add(freeing)
             freeing.add_done_callback(self.freeing.discard)
 
@@ -4538,9 +4551,12 @@ class ApiKeys:
 # dropped unsaid. Offers ResponseStore to the app state.
 
 RESPONSES_KEY = REDIS_PREFIX + "responses:"
-def store_unreachable():
-    return ApiError(503, "Stored responses are kept in Redis, which cannot be reached now; try again in a moment",
-                    code="store_unreachable", retry_after=1)
+STORE_UNREACHABLE = "Redis, where stored responses are kept, cannot be reached now"
+
+
+def store_unreachable(why):
+    """A stored response that may exist but cannot be had now: a 503 to try again, never a 404."""
+    return ApiError(503, f"{why}; try again in a moment", code="store_unreachable", retry_after=1)
 
 
 @dataclass(frozen=True)
@@ -4573,8 +4589,8 @@ class ResponseStore:
         self.clock = clock
         self.entries = collections.OrderedDict()  # id → StoredResponse, oldest first
         self.bytes = 0
-        self.shared = shared and CappedStore(shared, RESPONSES_KEY, self.max_count, self.max_bytes, self.ttl)
-        self.link = shared
+        self.shared = shared
+        self.kept_in_redis = shared and CappedStore(shared, RESPONSES_KEY, self.max_count, self.max_bytes, self.ttl)
         if shared:
             shared.resyncs.append(self.move_to_shared)
 
@@ -4583,7 +4599,7 @@ class ResponseStore:
         if len(data) > self.max_bytes or not self.max_count:
             return
         kept = StoredResponse(self.clock(), owner, data)
-        if self.shared:
+        if self.kept_in_redis:
             with contextlib.suppress(Unshared):
                 return await self.put_shared(response["id"], kept)
         self.entries[response["id"]] = kept
@@ -4592,7 +4608,8 @@ class ResponseStore:
             self._drop(next(iter(self.entries)))
 
     async def put_shared(self, response_id, kept):
-        await self.shared.put(response_id, kept.owner.encode() + b" " + kept.data, self.clock() - kept.kept_at)
+        """Keeps a response in Redis as its owner, a space, and its data."""
+        await self.kept_in_redis.put(response_id, kept.owner.encode() + b" " + kept.data, self.clock() - kept.kept_at)
 
     async def get(self, response_id, owner):
         """The StoredResponse, or None when it was never kept, has expired, was deleted, or is another key's; a
@@ -4600,16 +4617,15 @@ class ResponseStore:
         while self.entries and self.clock() - next(iter(self.entries.values())).kept_at > self.ttl:
             self._drop(next(iter(self.entries)))
         kept = self.entries.get(response_id)
-        if kept is None and self.shared:
+        if kept is None and self.kept_in_redis:
             try:
-                data, = await self.shared.get_many([response_id])
-                silent = data is None and await self.link.silent_since(self.ttl)
+                data, = await self.kept_in_redis.get_many([response_id])
+                silent = data is None and await self.shared.silent_since(self.ttl)
             except Unshared:
-                raise store_unreachable() from None
+                raise store_unreachable(STORE_UNREACHABLE) from None
             if silent:  # it may be kept by that replica, to be moved to Redis when the two meet again
-                raise ApiError(503, f"No response with this id in Redis, and a replica has not been heard from for "
-                                    f"{silent:.0f} s: it may hold it; try again in a moment", code="store_unreachable",
-                               retry_after=1)
+                raise store_unreachable(f"No response with this id in Redis, and a replica has not been heard from "
+                                        f"for {silent:.0f} s: it may hold it")
             if data:
                 owner_of, _, data = data.partition(b" ")
                 kept = StoredResponse(self.clock(), owner_of.decode(), data)
@@ -4617,24 +4633,29 @@ class ResponseStore:
 
     async def delete(self, response_id, owner):
         found = await self.get(response_id, owner) is not None
-        if found and response_id in self.entries:
+        local = found and response_id in self.entries
+        if local:
             self._drop(response_id)
-        elif found:
+        if found and self.kept_in_redis:  # in Redis too, where a put that seemed to fail may have landed
             try:
-                await self.shared.drop(response_id)
+                await self.kept_in_redis.drop(response_id)
             except Unshared:
-                raise store_unreachable() from None
+                if not local:
+                    raise store_unreachable(STORE_UNREACHABLE) from None
         return found
 
     def _drop(self, response_id):
-        self.bytes -= self.entries.pop(response_id).size
+        kept = self.entries.pop(response_id, None)
+        self.bytes -= kept.size if kept else 0
 
     async def move_to_shared(self):
-        """Moves the responses kept here while Redis could not be reached to Redis, oldest first, with their age."""
-        while self.entries:
-            response_id, kept = next(iter(self.entries.items()))
+        """Moves the responses kept here while Redis could not be reached to Redis, oldest first, with their age; one
+        deleted meanwhile is deleted there too."""
+        for response_id, kept in list(self.entries.items()):
             if self.clock() - kept.kept_at < self.ttl:
                 await self.put_shared(response_id, kept)
+                if response_id not in self.entries:
+                    await self.kept_in_redis.drop(response_id)
             self._drop(response_id)
 
     def missing(self, response_id, param=None):
@@ -4658,6 +4679,15 @@ TOKENS_TODAY_KEY = REDIS_PREFIX + "tokens-today:"  # + pool:day: a hash of each 
 ACCOUNT_TOKENS_KEY = REDIS_PREFIX + "account-tokens"
 SIGNING_IN_KEY = REDIS_PREFIX + "signing-in:"  # + email: the replica signing the account in
 SIGN_IN_CLAIM_SECONDS = 60
+# Claims the signing in of an account for this replica (ARGV[1]), unless another one holds the claim; its own claim
+# it takes again, so its retries are not held up.
+CLAIM_SCRIPT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) or redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('EXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
 EDITS_KEY = REDIS_PREFIX + "edits"
 LOG_KEY = REDIS_PREFIX + "log"
 NO_STATE = (None, None, None, None, None)  # a credential's shared fields when nothing happened to it
@@ -4713,8 +4743,9 @@ def merged_fields(local, agreed, remote):
 class Fleet:
     """Keeps this replica in step with the others through Redis, one exchange every SYNC_SECONDS."""
 
-    def __init__(self, shared, settings, pools, accounts, edits, monitor, clock=time.time):
+    def __init__(self, shared, settings, pools, accounts, edits, monitor, save_lock, clock=time.time):
         self.shared = shared
+        self.save_lock = save_lock    # held by every save of a file the admin page edits
         self.pools = pools
         self.accounts = accounts
         self.edits = edits            # the name of each file the admin page edits → (its WatchedFile, load(text))
@@ -4726,6 +4757,7 @@ class Fleet:
         self.edits_taken = {}         # file name → the version of the edit last taken
         self.log_pushed = 0           # the monitor's `logged` when the log was last pushed
         self.unpublished = {}         # file name → the text saved here while Redis could not be reached
+        self.claim_script = shared.script(CLAIM_SCRIPT)
         shared.resyncs.append(self.publish_edits)
 
     async def sync(self):
@@ -4808,13 +4840,15 @@ class Fleet:
             entry = json.loads(remote[email.encode()]) if email.encode() in remote else None
             if credential.value != self.account_tokens.get(email):
                 writing.hset(ACCOUNT_TOKENS_KEY, email, json_text({"token": credential.value, "at": now}))
+                writing.expire(ACCOUNT_TOKENS_KEY, DAY_SECONDS)
                 written.append(functools.partial(self.token_published, email, credential.value))
             elif entry and entry["token"] != credential.value:
                 self.account_tokens[email] = entry["token"]
                 self.accounts.adopt(email, entry["token"])
+        held = {credential.account for credential in self.accounts.pool.credentials}
         for email, entry in remote.items():
             email, token = email.decode(), json.loads(entry)["token"]
-            if email in self.accounts.accounts and email not in self.account_tokens:
+            if email in self.accounts.accounts and email not in held and email not in self.account_tokens:
                 self.account_tokens[email] = token
                 self.accounts.adopt(email, token)
 
@@ -4827,8 +4861,8 @@ class Fleet:
     async def claim_sign_in(self, email):
         """Whether this replica is to sign the account in now: no other is (while Redis is down, each signs in)."""
         try:
-            return bool(await self.shared.run(lambda redis: redis.set(
-                SIGNING_IN_KEY + email, self.shared.replica, nx=True, ex=SIGN_IN_CLAIM_SECONDS)))
+            return bool(await self.shared.run(lambda redis: self.claim_script(
+                keys=[SIGNING_IN_KEY + email], args=[self.shared.replica, SIGN_IN_CLAIM_SECONDS])))
         except Unshared:
             return True
 
@@ -4861,10 +4895,13 @@ class Fleet:
     async def publish_edits(self):
         """Publishes the edits saved here that the others have not had yet."""
         if self.unpublished:
-            edits = {name: json_text({"version": file_version(content), "content": content})
-                     for name, content in self.unpublished.items()}
+            sent = dict(self.unpublished)
+            edits = {name: json_text({"version": file_version(content), "content": content, "at": self.clock()})
+                     for name, content in sent.items()}
             await self.shared.run(lambda redis: redis.hset(EDITS_KEY, mapping=edits))
-            self.unpublished.clear()
+            for name, content in sent.items():
+                if self.unpublished.get(name) == content:  # not saved again meanwhile
+                    del self.unpublished[name]
 
     async def take_edits(self, edits):
         """Saves and loads each file another replica's admin page saved since the last exchange."""
@@ -4874,16 +4911,19 @@ class Fleet:
                 continue
             self.edits_taken[name] = entry["version"]
             file, load = self.edits[name]
-            if file.version != entry["version"]:
+            found = await asyncio.to_thread(file.stat)
+            if file.version != entry["version"] and not (found and found[1] / 1e9 > entry["at"]):
                 await self.take_edit(file, load, entry["content"])
 
-    @staticmethod
-    async def take_edit(file, load, content):
-        try:
-            await asyncio.to_thread(file.rewrite, lambda _: content)
-        except OSError as exc:
-            log.error("could not save %s as another replica's admin page edited it: %s", file.path, exc.strerror)
-        load(content)
+    async def take_edit(self, file, load, content):
+        """Saves and loads a file as another replica's admin page saved it (a file edited on disk since is left as
+        it is)."""
+        async with self.save_lock:
+            try:
+                await asyncio.to_thread(file.rewrite, lambda _: content)
+            except OSError as exc:
+                log.error("could not save %s as another replica's admin page edited it: %s", file.path, exc.strerror)
+            load(content)
         log.info("%s: took the edit another replica's admin page saved", file.path)
 
 
@@ -4949,14 +4989,14 @@ class AppState:
         self.monitor = Monitor(settings)
         self.keys = ApiKeys(settings, self.shared)
         self.responses = ResponseStore(settings, self.shared)
+        self.save_lock = asyncio.Lock()
         self.fleet = self.shared and Fleet(self.shared, settings, [*self.site.pools.values(), self.api.pool],
-                                           self.accounts, self.edited_files(), self.monitor)
+                                           self.accounts, self.edited_files(), self.monitor, self.save_lock)
         if self.fleet:
             self.accounts.claim = self.fleet.claim_sign_in
         self.budget = MemoryBudget(settings.memory_budget_mb)
         self.started = int(time.time())
         self.admin_page = None  # (body, headers), read at start-up by the admin section
-        self.save_lock = asyncio.Lock()
         self.tasks = []
         self.tools_left_out = set()
         self.check_run = None  # the upstream check under way, which a second asker waits for
@@ -5001,10 +5041,14 @@ class AppState:
         """Stops the background work first, so that nothing starts an upstream request once the session closes."""
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, *self.keys.freeing, return_exceptions=True)
-        if self.shared:
-            await self.shared.leave()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         await self.http.stop()
+
+    async def close(self):
+        """Once the last requests have ended: their slots given back to Redis, and this replica off its list."""
+        if self.shared:
+            await asyncio.gather(*self.keys.freeing, return_exceptions=True)
+            await self.shared.leave()
 
     def finish(self, record, status):
         """A request's end: its share of the figures, its memory budget and its key's limits given back, and its
@@ -7193,6 +7237,10 @@ async def shut_down(app):
     await app[STATE].stop()
 
 
+async def clean_up(app):
+    await app[STATE].close()
+
+
 def make_app(settings):
     """The whole proxy as an aiohttp application, for `main()` and for tests."""
     app = web.Application(middlewares=[handle_errors, check_keys],
@@ -7212,6 +7260,7 @@ def make_app(settings):
     app.on_response_prepare.append(add_cors_headers)
     app.on_startup.append(start_up)
     app.on_shutdown.append(shut_down)
+    app.on_cleanup.append(clean_up)
     return app
 
 
@@ -7263,6 +7312,7 @@ def run_server(app, settings):
 
 
 WORKER_RESTART_SECONDS = 1  # before a worker that died is started again
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 CANNOT_LISTEN, WORKER_FAILED = 1, 70  # exit codes: the port cannot be listened on; a worker failed otherwise
 
 
@@ -7272,18 +7322,21 @@ def run_workers(settings):
     workers, stopping = {}, []
 
     def start_worker():
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # until the worker has its own handlers
         pid = os.fork()
         if pid == 0:  # the worker: a whole proxy of its own, which never returns into this loop
             code = WORKER_FAILED
             try:
-                signal.signal(signal.SIGINT, signal.SIG_DFL)
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                for signal_number in STOP_SIGNALS:
+                    signal.signal(signal_number, signal.SIG_DFL)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
                 code = run_server(make_app(settings), settings)
             except BaseException:
                 log.exception("worker %d failed", os.getpid())
             finally:
                 os._exit(code)
         workers[pid] = True
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
     def stop(signal_number, _frame):
         stopping.append(signal_number)
@@ -7291,8 +7344,8 @@ def run_workers(settings):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, stop)
-    signal.signal(signal.SIGTERM, stop)
+    for signal_number in STOP_SIGNALS:
+        signal.signal(signal_number, stop)
     log.info("k2proxy starting %d workers on port %d", settings.workers, settings.port)
     for _ in range(settings.workers):
         start_worker()

@@ -253,7 +253,8 @@ async def test_one_replica_signs_an_account_in_and_the_others_take_its_token(fak
     settings = proxy_settings(PROXY_MODE="user", ACCOUNTS_FILE=str(tmp_path / "accounts.txt"),
                               REDIS_URL=redis_server.url)
     states = [k2proxy.AppState(settings), k2proxy.AppState(settings)]
-    for state in states:
+    for name, state in zip(("first", "second"), states):  # two replicas in one process: named apart
+        state.shared.replica = name
         await state.http.open()
         await state.shared.beat()
     try:
@@ -443,3 +444,68 @@ async def test_a_response_kept_by_a_replica_cut_off_from_redis_is_a_503_elsewher
     assert (await stores[1].get("resp_kept", "me")).response() == {"id": "resp_kept"}
     for shared in (cut_off, other):
         await shared.leave()
+
+
+async def test_a_request_gone_while_redis_admits_it_gives_its_slot_back(redis_server):
+    settings = k2proxy.load_settings({"VALID_API_KEY": API_KEY})
+    shared = k2proxy.Shared(redis_server.url, "here")
+    await shared.beat()
+    keys = k2proxy.ApiKeys(settings, shared)
+    keys.take([k2proxy.ApiKey("solo", "sk-solo", concurrent=1)])
+    admit = keys.admit_script
+
+    async def admitted_then_cancelled(**arguments):  # Redis counts the slot; its answer never reaches the request
+        await admit(**arguments)
+        raise asyncio.CancelledError()
+    keys.admit_script = admitted_then_cancelled
+    with pytest.raises(asyncio.CancelledError):
+        await keys.admit(keys.named[0])
+    keys.admit_script = admit
+    await asyncio.gather(*keys.freeing)
+    assert (await keys.admit(keys.named[0])).lease, "the slot is free again at once, not after its lease expires"
+    await shared.leave()
+
+
+async def test_an_old_admin_edit_does_not_overwrite_a_file_edited_on_disk_since(proxy_settings, redis_server,
+                                                                               tmp_path):
+    keys_file = tmp_path / "api_keys.txt"
+    settings = proxy_settings(REDIS_URL=redis_server.url, API_KEYS_FILE=str(keys_file))
+    editor = k2proxy.AppState(settings)
+    await editor.shared.beat()
+    keys_file.write_text("revoked:sk-revoked\n")
+    await editor.fleet.publish_edit("api_keys", keys_file.read_text())
+    keys_file.write_text("")  # the key is taken out by hand, after the admin page's edit
+    later = k2proxy.AppState(settings)  # a replica (re)starting with that edit still in Redis
+    await later.shared.beat()
+    await later.keys.reload()
+    await later.fleet.sync()
+    assert keys_file.read_text() == "" and later.keys.find("sk-revoked") is None
+    for state in (editor, later):
+        await state.shared.leave()
+
+
+def test_a_redis_url_that_does_not_parse_stops_start_up_without_quoting_it():
+    run = subprocess.run([sys.executable, str(ROOT / "k2proxy.py")], capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "VALID_API_KEY": E2E_KEY, "REDIS_URL": "redis://:s3cr/etpass@host:6379/0"})
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "REDIS_URL is invalid" in run.stderr
+    assert "s3cr" not in run.stderr
+
+
+async def test_a_response_deleted_while_it_moves_to_redis_stays_deleted(redis_server):
+    settings = k2proxy.load_settings({"VALID_API_KEY": API_KEY})
+    shared = k2proxy.Shared(redis_server.url, "here")
+    store = k2proxy.ResponseStore(settings, shared)
+    for number in range(3):
+        await store.put({"id": f"resp_{number}"}, [], "me")  # Redis not reached yet: kept here
+    put = store.put_shared
+
+    async def delete_meanwhile(response_id, kept):
+        await put(response_id, kept)
+        if response_id == "resp_0":
+            assert await store.delete("resp_0", "me")
+    store.put_shared = delete_meanwhile
+    await shared.beat()  # Redis is reached: the responses move
+    assert await store.get("resp_0", "me") is None
+    assert [await store.get(f"resp_{number}", "me") is not None for number in (1, 2)] == [True, True]
+    assert store.entries == {} and store.bytes == 0
+    await shared.leave()
