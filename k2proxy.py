@@ -41,6 +41,7 @@ import stat
 import sys
 import tempfile
 import time
+import typing
 import urllib.parse
 import uuid
 from dataclasses import asdict, dataclass, field, replace
@@ -4690,9 +4691,6 @@ return 0
 """
 EDITS_KEY = REDIS_PREFIX + "edits"
 LOG_KEY = REDIS_PREFIX + "log"
-NO_STATE = (None, None, None, None, None)  # a credential's shared fields when nothing happened to it
-
-
 def replica_name():
     """This process among the replicas: its host and process id."""
     return f"{socket.gethostname()}:{os.getpid()}"
@@ -4703,25 +4701,37 @@ def fingerprint(value):
     return hashlib.sha256(b"k2proxy credential\0" + value.encode()).hexdigest()[:24]
 
 
-def shared_fields(credential):
+class SharedState(typing.NamedTuple):
     """The part of a credential's state the fleet shares: its rest, why and since when it is disabled, the budget
     upstream says it has left, its last error."""
-    return (credential.cooling_until, credential.disabled and credential.disabled.value, credential.disabled_at,
-            credential.budget_left, credential.last_error)
+    cooling_until: float = None
+    disabled: str = None
+    disabled_at: float = None
+    budget_left: int = None
+    last_error: str = None
 
 
-def take_fields(credential, fields):
-    credential.cooling_until, disabled, credential.disabled_at, credential.budget_left, credential.last_error = fields
-    credential.disabled = Disabled(disabled) if disabled else None
+NOTHING_SHARED = SharedState()  # of a credential nothing has happened to
+
+
+def shared_state(credential):
+    return SharedState(credential.cooling_until, credential.disabled and credential.disabled.value,
+                       credential.disabled_at, credential.budget_left, credential.last_error)
+
+
+def take_state(credential, state):
+    credential.cooling_until, credential.disabled_at = state.cooling_until, state.disabled_at
+    credential.budget_left, credential.last_error = state.budget_left, state.last_error
+    credential.disabled = Disabled(state.disabled) if state.disabled else None
 
 
 @dataclass
 class Synced:
     """What a replica knows of one credential's shared state."""
     fingerprint: str
-    fields: tuple = NO_STATE  # its shared fields as this replica and the fleet last agreed on them
+    fields: SharedState = NOTHING_SHARED  # as this replica and the fleet last agreed on them
     entry: bytes = None       # the fleet's entry as last read, so that an unchanged one is not parsed again
-    remote: tuple = None      # that entry's fields
+    remote: SharedState = None  # that entry's state
     day: int = None           # the UTC day `tokens` counts
     tokens: int = 0           # its tokens that day, as last synced
 
@@ -4734,10 +4744,10 @@ class Synced:
         self.tokens = total + added
 
 
-def merged_fields(local, agreed, remote):
+def merged_state(local, agreed, remote):
     """Each shared field as this replica changed it since it last agreed with the fleet, else as the fleet has it,
     so that changes to different fields on two replicas at once are both kept."""
-    return tuple(mine if mine != before else theirs for mine, before, theirs in zip(local, agreed, remote))
+    return SharedState(*(mine if mine != before else theirs for mine, before, theirs in zip(local, agreed, remote)))
 
 
 class Fleet:
@@ -4799,12 +4809,12 @@ class Fleet:
             known[pool.name, credential.value] = synced
             entry = states.get(synced.fingerprint.encode())
             if entry is not None and entry != synced.entry:
-                synced.entry, synced.remote = entry, tuple(json.loads(entry)["fields"])
+                synced.entry, synced.remote = entry, SharedState(*json.loads(entry)["fields"])
             remote = synced.remote if entry is not None else synced.fields
-            local = shared_fields(credential)
-            merged = merged_fields(local, synced.fields, remote)
+            local = shared_state(credential)
+            merged = merged_state(local, synced.fields, remote)
             if merged != local:
-                take_fields(credential, merged)
+                take_state(credential, merged)
             if merged != remote:
                 name = CREDENTIALS_KEY + pool.name
                 writing.hset(name, synced.fingerprint, json_text({"fields": merged}))
