@@ -4600,6 +4600,7 @@ class ResponseStore:
         if len(data) > self.max_bytes or not self.max_count:
             return
         kept = StoredResponse(self.clock(), owner, data)
+        was_up = self.shared and self.shared.up
         if self.kept_in_redis:
             with contextlib.suppress(Unshared):
                 return await self.put_shared(response["id"], kept)
@@ -4607,6 +4608,8 @@ class ResponseStore:
         self.bytes += len(data)
         while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
             self._drop(next(iter(self.entries)))
+        if was_up:  # this put found Redis gone: one more try now (a blip), before the client may ask another replica
+            await self.shared.beat()
 
     async def put_shared(self, response_id, kept):
         """Keeps a response in Redis as its owner, a space, and its data."""

@@ -509,3 +509,25 @@ async def test_a_response_deleted_while_it_moves_to_redis_stays_deleted(redis_se
     assert [await store.get(f"resp_{number}", "me") is not None for number in (1, 2)] == [True, True]
     assert store.entries == {} and store.bytes == 0
     await shared.leave()
+
+
+async def test_a_response_whose_store_hit_a_blip_in_redis_is_there_before_its_client_sees_the_end(redis_server):
+    settings = k2proxy.load_settings({"VALID_API_KEY": API_KEY})
+    here, elsewhere = k2proxy.Shared(redis_server.url, "here"), k2proxy.Shared(redis_server.url, "elsewhere")
+    for shared in (here, elsewhere):
+        await shared.beat()
+    store, other = k2proxy.ResponseStore(settings, here), k2proxy.ResponseStore(settings, elsewhere)
+    put = store.put_shared
+    blips = [ConnectionError("a command timed out")]
+
+    async def blip_once(response_id, kept):
+        if blips:
+            here.lost(blips.pop())
+            raise k2proxy.Unshared()
+        await put(response_id, kept)
+    store.put_shared = blip_once
+    await store.put({"id": "resp_blip"}, [], "me")
+    assert here.up and store.entries == {}, "Redis tried again at once, and the response moved there"
+    assert (await other.get("resp_blip", "me")).response() == {"id": "resp_blip"}
+    for shared in (here, elsewhere):
+        await shared.leave()
