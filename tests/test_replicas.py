@@ -531,3 +531,10 @@ async def test_a_response_whose_store_hit_a_blip_in_redis_is_there_before_its_cl
     assert (await other.get("resp_blip", "me")).response() == {"id": "resp_blip"}
     for shared in (here, elsewhere):
         await shared.leave()
+
+
+def test_redis_url_without_the_redis_package_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "redis.asyncio", None)  # as if requirements-redis.txt were not installed
+    with pytest.raises(k2proxy.SettingsError) as missing:
+        k2proxy.Shared("redis://127.0.0.1:6379/0", "here")
+    assert "pip install -r requirements-redis.txt" in str(missing.value)
