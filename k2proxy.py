@@ -4495,6 +4495,7 @@ class ApiKeys:
         self.give_back(slot.lease)
 
     def give_back(self, lease):
+        """Frees a slot this replica holds in Redis, in the background (a lease it no longer holds: nothing)."""
         name = self.leases.pop(lease, None)
         if name:
             freeing = asyncio.ensure_future(self.free(lease, name))
