@@ -3178,12 +3178,12 @@ def api_content(parts):
 
 def api_messages(core, replayed):
     """The conversation as the API takes it: content as strings, every assistant turn with its reasoning (the
-    client's, else `replayed(turn)`, else ""), tool calls and results natively."""
+    client's, else the one `replayed` holds by the turn's place, else ""), tool calls and results natively."""
     messages = []
-    for turn in core.turns:
+    for place, turn in enumerate(core.turns):
         if turn.role == "assistant":
-            message = {"role": "assistant", "content": turn.text,
-                       "reasoning_content": turn.reasoning if turn.reasoning is not None else replayed(turn) or ""}
+            message = {"role": "assistant", "content": turn.text, "reasoning_content": turn.reasoning
+                       if turn.reasoning is not None else replayed.get(place, "")}
             if turn.calls:
                 message["tool_calls"] = [{"id": call.id, "type": "function", "function": {
                     "name": call.name, "arguments": call.arguments if isinstance(call.arguments, str)
@@ -3284,17 +3284,17 @@ class ApiUpstream:
         return headers
 
     async def replayed(self, core):
-        """The reasoning the proxy gave with each assistant turn a client sent back without it, by the turn's
-        digest."""
-        return await self.replay.lookup(core.client, [assistant_digest(turn) for turn in core.turns
-                                                      if turn.role == "assistant" and turn.reasoning is None])
+        """The reasoning the proxy gave with each assistant turn a client sent back without it, by the turn's place
+        in the conversation."""
+        digests = {place: assistant_digest(turn) for place, turn in enumerate(core.turns)
+                   if turn.role == "assistant" and turn.reasoning is None}
+        found = await self.replay.lookup(core.client, list(digests.values()))
+        return {place: found[digest] for place, digest in digests.items() if digest in found}
 
     async def complete(self, core):
         """The completion's events, attempt by attempt, as SiteUpstream.complete gives them; a stream cut before
         its finish is tried again on another key (with the same session id) while the client has seen nothing."""
-        replayed = await self.replayed(core)
-        messages = api_messages(core, lambda turn: replayed.get(assistant_digest(turn)))
-        body = json_text(api_payload(core, messages)).encode()
+        body = json_text(api_payload(core, api_messages(core, await self.replayed(core)))).encode()
         tried, error = [], None
         for _ in range(self.settings.max_retries + 1):
             credential = self.pool.acquire(tried)
@@ -3929,7 +3929,7 @@ async def probe_api_key(api, credential, model):
     listed = await fetch_model_list(api.http, api.models_url, api.headers(credential, "k2proxy-check"))
     core = CoreRequest(model, model, (Turn("user", (text_part(API_CHECK_PROMPT),)),), {"max_tokens": CHECK_MAX_TOKENS},
                        "low", True, True, session="k2proxy-check")
-    body = json_text(api_payload(core, api_messages(core, lambda turn: None))).encode()
+    body = json_text(api_payload(core, api_messages(core, {}))).encode()
     answer = []
     try:
         async for events in api.attempt(body, credential, core, ApiProgress(core)):
@@ -4693,7 +4693,8 @@ if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) or redis.call('GET',
 end
 return 0
 """
-EDITS_KEY = REDIS_PREFIX + "edits"
+EDITS_KEY = REDIS_PREFIX + "edits"            # file name → the version of its last admin edit, and when it was saved
+EDIT_TEXTS_KEY = REDIS_PREFIX + "edit-texts"  # file name → that edit's text, read only by a replica that lacks it
 LOG_KEY = REDIS_PREFIX + "log"
 def replica_name():
     """This process among the replicas: its host and process id."""
@@ -4782,8 +4783,7 @@ class Fleet:
         return SYNC_SECONDS
 
     async def exchange(self, redis):
-        now = self.clock()
-        day = int(now // DAY_SECONDS)
+        day = int(self.clock() // DAY_SECONDS)
         reading = redis.pipeline(transaction=False)
         for pool in self.pools:
             reading.hgetall(CREDENTIALS_KEY + pool.name)
@@ -4797,7 +4797,7 @@ class Fleet:
             synced.update(self.sync_pool(pool, pool_hashes[2 * place], pool_hashes[2 * place + 1], writing, written,
                                          day))
         self.synced = synced  # of the credentials the pools hold now: one that left is forgotten
-        self.sync_accounts(accounts, writing, written, now)
+        self.sync_accounts(accounts, writing, written)
         self.push_log(writing, written)
         await writing.execute()
         for published in written:
@@ -4845,7 +4845,7 @@ class Fleet:
             writing.expire(name, 2 * DAY_SECONDS)
         written.append(functools.partial(synced.tokens_synced, credential, total, added))
 
-    def sync_accounts(self, remote, writing, written, now):
+    def sync_accounts(self, remote, writing, written):
         """Publishes the token an account signed in with here; takes the one another replica signed in with."""
         for credential in self.accounts.pool.credentials:
             email = credential.account
@@ -4853,7 +4853,7 @@ class Fleet:
                 continue
             entry = json.loads(remote[email.encode()]) if email.encode() in remote else None
             if credential.value != self.account_tokens.get(email):
-                writing.hset(ACCOUNT_TOKENS_KEY, email, json_text({"token": credential.value, "at": now}))
+                writing.hset(ACCOUNT_TOKENS_KEY, email, json_text({"token": credential.value}))
                 writing.expire(ACCOUNT_TOKENS_KEY, DAY_SECONDS)
                 written.append(functools.partial(self.token_published, email, credential.value))
             elif entry and entry["token"] != credential.value:
@@ -4910,9 +4910,10 @@ class Fleet:
         """Publishes the edits saved here that the others have not had yet."""
         if self.unpublished:
             sent = dict(self.unpublished)
-            edits = {name: json_text({"version": file_version(content), "content": content, "at": self.clock()})
+            edits = {name: json_text({"version": file_version(content), "at": self.clock()})
                      for name, content in sent.items()}
-            await self.shared.run(lambda redis: redis.hset(EDITS_KEY, mapping=edits))
+            await self.shared.run(lambda redis: redis.pipeline().hset(EDIT_TEXTS_KEY, mapping=sent).hset(
+                EDITS_KEY, mapping=edits).execute())
             for name, content in sent.items():
                 if self.unpublished.get(name) == content:  # not saved again meanwhile
                     del self.unpublished[name]
@@ -4927,11 +4928,14 @@ class Fleet:
             file, load = self.edits[name]
             found = await asyncio.to_thread(file.stat)
             if file.version != entry["version"] and not (found and found[1] / 1e9 > entry["at"]):
-                await self.take_edit(file, load, entry["content"])
+                await self.take_edit(name, file, load)
 
-    async def take_edit(self, file, load, content):
-        """Saves and loads a file as another replica's admin page saved it (a file edited on disk since is left as
-        it is)."""
+    async def take_edit(self, name, file, load):
+        """Saves and loads a file as another replica's admin page saved it."""
+        text = await self.shared.run(lambda redis: redis.hget(EDIT_TEXTS_KEY, name))
+        if text is None:  # gone with a Redis that lost its data
+            return
+        content = text.decode()
         async with self.save_lock:
             try:
                 await asyncio.to_thread(file.rewrite, lambda _: content)
