@@ -123,8 +123,8 @@ async def test_counts_polling_actions_and_screenshots(browser, site, fake):
     await page.screenshot(path=str(ARTIFACTS / "admin-desktop.png"), full_page=True)
 
     await page.click("#load-tokens")
-    await playwright.expect(page.locator("#tokens-editor")).to_have_value(
-        "# team pool\n" + "\n".join(TOKENS) + "\n", timeout=8000)
+    await playwright.expect(page.locator("#flash")).to_contain_text("Loaded", timeout=8000)  # no load still on its way
+    await playwright.expect(page.locator("#tokens-editor")).to_have_value("# team pool\n" + "\n".join(TOKENS) + "\n")
     await page.fill("#tokens-editor", f"# team pool\n{TOKENS[0]}\n")
     await page.click("#save-tokens")
     await playwright.expect(page.locator("#flash")).to_contain_text("Saved", timeout=8000)
