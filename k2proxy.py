@@ -1424,22 +1424,35 @@ def sse_payload(line):
     return ""
 
 
+class TextForm(enum.Enum):
+    """How a frame carries text (k2think-protocol.md, "Where the frames come from"), which says how to read it."""
+    WHOLE = "whole"          # a top-level content, or a done event's: the whole message so far, markup and all
+    PIECE = "piece"          # choices[0].delta.content: a piece to append, or a snapshot when it starts with all so far
+    REASONING = "reasoning"  # a Responses-style response.reasoning_text.delta: a piece of plain reasoning
+    ANSWER = "answer"        # a Responses-style response.output_text.delta: a piece of the plain answer
+    OUTPUT = "output"        # a done event's output items: the whole plain reasoning (`reasoning`) and answer
+
+
 @dataclass
 class Frame:
     text: str = None
+    form: TextForm = None
+    reasoning: str = None  # with OUTPUT: the whole reasoning (`text` is the whole answer)
     usage: dict = None
     finish_reason: str = None
     done: bool = False
     error: str = None
     fields: tuple = field(default=(), compare=False)  # the payload's top-level keys, or the end marker
-    choices: bool = False  # the text came in OpenAI's choices form, not as a top-level content snapshot
 
 
 END_MARKERS = frozenset(("[DONE]", "DONE", "done"))
+RESPONSES_DELTAS = {"response.output_text.delta": TextForm.ANSWER,
+                    "response.reasoning_text.delta": TextForm.REASONING}
+STATUS_FIELDS = frozenset(("action", "description"))  # a status event: its `done` ends the status, not the stream
 
 
 def parse_frame(payload):
-    """Reads one upstream payload (SSE data or a whole JSON answer); None for noise such as -1."""
+    """Reads one upstream payload (SSE data or a whole JSON answer); None for noise such as -1 or a bare title."""
     if payload in END_MARKERS:
         return Frame(done=True, fields=(payload,))
     try:
@@ -1451,20 +1464,40 @@ def parse_frame(payload):
     problem = obj.get("error") or obj.get("detail")
     if problem:
         return Frame(error=error_text(problem))
-    frame = Frame(done=obj.get("done") is True, fields=tuple(obj))
+    frame = Frame(done=obj.get("done") is True and not STATUS_FIELDS & obj.keys(), fields=tuple(obj))
     choices = obj.get("choices")
     if isinstance(choices, list) and choices and isinstance(choices[0], dict):
         choice = choices[0]
         part = choice.get("delta") or choice.get("message")
         if isinstance(part, dict) and isinstance(part.get("content"), str):
-            frame.text, frame.choices = part["content"], True
+            frame.text, frame.form = part["content"], TextForm.PIECE
         if isinstance(choice.get("finish_reason"), str):
             frame.finish_reason = choice["finish_reason"]
     elif isinstance(obj.get("content"), str):
-        frame.text = without_cut_pair(obj["content"])
+        frame.text, frame.form = without_cut_pair(obj["content"]), TextForm.WHOLE
+    elif obj.get("type") in RESPONSES_DELTAS and isinstance(obj.get("delta"), str):
+        frame.text, frame.form = obj["delta"], RESPONSES_DELTAS[obj["type"]]
+    elif frame.done and isinstance(obj.get("output"), list):
+        frame.reasoning, frame.text = output_texts(obj["output"])
+        frame.form = TextForm.OUTPUT
     if isinstance(obj.get("usage"), dict):
         frame.usage = obj["usage"]
     return frame
+
+
+OUTPUT_PARTS = {"reasoning": "reasoning_text", "message": "output_text"}  # output item type -> its text parts' type
+
+
+def output_texts(items):
+    """The whole (reasoning, answer) held by Responses-style output items: reasoning items, then messages."""
+    texts = {"reasoning": [], "message": []}
+    for item in items:
+        kind = item.get("type") if isinstance(item, dict) else None
+        parts = item.get("content") if kind in OUTPUT_PARTS else None
+        for part in parts if isinstance(parts, list) else ():
+            if isinstance(part, dict) and part.get("type") == OUTPUT_PARTS[kind] and isinstance(part.get("text"), str):
+                texts[kind].append(part["text"])
+    return "".join(texts["reasoning"]), "".join(texts["message"])
 
 
 def without_cut_pair(snapshot):
@@ -1521,6 +1554,21 @@ class TrimmedText:
     def text(self):
         return "".join(self.parts)
 
+    def mark(self):
+        """Where this side stands: (parts shown, blanks held)."""
+        return len(self.parts), self._held
+
+    def since(self, mark):
+        """The text shown after `mark`."""
+        return "".join(self.parts[mark[0]:])
+
+    def rewind(self, mark):
+        """Goes back to `mark`; returns the text shown since, which is no longer counted."""
+        dropped = self.since(mark)
+        del self.parts[mark[0]:]
+        self._held = mark[1]
+        return dropped
+
 
 # The splitter's states, and what moves it on (text it cannot place yet is held, never guessed):
 #
@@ -1530,9 +1578,39 @@ class TrimmedText:
 #     ├─<answer>────────────────────────────────────────────────────────────────────────▶ answer
 #     └─other text──▶ undecided ─</think>──▶ after_reasoning;  ─<answer>──▶ answer;  at the end: answer
 #
-# In `details`, <summary> is dropped and so is the "> " quoting at each line start.
+# In `details`, <summary> is dropped and so is the "> " quoting at each line start (or "&gt; ", when Open WebUI
+# html-escaped the block: that line is then unescaped); the block ends at a line that starts with </details>.
 
 DETAILS_TAG_MAX = 512  # an opening <details ...> or <think ...> tag longer than this is no reasoning block
+DETAILS_LINE_MARKERS = ("</details>", "<summary", "&gt; ", "&gt;", "> ", ">")  # what a reasoning line may open with
+ESCAPES = (("&lt;", "<"), ("&gt;", ">"), ("&quot;", '"'), ("&#x27;", "'"), ("&amp;", "&"))  # html.escape's, &amp; last
+ENTITY_MAX = max(len(entity) for entity, _ in ESCAPES)
+MARKS_KEPT = 4  # line ends in a reasoning block where a snapshot that changed after them is read on from
+
+
+def unescaped(text):
+    """Text that went through Python's html.escape, as it was."""
+    if "&" not in text:
+        return text
+    for entity, character in ESCAPES:
+        text = text.replace(entity, character)
+    return text
+
+
+def held_entity(text):
+    """Length of the end of escaped text that may be the start of an entity, held until the entity is whole."""
+    start = text.rfind("&", max(0, len(text) - ENTITY_MAX + 1))
+    return len(text) - start if start >= 0 and ";" not in text[start:] else 0
+
+
+@dataclass(frozen=True)
+class SplitMark:
+    """Where the splitter stood at the end of a reasoning line: a snapshot that changed only after it (Open WebUI
+    moves the block's closer as the reasoning grows) is read on from here, not from the start."""
+    offset: int          # characters of raw text read up to here
+    escaped: bool        # the line is html-escaped
+    reasoning: tuple     # TrimmedText.mark() of each side
+    answer: tuple
 
 
 class MarkupSplitter:
@@ -1547,15 +1625,35 @@ class MarkupSplitter:
         self._pending = ""
         self._undecided = []
         self._line_start = True
+        self._escaped = False    # the current reasoning line came html-escaped
+        self._read = 0           # characters of raw text fed
+        self.marks = collections.deque(maxlen=MARKS_KEPT)
         self._out_reasoning = []
         self._out_answer = []
 
     def feed(self, text):
         """Adds raw text; returns the (reasoning, answer) text it completes."""
+        self._read += len(text)
         self._pending += text
         while self._pending and self._state():
             pass
         return self._take()
+
+    def texts(self):
+        """The (reasoning, answer) shown so far."""
+        return self.reasoning.text(), self.answer.text()
+
+    def rewind(self, mark):
+        """Goes back to `mark`, as if the raw text had ended there; returns the (reasoning, answer) shown since."""
+        while self.marks and self.marks[-1].offset > mark.offset:
+            self.marks.pop()
+        self._state, self._pending, self._line_start, self._escaped = self._details, "", False, mark.escaped
+        self._read = mark.offset
+        return self.reasoning.rewind(mark.reasoning), self.answer.rewind(mark.answer)
+
+    def since(self, mark):
+        """The (reasoning, answer) shown after `mark`."""
+        return self.reasoning.since(mark.reasoning), self.answer.since(mark.answer)
 
     def finish(self):
         """Ends the text: whatever was held back is settled."""
@@ -1640,37 +1738,34 @@ class MarkupSplitter:
         return False
 
     def _details(self):
-        """Open WebUI's reasoning block: drops <summary> and the '> ' quoting of each line."""
+        """Open WebUI's reasoning block: drops <summary> and the quoting of each line, unescapes an escaped line."""
         text = self._pending
         if self._line_start:
-            for marker in ("</details>", "<summary", "> ", ">"):
+            for marker in DETAILS_LINE_MARKERS:  # the longer of two markers that share a start comes first
                 if text.startswith(marker):
                     break
                 if marker.startswith(text):
                     return False
             else:
-                marker = None
+                marker = ""
             if marker == "</details>":
                 return self._consume(len(marker), self._after_reasoning)
             if marker == "<summary":
                 return self._consume(len(marker), self._summary)
-            if marker:
-                self._pending = text[len(marker):]
-            self._line_start = False
+            self._pending, self._line_start, self._escaped = text[len(marker):], False, marker.startswith("&")
             return True
-        newline, end = text.find("\n"), text.find("</details>")
-        if end >= 0 and (newline < 0 or end < newline):
-            self._reason(text[:end])
-            return self._consume(end + 10, self._after_reasoning)
-        if newline >= 0:
-            self._reason(text[:newline + 1])
-            self._line_start = True
-            self._pending = text[newline + 1:]
-            return True
-        keep = held_tag_prefix(text, "</details>")
-        self._reason(text[:len(text) - keep])
-        self._pending = text[len(text) - keep:]
-        return False
+        newline = text.find("\n")
+        line = text if newline < 0 else text[:newline]
+        keep = held_entity(line) if self._escaped and newline < 0 else 0
+        self._reason(unescaped(line[:len(line) - keep]) if self._escaped else line[:len(line) - keep])
+        if newline < 0:
+            self._pending = line[len(line) - keep:]
+            return False
+        self.marks.append(SplitMark(self._read - len(text) + newline, self._escaped, self.reasoning.mark(),
+                                    self.answer.mark()))
+        self._reason("\n")
+        self._line_start, self._pending = True, text[newline + 1:]
+        return True
 
     def _summary(self):
         """Open WebUI's <summary> inside a reasoning block: dropped as it arrives (only a possible start of its
@@ -1693,23 +1788,71 @@ class MarkupSplitter:
         return True
 
 
-SNAPSHOT_HEAD_CHARS = 16  # a frame that repeats this much of the text's start may be a rewritten snapshot
+SNAPSHOT_HEAD_CHARS = 16  # a piece that repeats this much of the text's start may be a rewritten snapshot
+
+
+def grown(new, old):
+    """Whether each of the (reasoning, answer) `new` starts with the same side of `old`."""
+    return new[0].startswith(old[0]) and new[1].startswith(old[1])
+
+
+def growth(new, old):
+    """What each side of `new` adds to `old` (see grown)."""
+    return new[0][len(old[0]):], new[1][len(old[1]):]
 
 
 class UpstreamText:
-    """Turns upstream text frames, whole-answer snapshots or new pieces, into reasoning and answer deltas."""
+    """The message so far, from frames of every form, as the (reasoning, answer) each frame grew it by: a top-level
+    content replaces the message, a piece is appended, a snapshot that shrinks or diverges from what was sent emits
+    nothing (k2think-protocol.md, "The rule that never loses and never doubles text")."""
 
     def __init__(self):
         self._raw = []
         self._raw_size = 0
         self._head = ""
-        self.snapshots = False  # whether frames have been whole-answer snapshots (else pieces)
+        self.snapshots = False  # whether pieces have been whole-answer snapshots, as the older site sent
+        self.forms = set()      # the TextForms seen
         self._repeats = 0
         self.splitter = MarkupSplitter()
+        self._sent = None       # the (reasoning, answer) sent, while the message read is behind it
+
+    def read(self, frame):
+        """The (reasoning, answer) a frame adds."""
+        if frame.form is None:
+            return "", ""
+        if frame.text or frame.reasoning:
+            self.forms.add(frame.form)
+        match frame.form:
+            case TextForm.WHOLE:
+                return self.replace(frame.text)
+            case TextForm.PIECE:
+                return self.feed(frame.text)
+            case TextForm.REASONING:
+                return self._emit((self.splitter.reasoning.add(frame.text), ""))
+            case TextForm.ANSWER:
+                return self._emit(("", self.splitter.answer.add(frame.text)))
+            case TextForm.OUTPUT:
+                whole = MarkupSplitter()
+                whole.reasoning.add(frame.reasoning)
+                whole.answer.add(frame.text)
+                return self._adopt(whole, "")
+
+    def replace(self, text):
+        """A whole message so far: read on from where it stops sharing the text read, else read it anew."""
+        self._repeats = 0
+        raw = self.raw_text()
+        if text.startswith(raw):
+            return self._extend(text, len(raw))
+        resumed = self._resume(text, raw)
+        if resumed is not None:
+            return resumed
+        fresh = MarkupSplitter()
+        fresh.feed(text)
+        return self._adopt(fresh, text)
 
     def feed(self, text):
-        """A frame that starts with all text so far is a snapshot, else a piece; a repeated first frame is both,
-        so it waits for the next frame: one that grows it makes the repeats snapshots, anything else pieces."""
+        """A piece, or a snapshot when it starts with all text so far; a repeated first piece is both, so it waits
+        for the next one: one that grows it makes the repeats snapshots, anything else pieces."""
         if not text:
             return "", ""
         if not self.snapshots and len(self._raw) == 1 and text == self._raw[0]:
@@ -1725,17 +1868,14 @@ class UpstreamText:
 
     def _read(self, text):
         if self._raw and (len(text) > self._raw_size or (self.snapshots and len(text) == self._raw_size)):
-            raw = self._raw[0] if len(self._raw) == 1 else "".join(self._raw)
-            self._raw = [raw]
+            raw = self.raw_text()
             if text.startswith(raw):
                 self.snapshots = True
-                self._raw = [text]
-                self._raw_size = len(text)
-                return self.splitter.feed(text[len(raw):])
+                return self._extend(text, len(raw))
         if self.snapshots or (len(self._head) == SNAPSHOT_HEAD_CHARS and len(text) >= self._raw_size
                                and text.startswith(self._head)):
-            rewritten = self._reparse(text)
-            if rewritten:
+            rewritten = self._rewritten(text)
+            if rewritten is not None:
                 return rewritten
         return self._append(text)
 
@@ -1744,41 +1884,73 @@ class UpstreamText:
         self._raw_size += len(text)
         if len(self._head) < SNAPSHOT_HEAD_CHARS:
             self._head = (self._head + text)[:SNAPSHOT_HEAD_CHARS]
-        return self.splitter.feed(text)
+        return self._emit(self.splitter.feed(text))
 
-    def _reparse(self, text):
-        """A snapshot whose markup changed (Open WebUI rewrites the reasoning tag): keep it if its texts only grew.
+    def _extend(self, text, read):
+        """A message that starts with the `read` characters read so far: only the rest is parsed."""
+        self._take_raw(text)
+        return self._emit(self.splitter.feed(text[read:]))
 
-        Tried once snapshots have been seen, or for a frame as long as the text so far that opens with the
-        same SNAPSHOT_HEAD_CHARS characters (a rewrite can come as early as the second frame); an incremental
-        piece does neither."""
+    def _resume(self, text, raw):
+        """A message that shares the text read up to a mark (a line end in a reasoning block) is parsed on from
+        there: the work is the text after the mark, not the whole message. None when it shares no mark."""
+        mark = next((m for m in reversed(self.splitter.marks) if text.startswith(raw[:m.offset])), None)
+        if mark is None:
+            return None
+        dropped = self.splitter.rewind(mark)
+        self.splitter.feed(text[mark.offset:])
+        self._take_raw(text)
+        again = self.splitter.since(mark)
+        if self._sent is None and grown(again, dropped):
+            return growth(again, dropped)
+        if self._sent is None:
+            reasoning, answer = self.splitter.texts()
+            self._sent = (reasoning[:len(reasoning) - len(again[0])] + dropped[0],
+                          answer[:len(answer) - len(again[1])] + dropped[1])
+        return self._catch_up()
+
+    def _rewritten(self, text):
+        """A snapshot in pieces' form whose markup changed (Open WebUI rewrites the reasoning tag), read anew: kept
+        if its texts only grew, else None (it is a piece). Tried once pieces have been snapshots, or for one as
+        long as the text so far that opens with the same SNAPSHOT_HEAD_CHARS characters (a rewrite can come as early
+        as the second frame); an incremental piece does neither."""
         fresh = MarkupSplitter()
         fresh.feed(text)
-        old_reasoning, old_answer = self.splitter.reasoning.text(), self.splitter.answer.text()
-        new_reasoning, new_answer = fresh.reasoning.text(), fresh.answer.text()
-        if not (new_reasoning.startswith(old_reasoning) and new_answer.startswith(old_answer)):
+        if not grown(fresh.texts(), self._sent or self.splitter.texts()):
             return None
-        self.splitter = fresh
         self.snapshots = True
-        self._raw = [text]
-        self._raw_size = len(text)
-        return new_reasoning[len(old_reasoning):], new_answer[len(old_answer):]
+        return self._adopt(fresh, text)
 
-    def read(self, frame):
-        """The (reasoning, answer) a frame adds; the text of a `done` event is the whole answer, not a piece."""
-        if frame.text is None:
+    def _adopt(self, splitter, raw):
+        """A message read anew takes the place of the one read: what it adds to what was sent."""
+        self._sent = self._sent or self.splitter.texts()
+        self.splitter = splitter
+        self._take_raw(raw)
+        return self._catch_up()
+
+    def _take_raw(self, text):
+        self._raw, self._raw_size, self._head = [text] if text else [], len(text), text[:SNAPSHOT_HEAD_CHARS]
+
+    def _emit(self, shown):
+        """What the parse showed, while it is level with what was sent; else what it now adds to that."""
+        return shown if self._sent is None else self._catch_up()
+
+    def _catch_up(self):
+        """What the message read adds to what was sent, once it has grown past it (both texts from the start)."""
+        texts = self.splitter.texts()
+        if not grown(texts, self._sent):
             return "", ""
-        if frame.done:
-            self._repeats = 0
-            return self._reparse(frame.text) or ("", "")
-        return self.feed(frame.text)
+        added, self._sent = growth(texts, self._sent), None
+        return added
 
     def finish(self):
-        return self.splitter.finish()
+        return self._emit(self.splitter.finish())
 
     def raw_text(self):
-        """The text as upstream sent it, markup and all."""
-        return "".join(self._raw)
+        """The message as upstream sent it, markup and all."""
+        if len(self._raw) > 1:
+            self._raw = ["".join(self._raw)]
+        return self._raw[0] if self._raw else ""
 
     def is_empty(self):
         """Whether the answer, once finished, held no reasoning and no answer at all."""
@@ -1795,7 +1967,7 @@ def error_detail(body):
 
 def bare_task_id(fields):
     """Whether an answer held a task_id and no text frame at all: Open WebUI sent the answer over its websocket."""
-    return "task_id" in fields and not fields & {"content", "choices"}
+    return "task_id" in fields and not fields & {"content", "choices", "delta", "output"}
 
 
 def no_content_error(content_type, fields):
@@ -1894,8 +2066,7 @@ class SiteReader:
         self.whole_reasoning, self.whole_answer = WholeText(), WholeText()
         self.fields = set()  # the top-level keys of every frame: what an answer without text did hold
         self.frames = 0
-        self.snapshots_seen = False  # a top-level content frame came: choices frames beside it are not text
-        self.finished = False        # a finish reason came: only a done event (whose content is read) may follow
+        self.finished = False  # a finish reason came: only a done event (whose content is read) may follow
 
     def read(self, frames):
         """What frames that arrived together add; the answer has ended at a done event."""
@@ -1906,9 +2077,6 @@ class SiteReader:
             if frame.error:
                 delta.error = site_error(502, frame.error)
                 break
-            self.snapshots_seen = self.snapshots_seen or (frame.text is not None and not frame.choices)
-            if frame.choices and self.snapshots_seen:
-                frame = replace(frame, text=None)  # the same text again, in another form: reading it would double it
             more_reasoning, more_answer = self.text.read(frame)
             reasoning.append(more_reasoning)
             answer.append(more_answer)
@@ -3679,7 +3847,7 @@ CHECK_PROBLEMS = {  # an upstream failure in a probe → (what went wrong, what 
     RATE_LIMITED: ("rate limited", "the site asks to slow down: try again in a minute"),
     BLOCKED: ("a bot-check or maintenance page", "open {base} in a browser on this server: the site may block its "
                                                  "IP address, or be down for maintenance"),
-    NO_CONTENT: ("an empty answer", "the site answered without any text: check that {model} is still served, and "
+    NO_CONTENT: ("an empty answer", "the site answered no answer text: check that {model} is still served, and "
                                     "try again"),
     TIMED_OUT: ("a timeout", "the site did not answer within REQUEST_TIMEOUT ({timeout:g} s): try again, or raise "
                              "REQUEST_TIMEOUT"),
@@ -3723,14 +3891,20 @@ class AnswerLook:
     reasoning: str = ""
     answer: str = ""
     raw: str = ""
-    snapshots: bool = False
+    forms: str = "none"  # how the text came: snapshots, pieces, Responses-style deltas
 
     def seen(self, reader):
-        """Takes in what the reader saw of the answer."""
+        """Takes in what the reader saw of the answer, the answer after an effort closer included (as requests
+        read it)."""
         text = reader.text
         self.frames, self.fields = reader.frames, reader.fields
-        self.reasoning, self.answer = text.splitter.reasoning.text(), text.splitter.answer.text()
-        self.raw, self.snapshots = text.raw_text(), text.snapshots
+        reasoning, answer = text.splitter.texts()
+        closer = CloserSplitter()
+        before, after = closer.feed(reasoning)
+        if closer.closed:
+            reasoning, answer = before.strip(), after.strip() + answer
+        self.reasoning, self.answer, self.raw = reasoning, answer, text.raw_text()
+        self.forms = text_forms(text)
         return self
 
     def dialect(self):
@@ -3748,7 +3922,7 @@ class AnswerLook:
         markup = ("<details>" if "<details" in self.raw else "<think>" if "think>" in self.raw else "none")
         kind = "SSE" if self.content_type == "text/event-stream" else "JSON"
         return (f"HTTP {self.status} {self.content_type or '(no content type)'} ({kind}); frames: "
-                f"{', '.join(sorted(self.fields)) or 'none'}; {'snapshots' if self.snapshots else 'pieces'}; "
+                f"{', '.join(sorted(self.fields)) or 'none'}; text as {self.forms}; "
                 f"reasoning markup: {markup}; {'<answer> tags' if '<answer>' in self.raw else 'no <answer> tags'}; "
                 + timing)
 
@@ -3758,10 +3932,28 @@ class AnswerLook:
     def facts(self):
         """The look for --check --json."""
         return {"status": self.status, "content_type": self.content_type, "frames": self.frames,
-                "frame_fields": sorted(self.fields), "snapshots": self.snapshots, "ended": self.ended,
+                "frame_fields": sorted(self.fields), "text_forms": self.forms, "ended": self.ended,
                 "first_byte_s": round(self.first_byte, 3) if self.first_byte is not None else None,
                 "total_s": round(self.total, 3) if self.total is not None else None,
                 "reasoning": self.reasoning[:PREVIEW_CHARS], "answer": self.answer[:PREVIEW_CHARS]}
+
+
+def text_forms(text):
+    """How an answer's text came, in words: snapshots of the whole message, pieces, or Responses-style deltas."""
+    kinds = []
+    if TextForm.WHOLE in text.forms or text.snapshots:
+        kinds.append("snapshots")
+    if TextForm.PIECE in text.forms and not text.snapshots:
+        kinds.append("pieces")
+    if text.forms & {TextForm.REASONING, TextForm.ANSWER, TextForm.OUTPUT}:
+        kinds.append("Responses-style deltas")
+    return " and ".join(kinds) or "none"
+
+
+def empty_answer_error(look):
+    """The error for an answer whose text was reasoning only, saying what came."""
+    return UpstreamError(NO_CONTENT, f"upstream's answer held reasoning only ({len(look.reasoning)} characters: "
+                                     f'"{look.reasoning[:PREVIEW_CHARS]}") and no answer text')
 
 
 def first_token(path, now):
@@ -3819,7 +4011,9 @@ async def look_at_chat(site, token, mode, model, payload=None):
         look.total = time.monotonic() - started
     reader.finish()
     look.seen(reader)
-    return look, (no_content_error(look.content_type, look.fields) if reader.text.is_empty() else None)
+    if reader.text.is_empty():
+        return look, no_content_error(look.content_type, look.fields)
+    return look, (empty_answer_error(look) if not look.answer else None)
 
 
 def problem_of(error, look):

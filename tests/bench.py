@@ -43,6 +43,8 @@ IDLE_MEMORY_MB = 55  # a plain start; about 12 MB of it is what CPython keeps af
 FAKE, PROXY = str(ROOT / "tests" / "fake_upstream.py"), str(ROOT / "k2proxy.py")
 IFM_KEY = "IFM-bench"  # the fake API's one key, and the API proxy's
 CPU_LENGTHS = (20000, 40000)  # characters of the answers whose proxy CPU is compared
+MIXED_FRAMES = 2000  # frames of the answers whose CPU is compared in both of Open WebUI's frame forms
+MIXED = {"realtime_save": True, "markup": "details_plain"}
 
 
 def free_port():
@@ -348,19 +350,21 @@ class Bench:
             figures[name] = (len(latencies) / (time.perf_counter() - started), percentile(latencies, 0.99) * 1000)
         return figures
 
-    async def cpu_for(self, length, runs):
-        """Proxy CPU seconds for one streamed answer of `length` characters in 200 frames (the site's snapshots, or
-        the API's chunks), averaged over `runs` answers (the kernel counts CPU time in 10 ms ticks)."""
-        await self.steer(reasoning="r" * (length // 2), answer="a" * (length // 2), piece=max(1, length // 200),
-                         delay=0, style="snapshot", markup="details", usage=None)
+    async def cpu_for(self, length, runs, frames=200, **reply):
+        """Proxy CPU seconds for one streamed answer of `length` characters in `frames` frames (the site's
+        snapshots, or the API's chunks; `reply` may change the site's configuration), averaged over `runs` answers
+        (the kernel counts CPU time in 10 ms ticks)."""
+        await self.steer(**{"reasoning": "r" * (length // 2), "answer": "a" * (length // 2),
+                            "piece": max(1, length // frames), "delay": 0, "style": "snapshot", "markup": "details",
+                            "usage": None, **reply})
         before = cpu_seconds(self.proxy_pid)
         for _ in range(runs):
             await self.one("/v1/chat/completions")
         return (cpu_seconds(self.proxy_pid) - before) / runs
 
-    async def cpu_growth(self, runs):
-        """Proxy CPU seconds for an answer of each of CPU_LENGTHS."""
-        return {length: await self.cpu_for(length, runs) for length in CPU_LENGTHS}
+    async def cpu_growth(self, runs, **how):
+        """Proxy CPU seconds for an answer of each of CPU_LENGTHS (`how`: see cpu_for)."""
+        return {length: await self.cpu_for(length, runs, **how) for length in CPU_LENGTHS}
 
     async def watch_peak(self, peak, stop):
         while not stop.is_set():
@@ -420,7 +424,8 @@ async def site_figures(session, files, quick, samples, rounds, runs):
         await watcher
         services = await bench.services(200 if quick else 2000, 16)
         cpu = await bench.cpu_growth(runs)
-    return (ttfb, paused, streamed, plain, cpu, idle, peak[0], bench.errors), services
+        mixed = await bench.cpu_growth(runs, frames=MIXED_FRAMES, **MIXED)
+    return (ttfb, paused, streamed, plain, cpu, mixed, idle, peak[0], bench.errors), services
 
 
 async def api_figures(session, files, samples, rounds, runs):
@@ -700,7 +705,7 @@ def error_rows(errors):
         print(f"- error: {error}")
 
 
-def report(quick, ttfb, paused, streamed, plain, cpu, idle, peak, errors):
+def report(quick, ttfb, paused, streamed, plain, cpu, mixed, idle, peak, errors):
     chat = "/v1/chat/completions"
     overhead = ttfb[chat][0] - ttfb["direct"][0]
     growth = cpu_growth(cpu)
@@ -726,6 +731,9 @@ def report(quick, ttfb, paused, streamed, plain, cpu, idle, peak, errors):
         print(f"| `{route}` first content within 1 ms of `{chat}` at p50 | {gap:+.1f} ms | {mark(abs(gap) <= 1)} |")
     throughput_targets(streamed)
     print(f"| CPU growth for 2x the answer at most 2.3x | {growth:.2f}x | {mark(growth <= 2.3)} |")
+    growth = cpu_growth(mixed)
+    print(f"| the same in {MIXED_FRAMES:,} mixed frames (realtime save: reasoning snapshots, answer pieces) "
+          f"| {growth:.2f}x | {mark(growth <= 2.3)} |")
     print(f"| idle memory at most {IDLE_MEMORY_MB} MB, a plain start | {idle:.1f} MB "
           f"| {mark(idle <= IDLE_MEMORY_MB)} |")
     error_rows(errors)

@@ -11,6 +11,12 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+settings.register_profile("ci", max_examples=300, derandomize=True, database=None, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])  # a fixed seed: the same examples each run
+settings.register_profile("long", max_examples=20_000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))  # --hypothesis-profile=long overrides it
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -18,6 +24,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import urllib.request  # noqa: E402
 
+import anthropic  # noqa: E402
+import openai  # noqa: E402
 from fake_upstream import FakeK2Think  # noqa: E402
 
 import k2proxy  # noqa: E402
@@ -239,6 +247,50 @@ async def fake_api(aiohttp_server):
     return upstream
 
 
+class Served:
+    """A fake site and a proxy in front of it on an event loop of their own, with a client of each dialect, streamed
+    and not: for the tests hypothesis drives example by example (it runs sync tests only)."""
+
+    def __init__(self, tmp_path):
+        self.loop = asyncio.new_event_loop()
+        self.fake = FakeK2Think()
+        self.tmp_path = tmp_path
+        self.servers, self.clients = [], []
+
+    def run(self, coroutine, timeout=30):
+        """Runs `coroutine` on this loop, within `timeout` seconds."""
+        return self.loop.run_until_complete(asyncio.wait_for(coroutine, timeout))
+
+    async def start(self):
+        from aiohttp.test_utils import TestServer
+        fake = TestServer(self.fake.app)
+        await fake.start_server()
+        settings = k2proxy.load_settings({
+            "VALID_API_KEY": API_KEY, "ADMIN_KEY": ADMIN_KEY, "K2THINK_BASE_URL": str(fake.make_url("")).rstrip("/"),
+            "USER_TOKENS_FILE": str(self.tmp_path / "tokens.txt"), "REQUEST_TIMEOUT": "5",
+            "GUEST_TOKENS_FILE": str(self.tmp_path / "tokens_guest.txt")})
+        proxy = TestServer(k2proxy.make_app(settings))
+        await proxy.start_server()
+        self.servers = [proxy, fake]
+        url = str(proxy.make_url("")).rstrip("/")
+        self.clients = [make(url, stream) for make in CLIENTS.values() for stream in (False, True)]
+
+    async def stop(self):
+        for client in self.clients:
+            await client.sdk.close()
+        for server in self.servers:
+            await server.close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    served = Served(tmp_path)
+    served.run(served.start())
+    yield served
+    served.run(served.stop())
+    served.loop.close()
+
+
 async def run_check(settings):
     """`python k2proxy.py --check`'s report for `settings`, run in-process with a session of its own."""
     http = k2proxy.HttpClient(settings)
@@ -333,3 +385,97 @@ def replicas(spawn, tmp_path, redis_server):
         return Replicas(spawn, tmp_path, redis_server, count, {key: str(value) for key, value in env.items()},
                         files or {}, api)
     return start
+
+
+# ─── clients of each dialect through the official SDKs, reading (answer, reasoning) as users see them
+
+class ChatClient:
+    """Chat completions through AsyncOpenAI; a stream is joined delta by delta, as plain clients do."""
+
+    def __init__(self, url, stream):
+        self.sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=20)
+        self.stream = stream
+
+    @staticmethod
+    def user(content):
+        return {"role": "user", "content": content}
+
+    @staticmethod
+    def turn(text, reasoning):
+        return [{"role": "assistant", "content": text, "reasoning_content": reasoning}]
+
+    async def ask(self, history, **options):
+        """(answer, reasoning) as the client shows them."""
+        options = {"model": MODEL, "messages": history, **options}
+        if not self.stream:
+            message = (await self.sdk.chat.completions.create(**options)).choices[0].message
+            return message.content or "", getattr(message, "reasoning_content", None) or ""
+        text, reasoning = [], []
+        async for chunk in await self.sdk.chat.completions.create(**options, stream=True):
+            for choice in chunk.choices:
+                text.append(choice.delta.content or "")
+                reasoning.append(getattr(choice.delta, "reasoning_content", None) or "")
+        return "".join(text), "".join(reasoning)
+
+
+class AnthropicClient:
+    """Anthropic Messages through AsyncAnthropic, thinking on; a stream is read by the SDK's own accumulator."""
+
+    def __init__(self, url, stream):
+        self.sdk = anthropic.AsyncAnthropic(base_url=url, api_key=API_KEY, max_retries=0,
+                                            timeout=20)
+        self.stream = stream
+
+    @staticmethod
+    def user(content):
+        return {"role": "user", "content": content}
+
+    @staticmethod
+    def turn(text, reasoning):
+        return [{"role": "assistant", "content": [{"type": "thinking", "thinking": reasoning, "signature": "sig"},
+                                                  {"type": "text", "text": text}]}]
+
+    async def ask(self, history, **options):
+        options = {"model": MODEL, "max_tokens": 4096, "messages": history,
+                   "thinking": {"type": "enabled", "budget_tokens": 20000}, **options}
+        options = {name: value for name, value in options.items() if value is not None}
+        if self.stream:
+            async with self.sdk.messages.stream(**options) as stream:
+                message = await stream.get_final_message()
+        else:
+            message = await self.sdk.messages.create(**options)
+        return ("".join(b.text for b in message.content if b.type == "text"),
+                "".join(b.thinking for b in message.content if b.type == "thinking"))
+
+
+class ResponsesClient:
+    """Responses through AsyncOpenAI, summary asked; a stream is read by the SDK's own accumulator."""
+
+    def __init__(self, url, stream):
+        self.sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key=API_KEY, max_retries=0,
+                                      timeout=20)
+        self.stream = stream
+
+    @staticmethod
+    def user(content):
+        return {"role": "user", "content": content}
+
+    @staticmethod
+    def turn(text, reasoning):
+        return [{"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": reasoning}]},
+                {"role": "assistant", "content": text}]
+
+    async def ask(self, history, **options):
+        options = {"model": MODEL, "input": history, "reasoning": {"summary": "auto"}, **options}
+        options = {name: value for name, value in options.items() if value is not None}
+        if self.stream:
+            async with self.sdk.responses.stream(**options) as stream:
+                response = await stream.get_final_response()
+        else:
+            response = await self.sdk.responses.create(**options)
+        summaries = [part.text for item in response.output if item.type == "reasoning" for part in item.summary]
+        return response.output_text, "".join(summaries)
+
+
+CLIENTS = {"chat": ChatClient, "anthropic": AnthropicClient, "responses": ResponsesClient}

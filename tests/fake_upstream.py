@@ -4,9 +4,10 @@ By default it is the 2026 site (K2 Horizon at chat.ifm.ai) with its rules
 enforced: unknown model ids, the chat_id/id/session_id trio (answered with a
 bare task_id, as Open WebUI does when it answers over its websocket), assistant
 turns without a thinking field, and reasoning efforts it does not know. Its
-answers open with a task_id event, carry <details> snapshots with the answer
-after </details>, and end with a finish chunk, a done event repeating the
-content, and a connection torn down without a clean end. The older site
+answers open with a task_id event and a raw role chunk, carry Open WebUI's
+snapshots of the whole message (the <details> block, closed at every step, then
+the answer), and end with a raw finish chunk, a done event repeating the whole
+message, and a connection torn down without a clean end. The older site
 (`site="k2think"`, and `old_site()` replies) stays available.
 
 It can answer in every variant the protocol page lists (snapshot or
@@ -16,12 +17,13 @@ and records what it received. Tests drive it in-process; the benchmark and
 end-to-end tests run it as a process (`python tests/fake_upstream.py --port N`)
 and steer it through its /_fake routes.
 
-The 2026 variants: choices frames beside the content snapshots (Reply.choices_too), a done event whose snapshot
-holds a tail no snapshot showed (Reply.done_tail), <think duration="N"> markup, follow-ups at low or medium effort
-filed wholly as reasoning with the answer after an effort closer (`empty_followups`, on by default; Reply.closer),
-a template that blanks content that is not a string (`blanking`), one that refuses null thinking fields, and
-the effort field the template reads (`effort_from`: extra_body, the default, chat_template_kwargs, both or
-neither; Received.effort is the effort acted on).
+The 2026 variants: each Open WebUI configuration of the protocol page (its default, the one the fake sends unless
+told otherwise; Reply.realtime_save, batch, escaped, responses, extras, done_content; a generated body in
+Reply.raw), a done event whose snapshot holds a tail no snapshot showed (Reply.done_tail), <think duration="N">
+markup, follow-ups at low or medium effort filed wholly as reasoning with the answer after an effort closer
+(`empty_followups`, on by default; Reply.closer), a template that blanks content that is not a string
+(`blanking`), one that refuses null thinking fields, and the effort field the template reads (`effort_from`:
+extra_body, the default, chat_template_kwargs, both or neither; Received.effort is the effort acted on).
 
 FakeIFM is the other upstream kind, built from shared/ifm-api.md: the official OpenAI-compatible API
 (api.ifm.ai/v1, `--api`) or a self-hosted vLLM/SGLang server of the open weights (`--api --self-hosted`). It
@@ -34,6 +36,7 @@ reasoning as the effort closers do.
 import argparse
 import asyncio
 import base64
+import html
 import json
 import math
 import time
@@ -61,14 +64,18 @@ def make_jwt(exp, account_id="0b7c2a5e-6a55-4b7e-9c43-5a0c4c1f6e21", signature="
 
 @dataclass
 class Reply:
-    """How the fake answers one chat request; the defaults are what the 2026 site sends."""
+    """How the fake answers one chat request; the defaults are what the 2026 site sends (Open WebUI's default
+    configuration: a raw role chunk, top-level snapshots of the whole message, a raw finish chunk, usage, a done
+    event with the last snapshot)."""
     reasoning: str = "The user greets me. I should greet back."
     answer: str = "Hello! How can I help you today?"
     markup: str = "details_plain"  # details_plain | details | tags | tags_no_answer | lone_think | plain |
                                    # think_duration (<think duration="2">, the older site in 2026)
     style: str = "snapshot"       # snapshot | incremental
-    form: str = "content"         # content (top-level "content") | choices (OpenAI delta)
+    form: str | None = None       # content (top-level "content") | choices (OpenAI delta); None: content for
+                                  # snapshots, choices for pieces (a top-level content is always the whole message)
     task_id: bool = True          # a first {"task_id": ...} event
+    role_chunk: bool = True       # a raw first chunk with the role and no text, as Open WebUI forwards it
     opening: bool = False         # a first frame with an empty text, as OpenAI-style streams begin
     json_answer: bool = False     # one application/json document even though a stream was asked
     piece: int = 6                # characters the model adds per frame
@@ -80,8 +87,11 @@ class Reply:
                                       # with end=finish_done, in the finish chunk (default "stop")
     end: str = "finish_done"      # finish_done (a finish chunk, then {"done": true, "content": <all>}) |
                                   # [DONE] | DONE | done | done_json | none
+    done_content: bool = True     # the done event of finish_done carries the last snapshot (or the output items)
     ragged: bool = True           # after its end, the connection is torn down without closing the body
     noise: bool = True            # "-1" frames and SSE comments between frames
+    extras: bool = False          # events without text: a status whose done is true, a bare title string,
+                                  # sources, selected_model_id
     crlf: bool = False            # \r\n line endings
     chunk_bytes: int = 0          # write the body in slices of this many bytes (cuts lines and UTF-8)
     drop_after: int = -1          # frames sent before the connection is cut
@@ -92,14 +102,29 @@ class Reply:
     body: str = ""                # the whole answer instead of a stream (any status)
     headers: dict = field(default_factory=dict)
     content_type: str = ""        # overrides the answer's content type
-    choices_too: str = ""         # "after" | "before": beside each top-level content frame, an OpenAI-style
-                                  # {"choices": [{"delta": {"content": <the piece that frame added>}}]} frame
+    realtime_save: bool = False   # ENABLE_REALTIME_CHAT_SAVE: the reasoning block as top-level snapshots, what
+                                  # follows it only as choices pieces appended to the last one
+    batch: int = 0                # delta batching (CHAT_RESPONSE_STREAM_DELTA_CHUNK_SIZE): every batch-th snapshot
+                                  # is sent, and the last text only in the done event
+    escaped: bool = False         # newer Open WebUI: the quoted reasoning goes through html.escape
+    responses: bool = False       # Open WebUI's development line: response.*.delta events, then a done event with
+                                  # the output items and no content
     done_tail: str = ""           # more answer that only the done event's final content snapshot holds
+    raw: tuple = ()               # a generated body (tests/site_grammar.py): these reads, written as they are
     empty_followup: bool | None = None  # the effort-closer case for this reply (None: the fake's empty_followups)
     closer: str = "<ifm|think>"   # the tag between the reasoning and the answer in that case
 
+    def __post_init__(self):
+        if self.form is None:
+            self.form = "choices" if self.style == "incremental" else "content"
+        if self.style == "incremental" and self.form == "content":
+            raise ValueError("a top-level content is the whole message so far: pieces come as choices")
 
-OLD_SITE = {"markup": "tags", "form": "choices", "task_id": False, "end": "[DONE]", "ragged": False}
+
+OLD_SITE = {"markup": "tags", "form": "choices", "task_id": False, "role_chunk": False, "end": "[DONE]",
+            "ragged": False}
+DETAILS = ("details", "details_plain")
+DURATION = 2
 
 
 def old_site(**changes):
@@ -107,16 +132,23 @@ def old_site(**changes):
     return Reply(**{**OLD_SITE, **changes})
 
 
-def quoted(text):
-    return "\n".join("> " + line for line in text.split("\n"))
+def quoted(text, escaped=False):
+    """Open WebUI's display of reasoning: each line quoted with "> " unless it starts with ">", maybe escaped."""
+    lines = "\n".join(line if line.startswith(">") else "> " + line for line in text.splitlines())
+    return html.escape(lines) if escaped else lines
 
 
-def details_snapshot(reasoning, shown, answer_markup, answered):
-    """Open WebUI's guest rendering: the reasoning block, rewritten when thinking ends."""
-    if shown < len(reasoning) or not answered:
-        return '<details type="reasoning" done="false">\n<summary>Thinking…</summary>\n' + quoted(reasoning[:shown])
-    return ('<details type="reasoning" done="true" duration="2">\n<summary>Thought for 2 seconds</summary>\n'
-            + quoted(reasoning) + "\n</details>\n" + answer_markup[:answered])
+def details_snapshot(reasoning, shown, answer_markup, answered, escaped=False):
+    """Open WebUI's message (serialize_content_blocks): the reasoning block, closed at every step and rewritten
+    when the answer begins, then the answer's text block; the whole stripped. No reasoning, no block."""
+    if not reasoning:
+        return answer_markup[:answered].strip()
+    if not answered:
+        return ('<details type="reasoning" done="false">\n<summary>Thinking…</summary>\n'
+                + quoted(reasoning[:shown], escaped) + "\n</details>")
+    return (f'<details type="reasoning" done="true" duration="{DURATION}">\n<summary>Thought for {DURATION} '
+            f'seconds</summary>\n' + quoted(reasoning, escaped) + "\n</details>\n"
+            + answer_markup[:answered].strip()).strip()
 
 
 def answer_markup(reply):
@@ -126,8 +158,8 @@ def answer_markup(reply):
 
 def full_text(reply):
     r, a = reply.reasoning, reply.answer
-    if reply.markup in ("details", "details_plain"):
-        return details_snapshot(r, len(r), answer_markup(reply), max(len(answer_markup(reply)), 1))  # closed
+    if reply.markup in DETAILS:
+        return details_snapshot(r, len(r), answer_markup(reply), max(len(answer_markup(reply)), 1), reply.escaped)
     return {
         "tags": f"<think>{r}</think>\n<answer>{a}</answer>",
         "tags_no_answer": f"<think>{r}</think>\n\n{a}",
@@ -137,65 +169,102 @@ def full_text(reply):
     }[reply.markup]
 
 
+def reasoning_snapshots(reply):
+    """Open WebUI's message after each piece of reasoning, while the model thinks."""
+    return [details_snapshot(reply.reasoning, shown, "", 0, reply.escaped)
+            for shown in range(reply.piece, len(reply.reasoning) + reply.piece, reply.piece)]
+
+
 def snapshots(reply):
     """The whole text after each frame, as a snapshot-style upstream sends it."""
-    if reply.markup not in ("details", "details_plain"):
+    if reply.markup not in DETAILS:
         text = full_text(reply)
         return [text[:end] for end in range(reply.piece, len(text) + reply.piece, reply.piece)] or [""]
     answer_markup_text = answer_markup(reply)
-    steps = [details_snapshot(reply.reasoning, shown, answer_markup_text, 0)
-             for shown in range(0, len(reply.reasoning), reply.piece)]
-    steps += [details_snapshot(reply.reasoning, len(reply.reasoning), answer_markup_text, answered)
+    steps = reasoning_snapshots(reply) if reply.reasoning else []
+    steps += [details_snapshot(reply.reasoning, len(reply.reasoning), answer_markup_text, answered, reply.escaped)
               for answered in range(reply.piece, len(answer_markup_text) + reply.piece, reply.piece)]
     if reply.reasoning and not answer_markup_text:
         steps.append(full_text(reply))  # no answer: the block still closes, with nothing after </details>
     return steps
 
 
-def texts(reply):
-    """What each text frame carries: snapshots, or the pieces between them."""
-    if reply.style == "snapshot":
-        return snapshots(reply)
-    text = full_text(reply)
-    return [text[start:start + reply.piece] for start in range(0, len(text), reply.piece)]
+def pieces_of(text, size):
+    return [text[start:start + size] for start in range(0, len(text), size)]
+
+
+def text_frames(reply):
+    """(form, text) of each frame that carries text: "content" frames hold the whole message so far, "choices"
+    frames a piece (or, with style=snapshot, the older site's snapshot)."""
+    if reply.realtime_save and reply.markup in DETAILS and reply.reasoning:
+        return ([("content", text) for text in reasoning_snapshots(reply)]
+                + [("choices", piece) for piece in pieces_of(answer_markup(reply), reply.piece)])
+    texts = snapshots(reply) if reply.style == "snapshot" else pieces_of(full_text(reply), reply.piece)
+    if reply.batch:
+        texts = [text for number, text in enumerate(texts[:-1]) if number % reply.batch == reply.batch - 1]
+    return [(reply.form, text) for text in texts]
+
+
+def responses_payloads(reply):
+    """Open WebUI's development line: the reasoning and the answer as Responses-style deltas."""
+    events = [{"type": "response.output_item.added", "item": {"type": "reasoning", "id": "rs_1"}}]
+    events += [{"type": "response.reasoning_text.delta", "delta": piece}
+               for piece in pieces_of(reply.reasoning, reply.piece)]
+    events.append({"type": "response.output_item.added", "item": {"type": "message", "id": "msg_1"}})
+    events += [{"type": "response.output_text.delta", "delta": piece}
+               for piece in pieces_of(reply.answer, reply.piece)]
+    return [json.dumps(event, ensure_ascii=False) for event in events]
+
+
+def output_items(reasoning, answer):
+    return [{"type": "reasoning", "id": "rs_1", "content": [{"type": "reasoning_text", "text": reasoning}]},
+            {"type": "message", "id": "msg_1", "role": "assistant",
+             "content": [{"type": "output_text", "text": answer}]}]
+
+
+EXTRAS = [json.dumps({"action": "web_search", "description": "Searched 3 sites", "done": True}),
+          json.dumps({"selected_model_id": MODEL}), json.dumps({"sources": [{"source": {"name": "web"}}]}),
+          json.dumps("Greeting exchange")]  # a status (its done is not the end), a model id, sources, the title
 
 
 def frame_payloads(reply):
     """The SSE payloads of one answer, in order."""
     payloads = [json.dumps({"task_id": str(uuid.uuid4())})] if reply.task_id else []
-    pieces = [""] * reply.opening + texts(reply)
+    if reply.role_chunk:
+        payloads.append(json.dumps({"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                                 "finish_reason": None}]}))
+    frames = [(reply.form, "")] * reply.opening + ([] if reply.responses else text_frames(reply))
     last_finish = None if reply.end == "finish_done" else reply.finish_reason
-    for number, text in enumerate(pieces):
-        if reply.form == "content":
+    texts = responses_payloads(reply) if reply.responses else []
+    for number, (form, text) in enumerate(frames):
+        if form == "content":
             obj = {"content": text}
         else:
             delta = {"content": text}
-            if number == 0:
+            if number == 0 and not reply.role_chunk:
                 delta = {"role": "assistant", **delta}
-            last = number == len(pieces) - 1
+            last = number == len(frames) - 1
             obj = {"choices": [{"index": 0, "delta": delta, "finish_reason": last_finish if last else None}]}
-        if reply.usage and not reply.usage_alone and number == len(pieces) - 1:
+        if reply.usage and not reply.usage_alone and number == len(frames) - 1:
             obj["usage"] = reply.usage
-        frame = [json.dumps(obj, ensure_ascii=False)]
-        if reply.form == "content" and reply.choices_too:
-            beside = choices_beside(reply, pieces[number - 1] if number else "", text)
-            frame.insert(0 if reply.choices_too == "before" else 1, beside)
-        payloads += frame
+        texts.append(json.dumps(obj, ensure_ascii=False))
+    if reply.extras:
+        for number, extra in enumerate(EXTRAS):
+            texts.insert(min(len(texts), number * max(1, len(texts) // len(EXTRAS))), extra)
+    payloads += texts
     if reply.usage and reply.usage_alone:
         payloads.append(json.dumps({"usage": reply.usage}))
     if reply.end == "finish_done":
         payloads.append(json.dumps({"choices": [{"index": 0, "delta": {},
                                                  "finish_reason": reply.finish_reason or "stop"}]}))
-        final = full_text(replace(reply, answer=reply.answer + reply.done_tail) if reply.done_tail else reply)
-        payloads.append(json.dumps({"done": True, "content": final}, ensure_ascii=False))
+        whole = replace(reply, answer=reply.answer + reply.done_tail) if reply.done_tail else reply
+        done = {"done": True}
+        if reply.done_content and reply.responses:
+            done["output"] = output_items(whole.reasoning, whole.answer)
+        elif reply.done_content:
+            done["content"] = full_text(whole)
+        payloads.append(json.dumps(done, ensure_ascii=False))
     return payloads
-
-
-def choices_beside(reply, previous, text):
-    """The OpenAI-style frame the 2026 site may send beside a content frame: the piece that frame added."""
-    added = text[shared_prefix(previous, text):] if reply.style == "snapshot" else text
-    return json.dumps({"choices": [{"index": 0, "delta": {"content": added}, "finish_reason": None}]},
-                      ensure_ascii=False)
 
 
 def sse_events(reply):
@@ -365,7 +434,9 @@ class FakeK2Think:
         await response.prepare(request)
         self.open_streams += 1
         try:
-            for number, event in enumerate(sse_events(reply)):
+            for data in reply.raw:
+                await response.write(data)
+            for number, event in enumerate(() if reply.raw else sse_events(reply)):
                 if number == reply.drop_after:
                     request.transport.abort()
                     return response

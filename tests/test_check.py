@@ -38,7 +38,8 @@ async def test_the_2026_site_healthy(check, fake):
     assert [found[name]["verdict"] for name in ("host", "models", "guest chat", "user chat")] == ["ok"] * 4
     assert found["sign-in"]["verdict"] == "skipped"
     chat = found["user chat"]["details"]
-    assert chat["status"] == 200 and chat["content_type"] == "text/event-stream" and chat["snapshots"]
+    assert chat["status"] == 200 and chat["content_type"] == "text/event-stream"
+    assert chat["text_forms"] == "snapshots"
     assert {"content", "task_id"} <= set(chat["frame_fields"]) and chat["ended"]
     assert chat["answer"] == fake.reply.answer and chat["reasoning"] == fake.reply.reasoning
     assert "reasoning markup: <details>; no <answer> tags" in found["user chat"]["summary"]
@@ -82,6 +83,34 @@ async def test_a_broken_answer_is_named_with_what_to_do(check, fake, situation, 
     chat = probes(report)["guest chat"]
     assert not report["works"] and chat["verdict"] == "failed"
     assert chat["details"]["problem"] == problem and hint in chat["hint"]
+
+
+@pytest.mark.parametrize("reply", [Reply(answer=""), Reply(answer="", realtime_save=True)],
+                         ids=["snapshots", "realtime"])
+async def test_an_answer_that_is_reasoning_only_fails_the_check_saying_what_came(check, fake, reply):
+    """A reasoning block and nothing after it is no working chat: ✗, with the reasoning it did hold."""
+    fake.reply = reply
+    report = await check()
+    chat = probes(report)["guest chat"]
+    assert not report["works"] and chat["verdict"] == "failed" and chat["details"]["problem"] == "an empty answer"
+    assert "reasoning only" in chat["summary"] and fake.reply.reasoning[:40] in chat["summary"]
+    assert chat["details"]["answer"] == ""
+
+
+async def test_an_answer_after_an_effort_closer_is_the_answer_the_check_reads(check, fake):
+    fake.reply = Reply(reasoning="Short.<ifm|think>\n\nIt works.", answer="")
+    chat = probes(await check())["guest chat"]
+    assert chat["verdict"] == "ok" and chat["details"]["answer"] == "It works."
+
+
+@pytest.mark.parametrize("reply", [Reply(realtime_save=True, piece=3), Reply(batch=3), Reply(escaped=True),
+                                   Reply(responses=True), Reply(extras=True)],
+                         ids=["realtime save", "batched", "escaped", "responses", "extras"])
+async def test_each_open_webui_configuration_passes_the_check_with_its_exact_answer(check, fake, reply):
+    fake.reply = reply
+    chat = probes(await check())["guest chat"]
+    assert chat["verdict"] == "ok"
+    assert (chat["details"]["reasoning"], chat["details"]["answer"]) == (reply.reasoning, reply.answer)
 
 
 async def test_a_guest_endpoint_that_is_gone(check, fake):

@@ -17,22 +17,25 @@ text = st.text(st.characters(blacklist_categories=("Cs",),
 
 
 def clean(value):
-    return not any(tag in value for tag in MARKUP) and not value.startswith(("<", ">"))
+    """No markup, and no line that opens with ">" (Open WebUI leaves such a reasoning line unquoted)."""
+    return not any(tag in value for tag in MARKUP) and not value.startswith("<") and not any(
+        line.startswith(">") for line in value.split("\n"))
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(reasoning=text, answer=text,
        markup=st.sampled_from(["details_plain", "tags", "tags_no_answer", "lone_think", "details"]),
-       style=st.sampled_from(["snapshot", "incremental"]), form=st.sampled_from(["choices", "content"]),
+       style_form=st.sampled_from([("snapshot", "content"), ("snapshot", "choices"), ("incremental", "choices")]),
        piece=st.integers(1, 12), cuts=st.lists(st.integers(1, 40), min_size=1, max_size=20),
        opening=st.booleans(), site=st.sampled_from([Reply, old_site]))
-@example(reasoning="00", answer="0", markup="lone_think", style="incremental", form="choices", piece=1, cuts=[1],
+@example(reasoning="00", answer="0", markup="lone_think", style_form=("incremental", "choices"), piece=1, cuts=[1],
          opening=False, site=old_site)
-@example(reasoning="0", answer="0", markup="details_plain", style="incremental", form="content", piece=1, cuts=[1],
+@example(reasoning="0", answer="0", markup="details_plain", style_form=("incremental", "choices"), piece=1, cuts=[1],
          opening=False, site=Reply)
-def test_any_split_of_any_stream_gives_the_same_reasoning_and_answer(reasoning, answer, markup, style, form,
+def test_any_split_of_any_stream_gives_the_same_reasoning_and_answer(reasoning, answer, markup, style_form,
                                                                      piece, cuts, opening, site):
     assume(clean(reasoning) and clean(answer))
+    style, form = style_form
     body = "".join(sse_events(site(reasoning=reasoning, answer=answer, markup=markup, style=style, form=form,
                                    piece=piece, noise=True, opening=opening))).encode()
     decoder, parsed, seen = k2proxy.SSEDecoder(), k2proxy.UpstreamText(), []

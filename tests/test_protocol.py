@@ -1,32 +1,53 @@
 """Upstream parsing: every variant of the protocol page yields exactly the reasoning and the answer."""
 
-import itertools
+from dataclasses import replace
 
 import pytest
 from fake_upstream import Reply, json_document, old_site, snapshots, sse_events
+from hypothesis import given
+from site_grammar import site_streams
 
 import k2proxy
 
-REASONING = "The user asks 2+2.\nThat is 4 — simple ✓.\n\n> not a quote marker"
+WHOLE, PIECE = k2proxy.TextForm.WHOLE, k2proxy.TextForm.PIECE
+
+REASONING = "The user asks 2+2.\nThat is 4 — simple ✓ & <fine>, isn't it? \"Yes\".\n\nnot a > quote marker"
 ANSWER = "2 + 2 = **4**.\n\n```python\nprint(2 + 2)  # 四\n```"
-VARIANTS = list(itertools.product(("details_plain", "tags", "tags_no_answer", "lone_think", "details"),
-                                  ("snapshot", "incremental"), ("choices", "content")))
+FORMS = (("snapshot", "content"), ("snapshot", "choices"), ("incremental", "choices"))  # pieces come as choices
+VARIANTS = [(markup, style, form) for markup in ("details_plain", "tags", "tags_no_answer", "lone_think", "details")
+            for style, form in FORMS]
 SITES = {"k2horizon": Reply, "k2think": old_site}  # each site's opening, end and close around the same text
 
 
 def parse_body(body, cut):
     """Feeds an SSE body cut every `cut` bytes through the decoder and the site's reader, as the proxy reads it."""
+    return parse_reads([body[i:i + cut] for i in range(0, len(body), cut)])
+
+
+def parse_reads(reads):
+    """Feeds network reads through the decoder and the site's reader, as the proxy does, to the answer's end."""
     decoder, reader = k2proxy.SSEDecoder(), k2proxy.SiteReader()
     reasoning, answer, usage, ended = [], [], None, False
-    chunks = [body[i:i + cut] for i in range(0, len(body), cut)] + [b""]
+    chunks = [*reads, b""]
     for number, chunk in enumerate(chunks):
         delta = reader.read(decoder.feed(chunk, final=number == len(chunks) - 1))
         reasoning.append(delta.reasoning)
         answer.append(delta.text)
         usage = delta.usage or usage
         ended = ended or delta.ended
+        if ended:
+            break
     r, a = reader.finish()
     return "".join(reasoning) + r, "".join(answer) + a, usage, ended
+
+
+@given(stream=site_streams())
+def test_any_stream_of_the_grammar_is_read_exactly(stream):
+    """Every form, configuration, markup, noise, end and cut of shared/k2think-protocol.md: exactly the model's
+    reasoning and answer, the usage sent, and the end seen."""
+    reasoning, answer, usage, ended = parse_reads(stream.reads)
+    assert (reasoning, answer) == (stream.reasoning, stream.answer)
+    assert (usage, ended) == (stream.usage, stream.ended)
 
 
 @pytest.mark.parametrize("markup,style,form", VARIANTS)
@@ -78,7 +99,19 @@ def test_details_rewrite_emits_no_markup_twice():
     ('{"detail": "Model not found"}', k2proxy.Frame(error="Model not found")),
     ('{"error": {"message": "boom"}}', k2proxy.Frame(error="boom")),
     ('{"done": true}', k2proxy.Frame(done=True)),
-    ('{"content": "hi", "usage": {"total_tokens": 3}}', k2proxy.Frame(text="hi", usage={"total_tokens": 3})),
+    ('{"content": "hi", "usage": {"total_tokens": 3}}',
+     k2proxy.Frame(text="hi", form=WHOLE, usage={"total_tokens": 3})),
+    ('{"choices": [{"delta": {"content": "hi"}, "finish_reason": null}]}', k2proxy.Frame(text="hi", form=PIECE)),
+    ('{"choices": [{"delta": {}, "finish_reason": "stop"}]}', k2proxy.Frame(finish_reason="stop")),
+    ('{"done": true, "content": "all"}', k2proxy.Frame(text="all", form=WHOLE, done=True)),
+    ('{"type": "response.output_text.delta", "delta": "a"}', k2proxy.Frame(text="a", form=k2proxy.TextForm.ANSWER)),
+    ('{"type": "response.reasoning_text.delta", "delta": "r"}',
+     k2proxy.Frame(text="r", form=k2proxy.TextForm.REASONING)),
+    ('{"done": true, "output": [{"type": "reasoning", "content": [{"type": "reasoning_text", "text": "r"}]}, '
+     '{"type": "message", "content": [{"type": "output_text", "text": "a"}, {"type": "refusal", "refusal": "x"}]}]}',
+     k2proxy.Frame(text="a", reasoning="r", form=k2proxy.TextForm.OUTPUT, done=True)),
+    ('{"action": "web_search", "description": "Searched", "done": true}', k2proxy.Frame()),  # a status: not the end
+    ('"Greeting"', None), ('{"sources": []}', k2proxy.Frame()), ('{"selected_model_id": "m"}', k2proxy.Frame()),
 ])
 def test_payloads(payload, expected):
     assert k2proxy.parse_frame(payload) == expected
@@ -110,10 +143,12 @@ def test_reasoning_streams_before_the_answer_is_known():
     assert text.feed("<think>first thoughts and more") == (" and more", "")
 
 
-def test_snapshot_parsing_work_grows_linearly():
-    """A 2x longer answer in snapshots costs about 2x the parser's steps, not 4x."""
+@pytest.mark.parametrize("markup,form", [("details", WHOLE), ("details_plain", WHOLE), ("tags", PIECE)])
+def test_snapshot_parsing_work_grows_linearly(markup, form):
+    """A 2x longer answer in snapshots costs about 2x the parser's steps, not 4x: Open WebUI's snapshots, whose
+    block closer moves as the reasoning grows, and the older site's snapshots in choices form."""
     def steps(length):
-        reply = Reply(reasoning="r" * length, answer="a" * length, piece=50, markup="details")
+        reply = Reply(reasoning="r" * length, answer="a" * length, piece=50, markup=markup)
         calls = 0
         original = k2proxy.MarkupSplitter.feed
 
@@ -125,7 +160,7 @@ def test_snapshot_parsing_work_grows_linearly():
         try:
             text = k2proxy.UpstreamText()
             for snapshot in snapshots(reply):
-                text.feed(snapshot)
+                text.read(k2proxy.Frame(text=snapshot, form=form))
         finally:
             k2proxy.MarkupSplitter.feed = original
         return calls
@@ -164,7 +199,8 @@ def test_a_repeated_first_snapshot_before_the_rewrite_of_the_reasoning_tag(piece
 ])
 def test_the_done_event_holds_the_whole_answer_which_is_not_doubled(frames, expected):
     text = k2proxy.UpstreamText()
-    out = [text.read(k2proxy.Frame(text=value, done=done)) for value, done in frames] + [text.finish()]
+    out = [text.read(k2proxy.Frame(text=value, form=WHOLE if done else PIECE, done=done))
+           for value, done in frames] + [text.finish()]
     assert ("".join(r for r, _ in out), "".join(a for _, a in out)) == expected
 
 
@@ -175,3 +211,110 @@ def test_answer_after_details_streams_at_once():
     shown = [text.feed(frame)[1] for frame in frames]
     answer_frames = [a for a in shown if a]
     assert len(answer_frames) > 3 and "".join(shown) == "The answer grows word by word."
+
+
+# ─── the rule of "Where the frames come from": forms mixed in one stream, examples the generator found or pins
+
+BLOCK = ('<details type="reasoning" done="true" duration="3">\n<summary>Thought for 3 seconds</summary>\n> Why.\n'
+         '</details>')
+THINKING = '<details type="reasoning" done="false">\n<summary>Thinking…</summary>\n> Wh\n</details>'
+
+
+def read_frames(*frames):
+    """(reasoning, answer) of (form, text) frames read in turn, and what each frame emitted."""
+    text, emitted = k2proxy.UpstreamText(), []
+    for form, value in frames:
+        emitted.append(text.read(k2proxy.Frame(text=value, form=form)))
+    emitted.append(text.finish())
+    return ("".join(r for r, _ in emitted), "".join(a for _, a in emitted)), emitted
+
+
+@pytest.mark.parametrize("newlines", [0, 1, 2, 3])
+@pytest.mark.parametrize("form", [WHOLE, PIECE])
+def test_any_number_of_newlines_after_the_block_and_an_answer_that_holds_a_closer(newlines, form):
+    answer = "See this:\n</details>\nand <details> too."
+    assert read_frames((form, BLOCK + "\n" * newlines + answer))[0] == ("Why.", answer)
+
+
+def test_a_reasoning_line_that_holds_a_closer_is_reasoning():
+    """Only a line that opens with </details> ends the block; inside a quoted line it is the reasoning's text."""
+    text = BLOCK.replace("> Why.", "> Use </details> to close.") + "\nDone."
+    assert read_frames((WHOLE, text))[0] == ("Use </details> to close.", "Done.")
+
+
+def test_an_empty_snapshot_then_pieces_is_not_taken_for_snapshots():
+    """Found by the generator: an empty top-level content, then choices pieces (each shorter than the text so far
+    would be, and all undecided markup until the end)."""
+    assert read_frames((WHOLE, ""), *((PIECE, c) for c in "user"))[0] == ("", "user")
+
+
+def test_realtime_save_reasoning_snapshots_then_answer_pieces_then_the_rewritten_whole():
+    """ENABLE_REALTIME_CHAT_SAVE: the block as snapshots (its closer moving), the answer as pieces right after its
+    closer, and a done event whose whole message rewrote the tag: every piece once, and none of it twice."""
+    texts, emitted = read_frames((WHOLE, THINKING), (WHOLE, THINKING.replace("Wh", "Why.")), (PIECE, "Fo"),
+                                 (PIECE, "ur."), (WHOLE, BLOCK + "\nFour."))
+    assert texts == ("Why.", "Four.")
+    assert [a for _, a in emitted] == ["", "", "Fo", "ur.", "", ""], "the answer streams piece by piece"
+
+
+def test_the_whole_message_in_the_done_event_brings_the_tail_that_no_frame_held():
+    assert read_frames((WHOLE, THINKING), (PIECE, "Fo"), (WHOLE, BLOCK + "\nFour, and a tail."))[0] == (
+        "Why.", "Four, and a tail.")
+
+
+def test_a_snapshot_that_shrinks_emits_nothing_and_growth_after_it_does():
+    texts, emitted = read_frames((WHOLE, BLOCK + "\nFour and"), (WHOLE, BLOCK + "\nFour"),
+                                 (WHOLE, BLOCK + "\nFour and more"))
+    assert texts == ("Why.", "Four and more") and emitted[1] == ("", "")
+
+
+def test_escaped_reasoning_is_shown_unescaped_and_unquoted_wherever_pieces_cut_it():
+    escaped = BLOCK.replace("> Why.", "&gt; a &lt; b &amp;&amp; &#x27;c&#x27; &quot;d&quot;\n&gt; &amp;lt; stays")
+    for size in (1, 2, 3, 5):
+        pieces = [(PIECE, escaped[i:i + size]) for i in range(0, len(escaped), size)]
+        assert read_frames(*pieces)[0] == ("a < b && 'c' \"d\"\n&lt; stays", ""), size
+
+
+def test_responses_style_deltas_and_the_output_items_of_the_done_event():
+    reasoning, answer = k2proxy.TextForm.REASONING, k2proxy.TextForm.ANSWER
+    text = k2proxy.UpstreamText()
+    shown = [text.read(k2proxy.Frame(text=t, form=f)) for f, t in ((reasoning, "Wh"), (reasoning, "y."),
+                                                                   (answer, "Fo"), (answer, "ur"))]
+    shown.append(text.read(k2proxy.Frame(text="Four, whole.", reasoning="Why.", form=k2proxy.TextForm.OUTPUT)))
+    assert shown == [("Wh", ""), ("y.", ""), ("", "Fo"), ("", "ur"), ("", ", whole.")]
+
+
+def test_a_status_whose_done_is_true_is_not_the_end():
+    frames = k2proxy.SSEDecoder().feed(b'data: {"action": "web_search", "description": "x", "done": true}\n\n'
+                                       b'data: {"content": "<think>Hm.</think>Still here."}\n\n')
+    delta = k2proxy.SiteReader().read(frames)
+    assert not delta.ended and (delta.reasoning, delta.text) == ("Hm.", "Still here.")
+
+
+@pytest.mark.parametrize("reply", [Reply(realtime_save=True), Reply(style="incremental"), Reply()],
+                         ids=["realtime save", "pieces", "snapshots"])
+def test_mixed_frames_parsing_work_grows_linearly(reply):
+    """Thousands of frames of a long answer: a 2x longer answer costs about 2x the parser's steps."""
+    def steps(length):
+        calls = 0
+        original = k2proxy.MarkupSplitter.feed
+
+        def counting(self, chunk):
+            nonlocal calls
+            calls += len(chunk)
+            return original(self, chunk)
+        k2proxy.MarkupSplitter.feed = counting
+        try:
+            text = k2proxy.UpstreamText()
+            long = replace(reply, reasoning="Some thought.\n" * (length // 14), answer="word " * (length // 5),
+                           piece=7)
+            for frame in filter(None, map(k2proxy.parse_frame, map(payload_of, sse_events(long)))):
+                text.read(frame)
+        finally:
+            k2proxy.MarkupSplitter.feed = original
+        return calls
+    assert steps(20000) <= 2.2 * steps(10000)
+
+
+def payload_of(event):
+    return event.rsplit("data: ", 1)[1].strip()

@@ -3,15 +3,17 @@ streamed, with the official openai and anthropic SDKs: text only, effort and whe
 reasoning, the stream's choices frames and done snapshot, browser client hints, history, the model's context, and
 --check's effort-field probe."""
 
+import asyncio
 import json
 import re
 import time
+from dataclasses import replace
 
 import anthropic
 import openai
 import pytest
-from conftest import AUTH, MODEL, chat, read_sse, run_check
-from fake_upstream import EFFORT_FROM, EMPTY_PROMPT_REPLY, Reply, make_jwt, old_site
+from conftest import AUTH, CLIENTS, MODEL, chat, read_sse, run_check
+from fake_upstream import EFFORT_FROM, EMPTY_PROMPT_REPLY, Reply, frame_payloads, make_jwt, old_site
 
 import k2proxy
 
@@ -27,96 +29,6 @@ CLOSERS = ["<ifm|think>", "<ifm|think_fast>", "<ifm|think_faster>", "</ifm|think
            "</ifm|think_faster>"]
 
 
-class ChatClient:
-    """Chat completions through AsyncOpenAI; a stream is joined delta by delta, as plain clients do."""
-
-    def __init__(self, url, stream):
-        self.sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key=AUTH["Authorization"][7:], max_retries=0,
-                                      timeout=20)
-        self.stream = stream
-
-    @staticmethod
-    def user(content):
-        return {"role": "user", "content": content}
-
-    @staticmethod
-    def turn(text, reasoning):
-        return [{"role": "assistant", "content": text, "reasoning_content": reasoning}]
-
-    async def ask(self, history, **options):
-        """(answer, reasoning) as the client shows them."""
-        options = {"model": MODEL, "messages": history, **options}
-        if not self.stream:
-            message = (await self.sdk.chat.completions.create(**options)).choices[0].message
-            return message.content or "", getattr(message, "reasoning_content", None) or ""
-        text, reasoning = [], []
-        async for chunk in await self.sdk.chat.completions.create(**options, stream=True):
-            for choice in chunk.choices:
-                text.append(choice.delta.content or "")
-                reasoning.append(getattr(choice.delta, "reasoning_content", None) or "")
-        return "".join(text), "".join(reasoning)
-
-
-class AnthropicClient:
-    """Anthropic Messages through AsyncAnthropic, thinking on; a stream is read by the SDK's own accumulator."""
-
-    def __init__(self, url, stream):
-        self.sdk = anthropic.AsyncAnthropic(base_url=url, api_key=AUTH["Authorization"][7:], max_retries=0,
-                                            timeout=20)
-        self.stream = stream
-
-    @staticmethod
-    def user(content):
-        return {"role": "user", "content": content}
-
-    @staticmethod
-    def turn(text, reasoning):
-        return [{"role": "assistant", "content": [{"type": "thinking", "thinking": reasoning, "signature": "sig"},
-                                                  {"type": "text", "text": text}]}]
-
-    async def ask(self, history, **options):
-        options = {"model": MODEL, "max_tokens": 4096, "messages": history,
-                   "thinking": {"type": "enabled", "budget_tokens": 20000}, **options}
-        options = {name: value for name, value in options.items() if value is not None}
-        if self.stream:
-            async with self.sdk.messages.stream(**options) as stream:
-                message = await stream.get_final_message()
-        else:
-            message = await self.sdk.messages.create(**options)
-        return ("".join(b.text for b in message.content if b.type == "text"),
-                "".join(b.thinking for b in message.content if b.type == "thinking"))
-
-
-class ResponsesClient:
-    """Responses through AsyncOpenAI, summary asked; a stream is read by the SDK's own accumulator."""
-
-    def __init__(self, url, stream):
-        self.sdk = openai.AsyncOpenAI(base_url=url + "/v1", api_key=AUTH["Authorization"][7:], max_retries=0,
-                                      timeout=20)
-        self.stream = stream
-
-    @staticmethod
-    def user(content):
-        return {"role": "user", "content": content}
-
-    @staticmethod
-    def turn(text, reasoning):
-        return [{"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": reasoning}]},
-                {"role": "assistant", "content": text}]
-
-    async def ask(self, history, **options):
-        options = {"model": MODEL, "input": history, "reasoning": {"summary": "auto"}, **options}
-        options = {name: value for name, value in options.items() if value is not None}
-        if self.stream:
-            async with self.sdk.responses.stream(**options) as stream:
-                response = await stream.get_final_response()
-        else:
-            response = await self.sdk.responses.create(**options)
-        summaries = [part.text for item in response.output if item.type == "reasoning" for part in item.summary]
-        return response.output_text, "".join(summaries)
-
-
-CLIENTS = {"chat": ChatClient, "anthropic": AnthropicClient, "responses": ResponsesClient}
 EFFORT_OPTIONS = {  # (dialect, effort) → what the client asks for that effort, reasoning still shown
     ("chat", "low"): {"reasoning_effort": "low"}, ("chat", "medium"): {"reasoning_effort": "medium"},
     ("chat", "high"): {"reasoning_effort": "high"},
@@ -328,16 +240,43 @@ def test_the_closer_is_found_wherever_pieces_cut_it_and_each_search_covers_only_
         assert max(searched) < size + longest
 
 
-# ─── 4. the stream: choices frames beside snapshots, the done event's snapshot, older markup
+# ─── 4. the stream: each Open WebUI configuration, the done event's snapshot, older markup
+
+ESCAPABLE = "The user asks: is 2 < 3 & 'x' \"quoted\"?\nYes — a > b, &amp; stays &amp;."
+CONFIGURATIONS = {  # shared/k2think-protocol.md, "Where the frames come from"
+    "default": {}, "realtime save": {"realtime_save": True}, "batched deltas": {"batch": 3},
+    "escaped reasoning": {"escaped": True}, "realtime save, escaped": {"realtime_save": True, "escaped": True},
+    "status, title, sources, model id": {"extras": True}, "responses events": {"responses": True},
+    "done without content": {"done_content": False}, "older site's pieces": {"style": "incremental"},
+}
+
 
 @EACH_DIALECT
 @WHOLE_OR_STREAMED
-@pytest.mark.parametrize("choices_too", ["after", "before"])
-async def test_choices_frames_beside_the_content_snapshots_do_not_double_the_answer(connect, fake, kind, stream,
-                                                                                    choices_too):
-    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, choices_too=choices_too)
+@pytest.mark.parametrize("configuration", CONFIGURATIONS)
+async def test_each_open_webui_configuration_gives_the_exact_answer(connect, fake, kind, stream, configuration):
+    """Text in either form, or both in one stream, reaches every client whole: never cut, doubled or marked up."""
+    fake.reply = Reply(reasoning=ESCAPABLE, answer=ANSWER, piece=5, **CONFIGURATIONS[configuration])
     client = await connect(kind, stream)
-    assert await client.ask([client.user("Hi")]) == (ANSWER, REASONING)
+    assert await client.ask([client.user("Hi")]) == (ANSWER, ESCAPABLE)
+
+
+async def test_with_realtime_save_the_answer_reaches_the_client_piece_by_piece(connect, fake):
+    """The answer's pieces are forwarded as they come: the first ones are shown while upstream is still open."""
+    words = "One two three four five six seven eight nine ten."
+    reply = Reply(reasoning=REASONING, answer=words, realtime_save=True, piece=4)
+    answer_pieces = [n for n, payload in enumerate(frame_payloads(reply)) if '"delta": {"content"' in payload]
+    third_piece = answer_pieces[2]
+    fake.reply = replace(reply, hang_after=third_piece + 1)
+    client = await connect("chat", True)
+    shown = ""
+    async with asyncio.timeout(10):
+        async for chunk in await client.sdk.chat.completions.create(model=MODEL, messages=[client.user("Hi")],
+                                                                    stream=True):
+            shown += "".join(choice.delta.content or "" for choice in chunk.choices)
+            if len(shown) >= 12:
+                break
+    assert shown == words[:12] and fake.open_streams == 1, "upstream has not ended: the pieces came as they came"
 
 
 TAIL = " Ask me anything — 随时."
@@ -511,15 +450,36 @@ async def fake_events(client, body):
 
 
 async def test_the_fake_site_produces_each_2026_variant(fake, aiohttp_client):
-    """Choices beside snapshots, a done tail, the empty follow-up, blanking and each effort field, as tests need."""
+    """Each Open WebUI configuration, a done tail, the empty follow-up, blanking and each effort field, as tests
+    need."""
     client = await aiohttp_client(fake.app)
     base = {"stream": True, "model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
-    fake.reply = Reply(reasoning=REASONING, answer=ANSWER, choices_too="after", done_tail=TAIL, ragged=False)
-    events = await fake_events(client, base)
-    texts = [e for e in events if "content" in e and "done" not in e]
-    beside = [e["choices"][0]["delta"]["content"] for e in events if e.get("choices") and e["choices"][0]["delta"]]
-    assert len(beside) == len(texts) and texts[-1]["content"].endswith(ANSWER) and "".join(beside).endswith(ANSWER)
-    assert TAIL not in json.dumps(texts, ensure_ascii=False) and events[-1]["content"].endswith(ANSWER + TAIL)
+
+    async def frames(**reply):
+        fake.reply = Reply(**{"reasoning": REASONING, "answer": ANSWER, "ragged": False, **reply})
+        events = await fake_events(client, base)
+        whole = [e["content"] for e in events if "content" in e and "done" not in e]
+        pieces = [e["choices"][0]["delta"].get("content") for e in events if e.get("choices")]
+        return events, whole, [piece for piece in pieces if piece]
+
+    events, whole, pieces = await frames(done_tail=TAIL)
+    assert not pieces and whole[-1].endswith(ANSWER) and TAIL not in json.dumps(whole, ensure_ascii=False)
+    assert events[-1]["content"].endswith(ANSWER + TAIL) and whole[0].endswith("\n</details>")
+    assert 'done="false"' in whole[0] and 'done="true"' in whole[-1], "the reasoning tag is rewritten"
+    events, whole, pieces = await frames(realtime_save=True)
+    assert all(text.endswith("</details>") for text in whole) and "".join(pieces) == ANSWER
+    events, whole, _ = await frames(batch=3)
+    assert 0 < len(whole) < len((await frames())[1]) / 2 and not whole[-1].endswith(ANSWER)
+    assert events[-1]["content"].endswith(ANSWER)
+    _, whole, _ = await frames(escaped=True, reasoning="a < b & 'c'")
+    assert "&gt; a &lt; b &amp; &#x27;c&#x27;" in whole[-1]
+    events, whole, pieces = await frames(responses=True)
+    assert not whole and not pieces and "content" not in events[-1]
+    assert "".join(e["delta"] for e in events if e.get("type") == "response.output_text.delta") == ANSWER
+    assert events[-1]["output"][1]["content"][0]["text"] == ANSWER
+    events, _, _ = await frames(extras=True)
+    assert {"action", "selected_model_id", "sources"} <= {key for e in events for key in e}
+    assert (await frames(done_content=False))[0][-1] == {"done": True}
 
     fake.empty_followups, fake.reply = True, Reply(reasoning=REASONING, answer=ANSWER, ragged=False)
     follow_up = {**base, "chat_template_kwargs": {"reasoning_effort": "low"},
@@ -528,7 +488,7 @@ async def test_the_fake_site_produces_each_2026_variant(fake, aiohttp_client):
                               {"role": "user", "content": "c"}]}
     events = await fake_events(client, follow_up)
     final = events[-1]["content"]
-    assert final.endswith("<ifm|think>\n> \n> " + ANSWER + "\n</details>\n")
+    assert final.endswith("<ifm|think>\n> \n> " + ANSWER + "\n</details>")
     assert [e["content"] for e in events if "content" in e and "done" not in e][-1] == final
 
     fake.blanking, fake.empty_followups = True, False

@@ -6,6 +6,8 @@ import json
 import pytest
 from conftest import AUTH, chat, read_sse, stream_text
 from fake_upstream import Reply, old_site
+from hypothesis import HealthCheck, assume, given, settings
+from site_grammar import site_streams
 
 import k2proxy
 
@@ -52,12 +54,12 @@ async def test_reasoning_and_answer_never_share_a_delta(proxy, fake):
 
 
 @pytest.mark.parametrize("markup", ["details_plain", "tags", "tags_no_answer", "lone_think", "details"])
-@pytest.mark.parametrize("style", ["snapshot", "incremental"])
+@pytest.mark.parametrize("style,form", [("snapshot", "content"), ("snapshot", "choices"), ("incremental", "choices")])
 @pytest.mark.parametrize("opening", [False, True], ids=["", "empty-first-frame"])
 @pytest.mark.parametrize("site", [Reply, old_site], ids=["k2horizon", "k2think"])
-async def test_every_variant_streams_exact_text(proxy, fake, markup, style, opening, site):
-    fake.reply = site(reasoning=REASONING, answer=ANSWER, markup=markup, style=style, chunk_bytes=5,
-                      form="content" if style == "incremental" else "choices", opening=opening)
+async def test_every_variant_streams_exact_text(proxy, fake, markup, style, form, opening, site):
+    fake.reply = site(reasoning=REASONING, answer=ANSWER, markup=markup, style=style, chunk_bytes=5, form=form,
+                      opening=opening)
     events, _ = await read_sse(await post(proxy, chat(stream=True)))
     assert stream_text(events[:-1], "reasoning_content") == REASONING
     assert stream_text(events[:-1]) == ANSWER
@@ -247,3 +249,15 @@ async def test_shutdown_ends_requests_still_waiting_for_upstream(proxy, fake, st
     await proxy.server.app[k2proxy.STATE].http.stop()
     response = await asyncio.wait_for(request, 5)
     assert response.status == 503 and (await response.json())["error"]["code"] == "shutting_down"
+
+
+@settings(max_examples=max(10, settings.default.max_examples // 10),
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(stream=site_streams())
+def test_any_stream_of_the_grammar_reaches_every_dialect_exactly(served, stream):
+    """Generated site streams, over real HTTP through the proxy to chat, Messages and Responses clients (the
+    official SDKs), streamed and not: each shows exactly the model's answer and reasoning."""
+    assume(any(stream.shown))
+    served.fake.reply = Reply(raw=tuple(stream.reads), ragged=stream.complete_end)
+    for client in served.clients:
+        assert served.run(client.ask([client.user("Hi")])) == (stream.shown[1], stream.shown[0])
