@@ -198,8 +198,11 @@ SCHEMA = {"type": "object", "properties": {"city": {"type": "string"}}, "require
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_response_format_asks_for_json_and_takes_it_out_of_the_answer(proxy, fake, stream):
-    fake.reply = Reply(reasoning="They want JSON.", answer='Sure:\n```json\n{"city": "Paris"}\n```\nAnything else?')
+@pytest.mark.parametrize("frames", [{}, {"realtime_save": True}, {"batch": 2}],
+                         ids=["snapshots", "realtime", "batched"])
+async def test_response_format_asks_for_json_and_takes_it_out_of_the_answer(proxy, fake, stream, frames):
+    fake.reply = Reply(reasoning="They want JSON.", answer='Sure:\n```json\n{"city": "Paris"}\n```\nAnything else?',
+                       **frames)
     response_format = {"type": "json_schema", "json_schema": {"name": "place", "schema": SCHEMA}}
     response = await proxy.post("/v1/chat/completions", json=chat(stream=stream, response_format=response_format),
                                 headers=AUTH)

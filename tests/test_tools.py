@@ -125,10 +125,11 @@ async def sdk_call(sdk, stream, **extra):
 
 @pytest.mark.parametrize("form", ANSWERS)
 @pytest.mark.parametrize("stream", [True, False])
-@pytest.mark.parametrize("style", ["snapshot", "incremental"])
-async def test_sdk_sees_tool_calls_in_each_form(sdk, fake, form, stream, style):
+@pytest.mark.parametrize("frames", [{"style": "snapshot"}, {"style": "incremental"}, {"realtime_save": True}],
+                         ids=["snapshot", "incremental", "realtime"])
+async def test_sdk_sees_tool_calls_in_each_form(sdk, fake, form, stream, frames):
     answer, text, calls = ANSWERS[form]
-    fake.reply = Reply(reasoning="I might call get_weather here.", answer=answer, style=style, piece=4)
+    fake.reply = Reply(reasoning="I might call get_weather here.", answer=answer, piece=4, **frames)
     content, found, finish, _ = await sdk_call(sdk, stream)
     assert found == calls
     assert finish == ("tool_calls" if calls else "stop")
