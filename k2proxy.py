@@ -170,7 +170,7 @@ def _log_level(value):
 class Setting:
     name: str
     default: str
-    parse: object
+    parse: typing.Callable[[str], typing.Any]
     help: str
     secret: bool = False
 
@@ -326,7 +326,7 @@ def read_if_there(path):
 
 def parse_tokens_file(text):
     """Tokens of a tokens file in order: one per line, blanks and # comments skipped, duplicates once."""
-    seen = {}
+    seen: dict[str, None] = {}
     for line in text.splitlines():
         token = line.strip()
         if token and not token.startswith("#"):
@@ -574,7 +574,7 @@ def expect(condition, message, param, code="invalid_value"):
         raise ApiError(400, message, param=param, code=code)
 
 
-def is_number(value):
+def is_number(value) -> typing.TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
@@ -808,28 +808,42 @@ def match_opening(text, start, steps):
     return "yes", at, name
 
 
+@dataclass
+class OpenCall:
+    """A tool call the scanner saw open and reads on: its form and tool name, where its JSON body starts, how far
+    the scan of that body has come (brace depth, inside a string, after a backslash), and where it ends."""
+    kind: str
+    name: str | None
+    body: int
+    scan: int
+    depth: int = 0
+    string: bool = False
+    escape: bool = False
+    end: int | None = None
+
+
 class ToolCallScanner:
     """Finds tool calls in the streamed answer; yields text pieces and ToolCall objects in order."""
 
     def __init__(self, names):
         self.names = names
         self._buf = ""
-        self._call = None
+        self._call: OpenCall | None = None
 
     def feed(self, text):
         self._buf += text
-        out = []
+        out: list[str | ToolCall] = []
         while self._buf:
             if self._call is None and not self._scan_text(out):
                 break
-            if self._call is not None and not self._scan_call(out):
+            if self._call is not None and not self._scan_call(out, self._call):
                 break
         return out
 
     def finish(self):
-        out = []
+        out: list[str | ToolCall] = []
         if self._call is not None:
-            self._settle(out, len(self._buf), complete=False)
+            self._settle(out, self._call, len(self._buf), complete=False)
         if self._buf:
             out.append(self._buf)
             self._buf = ""
@@ -855,8 +869,7 @@ class ToolCallScanner:
                 body_start = {"tag": len(TOOL_CALL_OPEN), "natural": end - start - 1}.get(kind)
                 if body_start is None:
                     body_start = self._buf.index("{")
-                self._call = {"kind": kind, "name": name, "body": body_start, "scan": body_start,
-                              "depth": 0, "string": False, "escape": False, "end": None}
+                self._call = OpenCall(kind, name, body_start, body_start)
                 return True
             if any(verdict == "maybe" for verdict, _, _ in verdicts.values()):
                 out.append(self._buf[:start])
@@ -864,29 +877,28 @@ class ToolCallScanner:
                 return False
             position = start + 1
 
-    def _scan_call(self, out):
-        call = self._call
-        if call["kind"] == "tag":
-            index = self._buf.find(TOOL_CALL_CLOSE, call["scan"])
+    def _scan_call(self, out, call):
+        if call.kind == "tag":
+            index = self._buf.find(TOOL_CALL_CLOSE, call.scan)
             if index < 0:
-                call["scan"] = max(call["body"], len(self._buf) - len(TOOL_CALL_CLOSE) + 1)
+                call.scan = max(call.body, len(self._buf) - len(TOOL_CALL_CLOSE) + 1)
                 return self._too_long(out)
-            body = self._buf[call["body"]:index]
+            body = self._buf[call.body:index]
             fenced = FENCED_BODY.fullmatch(body)
-            return self._settle(out, index + len(TOOL_CALL_CLOSE), body=fenced.group(1) if fenced else body)
-        if call["end"] is None and not self._balance(call):
+            return self._settle(out, call, index + len(TOOL_CALL_CLOSE), body=fenced.group(1) if fenced else body)
+        if call.end is None and not self._balance(call):
             return self._too_long(out)
-        if call["kind"] == "fence":
-            verdict, end, _ = match_opening(self._buf, call["end"], [WS, "```"])
+        if call.kind == "fence":
+            verdict, end, _ = match_opening(self._buf, call.end, [WS, "```"])
             if verdict == "maybe":
                 return False
-            return self._settle(out, end if verdict == "yes" else call["end"])
-        return self._settle(out, call["end"])
+            return self._settle(out, call, end if verdict == "yes" else call.end)
+        return self._settle(out, call, call.end)
 
     def _balance(self, call):
         """Scans the JSON object for its closing brace, strings and escapes included; True once found."""
-        text, at = self._buf, call["scan"]
-        depth, string, escape = call["depth"], call["string"], call["escape"]
+        text, at = self._buf, call.scan
+        depth, string, escape = call.depth, call.string, call.escape
         while at < len(text):
             char = text[at]
             at += 1
@@ -904,9 +916,9 @@ class ToolCallScanner:
             elif char == "}":
                 depth -= 1
                 if depth == 0:
-                    call["end"] = at
+                    call.end = at
                     return True
-        call.update(scan=at, depth=depth, string=string, escape=escape)
+        call.scan, call.depth, call.string, call.escape = at, depth, string, escape
         return False
 
     def _too_long(self, out):
@@ -915,18 +927,18 @@ class ToolCallScanner:
             self._buf, self._call = "", None
         return False
 
-    def _settle(self, out, consumed, body=None, complete=True):
+    def _settle(self, out, call, consumed, body=None, complete=True):
         """Turns the call text into ToolCalls, or releases it as text when it is not a valid call."""
-        call, raw = self._call, self._buf[:consumed]
+        raw = self._buf[:consumed]
         self._call, self._buf = None, self._buf[consumed:]
         if body is None:
-            body = raw[call["body"]:call["end"] or consumed]
+            body = raw[call.body:call.end or consumed]
         try:
             value = loads(body)
         except ValueError:
             value = None
-        if call["kind"] == "natural":
-            value = {"name": call["name"], "arguments": value}
+        if call.kind == "natural":
+            value = {"name": call.name, "arguments": value}
         calls = calls_in(value, self.names) if value is not None else None
         if not calls:
             out.append(raw)
@@ -972,7 +984,7 @@ def decode_base64(payload, where, limit):
     return raw
 
 
-def decode_data(data, where, limit):
+def decode_data(data, where, limit) -> tuple[str, bytes]:
     """(media type, bytes) of a data: URL or bare base64, with 413 over `limit` and 400 for bad base64."""
     found = DATA_URL.fullmatch(data)
     if found and not found.group(2):
@@ -1059,10 +1071,10 @@ class Turn:
     reasoning it came with and the calls it made; for a tool's result, the call it answers."""
     role: str                 # system | user | assistant | tool
     parts: tuple = ()         # {"type": "text", ...} and {"type": "image_url", ...} parts
-    reasoning: str = None     # assistant: its reasoning, when the client sent it back
+    reasoning: str | None = None     # assistant: its reasoning, when the client sent it back
     calls: tuple = ()         # assistant: its Calls
-    call_id: str = None       # tool: the call it answers
-    name: str = None          # tool: the tool's name
+    call_id: str | None = None       # tool: the call it answers
+    name: str | None = None          # tool: the tool's name
     failed: bool = False      # tool: the tool reported an error
 
     @property
@@ -1132,9 +1144,9 @@ def estimate_tokens(chars):
 class AnswerFormat:
     """An answer that must be one JSON object (of `schema`, when given): passed on natively where upstream
     enforces it, else asked for in the prompt and taken out of whatever the model wrote around it."""
-    schema: dict = None
+    schema: dict | None = None
     name: str = "answer"
-    strict: bool = None
+    strict: bool | None = None
 
     def wire(self):
         """OpenAI's response_format for it."""
@@ -1175,11 +1187,11 @@ class CoreRequest:
     effort: str
     stream: bool
     show_reasoning: bool
-    tools: ToolPlan = None
-    answer_format: AnswerFormat = None
-    session_hint: str = None  # the client's own name for the conversation (prompt_cache_key, a session header)
-    session: str = None       # the conversation's X-Session-ID, set by the core
-    client: str = None        # who asks, as a digest of the API key it came with, set by the core
+    tools: ToolPlan | None = None
+    answer_format: AnswerFormat | None = None
+    session_hint: str | None = None  # the client's own name for the conversation (prompt_cache_key, a session header)
+    session: str | None = None       # the conversation's X-Session-ID, set by the core
+    client: str | None = None        # who asks, as a digest of the API key it came with, set by the core
 
     @functools.cached_property
     def prompt_tokens(self):
@@ -1229,11 +1241,15 @@ def whole_number(value):
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
+def object_in(value) -> dict:
+    """`value` when it is a JSON object, else an empty one: for reading optional fields of what upstream sent."""
+    return value if isinstance(value, dict) else {}
+
+
 def usage_of(given, prompt_tokens, reasoning_chars, answer_chars):
     """Upstream's counts (OpenAI's usage object) where it gave them, else estimates from what was written."""
     given = given or {}
-    details = given.get("completion_tokens_details") if isinstance(given.get("completion_tokens_details"), dict) else {}
-    cached = given.get("prompt_tokens_details") if isinstance(given.get("prompt_tokens_details"), dict) else {}
+    details, cached = object_in(given.get("completion_tokens_details")), object_in(given.get("prompt_tokens_details"))
     prompt = whole_number(given.get("prompt_tokens"))
     completion = whole_number(given.get("completion_tokens"))
     reasoning = whole_number(details.get("reasoning_tokens"))
@@ -1332,7 +1348,7 @@ class Failed:
 class Attempt:
     """An upstream kind begins an attempt with a credential: its number, and the credential's place in its pool."""
     number: int
-    credential: int = None
+    credential: int | None = None
 
 
 @dataclass(frozen=True)
@@ -1340,6 +1356,20 @@ class Restart:
     """The attempt failed before its answer was whole, and another credential (or upstream kind) may do better:
     what came of the failed attempt is void, if the client has seen none of it; else `error` ends the completion."""
     error: Exception  # the UpstreamError, or the ApiError of a kind with no credential left
+
+
+Event = Reasoning | Text | ToolCallStart | ToolArguments | Finish | Failed  # what a completion produces
+Progressed = Attempt | Restart | list[Event]  # what an upstream kind yields: events of one read, between attempts
+
+
+class UpstreamKind(typing.Protocol):
+    """An upstream kind, as the core and the app state see it: its name, its credentials, and completions."""
+    name: str
+
+    @property
+    def pool(self) -> "CredentialPool": ...
+
+    def complete(self, core: "CoreRequest") -> typing.AsyncIterator[Progressed]: ...
 
 
 UPSTREAM_FINISH_REASONS = ("length", "content_filter")  # the reasons of upstream's that a client is told
@@ -1350,8 +1380,33 @@ class Answer:
     """A whole completion, gathered from its events for a non-streamed response."""
     reasoning: str = ""
     text: str = ""
-    calls: list = field(default_factory=list)  # [id, name, arguments]
-    finish: Finish = None
+    calls: list["AnsweredCall"] = field(default_factory=list)
+    finish: Finish | None = None
+
+
+def unknown_event(event):
+    """A renderer or writer met something that is no Event: a bug, never a failure to show a client."""
+    return TypeError(f"not a completion event: {event!r}")
+
+
+@dataclass(frozen=True)
+class AnsweredCall:
+    """A tool call of a whole answer: its id (without a dialect's prefix), its name, its arguments' JSON text."""
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass
+class CallInParts:
+    """A tool call whose arguments arrive in pieces: its index among the answer's calls, its id, its name."""
+    index: int
+    id: str
+    name: str
+    pieces: list[str] = field(default_factory=list)
+
+    def whole(self):
+        return AnsweredCall(self.id, self.name, "".join(self.pieces))
 
 
 def json_text(value):
@@ -1435,13 +1490,13 @@ class TextForm(enum.Enum):
 
 @dataclass
 class Frame:
-    text: str = None
-    form: TextForm = None
-    reasoning: str = None  # with OUTPUT: the whole reasoning (`text` is the whole answer)
-    usage: dict = None
-    finish_reason: str = None
+    text: str | None = None
+    form: TextForm | None = None
+    reasoning: str | None = None  # with OUTPUT: the whole reasoning (`text` is the whole answer)
+    usage: dict | None = None
+    finish_reason: str | None = None
     done: bool = False
-    error: str = None
+    error: str | None = None
     fields: tuple = field(default=(), compare=False)  # the payload's top-level keys, or the end marker
 
 
@@ -1490,14 +1545,15 @@ OUTPUT_PARTS = {"reasoning": "reasoning_text", "message": "output_text"}  # outp
 
 def output_texts(items):
     """The whole (reasoning, answer) held by Responses-style output items: reasoning items, then messages."""
-    texts = {"reasoning": [], "message": []}
-    for item in items:
-        kind = item.get("type") if isinstance(item, dict) else None
-        parts = item.get("content") if kind in OUTPUT_PARTS else None
-        for part in parts if isinstance(parts, list) else ():
-            if isinstance(part, dict) and part.get("type") == OUTPUT_PARTS[kind] and isinstance(part.get("text"), str):
+    texts: dict[str, list[str]] = {"reasoning_text": [], "output_text": []}
+    for item in map(object_in, items):
+        kind, parts = OUTPUT_PARTS.get(str(item.get("type"))), item.get("content")
+        if kind is None or not isinstance(parts, list):
+            continue
+        for part in parts:
+            if isinstance(part, dict) and part.get("type") == kind and isinstance(part.get("text"), str):
                 texts[kind].append(part["text"])
-    return "".join(texts["reasoning"]), "".join(texts["message"])
+    return "".join(texts["reasoning_text"]), "".join(texts["output_text"])
 
 
 def without_cut_pair(snapshot):
@@ -1627,7 +1683,7 @@ class MarkupSplitter:
         self._line_start = True
         self._escaped = False    # the current reasoning line came html-escaped
         self._read = 0           # characters of raw text fed
-        self.marks = collections.deque(maxlen=MARKS_KEPT)
+        self.marks: collections.deque[SplitMark] = collections.deque(maxlen=MARKS_KEPT)
         self._out_reasoning = []
         self._out_answer = []
 
@@ -2051,10 +2107,10 @@ class Delta:
     """What one network read of an answer added, in any upstream's wire format, and whether the answer ended."""
     reasoning: str = ""
     text: str = ""
-    usage: dict = None
-    finish_reason: str = None
+    usage: dict | None = None
+    finish_reason: str | None = None
     ended: bool = False
-    error: UpstreamError = None  # an error frame: what came before it in the read is still delivered
+    error: UpstreamError | None = None  # an error frame: what came before it in the read is still delivered
     calls: list = field(default_factory=list)  # pieces of native tool calls (CallPiece)
 
 
@@ -2282,6 +2338,13 @@ class Minutes:
         return [(m, self.buckets.get(m)) for m in range(minute - HOUR_MINUTES + 1, minute + 1)]
 
 
+@dataclass
+class Uses:
+    """A credential's minute: the requests it served and the failures charged to it."""
+    requests: int = 0
+    failures: int = 0
+
+
 def jwt_expiry(token):
     """The `exp` of a JWT read without its key, or None when the token is not a JWT with one."""
     parts = token.split(".")
@@ -2291,7 +2354,7 @@ def jwt_expiry(token):
         payload = json.loads(base64.urlsafe_b64decode(parts[1] + "=" * (-len(parts[1]) % 4)))
     except (ValueError, binascii.Error):
         return None
-    exp = payload.get("exp") if isinstance(payload, dict) else None
+    exp = object_in(payload).get("exp")
     return float(exp) if is_number(exp) else None
 
 
@@ -2318,22 +2381,22 @@ class Disabled(str, enum.Enum):
 @dataclass(eq=False)
 class Credential:
     value: str = field(repr=False)
-    expires_at: float = None
+    expires_at: float | None = None
     failures: int = 0
     requests: int = 0
     successes: int = 0
-    last_used: float = None
-    last_error: str = None
-    disabled: Disabled = None
-    disabled_at: float = None
-    cooling_until: float = None
-    account: str = None
+    last_used: float | None = None
+    last_error: str | None = None
+    disabled: Disabled | None = None
+    disabled_at: float | None = None
+    cooling_until: float | None = None
+    account: str | None = None
     refused: bool = False  # upstream refused it: its account is to sign in again
     errors: int = 0               # failed requests, in all
-    day: int = None               # the UTC day tokens_today counts
+    day: int | None = None               # the UTC day tokens_today counts
     tokens_today: int = 0         # prompt and completion tokens of its answers on that day
-    budget_left: int = None       # the daily budget upstream says is left (x-ratelimit-remaining-tokens-daily)
-    minutes: Minutes = field(default_factory=lambda: Minutes(lambda: [0, 0]), repr=False)  # [requests, failures]
+    budget_left: int | None = None       # the daily budget upstream says is left (x-ratelimit-remaining-tokens-daily)
+    minutes: Minutes = field(default_factory=lambda: Minutes(Uses), repr=False)
 
 
 @dataclass(frozen=True)
@@ -2417,7 +2480,7 @@ class CredentialPool:
                 self._next = (self._next + step + 1) % count
                 credential.requests += 1
                 credential.last_used = now
-                credential.minutes.at(now)[0] += 1
+                credential.minutes.at(now).requests += 1
                 return credential
         return None
 
@@ -2439,7 +2502,7 @@ class CredentialPool:
         failure, now = error.failure, self.clock()
         credential.last_error = str(error)[:LAST_ERROR_CHARS]
         credential.errors += 1
-        credential.minutes.at(now)[1] += 1
+        credential.minutes.at(now).failures += 1
         if failure.cool_down:
             credential.cooling_until = now + (error.retry_after or RATE_LIMIT_REST)
         if not failure.charge:
@@ -2506,7 +2569,8 @@ class CredentialPool:
                          "cooling_until": held.cooling_until if state is CredentialState.COOLING else None,
                          "tokens_today": held.tokens_today if held.day == int(now // DAY_SECONDS) else 0,
                          "budget_left": held.budget_left,
-                         "last_hour": [bucket or [0, 0] for _, bucket in held.minutes.last_hour(now)]})
+                         "last_hour": [[bucket.requests, bucket.failures] if bucket else [0, 0]
+                                       for _, bucket in held.minutes.last_hour(now)]})
         return rows
 
     def ready(self):
@@ -2599,7 +2663,7 @@ class HttpClient:
         self.request_timeout = settings.request_timeout
         self.timeout = ClientTimeout(total=None, sock_connect=settings.request_timeout,
                                      sock_read=settings.request_timeout)
-        self.session = None
+        self.session: ClientSession | None = None
         self.responses = set()
         self.stopping = False
         self.unreachable = 0          # connection failures in a row, for /health
@@ -2625,10 +2689,11 @@ class HttpClient:
     async def exchange(self, url, body, headers):
         """POSTs `body` and gives the response to read; a failure to connect, a silence past REQUEST_TIMEOUT or a
         connection broken mid-answer becomes the UpstreamError of its kind."""
-        if self.stopping:
+        session = self.session
+        if self.stopping or session is None:  # closed, or not opened yet
             raise self.stopped()
         try:
-            response = await self.session.post(url, data=body, headers=headers, allow_redirects=False)
+            response = await session.post(url, data=body, headers=headers, allow_redirects=False)
         except asyncio.TimeoutError:
             raise UpstreamError(TIMED_OUT, f"upstream did not answer within {self.request_timeout:g} s") from None
         except (ClientError, OSError) as exc:
@@ -3021,6 +3086,12 @@ async def site_deltas(response, reader):
                 return
 
 
+def origin_of(url):
+    """The scheme://host[:port] of a URL: the Origin a browser sends from its pages."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
 class SiteUpstream:
     """The web site: the token pool of each mode, the active mode, and completions that fail over from token to
     token."""
@@ -3034,7 +3105,7 @@ class SiteUpstream:
         self.pools = {"guest": CredentialPool("guest", settings.guest_tokens_file, settings, anonymous=True),
                       "user": CredentialPool("user", settings.user_tokens_file, settings)}
         self.urls = {"guest": settings.guest_api_url, "user": settings.user_api_url}
-        self.origin = re.match(r"^https?://[^/]+", settings.k2think_base_url).group(0)
+        self.origin = origin_of(settings.k2think_base_url)
         self.browser_headers = {"Origin": self.origin, "User-Agent": BROWSER_USER_AGENT, **CLIENT_HINTS,
                                 "Content-Type": "application/json", "Accept": "text/event-stream, application/json"}
 
@@ -3065,7 +3136,8 @@ class SiteUpstream:
         pool, url = self.pool, self.url
         params = {name: value for name, value in core.params.items() if name in SITE_PARAMS}
         body = json_text(site_payload(core.upstream_model, site_messages(core), params, core.effort)).encode()
-        tried, error = [], None
+        tried: list[Credential] = []
+        error: UpstreamError | None = None
         for _ in range(self.settings.max_retries + 1):
             credential = pool.acquire(tried)
             if credential is None:
@@ -3148,7 +3220,7 @@ def api_chunk(payload):
 class CallPiece:
     """A piece of a streamed tool call: the first of a call has its id and name, the rest more arguments."""
     index: int
-    name: str = None
+    name: str | None = None
     arguments: str = ""
 
 
@@ -3171,12 +3243,13 @@ class ApiReader:
                                             + error_text(chunk["error"]))
                 break
             choices = chunk.get("choices")
-            part = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-            said = part.get("delta") if isinstance(part.get("delta"), dict) else {}
+            part = object_in(choices[0]) if isinstance(choices, list) and choices else {}
+            said = object_in(part.get("delta"))
             thought = said.get("reasoning_content")
             thought = thought if isinstance(thought, str) else said.get("reasoning")  # the mirror, when alone
             reasoning.append(thought if isinstance(thought, str) else "")
-            text.append(said.get("content") if isinstance(said.get("content"), str) else "")
+            content = said.get("content")
+            text.append(content if isinstance(content, str) else "")
             delta.calls += [replace(piece, arguments=self.whole[piece.index].add(piece.arguments))
                             for call in said.get("tool_calls") or () if (piece := call_piece(call))]
             if isinstance(part.get("finish_reason"), str):
@@ -3192,7 +3265,7 @@ def call_piece(call):
     """A CallPiece of a streamed tool call, or None when it is not one."""
     if not isinstance(call, dict) or whole_number(call.get("index")) is None:
         return None
-    function = call.get("function") if isinstance(call.get("function"), dict) else {}
+    function = object_in(call.get("function"))
     name, arguments = function.get("name"), function.get("arguments")
     return CallPiece(call["index"], name if isinstance(name, str) and name else None,
                      arguments if isinstance(arguments, str) else "")
@@ -3286,7 +3359,7 @@ class ReplayCache:
         self.limit = int(megabytes * MB)
         self.entries = collections.OrderedDict()  # (client, digest) → reasoning, oldest first
         self.size = 0
-        self.by_client = collections.Counter()    # client → bytes held
+        self.by_client: collections.Counter[str] = collections.Counter()    # client → bytes held
         self.shared = shared
 
     async def put(self, client, digest, reasoning):
@@ -3385,7 +3458,7 @@ class ApiProgress(Counted):
 
     def __init__(self, core, limit=None):
         super().__init__(core.show_reasoning, limit)
-        self.calls = {}          # upstream's index → [our index, name, argument pieces]
+        self.calls: dict[int, CallInParts] = {}  # by upstream's index
         self.reasoning = []      # kept for the replay cache while it stays under REPLAY_ENTRY_MAX
         self.text = []
         self.usage = None
@@ -3402,12 +3475,12 @@ class ApiProgress(Counted):
         for piece in delta.calls:
             call = self.calls.get(piece.index)
             if call is None:
-                call = self.calls[piece.index] = [len(self.calls), piece.name or "", []]
-                events.append(ToolCallStart(call[0], uuid.uuid4().hex[:24], call[1]))
+                call = self.calls[piece.index] = CallInParts(len(self.calls), uuid.uuid4().hex[:24], piece.name or "")
+                events.append(ToolCallStart(call.index, call.id, call.name))
             if piece.arguments:
                 self.answer_chars += len(piece.arguments)
-                call[2].append(piece.arguments)
-                events.append(ToolArguments(call[0], piece.arguments))
+                call.pieces.append(piece.arguments)
+                events.append(ToolArguments(call.index, piece.arguments))
         return events
 
     def _reasoning(self, text):
@@ -3422,7 +3495,7 @@ class ApiProgress(Counted):
 
     def digest(self):
         """The digest of the assistant turn this answer becomes, as a client carries it back."""
-        return turn_digest("".join(self.text), [(name, "".join(pieces)) for _, name, pieces in self.calls.values()])
+        return turn_digest("".join(self.text), [(call.name, "".join(call.pieces)) for call in self.calls.values()])
 
 
 class ApiUpstream:
@@ -3463,7 +3536,8 @@ class ApiUpstream:
         """The completion's events, attempt by attempt, as SiteUpstream.complete gives them; a stream cut before
         its finish is tried again on another key (with the same session id) while the client has seen nothing."""
         body = json_text(api_payload(core, api_messages(core, await self.replayed(core)))).encode()
-        tried, error = [], None
+        tried: list[Credential] = []
+        error: UpstreamError | None = None
         for _ in range(self.settings.max_retries + 1):
             credential = self.pool.acquire(tried)
             if credential is None:
@@ -3547,7 +3621,7 @@ class SignedIn(str, enum.Enum):
 class SignIn:
     """What came of one sign-in: the outcome, the token issued, and for a failure what happened."""
     outcome: SignedIn
-    token: str = None
+    token: str | None = None
     reason: str = ""
 
 
@@ -3591,9 +3665,9 @@ class Account:
     email: str
     password: str = field(repr=False)
     status: AccountStatus = AccountStatus.PENDING
-    last_error: str = None
-    signed_in_at: float = None
-    expires_at: float = None
+    last_error: str | None = None
+    signed_in_at: float | None = None
+    expires_at: float | None = None
     next_signin: float = 0.0
     failures: int = 0
 
@@ -3609,7 +3683,7 @@ class Accounts:
         self.file = WatchedFile(settings.accounts_file)
         self.clock = clock
         self.accounts = {}
-        self.results = collections.Counter()  # sign-ins by result, for /metrics
+        self.results: collections.Counter[str] = collections.Counter()  # sign-ins by result, for /metrics
         self.claim = None  # async (email) → whether this replica signs the account in now (replicas take turns)
 
     async def reload(self):
@@ -3881,13 +3955,13 @@ class Probe:
 @dataclass
 class AnswerLook:
     """What a chat answer looked like: its status, its frames and markup, the text extracted, its timing."""
-    status: int = None
+    status: int | None = None
     content_type: str = ""
     fields: set = field(default_factory=set)
     frames: int = 0
     ended: bool = False
-    first_byte: float = None
-    total: float = None
+    first_byte: float | None = None
+    total: float | None = None
     reasoning: str = ""
     answer: str = ""
     raw: str = ""
@@ -3972,19 +4046,21 @@ async def probe_host(settings, base_url=None, setting="K2THINK_BASE_URL", name="
     url = urllib.parse.urlsplit(base_url or settings.k2think_base_url)
     host, port = url.hostname, url.port or HTTP_PORTS[url.scheme]
     connection = "connection and TLS" if url.scheme == "https" else "connection"
-    steps = (("DNS", lambda: asyncio.get_running_loop().getaddrinfo(host, port)),
-             (connection, lambda: asyncio.open_connection(host, port, ssl=url.scheme == "https")))
+    async def connect():
+        _, writer = await asyncio.open_connection(host, port, ssl=url.scheme == "https")
+        writer.close()
+
+    steps = (("DNS", lambda: asyncio.get_running_loop().getaddrinfo(host, port)), (connection, connect))
     took = []
     for step, attempt in steps:
         started = time.monotonic()
         try:
-            done = await asyncio.wait_for(attempt(), settings.request_timeout)
+            await asyncio.wait_for(attempt(), settings.request_timeout)
         except (OSError, asyncio.TimeoutError) as exc:
             reason = "no answer" if isinstance(exc, asyncio.TimeoutError) else exc.strerror or str(exc)
             return Probe(name, Verdict.FAILED, f"{host}:{port}: {step} failed ({reason})",
                          f"check the host name in {setting}, and this server's DNS, firewall and route to it")
         took.append(f"{step} {(time.monotonic() - started) * 1000:.0f} ms")
-    done[1].close()  # the connection's writer
     return Probe(name, Verdict.OK, f"{host}:{port}: " + ", ".join(took))
 
 
@@ -4238,20 +4314,20 @@ class RequestRecord:
     dialect: str
     counted: bool               # a completion: it counts in the figures
     started: float              # time.monotonic()
-    model: str = None
-    stream: bool = None
-    outcome: str = None         # CLIENT_GONE, "ended with error"
-    reason: str = None          # the code of the error it ended with
+    model: str | None = None
+    stream: bool | None = None
+    outcome: "Outcome | None" = None   # how it ended, when not plainly
+    reason: str | None = None          # the code of the error it ended with
     upstream_failed: bool = False  # the error was upstream's (or no token could serve), not the client's
     route: str = ""             # the route's path, as routed ("/v1/models/{model:.+}")
-    key: str = None             # the name of the API key it came with ("" for VALID_API_KEY's)
+    key: str | None = None             # the name of the API key it came with ("" for VALID_API_KEY's)
     client: str = ""            # a digest of that key's value: who owns stored responses and replayed reasoning
-    slot: object = None         # its Slot within its key's limits, while it holds one
-    first_content: float = None  # seconds from arrival to the first content sent
-    duration: float = None      # seconds from arrival to the end
+    slot: "Slot | None" = None  # its Slot within its key's limits, while it holds one
+    first_content: float | None = None  # seconds from arrival to the first content sent
+    duration: float | None = None      # seconds from arrival to the end
     attempts: int = 0
-    token_index: int = None     # the credential that answered, by its place in its pool
-    usage: Usage = None
+    token_index: int | None = None     # the credential that answered, by its place in its pool
+    usage: Usage | None = None
     reserved: int = 0           # bytes of MEMORY_BUDGET_MB its body holds
 
     @property
@@ -4260,9 +4336,19 @@ class RequestRecord:
         return self.route if "{id}" in self.route else self.path
 
 
+class Outcome(enum.Enum):
+    """How a request ended when not plainly: as the log says it (the value), and as /metrics labels it."""
+    CLIENT_GONE = "client gone"            # its client left before its end
+    ENDED_WITH_ERROR = "ended with error"  # a started answer that ended with an error event
+
+    @property
+    def label(self):
+        return self.name.lower()
+
+
 RECORD = web.RequestKey("record", RequestRecord)
-CLIENT_GONE = "client gone"  # the outcome of a request whose client left before its end
-CLIENT_GONE_STATUS = 499     # what the log and the figures say it ended with (nginx's "client closed request")
+CLIENT_GONE_STATUS = 499     # what the log and the figures say a request whose client left ended with (nginx's
+                             # "client closed request")
 
 
 TIME_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)  # seconds, for the histograms
@@ -4325,8 +4411,8 @@ class Histogram:
 
 def error_kind(record, status):
     """The kind of error a request ended with, for /metrics; None when it did not."""
-    if record.outcome == CLIENT_GONE:
-        return "client_gone"
+    if record.outcome is Outcome.CLIENT_GONE:
+        return Outcome.CLIENT_GONE.label
     if not record.upstream_failed and status < 500:
         return "client_error" if status >= 400 else None
     return {"upstream_timeout": "timeout", "upstream_no_content": "no_content"}.get(
@@ -4340,10 +4426,10 @@ class Monitor:
         self.clock = clock
         self.requests = self.client_errors = self.upstream_failures = self.in_flight = 0
         self.first_content_total, self.first_content_count = 0.0, 0
-        self.log = collections.deque(maxlen=settings.request_log_size)
+        self.log: collections.deque[dict] = collections.deque(maxlen=settings.request_log_size)
         self.logged = 0  # entries ever added to the log, so that the fleet's log takes each one once
         self.minutes = Minutes(Minute)
-        self.counters = collections.Counter()  # (name, labels) → value
+        self.counters: collections.Counter[tuple] = collections.Counter()  # (name, labels) → value
         self.histograms = collections.defaultdict(Histogram)  # (name, labels) → Histogram
         self.keys = collections.defaultdict(KeyFigures)  # a named API key's name → its figures
 
@@ -4365,7 +4451,7 @@ class Monitor:
         self.count_series(record, status, kind)
         if record.key:
             self.count_key(self.keys[record.key], record, kind)
-        if kind == "client_gone":
+        if kind == Outcome.CLIENT_GONE.label:
             minute.clients_gone += 1
         elif kind == "client_error":
             self.client_errors += 1
@@ -4382,7 +4468,7 @@ class Monitor:
     @staticmethod
     def count_key(figures, record, kind):
         figures.requests += 1
-        figures.errors += kind not in (None, "client_gone")
+        figures.errors += kind not in (None, Outcome.CLIENT_GONE.label)
         if record.usage:
             figures.prompt_tokens += record.usage.prompt_tokens
             figures.completion_tokens += record.usage.completion_tokens
@@ -4433,7 +4519,8 @@ def log_entry(record, status, now):
     """A request as the log keeps it: what happened, never a key, token or message text."""
     usage = record.usage
     return {"time": round(now, 3), "key": record.key, "route": record.route, "model": record.model,
-            "stream": record.stream, "status": status, "outcome": record.outcome, "reason": record.reason,
+            "stream": record.stream, "status": status, "outcome": record.outcome and record.outcome.value,
+            "reason": record.reason,
             "first_content_ms": round(record.first_content * 1000, 1) if record.first_content is not None else None,
             "duration_ms": round(record.duration * 1000, 1), "token": record.token_index,
             "failovers": max(0, record.attempts - 1),
@@ -4568,8 +4655,8 @@ return 0
 class ApiKey:
     name: str                        # "" for VALID_API_KEY's keys
     value: str = field(repr=False)
-    rpm: int = None                  # completions a minute, None: no limit
-    concurrent: int = None           # completions at once, None: no limit
+    rpm: int | None = None                  # completions a minute, None: no limit
+    concurrent: int | None = None           # completions at once, None: no limit
     recent: collections.deque = field(default_factory=collections.deque, repr=False)  # when each was asked for
     active: int = 0
 
@@ -4589,7 +4676,7 @@ def matching_key(given, keys, value_of=lambda key: key):
 class Slot:
     """A request's place within its key's limits: `lease` names it in Redis, None when only this replica counts it."""
     key: ApiKey
-    lease: str = None
+    lease: str | None = None
 
 
 def over_rpm(key, wait):
@@ -4903,11 +4990,11 @@ def fingerprint(value):
 class SharedState(typing.NamedTuple):
     """The part of a credential's state the fleet shares: its rest, why and since when it is disabled, the budget
     upstream says it has left, its last error."""
-    cooling_until: float = None
-    disabled: str = None
-    disabled_at: float = None
-    budget_left: int = None
-    last_error: str = None
+    cooling_until: float | None = None
+    disabled: str | None = None
+    disabled_at: float | None = None
+    budget_left: int | None = None
+    last_error: str | None = None
 
 
 NOTHING_SHARED = SharedState()  # of a credential nothing has happened to
@@ -4929,9 +5016,9 @@ class Synced:
     """What a replica knows of one credential's shared state."""
     fingerprint: str
     fields: SharedState = NOTHING_SHARED  # as this replica and the fleet last agreed on them
-    entry: bytes = None       # the fleet's entry as last read, so that an unchanged one is not parsed again
-    remote: SharedState = None  # that entry's state
-    day: int = None           # the UTC day `tokens` counts
+    entry: bytes | None = None       # the fleet's entry as last read, so that an unchanged one is not parsed again
+    remote: SharedState | None = None  # that entry's state
+    day: int | None = None           # the UTC day `tokens` counts
     tokens: int = 0           # its tokens that day, as last synced
 
     def agreed(self, fields):
@@ -4985,7 +5072,8 @@ class Fleet:
         reading.hgetall(ACCOUNT_TOKENS_KEY)
         reading.hgetall(EDITS_KEY)
         *pool_hashes, accounts, edits = await reading.execute()
-        writing, written = redis.pipeline(transaction=False), []  # what is published, once the writes went through
+        writing = redis.pipeline(transaction=False)
+        written: list[typing.Callable[[], None]] = []  # what is published, once the writes went through
         synced = {}
         for place, pool in enumerate(self.pools):
             synced.update(self.sync_pool(pool, pool_hashes[2 * place], pool_hashes[2 * place + 1], writing, written,
@@ -5157,7 +5245,7 @@ class MemoryBudget:
     def __init__(self, megabytes):
         self.limit = int(megabytes * MB)
         self.used = 0
-        self.waiting = collections.deque()  # (amount, future) in arrival order
+        self.waiting: collections.deque[tuple[int, asyncio.Future]] = collections.deque()  # in arrival order
 
     async def admit(self, amount):
         if self.used + amount <= self.limit:
@@ -5194,7 +5282,8 @@ class AppState:
         self.shared = Shared(settings.redis_url, replica_name()) if settings.redis_url else None
         self.site = SiteUpstream(settings, self.http)
         self.api = ApiUpstream(settings, self.http, self.shared)
-        self.upstreams = [{"site": self.site, "api": self.api}[kind] for kind in settings.upstream]
+        kinds: dict[str, UpstreamKind] = {"site": self.site, "api": self.api}
+        self.upstreams = [kinds[kind] for kind in settings.upstream]
         self.session_secret = hashlib.sha256(b"k2proxy X-Session-ID\0" + settings.admin_key.encode()).digest()
         self.models = Models(settings, self.site)
         self.accounts = Accounts(settings, self.site, on_sign_in=self.models.token_arrived)
@@ -5238,7 +5327,7 @@ class AppState:
         await self.site.pool.reload()
         await self.api.pool.reload()
         await self.keys.reload()
-        if self.fleet:
+        if self.shared and self.fleet:
             await self.shared.beat()
             await self.fleet.sync()
             self.tasks = [asyncio.ensure_future(keep_polling(step)) for step in (
@@ -5265,7 +5354,7 @@ class AppState:
     def finish(self, record, status):
         """A request's end: its share of the figures, its memory budget and its key's limits given back, and its
         log line; a request whose client left is logged as CLIENT_GONE_STATUS, whatever was sent."""
-        status = CLIENT_GONE_STATUS if record.outcome == CLIENT_GONE else status
+        status = CLIENT_GONE_STATUS if record.outcome is Outcome.CLIENT_GONE else status
         self.budget.release(record.reserved)
         record.reserved = 0
         if record.slot:
@@ -5274,7 +5363,7 @@ class AppState:
         record.duration = time.monotonic() - record.started
         self.monitor.end(record, status)
         first = f"{record.first_content * 1000:.0f}ms" if record.first_content is not None else "-"
-        why = ", ".join(filter(None, (record.outcome, record.reason)))
+        why = ", ".join(filter(None, (record.outcome and record.outcome.value, record.reason)))
         polled = record.method == "GET" and record.path.startswith(POLLED_PATHS) and status < 400
         log.log(logging.DEBUG if polled else logging.INFO, "%s %s model=%s stream=%s status=%s%s ttfb=%s total=%.0fms",
                 record.method, loggable(record.logged_path), loggable(record.model or "-"),
@@ -5413,6 +5502,34 @@ class ClientGone(Exception):
     """The client closed its connection; nothing is to be sent, and no token is to blame."""
 
 
+class Renderer(typing.Protocol):
+    """A dialect's stream: the bytes of its opening, of the events of one upstream read, and of a heartbeat."""
+
+    def opening(self) -> bytes: ...
+
+    def render(self, events: list[Event]) -> bytes: ...
+
+    def heartbeat(self) -> bytes: ...
+
+
+class Writer(typing.Protocol):
+    """Where a completion's events go: a stream to the client, or a whole answer gathered for it."""
+    response: web.StreamResponse | None
+
+    @property
+    def committed(self) -> bool: ...  # the client has seen something: no other attempt may take over
+
+    def reset(self) -> None: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    async def write(self, events: list[Event]) -> None: ...
+
+    async def close(self, events: list[Event]) -> web.StreamResponse | None: ...
+
+
 class EventStream:
     """Writes a completion's events as server-sent events through a dialect's renderer. The response opens with
     the first bytes sent, so a failure before any is still a real HTTP error; silence gets heartbeats."""
@@ -5506,7 +5623,7 @@ class Collector:
         """Starts over: a failed attempt's events are forgotten."""
         self.size = 0
         self.reasoning, self.text = [], []  # pieces, joined once at the end (+= on a str would copy it each time)
-        self.calls = []                     # [id, name, pieces of its arguments]
+        self.calls: list[CallInParts] = []
         self.finish = None
 
     def start(self):
@@ -5521,23 +5638,26 @@ class Collector:
         if added and self.size > self.limit:
             raise answer_too_large(self.limit)
         for event in events:
-            if isinstance(event, Reasoning):
-                self.reasoning.append(event.text)
-            elif isinstance(event, Text):
-                self.text.append(event.text)
-            elif isinstance(event, ToolCallStart):
-                self.calls.append([event.id, event.name, []])
-            elif isinstance(event, ToolArguments):
-                self.calls[event.index][2].append(event.text)
-            elif isinstance(event, Finish):
-                self.finish = event
-            elif isinstance(event, Failed):
-                raise event.error
+            match event:
+                case Reasoning(text):
+                    self.reasoning.append(text)
+                case Text(text):
+                    self.text.append(text)
+                case ToolCallStart(index, id_, name):
+                    self.calls.append(CallInParts(index, id_, name))
+                case ToolArguments(index, text):
+                    self.calls[index].pieces.append(text)
+                case Finish():
+                    self.finish = event
+                case Failed(error):
+                    raise error
+                case _:
+                    raise unknown_event(event)
 
     async def close(self, events):
         await self.write(events)
-        answer = Answer("".join(self.reasoning), "".join(self.text),
-                        [[id_, name, "".join(pieces)] for id_, name, pieces in self.calls], self.finish)
+        answer = Answer("".join(self.reasoning), "".join(self.text), [call.whole() for call in self.calls],
+                        self.finish)
         body = self.render(answer)
         if self.settle:
             await self.settle()
@@ -5549,17 +5669,17 @@ class Collector:
 class Asked:
     """What a front door made of a completion request: the core request, and how its answer is written."""
     core: CoreRequest
-    stream_writer: object  # () → a renderer of the core's events as the dialect's server-sent events
-    answer_body: object    # Answer → the dialect's JSON body of a whole response
-    settle: object = None  # async () → None: what is done before the client sees the answer's end
+    stream_writer: typing.Callable[[], "Renderer"]    # a renderer of the core's events as the dialect's stream
+    answer_body: typing.Callable[[Answer], dict]      # the dialect's JSON body of a whole response
+    settle: typing.Callable[[], typing.Awaitable[None]] | None = None  # done before the client sees the end
 
 
 @dataclass(frozen=True)
 class Dialect:
     """A client API: its name in logs, how it shapes an error, and how it reads a completion request."""
     name: str
-    error_response: object  # ApiError → web.Response
-    parse: object = None     # async (JSON body, request) → Asked
+    error_response: typing.Callable[[ApiError], web.Response]
+    parse: typing.Callable[[dict, web.Request], typing.Awaitable[Asked]] | None = None
 
 
 async def within_deadline(work, seconds):
@@ -5630,8 +5750,8 @@ async def serve_completion(request, asked):
     core = in_conversation(request, asked.core)
     record.stream = core.stream  # its model is noted already, by read_request
     settings = state.settings
-    writer = (EventStream(request, asked.stream_writer(), settings.keepalive_seconds, asked.settle) if core.stream
-              else Collector(asked.answer_body, int(settings.max_answer_mb * MB), asked.settle))
+    writer: Writer = (EventStream(request, asked.stream_writer(), settings.keepalive_seconds, asked.settle)
+                      if core.stream else Collector(asked.answer_body, int(settings.max_answer_mb * MB), asked.settle))
     writer.start()
     try:
         try:
@@ -5649,10 +5769,10 @@ async def serve_completion(request, asked):
                 error = ApiError(500, "Internal error; see the proxy's log", code="internal_error")
             record.upstream_failed, record.reason = True, error.code
             response = await writer.close([Failed(error)])
-            record.outcome = "ended with error"
+            record.outcome = Outcome.ENDED_WITH_ERROR
             return response
     except ClientGone:
-        record.outcome = CLIENT_GONE
+        record.outcome = Outcome.CLIENT_GONE
         return writer.response or web.Response(status=CLIENT_GONE_STATUS)  # the latter for nobody: it left first
     finally:
         writer.stop()
@@ -5905,28 +6025,32 @@ class ChatChunks:
         return b": keep-alive\n\n"
 
     def render(self, events):
-        deltas, content, tail = [], "", b""
+        deltas: list[dict] = []
+        content, tail = "", b""
         for event in events:
-            if isinstance(event, Reasoning) and self.think_tags:
-                content += event.text if self._in_think else "<think>" + event.text
-                self._in_think = True
-            elif isinstance(event, Reasoning):
-                deltas.append({"reasoning_content": event.text})
-            elif isinstance(event, Text):
-                content += self._think_closed("</think>\n\n") + event.text
-            elif isinstance(event, ToolCallStart):
-                content += self._think_closed("</think>\n\n")
-                deltas += [{"content": content}] if content else []
-                content = ""
-                deltas.append({"tool_calls": [{"index": event.index, "id": "call_" + event.id, "type": "function",
-                                               "function": {"name": event.name, "arguments": ""}}]})
-            elif isinstance(event, ToolArguments):
-                deltas.append({"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]})
-            elif isinstance(event, Finish):
-                content += self._think_closed("</think>")
-                tail = self._ending(event)
-            else:
-                tail = b"data: " + json.dumps(openai_error_body(event.error)).encode() + b"\n\ndata: [DONE]\n\n"
+            match event:
+                case Reasoning(text) if self.think_tags:
+                    content += text if self._in_think else "<think>" + text
+                    self._in_think = True
+                case Reasoning(text):
+                    deltas.append({"reasoning_content": text})
+                case Text(text):
+                    content += self._think_closed("</think>\n\n") + text
+                case ToolCallStart(index, id_, name):
+                    content += self._think_closed("</think>\n\n")
+                    deltas += [{"content": content}] if content else []
+                    content = ""
+                    deltas.append({"tool_calls": [{"index": index, "id": "call_" + id_, "type": "function",
+                                                   "function": {"name": name, "arguments": ""}}]})
+                case ToolArguments(index, text):
+                    deltas.append({"tool_calls": [{"index": index, "function": {"arguments": text}}]})
+                case Finish():
+                    content += self._think_closed("</think>")
+                    tail = self._ending(event)
+                case Failed(error):
+                    tail = b"data: " + json.dumps(openai_error_body(error)).encode() + b"\n\ndata: [DONE]\n\n"
+                case _:
+                    raise unknown_event(event)
         if content:
             deltas.append({"content": content})
         return b"".join(map(self._chunk, deltas)) + tail
@@ -5962,9 +6086,9 @@ def chat_completion(core, answer, think_tags):
         content = f"<think>{answer.reasoning}</think>" + (f"\n\n{content}" if content or answer.calls else "")
     message = {"role": "assistant", "content": (content.strip() or None) if answer.calls else content}
     if answer.calls:
-        message["tool_calls"] = [{"id": "call_" + call_id, "type": "function",
-                                  "function": {"name": name, "arguments": arguments}}
-                                 for call_id, name, arguments in answer.calls]
+        message["tool_calls"] = [{"id": "call_" + call.id, "type": "function",
+                                  "function": {"name": call.name, "arguments": call.arguments}}
+                                 for call in answer.calls]
     if answer.reasoning and not think_tags:
         message["reasoning_content"] = answer.reasoning
     return {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion", "created": int(time.time()),
@@ -6282,24 +6406,27 @@ class MessageEvents:
         return b"".join(self._render(event) for event in events)
 
     def _render(self, event):
-        if isinstance(event, Reasoning):
-            opened = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
-            return opened + (self._text_delta(b"thinking_delta", b"thinking", event.text)
-                             if self.show_thinking_text else b"")
-        if isinstance(event, Text):
-            return self._open("text", {"type": "text", "text": ""}) + self._text_delta(b"text_delta", b"text",
-                                                                                      event.text)
-        if isinstance(event, ToolCallStart):
-            return self._close() + self._open("tool_use", {"type": "tool_use", "id": "toolu_" + event.id,
-                                                           "name": event.name, "input": {}})
-        if isinstance(event, ToolArguments):
-            return self._delta({"type": "input_json_delta", "partial_json": event.text})
-        if isinstance(event, Finish):
-            delta = {"type": "message_delta", "usage": anthropic_usage(event.usage),
-                     "delta": {"stop_reason": ANTHROPIC_STOP_REASONS[event.reason], "stop_sequence": None}}
-            return self._close() + sse_event("message_delta", delta) + sse_event("message_stop",
-                                                                                  {"type": "message_stop"})
-        return sse_event("error", anthropic_error_body(event.error))
+        match event:
+            case Reasoning(text):
+                opened = self._open("thinking", {"type": "thinking", "thinking": "", "signature": ""})
+                return opened + (self._text_delta(b"thinking_delta", b"thinking", text)
+                                 if self.show_thinking_text else b"")
+            case Text(text):
+                return self._open("text", {"type": "text", "text": ""}) + self._text_delta(b"text_delta", b"text",
+                                                                                          text)
+            case ToolCallStart(_, id_, name):
+                return self._close() + self._open("tool_use", {"type": "tool_use", "id": "toolu_" + id_,
+                                                               "name": name, "input": {}})
+            case ToolArguments(_, text):
+                return self._delta({"type": "input_json_delta", "partial_json": text})
+            case Finish(reason, usage):
+                delta = {"type": "message_delta", "usage": anthropic_usage(usage),
+                         "delta": {"stop_reason": ANTHROPIC_STOP_REASONS[reason], "stop_sequence": None}}
+                return self._close() + sse_event("message_delta", delta) + sse_event("message_stop",
+                                                                                      {"type": "message_stop"})
+            case Failed(error):
+                return sse_event("error", anthropic_error_body(error))
+        raise unknown_event(event)
 
     def _open(self, kind, block):
         if self.block == kind and kind != "tool_use":
@@ -6345,8 +6472,8 @@ def anthropic_message(core, answer, show_thinking_text):
     text = answer.text.strip() if answer.calls else answer.text  # what led up to a call, without its blank end
     if text:
         content.append({"type": "text", "text": text})
-    content += [{"type": "tool_use", "id": "toolu_" + call_id, "name": name, "input": tool_input(arguments)}
-                for call_id, name, arguments in answer.calls]
+    content += [{"type": "tool_use", "id": "toolu_" + call.id, "name": call.name, "input": tool_input(call.arguments)}
+                for call in answer.calls]
     return {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant", "model": core.model,
             "content": content, "stop_reason": ANTHROPIC_STOP_REASONS[answer.finish.reason], "stop_sequence": None,
             "usage": anthropic_usage(answer.finish.usage)}
@@ -6676,7 +6803,7 @@ def response_body(builder, answer):
     if answer.text or not answer.calls:
         output.append(message_item("msg_" + uuid.uuid4().hex, answer.text.strip() if answer.calls else answer.text,
                                    "completed"))
-    output += [builder.call(call_id, name, arguments, "completed") for call_id, name, arguments in answer.calls]
+    output += [builder.call(call.id, call.name, call.arguments, "completed") for call in answer.calls]
     return builder.finished(output, answer.finish)
 
 
@@ -6688,9 +6815,9 @@ class ResponseEvents:
         self.builder = builder
         self.sequence = 0
         self.output = []     # the items done so far
-        self.item = None     # the open item
+        self.item: dict = {}  # the open item ({} while none is)
         self.pieces = []     # the text (or arguments) of the open item so far
-        self.call = None     # (id, name) of the call whose item opens next
+        self.call = ("", "")  # (id, name) of the call whose item opens next
 
     def opening(self):
         started = self.builder.response("in_progress", [])
@@ -6704,23 +6831,26 @@ class ResponseEvents:
         return b"".join(self._render(event) for event in events)
 
     def _render(self, event):
-        if isinstance(event, Reasoning):
-            return self._open("reasoning") + self._delta(b"response.reasoning_summary_text.delta", b"summary_index",
-                                                         event.text)
-        if isinstance(event, Text):
-            return self._open("message") + self._delta(b"response.output_text.delta", b"content_index", event.text)
-        if isinstance(event, ToolCallStart):
-            self.call = (event.id, event.name)
-            return self._open("function_call")
-        if isinstance(event, ToolArguments):
-            self.pieces.append(event.text)
-            return self._event("response.function_call_arguments.delta", item_id=self.item["id"],
-                               output_index=len(self.output), delta=event.text)
-        if isinstance(event, Finish):
-            closed, final = self._close(), self.builder.finished(self.output, event)
-            kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-            return closed + self._event(kind, response=final)
-        return self._event("response.failed", response=self.builder.failed(event.error))
+        match event:
+            case Reasoning(text):
+                return self._open("reasoning") + self._delta(b"response.reasoning_summary_text.delta",
+                                                             b"summary_index", text)
+            case Text(text):
+                return self._open("message") + self._delta(b"response.output_text.delta", b"content_index", text)
+            case ToolCallStart(_, id_, name):
+                self.call = (id_, name)
+                return self._open("function_call")
+            case ToolArguments(_, text):
+                self.pieces.append(text)
+                return self._event("response.function_call_arguments.delta", item_id=self.item["id"],
+                                   output_index=len(self.output), delta=text)
+            case Finish():
+                closed, final = self._close(), self.builder.finished(self.output, event)
+                kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
+                return closed + self._event(kind, response=final)
+            case Failed(error):
+                return self._event("response.failed", response=self.builder.failed(error))
+        raise unknown_event(event)
 
     def _event(self, kind, **fields):
         self.sequence += 1
@@ -6759,7 +6889,7 @@ class ResponseEvents:
         return b""
 
     def _close(self):
-        if self.item is None:
+        if not self.item:
             return b""
         text, kind, place = "".join(self.pieces), self.item["type"], {"item_id": self.item["id"],
                                                                       "output_index": len(self.output)}
@@ -6775,7 +6905,7 @@ class ResponseEvents:
         ended += self._part("done", text)
         ended += self._event("response.output_item.done", output_index=len(self.output), item=done)
         self.output.append(done)
-        self.item, self.pieces = None, []
+        self.item, self.pieces = {}, []
         return ended
 
 
@@ -7257,7 +7387,7 @@ def unreachable(http):
 class Route:
     method: str
     path: str
-    handler: object
+    handler: typing.Callable[[web.Request], typing.Awaitable[web.StreamResponse]]
     dialect: Dialect = OPENAI
     completion: bool = False  # counts in the request figures, and against its key's limits
     listed: bool = True       # named by GET /
@@ -7302,9 +7432,14 @@ ROUTES = (
     Route("GET", "/metrics", metrics),
 )
 ROUTE_OF = web.AppKey("route_of", dict)  # (aiohttp's resource, method) → its Route, for the middlewares
-UNROUTED = Route("", "", None)  # an unknown path or method
+async def unrouted(request):
+    """The handler of no route: aiohttp answers an unknown path or method before any handler would run."""
+    raise web.HTTPNotFound()
+
+
+UNROUTED = Route("", "", unrouted)  # an unknown path or method
 # … and under a path whose clients read another dialect, with or without its /v1 (or with it twice)
-UNROUTED_FAMILIES = {"/messages": Route("", "", None, ANTHROPIC), "/responses": Route("", "", None, RESPONSES)}
+UNROUTED_FAMILIES = {"/messages": Route("", "", unrouted, ANTHROPIC), "/responses": Route("", "", unrouted, RESPONSES)}
 
 
 def route_of(request):
@@ -7368,7 +7503,7 @@ async def handle_errors(request, handler):
         record.reason = exc.reason.lower().replace(" ", "_")
         response = route.dialect.error_response(ApiError(exc.status, message, code=record.reason))
     except asyncio.CancelledError:
-        record.outcome = CLIENT_GONE
+        record.outcome = Outcome.CLIENT_GONE
         state.finish(record, CLIENT_GONE_STATUS)
         raise
     except Exception:

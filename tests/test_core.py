@@ -143,7 +143,8 @@ async def test_the_collector_gathers_an_answer_and_raises_a_failure():
                            Reasoning("r2"), Text("b")])
     response = await collector.close([Finish("tool_calls", Usage(1, 2, 0))])
     answer = rendered[0]
-    assert (answer.reasoning, answer.text, answer.calls) == ("r1r2", "ab", [["id0", "search", "{}"]])
+    assert (answer.reasoning, answer.text) == ("r1r2", "ab")
+    assert answer.calls == [k2proxy.AnsweredCall("id0", "search", "{}")]
     assert answer.finish.reason == "tool_calls" and json.loads(response.body) == {"ok": True}
     error = k2proxy.ApiError(504, "slow")
     with pytest.raises(k2proxy.ApiError):
