@@ -1,9 +1,10 @@
-# k2proxy: one Python file and aiohttp, on Alpine, run by the non-root user k2proxy (uid 10001).
+# k2proxy: one Python file and aiohttp, on Alpine, run by the non-root user k2proxy (uid 10001); pypdf too
+# (requirements-pdf.txt, pure Python), which reads the text of PDFs in messages in a process of its own.
 # aiohttp and its dependencies ship musllinux wheels, so nothing is compiled: no build tools, one stage.
 FROM python:3.12.12-alpine3.23
 
 # For replicas that share one Redis (REDIS_URL, WORKERS; docs/replicas.md): docker build --build-arg WITH_REDIS=1
-# adds the redis package (requirements-redis.txt). Left empty, the image holds aiohttp only, as ever.
+# adds the redis package (requirements-redis.txt). Left empty, the image holds aiohttp and pypdf.
 ARG WITH_REDIS=
 
 # Token, account, API key and IFM key files (and a generated key) live on the /data volume; .env comes from `docker run --env-file` or compose.
@@ -17,8 +18,8 @@ ENV PYTHONUNBUFFERED=1 \
     GENERATED_KEY_FILE=/data/k2proxy_key.txt
 
 WORKDIR /app
-COPY requirements.txt requirements-redis.txt ./
-RUN pip install --no-cache-dir -r requirements.txt \
+COPY requirements.txt requirements-pdf.txt requirements-redis.txt ./
+RUN pip install --no-cache-dir -r requirements.txt -r requirements-pdf.txt \
  && if [ -n "$WITH_REDIS" ]; then pip install --no-cache-dir -r requirements-redis.txt; fi \
  && addgroup -g 10001 k2proxy \
  && adduser -D -H -u 10001 -G k2proxy -s /sbin/nologin k2proxy \

@@ -1,17 +1,27 @@
 #!/usr/bin/env python3
-"""k2proxy: MBZUAI's K2 reasoning models, served through the K2Think web site, behind the APIs clients speak.
+"""k2proxy: MBZUAI's K2 reasoning models, from the K2Think web site, IFM's API or a self-hosted server, behind the
+APIs clients speak (OpenAI chat completions, OpenAI Responses, Anthropic Messages).
 
-One module that reads top to bottom, each section using only those above it:
-settings; errors; tool calls (pure); requests and events (a dialect-neutral
-request and the events of its completion); site protocol (pure parsing);
-files; credentials; upstream client; shared state (the Redis replicas share,
-when there is one); one section per upstream kind (upstream: the web site;
-upstream: the official API); accounts; models; upstream check; monitoring;
-API keys; stored responses; replicas; app state; request bodies; core (the one
-request path); one front door per client API (dialect: OpenAI chat
-completions; dialect: Anthropic Messages; dialect: OpenAI Responses); admin
-API; server; app factory and main.
-aiohttp is the only dependency (and redis, only with REDIS_URL).
+One module that reads top to bottom, in sections; each uses only those above it. Contents:
+
+What a request is made of
+    settings · errors · tool calls · requests and events (the dialect-neutral request, the Event union of its
+    completion, the UpstreamKind seam) · documents (a PDF's text, read in a process of its own)
+The upstream side
+    upstream wire (what every kind's answers are made of) · site protocol · files · credentials · upstream
+    client (one HTTP session, failover: the one driver of attempts) · upstream: the web site · upstream: the
+    official API · accounts · models · upstream check
+What a process keeps
+    monitoring · API keys · stored responses
+Replicas (REDIS_URL), a layer the code above does not know about
+    shared state (the link to Redis) · replicas (the shared backends, the fleet)
+Serving
+    app state · request bodies · core (the one request path: Renderer and Writer seams) · dialect: OpenAI chat
+    completions · dialect: Anthropic Messages · dialect: OpenAI Responses
+Operating
+    admin API · server · routes and middlewares · processes
+
+aiohttp is the only dependency of the default path (redis, only with REDIS_URL).
 """
 
 import argparse
@@ -221,6 +231,14 @@ SETTINGS = (
     Setting("TOOL_SUPPORT", "true", _boolean, "Emulate OpenAI function calling for requests with tools"),
     Setting("MAX_REQUEST_MB", "32", _positive, "Largest request body accepted, in MB"),
     Setting("MAX_FILE_MB", "10", _positive, "Largest image or file attached to a message, in MB"),
+    Setting("MAX_PDF_PAGES", "100", _int_between(1, 100000),
+            "Pages of a PDF read into the conversation; the text says where it stopped"),
+    Setting("MAX_PDF_CHARS", "400000", _int_between(1000, 100000000),
+            "Characters of a PDF's text kept; the text says where it stopped"),
+    Setting("PDF_SECONDS", "30", _positive, "Seconds one PDF may take to read (its reader is stopped then: a 400)"),
+    Setting("PDF_MEMORY_MB", "256", _positive,
+            "Memory a PDF's reader (a process of its own) may take, in MB; counted in MEMORY_BUDGET_MB while it reads "
+            "(at most half of it)"),
     Setting("IMAGES", "refuse", _one_of("refuse", "forward"),
             "Images in messages: refuse (a 400 that says the model reads text only) or forward (for an upstream that "
             "reads images)"),
@@ -574,6 +592,16 @@ def expect(condition, message, param, code="invalid_value"):
         raise ApiError(400, message, param=param, code=code)
 
 
+def object_in(value) -> dict:
+    """`value` when it is a JSON object, else an empty one: for reading optional fields of what was sent."""
+    return value if isinstance(value, dict) else {}
+
+
+def list_in(value) -> list:
+    """`value` when it is a JSON array, else an empty one."""
+    return value if isinstance(value, list) else []
+
+
 def is_number(value) -> typing.TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -645,6 +673,13 @@ class ToolPlan:
     def names(self):
         return frozenset(tool.name for tool in self.tools)
 
+    @property
+    def forced(self):
+        """The tools one of which the answer must call: the one named, or all of them for "required"; () for auto."""
+        if self.choice == "auto":
+            return ()
+        return self.tools if self.choice == "required" else tuple(t for t in self.tools if t.name == self.choice)
+
 
 def check_tool(name, description, parameters, where, parameters_field="parameters"):
     """A Tool from a dialect's fields, or a 400 naming the field at fault."""
@@ -655,6 +690,35 @@ def check_tool(name, description, parameters, where, parameters_field="parameter
     expect(parameters is None or isinstance(parameters, dict), f"{where}.{parameters_field} must be an object",
            f"{where}.{parameters_field}", "invalid_type")
     return Tool(name, description or "", parameters or {"type": "object", "properties": {}})
+
+
+JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean": (bool,), "array": (list,),
+              "object": (dict,), "null": (type(None),)}
+
+
+def fits(value, schema):
+    """Whether a JSON value fits a tool's parameters as far as their top level says: an object with each required
+    property, each property of its declared type (a bool is neither integer nor number) and among its enum values,
+    and none other when additionalProperties is false."""
+    if not isinstance(value, dict) or not isinstance(schema, dict):
+        return False
+    properties, required = object_in(schema.get("properties")), list_in(schema.get("required"))
+    if any(name not in value for name in required if isinstance(name, str)):
+        return False
+    if schema.get("additionalProperties") is False and set(value) - set(properties):
+        return False
+    return all(fits_property(value[name], spec) for name, spec in properties.items() if name in value)
+
+
+def fits_property(value, spec):
+    spec = object_in(spec)
+    kinds = spec.get("type")
+    kinds = [kinds] if isinstance(kinds, str) else list_in(kinds)
+    typed = [JSON_TYPES[kind] for kind in kinds if kind in JSON_TYPES]
+    if typed and not any(isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
+                         for allowed in typed):
+        return False
+    return not isinstance(spec.get("enum"), list) or value in spec["enum"]
 
 
 def tool_plan(tools, choice, enabled, param="tool_choice"):
@@ -1028,8 +1092,13 @@ def image_part(url, where, limit):
 
 
 def text_file(name, media, raw, where):
-    """A text file, inlined as a fenced block headed by its name; a binary file is a 400 naming it."""
+    """A text file, inlined as a fenced block headed by its name; a PDF, a part to read (see Documents); another
+    binary file is a 400 naming it."""
     extension = name.rsplit(".", 1)[-1].lower() if "." in name else name.lower()
+    if media == PDF_MEDIA or extension == "pdf":
+        expect(PDF_HEADER in raw[:PDF_HEADER_ZONE], f"{where}: the file '{name}' is said to be a PDF, but it is not "
+               "one (it does not open with %PDF-)", where, "invalid_pdf")
+        return {"type": "pdf", "name": name, "data": raw, "where": where}
     text = None
     if extension in TEXT_FILE_EXTENSIONS or TEXT_MEDIA_TYPES.fullmatch(media):
         for encoding in ("utf-8-sig", "utf-16") if raw[:2] in (b"\xff\xfe", b"\xfe\xff") else ("utf-8-sig",):
@@ -1040,10 +1109,14 @@ def text_file(name, media, raw, where):
                 continue
     if text is None or "\x00" in text:  # NUL bytes: a binary file, whatever its name says
         raise ApiError(400, f"{where}: the file '{name}' ({media or 'unknown type'}) cannot be read by the model; "
-                            "supported are text files in UTF-8 (txt, md, csv, json, code, ...) and images",
-                       param=where, code="unsupported_file")
+                            "supported are text files in UTF-8 (txt, md, csv, json, code, ...), PDFs with a text "
+                            "layer, and images", param=where, code="unsupported_file")
     fence = "`" * max(3, max(map(len, re.findall(r"`+", text)), default=0) + 1)
     return {"type": "text", "text": f"File: {name}\n{fence}\n{text}\n{fence}"}
+
+
+PDF_MEDIA = "application/pdf"
+PDF_HEADER, PDF_HEADER_ZONE = b"%PDF-", 1024  # a PDF opens with its header within its first kilobyte
 
 
 def text_of(parts):
@@ -1111,7 +1184,18 @@ class Transcript:
         self.turns.append(Turn("tool", tuple(parts), call_id=call_id, name=name, failed=failed))
 
     def finish(self):
-        return tuple(self.turns)
+        """The Turns, with one system turn at most, first: K2's chat template reads a system message only at the
+        start, so the system messages that open the conversation are joined, and one that comes later (Claude Code
+        sends them mid-conversation) becomes a note the model reads in its place, rendered the same on every turn
+        (the conversation's prefix stays as it was, for the API's prefix cache)."""
+        opening = list(itertools.takewhile(lambda turn: turn.role == "system", self.turns))
+        turns = [Turn("system", (text_part("\n\n".join(turn.text for turn in opening)),))] if opening else []
+        for turn in self.turns[len(opening):]:
+            turns.append(Turn("user", (text_part(SYSTEM_NOTE.format(turn.text)),)) if turn.role == "system" else turn)
+        return tuple(turns)
+
+
+SYSTEM_NOTE = "<system-reminder>\n{}\n</system-reminder>"  # a system message after the conversation's start
 
 
 MAX_OUTPUT_TOKENS = 8192  # K2 Horizon writes at most this; asking for more only risks a refusal in long contexts
@@ -1176,6 +1260,18 @@ class AnswerFormat:
         return None
 
 
+# Where clients name their conversation, when the body does not (prompt_cache_key)
+SESSION_HINT_HEADERS = ("x-session-id", "session_id", "x-claude-code-session-id", "conversation_id")
+
+
+def forced_call(plan, text):
+    """A forced tool's call in an answer that is only its arguments, as JSON (a model under a forced choice may
+    write just them): the first forced tool whose parameters the JSON fits; None when it fits none."""
+    found = AnswerFormat.extract(text)
+    value = json.loads(found) if found else None
+    tool = next((tool for tool in plan.forced if fits(value, tool.parameters)), None)
+    return ToolCall(tool.name, found) if tool and found else None
+
 
 @dataclass(frozen=True)
 class CoreRequest:
@@ -1190,7 +1286,6 @@ class CoreRequest:
     tools: ToolPlan | None = None
     answer_format: AnswerFormat | None = None
     session_hint: str | None = None  # the client's own name for the conversation (prompt_cache_key, a session header)
-    session: str | None = None       # the conversation's X-Session-ID, set by the core
     client: str | None = None        # who asks, as a digest of the API key it came with, set by the core
 
     @functools.cached_property
@@ -1239,11 +1334,6 @@ class Usage:
 def whole_number(value):
     """`value` when it is a whole number (not a bool), else None."""
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def object_in(value) -> dict:
-    """`value` when it is a JSON object, else an empty one: for reading optional fields of what upstream sent."""
-    return value if isinstance(value, dict) else {}
 
 
 def usage_of(given, prompt_tokens, reasoning_chars, answer_chars):
@@ -1371,6 +1461,8 @@ class UpstreamKind(typing.Protocol):
 
     def complete(self, core: "CoreRequest") -> typing.AsyncIterator[Progressed]: ...
 
+    def describe(self) -> str: ...  # where it is and what credentials it has, for the start-up lines
+
 
 UPSTREAM_FINISH_REASONS = ("length", "content_filter")  # the reasons of upstream's that a client is told
 
@@ -1431,12 +1523,149 @@ def default_effort(settings, show_reasoning):
     return settings.reasoning_effort if show_reasoning else "low"
 
 
-# ─── Site protocol ───────────────────────────────────────────────────────────
-# The web site's wire format, as pure code with no I/O: bytes → SSE payloads →
-# frames → (reasoning, answer) deltas, and an answer's status and body → an
-# UpstreamError. Offers SSEDecoder, SiteReader (the one reading of the site's
-# answers, for requests, --check and tests) and site_error. Every step does
-# work proportional to what its input added.
+# ─── Documents ───────────────────────────────────────────────────────────────
+# What a text-only model cannot read as it came: a PDF, whose text layer is
+# read page by page in a process of its own (pypdf, from requirements-pdf.txt,
+# imported only there), within PDF_SECONDS and PDF_MEMORY_MB (counted in the
+# memory budget while it reads), so that a hostile file can neither stall the
+# event loop, nor hold a core past its limit, nor grow the proxy. Offers
+# read_documents, which puts each PDF's text in its place in a CoreRequest.
+
+PDF_INSTALL = "pip install -r requirements-pdf.txt"
+PDF_READER = """
+import io, json, sys
+try:
+    from pypdf import PdfReader
+except ImportError:
+    print(json.dumps({"problem": "missing"}))
+    raise SystemExit
+pages_max, chars_max = int(sys.argv[1]), int(sys.argv[2])
+try:
+    reader = PdfReader(io.BytesIO(sys.stdin.buffer.read()))
+    if reader.is_encrypted:
+        try:
+            readable = bool(reader.decrypt(""))
+        except Exception:
+            readable = False
+        if not readable:
+            print(json.dumps({"problem": "encrypted"}))
+            raise SystemExit
+    total, pages, chars, stopped = len(reader.pages), [], 0, ""
+    for number in range(min(total, pages_max)):
+        text = reader.pages[number].extract_text() or ""
+        if chars + len(text) > chars_max:
+            pages.append(text[:chars_max - chars])
+            stopped = "chars"
+            break
+        pages.append(text)
+        chars += len(text)
+    else:
+        stopped = "pages" if total > pages_max else ""
+    print(json.dumps({"pages": pages, "total": total, "stopped": stopped}))
+except SystemExit:
+    raise
+except MemoryError:
+    print(json.dumps({"problem": "limits"}))
+except Exception as exc:
+    print(json.dumps({"problem": "broken", "detail": type(exc).__name__}))
+"""  # the reader's own process: its stdin the PDF, its stdout one JSON line
+PDF_PROBLEMS = {
+    "missing": "reading PDFs needs the pypdf package, which is not installed: " + PDF_INSTALL,
+    "encrypted": "is encrypted: send it without a password, or send its text",
+    "broken": "cannot be read as a PDF: it is broken or cut short",
+    "no text": "has no text layer (a scanned document, it seems), and K2 Horizon reads text only: send its text "
+               "(run OCR on it first)",
+    "limits": "could not be read within PDF_SECONDS ({seconds:g} s) and PDF_MEMORY_MB ({megabytes:g} MB): send "
+              "its text, or fewer pages",
+}
+PDF_END = b"%%EOF"
+PDF_END_ZONE = 2048  # a whole PDF ends with %%EOF within its last bytes; one cut short does not
+
+
+def pdf_problem(name, where, problem, settings):
+    message = PDF_PROBLEMS[problem].format(seconds=settings.pdf_seconds, megabytes=settings.pdf_memory_mb)
+    return ApiError(400, f"{where}: the PDF '{name}' {message}", param=where,
+                    code="pdf_reader_missing" if problem == "missing" else "unreadable_pdf")
+
+
+def pdf_reader_limits(seconds, megabytes):
+    """What the reader's process may take: its CPU seconds and its address space (run in the child, before exec)."""
+    def limit():
+        import resource  # here: the child's, and only where a PDF comes
+        resource.setrlimit(resource.RLIMIT_CPU, (math.ceil(seconds), math.ceil(seconds) + 1))
+        memory = int(megabytes * MB)
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    return limit
+
+
+async def run_pdf_reader(data, settings):
+    """The reader's answer for one PDF: its pages' text, or the problem it met."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", PDF_READER, str(settings.max_pdf_pages), str(settings.max_pdf_chars),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        preexec_fn=pdf_reader_limits(settings.pdf_seconds, settings.pdf_memory_mb))
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(data), settings.pdf_seconds)
+    except asyncio.TimeoutError:
+        return {"problem": "limits"}
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    try:
+        return json.loads(out)
+    except ValueError:  # killed at a limit, or out of memory before it could say so
+        return {"problem": "limits"}
+
+
+def pdf_text(name, read):
+    """A PDF's text as the model reads it: page by page, headed by its name, and where it stopped, if it did."""
+    pages, total = read["pages"], read["total"]
+    body = "\n\n".join(f"--- page {number} ---\n{text.strip()}" for number, text in enumerate(pages, 1))
+    if read["stopped"] == "pages":
+        body += f"\n\n[the text stops after page {len(pages)} of {total}: MAX_PDF_PAGES]"
+    elif read["stopped"] == "chars":
+        body += f"\n\n[the text stops in page {len(pages)} of {total}: MAX_PDF_CHARS]"
+    fence = "`" * max(3, max(map(len, re.findall(r"`+", body)), default=0) + 1)
+    return text_part(f"File: {name} (PDF, {total} page{'s' if total != 1 else ''})\n{fence}\n{body}\n{fence}")
+
+
+async def read_pdf(part, settings, budget):
+    """The text part of a PDF part, read within its limits; a 400 naming the file when it cannot be read."""
+    name, where, data = part["name"], part["where"], part["data"]
+    if PDF_END not in data[-PDF_END_ZONE:]:
+        raise pdf_problem(name, where, "broken", settings)
+    reserved = min(int(settings.pdf_memory_mb * MB), budget.limit // 2)  # the request's own body fits beside it
+    await budget.admit(reserved)
+    try:
+        read = await run_pdf_reader(data, settings)
+    finally:
+        budget.release(reserved)
+    if "problem" in read:
+        raise pdf_problem(name, where, read["problem"], settings)
+    if not any(text.strip() for text in read["pages"]):
+        raise pdf_problem(name, where, "no text", settings)
+    return pdf_text(name, read)
+
+
+async def read_documents(core, settings, budget):
+    """The request with each PDF of its conversation replaced by its text, in its place (one at a time)."""
+    if not any(part["type"] == "pdf" for turn in core.turns for part in turn.parts):
+        return core
+    turns = []
+    for turn in core.turns:
+        parts = [await read_pdf(part, settings, budget) if part["type"] == "pdf" else part for part in turn.parts]
+        turns.append(replace(turn, parts=tuple(parts)))
+    return replace(core, turns=tuple(turns))
+
+
+# ─── Upstream wire ───────────────────────────────────────────────────────────
+# What every upstream kind's answers are made of, as pure code: bytes → SSE
+# payloads, Delta (what one network read of an answer added), WholeText (text
+# whose UTF-16 pairs a cut split), what upstream said in an error, its
+# Retry-After, and the failures of the statuses every kind reads alike. Offers
+# SSEDecoder, Delta, WholeText, error_text, safe_summary, error_detail,
+# retry_after_seconds and status_failure.
 
 MAX_FRAME_BYTES = 16 * MB
 ERROR_TEXT_CHARS = 200  # of an error message quoted from upstream
@@ -1445,10 +1674,10 @@ SECRET_LOOKING = re.compile(r"(?i)bearer\s+\S+|eyJ[\w-]+\.[\w-]+\.[\w-]*|\b(?:sk
 
 class SSEDecoder:
     """Splits upstream bytes into frames, whatever the TCP, line and UTF-8 cut points; `parse` reads each
-    payload (the site's frames by default), and what it gives as None or empty is noise."""
+    payload into the kind's frame, and what it gives as None or empty is noise."""
 
-    def __init__(self, parse=None):
-        self.parse = parse or parse_frame
+    def __init__(self, parse):
+        self.parse = parse
         self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
         self._partial = []
         self._partial_size = 0
@@ -1477,6 +1706,94 @@ def sse_payload(line):
     if line.startswith("{"):
         return line
     return ""
+
+
+def error_text(problem):
+    """A short human message out of whatever upstream put in an error field (see safe_summary)."""
+    if isinstance(problem, dict):
+        problem = problem.get("message") or problem.get("detail") or json.dumps(problem)
+    elif isinstance(problem, list):
+        problem = "; ".join(error_text(item) for item in problem)
+    return safe_summary(str(problem))
+
+
+def safe_summary(text):
+    """What upstream said, as a client and the log may see it: one line of at most ERROR_TEXT_CHARS, with anything
+    that looks like a credential (an echoed Authorization header, a JWT, a key) blanked out."""
+    line = " ".join(text[:4 * ERROR_TEXT_CHARS].split())
+    return loggable(SECRET_LOOKING.sub("[redacted]", line))[:ERROR_TEXT_CHARS]
+
+
+def error_detail(body):
+    """The message of an upstream error body, JSON or not."""
+    try:
+        return error_text(loads(body)) if body.strip() else ""
+    except ValueError:
+        return safe_summary(body)
+
+
+RETRY_AFTER_MAX = 3600  # seconds: a longer Retry-After from upstream is taken as this
+
+
+def retry_after_seconds(value):
+    """Upstream's Retry-After in seconds, at most RETRY_AFTER_MAX; None when it gives none that is a number."""
+    value = (value or "").strip()
+    return min(int(value), RETRY_AFTER_MAX) if WHOLE_NUMBER.fullmatch(value) else None
+
+
+STATUS_FAILURES = {400: REJECTED, 413: TOO_LARGE, 422: REJECTED}  # statuses every upstream kind reads alike
+
+
+def status_failure(status, shown, retry_after=None):
+    """The UpstreamError of a status that means the same from every upstream kind: the request refused, or a rate
+    limit (with upstream's Retry-After); None for the others, which each kind reads in its own way."""
+    if status in STATUS_FAILURES:
+        return UpstreamError(STATUS_FAILURES[status], shown)
+    if status == 429:
+        return UpstreamError(RATE_LIMITED, shown, retry_after=retry_after_seconds(retry_after))
+    return None
+
+
+SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class WholeText:
+    """Text that streams in pieces, its UTF-16 surrogate pairs made whole again (JSON escapes may cut one between two
+    frames) and any lone surrogate replaced, so that every piece can be encoded; work in proportion to the piece."""
+
+    def __init__(self):
+        self.held = ""  # a high surrogate at the end of the last piece, waiting for its pair
+
+    def add(self, text):
+        text, self.held = self.held + text, ""
+        if not SURROGATE.search(text):
+            return text
+        if "\ud800" <= text[-1] <= "\udbff":
+            text, self.held = text[:-1], text[-1]
+        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+    def finish(self):
+        return self.add("") + ("\ufffd" if self.held else "")
+
+
+@dataclass
+class Delta:
+    """What one network read of an answer added, in any upstream's wire format, and whether the answer ended."""
+    reasoning: str = ""
+    text: str = ""
+    usage: dict | None = None
+    finish_reason: str | None = None
+    ended: bool = False
+    error: UpstreamError | None = None  # an error frame: what came before it in the read is still delivered
+    calls: list = field(default_factory=list)  # pieces of native tool calls (CallPiece)
+
+
+# ─── Site protocol ───────────────────────────────────────────────────────────
+# The web site's wire format, as pure code with no I/O: bytes → SSE payloads →
+# frames → (reasoning, answer) deltas, and an answer's status and body → an
+# UpstreamError. Offers SSEDecoder, SiteReader (the one reading of the site's
+# answers, for requests, --check and tests) and site_error. Every step does
+# work proportional to what its input added.
 
 
 class TextForm(enum.Enum):
@@ -1559,22 +1876,6 @@ def output_texts(items):
 def without_cut_pair(snapshot):
     """A snapshot cut inside a UTF-16 surrogate pair, without its first half: the next snapshot holds it whole."""
     return snapshot[:-1] if snapshot and "\ud800" <= snapshot[-1] <= "\udbff" else snapshot
-
-
-def error_text(problem):
-    """A short human message out of whatever upstream put in an error field (see safe_summary)."""
-    if isinstance(problem, dict):
-        problem = problem.get("message") or problem.get("detail") or json.dumps(problem)
-    elif isinstance(problem, list):
-        problem = "; ".join(error_text(item) for item in problem)
-    return safe_summary(str(problem))
-
-
-def safe_summary(text):
-    """What upstream said, as a client and the log may see it: one line of at most ERROR_TEXT_CHARS, with anything
-    that looks like a credential (an echoed Authorization header, a JWT, a key) blanked out."""
-    line = " ".join(text[:4 * ERROR_TEXT_CHARS].split())
-    return loggable(SECRET_LOOKING.sub("[redacted]", line))[:ERROR_TEXT_CHARS]
 
 
 def held_tag_prefix(text, tag):
@@ -2013,14 +2314,6 @@ class UpstreamText:
         return not (self.splitter.reasoning.parts or self.splitter.answer.parts)
 
 
-def error_detail(body):
-    """The message of an upstream error body, JSON or not."""
-    try:
-        return error_text(loads(body)) if body.strip() else ""
-    except ValueError:
-        return safe_summary(body)
-
-
 def bare_task_id(fields):
     """Whether an answer held a task_id and no text frame at all: Open WebUI sent the answer over its websocket."""
     return "task_id" in fields and not fields & {"content", "choices", "delta", "output"}
@@ -2050,15 +2343,6 @@ def blocked_error(status, body):
                                   "server to see it")
 
 
-RETRY_AFTER_MAX = 3600  # seconds: a longer Retry-After from upstream is taken as this
-
-
-def retry_after_seconds(value):
-    """Upstream's Retry-After in seconds, at most RETRY_AFTER_MAX; None when it gives none that is a number."""
-    value = (value or "").strip()
-    return min(int(value), RETRY_AFTER_MAX) if WHOLE_NUMBER.fullmatch(value) else None
-
-
 def site_error(status, detail, retry_after=None):
     """The UpstreamError for a failed answer, from its status and what it said (error_detail of its body)."""
     shown = f"upstream answered HTTP {status}" + (f": {detail}" if detail else "")
@@ -2066,52 +2350,14 @@ def site_error(status, detail, retry_after=None):
         return UpstreamError(MODEL_GONE, shown)
     if status in (401, 403):
         return UpstreamError(REFUSED_TOKEN, shown + " (the account token was refused)")
-    if status == 429:
-        seconds = retry_after_seconds(retry_after)
-        return UpstreamError(RATE_LIMITED, shown, retry_after=seconds)
+    alike = status_failure(status, shown, retry_after)
+    if alike:
+        return alike
     if 300 <= status < 400:
         return UpstreamError(NOT_AN_ANSWER, shown + " (redirect not followed)")
-    if status in (400, 422):
-        return UpstreamError(REJECTED, shown)
-    if status == 413:
-        return UpstreamError(TOO_LARGE, shown)
     if status < 500:
         return UpstreamError(NOT_AN_ANSWER, shown)
     return UpstreamError(BROKEN, shown)
-
-
-SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class WholeText:
-    """Text that streams in pieces, its UTF-16 surrogate pairs made whole again (JSON escapes may cut one between two
-    frames) and any lone surrogate replaced, so that every piece can be encoded; work in proportion to the piece."""
-
-    def __init__(self):
-        self.held = ""  # a high surrogate at the end of the last piece, waiting for its pair
-
-    def add(self, text):
-        text, self.held = self.held + text, ""
-        if not SURROGATE.search(text):
-            return text
-        if "\ud800" <= text[-1] <= "\udbff":
-            text, self.held = text[:-1], text[-1]
-        return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
-
-    def finish(self):
-        return self.add("") + ("\ufffd" if self.held else "")
-
-
-@dataclass
-class Delta:
-    """What one network read of an answer added, in any upstream's wire format, and whether the answer ended."""
-    reasoning: str = ""
-    text: str = ""
-    usage: dict | None = None
-    finish_reason: str | None = None
-    ended: bool = False
-    error: UpstreamError | None = None  # an error frame: what came before it in the read is still delivered
-    calls: list = field(default_factory=list)  # pieces of native tool calls (CallPiece)
 
 
 class SiteReader:
@@ -2398,6 +2644,36 @@ class Credential:
     budget_left: int | None = None       # the daily budget upstream says is left (x-ratelimit-remaining-tokens-daily)
     minutes: Minutes = field(default_factory=lambda: Minutes(Uses), repr=False)
 
+    def health(self):
+        """What of its state other processes serving the same pool may share."""
+        return Health(self.cooling_until, self.disabled and self.disabled.value, self.disabled_at, self.budget_left,
+                      self.last_error)
+
+    def take_health(self, health):
+        self.cooling_until, self.disabled_at = health.cooling_until, health.disabled_at
+        self.budget_left, self.last_error = health.budget_left, health.last_error
+        self.disabled = Disabled(health.disabled) if health.disabled else None
+
+    def tokens_on(self, day):
+        """Its tokens on that UTC day (counted from 0 on a new day)."""
+        if self.day != day:
+            self.day, self.tokens_today = day, 0
+        return self.tokens_today
+
+    def add_tokens(self, tokens):
+        """Tokens counted elsewhere (another replica's answers) join today's count."""
+        self.tokens_today += tokens
+
+
+class Health(typing.NamedTuple):
+    """The part of a credential's state that may be shared: its rest, why and since when it is disabled, the budget
+    upstream says it has left, its last error."""
+    cooling_until: float | None = None
+    disabled: str | None = None
+    disabled_at: float | None = None
+    budget_left: int | None = None
+    last_error: str | None = None
+
 
 @dataclass(frozen=True)
 class Anonymous:
@@ -2411,16 +2687,27 @@ RATE_LIMIT_REST = 60  # seconds a rate-limited credential rests when upstream gi
 LAST_ERROR_CHARS = 200
 
 
+def article(noun):
+    """'a token', 'an IFM key'."""
+    return ("an " if noun[:1].lower() in "aeiou" else "a ") + noun
+
+
+def plural(count, noun):
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 class CredentialPool:
     """The credentials of one file (and `fixed` ones of a setting), with their health; requests take them
     round-robin. `anonymous` pools serve without any credential while they hold none."""
 
-    def __init__(self, name, path, settings, anonymous=False, fixed=(), noun="token", clock=time.time):
+    def __init__(self, name, path, settings, anonymous=False, fixed=(), noun="token", clock=time.time,
+                 fixed_from=""):
         self.name = name
         self.noun = noun
         self.file = WatchedFile(path)
         self.anonymous = anonymous
         self.fixed = list(fixed)
+        self.fixed_from = fixed_from  # the setting `fixed` comes from
         self.max_failures = settings.max_token_failures
         self.cooldown = settings.token_cooldown
         self.clock = clock
@@ -2594,26 +2881,38 @@ class CredentialPool:
         return ApiError(503, f"No usable {self.noun} left in {self.file.path.name} (disabled or expired); "
                              f"fix the file or reset them on the admin page", code="no_usable_tokens")
 
-    async def reload(self, force=False):
-        """Loads the file if it changed; `force` reads it anyway and re-admits disabled credentials."""
+    async def reload(self, force=False, announce=True):
+        """Loads the file if it changed, and says what it holds now unless `announce` is False; `force` reads it
+        anyway and re-admits disabled credentials."""
         text = await self.file.changes(force)
         if text is None:
             return False
         self.load(text, readmit=force)
-        if self.file.state is None and self.anonymous:
-            log.info("%s pool: no file %s; requests go without a %s", self.name, self.file.path, self.noun)
-        elif self.file.state is None:
-            log.warning("%s pool: file %s not found; the pool is empty", self.name, self.file.path)
-        else:
-            log.info("%s pool: %d loaded from %s", self.name, len(self.credentials), self.file.path)
+        if announce:
+            log.log(logging.WARNING if self.missing() else logging.INFO, "%s pool: %s", self.name, self.held())
         return True
+
+    def missing(self):
+        """Whether the pool holds nothing while it needs a credential to serve."""
+        return not self.credentials and not self.anonymous
+
+    def held(self):
+        """What the pool holds, in words: how many, and from where."""
+        file = self.file.path.name
+        if not self.credentials:
+            return (f"no {self.noun} ({file} not found or empty): requests go without {article(self.noun)}"
+                    if self.anonymous else f"no {self.noun} ({file} not found or empty): nothing can be served")
+        from_file = len(self.credentials) - len(self.fixed) - sum(1 for held in self.credentials if held.account)
+        sources = ([f"{len(self.fixed)} from {self.fixed_from}"] if self.fixed else []) + [f"{from_file} from {file}"]
+        return f"{plural(len(self.credentials), self.noun)} ({', '.join(sources)})"
 
 
 # ─── Upstream client ─────────────────────────────────────────────────────────
 # What every upstream kind shares: one HTTP session for the process, an
 # exchange that turns each way a connection fails into an UpstreamError, the
-# answers in flight (ended at shutdown), and keep_polling, the one shape of
-# every background loop (file watchers, sign-ins, model lists).
+# answers in flight (ended at shutdown), failover (the one driver of attempts
+# from credential to credential) and keep_polling, the one shape of every
+# background loop (file watchers, sign-ins, model lists).
 
 ERROR_BODY_BYTES = 64 * 1024  # of an error answer, a sign-in answer or an HTML page
 DNS_CACHE_SECONDS = 300
@@ -2721,207 +3020,88 @@ class HttpClient:
             response.close()
 
 
+BACKOFF_FIRST, BACKOFF_MAX = 0.25, 4.0  # seconds before the next attempt after a server failure, doubling
+OVERLOAD_BACKOFF = 4       # times longer after a 529
+
+
+def backoff(failure, attempt):
+    """Seconds to wait before attempt number `attempt + 1`, with jitter, after a server failure; 0 after others."""
+    if failure not in (SERVER_FAILED, SERVER_OVERLOADED, TIMED_OUT):
+        return 0
+    base = BACKOFF_FIRST * (OVERLOAD_BACKOFF if failure is SERVER_OVERLOADED else 1)
+    return min(BACKOFF_MAX, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+class AttemptProgress(typing.Protocol):
+    """What one attempt has produced: the events each Delta adds, and the closing ones once its answer is whole."""
+    finish_reason: str | None
+
+    def events(self, delta: Delta) -> list[Event]: ...
+
+    def closing(self, prompt_tokens: int) -> list[Event]: ...
+
+
+class Attempts(typing.Protocol):
+    """What an upstream kind gives `failover`: its credentials, how the log names one, a fresh progress, and one
+    attempt with one credential (the kind's payload and headers are its own)."""
+
+    @property
+    def pool(self) -> "CredentialPool": ...
+
+    def named(self, credential: "Credential") -> str: ...
+
+    def progress(self, core: CoreRequest) -> AttemptProgress: ...
+
+    def attempt(self, core: CoreRequest, body: bytes, credential: "Credential",
+                progress: AttemptProgress) -> typing.AsyncIterator[list[Event]]: ...
+
+    async def settle(self, core: CoreRequest, credential: "Credential", progress: AttemptProgress,
+                     closing: list[Event]) -> None: ...
+
+
+async def failover(kind, core, body, max_retries):
+    """The completion's events, attempt by attempt, from one credential of the kind's pool to the next: each
+    attempt opens with an Attempt; a failure another credential may do better on is charged as its policy says,
+    logged, and followed by a Restart (the core voids what the client has not seen) and, after a server's failure,
+    a pause; an answer that came whole is the credential's success, then its closing events."""
+    pool = kind.pool
+    tried: list[Credential] = []
+    error: UpstreamError | None = None
+    for _ in range(max_retries + 1):
+        credential = pool.acquire(tried)
+        if credential is None:
+            break
+        if error:  # a server that failed gets a moment before the next credential asks it again
+            await asyncio.sleep(backoff(error.failure, len(tried)))
+        tried.append(credential)
+        yield Attempt(len(tried), pool.index_of(credential))
+        progress = kind.progress(core)
+        try:
+            async with contextlib.aclosing(kind.attempt(core, body, credential, progress)) as read:
+                async for events in read:
+                    yield events
+        except UpstreamError as caught:
+            failure = caught.without(credential.value)
+            pool.fail(credential, failure)
+            log.info("upstream attempt %d failed (%s) %s: %s", len(tried), kind.named(credential),
+                     failure.failure.code, failure)
+            if not worth_another_try(failure.failure, credential):
+                raise failure from None
+            error = failure
+            yield Restart(failure)
+            continue
+        pool.succeed(credential)
+        closing = progress.closing(core.prompt_tokens)  # may still fail: an answer without the JSON asked for
+        await kind.settle(core, credential, progress, closing)
+        yield closing
+        return
+    raise error or pool.unavailable()
+
+
 def worth_another_try(failure, credential):
     """Whether the next attempt may do better: the kind fails over, and without a credential (one identity),
     asking again is worth it for this kind (not after a timeout, which would only double the wait, nor a 429)."""
     return failure.fail_over and (credential is not NO_CREDENTIAL or failure.retry_anonymous)
-
-
-# ─── Shared state ────────────────────────────────────────────────────────────
-# Replicas that share one Redis (REDIS_URL; the redis package is imported only
-# then). The link to it: any failed command marks it down, and the sections
-# below serve from their local state; /health says so, the log warns once a
-# minute, and the heartbeat, which also tells the fleet this replica is up,
-# brings it back and has each section resync. Offers Shared, Unshared, the
-# replicas the heartbeats show, and CappedStore, bounded like the stores here.
-
-REDIS_TIMEOUT = 0.5          # seconds a Redis command may take before Redis counts as unreachable
-HEARTBEAT_SECONDS = 0.5      # between two heartbeats: how soon a replica sees Redis back
-REPLICA_GONE_SECONDS = 10    # a replica whose heartbeat is older is no longer listed
-SILENT_SECONDS = 1.5         # a replica whose heartbeat is older (three beats) may be cut off from Redis
-REDIS_WARNING_SECONDS = 60   # between two warnings that Redis cannot be reached
-REDIS_PREFIX = "k2proxy:"    # of every key k2proxy keeps in Redis
-REPLICAS_KEY = REDIS_PREFIX + "replicas"
-
-
-# A capped store in Redis: the entries under a prefix (their data, their order, their sizes and their bytes in all),
-# bounded by count, bytes and age. Dropping one entry:
-DROP_ENTRY_LUA = """
-local function drop(prefix, id)
-  redis.call('DEL', prefix .. 'data:' .. id)
-  redis.call('ZREM', prefix .. 'order', id)
-  local size = redis.call('HGET', prefix .. 'sizes', id)
-  if size then
-    redis.call('HDEL', prefix .. 'sizes', id)
-    redis.call('DECRBY', prefix .. 'bytes', size)
-  end
-end
-"""
-DROP_ENTRY_SCRIPT = DROP_ENTRY_LUA + "drop(ARGV[1], ARGV[2])\nreturn 0"
-# Keeping one (ARGV: prefix, id, data, its age, ttl, count and bytes allowed, times in ms): the expired and, past
-# the count or the bytes, the oldest go first.
-PUT_ENTRY_SCRIPT = DROP_ENTRY_LUA + """
-local prefix, id, data = ARGV[1], ARGV[2], ARGV[3]
-local age, ttl, count, bytes = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
-local clock = redis.call('TIME')
-local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
-for _, old in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'order', '-inf', now - ttl)) do drop(prefix, old) end
-drop(prefix, id)
-redis.call('SET', prefix .. 'data:' .. id, data, 'PX', ttl - age)
-redis.call('ZADD', prefix .. 'order', now - age, id)
-redis.call('HSET', prefix .. 'sizes', id, string.len(data))
-redis.call('INCRBY', prefix .. 'bytes', string.len(data))
-while redis.call('ZCARD', prefix .. 'order') > count or tonumber(redis.call('GET', prefix .. 'bytes')) > bytes do
-  drop(prefix, redis.call('ZRANGE', prefix .. 'order', 0, 0)[1])
-end
-for _, part in ipairs({'order', 'sizes', 'bytes'}) do redis.call('PEXPIRE', prefix .. part, ttl) end
-return 0
-"""
-
-
-class Unshared(Exception):
-    """Redis cannot be reached: the caller serves from its local state."""
-
-
-def redis_place(url):
-    """Where a Redis URL points, without its password, for logs and /health."""
-    parts = urllib.parse.urlsplit(url)
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path if parts.path not in ('', '/') else ''}"
-
-
-class Shared:
-    """The link to the Redis that replicas share: commands run through `run`, which turns any failure into
-    Unshared; `up` says whether the last command worked."""
-
-    def __init__(self, url, replica, clock=time.time):
-        try:
-            import redis.asyncio as redis_client  # optional: requirements-redis.txt
-            from redis.exceptions import RedisError
-        except ImportError:
-            raise SettingsError("setting REDIS_URL needs the redis package: pip install -r requirements-redis.txt "
-                                "(the Docker image: build it with --build-arg WITH_REDIS=1)") from None
-        try:
-            self.client = redis_client.from_url(url, socket_timeout=REDIS_TIMEOUT,
-                                                socket_connect_timeout=REDIS_TIMEOUT)
-        except ValueError:  # its message may quote the URL, password and all
-            raise SettingsError("setting REDIS_URL is invalid: it must be a redis://, rediss:// or unix:// URL (with "
-                                "its password URL-encoded)") from None
-        self.failures = (RedisError, OSError, asyncio.TimeoutError)
-        self.place = redis_place(url)
-        self.replica = replica
-        self.clock = clock
-        self.started = clock()
-        self.up = False
-        self.down_since = self.started  # until the first heartbeat gets through
-        self.reason = "not reached yet"
-        self.warned_at = None
-        self.resyncs = []  # async callables the sections below add: run when Redis is back
-        self.put_entry, self.drop_entry = self.script(PUT_ENTRY_SCRIPT), self.script(DROP_ENTRY_SCRIPT)  # CappedStore's
-
-    def script(self, text):
-        """A Lua script run atomically in Redis, called as `await script(keys=[...], args=[...])`."""
-        return self.client.register_script(text)
-
-    async def run(self, command):
-        """What `command(client)` gives; Unshared when Redis is down or the command fails (which marks it down)."""
-        if not self.up:
-            raise Unshared()
-        try:
-            return await command(self.client)
-        except self.failures as exc:
-            self.lost(exc)
-            raise Unshared() from None
-
-    def lost(self, exc):
-        if self.up:
-            self.up, self.down_since = False, self.clock()
-            self.warned_at = None
-        self.reason = loggable(str(exc) or type(exc).__name__)[:LAST_ERROR_CHARS]
-
-    async def beat(self):
-        """Tells the fleet this replica is up, which also tries Redis: when it is back, each section resyncs."""
-        now = self.clock()
-        entry = json_text({"started": self.started, "seen": now, "version": __version__})
-        try:
-            await self.client.hset(REPLICAS_KEY, self.replica, entry)
-        except self.failures as exc:
-            self.lost(exc)
-        else:
-            if not self.up:
-                self.up = True
-                log.info("Redis at %s reached: key limits, stored responses, credential state, the request log and "
-                         "admin edits are shared with the other replicas", self.place)
-                for resync in self.resyncs:
-                    with contextlib.suppress(Unshared):
-                        await resync()
-        if not self.up and (self.warned_at is None or now - self.warned_at >= REDIS_WARNING_SECONDS):
-            self.warned_at = now
-            log.warning("Redis at %s cannot be reached (%s) for %.0f s: this replica serves from its own state "
-                        "(see docs/replicas.md for what that means) and resyncs when Redis is back", self.place,
-                        self.reason, self.clock() - self.down_since)
-        return HEARTBEAT_SECONDS
-
-    def problem(self):
-        """What /health says while Redis is down, else None."""
-        if self.up:
-            return None
-        return ApiError(503, f"Redis at {self.place} cannot be reached ({self.reason}) for "
-                             f"{self.clock() - self.down_since:.0f} s: this replica serves from its own state",
-                        code="redis_unreachable")
-
-    async def heartbeats(self):
-        """The last heartbeat of each replica that has not left, by name; those of a day ago are forgotten."""
-        entries = await self.run(lambda redis: redis.hgetall(REPLICAS_KEY))
-        beats = {name.decode(): json.loads(entry) for name, entry in entries.items()}
-        forgotten = [name for name, beat in beats.items() if self.clock() - beat["seen"] > DAY_SECONDS]
-        if forgotten:
-            await self.run(lambda redis: redis.hdel(REPLICAS_KEY, *forgotten))
-        return beats
-
-    async def replicas(self):
-        """The replicas whose heartbeat is recent: name, start and last heartbeat, in order of start."""
-        now, seen = self.clock(), []
-        for name, beat in (await self.heartbeats()).items():
-            if now - beat["seen"] < REPLICA_GONE_SECONDS:
-                seen.append({"name": name, "started": beat["started"], "seen": beat["seen"],
-                             "uptime_s": int(now - beat["started"]), "version": beat["version"]})
-        return sorted(seen, key=lambda entry: entry["started"])
-
-    async def silent_since(self, within):
-        """Seconds since the oldest heartbeat of a replica that went silent, less than `within` seconds ago, without
-        leaving (it may serve, cut off from Redis), or None."""
-        now = self.clock()
-        silent = [now - beat["seen"] for beat in (await self.heartbeats()).values()
-                  if SILENT_SECONDS < now - beat["seen"] < within]
-        return max(silent, default=None)
-
-    async def leave(self):
-        """Takes this replica off the list as it stops."""
-        with contextlib.suppress(Unshared):
-            await self.run(lambda redis: redis.hdel(REPLICAS_KEY, self.replica))
-        await self.client.aclose()
-
-
-class CappedStore:
-    """Entries under one prefix in Redis, bounded by count, bytes and age (the oldest go first), for the stores that
-    replicas share; every call raises Unshared while Redis cannot be reached."""
-
-    def __init__(self, shared, prefix, count, max_bytes, ttl):
-        self.shared, self.prefix = shared, prefix
-        self.limits = [count, int(max_bytes), int(ttl * 1000)]
-
-    async def put(self, entry_id, data, age=0.0):
-        """Keeps `data`, which was made `age` seconds ago (its time to live runs from then)."""
-        count, max_bytes, ttl = self.limits
-        await self.shared.run(lambda redis: self.shared.put_entry(
-            args=[self.prefix, entry_id, data, int(age * 1000), ttl, count, max_bytes]))
-
-    async def get_many(self, entry_ids):
-        """The data of each entry, None for one not kept."""
-        return await self.shared.run(lambda redis: redis.mget([self.prefix + "data:" + entry for entry in entry_ids]))
-
-    async def drop(self, entry_id):
-        await self.shared.run(lambda redis: self.shared.drop_entry(args=[self.prefix, entry_id]))
 
 
 # ─── Upstream: the web site ──────────────────────────────────────────────────
@@ -2998,7 +3178,7 @@ async def site_frames(response):
         return
     if kind != "text/event-stream":
         raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {kind or 'no content type'}, not a stream")
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(parse_frame)
     async for chunk in response.content.iter_any():
         yield decoder.feed(chunk)
     yield decoder.feed(b"", final=True)
@@ -3009,18 +3189,21 @@ class Progress(Counted):
 
     def __init__(self, tools, show_reasoning, answer_format=None, limit=None):
         super().__init__(show_reasoning, limit)
+        self.tools = tools
         self.scanner = ToolCallScanner(tools.names) if tools else None
         self.answer_format = answer_format
-        self.held = []  # the answer's text, while it must be JSON taken out at the end
+        self.holds = bool(answer_format or (tools and tools.forced))  # the answer's text waits for the end
+        self.held = []  # the answer's text, while it must be JSON taken out at the end, or may be a forced call
         self.calls = 0
         self.upstream_usage = None
         self.finish_reason = None
 
-    def events(self, reasoning, answer, usage=None, finish_reason=None):
+    def events(self, delta):
         """The events for what upstream added: reasoning (up to an effort closer: what follows it is the answer),
         then answer text and the tool calls found in it."""
-        self.upstream_usage = usage or self.upstream_usage
-        self.finish_reason = finish_reason or self.finish_reason
+        self.upstream_usage = delta.usage or self.upstream_usage
+        self.finish_reason = delta.finish_reason or self.finish_reason
+        reasoning, answer = delta.reasoning, delta.text
         if reasoning:
             reasoning, after_closer = self.closer.feed(reasoning)
             answer = after_closer + answer
@@ -3031,7 +3214,12 @@ class Progress(Counted):
         """The last events: what the tool-call scanner held back (the JSON answer, when one was asked for), and
         the finish with its usage."""
         events = self._reasoning(self.closer.finish()) + (self._answer(self.scanner.finish()) if self.scanner else [])
-        if self.answer_format and not self.calls:
+        forced = self.tools and self.tools.forced and not self.calls and forced_call(self.tools, "".join(self.held))
+        if forced:
+            events += self._answer([forced])
+        elif self.tools and self.tools.forced and not self.calls:
+            events += [Text(text) for text in self.held]  # no call in it: the answer as it was
+        elif self.answer_format and not self.calls:
             found = AnswerFormat.extract("".join(self.held))
             if found is None:
                 raise UpstreamError(INVALID_JSON, "the model answered without the JSON object asked for "
@@ -3051,7 +3239,7 @@ class Progress(Counted):
                 self.calls += 1
             elif piece:
                 self.answer_chars += len(piece)
-                if self.answer_format:
+                if self.holds:
                     self.held.append(piece)
                 else:
                     events.append(Text(piece))
@@ -3059,7 +3247,6 @@ class Progress(Counted):
 
     def usage(self, prompt_tokens):
         return usage_of(self.upstream_usage, prompt_tokens, self.reasoning_chars, self.answer_chars)
-
 
 
 DONE_GRACE_SECONDS = 1.0  # how long a done event (which may hold the answer's tail) may follow the finish chunk
@@ -3130,48 +3317,28 @@ class SiteUpstream:
         await self.pool.reload()
         return TOKEN_FILE_POLL_SECONDS
 
-    async def complete(self, core):
-        """The completion's events, one list per network read, attempt by attempt: each attempt opens with an
-        Attempt, and a failure that another token may do better on yields a Restart before the next."""
-        pool, url = self.pool, self.url
+    def complete(self, core):
+        """The completion's events, attempt by attempt from token to token (see failover)."""
         params = {name: value for name, value in core.params.items() if name in SITE_PARAMS}
         body = json_text(site_payload(core.upstream_model, site_messages(core), params, core.effort)).encode()
-        tried: list[Credential] = []
-        error: UpstreamError | None = None
-        for _ in range(self.settings.max_retries + 1):
-            credential = pool.acquire(tried)
-            if credential is None:
-                break
-            tried.append(credential)
-            yield Attempt(len(tried), pool.index_of(credential))
-            progress = Progress(core.tools, core.show_reasoning, core.answer_format,
-                                answer_limit(self.settings, core))
-            try:
-                async with contextlib.aclosing(self._answer(url, body, self.headers(credential), progress)) as read:
-                    async for events in read:
-                        yield events
-            except UpstreamError as caught:
-                failure = caught.without(credential.value)
-                pool.fail(credential, failure)
-                who = "anonymous" if credential is NO_CREDENTIAL else f"token {pool.index_of(credential)}"
-                log.info("upstream attempt %d failed (%s mode, %s) %s: %s", len(tried), pool.name, who,
-                         failure.failure.code, failure)
-                if not worth_another_try(failure.failure, credential):
-                    raise failure from None
-                error = failure
-                yield Restart(failure)
-                continue
-            pool.succeed(credential)
-            yield progress.closing(core.prompt_tokens)
-            return
-        raise error or pool.unavailable()
+        return failover(self, core, body, self.settings.max_retries)
 
-    async def _answer(self, url, body, headers, progress):
+    def named(self, credential):
+        who = "anonymous" if credential is NO_CREDENTIAL else f"token {self.pool.index_of(credential)}"
+        return f"{self.pool.name} mode, {who}"
+
+    def describe(self):
+        return f"the web site at {self.url}, {self.mode} mode, {self.pool.held()}"
+
+    def progress(self, core):
+        return Progress(core.tools, core.show_reasoning, core.answer_format, answer_limit(self.settings, core))
+
+    async def attempt(self, core, body, credential, progress):
         """One attempt: the events of each network read, until the answer's end."""
-        async with self.http.exchange(url, body, headers) as response:
+        async with self.http.exchange(self.url, body, self.headers(credential)) as response:
             reader = SiteReader()
             async for delta in site_deltas(response, reader):
-                events = progress.events(delta.reasoning, delta.text, delta.usage, delta.finish_reason)
+                events = progress.events(delta)
                 if events:
                     yield events
                 if delta.error:
@@ -3179,9 +3346,12 @@ class SiteUpstream:
         reasoning, answer = reader.finish()
         if reader.text.is_empty():
             raise no_content_error(response.content_type, reader.fields)
-        events = progress.events(reasoning, answer)
+        events = progress.events(Delta(reasoning, answer))
         if events:
             yield events
+
+    async def settle(self, core, credential, progress, closing):
+        """Nothing to keep of a site answer once it came whole."""
 
 
 # ─── Upstream: the official API ──────────────────────────────────────────────
@@ -3194,13 +3364,7 @@ class SiteUpstream:
 # attempt by attempt, failing over from key to key.
 
 API_END = "[DONE]"
-BACKOFF_FIRST, BACKOFF_MAX = 0.25, 4.0  # seconds before the next attempt after a server failure, doubling
-OVERLOAD_BACKOFF = 4       # times longer after a 529
-SESSION_HINT_HEADERS = ("x-session-id", "session_id", "x-claude-code-session-id", "conversation_id")
 REPLAY_ENTRY_MAX = 4 * MB  # reasoning longer than this is not kept for replay
-REPLAY_KEY = REDIS_PREFIX + "replay:"  # + client: its share of the replay cache, for every replica
-REPLAY_SHARED_ENTRIES = 100000        # at most, in a client's share in Redis (its bytes are bounded too)
-REPLAY_SHARED_SECONDS = DAY_SECONDS   # how long an answer's reasoning is kept there
 MINUTE_GUARD_CODE = "token_rate_limit"
 TOOL_FORMATS = {"tool_presentation_format": "xml", "tool_call_format": "xml"}
 
@@ -3287,36 +3451,25 @@ def api_failure(status, body, headers, now):
     kind, code = safe_summary(str(error.get("type") or "")), str(error.get("code") or "")
     shown = f"upstream answered HTTP {status}" + (f" {kind}" if kind else "") + (
         f": {error_text(error)}" if error.get("message") else "")
-    if status == 429:
-        daily = code != MINUTE_GUARD_CODE and (headers.get("x-ratelimit-remaining-tokens-daily") == "0"
-                                               or "daily" in code)
-        if daily:
-            return UpstreamError(BUDGET_SPENT, shown + " (the key's daily budget is spent)",
-                                 retry_after=seconds_to_midnight(now))
-        return UpstreamError(RATE_LIMITED, shown, retry_after=retry_after_seconds(headers.get("Retry-After")))
+    daily = code != MINUTE_GUARD_CODE and (headers.get("x-ratelimit-remaining-tokens-daily") == "0"
+                                           or "daily" in code)
+    if status == 429 and daily:
+        return UpstreamError(BUDGET_SPENT, shown + " (the key's daily budget is spent)",
+                             retry_after=seconds_to_midnight(now))
+    alike = status_failure(status, shown, headers.get("Retry-After"))
+    if alike:
+        return alike
     if status in (401, 403):
         return UpstreamError(KEY_REFUSED, shown + " (the IFM key was refused)")
     if status == 404:
         return UpstreamError(MODEL_GONE, shown)
     if status == 410:
         return UpstreamError(MODEL_RETIRED, shown + " (the model is retired: set MODELS to a served one)")
-    if status in (400, 422):
-        return UpstreamError(REJECTED, shown)
-    if status == 413:
-        return UpstreamError(TOO_LARGE, shown)
     if status == 529:
         return UpstreamError(SERVER_OVERLOADED, shown)
     if status == 408 or status >= 500:
         return UpstreamError(SERVER_FAILED, shown)
     return UpstreamError(NOT_AN_ANSWER, shown)
-
-
-def backoff(failure, attempt):
-    """Seconds to wait before attempt number `attempt + 1`, with jitter, after a server failure; 0 after others."""
-    if failure not in (SERVER_FAILED, SERVER_OVERLOADED, TIMED_OUT):
-        return 0
-    base = BACKOFF_FIRST * (OVERLOAD_BACKOFF if failure is SERVER_OVERLOADED else 1)
-    return min(BACKOFF_MAX, base * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
 def session_id(secret, client, hint, turns):
@@ -3351,48 +3504,35 @@ def assistant_digest(turn):
 class ReplayCache:
     """The reasoning of the answers the proxy gave, by client key and turn digest, for clients that send an
     assistant turn back without it: bounded in bytes, and each client to a share of them, so that no key can
-    push out the others' entries. With Redis, each client's share is kept there too, for every replica."""
+    push out the others' entries."""
 
     CLIENT_SHARE = 4  # a client holds at most a quarter of the cache
 
-    def __init__(self, megabytes, shared=None):
+    def __init__(self, megabytes):
         self.limit = int(megabytes * MB)
+        self.share = self.limit // self.CLIENT_SHARE  # the most one client holds
         self.entries = collections.OrderedDict()  # (client, digest) → reasoning, oldest first
         self.size = 0
         self.by_client: collections.Counter[str] = collections.Counter()    # client → bytes held
-        self.shared = shared
 
     async def put(self, client, digest, reasoning):
+        """Keeps the reasoning of an answer; False when it is too long to keep."""
         size = len(reasoning)
-        if not reasoning or size > min(REPLAY_ENTRY_MAX, self.limit // self.CLIENT_SHARE):
-            return
+        if not reasoning or size > min(REPLAY_ENTRY_MAX, self.share):
+            return False
         self.drop((client, digest))
-        while self.by_client[client] + size > self.limit // self.CLIENT_SHARE:
+        while self.by_client[client] + size > self.share:
             self.drop(next(key for key in self.entries if key[0] == client))
         while self.size + size > self.limit:
             self.drop(next(iter(self.entries)))
         self.entries[client, digest] = reasoning
         self.size += size
         self.by_client[client] += size
-        data = reasoning.encode()
-        if self.shared and len(data) <= self.limit // self.CLIENT_SHARE:
-            with contextlib.suppress(Unshared):
-                await self.shared_share(client).put(digest.hex(), data)
-
-    def shared_share(self, client):
-        """The client's share of the cache in Redis."""
-        return CappedStore(self.shared, f"{REPLAY_KEY}{client}:", REPLAY_SHARED_ENTRIES,
-                           self.limit // self.CLIENT_SHARE, REPLAY_SHARED_SECONDS)
+        return True
 
     async def lookup(self, client, digests):
-        """The reasoning kept for each of `digests` that is kept, here or (for the others) in Redis."""
-        found = {digest: self.entries[client, digest] for digest in digests if (client, digest) in self.entries}
-        wanted = [digest for digest in digests if digest not in found]
-        if self.shared and wanted:
-            with contextlib.suppress(Unshared):
-                kept = await self.shared_share(client).get_many([digest.hex() for digest in wanted])
-                found.update((digest, data.decode()) for digest, data in zip(wanted, kept) if data)
-        return found
+        """The reasoning kept for each of `digests` that is kept."""
+        return {digest: self.entries[client, digest] for digest in digests if (client, digest) in self.entries}
 
     def drop(self, key):
         reasoning = self.entries.pop(key, None)
@@ -3462,10 +3602,13 @@ class ApiProgress(Counted):
         self.reasoning = []      # kept for the replay cache while it stays under REPLAY_ENTRY_MAX
         self.text = []
         self.usage = None
+        self.finish_reason = None
+        self.budget = None       # the key's tokens left today, as upstream's answer said
 
     def events(self, delta):
         reasoning, answer = self.closer.feed(delta.reasoning) if delta.reasoning else ("", "")
         self.usage = delta.usage or self.usage
+        self.finish_reason = delta.finish_reason or self.finish_reason
         events = self._reasoning(reasoning)
         for text in (answer, delta.text):
             if text:
@@ -3488,8 +3631,9 @@ class ApiProgress(Counted):
             self.reasoning.append(text)
         return super()._reasoning(text)
 
-    def closing(self, finish_reason, prompt_tokens):
+    def closing(self, prompt_tokens):
         events = self._reasoning(self.closer.finish())
+        finish_reason = self.finish_reason
         reason = "tool_calls" if self.calls else finish_reason if finish_reason in UPSTREAM_FINISH_REASONS else "stop"
         return [*events, Finish(reason, usage_of(self.usage, prompt_tokens, self.reasoning_chars, self.answer_chars))]
 
@@ -3503,15 +3647,16 @@ class ApiUpstream:
 
     name = "api"
 
-    def __init__(self, settings, http, shared=None, clock=time.time):
+    def __init__(self, settings, http, replay=None, clock=time.time):
         self.settings = settings
         self.http = http
         self.url = settings.ifm_base_url + "/chat/completions"
         self.models_url = settings.ifm_base_url + "/models"
         self.pool = CredentialPool("api", settings.ifm_keys_file, settings, anonymous=True,
-                                   fixed=settings.ifm_api_key, noun="IFM key", clock=clock)
-        self.replay = ReplayCache(settings.replay_cache_mb, shared)
+                                   fixed=settings.ifm_api_key, noun="IFM key", clock=clock, fixed_from="IFM_API_KEY")
+        self.replay = replay or ReplayCache(settings.replay_cache_mb)  # or the fleet's (see Replicas)
         self.clock = clock
+        self.session_secret = hashlib.sha256(b"k2proxy X-Session-ID\0" + settings.admin_key.encode()).digest()
 
     async def watch_keys(self):
         """Reads the keys file when it changed, like the token file."""
@@ -3533,48 +3678,36 @@ class ApiUpstream:
         return {place: found[digest] for place, digest in digests.items() if digest in found}
 
     async def complete(self, core):
-        """The completion's events, attempt by attempt, as SiteUpstream.complete gives them; a stream cut before
-        its finish is tried again on another key (with the same session id) while the client has seen nothing."""
+        """The completion's events, attempt by attempt from key to key (see failover); a stream cut before its
+        finish is tried again on another key (with the same session id) while the client has seen nothing."""
         body = json_text(api_payload(core, api_messages(core, await self.replayed(core)))).encode()
-        tried: list[Credential] = []
-        error: UpstreamError | None = None
-        for _ in range(self.settings.max_retries + 1):
-            credential = self.pool.acquire(tried)
-            if credential is None:
-                break
-            if error:  # a server that failed gets a moment before the next key asks it again
-                await asyncio.sleep(backoff(error.failure, len(tried)))
-            tried.append(credential)
-            yield Attempt(len(tried), self.pool.index_of(credential))
-            progress = ApiProgress(core, answer_limit(self.settings, core))
-            try:
-                async with contextlib.aclosing(self.attempt(body, credential, core, progress)) as read:
-                    async for events in read:
-                        yield events
-            except UpstreamError as caught:
-                failure = caught.without(credential.value)
-                self.pool.fail(credential, failure)
-                who = "no key" if credential is NO_CREDENTIAL else f"key {mask_token(credential.value)}"
-                log.info("upstream attempt %d failed (api, %s) %s: %s", len(tried), who, failure.failure.code,
-                         failure)
-                if not worth_another_try(failure.failure, credential):
-                    raise failure from None
-                error = failure
-                yield Restart(failure)
-                continue
-            self.pool.succeed(credential)
-            return
-        raise error or self.pool.unavailable()
+        async with contextlib.aclosing(failover(self, core, body, self.settings.max_retries)) as events:
+            async for item in events:
+                yield item
 
-    async def attempt(self, body, credential, core, progress):
-        """One attempt: the events of each network read, then the finish; a stream without one is truncated."""
-        async with self.http.exchange(self.url, body, self.headers(credential, core.session)) as response:
+    def named(self, credential):
+        return "api, " + ("no key" if credential is NO_CREDENTIAL else f"key {mask_token(credential.value)}")
+
+    def describe(self):
+        return f"the API at {self.settings.ifm_base_url}, {self.pool.held()}"
+
+    def progress(self, core):
+        return ApiProgress(core, answer_limit(self.settings, core))
+
+    def session_of(self, core):
+        """The conversation's X-Session-ID: from the client's own hint, or else its opening turns."""
+        return session_id(self.session_secret, core.client, core.session_hint, core.turns)
+
+    async def attempt(self, core, body, credential, progress):
+        """One attempt: the events of each network read; a stream without a finish is truncated."""
+        async with self.http.exchange(self.url, body, self.headers(credential, self.session_of(core))) as response:
             budget = response.headers.get("x-ratelimit-remaining-tokens-daily", "").strip()
-            budget = int(budget) if WHOLE_NUMBER.fullmatch(budget) else None
+            progress.budget = int(budget) if WHOLE_NUMBER.fullmatch(budget) else None
             if response.status != 200:
                 text = (await read_body(response, ERROR_BODY_BYTES)).decode("utf-8", "replace")
                 failure = api_failure(response.status, text, response.headers, self.clock())
-                self.pool.spent(credential, 0, 0 if failure.failure is BUDGET_SPENT and budget is None else budget)
+                self.pool.spent(credential, 0, 0 if failure.failure is BUDGET_SPENT and progress.budget is None
+                                else progress.budget)
                 raise failure
             if response.content_type != "text/event-stream":
                 raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {response.content_type or 'no content type'}"
@@ -3591,10 +3724,11 @@ class ApiUpstream:
                     break
         if reader.finish_reason is None:
             raise UpstreamError(TRUNCATED, "upstream's stream ended before its answer did (no finish reason)")
-        closing = progress.closing(reader.finish_reason, core.prompt_tokens)
-        self.pool.spent(credential, closing[-1].usage.total_tokens, budget)
+
+    async def settle(self, core, credential, progress, closing):
+        """What a whole answer leaves: the key's tokens spent, and the reasoning to replay when a client drops it."""
+        self.pool.spent(credential, closing[-1].usage.total_tokens, progress.budget)
         await self.replay.put(core.client, progress.digest(), "".join(progress.reasoning))
-        yield closing
 
 
 
@@ -3741,10 +3875,16 @@ class Accounts:
                     self.file.path.name)
 
     def adopt(self, email, token):
-        """Takes the token another replica signed the account in with, as if this one had."""
+        """Takes the token another replica signed the account in with, as if this one had; False for an account
+        this one does not have."""
         account = self.accounts.get(email)
         if account:
             self._signed_in(account, token, by_another=True)
+        return account is not None
+
+    def tokens(self):
+        """The token each account holds in the user pool now, by email."""
+        return {credential.account: credential.value for credential in self.pool.credentials if credential.account}
 
     def _signed_in(self, account, token, by_another=False):
         """Puts the new token in the pool and sets the next sign-in before it expires."""
@@ -4193,17 +4333,21 @@ API_PROBLEMS = {  # an API failure in a probe → what to do
 }
 
 
+CHECK_SESSION = "k2proxy-check"  # the session hint of the check's chats
+
+
 async def probe_api_key(api, credential, model):
     """One key (or none, for a keyless server): the model list and a tiny chat, read as the proxy reads answers."""
     name = f"api key {mask_token(credential.value)}" if credential.value else "api (no key)"
-    listed = await fetch_model_list(api.http, api.models_url, api.headers(credential, "k2proxy-check"))
     core = CoreRequest(model, model, (Turn("user", (text_part(API_CHECK_PROMPT),)),), {"max_tokens": CHECK_MAX_TOKENS},
-                       "low", True, True, session="k2proxy-check")
+                       "low", True, True, session_hint=CHECK_SESSION)
+    listed = await fetch_model_list(api.http, api.models_url, api.headers(credential, api.session_of(core)))
     body = json_text(api_payload(core, api_messages(core, {}))).encode()
-    answer = []
+    answer, progress = [], api.progress(core)
     try:
-        async for events in api.attempt(body, credential, core, ApiProgress(core)):
+        async for events in api.attempt(core, body, credential, progress):
             answer += [event.text for event in events if isinstance(event, Text)]
+        api.pool.spent(credential, progress.closing(core.prompt_tokens)[-1].usage.total_tokens, progress.budget)
     except UpstreamError as error:
         hint = API_PROBLEMS.get(error.failure, "the message says what the API answered").format(model=model)
         return Probe(name, Verdict.FAILED, f"{error.failure.name}: {error}", hint,
@@ -4262,7 +4406,10 @@ async def check_upstream(settings, http):
         works = works or any(p.verdict is Verdict.OK for p in api_probes[1:])
         probes += api_probes
     first = settings.upstream[0]
-    return {"version": __version__, "upstreams": settings.upstream,
+    checked = [f"the web site {settings.k2think_base_url} ({settings.proxy_mode} mode)" if kind == "site" else
+               f"the API {settings.ifm_base_url}" for kind in settings.upstream]
+    return {"version": __version__, "upstreams": settings.upstream, "checked": checked,
+            "site_mode": settings.proxy_mode,
             "upstream": settings.k2think_base_url if first == "site" else settings.ifm_base_url,
             "mode": settings.proxy_mode if first == "site" else "api", "model": settings.models[0], "works": works,
             "dialect": dialect, "probes": [asdict(probe) for probe in probes]}
@@ -4271,8 +4418,7 @@ async def check_upstream(settings, http):
 def report_text(report):
     """The report as the lines --check prints: one per probe, with ✓ ✗ –, and a hint under every ✗."""
     width = max(len(p["name"]) for p in report["probes"])
-    lines = [f"k2proxy {report['version']} checks {report['upstream']} ({report['mode']} mode, model "
-             f"{report['model']})"]
+    lines = [f"k2proxy {report['version']} checks {', then '.join(report['checked'])}, model {report['model']}"]
     for probe in report["probes"]:
         first, *more = probe["summary"].split("\n")
         lines.append(f"{MARKS[probe['verdict']]} {probe['name']:<{width}}  {first}")
@@ -4280,7 +4426,10 @@ def report_text(report):
         if probe["hint"]:
             lines.append(f"  {'':<{width}}  → {probe['hint']}")
     verdict = "works" if report["works"] else "does NOT work"
-    lines.append(f"chat {verdict} in {report['mode']} mode")
+    kinds = {"site": f"the site in {report['site_mode']} mode", "api": "the API"}
+    served = ", then ".join(kinds[kind] for kind in report["upstreams"])
+    lines.append(f"chat {verdict} ({served})" if len(report["upstreams"]) > 1 else
+                 f"chat {verdict} in {report['mode']} mode")
     return "\n".join(lines)
 
 
@@ -4427,7 +4576,7 @@ class Monitor:
         self.requests = self.client_errors = self.upstream_failures = self.in_flight = 0
         self.first_content_total, self.first_content_count = 0.0, 0
         self.log: collections.deque[dict] = collections.deque(maxlen=settings.request_log_size)
-        self.logged = 0  # entries ever added to the log, so that the fleet's log takes each one once
+        self.logged = 0  # entries ever added to the log, so that a log elsewhere takes each one once
         self.minutes = Minutes(Minute)
         self.counters: collections.Counter[tuple] = collections.Counter()  # (name, labels) → value
         self.histograms = collections.defaultdict(Histogram)  # (name, labels) → Histogram
@@ -4437,6 +4586,15 @@ class Monitor:
         if record.counted:
             self.requests += 1
             self.in_flight += 1
+
+    def request_log(self):
+        """The request log, newest first."""
+        return list(reversed(self.log))
+
+    def logged_since(self, logged):
+        """(the entries logged since the log held `logged` in all, that it still holds; how many it holds in all)."""
+        new = min(self.logged - logged, len(self.log))
+        return list(itertools.islice(self.log, len(self.log) - new, None)), self.logged
 
     def end(self, record, status):
         """Counts a completion that has ended; one whose client left counts as neither success nor error."""
@@ -4574,10 +4732,10 @@ def key_series(ifm_keys):
     return series
 
 
-def metrics_text(monitor, pool, sign_ins, ifm_keys, replica=None):
-    """Every series in Prometheus's text exposition format; with a `replica`, each labelled with it (Prometheus adds
-    the replicas up)."""
-    this = (("replica", replica),) if replica else ()
+def metrics_text(monitor, pool, sign_ins, ifm_keys, process=None):
+    """Every series in Prometheus's text exposition format; with a `process` (one of several serving together), each
+    labelled with its name as the replica (Prometheus adds them up)."""
+    this = (("replica", process),) if process else ()
     gauges = {("k2proxy_in_flight_requests", ()): monitor.in_flight,
               **{("k2proxy_tokens", (("state", state),)): count for state, count in pool.counts().items()
                  if state != "total"}, **key_series(ifm_keys)}
@@ -4605,50 +4763,13 @@ def histogram_lines(name, labels, histogram):
 # ─── API keys ────────────────────────────────────────────────────────────────
 # The keys clients may use: VALID_API_KEY's (unnamed, no limits) and those of
 # API_KEYS_FILE (named, each with its requests per minute and completions at
-# once), which the file's edits change within two seconds. With Redis the
-# limits hold across replicas: the minute's requests and the slots in use
-# (leases, which expire unless renewed, so a replica that dies frees its slots)
-# are kept there. Offers find() for the key check, and admit() / done() for the
-# limits.
+# once), which the file's edits change within two seconds. Offers find() for
+# the key check, admit() / done() for the limits, and KeyLimits: the limits as
+# this process counts them, the backend ApiKeys is built with unless replicas
+# count them together (Replicas).
 
 KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 RATE_WINDOW = 60  # seconds: rpm counts the completions asked for in the last minute
-LEASE_SECONDS = 30        # a slot held in Redis is freed this long after its replica last renewed it
-LEASE_RENEW_SECONDS = 10  # how often a replica renews the slots its requests hold
-LIMITS_KEY = REDIS_PREFIX + "limits:"
-# One atomic step per request: forget what left the minute and the leases that expired, then refuse (1: over rpm,
-# with the milliseconds until a request leaves the minute; 2: over concurrent) or count it (0).
-ADMIT_SCRIPT = """
-local clock = redis.call('TIME')
-local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
-local rpm, concurrent, window, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
-if rpm > 0 and redis.call('ZCARD', KEYS[1]) >= rpm then
-  return {1, tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) + window - now}
-end
-if concurrent > 0 and redis.call('ZCARD', KEYS[2]) >= concurrent then
-  return {2, 0}
-end
-if rpm > 0 then
-  redis.call('ZADD', KEYS[1], now, ARGV[4])
-  redis.call('PEXPIRE', KEYS[1], window)
-end
-if concurrent > 0 then
-  redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
-  redis.call('PEXPIRE', KEYS[2], lease)
-end
-return {0, 0}
-"""
-# Renews this replica's leases: KEYS are the keys' lease sets, ARGV the lease of each, then the lease's length.
-RENEW_SCRIPT = """
-local clock = redis.call('TIME')
-local expiry = clock[1] * 1000 + math.floor(clock[2] / 1000) + tonumber(ARGV[#ARGV])
-for index, key in ipairs(KEYS) do
-  if redis.call('ZADD', key, 'XX', 'CH', expiry, ARGV[index]) == 1 then redis.call('PEXPIRE', key, ARGV[#ARGV]) end
-end
-return 0
-"""
 
 
 @dataclass(eq=False)
@@ -4674,9 +4795,10 @@ def matching_key(given, keys, value_of=lambda key: key):
 
 @dataclass(frozen=True)
 class Slot:
-    """A request's place within its key's limits: `lease` names it in Redis, None when only this replica counts it."""
+    """A request's place within its key's limits; `ticket` is what a shared backend knows it by, None when only this
+    process counts it."""
     key: ApiKey
-    lease: str | None = None
+    ticket: str | None = None
 
 
 def over_rpm(key, wait):
@@ -4715,36 +4837,23 @@ def api_key_line(key):
                                   key.concurrent and f"concurrent={key.concurrent}")))
 
 
-class ApiKeys:
-    """The keys clients may use, and the limits of the named ones."""
+class KeyLimits:
+    """Each key's limits as this process counts them: its requests in the last minute and its completions running."""
 
-    def __init__(self, settings, shared=None, clock=time.monotonic):
-        self.unnamed = [ApiKey("", value) for value in settings.valid_api_key]
-        self.named = []
-        self.file = WatchedFile(settings.api_keys_file)
+    def __init__(self, clock=time.monotonic):
         self.clock = clock
-        self.shared = shared
-        self.leases = {}      # lease → the key's lease set in Redis, for each slot this replica's requests hold
-        self.freeing = set()  # the slots being given back to Redis
-        if shared:
-            self.admit_script, self.renew_script = shared.script(ADMIT_SCRIPT), shared.script(RENEW_SCRIPT)
-
-    def find(self, given):
-        """The key `given` is, or None."""
-        return matching_key(given, itertools.chain(self.unnamed, self.named), lambda key: key.value)
 
     async def admit(self, key):
         """Counts a request against the key's limits, or refuses it with a 429 before anything is sent upstream;
-        the Slot it takes is given back by done(). The fleet's counts decide while Redis is up, this replica's
-        otherwise."""
-        lease = None
-        if self.shared and (key.rpm or key.concurrent):
-            with contextlib.suppress(Unshared):
-                lease = await self.admit_shared(key)
+        the Slot it takes is given back by done()."""
+        return self.count(key, enforce=True)
+
+    def count(self, key, enforce):
+        """Counts a request here; refuses it over a limit when `enforce` (else another count has admitted it)."""
         now = self.clock()
         while key.recent and key.recent[0] <= now - RATE_WINDOW:
             key.recent.popleft()
-        if lease is None:
+        if enforce:
             if key.rpm is not None and len(key.recent) >= key.rpm:
                 raise over_rpm(key, key.recent[0] + RATE_WINDOW - now)
             if key.concurrent is not None and key.active >= key.concurrent:
@@ -4752,49 +4861,34 @@ class ApiKeys:
         if key.rpm is not None:
             key.recent.append(now)
         key.active += 1
-        return Slot(key, lease)
-
-    async def admit_shared(self, key):
-        """The lease of a request the fleet's counts admit (a 429 when they do not)."""
-        lease, names = uuid.uuid4().hex, [LIMITS_KEY + key.name + ":minute", LIMITS_KEY + key.name + ":slots"]
-        if key.concurrent:  # a slot to renew and give back, also when the request is gone before Redis answers
-            self.leases[lease] = names[1]
-        try:
-            refused, wait_ms = await self.shared.run(lambda redis: self.admit_script(
-                keys=names, args=[key.rpm or 0, key.concurrent or 0, RATE_WINDOW * 1000, lease, LEASE_SECONDS * 1000]))
-        except BaseException:
-            self.give_back(lease)
-            raise
-        if refused:
-            self.give_back(lease)
-            raise over_rpm(key, wait_ms / 1000) if refused == 1 else over_concurrent(key)
-        return lease
+        return Slot(key)
 
     def done(self, slot):
-        """Gives a request's slot back: at once here, and in Redis as soon as it answers (else the lease expires)."""
         slot.key.active -= 1
-        self.give_back(slot.lease)
 
-    def give_back(self, lease):
-        """Frees a slot this replica holds in Redis, in the background (a lease it no longer holds: nothing)."""
-        name = self.leases.pop(lease, None)
-        if name:
-            freeing = asyncio.ensure_future(self.free(lease, name))
-            self.freeing.add(freeing)
-            freeing.add_done_callback(self.freeing.discard)
+    async def close(self):
+        """Nothing is held elsewhere."""
 
-    async def free(self, lease, name):
-        with contextlib.suppress(Unshared):
-            await self.shared.run(lambda redis: redis.zrem(name, lease))
 
-    async def renew_leases(self):
-        """Renews the slots this replica's requests hold in Redis, so that they do not expire under them."""
-        if self.leases:
-            leases = list(self.leases.items())
-            with contextlib.suppress(Unshared):
-                await self.shared.run(lambda redis: self.renew_script(
-                    keys=[name for _, name in leases], args=[*(lease for lease, _ in leases), LEASE_SECONDS * 1000]))
-        return LEASE_RENEW_SECONDS
+class ApiKeys:
+    """The keys clients may use, and the limits of the named ones, counted by `limits` (KeyLimits by default)."""
+
+    def __init__(self, settings, limits=None):
+        self.unnamed = [ApiKey("", value) for value in settings.valid_api_key]
+        self.named = []
+        self.file = WatchedFile(settings.api_keys_file)
+        self.limits = limits or KeyLimits()
+
+    def find(self, given):
+        """The key `given` is, or None."""
+        return matching_key(given, itertools.chain(self.unnamed, self.named), lambda key: key.value)
+
+    async def admit(self, key):
+        """Counts a request against the key's limits (a 429 when over one); done() gives its Slot back."""
+        return await self.limits.admit(key)
+
+    def done(self, slot):
+        self.limits.done(slot)
 
     async def reload(self):
         """Reads the file if it changed; keys still present keep their counts."""
@@ -4828,19 +4922,9 @@ class ApiKeys:
 
 # ─── Stored responses ────────────────────────────────────────────────────────
 # The Responses API's kept responses, and the conversation that led to each,
-# for previous_response_id and GET/DELETE /v1/responses/{id}. With Redis they
-# are kept there, for every replica; while it cannot be reached they are kept
-# here, and moved there when it is back: an id handed to a client is never
-# dropped unsaid. Offers ResponseStore to the app state.
-
-RESPONSES_KEY = REDIS_PREFIX + "responses:"
-STORE_UNREACHABLE = "Redis, where stored responses are kept, cannot be reached now"
-
-
-def store_unreachable(why):
-    """A stored response that may exist but cannot be had now: a 503 to try again, never a 404."""
-    return ApiError(503, f"{why}; try again in a moment", code="store_unreachable", retry_after=1)
-
+# for previous_response_id and GET/DELETE /v1/responses/{id}. Offers
+# ResponseStore to the app state (kept in this process; the store replicas
+# share is in Replicas, with the same methods).
 
 @dataclass(frozen=True)
 class StoredResponse:
@@ -4860,36 +4944,446 @@ class StoredResponse:
         return json.loads(self.data)["history"]
 
 
+def owned_by(kept, owner):
+    """The kept response, when `owner` (an API key's digest) stored it; else None."""
+    return kept if kept and hmac.compare_digest(kept.owner, owner) else None
+
+
 class ResponseStore:
     """Kept responses and the conversation that led to each, for previous_response_id and GET/DELETE by the key
-    that stored them: bounded by count and bytes (the oldest go first), each kept for RESPONSES_STORE_TTL seconds;
-    in Redis when there is one (`entries` then holds those kept while it could not be reached)."""
+    that stored them: bounded by count and bytes (the oldest go first), each kept for RESPONSES_STORE_TTL seconds."""
 
-    def __init__(self, settings, shared=None, clock=time.monotonic):
+    def __init__(self, settings, clock=time.monotonic):
         self.max_count = settings.responses_store_count
         self.max_bytes = settings.responses_store_mb * MB
         self.ttl = settings.responses_store_ttl
         self.clock = clock
         self.entries = collections.OrderedDict()  # id → StoredResponse, oldest first
         self.bytes = 0
-        self.shared = shared
-        self.kept_in_redis = shared and CappedStore(shared, RESPONSES_KEY, self.max_count, self.max_bytes, self.ttl)
-        if shared:
-            shared.resyncs.append(self.move_to_shared)
 
-    async def put(self, response, history, owner):
+    def stored(self, response, history, owner):
+        """The StoredResponse a response becomes, now; None when it cannot be kept (larger than the store)."""
         data = json_text({"response": response, "history": history}).encode()
         if len(data) > self.max_bytes or not self.max_count:
-            return
-        kept = StoredResponse(self.clock(), owner, data)
-        was_up = self.shared and self.shared.up
-        if self.kept_in_redis:
-            with contextlib.suppress(Unshared):
-                return await self.put_shared(response["id"], kept)
-        self.entries[response["id"]] = kept
-        self.bytes += len(data)
+            return None
+        return StoredResponse(self.clock(), owner, data)
+
+    async def put(self, response, history, owner):
+        kept = self.stored(response, history, owner)
+        if kept:
+            self.keep(response["id"], kept)
+
+    def keep(self, response_id, kept):
+        """Keeps one, the oldest going first past the count or the bytes."""
+        self.entries[response_id] = kept
+        self.bytes += kept.size
         while len(self.entries) > self.max_count or self.bytes > self.max_bytes:
-            self._drop(next(iter(self.entries)))
+            self.drop(next(iter(self.entries)))
+
+    def held(self, response_id):
+        """The StoredResponse kept here under that id (whoever owns it), once the expired ones are gone; or None."""
+        while self.entries and self.clock() - next(iter(self.entries.values())).kept_at > self.ttl:
+            self.drop(next(iter(self.entries)))
+        return self.entries.get(response_id)
+
+    async def get(self, response_id, owner):
+        """The StoredResponse, or None when it was never kept, has expired, was deleted, or is another key's."""
+        return owned_by(self.held(response_id), owner)
+
+    async def delete(self, response_id, owner):
+        found = await self.get(response_id, owner) is not None
+        if found:
+            self.drop(response_id)
+        return found
+
+    def drop(self, response_id):
+        kept = self.entries.pop(response_id, None)
+        self.bytes -= kept.size if kept else 0
+
+    def missing(self, response_id, param=None):
+        return ApiError(404, f"No response with id '{response_id}': it was not stored (store: false), has been "
+                             f"deleted, or has expired (responses are kept {self.ttl:g} s, the newest "
+                             f"{self.max_count})", param=param, code="response_not_found")
+
+
+# ─── Shared state ────────────────────────────────────────────────────────────
+# Replicas that share one Redis (REDIS_URL; the redis package is imported only
+# then), as a layer below all the local code, which knows nothing of it. The
+# link to it: any failed command marks it down, and the shared backends below
+# fall back on their local forms; /health says so, the log warns once a minute,
+# and the heartbeat, which also tells the fleet this replica is up, brings it
+# back and has each backend resync. Offers Shared, Unshared, the replicas the
+# heartbeats show, and CappedStore, bounded like the stores above.
+
+REDIS_TIMEOUT = 0.5          # seconds a Redis command may take before Redis counts as unreachable
+HEARTBEAT_SECONDS = 0.5      # between two heartbeats: how soon a replica sees Redis back
+REPLICA_GONE_SECONDS = 10    # a replica whose heartbeat is older is no longer listed
+SILENT_SECONDS = 1.5         # a replica whose heartbeat is older (three beats) may be cut off from Redis
+REDIS_WARNING_SECONDS = 60   # between two warnings that Redis cannot be reached
+REDIS_PREFIX = "k2proxy:"    # of every key k2proxy keeps in Redis
+REPLICAS_KEY = REDIS_PREFIX + "replicas"
+
+
+# A capped store in Redis: the entries under a prefix (their data, their order, their sizes and their bytes in all),
+# bounded by count, bytes and age. Dropping one entry:
+DROP_ENTRY_LUA = """
+local function drop(prefix, id)
+  redis.call('DEL', prefix .. 'data:' .. id)
+  redis.call('ZREM', prefix .. 'order', id)
+  local size = redis.call('HGET', prefix .. 'sizes', id)
+  if size then
+    redis.call('HDEL', prefix .. 'sizes', id)
+    redis.call('DECRBY', prefix .. 'bytes', size)
+  end
+end
+"""
+DROP_ENTRY_SCRIPT = DROP_ENTRY_LUA + "drop(ARGV[1], ARGV[2])\nreturn 0"
+# Keeping one (ARGV: prefix, id, data, its age, ttl, count and bytes allowed, times in ms): the expired and, past
+# the count or the bytes, the oldest go first.
+PUT_ENTRY_SCRIPT = DROP_ENTRY_LUA + """
+local prefix, id, data = ARGV[1], ARGV[2], ARGV[3]
+local age, ttl, count, bytes = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+for _, old in ipairs(redis.call('ZRANGEBYSCORE', prefix .. 'order', '-inf', now - ttl)) do drop(prefix, old) end
+drop(prefix, id)
+redis.call('SET', prefix .. 'data:' .. id, data, 'PX', ttl - age)
+redis.call('ZADD', prefix .. 'order', now - age, id)
+redis.call('HSET', prefix .. 'sizes', id, string.len(data))
+redis.call('INCRBY', prefix .. 'bytes', string.len(data))
+while redis.call('ZCARD', prefix .. 'order') > count or tonumber(redis.call('GET', prefix .. 'bytes')) > bytes do
+  drop(prefix, redis.call('ZRANGE', prefix .. 'order', 0, 0)[1])
+end
+for _, part in ipairs({'order', 'sizes', 'bytes'}) do redis.call('PEXPIRE', prefix .. part, ttl) end
+return 0
+"""
+
+
+class Unshared(Exception):
+    """Redis cannot be reached: the caller serves from its local state."""
+
+
+def redis_place(url):
+    """Where a Redis URL points, without its password, for logs and /health."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}{parts.path if parts.path not in ('', '/') else ''}"
+
+
+class Shared:
+    """The link to the Redis that replicas share: commands run through `run`, which turns any failure into
+    Unshared; `up` says whether the last command worked."""
+
+    def __init__(self, url, replica, clock=time.time):
+        try:
+            import redis.asyncio as redis_client  # optional: requirements-redis.txt
+            from redis.exceptions import RedisError
+        except ImportError:
+            raise SettingsError("setting REDIS_URL needs the redis package: pip install -r requirements-redis.txt "
+                                "(the Docker image: build it with --build-arg WITH_REDIS=1)") from None
+        try:
+            self.client = redis_client.from_url(url, socket_timeout=REDIS_TIMEOUT,
+                                                socket_connect_timeout=REDIS_TIMEOUT)
+        except ValueError:  # its message may quote the URL, password and all
+            raise SettingsError("setting REDIS_URL is invalid: it must be a redis://, rediss:// or unix:// URL (with "
+                                "its password URL-encoded)") from None
+        self.failures = (RedisError, OSError, asyncio.TimeoutError)
+        self.place = redis_place(url)
+        self.replica = replica
+        self.clock = clock
+        self.started = clock()
+        self.up = False
+        self.down_since = self.started  # until the first heartbeat gets through
+        self.reason = "not reached yet"
+        self.warned_at = None
+        self.resyncs = []  # async callables the sections below add: run when Redis is back
+        self.put_entry, self.drop_entry = self.script(PUT_ENTRY_SCRIPT), self.script(DROP_ENTRY_SCRIPT)  # CappedStore's
+
+    def script(self, text):
+        """A Lua script run atomically in Redis, called as `await script(keys=[...], args=[...])`."""
+        return self.client.register_script(text)
+
+    async def run(self, command):
+        """What `command(client)` gives; Unshared when Redis is down or the command fails (which marks it down)."""
+        if not self.up:
+            raise Unshared()
+        try:
+            return await command(self.client)
+        except self.failures as exc:
+            self.lost(exc)
+            raise Unshared() from None
+
+    def lost(self, exc):
+        if self.up:
+            self.up, self.down_since = False, self.clock()
+            self.warned_at = None
+        self.reason = loggable(str(exc) or type(exc).__name__)[:LAST_ERROR_CHARS]
+
+    async def beat(self):
+        """Tells the fleet this replica is up, which also tries Redis: when it is back, each section resyncs."""
+        now = self.clock()
+        entry = json_text({"started": self.started, "seen": now, "version": __version__})
+        try:
+            await self.client.hset(REPLICAS_KEY, self.replica, entry)
+        except self.failures as exc:
+            self.lost(exc)
+        else:
+            if not self.up:
+                self.up = True
+                log.info("Redis at %s reached: key limits, stored responses, credential state, the request log and "
+                         "admin edits are shared with the other replicas", self.place)
+                for resync in self.resyncs:
+                    with contextlib.suppress(Unshared):
+                        await resync()
+        if not self.up and (self.warned_at is None or now - self.warned_at >= REDIS_WARNING_SECONDS):
+            self.warned_at = now
+            log.warning("Redis at %s cannot be reached (%s) for %.0f s: this replica serves from its own state "
+                        "(see docs/replicas.md for what that means) and resyncs when Redis is back", self.place,
+                        self.reason, self.clock() - self.down_since)
+        return HEARTBEAT_SECONDS
+
+    def problem(self):
+        """What /health says while Redis is down, else None."""
+        if self.up:
+            return None
+        return ApiError(503, f"Redis at {self.place} cannot be reached ({self.reason}) for "
+                             f"{self.clock() - self.down_since:.0f} s: this replica serves from its own state",
+                        code="redis_unreachable")
+
+    async def heartbeats(self):
+        """The last heartbeat of each replica that has not left, by name; those of a day ago are forgotten."""
+        entries = await self.run(lambda redis: redis.hgetall(REPLICAS_KEY))
+        beats = {name.decode(): json.loads(entry) for name, entry in entries.items()}
+        forgotten = [name for name, beat in beats.items() if self.clock() - beat["seen"] > DAY_SECONDS]
+        if forgotten:
+            await self.run(lambda redis: redis.hdel(REPLICAS_KEY, *forgotten))
+        return beats
+
+    async def replicas(self):
+        """The replicas whose heartbeat is recent: name, start and last heartbeat, in order of start."""
+        now, seen = self.clock(), []
+        for name, beat in (await self.heartbeats()).items():
+            if now - beat["seen"] < REPLICA_GONE_SECONDS:
+                seen.append({"name": name, "started": beat["started"], "seen": beat["seen"],
+                             "uptime_s": int(now - beat["started"]), "version": beat["version"]})
+        return sorted(seen, key=lambda entry: entry["started"])
+
+    async def silent_since(self, within):
+        """Seconds since the oldest heartbeat of a replica that went silent, less than `within` seconds ago, without
+        leaving (it may serve, cut off from Redis), or None."""
+        now = self.clock()
+        silent = [now - beat["seen"] for beat in (await self.heartbeats()).values()
+                  if SILENT_SECONDS < now - beat["seen"] < within]
+        return max(silent, default=None)
+
+    async def leave(self):
+        """Takes this replica off the list as it stops."""
+        with contextlib.suppress(Unshared):
+            await self.run(lambda redis: redis.hdel(REPLICAS_KEY, self.replica))
+        await self.client.aclose()
+
+
+class CappedStore:
+    """Entries under one prefix in Redis, bounded by count, bytes and age (the oldest go first), for the stores that
+    replicas share; every call raises Unshared while Redis cannot be reached."""
+
+    def __init__(self, shared, prefix, count, max_bytes, ttl):
+        self.shared, self.prefix = shared, prefix
+        self.limits = [count, int(max_bytes), int(ttl * 1000)]
+
+    async def put(self, entry_id, data, age=0.0):
+        """Keeps `data`, which was made `age` seconds ago (its time to live runs from then)."""
+        count, max_bytes, ttl = self.limits
+        await self.shared.run(lambda redis: self.shared.put_entry(
+            args=[self.prefix, entry_id, data, int(age * 1000), ttl, count, max_bytes]))
+
+    async def get_many(self, entry_ids):
+        """The data of each entry, None for one not kept."""
+        return await self.shared.run(lambda redis: redis.mget([self.prefix + "data:" + entry for entry in entry_ids]))
+
+    async def drop(self, entry_id):
+        await self.shared.run(lambda redis: self.shared.drop_entry(args=[self.prefix, entry_id]))
+
+
+# ─── Replicas ────────────────────────────────────────────────────────────────
+# What replicas that share one Redis share, as a layer over the local code: the
+# shared backends of the stores and counts above, each with the same methods as
+# its local form, which it falls back on while Redis cannot be reached (the
+# reasoning replayed to the API, the key limits, the stored responses); and
+# Fleet, one exchange with Redis every half second for what else is kept in
+# step (each credential's rest, disabling and daily budget, the tokens accounts
+# signed in with, the files edited on the admin page, the request log), through
+# methods the credentials, accounts and monitor offer. Each replica publishes
+# what changed here since the last exchange and takes what the others
+# published. Offers the shared backends and Fleet to the app state.
+
+REPLAY_KEY = REDIS_PREFIX + "replay:"  # + client: its share of the replay cache, for every replica
+REPLAY_SHARED_ENTRIES = 100000        # at most, in a client's share in Redis (its bytes are bounded too)
+REPLAY_SHARED_SECONDS = DAY_SECONDS   # how long an answer's reasoning is kept there
+
+
+class SharedReplayCache:
+    """The replay cache with each client's share kept in Redis too, so that a client that drops reasoning gets it
+    back whichever replica answered; `local`'s alone while Redis cannot be reached."""
+
+    def __init__(self, local, shared):
+        self.local, self.shared = local, shared
+
+    def share_of(self, client):
+        """The client's share of the cache in Redis."""
+        return CappedStore(self.shared, f"{REPLAY_KEY}{client}:", REPLAY_SHARED_ENTRIES, self.local.share,
+                           REPLAY_SHARED_SECONDS)
+
+    async def put(self, client, digest, reasoning):
+        kept = await self.local.put(client, digest, reasoning)
+        data = reasoning.encode()
+        if kept and len(data) <= self.local.share:
+            with contextlib.suppress(Unshared):
+                await self.share_of(client).put(digest.hex(), data)
+        return kept
+
+    async def lookup(self, client, digests):
+        """The reasoning kept for each of `digests` that is kept, here or (for the others) in Redis."""
+        found = await self.local.lookup(client, digests)
+        wanted = [digest for digest in digests if digest not in found]
+        if wanted:
+            with contextlib.suppress(Unshared):
+                kept = await self.share_of(client).get_many([digest.hex() for digest in wanted])
+                found.update((digest, data.decode()) for digest, data in zip(wanted, kept) if data)
+        return found
+
+
+LEASE_SECONDS = 30        # a slot held in Redis is freed this long after its replica last renewed it
+LEASE_RENEW_SECONDS = 10  # how often a replica renews the slots its requests hold
+LIMITS_KEY = REDIS_PREFIX + "limits:"
+# One atomic step per request: forget what left the minute and the leases that expired, then refuse (1: over rpm,
+# with the milliseconds until a request leaves the minute; 2: over concurrent) or count it (0).
+ADMIT_SCRIPT = """
+local clock = redis.call('TIME')
+local now = clock[1] * 1000 + math.floor(clock[2] / 1000)
+local rpm, concurrent, window, lease = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[5])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
+if rpm > 0 and redis.call('ZCARD', KEYS[1]) >= rpm then
+  return {1, tonumber(redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')[2]) + window - now}
+end
+if concurrent > 0 and redis.call('ZCARD', KEYS[2]) >= concurrent then
+  return {2, 0}
+end
+if rpm > 0 then
+  redis.call('ZADD', KEYS[1], now, ARGV[4])
+  redis.call('PEXPIRE', KEYS[1], window)
+end
+if concurrent > 0 then
+  redis.call('ZADD', KEYS[2], now + lease, ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], lease)
+end
+return {0, 0}
+"""
+# Renews this replica's leases: KEYS are the keys' lease sets, ARGV the lease of each, then the lease's length.
+RENEW_SCRIPT = """
+local clock = redis.call('TIME')
+local expiry = clock[1] * 1000 + math.floor(clock[2] / 1000) + tonumber(ARGV[#ARGV])
+for index, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', 'CH', expiry, ARGV[index]) == 1 then redis.call('PEXPIRE', key, ARGV[#ARGV]) end
+end
+return 0
+"""
+
+
+class SharedKeyLimits:
+    """Key limits the fleet counts in Redis: each key's minute, and its slots in use as leases that expire unless
+    renewed (so that a replica that dies frees its slots). This replica counts too, and its counts decide while
+    Redis cannot be reached."""
+
+    def __init__(self, shared, local=None):
+        self.shared, self.local = shared, local or KeyLimits()
+        self.leases = {}      # lease → the key's lease set in Redis, for each slot this replica's requests hold
+        self.freeing = set()  # the slots being given back to Redis
+        self.admit_script, self.renew_script = shared.script(ADMIT_SCRIPT), shared.script(RENEW_SCRIPT)
+
+    async def admit(self, key):
+        """Counts a request against the key's limits; the fleet's counts decide while Redis is up."""
+        lease = None
+        if key.rpm or key.concurrent:
+            with contextlib.suppress(Unshared):
+                lease = await self.admit_shared(key)
+        return replace(self.local.count(key, enforce=lease is None), ticket=lease)
+
+    async def admit_shared(self, key):
+        """The lease of a request the fleet's counts admit (a 429 when they do not)."""
+        lease, names = uuid.uuid4().hex, [LIMITS_KEY + key.name + ":minute", LIMITS_KEY + key.name + ":slots"]
+        if key.concurrent:  # a slot to renew and give back, also when the request is gone before Redis answers
+            self.leases[lease] = names[1]
+        try:
+            refused, wait_ms = await self.shared.run(lambda redis: self.admit_script(
+                keys=names, args=[key.rpm or 0, key.concurrent or 0, RATE_WINDOW * 1000, lease, LEASE_SECONDS * 1000]))
+        except BaseException:
+            self.give_back(lease)
+            raise
+        if refused:
+            self.give_back(lease)
+            raise over_rpm(key, wait_ms / 1000) if refused == 1 else over_concurrent(key)
+        return lease
+
+    def done(self, slot):
+        """Gives a request's slot back: at once here, and in Redis as soon as it answers (else the lease expires)."""
+        self.local.done(slot)
+        self.give_back(slot.ticket)
+
+    def give_back(self, lease):
+        """Frees a slot this replica holds in Redis, in the background (a lease it no longer holds: nothing)."""
+        name = self.leases.pop(lease, None)
+        if name:
+            freeing = asyncio.ensure_future(self.free(lease, name))
+            self.freeing.add(freeing)
+            freeing.add_done_callback(self.freeing.discard)
+
+    async def free(self, lease, name):
+        with contextlib.suppress(Unshared):
+            await self.shared.run(lambda redis: redis.zrem(name, lease))
+
+    async def renew_leases(self):
+        """Renews the slots this replica's requests hold in Redis, so that they do not expire under them."""
+        if self.leases:
+            leases = list(self.leases.items())
+            with contextlib.suppress(Unshared):
+                await self.shared.run(lambda redis: self.renew_script(
+                    keys=[name for _, name in leases], args=[*(lease for lease, _ in leases), LEASE_SECONDS * 1000]))
+        return LEASE_RENEW_SECONDS
+
+    async def close(self):
+        """Once the last requests have ended: their slots given back to Redis."""
+        await asyncio.gather(*self.freeing, return_exceptions=True)
+
+
+RESPONSES_KEY = REDIS_PREFIX + "responses:"
+STORE_UNREACHABLE = "Redis, where stored responses are kept, cannot be reached now"
+
+
+def store_unreachable(why):
+    """A stored response that may exist but cannot be had now: a 503 to try again, never a 404."""
+    return ApiError(503, f"{why}; try again in a moment", code="store_unreachable", retry_after=1)
+
+
+class SharedResponseStore:
+    """Stored responses kept in Redis, for every replica, bounded there as here; while Redis cannot be reached they
+    are kept in `local`, and moved to Redis when it is back: an id handed to a client is never dropped unsaid, and
+    one that may exist somewhere is a 503, never a silent 404."""
+
+    def __init__(self, local, shared):
+        self.local, self.shared = local, shared
+        self.kept_in_redis = CappedStore(shared, RESPONSES_KEY, local.max_count, local.max_bytes, local.ttl)
+        self.clock = local.clock
+        shared.resyncs.append(self.move_to_shared)
+
+    async def put(self, response, history, owner):
+        kept = self.local.stored(response, history, owner)
+        if kept is None:
+            return
+        was_up = self.shared.up
+        with contextlib.suppress(Unshared):
+            return await self.put_shared(response["id"], kept)
+        self.local.keep(response["id"], kept)
         if was_up:  # this put found Redis gone: one more try now (a blip), before the client may ask another replica
             await self.shared.beat()
 
@@ -4900,13 +5394,11 @@ class ResponseStore:
     async def get(self, response_id, owner):
         """The StoredResponse, or None when it was never kept, has expired, was deleted, or is another key's; a
         503 when it could be in a Redis that cannot be reached."""
-        while self.entries and self.clock() - next(iter(self.entries.values())).kept_at > self.ttl:
-            self._drop(next(iter(self.entries)))
-        kept = self.entries.get(response_id)
-        if kept is None and self.kept_in_redis:
+        kept = self.local.held(response_id)
+        if kept is None:
             try:
                 data, = await self.kept_in_redis.get_many([response_id])
-                silent = data is None and await self.shared.silent_since(self.ttl)
+                silent = data is None and await self.shared.silent_since(self.local.ttl)
             except Unshared:
                 raise store_unreachable(STORE_UNREACHABLE) from None
             if silent:  # it may be kept by that replica, to be moved to Redis when the two meet again
@@ -4915,14 +5407,14 @@ class ResponseStore:
             if data:
                 owner_of, _, data = data.partition(b" ")
                 kept = StoredResponse(self.clock(), owner_of.decode(), data)
-        return kept if kept and hmac.compare_digest(kept.owner, owner) else None
+        return owned_by(kept, owner)
 
     async def delete(self, response_id, owner):
         found = await self.get(response_id, owner) is not None
-        local = found and response_id in self.entries
+        local = found and response_id in self.local.entries
         if local:
-            self._drop(response_id)
-        if found and self.kept_in_redis:  # in Redis too, where a put that seemed to fail may have landed
+            self.local.drop(response_id)
+        if found:  # in Redis too, where a put that seemed to fail may have landed
             try:
                 await self.kept_in_redis.drop(response_id)
             except Unshared:
@@ -4930,33 +5422,18 @@ class ResponseStore:
                     raise store_unreachable(STORE_UNREACHABLE) from None
         return found
 
-    def _drop(self, response_id):
-        kept = self.entries.pop(response_id, None)
-        self.bytes -= kept.size if kept else 0
-
     async def move_to_shared(self):
         """Moves the responses kept here while Redis could not be reached to Redis, oldest first, with their age; one
         deleted meanwhile is deleted there too."""
-        for response_id, kept in list(self.entries.items()):
-            if self.clock() - kept.kept_at < self.ttl:
+        for response_id, kept in list(self.local.entries.items()):
+            if self.clock() - kept.kept_at < self.local.ttl:
                 await self.put_shared(response_id, kept)
-                if response_id not in self.entries:
+                if response_id not in self.local.entries:
                     await self.kept_in_redis.drop(response_id)
-            self._drop(response_id)
+            self.local.drop(response_id)
 
     def missing(self, response_id, param=None):
-        return ApiError(404, f"No response with id '{response_id}': it was not stored (store: false), has been "
-                             f"deleted, or has expired (responses are kept {self.ttl:g} s, the newest "
-                             f"{self.max_count})", param=param, code="response_not_found")
-
-
-# ─── Replicas ────────────────────────────────────────────────────────────────
-# What replicas sharing one Redis keep in step beyond key limits and stored
-# responses, by one exchange with Redis every half second: each credential's
-# rest, disabling and daily budget, the tokens accounts signed in with, the
-# files edited on the admin page, and the request log. Each replica publishes
-# what changed here since the last exchange and takes what the others
-# published. Offers Fleet to the app state and the admin API.
+        return self.local.missing(response_id, param)
 
 SYNC_SECONDS = 0.5
 CREDENTIALS_KEY = REDIS_PREFIX + "credentials:"  # + pool: a hash of each credential's state, by fingerprint
@@ -4987,37 +5464,16 @@ def fingerprint(value):
     return hashlib.sha256(b"k2proxy credential\0" + value.encode()).hexdigest()[:24]
 
 
-class SharedState(typing.NamedTuple):
-    """The part of a credential's state the fleet shares: its rest, why and since when it is disabled, the budget
-    upstream says it has left, its last error."""
-    cooling_until: float | None = None
-    disabled: str | None = None
-    disabled_at: float | None = None
-    budget_left: int | None = None
-    last_error: str | None = None
-
-
-NOTHING_SHARED = SharedState()  # of a credential nothing has happened to
-
-
-def shared_state(credential):
-    return SharedState(credential.cooling_until, credential.disabled and credential.disabled.value,
-                       credential.disabled_at, credential.budget_left, credential.last_error)
-
-
-def take_state(credential, state):
-    credential.cooling_until, credential.disabled_at = state.cooling_until, state.disabled_at
-    credential.budget_left, credential.last_error = state.budget_left, state.last_error
-    credential.disabled = Disabled(state.disabled) if state.disabled else None
+NOTHING_SHARED = Health()  # of a credential nothing has happened to
 
 
 @dataclass
 class Synced:
     """What a replica knows of one credential's shared state."""
     fingerprint: str
-    fields: SharedState = NOTHING_SHARED  # as this replica and the fleet last agreed on them
+    fields: Health = NOTHING_SHARED  # as this replica and the fleet last agreed on them
     entry: bytes | None = None       # the fleet's entry as last read, so that an unchanged one is not parsed again
-    remote: SharedState | None = None  # that entry's state
+    remote: Health | None = None     # that entry's state
     day: int | None = None           # the UTC day `tokens` counts
     tokens: int = 0           # its tokens that day, as last synced
 
@@ -5026,14 +5482,14 @@ class Synced:
 
     def tokens_synced(self, credential, total, added):
         """The fleet counted `added` more tokens over `total`: this replica's count takes the others' too."""
-        credential.tokens_today += total - self.tokens
+        credential.add_tokens(total - self.tokens)
         self.tokens = total + added
 
 
 def merged_state(local, agreed, remote):
     """Each shared field as this replica changed it since it last agreed with the fleet, else as the fleet has it,
     so that changes to different fields on two replicas at once are both kept."""
-    return SharedState(*(mine if mine != before else theirs for mine, before, theirs in zip(local, agreed, remote)))
+    return Health(*(mine if mine != before else theirs for mine, before, theirs in zip(local, agreed, remote)))
 
 
 class Fleet:
@@ -5095,12 +5551,12 @@ class Fleet:
             known[pool.name, credential.value] = synced
             entry = states.get(synced.fingerprint.encode())
             if entry is not None and entry != synced.entry:
-                synced.entry, synced.remote = entry, SharedState(*json.loads(entry)["fields"])
+                synced.entry, synced.remote = entry, Health(*json.loads(entry)["fields"])
             remote = synced.remote if entry is not None else synced.fields
-            local = shared_state(credential)
+            local = credential.health()
             merged = merged_state(local, synced.fields, remote)
             if merged != local:
-                take_state(credential, merged)
+                credential.take_health(merged)
             if merged != remote:
                 name = CREDENTIALS_KEY + pool.name
                 writing.hset(name, synced.fingerprint, json_text({"fields": merged}))
@@ -5116,11 +5572,10 @@ class Fleet:
     def sync_tokens_today(pool_name, credential, synced, total, writing, written, day):
         """Adds the tokens this replica counted since the last exchange to the fleet's count of the day, and takes
         the others' count."""
-        if credential.day != day:
-            credential.day, credential.tokens_today = day, 0
+        counted = credential.tokens_on(day)
         if synced.day != day:
             synced.day, synced.tokens = day, 0
-        added = credential.tokens_today - synced.tokens
+        added = counted - synced.tokens
         if added:
             name = f"{TOKENS_TODAY_KEY}{pool_name}:{day}"
             writing.hincrby(name, synced.fingerprint, added)
@@ -5129,24 +5584,20 @@ class Fleet:
 
     def sync_accounts(self, remote, writing, written):
         """Publishes the token an account signed in with here; takes the one another replica signed in with."""
-        for credential in self.accounts.pool.credentials:
-            email = credential.account
-            if email is None:
-                continue
+        held = self.accounts.tokens()
+        for email, token in held.items():
             entry = json.loads(remote[email.encode()]) if email.encode() in remote else None
-            if credential.value != self.account_tokens.get(email):
-                writing.hset(ACCOUNT_TOKENS_KEY, email, json_text({"token": credential.value}))
+            if token != self.account_tokens.get(email):
+                writing.hset(ACCOUNT_TOKENS_KEY, email, json_text({"token": token}))
                 writing.expire(ACCOUNT_TOKENS_KEY, DAY_SECONDS)
-                written.append(functools.partial(self.token_published, email, credential.value))
-            elif entry and entry["token"] != credential.value:
+                written.append(functools.partial(self.token_published, email, token))
+            elif entry and entry["token"] != token:
                 self.account_tokens[email] = entry["token"]
                 self.accounts.adopt(email, entry["token"])
-        held = {credential.account for credential in self.accounts.pool.credentials}
         for email, entry in remote.items():
             email, token = email.decode(), json.loads(entry)["token"]
-            if email in self.accounts.accounts and email not in held and email not in self.account_tokens:
+            if email not in held and email not in self.account_tokens and self.accounts.adopt(email, token):
                 self.account_tokens[email] = token
-                self.accounts.adopt(email, token)
 
     def token_published(self, email, token):
         self.account_tokens[email] = token
@@ -5164,10 +5615,9 @@ class Fleet:
 
     def push_log(self, writing, written):
         """Adds the requests logged here since the last exchange to the fleet's log, which keeps REQUEST_LOG_SIZE."""
-        new = min(self.monitor.logged - self.log_pushed, len(self.monitor.log))
-        written.append(functools.partial(self.log_published, self.monitor.logged))
-        if new and self.log_size:
-            entries = itertools.islice(self.monitor.log, len(self.monitor.log) - new, None)
+        entries, logged = self.monitor.logged_since(self.log_pushed)
+        written.append(functools.partial(self.log_published, logged))
+        if entries and self.log_size:
             writing.lpush(LOG_KEY, *(json_text({**entry, "replica": self.shared.replica}) for entry in entries))
             writing.ltrim(LOG_KEY, 0, self.log_size - 1)
 
@@ -5176,7 +5626,7 @@ class Fleet:
         try:
             entries = await self.shared.run(lambda redis: redis.lrange(LOG_KEY, 0, self.log_size - 1))
         except Unshared:
-            return list(reversed(self.monitor.log))
+            return self.monitor.request_log()
         return sorted(map(json.loads, entries), key=lambda entry: entry["time"], reverse=True)
 
     async def publish_edit(self, name, content):
@@ -5273,34 +5723,62 @@ class MemoryBudget:
                 waiter.set_result(None)
 
 
+class Alone:
+    """What a proxy that shares no Redis has of a fleet: its own request log, every sign-in its own, nothing to
+    publish or keep in step."""
+
+    def __init__(self, monitor):
+        self.monitor = monitor
+
+    async def requests(self):
+        return self.monitor.request_log()
+
+    async def publish_edit(self, name, content):
+        """No other replica to tell."""
+
+    async def claim_sign_in(self, email):
+        return True
+
+
 class AppState:
-    """Everything a running proxy keeps: settings, the upstream side, models, accounts, keys, the monitor."""
+    """Everything a running proxy keeps: settings, the upstream side, models, accounts, keys, the monitor; with
+    REDIS_URL, the shared backends and the fleet, which the local code does not tell from the local ones."""
 
     def __init__(self, settings):
         self.settings = settings
         self.http = HttpClient(settings)
-        self.shared = Shared(settings.redis_url, replica_name()) if settings.redis_url else None
         self.site = SiteUpstream(settings, self.http)
-        self.api = ApiUpstream(settings, self.http, self.shared)
+        self.api = ApiUpstream(settings, self.http)
         kinds: dict[str, UpstreamKind] = {"site": self.site, "api": self.api}
         self.upstreams = [kinds[kind] for kind in settings.upstream]
-        self.session_secret = hashlib.sha256(b"k2proxy X-Session-ID\0" + settings.admin_key.encode()).digest()
         self.models = Models(settings, self.site)
         self.accounts = Accounts(settings, self.site, on_sign_in=self.models.token_arrived)
         self.monitor = Monitor(settings)
-        self.keys = ApiKeys(settings, self.shared)
-        self.responses = ResponseStore(settings, self.shared)
+        self.keys = ApiKeys(settings)
+        self.responses: ResponseStore | SharedResponseStore = ResponseStore(settings)
         self.save_lock = asyncio.Lock()
-        self.fleet = self.shared and Fleet(self.shared, settings, [*self.site.pools.values(), self.api.pool],
-                                           self.accounts, self.edited_files(), self.monitor, self.save_lock)
-        if self.fleet:
-            self.accounts.claim = self.fleet.claim_sign_in
+        self.shared: Shared | None = None
+        self.fleet: Alone | Fleet = Alone(self.monitor)
+        self.replica_steps: list[typing.Callable[[], typing.Awaitable[float]]] = []  # the replicas' background work
+        if settings.redis_url:
+            self.share(Shared(settings.redis_url, replica_name()))
+        self.accounts.claim = self.fleet.claim_sign_in
         self.budget = MemoryBudget(settings.memory_budget_mb)
         self.started = int(time.time())
         self.admin_page = None  # (body, headers), read at start-up by the admin section
         self.tasks = []
         self.tools_left_out = set()
         self.check_run = None  # the upstream check under way, which a second asker waits for
+
+    def share(self, shared):
+        """Puts the replicas' layer over the local state: each store and count on its shared backend, and the fleet."""
+        self.shared = shared
+        self.api.replay = SharedReplayCache(self.api.replay, shared)
+        limits = self.keys.limits = SharedKeyLimits(shared, self.keys.limits)
+        self.responses = SharedResponseStore(self.responses, shared)
+        self.fleet = Fleet(shared, self.settings, [*self.site.pools.values(), self.api.pool], self.accounts,
+                           self.edited_files(), self.monitor, self.save_lock)
+        self.replica_steps = [shared.beat, self.fleet.sync, limits.renew_leases]
 
     def edited_files(self):
         """The files the admin page edits, by the name the fleet knows each by, with how each is loaded."""
@@ -5324,14 +5802,14 @@ class AppState:
     async def start(self):
         """Opens the upstream session and starts the background work."""
         await self.http.open()
-        await self.site.pool.reload()
-        await self.api.pool.reload()
+        await self.site.pool.reload(announce=False)
+        await self.api.pool.reload(announce=False)
+        for place, kind in enumerate(self.upstreams, 1):
+            log.info("upstream %d of %d: %s", place, len(self.upstreams), kind.describe())
         await self.keys.reload()
-        if self.shared and self.fleet:
-            await self.shared.beat()
-            await self.fleet.sync()
-            self.tasks = [asyncio.ensure_future(keep_polling(step)) for step in (
-                self.shared.beat, self.fleet.sync, self.keys.renew_leases)]
+        for step in self.replica_steps[:2]:  # in step with the fleet (its heartbeat, its exchange) before serving
+            await step()
+        self.tasks = [asyncio.ensure_future(keep_polling(step)) for step in self.replica_steps]
         self.tasks += [asyncio.ensure_future(keep_polling(self.site.watch_tokens)),
                       asyncio.ensure_future(keep_polling(self.api.watch_keys)),
                       asyncio.ensure_future(keep_polling(self.accounts.run)),
@@ -5347,8 +5825,8 @@ class AppState:
 
     async def close(self):
         """Once the last requests have ended: their slots given back to Redis, and this replica off its list."""
+        await self.keys.limits.close()
         if self.shared:
-            await asyncio.gather(*self.keys.freeing, return_exceptions=True)
             await self.shared.leave()
 
     def finish(self, record, status):
@@ -5672,6 +6150,8 @@ class Asked:
     stream_writer: typing.Callable[[], "Renderer"]    # a renderer of the core's events as the dialect's stream
     answer_body: typing.Callable[[Answer], dict]      # the dialect's JSON body of a whole response
     settle: typing.Callable[[], typing.Awaitable[None]] | None = None  # done before the client sees the end
+    answered: typing.Callable[[web.Request], typing.Awaitable[web.StreamResponse]] | None = None  # made without
+    # the model by the front door (a tool that cannot run here), instead of the core's answer
 
 
 @dataclass(frozen=True)
@@ -5712,11 +6192,10 @@ async def pull(events, writer, record):
 
 
 def in_conversation(request, core):
-    """The core request with who asks (a digest of their API key) and its conversation's X-Session-ID: from the
-    client's own hint (prompt_cache_key, a session header) or else its opening turns."""
-    state, client = request.app[STATE], request[RECORD].client
+    """The core request with who asks (a digest of their API key) and the client's own name for the conversation
+    (prompt_cache_key, else a session header), which an upstream kind may key its session by."""
     hint = core.session_hint or next(filter(None, map(request.headers.get, SESSION_HINT_HEADERS)), None)
-    return replace(core, client=client, session=session_id(state.session_secret, client, hint, core.turns))
+    return replace(core, client=request[RECORD].client, session_hint=hint)
 
 
 def hands_over(error):
@@ -5782,6 +6261,9 @@ def completion_handler(dialect):
     """The handler of a dialect's completion route: its request, read and parsed, through the core."""
     async def complete(request):
         asked = await dialect.parse(await read_request(request), request)
+        if asked.answered:
+            request[RECORD].stream = asked.core.stream
+            return await asked.answered(request)
         tokens = asked.core.prompt_tokens
         expect(tokens <= CONTEXT_TOKENS, f"prompt is too long: about {tokens} tokens > {CONTEXT_TOKENS} maximum "
                "(K2 Horizon's context); shorten the conversation", "messages", "context_length_exceeded")
@@ -6099,6 +6581,7 @@ def chat_completion(core, answer, think_tags):
 async def chat_asked(body, request):
     state = request.app[STATE]
     core, include_usage = parse_chat_request(body, state.settings, state.models)
+    core = await read_documents(core, state.settings, state.budget)
     think_tags = state.settings.thinking_format == "think_tags"
     return Asked(core, lambda: ChatChunks(core, think_tags, include_usage),
                  lambda answer: chat_completion(core, answer, think_tags))
@@ -6137,7 +6620,14 @@ ANTHROPIC_ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 4
 OVERLOADED = 529  # Anthropic's "try again soon", which Claude Code retries: what the proxy's 503s become
 ANTHROPIC_STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use",
                           "content_filter": "refusal"}
-ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "max": "high"}  # Anthropic's → the site's
+ANTHROPIC_EFFORTS = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high"}  # → K2's
+SERVER_TOOLS = {  # Anthropic's server tools, which cannot run here: name → (its result block, the error in it)
+    "web_search": ("web_search_tool_result", "web_search_tool_result_error"),
+    "web_fetch": ("web_fetch_tool_result", "web_fetch_tool_result_error"),
+    "code_execution": ("code_execution_tool_result", "code_execution_tool_result_error"),
+    "advisor": ("advisor_tool_result", "advisor_tool_result_error"),
+}
+URL = re.compile(r"https?://\S+")
 THINKING_BUDGET_EFFORTS = ((4000, "low"), (16000, "medium"))  # a budget under the bound thinks this hard; else high
 BILLING_HEADER = "x-anthropic-billing-header:"  # Claude Code's bookkeeping, sent as a system block; not for the model
 
@@ -6254,9 +6744,10 @@ def anthropic_assistant(transcript, blocks, where):
             expect(isinstance(block.get("thinking"), str), f"{place}.thinking must be a string", f"{place}.thinking",
                    "invalid_type")
             thoughts.append(block["thinking"])
-        else:
-            expect(kind == "redacted_thinking", f"{place} has type '{kind}'; assistant turns hold text, tool_use "
-                   "and thinking blocks", place, "unsupported_content")
+        else:  # what the model cannot read again: redacted thinking, a server tool's use and its result
+            expect(kind in ("redacted_thinking", "server_tool_use") or kind.endswith("_tool_result"),
+                   f"{place} has type '{kind}'; assistant turns hold text, tool_use and thinking blocks", place,
+                   "unsupported_content")
     transcript.assistant("\n".join(texts), calls, "".join(thoughts) if any(thoughts) else None)
 
 
@@ -6270,7 +6761,9 @@ def anthropic_system(system):
 
 
 def anthropic_transcript(body, limit):
-    transcript = Transcript()
+    """(the conversation's Transcript, the effort its last directive asks for or None): a system message in
+    `messages` joins it in its place; one with no text but an output_config (a directive) only sets the effort."""
+    transcript, effort = Transcript(), None
     system = anthropic_system(body.get("system"))
     if system:
         transcript.add("system", system)
@@ -6280,36 +6773,70 @@ def anthropic_transcript(body, limit):
         where = f"messages[{index}]"
         expect(isinstance(message, dict) and message.get("role") in ("user", "assistant", "system"),
                f"{where} must be an object whose role is user, assistant or system", f"{where}.role")
-        blocks = content_blocks(message.get("content"), f"{where}.content")
+        blocks = content_blocks(message.get("content", ""), f"{where}.content")
         if message["role"] == "assistant":
             anthropic_assistant(transcript, blocks, f"{where}.content")
         elif message["role"] == "user":
             anthropic_user(transcript, blocks, f"{where}.content", limit)
-        else:  # Claude Code's mid-conversation system messages
-            transcript.add("system", "\n".join(block_text(b, f"{where}.content[{n}]") for n, b in enumerate(blocks)))
-    return transcript
+        else:  # Claude Code's mid-conversation system messages, and its directives
+            effort = anthropic_effort(message, f"{where}.output_config") or effort
+            text = "\n".join(block_text(b, f"{where}.content[{n}]") for n, b in enumerate(blocks))
+            if text.strip():
+                transcript.add("system", text)
+    return transcript, effort
+
+
+def anthropic_effort(holder, where="output_config"):
+    """K2's effort for the output_config.effort of a request or a directive, or None when it names none."""
+    asked = one_of_field(object_field(holder, "output_config", where), "effort", tuple(ANTHROPIC_EFFORTS), None,
+                         f"{where}.effort")
+    return ANTHROPIC_EFFORTS[asked] if asked else None
+
+
+def anthropic_format(body):
+    """The AnswerFormat of output_config.format (or the older top-level output_format): a json_schema's schema."""
+    given = object_field(object_field(body, "output_config"), "format", "output_config.format")
+    where = "output_config.format"
+    if not given and "output_format" in body:
+        given, where = object_field(body, "output_format"), "output_format"
+    if not given:
+        return None
+    expect(given.get("type") == "json_schema", f"'{where}.type' must be json_schema", f"{where}.type")
+    return AnswerFormat(object_field(given, "schema", f"{where}.schema") or None)
+
+
+def server_tool(tool):
+    """The name of an Anthropic server tool (web_search_20250305 → web_search), or None for another tool."""
+    kind = tool.get("type")
+    name = kind.rsplit("_", 1)[0] if isinstance(kind, str) else None
+    return name if name in SERVER_TOOLS else None
 
 
 def anthropic_tools(body, enabled):
-    """(ToolPlan or None, the types of tools left out): tools with a `type` other than custom are server tools
-    (web search) or Anthropic-defined ones the model cannot be told of; they are left out, never refused."""
+    """(ToolPlan or None, the types of tools left out, the server tools asked for): tools with a `type` other
+    than custom are server tools (web search, which cannot run here) or Anthropic-defined ones the model cannot be
+    told of; they are left out, never refused, and never offered to the model as functions."""
     tools, choice = body.get("tools"), object_field(body, "tool_choice")
     if tools is None:
-        return None, []
+        return None, [], []
     expect(isinstance(tools, list) and all(isinstance(t, dict) for t in tools), "'tools' must be a list of objects",
            "tools", "invalid_type")
-    checked, left_out = [], []
+    checked, left_out, server = [], [], []
     for index, tool in enumerate(tools):
         if tool.get("type", "custom") != "custom":
             left_out.append(str(tool.get("type")))
+            if server_tool(tool):
+                server.append(server_tool(tool))
             continue
         checked.append(check_tool(tool.get("name"), tool.get("description"), tool.get("input_schema"),
                                   f"tools[{index}]", "input_schema"))
     kind = one_of_field(choice, "type", ("auto", "any", "tool", "none"), "auto", "tool_choice.type")
     if kind == "tool":
         expect(isinstance(choice.get("name"), str), "tool_choice.name must name a tool", "tool_choice.name")
+        if choice["name"] in server and choice["name"] not in {tool.name for tool in checked}:
+            return None, left_out, [choice["name"]]  # the server tool it must call, which cannot run here
     named = {"any": "required", "tool": choice.get("name")}.get(kind, kind)
-    return tool_plan(checked, named, enabled, "tool_choice.name"), left_out
+    return tool_plan(checked, named, enabled, "tool_choice.name"), left_out, server
 
 
 def anthropic_thinking(body):
@@ -6324,9 +6851,7 @@ def anthropic_thinking(body):
         budget = integer_field(thinking, "budget_tokens", 1, "thinking.budget_tokens")
         if budget is not None:
             effort = next((name for bound, name in THINKING_BUDGET_EFFORTS if budget < bound), "high")
-    config = object_field(body, "output_config")
-    asked = one_of_field(config, "effort", tuple(ANTHROPIC_EFFORTS), None, "output_config.effort")
-    return kind != "disabled", display != "omitted", ANTHROPIC_EFFORTS[asked] if asked else effort
+    return kind != "disabled", display != "omitted", anthropic_effort(body) or effort
 
 
 def mapped_model(model_map, asked):
@@ -6348,9 +6873,10 @@ def anthropic_model(asked, settings, models):
     return models.resolve(asked)
 
 
-def parse_messages_request(body, settings, models, counting=False):
+def parse_messages_request(body, settings, models, counting=False, session_hint=None):
     """Checks a Messages request (or a count_tokens one, which needs no max_tokens) and translates it. Returns
-    the CoreRequest, whether thinking text is shown, and the types of tools left out."""
+    the CoreRequest, whether thinking text is shown, the types of tools left out, and the server tools that are
+    the request's only tools (answered without the model: they cannot run here)."""
     model = requested_model(body)
     upstream_model, show_reasoning = anthropic_model(model, settings, models)
     thinking, show_text, effort = anthropic_thinking(body)
@@ -6363,11 +6889,12 @@ def parse_messages_request(body, settings, models, counting=False):
            "'stop_sequences' must be a list of strings", "stop_sequences", "invalid_type")
     params = sampling(number_field(body, "temperature", 0, 1), number_field(body, "top_p", 0, 1), max_tokens, stop,
                       stop_param="stop_sequences")
-    tools, left_out = anthropic_tools(body, settings.tool_support)
-    turns = anthropic_transcript(body, FileLimit.of(settings)).finish()
-    effort = effort or default_effort(settings, show_reasoning)
-    core = CoreRequest(model, upstream_model, turns, params, effort, stream, show_reasoning and thinking, tools)
-    return core, show_text, left_out
+    tools, left_out, server = anthropic_tools(body, settings.tool_support)
+    transcript, directed = anthropic_transcript(body, FileLimit.of(settings))
+    effort = directed or effort or default_effort(settings, show_reasoning)
+    core = CoreRequest(model, upstream_model, transcript.finish(), params, effort, stream, show_reasoning and thinking,
+                       tools, anthropic_format(body), session_hint)
+    return core, show_text, left_out, [] if tools else server
 
 
 def anthropic_usage(usage):
@@ -6479,12 +7006,81 @@ def anthropic_message(core, answer, show_thinking_text):
             "usage": anthropic_usage(answer.finish.usage)}
 
 
+def agent_session(request):
+    """A subagent's own session: Claude Code names the agent in x-claude-code-agent-id, beside the session it runs
+    in; the main thread's requests carry no agent, and keep the session's hint."""
+    agent = request.headers.get("x-claude-code-agent-id")
+    if not agent:
+        return None
+    session = next(filter(None, map(request.headers.get, SESSION_HINT_HEADERS)), "")
+    return f"{session}\0agent:{agent}"
+
+
 async def message_asked(body, request):
     state = request.app[STATE]
-    core, show_text, left_out = parse_messages_request(body, state.settings, state.models)
+    core, show_text, left_out, server = parse_messages_request(body, state.settings, state.models,
+                                                               session_hint=agent_session(request))
+    core = await read_documents(core, state.settings, state.budget)
     state.note_left_out_tools(left_out)
+    answered = functools.partial(server_tools_unavailable, core, server) if server else None
     return Asked(core, lambda: MessageEvents(core, show_text), lambda answer: anthropic_message(core, answer,
-                                                                                                 show_text))
+                                                                                                 show_text),
+                 answered=answered)
+
+
+def server_tool_input(name, turns):
+    """What the model would have asked a server tool, as far as the last user turn says: its text as the query, its
+    first URL to fetch."""
+    said = next((turn.text for turn in reversed(turns) if turn.role == "user"), "")
+    if name == "web_search":
+        return {"query": said}
+    if name == "web_fetch":
+        found = URL.search(said)
+        return {"url": found.group(0) if found else ""}
+    return {"code": ""} if name == "code_execution" else {}
+
+
+def server_tool_blocks(core, names):
+    """Each server tool asked for, as Anthropic shows one that failed: its use, then its result holding the error."""
+    blocks = []
+    for name in names:
+        use_id = "srvtoolu_" + uuid.uuid4().hex[:24]
+        result, error = SERVER_TOOLS[name]
+        use = {"type": "server_tool_use", "id": use_id, "name": name, "input": server_tool_input(name, core.turns)}
+        failed = {"type": error, "error_code": "unavailable"}
+        blocks += [use, {"type": result, "tool_use_id": use_id, "content": failed}]
+    return blocks
+
+
+async def server_tools_unavailable(core, names, request):
+    """The answer to a request whose only tools are server tools (web search, fetch, code execution, the advisor):
+    they cannot run here, so each is answered as failed, in Anthropic's own shape, without asking the model."""
+    blocks = server_tool_blocks(core, names)
+    usage = {**anthropic_usage(Usage(core.prompt_tokens, 0, 0)), "server_tool_use": {"web_search_requests": 0}}
+    message = {"id": "msg_" + uuid.uuid4().hex[:24], "type": "message", "role": "assistant", "model": core.model,
+               "content": blocks, "stop_reason": "end_turn", "stop_sequence": None, "usage": usage}
+    if not core.stream:
+        return web.json_response(message, dumps=json_text)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8",
+                                           "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    events = [sse_event("message_start", {"type": "message_start", "message": {**message, "content": [],
+                                                                                 "stop_reason": None}})]
+    for index, block in enumerate(blocks):
+        if block["type"] == "server_tool_use":
+            events += [sse_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                         "content_block": {**block, "input": {}}}),
+                       sse_event("content_block_delta", {"type": "content_block_delta", "index": index, "delta": {
+                           "type": "input_json_delta", "partial_json": json_text(block["input"])}})]
+        else:
+            events.append(sse_event("content_block_start", {"type": "content_block_start", "index": index,
+                                                            "content_block": block}))
+        events.append(sse_event("content_block_stop", {"type": "content_block_stop", "index": index}))
+    events += [sse_event("message_delta", {"type": "message_delta", "usage": usage,
+                                           "delta": {"stop_reason": "end_turn", "stop_sequence": None}}),
+               sse_event("message_stop", {"type": "message_stop"})]
+    await response.write_eof(b"".join(events))
+    return response
 
 
 ANTHROPIC = Dialect("anthropic", anthropic_error_response, message_asked)
@@ -6493,7 +7089,9 @@ ANTHROPIC = Dialect("anthropic", anthropic_error_response, message_asked)
 async def count_message_tokens(request):
     """What /v1/messages would send upstream, counted here with the usage estimate; upstream is not asked."""
     state = request.app[STATE]
-    core, _, _ = parse_messages_request(await read_request(request), state.settings, state.models, counting=True)
+    body = await read_request(request)
+    core, _, _, _ = parse_messages_request(body, state.settings, state.models, counting=True)
+    core = await read_documents(core, state.settings, state.budget)
     return web.json_response({"input_tokens": core.prompt_tokens})
 
 
@@ -6912,6 +7510,7 @@ class ResponseEvents:
 async def response_asked(body, request):
     state = request.app[STATE]
     core, asked, left_out = parse_responses_request(body, state.settings, state.models, await continued(body, request))
+    core = await read_documents(core, state.settings, state.budget)
     state.note_left_out_tools(left_out)
     builder = ResponseBuilder(core, asked, state.responses, request[RECORD].client)
     return Asked(core, lambda: ResponseEvents(builder), lambda answer: response_body(builder, answer), builder.settle)
@@ -6968,7 +7567,12 @@ async def read_admin_page():
     return html.encode(), {**ADMIN_PAGE_HEADERS, "Content-Security-Policy": page_policy(html)}
 
 
-IFM_KEYS_ADMIN = "/admin/ifm-keys/"  # the token routes under this prefix edit the IFM keys instead
+class EditedPool(enum.Enum):
+    """The pool a token admin route edits."""
+    SITE = "site"  # the site's tokens of the active mode
+    API = "api"    # the IFM keys
+
+
 
 
 def ok(message, **extra):
@@ -7007,19 +7611,19 @@ async def replicas_seen(state):
     return [{**here, "this": True}]
 
 
-async def admin_token_stats(request):
-    pool = pool_of(request)
+async def admin_token_stats(request, edited):
+    pool = pool_of(request, edited)
     return web.json_response({"mode": pool.name, "tokens": pool.stats()})
 
 
-def pool_of(request):
-    """The pool an admin route edits: the IFM keys under /admin/ifm-keys/, else the active mode's tokens."""
+def pool_of(request, edited):
+    """The pool an admin route edits, as its route says: the IFM keys, or the active mode's tokens."""
     state = request.app[STATE]
-    return state.api.pool if request.path.startswith(IFM_KEYS_ADMIN) else state.site.pool
+    return state.api.pool if edited is EditedPool.API else state.site.pool
 
 
-async def admin_reset_token(request):
-    pool = pool_of(request)
+async def admin_reset_token(request, edited):
+    pool = pool_of(request, edited)
     index = request.match_info["index"]
     expect(WHOLE_NUMBER.fullmatch(index) and int(index) < len(pool.credentials),
            f"No {pool.noun} {index}: indexes go from 0 to {len(pool.credentials) - 1}" if pool.credentials
@@ -7033,8 +7637,8 @@ async def admin_reset_token(request):
     return ok(f"{pool.noun[:1].upper()}{pool.noun[1:]} {index} reset")
 
 
-async def admin_reset_all(request):
-    pool = pool_of(request)
+async def admin_reset_all(request, edited):
+    pool = pool_of(request, edited)
     for token in pool.credentials:
         pool.reset(token)
     expired = pool.counts()["expired"]
@@ -7042,14 +7646,14 @@ async def admin_reset_all(request):
     return ok(f"All {len(pool.credentials)} {pool.noun}s reset{stays}")
 
 
-async def admin_reload(request):
-    pool = pool_of(request)
+async def admin_reload(request, edited):
+    pool = pool_of(request, edited)
     await pool.reload(force=True)
     return ok(f"Reloaded {len(pool.credentials)} {pool.noun}s from {pool.file.path.name}", counts=pool.counts())
 
 
-async def admin_token_content(request):
-    pool = pool_of(request)
+async def admin_token_content(request, edited):
+    pool = pool_of(request, edited)
     text, _ = await asyncio.to_thread(pool.file.read)
     if text is None:
         raise ApiError(409, f"{pool.file.path.name} cannot be read; see the proxy's log", code="token_file_unreadable")
@@ -7075,9 +7679,9 @@ async def save_unless_changed(state, file, body, new_content, take):
     return content
 
 
-async def admin_update_tokens(request):
+async def admin_update_tokens(request, edited):
     state = request.app[STATE]
-    pool = pool_of(request)
+    pool = pool_of(request, edited)
     body = await read_json(request)
     expect(isinstance(body, dict) and ("tokens" in body or "content" in body),
            "Send {\"tokens\": [...]} or {\"content\": \"...\"}", None, "invalid_type")
@@ -7092,8 +7696,7 @@ async def admin_update_tokens(request):
         return file_text(parse_tokens_file("\n".join(tokens)), current) if "tokens" in body else content
 
     content = await save_unless_changed(state, pool.file, body, new_content, pool.load)
-    if state.fleet:
-        await state.fleet.publish_edit(pool.name, content)
+    await state.fleet.publish_edit(pool.name, content)
     warnings = not_jwt_warnings(content) if pool is not state.api.pool else []
     return ok(f"Saved {len(pool.credentials)} {pool.noun}s to {pool.file.path.name}", counts=pool.counts(),
               version=file_version(content), warnings=warnings)
@@ -7123,7 +7726,7 @@ async def admin_requests(request):
     expect(limit is None or (WHOLE_NUMBER.fullmatch(limit) and int(limit) > 0),
            "'limit' must be a whole number above 0", "limit")
     state = request.app[STATE]
-    entries = requests_logged(await state.fleet.requests() if state.fleet else reversed(state.monitor.log), status, key)
+    entries = requests_logged(await state.fleet.requests(), status, key)
     return web.json_response({"requests": list(itertools.islice(entries, int(limit) if limit else None))})
 
 
@@ -7159,8 +7762,7 @@ async def admin_update_keys(request):
     expect(len(set(names)) == len(names), "two keys have the same name", "keys")
     content = await save_unless_changed(state, state.keys.file, body, lambda current: file_text(
         map(api_key_line, keys), current), lambda content: state.keys.take(parse_api_keys_file(content)[0]))
-    if state.fleet:
-        await state.fleet.publish_edit("api_keys", content)
+    await state.fleet.publish_edit("api_keys", content)
     return ok(f"Saved {len(keys)} keys to {state.keys.file.path.name}", keys=state.keys.listed(state.monitor.keys),
               version=file_version(content))
 
@@ -7322,8 +7924,7 @@ async def serve(app, settings):
         await runner.cleanup()
         raise
     listening = " (and on every address of this machine)" if settings.host in ("0.0.0.0", "::", "") else ""
-    log.info("k2proxy %s listening on %s%s, %s mode, upstream %s; admin page %s%s", __version__,
-             reachable_url(settings), listening, settings.proxy_mode, app[STATE].site.url,
+    log.info("k2proxy %s listening on %s%s; admin page %s%s", __version__, reachable_url(settings), listening,
              reachable_url(settings), settings.admin_page_path)
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stopping.set)
@@ -7340,10 +7941,11 @@ SHUTDOWN_SECONDS = 5  # what streams in flight get to end, after SIGTERM
 HANDLER_ARGS = {"auto_decompress": False, "lingering_time": 0}
 
 
-# ─── App factory and main ────────────────────────────────────────────────────
-# The routes, each with the dialect its errors are shaped in; the middlewares
-# (keys, errors, the request's record and log line, CORS); make_app(settings)
-# for main() and the tests; main(), which only parses arguments and runs it.
+# ─── Routes and middlewares ──────────────────────────────────────────────────
+# The routes, each saying everything about itself: its handler, who may call it
+# (its Auth), the dialect its errors are shaped in, how it counts, the pool a
+# token admin route edits; the middlewares (keys, errors, the request's record
+# and log line, CORS); make_app(settings), for main() and the tests.
 
 
 async def describe_routes(request):
@@ -7351,7 +7953,8 @@ async def describe_routes(request):
     return web.json_response({"name": "k2proxy", "version": __version__,
                               "description": "K2 Horizon behind the OpenAI chat completions, OpenAI Responses and "
                                              "Anthropic Messages APIs",
-                              "endpoints": [f"{route.method} {route.path}" for route in ROUTES if route.listed]
+                              "endpoints": [f"{route.method} {route.shown_path or route.path}" for route in ROUTES
+                                            if route.listed]
                               + [f"GET {state.settings.admin_page_path}"]})
 
 
@@ -7383,75 +7986,90 @@ def unreachable(http):
                          "failures in a row); run python k2proxy.py --check", code="upstream_unreachable")
 
 
+class Auth(enum.Enum):
+    """Who may call a route."""
+    PUBLIC = "public"    # anyone
+    API = "api"          # a client with an API key (a CORS preflight needs none)
+    ADMIN = "admin"      # the admin, with ADMIN_KEY
+    METRICS = "metrics"  # a scraper, with METRICS_KEY or the admin key
+
+
 @dataclass(frozen=True)
 class Route:
     method: str
     path: str
     handler: typing.Callable[[web.Request], typing.Awaitable[web.StreamResponse]]
+    auth: Auth
     dialect: Dialect = OPENAI
     completion: bool = False  # counts in the request figures, and against its key's limits
     listed: bool = True       # named by GET /
     limited: bool = False     # counts against its key's rpm and concurrent limits, though no completion
+    pool: EditedPool | None = None  # the pool a token admin route edits
+    shown_path: str = ""      # how GET / names it, when not by its path
 
     @property
     def keyed_limits(self):
         return self.completion or self.limited
 
 
+def admin_routes(prefix, pool):
+    """The routes of one pool's tokens on the admin API, each handler told which pool it edits."""
+    def route(method, path, handler):
+        return Route(method, prefix + path, functools.partial(handler, edited=pool), Auth.ADMIN, listed=False,
+                     pool=pool)
+    return (route("GET", "/stats", admin_token_stats), route("GET", "/content", admin_token_content),
+            route("POST", "/update", admin_update_tokens), route("POST", "/reset-all", admin_reset_all),
+            route("POST", "/reset/{index}", admin_reset_token), route("POST", "/reload", admin_reload))
+
+
 ROUTES = (
-    Route("GET", "/", describe_routes, listed=False),
-    Route("GET", "/health", health),
-    Route("POST", "/v1/chat/completions", completion_handler(OPENAI), completion=True),
-    Route("POST", "/v1/messages", completion_handler(ANTHROPIC), ANTHROPIC, completion=True),
-    Route("POST", "/v1/messages/count_tokens", count_message_tokens, ANTHROPIC, limited=True),
-    Route("POST", "/v1/responses", completion_handler(RESPONSES), RESPONSES, completion=True),
-    Route("GET", "/v1/responses/{id}", get_response, RESPONSES, limited=True),
-    Route("DELETE", "/v1/responses/{id}", delete_response, RESPONSES, limited=True),
-    Route("GET", "/v1/models", list_models),
-    Route("GET", "/v1/models/{model:.+}", get_model),
-    Route("GET", "/admin/status", admin_status, listed=False),
-    Route("GET", "/admin/tokens/stats", admin_token_stats, listed=False),
-    Route("GET", "/admin/tokens/content", admin_token_content, listed=False),
-    Route("POST", "/admin/tokens/reset-all", admin_reset_all, listed=False),
-    Route("POST", "/admin/tokens/reset/{index}", admin_reset_token, listed=False),
-    Route("POST", "/admin/tokens/reload", admin_reload, listed=False),
-    Route("POST", "/admin/tokens/update", admin_update_tokens, listed=False),
-    Route("POST", "/admin/switch_mode", admin_switch_mode, listed=False),
-    Route("GET", "/admin/ifm-keys/stats", admin_token_stats, listed=False),
-    Route("GET", "/admin/ifm-keys/content", admin_token_content, listed=False),
-    Route("POST", "/admin/ifm-keys/update", admin_update_tokens, listed=False),
-    Route("POST", "/admin/ifm-keys/reset-all", admin_reset_all, listed=False),
-    Route("POST", "/admin/ifm-keys/reset/{index}", admin_reset_token, listed=False),
-    Route("POST", "/admin/ifm-keys/reload", admin_reload, listed=False),
-    Route("GET", "/admin/accounts", admin_accounts, listed=False),
-    Route("POST", "/admin/check", admin_check, listed=False),
-    Route("GET", "/admin/requests", admin_requests, listed=False),
-    Route("GET", "/admin/history", admin_history, listed=False),
-    Route("GET", "/admin/keys", admin_keys, listed=False),
-    Route("POST", "/admin/keys/update", admin_update_keys, listed=False),
-    Route("GET", "/metrics", metrics),
+    Route("GET", "/", describe_routes, Auth.PUBLIC, listed=False),
+    Route("GET", "/health", health, Auth.PUBLIC),
+    Route("POST", "/v1/chat/completions", completion_handler(OPENAI), Auth.API, completion=True),
+    Route("POST", "/v1/messages", completion_handler(ANTHROPIC), Auth.API, ANTHROPIC, completion=True),
+    Route("POST", "/v1/messages/count_tokens", count_message_tokens, Auth.API, ANTHROPIC, limited=True),
+    Route("POST", "/v1/responses", completion_handler(RESPONSES), Auth.API, RESPONSES, completion=True),
+    Route("GET", "/v1/responses/{id}", get_response, Auth.API, RESPONSES, limited=True),
+    Route("DELETE", "/v1/responses/{id}", delete_response, Auth.API, RESPONSES, limited=True),
+    Route("GET", "/v1/models", list_models, Auth.API),
+    Route("GET", "/v1/models/{model:.+}", get_model, Auth.API, shown_path="/v1/models/{id}"),
+    Route("GET", "/admin/status", admin_status, Auth.ADMIN, listed=False),
+    *admin_routes("/admin/tokens", EditedPool.SITE),
+    Route("POST", "/admin/switch_mode", admin_switch_mode, Auth.ADMIN, listed=False),
+    *admin_routes("/admin/ifm-keys", EditedPool.API),
+    Route("GET", "/admin/accounts", admin_accounts, Auth.ADMIN, listed=False),
+    Route("POST", "/admin/check", admin_check, Auth.ADMIN, listed=False),
+    Route("GET", "/admin/requests", admin_requests, Auth.ADMIN, listed=False),
+    Route("GET", "/admin/history", admin_history, Auth.ADMIN, listed=False),
+    Route("GET", "/admin/keys", admin_keys, Auth.ADMIN, listed=False),
+    Route("POST", "/admin/keys/update", admin_update_keys, Auth.ADMIN, listed=False),
+    Route("GET", "/metrics", metrics, Auth.METRICS),
 )
 ROUTE_OF = web.AppKey("route_of", dict)  # (aiohttp's resource, method) → its Route, for the middlewares
+
+
 async def unrouted(request):
     """The handler of no route: aiohttp answers an unknown path or method before any handler would run."""
     raise web.HTTPNotFound()
 
 
-UNROUTED = Route("", "", unrouted)  # an unknown path or method
-# … and under a path whose clients read another dialect, with or without its /v1 (or with it twice)
-UNROUTED_FAMILIES = {"/messages": Route("", "", unrouted, ANTHROPIC), "/responses": Route("", "", unrouted, RESPONSES)}
+API_PREFIX, ADMIN_PREFIX = "/v1/", "/admin/"  # where an unknown path needs the API's key, or the admin's
+UNROUTED_FAMILIES = {"/messages": ANTHROPIC, "/responses": RESPONSES}  # what clients of a path's family read
 
 
 def route_of(request):
-    """The route a request came by; for an unknown path or method, one whose errors its family's clients read."""
+    """The route a request came by; for an unknown path or method, one whose errors its family's clients read
+    (with or without /v1, or with it twice), and that needs the key of the routes it lies among."""
     method = "GET" if request.method == "HEAD" else request.method
     route = request.app[ROUTE_OF].get((request.match_info.route.resource, method))
     if route:
         return route
     path = request.path
-    while path.startswith("/v1/"):
-        path = path[3:]
-    return next((r for prefix, r in UNROUTED_FAMILIES.items() if path.startswith(prefix)), UNROUTED)
+    auth = Auth.API if path.startswith(API_PREFIX) else Auth.ADMIN if path.startswith(ADMIN_PREFIX) else Auth.PUBLIC
+    while path.startswith(API_PREFIX):
+        path = path[len(API_PREFIX) - 1:]
+    dialect = next((d for prefix, d in UNROUTED_FAMILIES.items() if path.startswith(prefix)), OPENAI)
+    return Route("", "", unrouted, auth, dialect)
 
 
 def bearer(request):
@@ -7517,19 +8135,17 @@ async def handle_errors(request, handler):
 
 @web.middleware
 async def check_keys(request, handler):
-    """API routes need an API key (but for CORS preflights), admin API routes the admin key; the rest is public."""
-    settings = request.app[STATE].settings
-    path = request.path
-    if request.method == "OPTIONS" and path.startswith("/v1/"):
+    """Asks each request for the key its route's auth names (a CORS preflight of the API for none)."""
+    settings, auth = request.app[STATE].settings, route_of(request).auth
+    if auth is Auth.API and request.method == "OPTIONS":
         return preflight(request)
-    if path.startswith("/v1/"):
+    if auth is Auth.API:
         await admit_key(request)
-    elif path == "/metrics":
+    elif auth is Auth.METRICS:
         if matching_key(bearer(request), [key for key in (settings.admin_key, settings.metrics_key) if key]) is None:
             raise ApiError(401, "Invalid or missing key: send Authorization: Bearer <METRICS_KEY> (or the admin key)",
                            code="invalid_metrics_key")
-    elif (path.startswith("/admin/") and not (path == settings.admin_page_path and request.method in ("GET", "HEAD"))
-          and matching_key(bearer(request), [settings.admin_key]) is None):
+    elif auth is Auth.ADMIN and matching_key(bearer(request), [settings.admin_key]) is None:
         raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
                        code="invalid_admin_key")
     return await handler(request)
@@ -7550,7 +8166,7 @@ async def admit_key(request):
 
 def allowed_origin(request, origins):
     origin = request.headers.get("Origin")
-    if not origin or not request.path.startswith("/v1/"):
+    if not origin or route_of(request).auth is not Auth.API:
         return None
     return "*" if "*" in origins else origin if origin in origins else None
 
@@ -7596,7 +8212,7 @@ def make_app(settings):
     admin = settings.admin_page_path
     if admin.startswith("/v1/") or any(route.path == admin for route in ROUTES):
         raise SettingsError(f"setting ADMIN_PAGE_PATH={admin!r} is a path the proxy already serves")
-    routes = [*ROUTES, Route("GET", admin, admin_page, listed=False)]
+    routes = [*ROUTES, Route("GET", admin, admin_page, Auth.PUBLIC, listed=False)]
     app[ROUTE_OF] = {}
     for route in routes:
         if route.method == "GET":
@@ -7609,6 +8225,11 @@ def make_app(settings):
     app.on_shutdown.append(shut_down)
     app.on_cleanup.append(clean_up)
     return app
+
+
+# ─── Processes ───────────────────────────────────────────────────────────────
+# What runs: main(), which only parses arguments and starts the proxy (or
+# --check), in one process or in WORKERS of them on one port.
 
 
 def main(argv=None):

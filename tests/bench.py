@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import aiohttp
-from fake_upstream import make_jwt
+from fake_site import make_jwt
 
 ROOT = Path(__file__).resolve().parent.parent
 KEY = "sk-bench"  # a named key of API_KEYS_FILE, with limits it never reaches: its bookkeeping is in every figure

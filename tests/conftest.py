@@ -1,4 +1,5 @@
-"""Shared fixtures: the fake K2Think upstream, and proxies pointed at it."""
+"""Shared fixtures and helpers: the fakes of each upstream kind, proxies pointed at them, and what more than one test
+file uses."""
 
 import asyncio
 import json
@@ -26,7 +27,8 @@ import urllib.request  # noqa: E402
 
 import anthropic  # noqa: E402
 import openai  # noqa: E402
-from fake_upstream import FakeK2Think  # noqa: E402
+from fake_api import FakeIFM  # noqa: E402
+from fake_site import FakeK2Think, make_jwt  # noqa: E402
 
 import k2proxy  # noqa: E402
 
@@ -35,6 +37,25 @@ API_KEY = "sk-test-key"
 ADMIN_KEY = "admin-test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+ALICE, BOB, CAROL = "sk-alice-0123456789", "sk-bob-0123456789", "sk-carol-0123456789"  # named keys of API_KEYS_FILE
+CHAT, MESSAGES, COUNT, RESPONSES = "/v1/chat/completions", "/v1/messages", "/v1/messages/count_tokens", "/v1/responses"
+DIALECTS = pytest.mark.parametrize("path", [CHAT, MESSAGES, RESPONSES], ids=["chat", "anthropic", "responses"])
+EACH_DIALECT = pytest.mark.parametrize("kind", ["chat", "anthropic", "responses"])
+WHOLE_OR_STREAMED = pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+NO_REASONING_SHOWN = {"chat": {}, "anthropic": {"thinking": None}, "responses": {"reasoning": None}}  # nor effort asked
+POOL_TOKENS = [make_jwt(time.time() + 3600, f"acc-{n}") for n in range(3)]  # three accounts' tokens, good for an hour
+TOOL_NAMES = frozenset({"get_weather", "search"})
+DEEP = "[" * 3000 + "]" * 3000  # JSON nested deeper than any parser here takes
+IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJ"
+         "RU5ErkJggg==")  # one pixel
+TEXT_PARTS = {"chat": [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second line."}],
+              "anthropic": [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second line."}],
+              "responses": [{"type": "input_text", "text": "First line."},
+                            {"type": "input_text", "text": "Second line."}]}
+IMAGE_PARTS = {"chat": {"type": "image_url", "image_url": {"url": IMAGE}},
+               "anthropic": {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                         "data": IMAGE.split(",", 1)[1]}},
+               "responses": {"type": "input_image", "image_url": IMAGE}}
 
 
 def pytest_addoption(parser):
@@ -86,8 +107,63 @@ async def proxy(make_proxy):
     return await make_proxy()
 
 
+@pytest.fixture
+async def keyed(make_proxy, tmp_path):
+    """A proxy whose named keys are alice (with the limits a test gives) and bob (none)."""
+    async def start(alice_limits="", **env):
+        (tmp_path / "api_keys.txt").write_text(f"alice:{ALICE} {alice_limits}\nbob:{BOB}\n")
+        return await make_proxy(API_KEYS_FILE=tmp_path / "api_keys.txt", **env)
+    return start
+
+
+@pytest.fixture
+def api_proxy(make_proxy, fake_api, tmp_path):
+    """Starts a proxy whose upstream is the fake API (or the server at `base`), with the IFM key `key` (several:
+    comma-separated) and a keys file of its own."""
+    async def start(key="IFM-test-key-00000000aaa", base=None, **env):
+        return await make_proxy(**{"UPSTREAM": "api", "IFM_BASE_URL": (base or fake_api.url) + "/v1",
+                                   "IFM_API_KEY": key, "IFM_KEYS_FILE": tmp_path / "ifm_keys.txt", **env})
+    return start
+
+
+def state_of(proxy):
+    return proxy.server.app[k2proxy.STATE]
+
+
+def pool_of(proxy):
+    return state_of(proxy).site.pool
+
+
+def as_key(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
 def chat(content="Hi", model=MODEL, **extra):
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
+
+
+def asked(path, content="Hi", stream=False, **extra):
+    """A minimal request of the dialect served at `path`."""
+    if path == CHAT:
+        return chat(content, stream=stream, **extra)
+    if path in (MESSAGES, COUNT):
+        body = {"model": MODEL, "max_tokens": 4096, "messages": [{"role": "user", "content": content}], **extra}
+        return body if path == COUNT else {**body, "stream": stream}
+    return {"model": MODEL, "input": content, "stream": stream, **extra}
+
+
+async def post_chat(proxy, body):
+    return await proxy.post(CHAT, json=body, headers=AUTH)
+
+
+def effort_sent(fake, index=-1):
+    return fake.received[index].body["extra_body"]["chat_template_kwargs"]["reasoning_effort"]
+
+
+def expanding_body(size):
+    """`size` bytes of JSON that a naive proxy would turn into millions of objects."""
+    head, tail = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": [', b"{}]}"
+    return head + b"{}," * ((size - len(head) - len(tail)) // 3) + tail
 
 
 async def read_sse(response):
@@ -117,6 +193,38 @@ async def read_named_sse(response):
     return events
 
 
+def stream_text_of(path, raw):
+    """The answer's text, as the client of that dialect reads it from a stream."""
+    if path == CHAT:
+        events = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: {")]
+        return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
+    data = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: ")]
+    if path == MESSAGES:
+        return "".join(d["delta"].get("text", "") for d in data if d.get("type") == "content_block_delta")
+    return "".join(d["delta"] for d in data if d.get("type") == "response.output_text.delta")
+
+
+def stream_ended_well(path, raw):
+    if path == CHAT:
+        return raw.rstrip().endswith("data: [DONE]")
+    return ("event: message_stop" if path == MESSAGES else "event: response.completed") in raw
+
+
+def ends_with_error(path, raw):
+    """The code (or type) of the error a stream of `path` ended with, once it is checked to end as its dialect's do."""
+    if path == CHAT:
+        events = [line[6:] for line in raw.split("\n") if line.startswith("data: ")]
+        assert events[-1] == "[DONE]"
+        return json.loads(events[-2])["error"]["code"]
+    names = [line[7:].strip() for line in raw.split("\n") if line.startswith("event: ")]
+    data = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: ")]
+    if path == MESSAGES:
+        assert names[-1] == "error"
+        return data[-1]["error"]["type"]
+    assert names[-1] == "response.failed" and data[-1]["response"]["status"] == "failed"
+    return data[-1]["response"]["error"]["code"]
+
+
 def stream_text(events, field="content"):
     return "".join(e["choices"][0]["delta"].get(field) or "" for e in events
                    if isinstance(e, dict) and e.get("choices"))
@@ -132,10 +240,10 @@ def scan_answer(names, text, step):
 
 
 async def until(condition, seconds=5.0):
-    """Waits for something a background task does (a sign-in, a file poll), failing after `seconds`."""
+    """Waits for something a background task does (a sign-in, a file poll, a clean-up), failing after `seconds`."""
     deadline = time.monotonic() + seconds
     while not condition():
-        assert time.monotonic() < deadline, "did not happen in time"
+        assert time.monotonic() < deadline, f"did not happen within {seconds} s"
         await asyncio.sleep(0.02)
 
 
@@ -237,10 +345,14 @@ def pair(spawn, tmp_path):
     return start
 
 
+def openai_sdk(started):
+    """The openai SDK on a proxy process (a Pair's), with the end-to-end key."""
+    return openai.OpenAI(base_url=started.url + "/v1", api_key=E2E_KEY, max_retries=0)
+
+
 @pytest.fixture
 async def fake_api(aiohttp_server):
     """The fake official IFM API (FakeIFM) over real HTTP on loopback; any key works until `keys` is set."""
-    from fake_upstream import FakeIFM
     upstream = FakeIFM()
     server = await aiohttp_server(upstream.app)
     upstream.url = str(server.make_url("")).rstrip("/")

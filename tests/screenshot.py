@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from fake_upstream import make_jwt  # noqa: E402
+from fake_site import make_jwt  # noqa: E402
 
 KEY, ADMIN_KEY = "sk-screenshot-0123456789", "admin-screenshot-0123456789"
 ALICE, BOB = "sk-alice-0123456789", "sk-bob-0123456789"

@@ -4,17 +4,13 @@ import json
 import time
 
 import pytest
-from conftest import ADMIN, AUTH, chat, until
-from fake_upstream import AUTH_EXPIRED, Reply
+from conftest import ADMIN, AUTH, chat, state_of, until
+from fake_site import AUTH_EXPIRED, Reply
 
 import k2proxy
 
 PASSWORDS = {"ann@example.com": "pa:ss-ann", "bob@example.com": "hunter2-bob"}
 V2 = "IFM/K2-Horizon-375B-A23B-v2"
-
-
-def state_of(proxy):
-    return proxy.server.app[k2proxy.STATE]
 
 
 @pytest.fixture

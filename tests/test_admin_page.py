@@ -9,15 +9,25 @@ import urllib.request
 
 import playwright.async_api as playwright
 import pytest
-from conftest import ADMIN, ADMIN_KEY, AUTH, E2E_ADMIN_KEY, MODEL, ROOT, chat, free_port, need_program
-from fake_upstream import Reply, make_jwt
+from conftest import (
+    ADMIN,
+    ADMIN_KEY,
+    ALICE,
+    AUTH,
+    E2E_ADMIN_KEY,
+    MODEL,
+    POOL_TOKENS,
+    ROOT,
+    chat,
+    free_port,
+    need_program,
+)
+from fake_site import Reply
 
 import k2proxy
 
 ARTIFACTS = ROOT / "test-artifacts"
-TOKENS = [make_jwt(time.time() + 3600, f"acc-{n}") for n in range(3)]
-ALICE_KEY = "sk-alice-0123456789"
-KEYS_FILE = f"# team keys\nalice:{ALICE_KEY} rpm=2\n"
+KEYS_FILE = f"# team keys\nalice:{ALICE} rpm=2\n"
 HOSTILE = "<script>window.hacked = 1</script><img src=x onerror='window.hacked=2'>"
 IFM_REFUSED = "IFM-0123456789abcdef-refused-rfd"
 IFM_SPENT = "IFM-fedcba9876543210-spent-spt"
@@ -44,7 +54,7 @@ async def browser(chromium):
 
 @pytest.fixture
 async def site(make_proxy, tmp_path, fake):
-    (tmp_path / "tokens.txt").write_text("# team pool\n" + "\n".join(TOKENS) + "\n")
+    (tmp_path / "tokens.txt").write_text("# team pool\n" + "\n".join(POOL_TOKENS) + "\n")
     (tmp_path / "api_keys.txt").write_text(KEYS_FILE)
     proxy = await make_proxy(PROXY_MODE="user", API_KEYS_FILE=tmp_path / "api_keys.txt")
     proxy.tokens_file = tmp_path / "tokens.txt"
@@ -94,7 +104,7 @@ async def test_key_prompt_first_and_no_data_before_the_key(browser, site):
     await playwright.expect(page.locator("#admin-key")).to_be_visible()
     assert await page.locator("#admin-key").get_attribute("type") == "password"
     html = await page.content()
-    assert all(token[-3:] not in html and token[:12] not in html for token in TOKENS)
+    assert all(token[-3:] not in html and token[:12] not in html for token in POOL_TOKENS)
     assert api_calls == []
 
 
@@ -124,11 +134,12 @@ async def test_counts_polling_actions_and_screenshots(browser, site, fake):
 
     await page.click("#load-tokens")
     await playwright.expect(page.locator("#flash")).to_contain_text("Loaded", timeout=8000)  # no load still on its way
-    await playwright.expect(page.locator("#tokens-editor")).to_have_value("# team pool\n" + "\n".join(TOKENS) + "\n")
-    await page.fill("#tokens-editor", f"# team pool\n{TOKENS[0]}\n")
+    await playwright.expect(page.locator("#tokens-editor")).to_have_value(
+        "# team pool\n" + "\n".join(POOL_TOKENS) + "\n")
+    await page.fill("#tokens-editor", f"# team pool\n{POOL_TOKENS[0]}\n")
     await page.click("#save-tokens")
     await playwright.expect(page.locator("#flash")).to_contain_text("Saved", timeout=8000)
-    assert site.tokens_file.read_text() == f"# team pool\n{TOKENS[0]}\n"
+    assert site.tokens_file.read_text() == f"# team pool\n{POOL_TOKENS[0]}\n"
     await text_of(page, "#count-total", "1")
 
     fake.reply = Reply(status=401, body=json.dumps({"detail": "expired"}))
@@ -150,7 +161,7 @@ async def test_counts_polling_actions_and_screenshots(browser, site, fake):
 
 
 async def test_the_last_hour_the_requests_and_the_keys(browser, site, fake):
-    alice = {"Authorization": "Bearer " + ALICE_KEY}
+    alice = {"Authorization": "Bearer " + ALICE}
     for _ in range(2):
         assert (await site.post("/v1/chat/completions", json=chat(), headers=alice)).status == 200
     assert (await site.post("/v1/chat/completions", json=chat(), headers=alice)).status == 429
@@ -181,7 +192,7 @@ async def test_the_last_hour_the_requests_and_the_keys(browser, site, fake):
     await playwright.expect(page.locator("#flash")).to_contain_text("Saved 2 keys", timeout=8000)
     assert site.keys_file.read_text() == f"{KEYS_FILE}bob:{new_key} rpm=5\n"
     await playwright.expect(page.locator("#keys-body")).to_contain_text("bob")
-    assert new_key not in await page.content() and ALICE_KEY not in await page.content()
+    assert new_key not in await page.content() and ALICE not in await page.content()
     bob = {"Authorization": "Bearer " + new_key}
     assert (await site.post("/v1/chat/completions", json=chat(), headers=bob)).status == 200
     bob_row = page.locator("#keys-body tr[data-name='bob']")
@@ -301,7 +312,7 @@ async def test_buttons_are_disabled_while_their_request_is_in_flight(browser, si
     release = asyncio.Event()
 
     async def hold(route):
-        await release.wait()
+        await asyncio.wait_for(release.wait(), 10)
         await route.continue_()
     await page.route("**/admin/tokens/reset-all", hold)
     await page.click("#reset-all")
@@ -329,8 +340,8 @@ async def test_a_file_edited_on_the_server_is_not_overwritten(browser, site):
     page = await open_page(browser, site)
     await log_in(page)
     await playwright.expect(page.locator("#tokens-editor")).to_have_value(re.compile("team pool"), timeout=8000)
-    site.tokens_file.write_text(f"# team pool\n{TOKENS[0]}\nadded-over-ssh\n")
-    await page.fill("#tokens-editor", f"# team pool\n{TOKENS[1]}\n")
+    site.tokens_file.write_text(f"# team pool\n{POOL_TOKENS[0]}\nadded-over-ssh\n")
+    await page.fill("#tokens-editor", f"# team pool\n{POOL_TOKENS[1]}\n")
     await page.click("#save-tokens")
     await playwright.expect(page.locator("#flash")).to_contain_text("changed since it was loaded", timeout=8000)
     assert "added-over-ssh" in site.tokens_file.read_text()
@@ -338,10 +349,10 @@ async def test_a_file_edited_on_the_server_is_not_overwritten(browser, site):
     await page.click("#load-tokens")
     await playwright.expect(page.locator("#flash")).to_contain_text("Loaded", timeout=8000)  # no load still on its way
     await playwright.expect(page.locator("#tokens-editor")).to_have_value(re.compile("added-over-ssh"))
-    await page.fill("#tokens-editor", f"# team pool\n{TOKENS[1]}\nadded-over-ssh\n")
+    await page.fill("#tokens-editor", f"# team pool\n{POOL_TOKENS[1]}\nadded-over-ssh\n")
     await page.click("#save-tokens")
     await playwright.expect(page.locator("#flash")).to_contain_text("Saved", timeout=8000)
-    assert site.tokens_file.read_text() == f"# team pool\n{TOKENS[1]}\nadded-over-ssh\n"
+    assert site.tokens_file.read_text() == f"# team pool\n{POOL_TOKENS[1]}\nadded-over-ssh\n"
 
     await page.click("#reload")
     await playwright.expect(page.locator("#flash")).to_contain_text("Reloaded 2 tokens", timeout=8000)
@@ -378,11 +389,11 @@ async def test_the_editor_warns_of_a_line_that_is_not_a_jwt(browser, site):
     page = await dashboard(browser, site)
     await page.click("#load-tokens")
     await playwright.expect(page.locator("#flash")).to_contain_text("Loaded", timeout=8000)  # no load still on its way
-    await page.fill("#tokens-editor", f"{TOKENS[0]}\nsomething-pasted-wrong\n")
+    await page.fill("#tokens-editor", f"{POOL_TOKENS[0]}\nsomething-pasted-wrong\n")
     await page.click("#save-tokens")
     await playwright.expect(page.locator("#flash")).to_contain_text("line 2", timeout=8000)
     await playwright.expect(page.locator("#flash")).to_contain_text("not a JWT")
-    assert site.tokens_file.read_text() == f"{TOKENS[0]}\nsomething-pasted-wrong\n"
+    assert site.tokens_file.read_text() == f"{POOL_TOKENS[0]}\nsomething-pasted-wrong\n"
 
 
 def ifm_row(page, key):
@@ -577,7 +588,7 @@ async def test_fifty_requests_on_a_phone_leave_the_tokens_within_two_screens(mon
                                                                              tmp_path):
     """At 360 px the request list is a box of its own, so 50 requests do not push the Tokens section away."""
     monkeypatch.chdir(tmp_path)  # the default file names, as a user has them (the Proxy section shows them)
-    (tmp_path / "tokens.txt").write_text("\n".join(TOKENS) + "\n")
+    (tmp_path / "tokens.txt").write_text("\n".join(POOL_TOKENS) + "\n")
     site = await make_proxy(PROXY_MODE="user", USER_TOKENS_FILE="tokens.txt", GUEST_TOKENS_FILE="tokens_guest.txt")
     for _ in range(50):
         assert (await site.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200

@@ -6,8 +6,8 @@ import json
 import time
 
 import pytest
-from conftest import API_KEY, MODEL, read_named_sse
-from fake_upstream import Reply, make_jwt
+from conftest import API_KEY, MODEL, effort_sent, pool_of, read_named_sse
+from fake_site import Reply, make_jwt
 
 import k2proxy
 
@@ -27,10 +27,6 @@ def request(**extra):
 
 async def post(proxy, body, path="/v1/messages?beta=true", headers=KEY):
     return await proxy.post(path, json=body, headers=headers)
-
-
-def effort_sent(fake):
-    return fake.received[-1].body["extra_body"]["chat_template_kwargs"]["reasoning_effort"]
 
 
 async def test_a_message_as_anthropic_sends_it(proxy, fake):
@@ -118,7 +114,8 @@ async def test_a_claude_code_request_is_taken_whole(proxy, fake):
     assert "billing-header" not in json.dumps(sent)
     assert "### Bash" in system["content"] and "web_search" not in system["content"]
     assert sent["messages"][1] == {"role": "user", "content": "<system-reminder>context</system-reminder>\nSay hello"}
-    assert sent["messages"][2] == {"role": "system", "content": "Available agent types: claude."}
+    assert sent["messages"][2] == {"role": "user", "content": "<system-reminder>\nAvailable agent types: claude.\n"
+                                                              "</system-reminder>"}, "a system message later on: a note"
     assert sent["params"] == {"temperature": 1, "max_tokens": k2proxy.MAX_OUTPUT_TOKENS, "stop": ["STOP"]}
     assert effort_sent(fake) == "high"
 
@@ -285,7 +282,7 @@ async def test_failures_have_anthropics_statuses_and_types(make_proxy, fake, tmp
         await post(proxy, body)
     elif case == "no usable token":
         (tmp_path / "tokens.txt").write_text(make_jwt(time.time() - 60) + "\n")
-        await k2proxy_pool(proxy).reload()
+        await pool_of(proxy).reload()
     elif case == "upstream broken":
         fake.reply = Reply(status=500, body="boom")
     elif case == "upstream silent":
@@ -297,10 +294,6 @@ async def test_failures_have_anthropics_statuses_and_types(make_proxy, fake, tmp
     assert (response.status, error["type"]) == (status, kind)
     if status == 429:
         assert 1 <= int(response.headers["retry-after"]) <= 30
-
-
-def k2proxy_pool(proxy):
-    return proxy.server.app[k2proxy.STATE].site.pool
 
 
 async def test_a_failure_after_the_stream_started_is_an_error_event(make_proxy, fake):

@@ -6,7 +6,7 @@ import time
 import anthropic
 import pytest
 from conftest import E2E_KEY, MODEL
-from fake_upstream import make_jwt
+from fake_site import make_jwt
 
 REASONING = "The user says hello.\nI answer in kind."
 ANSWER = "Hello from K2 Horizon — 你好!"

@@ -1,10 +1,13 @@
-"""The OpenAI surface: keys, bad input, models, health, CORS, unknown routes."""
+"""The OpenAI surface: keys, bad input, models, health, CORS, unknown routes (with the route meant), the routes
+the root lists, structured output."""
 
 import json
 
 import pytest
 from conftest import API_KEY, AUTH, MODEL, chat, read_sse
-from fake_upstream import Reply
+from fake_site import Reply
+
+import k2proxy
 
 
 def assert_error(body, status_code, response_status):
@@ -132,6 +135,41 @@ async def test_unknown_routes_and_methods_get_json_errors(proxy, method, path, s
     assert_error(await response.json(), status, response.status)
 
 
+@pytest.mark.parametrize("path,meant,advice", [
+    ("/chat/completions", "POST /v1/chat/completions", "Put /v1 at the end of the client's base URL"),
+    ("/v1/v1/messages", "POST /v1/messages", "remove /v1 from the base URL"),
+    ("/v1/completions", "POST /v1/chat/completions", ""),
+    ("/v1/message", "POST /v1/messages", ""),
+])
+async def test_an_unknown_route_names_the_route_meant(proxy, fake, path, meant, advice):
+    response = await proxy.post(path, json=chat(), headers=AUTH)
+    body = await response.json()
+    message = body["error"]["message"]
+    assert response.status == 404 and f"did you mean {meant}?" in message and advice in message
+    assert fake.received == []
+
+
+async def test_an_anthropic_client_with_v1_twice_gets_its_own_error_shape_and_the_hint(proxy):
+    response = await proxy.post("/v1/v1/messages", json={}, headers=AUTH)
+    body = await response.json()
+    assert response.status == 404 and body["type"] == "error"
+    assert "did you mean POST /v1/messages?" in body["error"]["message"]
+
+
+async def test_a_path_like_no_route_gets_no_guess(proxy):
+    body = await (await proxy.post("/nothing/here", json={}, headers=AUTH)).json()
+    assert body["error"]["message"] == "Unknown route: POST /nothing/here"
+
+
+async def test_the_root_lists_every_api_route(proxy):
+    """As a user names them: /v1/models/{id}, not aiohttp's pattern of the route."""
+    listed = (await (await proxy.get("/")).json())["endpoints"]
+    api_routes = [f"{route.method} {route.shown_path or route.path}" for route in k2proxy.ROUTES
+                  if route.auth is k2proxy.Auth.API]
+    assert set(api_routes) <= set(listed) and "GET /v1/responses/{id}" in listed and "GET /v1/models/{id}" in listed
+    assert not any(":" in endpoint for endpoint in listed)
+
+
 async def test_cors_preflight_and_headers(make_proxy):
     proxy = await make_proxy(CORS_ORIGINS="https://chat.example")
     preflight = await proxy.options("/v1/chat/completions", headers={
@@ -227,6 +265,13 @@ async def test_an_answer_without_the_json_asked_for_is_a_502(proxy, fake, stream
         assert events[-2]["error"]["code"] == "invalid_json_output"
     else:
         assert response.status == 502 and (await response.json())["error"]["code"] == "invalid_json_output"
+
+
+async def test_an_answer_nested_too_deeply_for_json_ends_the_stream_with_its_error(proxy, fake):
+    fake.reply = Reply(answer="[" * 5000 + "]" * 5000)
+    body = chat(stream=True, response_format={"type": "json_object"})
+    events, _ = await read_sse(await proxy.post("/v1/chat/completions", json=body, headers=AUTH))
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "invalid_json_output"
 
 
 @pytest.mark.parametrize("extra,param", [({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"),

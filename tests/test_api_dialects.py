@@ -1,7 +1,8 @@
 """Each client dialect (chat completions, Anthropic Messages, Responses), whole and streamed, through the official
 openai and anthropic SDKs to a proxy whose upstream is the fake IFM API (UPSTREAM=api): what reaches upstream, and
-what comes back to the client in its own dialect's form."""
+what comes back to the client in its own dialect's form; and, over raw HTTP, answers a careless reader breaks on."""
 
+import asyncio
 import json
 import re
 from dataclasses import dataclass, field
@@ -9,17 +10,31 @@ from dataclasses import dataclass, field
 import anthropic
 import openai
 import pytest
-from conftest import API_KEY, MODEL
-from fake_upstream import ApiReply
+from aiohttp import web
+from conftest import (
+    API_KEY,
+    AUTH,
+    DEEP,
+    DIALECTS,
+    EACH_DIALECT,
+    IMAGE_PARTS,
+    MESSAGES,
+    MODEL,
+    NO_REASONING_SHOWN,
+    RESPONSES,
+    TEXT_PARTS,
+    WHOLE_OR_STREAMED,
+    asked,
+    stream_ended_well,
+    stream_text_of,
+)
+from fake_api import ApiReply
 from pydantic import BaseModel
 
 OTHER_KEY = "sk-second-client-key"
 IFM_KEY = "IFM-dialects-test-key"
 REASONING = "The user greets me.\nI greet back — 你好."
 ANSWER = "Hello! How can I help you today?"
-DIALECTS = ("chat", "anthropic", "responses")
-EACH_DIALECT = pytest.mark.parametrize("kind", DIALECTS)
-WHOLE_OR_STREAMED = pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
 TOOL_FORMATS = {"tool_presentation_format": "xml", "tool_call_format": "xml"}
 CITY = {"type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
         "required": ["city"]}
@@ -30,8 +45,6 @@ TOOLS = {"chat": [UPSTREAM_TOOL],
          "anthropic": [{"name": "get_weather", "description": "Weather for a city.", "input_schema": CITY}],
          "responses": [{"type": "function", "name": "get_weather", "description": "Weather for a city.",
                         "parameters": CITY}]}
-IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJ"
-         "RU5ErkJggg==")  # one pixel
 
 
 class Weather(BaseModel):
@@ -207,21 +220,15 @@ class ResponsesDialect:
 
 
 CLIENTS = {"chat": ChatDialect, "anthropic": AnthropicDialect, "responses": ResponsesDialect}
-PLAIN = {"chat": {}, "anthropic": {"thinking": None}, "responses": {"reasoning": None}}  # no effort asked
-
-
-@pytest.fixture
-async def api_proxy(make_proxy, fake_api):
-    """A proxy in front of the fake API, with two client keys."""
-    return await make_proxy(UPSTREAM="api", IFM_BASE_URL=fake_api.url + "/v1", IFM_API_KEY=IFM_KEY,
-                            VALID_API_KEY=f"{API_KEY},{OTHER_KEY}")
 
 
 @pytest.fixture
 async def connect(api_proxy, fake_api):
-    """(dialect, stream, client key) → a client on the proxy; the fake answers REASONING and ANSWER unless steered."""
+    """(dialect, stream, client key) → a client on a proxy in front of the fake API, with two client keys; the fake
+    answers REASONING and ANSWER unless steered."""
     fake_api.reply = ApiReply(reasoning=REASONING, answer=ANSWER)
-    url, made = str(api_proxy.make_url("")).rstrip("/"), []
+    proxy = await api_proxy(key=IFM_KEY, VALID_API_KEY=f"{API_KEY},{OTHER_KEY}")
+    url, made = str(proxy.make_url("")).rstrip("/"), []
 
     def start(kind, stream, key=API_KEY):
         made.append(CLIENTS[kind](url, stream, key))
@@ -488,7 +495,7 @@ async def test_effort_lands_in_chat_template_kwargs_clamped_to_k2s(connect, fake
 @WHOLE_OR_STREAMED
 async def test_a_nothink_model_thinks_low_and_shows_no_reasoning(connect, fake_api, kind, stream):
     client = connect(kind, stream)
-    said = await client.ask([client.user("Hi")], model=MODEL + "-nothink", **PLAIN[kind])
+    said = await client.ask([client.user("Hi")], model=MODEL + "-nothink", **NO_REASONING_SHOWN[kind])
     assert (said.text, said.reasoning) == (ANSWER, "")
     sent = fake_api.received[-1]
     assert (sent.body["model"], sent.effort, sent.effort_places) == (MODEL, "low", ["chat_template_kwargs"])
@@ -496,14 +503,6 @@ async def test_a_nothink_model_thinks_low_and_shows_no_reasoning(connect, fake_a
 
 # ─── 6. text only
 
-TEXT_PARTS = {"chat": [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second line."}],
-              "anthropic": [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second line."}],
-              "responses": [{"type": "input_text", "text": "First line."},
-                            {"type": "input_text", "text": "Second line."}]}
-IMAGE_PARTS = {"chat": {"type": "image_url", "image_url": {"url": IMAGE}},
-               "anthropic": {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                         "data": IMAGE.split(",", 1)[1]}},
-               "responses": {"type": "input_image", "image_url": IMAGE}}
 IMAGE_PLACES = {"chat": "messages[0].content[1]", "anthropic": "messages[0].content[1]",
                 "responses": "input[0].content[1]"}
 
@@ -596,3 +595,52 @@ async def test_an_all_reasoning_follow_up_is_split_at_its_closer(connect, fake_a
     said = await client.ask(opening + first.turn + [client.user("And how are you?")], **LOW_EFFORT[kind])
     assert fake_api.received[-1].effort == "low"
     assert (said.text, said.reasoning) == (ANSWER, REASONING)
+
+
+# ─── 9. what a careless reader would break on: a character cut between chunks, arguments nested too deeply
+
+@pytest.fixture
+async def raw_api(aiohttp_server):
+    """An OpenAI-compatible upstream that sends the SSE chunks of `chunks`, one write each."""
+    sent = {"chunks": []}
+
+    async def completions(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for chunk in sent["chunks"]:
+            await response.write(f"data: {chunk}\n\n".encode())
+            await asyncio.sleep(0.01)  # pacing: each chunk its own network read
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", completions)
+    server = await aiohttp_server(app)
+    sent["url"] = str(server.make_url("")).rstrip("/")
+    return sent
+
+
+@DIALECTS
+async def test_an_emoji_cut_between_two_chunks_of_the_api_arrives_whole(api_proxy, raw_api, path):
+    proxy = await api_proxy(base=raw_api["url"])
+    raw_api["chunks"] = ['{"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}',
+                         '{"choices": [{"index": 0, "delta": {"content": "A \\ud83d"}}]}',
+                         '{"choices": [{"index": 0, "delta": {"content": "\\ude00 B"}}]}',
+                         '{"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}', "[DONE]"]
+    response = await asyncio.wait_for(proxy.post(path, json=asked(path, stream=True), headers=AUTH), 10)
+    raw = (await asyncio.wait_for(response.read(), 10)).decode()
+    assert stream_text_of(path, raw) == "A \U0001f600 B" and stream_ended_well(path, raw)
+
+
+@pytest.mark.parametrize("path", [MESSAGES, RESPONSES])
+async def test_a_native_tool_call_nested_too_deeply_from_the_api_is_never_a_500(api_proxy, fake_api, path):
+    proxy = await api_proxy()
+    fake_api.reply = ApiReply(tool_calls=[{"name": "f", "arguments": DEEP}])
+    schema = {"type": "object"}
+    tools = {MESSAGES: [{"name": "f", "input_schema": schema}],
+             RESPONSES: [{"type": "function", "name": "f", "parameters": schema}]}[path]
+    for stream in (False, True):
+        response = await proxy.post(path, json=asked(path, tools=tools, stream=stream), headers=AUTH)
+        assert response.status == 200
+        raw = (await response.read()).decode()
+        assert stream_ended_well(path, raw) if stream else json.loads(raw)

@@ -15,8 +15,13 @@ from conftest import (
     ADMIN_KEY,
     API_KEY,
     AUTH,
+    CHAT,
+    DIALECTS,
+    MESSAGES,
     MODEL,
+    RESPONSES,
     ROOT,
+    asked,
     chat,
     free_port,
     read_named_sse,
@@ -24,7 +29,8 @@ from conftest import (
     stream_text,
     until,
 )
-from fake_upstream import ApiReply, Reply
+from fake_api import ApiReply
+from fake_site import Reply
 
 import k2proxy
 
@@ -33,8 +39,6 @@ KEY_B = "IFM-second-key-0000000bbb"
 REFUSED = "IFM-refused-key-000000rrr"
 UNKNOWN = "IFM-unknown-key-000000www"
 ANSWER = "The answer arrives whole, from the key that did not fail."
-CHAT, MESSAGES, RESPONSES = "/v1/chat/completions", "/v1/messages", "/v1/responses"
-DIALECTS = pytest.mark.parametrize("path", [CHAT, MESSAGES, RESPONSES], ids=["chat", "anthropic", "responses"])
 
 
 def mask(key):
@@ -46,22 +50,9 @@ def next_midnight_utc():
 
 
 @pytest.fixture
-def api_proxy(make_proxy, fake_api, tmp_path):
-    """Starts a proxy whose upstream is the fake API, with these IFM keys (and a keys file of its own)."""
-    async def start(keys=(KEY_A, KEY_B), **env):
-        return await make_proxy(**{"UPSTREAM": "api", "IFM_BASE_URL": fake_api.url + "/v1",
-                                   "IFM_API_KEY": ",".join(keys), "IFM_KEYS_FILE": tmp_path / "ifm_keys.txt", **env})
-    return start
-
-
-def asked(path, stream=False, content="Hi"):
-    """A minimal request of the dialect served at `path`."""
-    if path == CHAT:
-        return chat(content, stream=stream)
-    if path == MESSAGES:
-        return {"model": MODEL, "max_tokens": 256, "messages": [{"role": "user", "content": content}],
-                "stream": stream}
-    return {"model": MODEL, "input": content, "stream": stream}
+def api_proxy(api_proxy):
+    """The shared proxy in front of the fake API, with these IFM keys (KEY_A and KEY_B unless a test names others)."""
+    return lambda keys=(KEY_A, KEY_B), **env: api_proxy(key=",".join(keys), **env)
 
 
 async def answer_text(path, response, stream):
@@ -242,7 +233,7 @@ async def test_a_stream_cut_before_any_text_is_retried_on_another_key_in_the_sam
     proxy = await api_proxy()
     fake_api.by_key[KEY_A] = ApiReply(reasoning="", truncate="before_content")
     fake_api.reply = ApiReply(answer=ANSWER)
-    response = await proxy.post(path, json=asked(path, stream), headers=AUTH)
+    response = await proxy.post(path, json=asked(path, stream=stream), headers=AUTH)
     assert response.status == 200
     assert await answer_text(path, response, stream) == ANSWER
     first, retry = chats(fake_api)
@@ -360,7 +351,7 @@ async def test_no_key_appears_anywhere_but_the_key_editor(api_proxy, fake_api, t
     seen = []
     for path in (CHAT, MESSAGES, RESPONSES):
         for stream in (False, True):
-            response = await proxy.post(path, json=asked(path, stream), headers=AUTH)
+            response = await proxy.post(path, json=asked(path, stream=stream), headers=AUTH)
             seen.append(await response.text())
     fake_api.by_key[KEY_B] = ApiReply(status=429, retry_after=30)
     limited = await proxy.post(CHAT, json=chat(), headers=AUTH)

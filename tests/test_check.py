@@ -1,15 +1,16 @@
 """`python k2proxy.py --check` and POST /admin/check: one test per situation an operator meets, each asserting the
-report's verdicts and hints; exit codes; the JSON form; no secret anywhere."""
+report's verdicts and hints; exit codes; the JSON form (read by `head` too); no secret anywhere."""
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 from conftest import ADMIN, ADMIN_KEY, API_KEY, MODEL, ROOT, free_port, run_check
-from fake_upstream import AUTH_EXPIRED, OLD_MODEL, Reply, make_jwt
+from fake_site import AUTH_EXPIRED, OLD_MODEL, Reply, make_jwt
 
 import k2proxy
 
@@ -203,3 +204,32 @@ def test_no_secret_in_the_report(spawn, tmp_path):
     assert "sign-in ann@example.com" in outputs[0]
     for secret in (API_KEY, ADMIN_KEY, TOKEN, "very-secret-password"):
         assert all(secret not in output for output in outputs)
+
+
+def check_process(tmp_path, *flags, **env):
+    """`python k2proxy.py --check` against nothing that answers, with stdout piped."""
+    return subprocess.Popen([sys.executable, str(ROOT / "k2proxy.py"), "--check", *flags], cwd=tmp_path,
+                            env={**os.environ, "VALID_API_KEY": API_KEY, "REQUEST_TIMEOUT": "2",
+                                 "K2THINK_BASE_URL": f"http://127.0.0.1:{free_port()}", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_check_json_read_by_head_ends_without_a_traceback(tmp_path):
+    process = check_process(tmp_path, "--json")
+    process.stdout.readline()  # one line, then the reader goes away, as `| head -1` does
+    process.stdout.close()
+    assert process.wait(30) in (0, 1) and "Traceback" not in process.stderr.read()
+
+
+async def test_check_in_user_mode_without_tokens_says_what_to_do(proxy_settings, fake, tmp_path):
+    settings = proxy_settings(PROXY_MODE="user", ACCOUNTS_FILE=tmp_path / "accounts.txt")
+    report = await run_check(settings)
+    user = next(probe for probe in report["probes"] if probe["name"] == "user chat")
+    assert user["verdict"] == "skipped" and "tokens.txt" in user["hint"] and "accounts.txt" in user["hint"]
+
+
+async def test_check_of_an_unknown_model_in_guest_mode_names_the_default(proxy_settings, fake, tmp_path):
+    settings = proxy_settings(MODELS="IFM/K2-Nope", ACCOUNTS_FILE=tmp_path / "accounts.txt")
+    report = await run_check(settings)
+    guest = next(probe for probe in report["probes"] if probe["name"] == "guest chat")
+    assert guest["verdict"] == "failed" and MODEL in guest["hint"] and not report["works"]

@@ -8,11 +8,12 @@ import json
 import os
 import secrets
 import subprocess
+from pathlib import Path
 
 import pytest
 from conftest import E2E_KEY, MODEL, REQUIRE_PROGRAMS, ROOT, Pair, free_port, need_program
 
-CLIS = ROOT / ".clis" / "node_modules" / ".bin"
+CLIS = Path(os.environ.get("K2PROXY_CLIS") or ROOT / ".clis" / "node_modules" / ".bin")  # CI: also the newest
 INSTALL = "npm install --prefix .clis @anthropic-ai/claude-code@2.1.197 @openai/codex@0.169.0"
 QUIET = {"CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1", "DISABLE_TELEMETRY": "1", "DISABLE_AUTOUPDATER": "1",
          "DISABLE_ERROR_REPORTING": "1", "CLAUDE_CODE_MAX_RETRIES": "0"}
@@ -96,6 +97,21 @@ def test_claude_code_runs_the_tool_the_model_calls_and_sends_its_result_back(pai
     result = started.received()[-1]["body"]["messages"][-1]
     assert result["role"] == "user" and result["content"].startswith('<tool_result name="Bash"')
     assert marker in result["content"] and f"echo {marker}" not in result["content"], "the output, not the command"
+
+
+def test_claude_code_reads_a_pdf_through_the_proxy_and_the_model_reads_its_text(pair, tmp_path):
+    """Claude Code's Read tool returns a PDF as a document block in its tool result: its text reaches the model."""
+    import pdfs
+    started = pair()
+    work = tmp_path / "claude-work"
+    work.mkdir(exist_ok=True)
+    (work / "report.pdf").write_bytes(pdfs.pdf(["Quarterly report", "Revenue rose by 12 percent."]))
+    call = f'<tool_call>{{"name": "Read", "arguments": {{"file_path": "{work / "report.pdf"}"}}}}</tool_call>'
+    started.steer(script=[{"answer": "I will read it.\n" + call}, {"answer": "Revenue rose by 12 percent."}])
+    run = claude(started, tmp_path, "What does report.pdf say about revenue?", "--allowedTools", "Read")
+    assert (run.returncode, run.stdout.strip(), run.stderr) == (0, "Revenue rose by 12 percent.", "")
+    result = started.received()[-1]["body"]["messages"][-1]["content"]
+    assert "(PDF, 2 pages)" in result and "--- page 2 ---\nRevenue rose by 12 percent." in result
 
 
 CODEX_CONFIG = """model = "{model}"

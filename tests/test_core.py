@@ -1,10 +1,13 @@
-"""The core: the events a completion produces, the writers that gather them, and each upstream failure kind's
-policy (charge the token? fail over? what does the client get?)."""
+"""The core: the events a completion produces, the writers that gather them, each upstream failure kind's policy
+(charge the token? fail over? what does the client get?), and a stream that always ends in its dialect's way."""
 
+import asyncio
 import json
 import time
 
 import pytest
+from conftest import AUTH, DIALECTS, asked, ends_with_error
+from fake_site import Reply
 
 import k2proxy
 from k2proxy import Failed, Finish, Reasoning, Text, ToolArguments, ToolCallStart, Usage
@@ -21,21 +24,21 @@ def kinds(events):
 
 def test_reasoning_then_answer_become_their_own_events():
     progress = k2proxy.Progress(None, show_reasoning=True)
-    assert progress.events("Let me think.", "") == [Reasoning("Let me think.")]
-    assert progress.events("", "Hello") == [Text("Hello")]
-    assert progress.events("more", " there") == [Reasoning("more"), Text(" there")]
+    assert progress.events(k2proxy.Delta("Let me think.", "")) == [Reasoning("Let me think.")]
+    assert progress.events(k2proxy.Delta("", "Hello")) == [Text("Hello")]
+    assert progress.events(k2proxy.Delta("more", " there")) == [Reasoning("more"), Text(" there")]
 
 
 def test_hidden_reasoning_is_counted_but_not_sent():
     progress = k2proxy.Progress(None, show_reasoning=False)
-    assert progress.events("x" * 400, "ok") == [Text("ok")]
+    assert progress.events(k2proxy.Delta("x" * 400, "ok")) == [Text("ok")]
     finish = progress.closing(prompt_tokens=5)[-1]
     assert finish.usage == Usage(prompt_tokens=5, completion_tokens=100, reasoning_tokens=100)
 
 
 def test_a_tool_call_is_a_start_and_its_arguments():
     progress = k2proxy.Progress(PLAN, show_reasoning=True)
-    events = progress.events("", "Looking. " + CALL) + progress.closing(prompt_tokens=1)
+    events = progress.events(k2proxy.Delta("", "Looking. " + CALL)) + progress.closing(prompt_tokens=1)
     assert kinds(events) == ["Text", "ToolCallStart", "ToolArguments", "Finish"]
     start, arguments, finish = events[1:]
     assert (start.index, start.name) == (0, "search") and len(start.id) == 24
@@ -44,7 +47,7 @@ def test_a_tool_call_is_a_start_and_its_arguments():
 
 def test_text_held_by_the_scanner_comes_out_at_the_end():
     progress = k2proxy.Progress(PLAN, show_reasoning=True)
-    assert progress.events("", "See <tool_") == [Text("See ")]
+    assert progress.events(k2proxy.Delta("", "See <tool_")) == [Text("See ")]
     assert progress.closing(prompt_tokens=1)[:-1] == [Text("<tool_")]
 
 
@@ -52,16 +55,17 @@ def test_text_held_by_the_scanner_comes_out_at_the_end():
                                                ("content_filter", "content_filter"), ("weird", "stop")])
 def test_the_finish_reason_is_upstreams_when_a_client_can_use_it(upstream, expected):
     progress = k2proxy.Progress(None, show_reasoning=True)
-    progress.events("", "text", finish_reason=upstream)
+    progress.events(k2proxy.Delta("", "text", finish_reason=upstream))
     assert progress.closing(prompt_tokens=1)[-1].reason == expected
 
 
 def test_usage_is_upstreams_where_given_else_estimated():
     progress = k2proxy.Progress(None, show_reasoning=True)
-    progress.events("r" * 40, "a" * 40, usage={"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46})
+    usage = {"prompt_tokens": 12, "completion_tokens": 34, "total_tokens": 46}
+    progress.events(k2proxy.Delta("r" * 40, "a" * 40, usage=usage))
     assert progress.closing(prompt_tokens=99)[-1].usage == Usage(12, 34, 10)
     partial = k2proxy.Progress(None, show_reasoning=True)
-    partial.events("", "a" * 40, usage={"total_tokens": "many"})
+    partial.events(k2proxy.Delta("", "a" * 40, usage={"total_tokens": "many"}))
     assert partial.closing(prompt_tokens=7)[-1].usage == Usage(7, 10, 0)
 
 
@@ -132,7 +136,7 @@ async def test_a_restart_after_the_client_saw_content_ends_with_its_error():
 
 def test_progress_closes_with_the_estimated_usage():
     progress = k2proxy.Progress(None, show_reasoning=True)
-    progress.events("why", "because")
+    progress.events(k2proxy.Delta("why", "because"))
     assert progress.closing(prompt_tokens=10) == [FINISH]
 
 
@@ -296,3 +300,27 @@ def test_another_try_follows_the_kind_and_one_identity_does_not_ask_twice_after_
     assert k2proxy.worth_another_try(kind, token) == kind.fail_over
     anonymous_again = kind.fail_over and kind not in (k2proxy.TIMED_OUT, k2proxy.RATE_LIMITED)
     assert k2proxy.worth_another_try(kind, k2proxy.NO_CREDENTIAL) == anonymous_again
+
+
+# ─── A stream always ends in its dialect's way, whatever fails once it started ───
+
+@DIALECTS
+async def test_any_failure_after_a_stream_started_ends_it_with_the_dialects_error(proxy, fake, monkeypatch, caplog,
+                                                                                 path):
+    real_read = k2proxy.SiteReader.read
+
+    def read_then_break(reader, frames):  # a bug anywhere, once text has reached the client
+        delta = real_read(reader, frames)
+        if getattr(reader, "text_seen", False):
+            raise RuntimeError("a bug in the proxy")
+        reader.text_seen = bool(delta.text)
+        return delta
+
+    monkeypatch.setattr(k2proxy.SiteReader, "read", read_then_break)
+    fake.reply = Reply(answer="word " * 100, piece=5, delay=0.002)
+    response = await asyncio.wait_for(proxy.post(path, json=asked(path, stream=True), headers=AUTH), 10)
+    raw = (await asyncio.wait_for(response.read(), 10)).decode()
+    assert response.status == 200 and "word" in raw
+    assert ends_with_error(path, raw) in ("internal_error", "api_error")
+    assert "a bug in the proxy" not in raw and "Traceback" not in raw
+    assert "internal error in a completion" in caplog.text

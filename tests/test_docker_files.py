@@ -57,7 +57,7 @@ def healthcheck_command():
 
 
 def test_dockerfile_builds_a_small_non_root_image():
-    """The image: pinned small base, only requirements.txt installed, no build tools, non-root, port, health."""
+    """The image: pinned small base, only the requirements installed, no build tools, non-root, port, health."""
     assert re.fullmatch(r"python:\d+\.\d+\.\d+-(alpine\d+\.\d+|slim-\w+)(@sha256:[0-9a-f]{64})?",
                         arguments("FROM")[0]), "the base is pinned to a Python patch release and a distribution release"
     assert arguments("WORKDIR") == ["/app"]
@@ -74,7 +74,8 @@ def test_dockerfile_builds_a_small_non_root_image():
     assert env["ACCOUNTS_FILE"] == "/data/accounts.txt" and env["API_KEYS_FILE"] == "/data/api_keys.txt"
 
     copied = [word for args in arguments("COPY") for word in args.split()[:-1]]
-    assert sorted(copied) == ["admin.html", "k2proxy.py", "requirements-redis.txt", "requirements.txt"], \
+    assert sorted(copied) == ["admin.html", "k2proxy.py", "requirements-pdf.txt", "requirements-redis.txt",
+                              "requirements.txt"], \
         "only the code and requirements"
     final_stage = " ".join(args for _, args in instructions())
     assert not re.search(r"\b(curl|wget|gcc|musl-dev|build-base|build-essential|apk add|apt-get)\b", final_stage)
@@ -101,13 +102,15 @@ def pip_installs(tmp_path, **build_args):
 
 
 def test_the_image_has_the_redis_package_only_when_built_with_redis(tmp_path):
-    """`docker build .` installs aiohttp alone, as it always did; --build-arg WITH_REDIS=1 adds redis (REDIS_URL)."""
+    """`docker build .` installs aiohttp and pypdf (PDFs in messages); --build-arg WITH_REDIS=1 adds redis
+    (REDIS_URL)."""
     assert arguments("ARG") == ["WITH_REDIS="], "WITH_REDIS is empty unless the build says otherwise"
     names = [name for name, _ in instructions()]
     assert names.index("ARG") < names.index("RUN"), "the ARG comes before the RUN that reads it"
-    assert pip_installs(tmp_path) == ["install --no-cache-dir -r requirements.txt"]
-    assert pip_installs(tmp_path, WITH_REDIS="1") == ["install --no-cache-dir -r requirements.txt",
-                                                      "install --no-cache-dir -r requirements-redis.txt"]
+    plain = "install --no-cache-dir -r requirements.txt -r requirements-pdf.txt"
+    assert pip_installs(tmp_path) == [plain]
+    assert pip_installs(tmp_path, WITH_REDIS="1") == [plain, "install --no-cache-dir -r requirements-redis.txt"]
+    assert re.search(r"^pypdf==\d+\.\d+\.\d+$", (ROOT / "requirements-pdf.txt").read_text(), re.M), "pinned"
     assert re.search(r"^redis==\d+\.\d+\.\d+$", (ROOT / "requirements-redis.txt").read_text(), re.M), "pinned"
     assert "redis" not in (ROOT / "requirements.txt").read_text()
 

@@ -4,8 +4,8 @@ import time
 
 import openai
 import pytest
-from conftest import E2E_KEY, MODEL, ROOT, free_port
-from fake_upstream import make_jwt
+from conftest import MODEL, ROOT, free_port, openai_sdk
+from fake_site import make_jwt
 
 SHORT = "k2-horizon-375b-a23b"  # the model's slash-free id
 
@@ -14,8 +14,7 @@ SHORT = "k2-horizon-375b-a23b"  # the model's slash-free id
 def running(pair):
     """A fake upstream process and a proxy process started as a user would, from an empty directory."""
     started = pair()
-    client = openai.OpenAI(base_url=started.url + "/v1", api_key=E2E_KEY, max_retries=0)
-    return client, started.steer, started.process
+    return openai_sdk(started), started.steer, started.process
 
 
 def test_openai_sdk_stream(running):
@@ -84,10 +83,6 @@ ANSWER = "2 + 2 = **4** — 四."
 USER = [{"role": "user", "content": "2+2?"}]
 
 
-def sdk(started):
-    return openai.OpenAI(base_url=started.url + "/v1", api_key=E2E_KEY, max_retries=0)
-
-
 def streamed(client, **request):
     """(reasoning, content, finish reason, chunks) of a streamed completion, as the SDK hands them over."""
     reasoning, content, finish, chunks = [], [], None, []
@@ -103,7 +98,7 @@ def streamed(client, **request):
 def test_the_new_site_streams_and_answers_through_the_sdk(pair):
     started = pair()
     started.steer(reasoning=REASONING, answer=ANSWER, piece=4)
-    client = sdk(started)
+    client = openai_sdk(started)
     reasoning, content, finish, chunks = streamed(client, model=MODEL, messages=USER)
     assert (reasoning, content, finish) == (REASONING, ANSWER, "stop")
     assert not any((chunk.model_extra or {}).get("error") for chunk in chunks), "no error despite the ragged close"
@@ -118,14 +113,14 @@ def test_the_new_site_streams_and_answers_through_the_sdk(pair):
 def test_old_model_ids_answer_and_upstream_sees_the_current_one(pair, asked):
     started = pair()
     started.steer(reasoning=REASONING, answer=ANSWER)
-    completion = sdk(started).chat.completions.create(model=asked, messages=USER)
+    completion = openai_sdk(started).chat.completions.create(model=asked, messages=USER)
     assert completion.model == asked and completion.choices[0].message.content == ANSWER
     assert started.received()[-1]["body"]["model"] == MODEL
 
 
 def test_a_conversation_and_a_tool_round_trip_pass_the_sites_history_rule(pair):
     started = pair()
-    client = sdk(started)
+    client = openai_sdk(started)
     started.steer(answer="I am well.")
     three_turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                    {"role": "user", "content": "How are you?"}]
@@ -145,7 +140,7 @@ def test_a_conversation_and_a_tool_round_trip_pass_the_sites_history_rule(pair):
 
 def test_reasoning_effort_reaches_upstream_and_a_bad_one_is_a_400(pair):
     started = pair(REASONING_EFFORT="high")
-    client = sdk(started)
+    client = openai_sdk(started)
     client.chat.completions.create(model=MODEL, messages=USER)
     client.chat.completions.create(model=MODEL, messages=USER, reasoning_effort="low")
     client.chat.completions.create(model=MODEL, messages=USER, reasoning_effort="minimal")
@@ -170,7 +165,7 @@ def test_an_answer_without_text_is_a_502_with_its_code_and_fails_over(pair, case
     tokens = [make_jwt(time.time() + 3600, name) for name in ("first", "second")]
     started = pair(PROXY_MODE="user", MAX_RETRIES=0, tokens=tokens)
     started.steer(**bad)
-    client = sdk(started)
+    client = openai_sdk(started)
     for stream in (False, True):
         with pytest.raises(openai.APIStatusError) as error:
             client.chat.completions.create(model=MODEL, messages=USER, stream=stream)
@@ -178,5 +173,5 @@ def test_an_answer_without_text_is_a_502_with_its_code_and_fails_over(pair, case
     failover = pair(PROXY_MODE="user", tokens=tokens)
     failover.steer(token=tokens[0], **bad)
     failover.steer(answer=ANSWER)
-    assert sdk(failover).chat.completions.create(model=MODEL, messages=USER).choices[0].message.content == ANSWER
+    assert openai_sdk(failover).chat.completions.create(model=MODEL, messages=USER).choices[0].message.content == ANSWER
     assert [r["token"] for r in failover.received()] == tokens

@@ -8,7 +8,7 @@ import urllib.request
 import aiohttp
 import pytest
 from conftest import MODEL, ROOT, free_port
-from fake_upstream import MISSING_THINKING, THINKING_NOT_STRING, ApiReply, FakeIFM
+from fake_api import MISSING_THINKING, THINKING_NOT_STRING, ApiReply, FakeIFM
 
 REASONING = "The user greets me.\nI greet back."
 ANSWER = "Hello — 你好! How can I help?"

@@ -1,12 +1,14 @@
 """Fault injection: each upstream fault gets its documented result within the timeout, and charges the
-token only when the token is to blame."""
+token only when the token is to blame; an upstream that cannot be reached is asked once, named with what to run, and
+turns /health degraded until it answers again."""
 
 import asyncio
+import logging
 import time
 
 import pytest
 from conftest import AUTH, chat, free_port, read_sse, stream_text
-from fake_upstream import Reply, make_jwt
+from fake_site import Reply, make_jwt
 
 import k2proxy
 
@@ -69,3 +71,39 @@ async def test_refused_connection_is_a_quick_502_and_not_charged(make_proxy, tmp
         response = await proxy.post("/v1/chat/completions", json=chat(stream=stream), headers=AUTH)
         assert response.status == 502 and "cannot reach upstream" in (await response.json())["error"]["message"]
     assert proxy.server.app[k2proxy.STATE].site.pool.credentials[0].failures == 0
+
+
+@pytest.fixture
+def closed_port():
+    """A loopback port nothing listens on: connections to it are refused."""
+    return free_port()
+
+
+async def test_an_unreachable_site_names_its_host_and_the_check_and_is_asked_once(make_proxy, closed_port, caplog):
+    proxy = await make_proxy(K2THINK_BASE_URL=f"http://127.0.0.1:{closed_port}")
+    caplog.set_level(logging.INFO, logger="k2proxy")
+    response = await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    error = (await response.json())["error"]
+    assert response.status == 502 and error["code"] == "upstream_unreachable"
+    assert f"127.0.0.1:{closed_port}" in error["message"] and "python k2proxy.py --check" in error["message"]
+    assert caplog.text.count("upstream attempt") == 1, "a refused connection is not tried again on the same endpoint"
+
+
+async def test_health_turns_degraded_after_connection_failures_in_a_row(make_proxy, closed_port):
+    proxy = await make_proxy(K2THINK_BASE_URL=f"http://127.0.0.1:{closed_port}")
+    assert (await proxy.get("/health")).status == 200
+    for _ in range(k2proxy.UNREACHABLE_DEGRADED):
+        await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    response = await proxy.get("/health")
+    body = await response.json()
+    assert response.status == 503 and body["status"] == "degraded"
+    assert f"127.0.0.1:{closed_port}" in body["reason"] and "--check" in body["reason"]
+
+
+async def test_health_is_ok_again_once_upstream_answers(make_proxy, fake):
+    proxy = await make_proxy()
+    state = proxy.server.app[k2proxy.STATE]
+    state.http.unreachable, state.http.unreachable_host = k2proxy.UNREACHABLE_DEGRADED, "gone.example"
+    assert (await proxy.get("/health")).status == 503
+    assert (await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
+    assert (await proxy.get("/health")).status == 200

@@ -5,7 +5,7 @@ import base64
 import openai
 import pytest
 from conftest import API_KEY
-from fake_upstream import Reply
+from fake_site import Reply
 
 PNG = base64.b64encode(bytes.fromhex("89504e470d0a1a0a0000000d4948445200000001000000010806000000"
                                      "1f15c4890000000d49444154789c6360000002000154a24f5d0000000049454e44ae426082")).decode()

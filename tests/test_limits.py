@@ -1,21 +1,33 @@
-"""Limits that keep one client from taking the proxy down: the memory budget for bodies, bodies built to expand,
-JSON nested too deeply, bodies sent without a key, the answer kept for a non-streamed response, and the overall
-deadline of a completion."""
+"""Limits that keep one client from taking the proxy down: the memory budget for bodies (what parsing them takes
+included), bodies built to expand, BODY_TIMEOUT, JSON nested too deeply or not strict (NaN, Infinity), bodies sent
+without a key, the answer kept for a non-streamed response (hidden reasoning included), and the overall deadline of a
+completion."""
 
 import asyncio
 import json
 
 import pytest
-from conftest import AUTH, chat, read_sse
-from fake_upstream import Reply
+from conftest import (
+    API_KEY,
+    AUTH,
+    CHAT,
+    COUNT,
+    DEEP,
+    MESSAGES,
+    MODEL,
+    RESPONSES,
+    asked,
+    chat,
+    expanding_body,
+    read_sse,
+    state_of,
+    stream_ended_well,
+    until,
+)
+from fake_api import ApiReply
+from fake_site import Reply
 
 import k2proxy
-
-
-def expanding(size):
-    """A body of `size` bytes whose JSON is millions of empty objects."""
-    head, tail = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": [', b"{}]}"
-    return head + b"{}," * ((size - len(head) - len(tail)) // 3) + tail
 
 
 async def post_raw(proxy, data, path="/v1/chat/completions", headers=AUTH):
@@ -28,7 +40,7 @@ async def test_a_body_built_to_expand_is_refused_before_it_is_parsed(make_proxy,
     proxy = await make_proxy(MAX_REQUEST_MB="4")
     parsed = []
     monkeypatch.setattr(k2proxy, "parse_body", lambda *args, **kwargs: parsed.append(1))
-    response = await post_raw(proxy, expanding(3 * k2proxy.MB), path)
+    response = await post_raw(proxy, expanding_body(3 * k2proxy.MB), path)
     body = await response.json()
     assert response.status == 413 and shape in body and "small values" in json.dumps(body)
     assert parsed == [] and fake.received == []
@@ -77,10 +89,9 @@ async def test_bodies_beyond_the_budget_wait_then_get_a_503(make_proxy, fake, mo
     assert response.status == 529 and response.headers["retry-after"] == "1"
     assert (await response.json())["error"]["type"] == "overloaded_error"
     waiting = asyncio.ensure_future(proxy.post("/v1/chat/completions", json=chat(), headers=AUTH))
-    while not budget.waiting:
-        await asyncio.sleep(0.01)
+    await until(lambda: budget.waiting)
     budget.release(budget.limit)
-    assert (await waiting).status == 200 and budget.used == 0
+    assert (await asyncio.wait_for(waiting, 5)).status == 200 and budget.used == 0
 
 
 def test_the_budget_admits_what_fits_and_wakes_waiters_in_order():
@@ -92,7 +103,7 @@ def test_the_budget_admits_what_fits_and_wakes_waiters_in_order():
         await asyncio.sleep(0)
         assert budget.used == 90 and second.done() and not first.done(), "what fits goes first"
         budget.release(60)
-        await first
+        await asyncio.wait_for(first, 1)
         assert budget.used == 80 and not budget.waiting
     asyncio.run(run())
 
@@ -142,7 +153,7 @@ async def test_a_non_streamed_answer_beyond_max_answer_mb_is_a_502(make_proxy, f
 @pytest.mark.parametrize("stream", [False, True])
 async def test_an_endless_answer_ends_at_completion_timeout(make_proxy, fake, stream):
     proxy = await make_proxy(COMPLETION_TIMEOUT="0.5", REQUEST_TIMEOUT="5")
-    fake.reply = Reply(reasoning="thinking " * 10_000, piece=5, delay=0.01, style="incremental")
+    fake.reply = Reply(reasoning="thinking " * 10_000, piece=5, delay=0.01, style="incremental", markup="tags")
     response = await asyncio.wait_for(proxy.post("/v1/chat/completions", json=chat(stream=stream), headers=AUTH), 10)
     if stream:
         events, _ = await read_sse(response)
@@ -151,3 +162,183 @@ async def test_an_endless_answer_ends_at_completion_timeout(make_proxy, fake, st
     else:
         assert response.status == 504 and (await response.json())["error"]["code"] == "upstream_timeout"
     await asyncio.wait_for(fake.client_gone.wait(), 5)
+
+
+def error_of(path, body):
+    """The error object of an error answer, checked to be in the shape of the route's dialect."""
+    if path in (MESSAGES, COUNT):
+        assert body["type"] == "error" and set(body["error"]) >= {"type", "message"}
+    else:
+        assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+async def answer_of(response):
+    """Status, headers and JSON body of a raw HTTP/1.1 answer read from a socket (a Content-Length body)."""
+    head = await response.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (line.partition(":") for line in lines[1:] if line)}
+    body = await response.readexactly(int(headers["content-length"]))
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, COUNT, RESPONSES])
+async def test_a_body_slower_than_body_timeout_is_a_408_and_gives_its_budget_back(make_proxy, fake, path):
+    proxy = await make_proxy(BODY_TIMEOUT="0.3")
+    reader, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)
+    try:
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\nContent-Type: "
+                     f"application/json\r\nContent-Length: 1000\r\n\r\n{{\"model\": ".encode())
+        await writer.drain()  # ... and the rest never comes
+        status, _, body = await asyncio.wait_for(answer_of(reader), 5)
+    finally:
+        writer.close()
+    error = error_of(path, body)
+    assert status == 408 and "BODY_TIMEOUT" in error["message"]
+    assert path in (MESSAGES, COUNT) or error["code"] == "body_timeout"
+    await until(lambda: state_of(proxy).budget.used == 0)
+    assert fake.received == []
+
+
+def rows_body(size):
+    """About `size` bytes of a completion request of rows of two numbers and a word: 11 times its size parsed."""
+    head, tail = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "x": [', b"]}"
+    row = b'[123456, 246912, "ab"],'
+    return head + row * ((size - len(head) - len(tail)) // len(row)) + b"[1, 2, 3]" + tail
+
+
+async def test_what_parsing_a_body_takes_is_held_against_the_budget_while_its_request_runs(make_proxy, fake,
+                                                                                              monkeypatch):
+    monkeypatch.setattr(k2proxy, "BODY_WAIT_SECONDS", 0.2)
+    proxy = await make_proxy(MAX_REQUEST_MB="1", MEMORY_BUDGET_MB="4", REQUEST_TIMEOUT="30")
+    limit = state_of(proxy).budget.limit
+    first = rows_body(100_000)
+    first_cost = k2proxy.expanded_size(first)
+    assert first_cost > 5 * len(first), "parsing it takes several times its size"
+    # a plain body that fits beside the first one's bytes, but not beside what parsing the first one took
+    room = limit - 3 * len(first) - first_cost
+    second = json.dumps(chat("x" * (room // 4 + 40_000))).encode()
+    assert 4 * len(first) + 4 * len(second) < limit < 3 * len(first) + first_cost + 3 * len(second) + len(second)
+    fake.script = [Reply(hang_after=2)]  # the first request stays in flight; the next ones are answered
+    running = asyncio.ensure_future(proxy.post(CHAT, data=first, headers={**AUTH, "Content-Type": "application/json"}))
+    try:
+        await until(lambda: len(fake.received) == 1)
+        waited = await proxy.post(CHAT, data=second, headers={**AUTH, "Content-Type": "application/json"})
+        assert waited.status == 503, "the first request's parsed body still holds its share"
+        assert waited.headers["Retry-After"] == "1" and (await waited.json())["error"]["code"] == "busy"
+        assert len(fake.received) == 1
+    finally:
+        running.cancel()
+    await until(lambda: state_of(proxy).budget.used == 0)
+    served = await proxy.post(CHAT, data=second, headers={**AUTH, "Content-Type": "application/json"})
+    assert served.status == 200, "alone, it fits"
+
+
+async def test_a_body_that_can_never_fit_the_budget_is_not_told_to_try_again(make_proxy, fake, monkeypatch):
+    """The defaults at 1/16 scale: a body within MAX_REQUEST_MB and MAX_EXPANSION, on an idle proxy."""
+    monkeypatch.setattr(k2proxy, "BODY_WAIT_SECONDS", 0.2)
+    proxy = await make_proxy(MAX_REQUEST_MB="2", MEMORY_BUDGET_MB="24")
+    body = rows_body(1_950_000)
+    assert k2proxy.EXPANSION_FLOOR < len(body) < 2 * k2proxy.MB
+    assert 9 * len(body) < k2proxy.expanded_size(body) <= k2proxy.MAX_EXPANSION * len(body)
+    response = await proxy.post(CHAT, data=body, headers={**AUTH, "Content-Type": "application/json"})
+    answer = await response.json()
+    assert response.status in (200, 413), f"{response.status} {answer}: no retry can ever be served"
+    assert response.status == 200 or "Retry-After" not in response.headers
+
+
+async def test_a_stored_read_and_a_continuation_take_their_share_of_the_budget(make_proxy, fake, monkeypatch):
+    monkeypatch.setattr(k2proxy, "BODY_WAIT_SECONDS", 0.2)
+    proxy = await make_proxy(MAX_REQUEST_MB="1", MEMORY_BUDGET_MB="4")
+    budget = state_of(proxy).budget
+    stored = await (await proxy.post(RESPONSES, json=asked(RESPONSES), headers=AUTH)).json()
+    path = f"{RESPONSES}/{stored['id']}"
+    await budget.admit(budget.limit)  # other requests hold it all
+    try:
+        read = await proxy.get(path, headers=AUTH)
+        assert read.status == 503 and read.headers["Retry-After"] == "1"
+    finally:
+        budget.release(budget.limit)
+    follow_up = json.dumps(asked(RESPONSES, "More", previous_response_id=stored["id"])).encode()
+    others = budget.limit - 3 * len(follow_up) - k2proxy.expanded_size(follow_up)  # all but what its body takes
+    await budget.admit(others)
+    try:
+        continued = await proxy.post(RESPONSES, data=follow_up, headers={**AUTH, "Content-Type": "application/json"})
+        assert continued.status == 503 and (await continued.json())["error"]["code"] == "busy"
+        assert len(fake.received) == 1, "the continuation was not sent upstream"
+    finally:
+        budget.release(others)
+    assert (await proxy.get(path, headers=AUTH)).status == 200
+    assert budget.used == 0
+
+
+async def test_tool_arguments_nested_too_deeply_are_never_a_500(proxy, fake):
+    deep = "[" * 3000 + "]" * 3000
+    messages = [{"role": "user", "content": "go"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "f", "arguments": deep}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "done"}]
+    response = await proxy.post("/v1/chat/completions", json={"model": MODEL, "messages": messages}, headers=AUTH)
+    assert response.status == 400 and (await response.json())["error"]["code"] == "json_too_deep"
+    fake.reply = Reply(answer='<tool_call>{"name": "f", "arguments": ' + deep + "}</tool_call>")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    answered = await proxy.post("/v1/chat/completions", json=chat(tools=tools), headers=AUTH)
+    assert answered.status == 200 and (await answered.json())["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("path", [CHAT, RESPONSES])
+async def test_a_clients_tool_arguments_nested_too_deeply_are_a_4xx(proxy, fake, path):
+    if path == CHAT:
+        turns = [{"role": "user", "content": "go"},
+                 {"role": "assistant", "content": None, "tool_calls": [
+                     {"id": "c1", "type": "function", "function": {"name": "f", "arguments": DEEP}}]},
+                 {"role": "tool", "tool_call_id": "c1", "content": "done"}]
+        body = {"model": MODEL, "messages": turns}
+    else:
+        body = {"model": MODEL, "input": [{"type": "function_call", "call_id": "c1", "name": "f", "arguments": DEEP},
+                                          {"type": "function_call_output", "call_id": "c1", "output": "done"}]}
+    response = await proxy.post(path, json=body, headers=AUTH)
+    answer = await response.json()
+    assert 400 <= response.status < 500, f"{response.status}: {json.dumps(answer)[:200]}"
+    assert error_of(path, answer)["message"] and fake.received == [], "the client is told, nothing goes upstream"
+
+
+async def test_nan_in_a_request_body_is_a_400(proxy, fake):
+    body = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'
+    response = await proxy.post("/v1/chat/completions", data=body,
+                                headers={**AUTH, "Content-Type": "application/json"})
+    assert response.status == 400 and "NaN" in (await response.json())["error"]["message"]
+    assert fake.received == []
+
+
+@pytest.mark.parametrize("path,metadata", [(RESPONSES, b'{"a": NaN}'), (RESPONSES, b'{"a": -Infinity}'),
+                                           (MESSAGES, b'{"user_id": "u", "n": Infinity}'), (CHAT, b'{"a": NaN}')])
+async def test_nan_and_infinity_in_a_body_are_a_400_never_echoed(proxy, fake, path, metadata):
+    body = json.dumps(asked(path))[:-1].encode() + b', "metadata": ' + metadata + b"}"
+    response = await proxy.post(path, data=body, headers={**AUTH, "Content-Type": "application/json"})
+    text = await response.text()
+    answer = json.loads(text, parse_constant=lambda name: pytest.fail(f"the answer holds {name}: {text[:300]}"))
+    assert response.status == 400 and "is not a JSON number" in error_of(path, answer)["message"]
+    assert fake.received == []
+
+
+async def test_hidden_reasoning_counts_against_max_answer_mb(make_proxy, fake):
+    proxy = await make_proxy(MAX_ANSWER_MB="0.001")
+    fake.reply = Reply(reasoning="r" * 5000, answer="short")
+    response = await proxy.post("/v1/chat/completions", json=chat(model=MODEL + "-nothink"), headers=AUTH)
+    assert response.status == 502 and (await response.json())["error"]["code"] == "upstream_answer_too_large"
+
+
+@pytest.mark.parametrize("kind", ["site", "api"])
+@pytest.mark.parametrize("path", [CHAT, MESSAGES, RESPONSES], ids=["chat-nothink", "anthropic", "responses"])
+async def test_hidden_reasoning_of_a_whole_answer_counts_against_max_answer_mb(make_proxy, api_proxy, fake,
+                                                                                fake_api, kind, path):
+    proxy = await (api_proxy if kind == "api" else make_proxy)(MAX_ANSWER_MB="0.001")  # 1,048 characters
+    fake.reply = Reply(reasoning="r" * 5000, answer="short")
+    fake_api.reply = ApiReply(reasoning="r" * 5000, answer="short")
+    body = asked(path, model=MODEL + "-nothink") if path == CHAT else asked(path)  # no reasoning shown
+    response = await proxy.post(path, json=body, headers=AUTH)
+    error = error_of(path, await response.json())
+    assert response.status == 502 and "MAX_ANSWER_MB" in error["message"]
+    streamed = await proxy.post(path, json={**body, "stream": True}, headers=AUTH)
+    assert stream_ended_well(path, (await streamed.read()).decode()), "a stream holds none of it"

@@ -1,4 +1,5 @@
-"""Disconnects, load and soak, on loopback: nothing leaks, everything completes, memory stays flat.
+"""Disconnects, load and soak, on loopback: nothing leaks, everything completes, memory stays flat, and the figures
+of docs/security.md for bodies built to expand and uploads that trickle, from a real process.
 
 These take seconds each, so they run with `pytest --load` (CI does). After 10 s of warm-up (the allocator grows
 to its working size), the soak runs 6 s by default; `pytest --soak` runs the 60 s version."""
@@ -12,22 +13,30 @@ import urllib.request
 
 import aiohttp
 import pytest
-from conftest import API_KEY, AUTH, ROOT, chat, free_port
-from fake_upstream import Reply
+from conftest import (
+    ALICE,
+    API_KEY,
+    AUTH,
+    BOB,
+    CHAT,
+    COUNT,
+    E2E_KEY,
+    MODEL,
+    RESPONSES,
+    ROOT,
+    as_key,
+    chat,
+    expanding_body,
+    free_port,
+    until,
+)
+from fake_site import Reply
 
 import k2proxy
 
 
 def open_fds():
     return len(os.listdir("/proc/self/fd"))
-
-
-async def settle(condition, seconds=5.0):
-    """Waits for the proxy to finish cleaning up after its clients; fails past `seconds`."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "did not settle"
-        await asyncio.sleep(0.05)
 
 
 async def vanish(session, url, rng):
@@ -59,11 +68,11 @@ async def test_vanishing_clients_leave_nothing_open(proxy, fake):
     for _ in range(2):
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
             await asyncio.gather(*(vanish(session, url, rng) for _ in range(200)))
-        await settle(lambda: fake.open_streams == 0 and not upstream.responses)
-        await settle(lambda: proxy.server.app[k2proxy.STATE].monitor.in_flight == 0)
+        await until(lambda: fake.open_streams == 0 and not upstream.responses)
+        await until(lambda: proxy.server.app[k2proxy.STATE].monitor.in_flight == 0)
         current = len(asyncio.all_tasks())
         baseline_tasks = baseline_tasks or current
-        await settle(lambda baseline_tasks=baseline_tasks: len(asyncio.all_tasks()) <= baseline_tasks)
+        await until(lambda baseline_tasks=baseline_tasks: len(asyncio.all_tasks()) <= baseline_tasks)
         await asyncio.sleep(0)
         fds.append(open_fds())
     assert fake.streams_cut_by_client > 0
@@ -145,12 +154,6 @@ def peak_rss_kb(pid):
         return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
 
 
-def expanding_body(size):
-    """`size` bytes of JSON that a naive proxy would turn into millions of objects."""
-    head, tail = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": [', b"{}]}"
-    return head + b"{}," * ((size - len(head) - len(tail)) // 3) + tail
-
-
 @pytest.mark.load
 async def test_memory_stays_within_the_budget_while_small_requests_keep_answering(spawn, tmp_path):
     budget_mb, body_mb = 64, 8
@@ -181,7 +184,7 @@ async def test_memory_stays_within_the_budget_while_small_requests_keep_answerin
         watcher = asyncio.ensure_future(small(session))
         await asyncio.gather(*(big(session) for _ in range(40)))
         flooding = False
-        await watcher
+        await asyncio.wait_for(watcher, 10)
     growth_mb = (peak_rss_kb(proxy.pid) - idle_kb) / 1024
     latencies.sort()
     print(f"40 x {body_mb} MB expanding bodies: {sorted(set(statuses))}, peak growth {growth_mb:.0f} MB "
@@ -216,6 +219,118 @@ async def test_sigterm_ends_the_process_in_time_under_load(spawn, tmp_path):
         proxy.terminate()
         code = await asyncio.to_thread(proxy.wait, 15)
         took = time.monotonic() - started
-        await flood
+        await asyncio.wait_for(flood, 30)  # the proxy is gone: each post ends at once
     print(f"SIGTERM under load: exit {code} after {took:.1f} s")
     assert code == 0 and took < k2proxy.SHUTDOWN_SECONDS + 2
+
+
+def one_key_objects(size):
+    """`size` bytes of small one-key objects, which parse to about twelve times their size."""
+    head, tail = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "x": [', b"]}"
+    item = b'{"a":1},'
+    return head + item * ((size - len(head) - len(tail)) // len(item)) + b'{"a":1}' + tail
+
+
+def started_proxy(spawn, tmp_path, keys_file=""):
+    """`python k2proxy.py` with its defaults (MEMORY_BUDGET_MB 384, MAX_REQUEST_MB 32) on a free port."""
+    port = free_port()
+    (tmp_path / "api_keys.txt").write_text(keys_file)
+    process = spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env={
+        "PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": API_KEY, "LOG_LEVEL": "WARNING",
+        "K2THINK_BASE_URL": f"http://127.0.0.1:{free_port()}"})
+    return process, f"http://127.0.0.1:{port}"
+
+
+@pytest.mark.load
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages/count_tokens", "/v1/responses"])
+async def test_eight_expanding_31_mb_bodies_keep_the_process_under_700_mb(spawn, tmp_path, path):
+    process, base = started_proxy(spawn, tmp_path)
+    body = one_key_objects(31 * k2proxy.MB)
+
+    async def send(session):
+        async with session.post(base + path, data=body, headers={**AUTH, "Content-Type": "application/json"},
+                                timeout=aiohttp.ClientTimeout(total=120)) as response:
+            return response.status
+
+    async with aiohttp.ClientSession() as session:
+        statuses = await asyncio.gather(*(send(session) for _ in range(8)))
+    peak_mb = peak_rss_kb(process.pid) / 1024
+    print(f"8 x 31 MB expanding bodies to {path}: {sorted(set(statuses))}, peak RSS {peak_mb:.0f} MB")
+    assert all(400 <= status < 600 for status in statuses) and process.poll() is None
+    assert peak_mb < 700, f"peak RSS {peak_mb:.0f} MB"
+
+
+@pytest.mark.load
+async def test_another_key_is_served_while_a_limited_key_trickles_three_32_mb_uploads(spawn, tmp_path):
+    _, base = started_proxy(spawn, tmp_path, f"alice:{ALICE} concurrent=3\nbob:{BOB}\n")
+    host, port = base.removeprefix("http://").split(":")
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {ALICE}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {32 * k2proxy.MB}\r\n\r\n{{").encode()
+    tricklers = [await asyncio.open_connection(host, int(port)) for _ in range(3)]
+    try:
+        for _, writer in tricklers:
+            writer.write(head)
+            await writer.drain()
+        async with aiohttp.ClientSession() as session:
+            count = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+            started = time.monotonic()
+            async with session.post(base + "/v1/messages/count_tokens", json=count, headers=as_key(BOB),
+                                    timeout=aiohttp.ClientTimeout(total=3)) as served:
+                assert served.status == 200
+            took = time.monotonic() - started
+            async with session.post(base + "/v1/messages/count_tokens", json=count, headers=as_key(ALICE),
+                                    timeout=aiohttp.ClientTimeout(total=3)) as fourth:
+                assert fourth.status == 429
+        print(f"another key served in {took * 1000:.0f} ms while three 32 MB uploads trickle")
+    finally:
+        for _, writer in tricklers:
+            writer.close()
+
+
+SMALL_VALUES = {  # a list item → how the proxy before round 3 took bodies of it
+    "one-key objects": b'{"a":1},',  # parsing takes over MAX_EXPANSION times their size: refused before, too
+    "short messages": b'{"role": "user", "content": "ok"},',  # under it: 3 parsed at once, 1.4 GB at the peak
+}
+
+
+def small_values(size, item):
+    """`size` bytes of a completion request whose list `x` is made of `item` over and over."""
+    head = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "x": ['
+    return head + item * ((size - len(head) - 4) // len(item)) + b"1]}"
+
+
+@pytest.mark.load
+@pytest.mark.parametrize("shape", list(SMALL_VALUES))
+@pytest.mark.parametrize("path", [CHAT, COUNT, RESPONSES])
+async def test_eight_31_mb_expanding_bodies_at_once_peak_under_700_mb(pair, path, shape):
+    running = pair(LOG_LEVEL="WARNING")  # the defaults: MEMORY_BUDGET_MB 384, MAX_REQUEST_MB 32
+    body = small_values(31 * k2proxy.MB, SMALL_VALUES[shape])
+    headers = {"Authorization": f"Bearer {E2E_KEY}", "Content-Type": "application/json"}
+
+    async def send(session):
+        async with session.post(running.url + path, data=body, headers=headers) as response:
+            return response.status
+
+    started = time.monotonic()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as session:
+        statuses = await asyncio.gather(*(send(session) for _ in range(8)))
+        async with session.get(running.url + "/v1/models", headers=headers) as after:
+            assert after.status == 200, "the process still serves"
+    peak_mb = peak_rss_kb(running.process.pid) / 1024
+    print(f"\n8 x 31 MB of {shape} to {path}: statuses {sorted(statuses)}, peak RSS {peak_mb:.0f} MB, "
+          f"{time.monotonic() - started:.1f} s")
+    assert peak_mb < 700 and running.process.poll() is None
+    assert set(statuses) <= {200, 413, 503, 529} and (shape == "short messages" or 200 not in statuses)
+
+
+@pytest.mark.load
+async def test_a_31_mb_body_within_every_limit_on_an_idle_process_is_not_told_to_try_again(pair):
+    running = pair(LOG_LEVEL="WARNING")  # the defaults: MEMORY_BUDGET_MB 384, MAX_REQUEST_MB 32
+    body = small_values(31 * k2proxy.MB, SMALL_VALUES["short messages"])
+    assert k2proxy.expanded_size(body) < k2proxy.MAX_EXPANSION * len(body)
+    headers = {"Authorization": f"Bearer {E2E_KEY}", "Content-Type": "application/json"}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+        for _ in range(2):  # as the answer says: try again
+            async with session.post(running.url + CHAT, data=body, headers=headers) as response:
+                answer = await response.text()
+                assert response.status in (200, 413), f"{response.status} {answer}: no retry can ever be served"

@@ -2,15 +2,14 @@
 
 import json
 
-from conftest import scan_answer
-from fake_upstream import Reply, old_site, sse_events
+from conftest import TOOL_NAMES, scan_answer
+from fake_site import Reply, old_site, sse_events
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 import k2proxy
 
 MARKUP = ("<think>", "</think>", "<answer>", "</answer>", "<details", "</details>", "<summary", "</summary>")
-NAMES = frozenset({"get_weather", "search"})
 text = st.text(st.characters(blacklist_categories=("Cs",),
                              blacklist_characters="\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"),
                min_size=1, max_size=80).map(str.strip).filter(bool)
@@ -38,7 +37,7 @@ def test_any_split_of_any_stream_gives_the_same_reasoning_and_answer(reasoning, 
     style, form = style_form
     body = "".join(sse_events(site(reasoning=reasoning, answer=answer, markup=markup, style=style, form=form,
                                    piece=piece, noise=True, opening=opening))).encode()
-    decoder, parsed, seen = k2proxy.SSEDecoder(), k2proxy.UpstreamText(), []
+    decoder, parsed, seen = k2proxy.SSEDecoder(k2proxy.parse_frame), k2proxy.UpstreamText(), []
     start, turn = 0, 0
     while start < len(body):
         size = cuts[turn % len(cuts)]
@@ -60,7 +59,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(m
 def test_tool_extraction_never_invents_a_call_from_other_json(prefix, value, suffix, step):
     document = prefix + json.dumps(value, ensure_ascii=False) + suffix
     assume("get_weather" not in document and "search" not in document)
-    out = scan_answer(NAMES, document, step)
+    out = scan_answer(TOOL_NAMES, document, step)
     assert all(isinstance(piece, str) for piece in out)
     assert "".join(out) == document
 
@@ -70,7 +69,7 @@ def test_tool_extraction_never_invents_a_call_from_other_json(prefix, value, suf
     "get_weather", "tool_calls", "<tool_call>", "</tool_call>", "```json", '"name"', '"arguments"']),
     max_size=60).map("".join), step=st.integers(1, 7))
 def test_tool_extraction_never_raises_and_loses_nothing(document, step):
-    out = scan_answer(NAMES, document, step)
+    out = scan_answer(TOOL_NAMES, document, step)
     if not any(isinstance(piece, k2proxy.ToolCall) for piece in out):
         assert "".join(out) == document
 

@@ -1,9 +1,10 @@
-"""Upstream parsing: every variant of the protocol page yields exactly the reasoning and the answer."""
+"""Upstream parsing: every variant of the protocol page yields exactly the reasoning and the answer, in work that
+grows linearly and with what waits for a closer kept small."""
 
 from dataclasses import replace
 
 import pytest
-from fake_upstream import Reply, json_document, old_site, snapshots, sse_events
+from fake_site import Reply, json_document, old_site, snapshots, sse_events
 from hypothesis import given
 from site_grammar import site_streams
 
@@ -26,7 +27,7 @@ def parse_body(body, cut):
 
 def parse_reads(reads):
     """Feeds network reads through the decoder and the site's reader, as the proxy does, to the answer's end."""
-    decoder, reader = k2proxy.SSEDecoder(), k2proxy.SiteReader()
+    decoder, reader = k2proxy.SSEDecoder(k2proxy.parse_frame), k2proxy.SiteReader()
     reasoning, answer, usage, ended = [], [], None, False
     chunks = [*reads, b""]
     for number, chunk in enumerate(chunks):
@@ -118,14 +119,14 @@ def test_payloads(payload, expected):
 
 
 def test_sse_comments_and_fields_are_skipped():
-    decoder = k2proxy.SSEDecoder()
+    decoder = k2proxy.SSEDecoder(k2proxy.parse_frame)
     frames = decoder.feed(b': ping\nevent: message\nid: 3\nretry: 10\ndata: {"content": "x"}\n\n')
     assert [f.text for f in frames] == ["x"]
 
 
 def test_utf8_cut_inside_a_character():
     data = 'data: {"content": "四五"}\n\n'.encode()
-    decoder = k2proxy.SSEDecoder()
+    decoder = k2proxy.SSEDecoder(k2proxy.parse_frame)
     frames = [f for i in range(len(data)) for f in decoder.feed(data[i:i + 1])]
     assert [f.text for f in frames] == ["四五"]
 
@@ -165,6 +166,31 @@ def test_snapshot_parsing_work_grows_linearly(markup, form):
             k2proxy.MarkupSplitter.feed = original
         return calls
     assert steps(20000) <= 2.2 * steps(10000)
+
+
+def test_an_unclosed_summary_is_dropped_as_it_arrives():
+    splitter = k2proxy.MarkupSplitter()
+    splitter.feed('<details type="reasoning" done="false">\n<summary>')
+    for _ in range(4000):
+        splitter.feed("x" * 1024)
+        assert len(splitter._pending) < len("</summary>"), "what waits for </summary> stays small"
+
+
+def test_an_unclosed_summary_holds_nothing_back_and_a_closed_one_still_ends():
+    reader = k2proxy.UpstreamText()
+    reader.feed('<details type="reasoning" done="false">\n<summary>')
+    for _ in range(3000):
+        reasoning, answer = reader.feed("x" * 1024)
+        assert (reasoning, answer) == ("", "")
+        assert len(reader.splitter._pending) < len("</summary>"), "what waits for </summary> stays small"
+    splitter = k2proxy.MarkupSplitter()
+    reasoning, answer = [], []
+    for char in '<details type="reasoning" done="true">\n<summary>Thought </summ</summary>\n> why\n</details>\nok':
+        more_reasoning, more_answer = splitter.feed(char)
+        reasoning.append(more_reasoning)
+        answer.append(more_answer)
+    last_reasoning, last_answer = splitter.finish()
+    assert ("".join(reasoning) + last_reasoning).strip() == "why" and "".join(answer) + last_answer == "ok"
 
 
 def feed_all(frames):
@@ -285,8 +311,9 @@ def test_responses_style_deltas_and_the_output_items_of_the_done_event():
 
 
 def test_a_status_whose_done_is_true_is_not_the_end():
-    frames = k2proxy.SSEDecoder().feed(b'data: {"action": "web_search", "description": "x", "done": true}\n\n'
-                                       b'data: {"content": "<think>Hm.</think>Still here."}\n\n')
+    frames = k2proxy.SSEDecoder(k2proxy.parse_frame).feed(
+        b'data: {"action": "web_search", "description": "x", "done": true}\n\n'
+        b'data: {"content": "<think>Hm.</think>Still here."}\n\n')
     delta = k2proxy.SiteReader().read(frames)
     assert not delta.ended and (delta.reasoning, delta.text) == ("Hm.", "Still here.")
 

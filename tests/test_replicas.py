@@ -84,7 +84,7 @@ async def test_a_slot_of_a_replica_that_died_is_freed_when_its_lease_expires(red
     died, alive = k2proxy.Shared(redis_server.url, "died"), k2proxy.Shared(redis_server.url, "alive")
     for shared in (died, alive):
         await shared.beat()
-    keys_died, keys_alive = k2proxy.ApiKeys(settings, died), k2proxy.ApiKeys(settings, alive)
+    keys_died, keys_alive = (k2proxy.ApiKeys(settings, k2proxy.SharedKeyLimits(shared)) for shared in (died, alive))
     for keys in (keys_died, keys_alive):
         keys.take([k2proxy.ApiKey("solo", "sk-solo", concurrent=1)])
     await keys_died.admit(keys_died.named[0])  # and never renews nor gives it back
@@ -92,14 +92,14 @@ async def test_a_slot_of_a_replica_that_died_is_freed_when_its_lease_expires(red
         await keys_alive.admit(keys_alive.named[0])
     assert refused.value.code == "too_many_at_once"
     deadline = time.monotonic() + 5
-    while True:
+    while True:  # a deadline: the lease expires in Redis's own time, which sends no event
         try:
             slot = await keys_alive.admit(keys_alive.named[0])
             break
         except k2proxy.ApiError:
             assert time.monotonic() < deadline, "the dead replica's lease never expired"
             await asyncio.sleep(0.05)
-    assert slot.lease
+    assert slot.ticket
     for shared in (died, alive):
         await shared.leave()
 
@@ -424,13 +424,18 @@ async def test_the_days_tokens_start_again_at_midnight_on_every_replica(proxy_se
             await state.shared.leave()
 
 
+def shared_store(settings, shared):
+    """The store of stored responses as a replica has it: kept in Redis, here while Redis cannot be reached."""
+    return k2proxy.SharedResponseStore(k2proxy.ResponseStore(settings), shared)
+
+
 async def test_a_response_kept_by_a_replica_cut_off_from_redis_is_a_503_elsewhere_not_a_404(redis_server):
     now = [1000.0]
     settings = k2proxy.load_settings({"VALID_API_KEY": API_KEY})
     cut_off, other = (k2proxy.Shared(redis_server.url, name, clock=lambda: now[0]) for name in ("cut-off", "other"))
     for shared in (cut_off, other):
         await shared.beat()
-    stores = [k2proxy.ResponseStore(settings, shared) for shared in (cut_off, other)]
+    stores = [shared_store(settings, shared) for shared in (cut_off, other)]
     assert await stores[1].get("resp_unknown", "me") is None, "a 404 while every replica is heard from"
     cut_off.lost(ConnectionError("network split"))
     await stores[0].put({"id": "resp_kept"}, [], "me")
@@ -450,19 +455,20 @@ async def test_a_request_gone_while_redis_admits_it_gives_its_slot_back(redis_se
     settings = k2proxy.load_settings({"VALID_API_KEY": API_KEY})
     shared = k2proxy.Shared(redis_server.url, "here")
     await shared.beat()
-    keys = k2proxy.ApiKeys(settings, shared)
+    limits = k2proxy.SharedKeyLimits(shared)
+    keys = k2proxy.ApiKeys(settings, limits)
     keys.take([k2proxy.ApiKey("solo", "sk-solo", concurrent=1)])
-    admit = keys.admit_script
+    admit = limits.admit_script
 
     async def admitted_then_cancelled(**arguments):  # Redis counts the slot; its answer never reaches the request
         await admit(**arguments)
         raise asyncio.CancelledError()
-    keys.admit_script = admitted_then_cancelled
+    limits.admit_script = admitted_then_cancelled
     with pytest.raises(asyncio.CancelledError):
         await keys.admit(keys.named[0])
-    keys.admit_script = admit
-    await asyncio.gather(*keys.freeing)
-    assert (await keys.admit(keys.named[0])).lease, "the slot is free again at once, not after its lease expires"
+    limits.admit_script = admit
+    await asyncio.wait_for(asyncio.gather(*limits.freeing), 5)
+    assert (await keys.admit(keys.named[0])).ticket, "the slot is free again at once, not after its lease expires"
     await shared.leave()
 
 
@@ -494,7 +500,7 @@ def test_a_redis_url_that_does_not_parse_stops_start_up_without_quoting_it():
 async def test_a_response_deleted_while_it_moves_to_redis_stays_deleted(redis_server):
     settings = k2proxy.load_settings({"VALID_API_KEY": API_KEY})
     shared = k2proxy.Shared(redis_server.url, "here")
-    store = k2proxy.ResponseStore(settings, shared)
+    store = shared_store(settings, shared)
     for number in range(3):
         await store.put({"id": f"resp_{number}"}, [], "me")  # Redis not reached yet: kept here
     put = store.put_shared
@@ -507,7 +513,7 @@ async def test_a_response_deleted_while_it_moves_to_redis_stays_deleted(redis_se
     await shared.beat()  # Redis is reached: the responses move
     assert await store.get("resp_0", "me") is None
     assert [await store.get(f"resp_{number}", "me") is not None for number in (1, 2)] == [True, True]
-    assert store.entries == {} and store.bytes == 0
+    assert store.local.entries == {} and store.local.bytes == 0
     await shared.leave()
 
 
@@ -516,7 +522,7 @@ async def test_a_response_whose_store_hit_a_blip_in_redis_is_there_before_its_cl
     here, elsewhere = k2proxy.Shared(redis_server.url, "here"), k2proxy.Shared(redis_server.url, "elsewhere")
     for shared in (here, elsewhere):
         await shared.beat()
-    store, other = k2proxy.ResponseStore(settings, here), k2proxy.ResponseStore(settings, elsewhere)
+    store, other = shared_store(settings, here), shared_store(settings, elsewhere)
     put = store.put_shared
     blips = [ConnectionError("a command timed out")]
 
@@ -527,7 +533,7 @@ async def test_a_response_whose_store_hit_a_blip_in_redis_is_there_before_its_cl
         await put(response_id, kept)
     store.put_shared = blip_once
     await store.put({"id": "resp_blip"}, [], "me")
-    assert here.up and store.entries == {}, "Redis tried again at once, and the response moved there"
+    assert here.up and store.local.entries == {}, "Redis tried again at once, and the response moved there"
     assert (await other.get("resp_blip", "me")).response() == {"id": "resp_blip"}
     for shared in (here, elsewhere):
         await shared.leave()

@@ -1,12 +1,29 @@
 """The OpenAI Responses front door in-process: requests as Codex sends them, the stream's events, reasoning
-summaries, function calls, stored responses and previous_response_id, and errors."""
+summaries, function calls, structured output (the SDK's parse), stored responses (each key's own, bounded in bytes)
+and previous_response_id, and errors."""
 
+import asyncio
 import base64
 import json
+import logging
 
+import openai
+import pydantic
 import pytest
-from conftest import AUTH, MODEL, read_named_sse
-from fake_upstream import Reply
+from conftest import (
+    ALICE,
+    API_KEY,
+    AUTH,
+    BOB,
+    MODEL,
+    RESPONSES,
+    as_key,
+    asked,
+    ends_with_error,
+    read_named_sse,
+    state_of,
+)
+from fake_site import Reply
 
 import k2proxy
 
@@ -96,10 +113,10 @@ async def test_a_codex_request_is_taken_whole(proxy, fake, caplog):
     events = await read_named_sse(await post(proxy, body))
     assert events[-1][0] == "response.completed"
     sent = fake.received[0].body["messages"]
-    assert [m["role"] for m in sent] == ["system", "system", "user", "user"]
+    assert [m["role"] for m in sent] == ["system", "user", "user"], "the leading system turns are one"
     assert sent[0]["content"].startswith("You are Codex.") and "### exec_command" in sent[0]["content"]
     assert "### spawn_agent" in sent[0]["content"] and "web_search" not in sent[0]["content"]
-    assert sent[1]["content"] == "<skills>\n<permissions>"
+    assert sent[0]["content"].startswith("You are Codex.\n\n<skills>\n<permissions>\n\n")
     assert "tools of type web_search are left out" in caplog.text
 
 
@@ -286,3 +303,86 @@ async def test_bad_input_is_a_400_naming_the_field(proxy, fake, body, param):
 async def test_unknown_previous_response_id_is_a_404(proxy, fake):
     response = await post(proxy, request(previous_response_id="resp_nope"))
     assert response.status == 404 and (await response.json())["error"]["param"] == "previous_response_id"
+
+
+class Weather(pydantic.BaseModel):
+    city: str
+    celsius: float
+
+
+async def test_responses_parse_returns_the_model_object_over_the_site(proxy, fake):
+    fake.reply = Reply(answer='Here it is: {"city": "Paris", "celsius": 18.5}')
+    client = openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key=API_KEY, max_retries=0)
+    parsed = await client.responses.parse(model=MODEL, input="Weather in Paris?", text_format=Weather)
+    assert parsed.output_parsed == Weather(city="Paris", celsius=18.5)
+    system = fake.received[-1].body["messages"][0]
+    assert system["role"] == "system" and '"celsius"' in system["content"] and "JSON" in system["content"]
+
+
+async def test_responses_json_object_without_json_in_the_answer_is_a_clear_error(proxy, fake):
+    fake.reply = Reply(answer="No JSON today.")
+    response = await proxy.post("/v1/responses", json={"model": MODEL, "input": "x",
+                                                       "text": {"format": {"type": "json_object"}}}, headers=AUTH)
+    assert response.status == 502 and (await response.json())["error"]["code"] == "invalid_json_output"
+
+
+async def test_an_answer_nested_too_deeply_ends_a_responses_stream_with_response_failed(proxy, fake):
+    fake.reply = Reply(answer="[" * 5000 + "]" * 5000)
+    body = asked(RESPONSES, stream=True, text={"format": {"type": "json_object"}}, reasoning={"summary": "auto"})
+    response = await asyncio.wait_for(proxy.post(RESPONSES, json=body, headers=AUTH), 10)
+    raw = (await asyncio.wait_for(response.read(), 10)).decode()
+    assert response.status == 200 and ends_with_error(RESPONSES, raw) == "invalid_json_output"
+
+
+async def test_another_keys_stored_response_is_a_404_and_its_id_stays_out_of_the_log(keyed, fake, caplog):
+    proxy = await keyed()
+    caplog.set_level(logging.INFO, logger="k2proxy")
+    stored = await (await proxy.post("/v1/responses", json={"model": MODEL, "input": "Hi"},
+                                     headers=as_key(ALICE))).json()
+    response_id = stored["id"]
+    for method, path, body in (("GET", f"/v1/responses/{response_id}", None),
+                               ("DELETE", f"/v1/responses/{response_id}", None),
+                               ("POST", "/v1/responses", {"model": MODEL, "input": "More",
+                                                          "previous_response_id": response_id})):
+        response = await proxy.request(method, path, json=body, headers=as_key(BOB))
+        assert response.status == 404, (method, path)
+    assert (await proxy.get(f"/v1/responses/{response_id}", headers=as_key(ALICE))).status == 200
+    assert response_id not in caplog.text and "/v1/responses/{id}" in caplog.text
+
+
+async def test_a_stored_response_is_its_own_keys_even_between_two_valid_api_keys(make_proxy, fake, caplog):
+    proxy = await make_proxy(VALID_API_KEY="sk-first-hardening,sk-second-hardening")
+    first, second = as_key("sk-first-hardening"), as_key("sk-second-hardening")
+    caplog.set_level(logging.INFO, logger="k2proxy")
+    stored = await (await proxy.post(RESPONSES, json=asked(RESPONSES), headers=first)).json()
+    response_id, path = stored["id"], f"{RESPONSES}/{stored['id']}"
+    for method, body in (("GET", None), ("DELETE", None)):
+        answer = await proxy.request(method, path, json=body, headers=second)
+        assert answer.status == 404 and (await answer.json())["error"]["code"] == "response_not_found"
+    follow_up = await proxy.post(RESPONSES, json=asked(RESPONSES, "More", previous_response_id=response_id),
+                                 headers=second)
+    error = (await follow_up.json())["error"]
+    assert follow_up.status == 404 and error["param"] == "previous_response_id"
+    assert len(fake.received) == 1, "nothing of the stored conversation went upstream for the other key"
+    kept = await proxy.get(path, headers=first)
+    assert kept.status == 200 and (await kept.json())["id"] == response_id
+    assert (await proxy.delete(path, headers=first)).status == 200
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert not [line for line in lines if response_id in line]
+    assert sum(f"{RESPONSES}/{{id}}" in line for line in lines) == 4  # two 404s, then a GET and a DELETE
+
+
+async def test_the_store_counts_the_bytes_it_holds(make_proxy, fake):
+    proxy = await make_proxy(RESPONSES_STORE_MB=str(50_000 / k2proxy.MB))
+    store = state_of(proxy).responses
+    fake.reply = Reply(answer="漢" * 3000)  # 3,000 characters, 9,000 bytes in UTF-8; twice in each entry
+    ids = []
+    for _ in range(3):
+        answer = await proxy.post(RESPONSES, json=asked(RESPONSES), headers=AUTH)
+        ids.append((await answer.json())["id"])
+    statuses = [(await proxy.get(f"{RESPONSES}/{response_id}", headers=AUTH)).status for response_id in ids]
+    assert statuses == [404, 200, 200], "two entries of about 20 KB fill 50 KB: the oldest went"
+    held = [entry.data for entry in store.entries.values()]
+    assert all(isinstance(data, bytes) for data in held)
+    assert store.bytes == sum(map(len, held)) <= store.max_bytes
+    assert json.loads(held[0])["response"]["id"] == ids[1]

@@ -6,7 +6,7 @@ import json
 
 import openai
 import pytest
-from conftest import E2E_KEY, MODEL
+from conftest import MODEL, openai_sdk
 
 REASONING = "The user greets me.\nA short greeting fits."
 ANSWER = "Hello from K2 Horizon — 你好!"
@@ -18,7 +18,7 @@ CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool
 @pytest.fixture
 def running(pair):
     started = pair()
-    return openai.OpenAI(base_url=started.url + "/v1", api_key=E2E_KEY, max_retries=0), started
+    return openai_sdk(started), started
 
 
 def test_create_with_a_string_items_and_instructions(running):
@@ -31,8 +31,7 @@ def test_create_with_a_string_items_and_instructions(running):
         {"role": "user", "content": [{"type": "input_text", "text": "Hello"}]}])
     assert items.output_text == ANSWER and items.usage.total_tokens == 46
     sent = started.received()[-1]["body"]["messages"]
-    assert sent == [{"role": "system", "content": "Answer briefly."}, {"role": "system", "content": "Be kind."},
-                    {"role": "user", "content": "Hello"}]
+    assert sent == [{"role": "system", "content": "Answer briefly.\n\nBe kind."}, {"role": "user", "content": "Hello"}]
 
 
 @pytest.mark.parametrize("summary", [None, "auto"])

@@ -1,12 +1,16 @@
-"""Settings: .env parsing, precedence, bad values, --help and the README table."""
+"""Settings: .env parsing, precedence, bad values, the generated key (kept for the next start, or good for one
+run), --help and the README table; the lines a process logs as it starts and stops."""
 
+import json
 import re
+import signal
 import socket
+import stat
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, free_port
+from conftest import API_KEY, ROOT, free_port
 
 import k2proxy
 
@@ -138,3 +142,47 @@ def test_the_start_up_line_comes_once_listening_with_a_reachable_url(spawn, tmp_
     assert f"admin key of the admin page (http://127.0.0.1:{port}/admin)" in log
     assert f"listening on http://127.0.0.1:{port} (and on every address of this machine)" in log
     assert "did you mean TOOL_SUPPORT?" in log and "0.0.0.0" not in log
+
+
+def test_help_names_every_client_api_and_upstream():
+    result = subprocess.run([sys.executable, str(ROOT / "k2proxy.py"), "--help"], capture_output=True, text=True,
+                            timeout=30)
+    text = " ".join(result.stdout.split())
+    assert "OpenAI chat completions, OpenAI Responses and Anthropic Messages" in text and "IFM's API" in text
+
+
+def start_without_a_key(spawn, workdir):
+    """`python k2proxy.py` with no VALID_API_KEY, in `workdir`; (the warning line, the key printed)."""
+    port = free_port()
+    process = spawn([str(ROOT / "k2proxy.py")], port, cwd=workdir,
+                    env={"PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": ""})
+    warning, key = process.stderr.readline(), process.stderr.readline().strip()
+    process.send_signal(signal.SIGTERM)
+    process.wait(10)
+    return warning, key
+
+
+def test_the_generated_key_is_kept_readable_by_its_owner_only_and_reused(spawn, tmp_path):
+    first_warning, first = start_without_a_key(spawn, tmp_path)
+    _, second = start_without_a_key(spawn, tmp_path)
+    kept = tmp_path / "k2proxy_key.txt"
+    assert first == second and first.startswith("sk-") and kept.read_text().strip() == first
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert "kept in k2proxy_key.txt" in first_warning
+
+
+def test_a_generated_key_file_that_cannot_be_written_gives_a_key_for_the_run(tmp_path, capsys):
+    settings = k2proxy.load_settings({"GENERATED_KEY_FILE": str(tmp_path / "missing-dir" / "key.txt")},
+                                     generate_key=k2proxy.kept_key)
+    assert settings.valid_api_key[0].startswith("sk-") and "good for this run only" in capsys.readouterr().err
+    assert json.dumps(settings.public()).count(settings.valid_api_key[0]) == 0
+
+
+def test_shutdown_is_logged(spawn, tmp_path):
+    port = free_port()
+    process = spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path,
+                    env={"PORT": str(port), "HOST": "127.0.0.1", "VALID_API_KEY": API_KEY})
+    process.send_signal(signal.SIGTERM)
+    process.wait(10)
+    log = process.stderr.read()
+    assert "k2proxy stopping" in log and "k2proxy stopped" in log

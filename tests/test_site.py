@@ -5,8 +5,8 @@ import json
 import time
 
 import pytest
-from conftest import AUTH, MODEL, ROOT, chat, read_sse, stream_text
-from fake_upstream import Reply, make_jwt
+from conftest import AUTH, MODEL, ROOT, chat, effort_sent, post_chat, read_sse, stream_text
+from fake_site import Reply, make_jwt
 
 import k2proxy
 
@@ -15,23 +15,15 @@ ANSWER = "Hello — 你好! How can I help?"
 TOKENS = [make_jwt(time.time() + 3600, "first"), make_jwt(time.time() + 3600, "second")]
 
 
-async def post(proxy, body):
-    return await proxy.post("/v1/chat/completions", json=body, headers=AUTH)
-
-
-def effort_sent(fake, index=-1):
-    return fake.received[index].body["extra_body"]["chat_template_kwargs"]["reasoning_effort"]
-
-
 async def test_an_answer_that_ends_with_a_torn_down_connection_is_complete(proxy, fake):
     """The site sends a finish chunk and a done event, then drops the connection: that is a normal end."""
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
     assert fake.reply.task_id and fake.reply.ragged and fake.reply.markup == "details_plain"
-    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    events, _ = await read_sse(await post_chat(proxy, chat(stream=True)))
     assert events[-1] == "[DONE]" and not any("error" in e for e in events[:-1])
     assert stream_text(events[:-1], "reasoning_content") == REASONING and stream_text(events[:-1]) == ANSWER
     assert events[-2]["choices"][0]["finish_reason"] == "stop"
-    body = await (await post(proxy, chat())).json()
+    body = await (await post_chat(proxy, chat())).json()
     assert body["choices"][0]["message"] == {"role": "assistant", "content": ANSWER, "reasoning_content": REASONING}
     assert body["choices"][0]["finish_reason"] == "stop"
 
@@ -62,7 +54,7 @@ async def test_the_fake_site_enforces_its_rules(fake, aiohttp_client):
 async def test_an_answer_without_text_is_a_502_never_an_empty_200(make_proxy, fake, reply, code, words, stream):
     proxy = await make_proxy(MAX_RETRIES=0)
     fake.reply = reply
-    response = await post(proxy, chat(stream=stream))
+    response = await post_chat(proxy, chat(stream=stream))
     error = (await response.json())["error"]
     assert response.status == 502 and error["code"] == code and words in error["message"]
 
@@ -77,7 +69,7 @@ async def test_an_answer_without_text_fails_over_to_the_next_token(make_proxy, f
     proxy = await make_proxy(PROXY_MODE="user")
     fake.by_token[TOKENS[0]] = bad
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
-    body = await (await post(proxy, chat())).json()
+    body = await (await post_chat(proxy, chat())).json()
     assert body["choices"][0]["message"]["content"] == ANSWER
     assert [r.token for r in fake.received] == TOKENS
     failed = [r.getMessage() for r in caplog.records if "upstream attempt" in r.getMessage()]
@@ -98,13 +90,13 @@ async def test_an_answer_without_text_fails_over_to_the_next_token(make_proxy, f
 ])
 async def test_reasoning_effort_reaches_upstream(make_proxy, fake, env, extra, model, expected):
     proxy = await make_proxy(**env)
-    assert (await post(proxy, chat(model=model, **extra))).status == 200
+    assert (await post_chat(proxy, chat(model=model, **extra))).status == 200
     assert effort_sent(fake) == expected
 
 
 @pytest.mark.parametrize("value", ["max", "HIGH", 3, ["low"], {"effort": "low"}, True])
 async def test_an_unknown_reasoning_effort_is_a_400_naming_the_allowed_values(proxy, fake, value):
-    response = await post(proxy, chat(reasoning_effort=value))
+    response = await post_chat(proxy, chat(reasoning_effort=value))
     error = (await response.json())["error"]
     assert response.status == 400 and error["param"] == "reasoning_effort"
     assert "none, minimal, low, medium, high, xhigh" in error["message"] and fake.received == []
@@ -114,7 +106,7 @@ async def test_a_conversation_of_several_turns_is_accepted_by_the_site(proxy, fa
     messages = [{"role": "user", "content": "Hi"},
                 {"role": "assistant", "content": "Hello!", "reasoning_content": "They greet me."},
                 {"role": "user", "content": "How are you?"}]
-    response = await post(proxy, {"model": MODEL, "messages": messages})
+    response = await post_chat(proxy, {"model": MODEL, "messages": messages})
     assert response.status == 200
     sent = fake.received[0].body["messages"]
     assert sent[1] == {"role": "assistant", "content": "Hello!", "reasoning": ""}
@@ -127,7 +119,7 @@ async def test_tool_history_is_accepted_by_the_site(proxy, fake):
                 {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "call_1", "type": "function", "function": {"name": "clock", "arguments": "{}"}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
-    response = await post(proxy, {"model": MODEL, "messages": messages, "tools": [tool]})
+    response = await post_chat(proxy, {"model": MODEL, "messages": messages, "tools": [tool]})
     assert response.status == 200
     assistant = fake.received[0].body["messages"][2]
     assert assistant["role"] == "assistant" and assistant["reasoning"] == "" and "clock" in assistant["content"]
@@ -137,7 +129,7 @@ async def test_tool_history_is_accepted_by_the_site(proxy, fake):
                                    "MBZUAI-IFM/K2-Think-v2-nothink"])
 async def test_retired_model_ids_are_served_by_the_current_model(proxy, fake, asked):
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
-    body = await (await post(proxy, chat(model=asked))).json()
+    body = await (await post_chat(proxy, chat(model=asked))).json()
     assert body["model"] == asked and body["choices"][0]["message"]["content"] == ANSWER
     assert ("reasoning_content" in body["choices"][0]["message"]) == (not asked.endswith("-nothink"))
     assert fake.received[-1].body["model"] == MODEL
@@ -147,7 +139,7 @@ async def test_retired_model_ids_are_served_by_the_current_model(proxy, fake, as
 
 async def test_aliases_still_add_names(make_proxy, fake):
     proxy = await make_proxy(MODEL_ALIASES=f"k2={MODEL}")
-    body = await (await post(proxy, chat(model="k2-nothink"))).json()
+    body = await (await post_chat(proxy, chat(model="k2-nothink"))).json()
     assert body["model"] == "k2-nothink" and fake.received[-1].body["model"] == MODEL
 
 

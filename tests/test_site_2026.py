@@ -12,18 +12,27 @@ from dataclasses import replace
 import anthropic
 import openai
 import pytest
-from conftest import AUTH, CLIENTS, MODEL, chat, read_sse, run_check
-from fake_upstream import EFFORT_FROM, EMPTY_PROMPT_REPLY, Reply, frame_payloads, make_jwt, old_site
+from conftest import (
+    AUTH,
+    CLIENTS,
+    EACH_DIALECT,
+    IMAGE,
+    IMAGE_PARTS,
+    MODEL,
+    NO_REASONING_SHOWN,
+    TEXT_PARTS,
+    WHOLE_OR_STREAMED,
+    chat,
+    read_sse,
+    run_check,
+)
+from fake_model import EMPTY_PROMPT_REPLY
+from fake_site import EFFORT_FROM, Reply, frame_payloads, make_jwt, old_site
 
 import k2proxy
 
 REASONING = "The user greets me.\nI greet back — 你好."
 ANSWER = "Hello! How can I help you today?"
-DIALECTS = ("chat", "anthropic", "responses")
-EACH_DIALECT = pytest.mark.parametrize("kind", DIALECTS)
-WHOLE_OR_STREAMED = pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
-IMAGE = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJ"
-         "RU5ErkJggg==")  # one pixel
 TOKEN = make_jwt(time.time() + 3600, "acc-2026")
 CLOSERS = ["<ifm|think>", "<ifm|think_fast>", "<ifm|think_faster>", "</ifm|think>", "</ifm|think_fast>",
            "</ifm|think_faster>"]
@@ -39,7 +48,6 @@ EFFORT_OPTIONS = {  # (dialect, effort) → what the client asks for that effort
     ("responses", "medium"): {"reasoning": {"effort": "medium", "summary": "auto"}},
     ("responses", "high"): {"reasoning": {"effort": "high", "summary": "auto"}},
 }
-NO_REASONING_SHOWN = {"chat": {}, "anthropic": {"thinking": None}, "responses": {"reasoning": None}}
 
 
 @pytest.fixture
@@ -77,16 +85,6 @@ def bad_request(kind):
 
 
 # ─── 1. text only
-
-TEXT_PARTS = {"chat": [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second line."}],
-              "anthropic": [{"type": "text", "text": "First line."}, {"type": "text", "text": "Second line."}],
-              "responses": [{"type": "input_text", "text": "First line."},
-                            {"type": "input_text", "text": "Second line."}]}
-IMAGE_PARTS = {"chat": {"type": "image_url", "image_url": {"url": IMAGE}},
-               "anthropic": {"type": "image", "source": {"type": "base64", "media_type": "image/png",
-                                                         "data": IMAGE.split(",", 1)[1]}},
-               "responses": {"type": "input_image", "image_url": IMAGE}}
-
 
 @EACH_DIALECT
 @WHOLE_OR_STREAMED

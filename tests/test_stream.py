@@ -1,11 +1,23 @@
-"""Chat completions through the proxy: real streaming, every upstream variant, upstream failures."""
+"""Chat completions through the proxy: real streaming, every upstream variant, a character cut between two frames
+(in every dialect), upstream failures."""
 
 import asyncio
 import json
 
 import pytest
-from conftest import AUTH, chat, read_sse, stream_text
-from fake_upstream import Reply, old_site
+from conftest import (
+    AUTH,
+    DIALECTS,
+    asked,
+    chat,
+    post_chat,
+    read_sse,
+    stream_ended_well,
+    stream_text,
+    stream_text_of,
+    until,
+)
+from fake_site import Reply, old_site
 from hypothesis import HealthCheck, assume, given, settings
 from site_grammar import site_streams
 
@@ -20,13 +32,9 @@ def counts(usage):
     return {name: usage[name] for name in ("prompt_tokens", "completion_tokens", "total_tokens")}
 
 
-async def post(proxy, body):
-    return await proxy.post("/v1/chat/completions", json=body, headers=AUTH)
-
-
 async def test_stream_framing(proxy, fake):
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
-    response = await post(proxy, chat(stream=True))
+    response = await post_chat(proxy, chat(stream=True))
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/event-stream")
     assert response.headers["X-Accel-Buffering"] == "no"
@@ -46,7 +54,7 @@ async def test_stream_framing(proxy, fake):
 async def test_reasoning_and_answer_never_share_a_delta(proxy, fake):
     """Clients that read one field per delta (`reasoning or content`) must not lose the answer."""
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER, piece=1000)
-    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    events, _ = await read_sse(await post_chat(proxy, chat(stream=True)))
     deltas = [e["choices"][0]["delta"] for e in events[:-1]]
     assert not any("reasoning_content" in d and "content" in d for d in deltas)
     shown = "".join(d.get("reasoning_content") or d.get("content") or "" for d in deltas)
@@ -60,7 +68,7 @@ async def test_reasoning_and_answer_never_share_a_delta(proxy, fake):
 async def test_every_variant_streams_exact_text(proxy, fake, markup, style, form, opening, site):
     fake.reply = site(reasoning=REASONING, answer=ANSWER, markup=markup, style=style, chunk_bytes=5, form=form,
                       opening=opening)
-    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    events, _ = await read_sse(await post_chat(proxy, chat(stream=True)))
     assert stream_text(events[:-1], "reasoning_content") == REASONING
     assert stream_text(events[:-1]) == ANSWER
 
@@ -68,14 +76,36 @@ async def test_every_variant_streams_exact_text(proxy, fake, markup, style, form
 async def test_incremental_pieces_that_repeat_are_not_taken_for_snapshots(proxy, fake):
     fake.reply = Reply(reasoning="ha ha ha ha, funny", answer="ok ok ok", markup="lone_think", style="incremental",
                        piece=3)
-    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    events, _ = await read_sse(await post_chat(proxy, chat(stream=True)))
     assert stream_text(events[:-1], "reasoning_content") == "ha ha ha ha, funny"
     assert stream_text(events[:-1]) == "ok ok ok"
 
 
+async def test_an_emoji_cut_between_two_frames_reaches_the_client_whole(proxy, fake):
+    frames = ['{"content": "A \\ud83d"}', '{"content": "A \\ud83d\\ude00 B"}',
+              '{"choices": [{"delta": {}, "finish_reason": "stop"}]}', '{"done": true}']
+    fake.reply = Reply(body="".join(f"data: {frame}\n\n" for frame in frames), content_type="text/event-stream")
+    events, _ = await read_sse(await proxy.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH))
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict)
+                   and e.get("choices"))
+    assert text == "A \U0001f600 B" and events[-1] == "[DONE]"
+
+
+@DIALECTS
+async def test_an_emoji_cut_between_two_pieces_arrives_whole_from_the_site(proxy, fake, path):
+    frames = ['{"choices": [{"delta": {"content": "A \\ud83d"}}]}',
+              '{"choices": [{"delta": {"content": "\\ude00 B"}}]}',
+              '{"choices": [{"delta": {}, "finish_reason": "stop"}]}']
+    fake.reply = Reply(body="".join(f"data: {frame}\n\n" for frame in frames) + "data: [DONE]\n\n",
+                       content_type="text/event-stream")
+    response = await asyncio.wait_for(proxy.post(path, json=asked(path, stream=True), headers=AUTH), 10)
+    raw = (await asyncio.wait_for(response.read(), 10)).decode()
+    assert stream_text_of(path, raw) == "A \U0001f600 B" and stream_ended_well(path, raw)
+
+
 async def test_first_delta_arrives_while_upstream_still_streams(proxy, fake):
     fake.reply = Reply(reasoning="x" * 300, answer=ANSWER, piece=5, delay=0.05)
-    response = await post(proxy, chat(stream=True))
+    response = await post_chat(proxy, chat(stream=True))
     async for line in response.content:
         if line.startswith(b"data: ") and b"reasoning_content" in line:
             break
@@ -85,7 +115,7 @@ async def test_first_delta_arrives_while_upstream_still_streams(proxy, fake):
 
 async def test_client_leaving_closes_the_upstream_request(proxy, fake):
     fake.reply = Reply(reasoning="x" * 1000, piece=5, delay=0.05)
-    response = await post(proxy, chat(stream=True))
+    response = await post_chat(proxy, chat(stream=True))
     await response.content.readline()
     response.close()
     await asyncio.wait_for(fake.client_gone.wait(), 5)
@@ -94,7 +124,7 @@ async def test_client_leaving_closes_the_upstream_request(proxy, fake):
 
 async def test_nothink_hides_reasoning_and_sends_the_base_model(proxy, fake):
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
-    events, _ = await read_sse(await post(proxy, chat(model="IFM/K2-Horizon-375B-A23B-nothink", stream=True)))
+    events, _ = await read_sse(await post_chat(proxy, chat(model="IFM/K2-Horizon-375B-A23B-nothink", stream=True)))
     assert stream_text(events[:-1], "reasoning_content") == ""
     assert stream_text(events[:-1]) == ANSWER
     assert events[0]["model"] == "IFM/K2-Horizon-375B-A23B-nothink"
@@ -104,16 +134,16 @@ async def test_nothink_hides_reasoning_and_sends_the_base_model(proxy, fake):
 async def test_think_tags_put_reasoning_inline(make_proxy, fake):
     proxy = await make_proxy(THINKING_FORMAT="think_tags")
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
-    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    events, _ = await read_sse(await post_chat(proxy, chat(stream=True)))
     assert stream_text(events[:-1]) == f"<think>{REASONING}</think>\n\n{ANSWER}"
-    body = await (await post(proxy, chat())).json()
+    body = await (await post_chat(proxy, chat())).json()
     assert body["choices"][0]["message"]["content"] == f"<think>{REASONING}</think>\n\n{ANSWER}"
     assert "reasoning_content" not in body["choices"][0]["message"]
 
 
 async def test_non_stream_answer(proxy, fake):
     fake.reply = Reply(reasoning=REASONING, answer=ANSWER, markup="details")
-    response = await post(proxy, chat())
+    response = await post_chat(proxy, chat())
     body = await response.json()
     assert response.status == 200 and body["object"] == "chat.completion"
     message = body["choices"][0]["message"]
@@ -126,7 +156,7 @@ async def test_non_stream_answer(proxy, fake):
 async def test_json_answer_to_a_stream_request(proxy, fake, chunk_bytes):
     answer = ANSWER * (1 + chunk_bytes // 10)
     fake.reply = Reply(reasoning=REASONING, answer=answer, json_answer=True, chunk_bytes=chunk_bytes)
-    events, _ = await read_sse(await post(proxy, chat(stream=True, stream_options={"include_usage": True})))
+    events, _ = await read_sse(await post_chat(proxy, chat(stream=True, stream_options={"include_usage": True})))
     assert stream_text(events[:-1], "reasoning_content") == REASONING
     assert stream_text(events[:-1]) == answer
     assert counts(events[-2]["usage"]) == fake.reply.usage
@@ -135,16 +165,16 @@ async def test_json_answer_to_a_stream_request(proxy, fake, chunk_bytes):
 @pytest.mark.parametrize("reason", ["length", "content_filter"])
 async def test_upstream_finish_reason_reaches_the_client(proxy, fake, reason):
     fake.reply = Reply(answer=ANSWER, finish_reason=reason)
-    events, _ = await read_sse(await post(proxy, chat(stream=True)))
+    events, _ = await read_sse(await post_chat(proxy, chat(stream=True)))
     assert events[-2]["choices"][0]["finish_reason"] == reason
-    body = await (await post(proxy, chat())).json()
+    body = await (await post_chat(proxy, chat())).json()
     assert body["choices"][0]["finish_reason"] == reason and body["choices"][0]["message"]["content"] == ANSWER
 
 
 @pytest.mark.parametrize("alone", [True, False])
 async def test_include_usage_adds_one_usage_chunk(proxy, fake, alone):
     fake.reply = Reply(usage_alone=alone)
-    events, _ = await read_sse(await post(proxy, chat(stream=True, stream_options={"include_usage": True})))
+    events, _ = await read_sse(await post_chat(proxy, chat(stream=True, stream_options={"include_usage": True})))
     usage_chunks = [e for e in events[:-1] if "usage" in e]
     assert len(usage_chunks) == 1 and usage_chunks[0] is events[-2]
     assert usage_chunks[0]["choices"] == [] and counts(usage_chunks[0]["usage"]) == fake.reply.usage
@@ -153,7 +183,7 @@ async def test_include_usage_adds_one_usage_chunk(proxy, fake, alone):
 async def test_silent_upstream_gets_keepalive_comments(make_proxy, fake):
     proxy = await make_proxy(KEEPALIVE_SECONDS="0.1")
     fake.reply = Reply(first_delay=0.5)
-    events, comments = await read_sse(await post(proxy, chat(stream=True)))
+    events, comments = await read_sse(await post_chat(proxy, chat(stream=True)))
     assert comments and all(c.startswith(":") for c in comments)
     assert stream_text(events[:-1]) == fake.reply.answer
 
@@ -164,7 +194,7 @@ async def test_upstream_payload_and_headers(proxy, fake):
                          {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
                          {"role": "assistant", "content": "Hello", "reasoning_content": "secret thoughts"},
                          {"role": "user", "content": "Again"}]}
-    assert (await post(proxy, body)).status == 200
+    assert (await post_chat(proxy, body)).status == 200
     received = fake.received[0]
     assert received.path == "/api/guest/chat/completions"
     sent = received.body
@@ -197,7 +227,7 @@ async def test_upstream_payload_and_headers(proxy, fake):
 async def test_upstream_failure_before_any_byte_is_a_real_http_error(make_proxy, fake, reply, status, code, stream):
     proxy = await make_proxy(MAX_RETRIES=0)
     fake.reply = reply
-    response = await post(proxy, chat(stream=stream))
+    response = await post_chat(proxy, chat(stream=stream))
     assert response.status == status
     error = (await response.json())["error"]
     assert error["code"] == code and error["message"] and set(error) == {"message", "type", "param", "code"}
@@ -206,7 +236,7 @@ async def test_upstream_failure_before_any_byte_is_a_real_http_error(make_proxy,
 async def test_slow_first_byte_is_a_504_after_one_anonymous_attempt(make_proxy, fake):
     proxy = await make_proxy(REQUEST_TIMEOUT="0.3")
     fake.reply = Reply(first_delay=3)
-    response = await post(proxy, chat(stream=True))
+    response = await post_chat(proxy, chat(stream=True))
     assert response.status == 504
     assert (await response.json())["error"]["code"] == "upstream_timeout"
     assert len(fake.received) == 1, "without tokens, trying again only doubles the wait"
@@ -220,7 +250,7 @@ async def test_slow_first_byte_is_a_504_after_one_anonymous_attempt(make_proxy, 
 async def test_failure_after_content_ends_with_error_event(make_proxy, fake, reply, code):
     proxy = await make_proxy(REQUEST_TIMEOUT="0.5")
     fake.reply = reply
-    response = await post(proxy, chat(stream=True))
+    response = await post_chat(proxy, chat(stream=True))
     assert response.status == 200
     events, _ = await read_sse(response)
     assert events[-1] == "[DONE]"
@@ -231,7 +261,7 @@ async def test_failure_after_content_ends_with_error_event(make_proxy, fake, rep
 
 async def test_shutdown_ends_streams_in_flight_with_their_end(proxy, fake):
     fake.reply = Reply(reasoning="x" * 1000, piece=5, delay=0.05)
-    response = await post(proxy, chat(stream=True))
+    response = await post_chat(proxy, chat(stream=True))
     async for line in response.content:
         if b"reasoning_content" in line:
             break
@@ -243,9 +273,8 @@ async def test_shutdown_ends_streams_in_flight_with_their_end(proxy, fake):
 @pytest.mark.parametrize("stream", [True, False])
 async def test_shutdown_ends_requests_still_waiting_for_upstream(proxy, fake, stream):
     fake.reply = Reply(first_delay=30)
-    request = asyncio.ensure_future(post(proxy, chat(stream=stream)))
-    while not fake.received:
-        await asyncio.sleep(0.01)
+    request = asyncio.ensure_future(post_chat(proxy, chat(stream=stream)))
+    await until(lambda: fake.received)
     await proxy.server.app[k2proxy.STATE].http.stop()
     response = await asyncio.wait_for(request, 5)
     assert response.status == 503 and (await response.json())["error"]["code"] == "shutting_down"

@@ -81,3 +81,49 @@ def test_the_module_docstring_lists_the_sections_in_order():
             missing.append(section)
         position = max(position, found)
     assert missing == [], "not listed in order in the module docstring"
+
+
+KIND_SECTIONS = ("Upstream: the web site", "Upstream: the official API")
+
+
+def test_the_core_uses_nothing_of_an_upstream_kinds_section():
+    """The core sees an upstream kind only through UpstreamKind: what it asks of one travels in its CoreRequest."""
+    found = dict((name, statements) for name, statements in sections())
+    of_kinds = {name for section in KIND_SECTIONS for statement in found[section] for name in defined(statement)}
+    used_by_core = {name for statement in found["Core"] for name in used(statement)}
+    assert used_by_core & of_kinds == set()
+
+
+REQUEST_MAP = re.compile(r"`([A-Za-z_][\w]*(?:\.[A-Za-z_]\w*)?)`")
+
+
+def test_every_function_the_request_map_names_exists():
+    """docs/architecture.md follows one request by function name: each name is one of the module's."""
+    import k2proxy
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    walk = text[text.index("## One request, start to end"):text.index("## Adding a client dialect")]
+    names = {name for name in REQUEST_MAP.findall(walk) if "_" in name or "." in name or name[0].isupper()}
+    missing = []
+    for name in sorted(names):
+        owner, _, member = name.partition(".")
+        found = getattr(k2proxy, owner, None)
+        if found is None or (member and not hasattr(found, member)):
+            missing.append(name)
+    assert len(names) > 30 and missing == []
+
+
+REPLICA_WORDS = re.compile(r"redis|shared|fleet|replica|(?<![a-z])lease", re.IGNORECASE)
+
+
+def test_above_the_replicas_layer_no_code_names_it():
+    """Redis is a layer below the local code: above "Shared state", no name, attribute or argument speaks of it
+    (the backends it puts in place come as arguments, with the local ones' methods)."""
+    source = (ROOT / "k2proxy.py").read_text(encoding="utf-8")
+    layer = next(number for number, line in enumerate(source.splitlines(), 1) if line.startswith("# ─── Shared state"))
+    named = set()
+    for node in ast.walk(ast.parse(source)):
+        name = node.id if isinstance(node, ast.Name) else node.attr if isinstance(node, ast.Attribute) else (
+            node.arg if isinstance(node, ast.arg) else None)
+        if name and getattr(node, "lineno", layer) < layer and REPLICA_WORDS.search(name):
+            named.add(f"line {node.lineno}: {name}")
+    assert named == set()

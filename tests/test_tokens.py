@@ -1,13 +1,16 @@
-"""The token pool: files, rotation, failover, health rules, expiry, file watching, atomic saves."""
+"""The token pool: files, rotation, failover, health rules, expiry, upstream's Retry-After (an hour at most),
+file watching (a file read while it is written), atomic saves (a line another program appends meanwhile kept)."""
 
 import asyncio
 import collections
 import json
+import pathlib
 import time
 
 import pytest
-from conftest import ADMIN, AUTH, chat, read_sse, stream_text, until
-from fake_upstream import AUTH_EXPIRED, Reply, make_jwt
+from conftest import ADMIN, ALICE, AUTH, BOB, CHAT, chat, pool_of, read_sse, state_of, stream_text, until
+from fake_api import ApiReply
+from fake_site import AUTH_EXPIRED, Reply, make_jwt
 
 import k2proxy
 
@@ -25,10 +28,6 @@ def user_proxy(make_proxy, tmp_path):
         write_tokens(tmp_path, *tokens)
         return await make_proxy(PROXY_MODE="user", **env)
     return start
-
-
-def pool_of(proxy):
-    return proxy.server.app[k2proxy.STATE].site.pool
 
 
 async def ask(proxy, stream=False):
@@ -207,14 +206,6 @@ async def test_only_unusable_tokens_gives_503(user_proxy, fake):
     assert status == 503 and body["error"]["code"] == "no_usable_tokens" and fake.received == []
 
 
-async def wait_until(condition, seconds=2.0):
-    """Waits for the proxy to notice a change, up to the 2 s the pool promises."""
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "the change was not picked up within 2 s"
-        await asyncio.sleep(0.05)
-
-
 @pytest.mark.parametrize("how", ["append", "remove", "rename"])
 async def test_file_edits_are_picked_up_within_two_seconds(user_proxy, fake, tmp_path, how):
     proxy = await user_proxy(GOOD[0], GOOD[1])
@@ -232,7 +223,7 @@ async def test_file_edits_are_picked_up_within_two_seconds(user_proxy, fake, tmp
         (tmp_path / "tokens.txt.swp").write_text(f"{GOOD[0]}\n{GOOD[3]}\n")
         (tmp_path / "tokens.txt.swp").replace(path)
         expected = [GOOD[0], GOOD[3]]
-    await wait_until(lambda: [t.value for t in pool.credentials] == expected)
+    await until(lambda: [t.value for t in pool.credentials] == expected, 2.0)  # the 2 s the pool promises
     if GOOD[0] in expected:
         assert pool.credentials[0].requests == 1, "tokens still present keep their stats"
 
@@ -244,7 +235,7 @@ async def test_auth_disabled_token_returns_when_its_line_changes(user_proxy, fak
     pool = pool_of(proxy)
     assert pool.stats()[0]["status"] == "disabled"
     (tmp_path / "tokens.txt").write_text(GOOD[1] + "\n")
-    await wait_until(lambda: pool.stats()[0]["status"] == "active")
+    await until(lambda: pool.stats()[0]["status"] == "active", 2.0)  # the 2 s the pool promises
     assert pool.credentials[0].value == GOOD[1]
 
 
@@ -379,3 +370,93 @@ async def test_without_tokens_there_is_one_identity_and_a_429_is_not_asked_again
     assert response.status == 429 and len(fake.received) == 1
     attempts = [r.getMessage() for r in caplog.records if "upstream attempt" in r.getMessage()]
     assert len(attempts) == 1 and "anonymous" in attempts[0] and "token 1 of" not in caplog.text
+
+
+def test_a_line_appended_while_a_save_runs_is_kept(tmp_path):
+    path = tmp_path / "tokens.txt"
+    path.write_text("one\n")
+    watched = k2proxy.WatchedFile(path)
+
+    def replace_with_two(text):
+        with path.open("a") as other_writer:  # another program appends while the save is under way
+            other_writer.write("appended\n")
+        return "two\n"
+
+    written = watched.rewrite(replace_with_two)
+    assert path.read_text() == written and written.splitlines() == ["two", "appended"]
+
+
+@pytest.fixture
+def mid_write(monkeypatch):
+    """Makes the next read of `path` see the file as a writer had half written it: the rest is written just after."""
+    real = pathlib.Path.read_text
+
+    def arm(path, rest):
+        def read_text(self, *args, **kwargs):
+            text = real(self, *args, **kwargs)
+            if self == path and rest:
+                with open(path, "a") as writer:
+                    writer.write(rest.pop())
+            return text
+        monkeypatch.setattr(pathlib.Path, "read_text", read_text)
+        return rest
+    return arm
+
+
+async def test_a_keys_file_read_while_it_was_written_is_not_taken_half(proxy_settings, tmp_path, mid_write):
+    path = tmp_path / "api_keys.txt"
+    path.write_text(f"alice:{ALICE}\n")
+    keys = k2proxy.ApiKeys(proxy_settings(API_KEYS_FILE=path))
+    await keys.reload()
+    with open(path, "a") as writer:
+        writer.write(f"bob:{BOB[:5]}")  # "sk-bo": a key anyone could guess
+    mid_write(path, [BOB[5:] + "\n"])
+    await keys.reload()
+    assert [key.name for key in keys.named] == ["alice"] and keys.find(BOB[:5]) is None
+    await keys.reload()
+    assert keys.find(BOB).name == "bob" and keys.find(BOB[:5]) is None
+
+
+async def test_a_token_file_read_while_it_was_written_is_not_taken_half(proxy_settings, tmp_path, mid_write):
+    whole = make_jwt(time.time() + 3600)
+    path = tmp_path / "tokens.txt"
+    path.write_text(whole + "\n")
+    settings = proxy_settings(PROXY_MODE="user")
+    site = k2proxy.SiteUpstream(settings, k2proxy.HttpClient(settings))
+    await site.pool.reload()
+    other = make_jwt(time.time() + 7200, signature="c2Vjb25k")
+    with open(path, "a") as writer:
+        writer.write(other[:30])
+    mid_write(path, [other[30:] + "\n"])
+    await site.pool.reload()
+    assert [c.value for c in site.pool.credentials] == [whole]
+    await site.pool.reload()
+    assert [c.value for c in site.pool.credentials] == [whole, other]
+
+
+async def test_upstreams_retry_after_is_capped(make_proxy, fake, tmp_path):
+    (tmp_path / "tokens.txt").write_text(make_jwt(time.time() + 3600) + "\n")
+    proxy = await make_proxy(PROXY_MODE="user")
+    fake.reply = Reply(status=429, body='{"detail": "slow down"}', headers={"Retry-After": "99999999999"})
+    await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    token = state_of(proxy).site.pool.credentials[0]
+    assert token.cooling_until <= time.time() + k2proxy.RETRY_AFTER_MAX + 1
+
+
+@pytest.mark.parametrize("kind", ["site", "api"])
+async def test_upstreams_retry_after_reaches_clients_at_most_an_hour(make_proxy, api_proxy, fake, fake_api, tmp_path,
+                                                                      kind):
+    if kind == "site":
+        (tmp_path / "tokens.txt").write_text(make_jwt(time.time() + 86400) + "\n")
+        proxy = await make_proxy(PROXY_MODE="user")
+        fake.reply = Reply(status=429, body='{"detail": "slow down"}', headers={"Retry-After": "99999999999"})
+    else:
+        proxy = await api_proxy()
+        fake_api.reply = ApiReply(status=429, retry_after=99_999_999_999)
+    for attempt in ("upstream asked", "the credential rests"):
+        response = await proxy.post(CHAT, json=chat(), headers=AUTH)
+        assert response.status == 429, attempt
+        assert 1 <= int(response.headers["Retry-After"]) <= 3600, attempt
+    stats = await (await proxy.get("/admin/tokens/stats" if kind == "site" else "/admin/ifm-keys/stats",
+                                   headers=ADMIN)).json()
+    assert stats["tokens"][0]["cooling_until"] <= time.time() + 3601

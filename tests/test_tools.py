@@ -1,11 +1,28 @@
-"""Function calling over K2-Think: the tool prompt, history, extraction in every form, streamed tool_calls."""
+"""Function calling over K2-Think: the tool prompt (the tool kinds it leaves out logged up to a bound), history,
+extraction in every form (arguments nested too deeply stay text), streamed tool_calls."""
 
 import json
+import logging
 
 import openai
 import pytest
-from conftest import API_KEY, AUTH, chat, read_sse, scan_answer
-from fake_upstream import Reply
+from conftest import (
+    API_KEY,
+    AUTH,
+    CHAT,
+    DEEP,
+    DIALECTS,
+    MESSAGES,
+    MODEL,
+    RESPONSES,
+    TOOL_NAMES,
+    asked,
+    chat,
+    read_sse,
+    scan_answer,
+    state_of,
+)
+from fake_site import Reply
 
 import k2proxy
 
@@ -17,8 +34,7 @@ WEATHER = {"type": "function", "function": {
 SEARCH = {"type": "function", "function": {"name": "search", "description": "Web search.",
                                            "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}
 TOOLS = [WEATHER, SEARCH]
-NAMES = frozenset({"get_weather", "search"})
-MESSAGES = [{"role": "user", "content": "Weather in Paris?"}]
+WEATHER_QUESTION = [{"role": "user", "content": "Weather in Paris?"}]
 
 ANSWERS = {
     "own": ('Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>',
@@ -40,7 +56,7 @@ ANSWERS = {
 
 
 def scan(text, step):
-    out = scan_answer(NAMES, text, step)
+    out = scan_answer(TOOL_NAMES, text, step)
     return ("".join(p for p in out if isinstance(p, str)),
             [(p.name, json.loads(p.arguments)) for p in out if isinstance(p, k2proxy.ToolCall)])
 
@@ -55,7 +71,7 @@ def test_scanner_finds_each_form_at_any_split(form, step):
 
 
 def test_scanner_releases_text_that_cannot_open_a_call_at_once():
-    scanner = k2proxy.ToolCallScanner(NAMES)
+    scanner = k2proxy.ToolCallScanner(TOOL_NAMES)
     assert scanner.feed("Hello world. ") == ["Hello world. "]
     assert scanner.feed("Use x < y and `a`, ") == ["Use x < y and `a`, "]
     assert "".join(scanner.feed("a dict {")) == "a dict "
@@ -74,7 +90,7 @@ def test_model_made_ids_are_replaced_by_unique_ones():
     plan = k2proxy.ToolPlan((k2proxy.Tool("search", "", {}),), "auto")
     progress = k2proxy.Progress(plan, show_reasoning=True)
     answer = '{"tool_calls": [{"id": "call_x", "name": "search", "arguments": {}}, {"id": "call_x", "name": "search"}]}'
-    events = progress.events("", answer) + progress.closing(prompt_tokens=1)
+    events = progress.events(k2proxy.Delta("", answer)) + progress.closing(prompt_tokens=1)
     starts = [e for e in events if isinstance(e, k2proxy.ToolCallStart)]
     assert len(starts) == 2 and len({s.id for s in starts}) == 2
     assert all(s.id != "call_x" and "call_x" not in s.id for s in starts)
@@ -102,7 +118,7 @@ async def sdk(proxy):
 
 async def sdk_call(sdk, stream, **extra):
     """(content, tool calls as (name, arguments), finish reason, call ids) as the openai SDK sees them."""
-    request = {"model": "IFM/K2-Horizon-375B-A23B", "messages": MESSAGES, "tools": TOOLS, **extra}
+    request = {"model": "IFM/K2-Horizon-375B-A23B", "messages": WEATHER_QUESTION, "tools": TOOLS, **extra}
     if not stream:
         choice = (await sdk.chat.completions.create(**request)).choices[0]
         calls = [(c.function.name, json.loads(c.function.arguments)) for c in choice.message.tool_calls or []]
@@ -159,10 +175,10 @@ async def test_plain_answer_streams_before_upstream_finishes(proxy, fake):
 async def test_standard_tool_loop(sdk, fake):
     fake.script = [Reply(answer='<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'),
                    Reply(answer="It is 18 °C in Paris.")]
-    first = await sdk.chat.completions.create(model="IFM/K2-Horizon-375B-A23B", messages=MESSAGES, tools=TOOLS)
+    first = await sdk.chat.completions.create(model="IFM/K2-Horizon-375B-A23B", messages=WEATHER_QUESTION, tools=TOOLS)
     call = first.choices[0].message.tool_calls[0]
     result = json.dumps({"temperature": 18, "unit": "celsius"})
-    history = MESSAGES + [first.choices[0].message.model_dump(exclude_none=True),
+    history = WEATHER_QUESTION + [first.choices[0].message.model_dump(exclude_none=True),
                           {"role": "tool", "tool_call_id": call.id, "content": result}]
     final = await sdk.chat.completions.create(model="IFM/K2-Horizon-375B-A23B", messages=history, tools=TOOLS)
     assert final.choices[0].message.content == "It is 18 °C in Paris."
@@ -178,7 +194,7 @@ async def test_streamed_tool_loop(sdk, fake):
                    Reply(answer="Found it.")]
     _, calls, finish, (call_id,) = await sdk_call(sdk, True)
     assert calls == [("search", {"q": "k2"})] and finish == "tool_calls"
-    history = MESSAGES + [{"role": "assistant", "content": None, "tool_calls": [
+    history = WEATHER_QUESTION + [{"role": "assistant", "content": None, "tool_calls": [
         {"id": call_id, "type": "function", "function": {"name": "search", "arguments": '{"q": "k2"}'}}]},
         {"role": "tool", "tool_call_id": call_id, "content": "K2-Think is a reasoning model."}]
     content, calls, finish, _ = await sdk_call(sdk, True, messages=history)
@@ -208,7 +224,7 @@ async def test_tool_choice_is_stated_to_the_model(proxy, fake, choice, fragment)
 
 async def test_tool_prompt_joins_an_existing_system_message(proxy, fake):
     body = {"model": "IFM/K2-Horizon-375B-A23B", "tools": TOOLS,
-            "messages": [{"role": "system", "content": "You are terse."}, *MESSAGES]}
+            "messages": [{"role": "system", "content": "You are terse."}, *WEATHER_QUESTION]}
     await proxy.post("/v1/chat/completions", json=body, headers=AUTH)
     sent = fake.received[0].body["messages"]
     assert len(sent) == 2
@@ -240,3 +256,41 @@ async def test_stream_chunks_for_a_call_have_the_openai_shape(proxy, fake):
     assert pieces[1] == {"index": 0, "function": {"arguments": '{"city": "Paris"}'}}
     assert events[-2]["choices"][0]["finish_reason"] == "tool_calls"
     assert "<tool_call>" not in json.dumps(events)
+
+
+async def test_tool_kinds_left_out_are_remembered_and_logged_up_to_a_bound(proxy, fake, caplog):
+    caplog.set_level(logging.INFO, logger="k2proxy")
+    for number in range(k2proxy.TOOL_KINDS_NOTED + 10):
+        tools = [{"type": f"server_tool_{number}_" + "y" * 500, "name": "x"}]
+        await proxy.post("/v1/messages", json={"model": MODEL, "max_tokens": 10, "tools": tools,
+                                               "messages": [{"role": "user", "content": "hi"}]}, headers=AUTH)
+    assert len(state_of(proxy).tools_left_out) == k2proxy.TOOL_KINDS_NOTED
+    assert caplog.text.count("are left out of the prompt") == k2proxy.TOOL_KINDS_NOTED
+    assert "y" * (k2proxy.TOOL_KIND_CHARS + 1) not in caplog.text
+
+
+@pytest.mark.parametrize("path", [MESSAGES, RESPONSES])
+async def test_tool_kinds_left_out_are_noted_up_to_a_bound_each_cut_and_escaped(proxy, fake, caplog, path):
+    caplog.set_level(logging.INFO, logger="k2proxy")
+    tools = [{"type": f"kind_{number}\nFORGED " + "y" * 300, "name": "x"} for number in range(150)]
+    response = await proxy.post(path, json=asked(path, tools=tools), headers=AUTH)
+    assert response.status == 200
+    noted = [r.getMessage() for r in caplog.records if "left out of the prompt" in r.getMessage()]
+    assert len(noted) == len(state_of(proxy).tools_left_out) < 150, "a bound, whatever clients send"
+    assert not any(line.startswith("FORGED") for line in caplog.text.splitlines())
+    assert len(noted) == k2proxy.TOOL_KINDS_NOTED
+    assert all(len(kind) <= k2proxy.TOOL_KIND_CHARS for kind in state_of(proxy).tools_left_out)
+    assert "y" * (k2proxy.TOOL_KIND_CHARS + 1) not in caplog.text and "\\nFORGED" in caplog.text
+
+
+@DIALECTS
+async def test_a_models_tool_call_nested_too_deeply_stays_text(proxy, fake, path):
+    fake.reply = Reply(answer='<tool_call>{"name": "f", "arguments": ' + DEEP + "}</tool_call>")
+    schema = {"type": "object"}
+    tools = {CHAT: [{"type": "function", "function": {"name": "f", "parameters": schema}}],
+             MESSAGES: [{"name": "f", "input_schema": schema}],
+             RESPONSES: [{"type": "function", "name": "f", "parameters": schema}]}[path]
+    response = await proxy.post(path, json=asked(path, tools=tools), headers=AUTH)
+    text = json.dumps(await response.json())
+    assert response.status == 200 and "[[[[" in text
+    assert '"tool_calls"' not in text and '"tool_use"' not in text and '"function_call"' not in text
