@@ -27,6 +27,7 @@ MINUTE_BUDGET = 1_000_000  # not published: informational in x-ratelimit-limit-t
 CONTEXT = 524_288
 MAX_STOPS = 4
 ROLES = ("system", "developer", "user", "assistant", "tool")
+SYSTEM_ROLES = ("system", "developer")  # K2's template places these first only
 IMAGE_PARTS = ("image_url", "input_image", "image")
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "not_found_error", 408: "timeout_error", 410: "deprecated_model_error",
@@ -330,6 +331,9 @@ class FakeIFM:
             if not isinstance(message, dict) or message.get("role") not in ROLES:
                 raise Refused(400, f"A message's role is one of {', '.join(ROLES)}.", "invalid_role", f"{param}.role")
             role = message["role"]
+            if role in SYSTEM_ROLES and number:
+                raise Refused(400, "A system message comes only first: K2's chat template has no place for one "
+                              "later in the conversation.", "invalid_role", f"{param}.role")
             if pending and role != "tool":
                 raise Refused(400, f"The assistant's tool call {next(iter(pending))!r} is not followed by a tool "
                               "message with its tool_call_id.", "tool_call_unanswered", param)

@@ -147,6 +147,13 @@ async def test_an_assistant_turn_without_a_thinking_field_is_a_400(api):
     assert error["param"] == "messages[1]"
 
 
+@pytest.mark.parametrize("role", ["system", "developer"])
+async def test_a_system_message_after_the_first_is_a_400(api, role):
+    error = await error_of(await post(api, body(user("Hi"), {"role": role, "content": "Be brief."})), 400,
+                           "invalid_request_error")
+    assert error["param"] == "messages[1].role" and "only first" in error["message"]
+
+
 @pytest.mark.parametrize("name", ["reasoning_content", "reasoning"])
 async def test_a_null_thinking_field_is_a_400(api, name):
     error = await error_of(await post(api, body(user("Hi"), assistant(**{name: None}), user("And?"))), 400,

@@ -36,6 +36,8 @@ async def test_the_fake_site_enforces_its_rules(fake, aiohttp_client):
              ({**base, "chat_id": "a", "id": "b", "session_id": "c"}, 200, "task_id"),
              ({**base, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
                                     {"role": "user", "content": "c"}]}, 400, "thinking field"),
+             ({**base, "messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}, 400,
+              "only first"),
              ({**base, "extra_body": {"chat_template_kwargs": {"reasoning_effort": "max"}}}, 400, "max")]
     for payload, status, expected in cases:
         response = await client.post("/api/guest/chat/completions", json=payload)
