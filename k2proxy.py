@@ -1205,6 +1205,17 @@ CONTEXT_TOKENS = 512 * 1024  # K2 Horizon's context (512K tokens; 128,000 is som
 MAX_STOP_SEQUENCES = 4  # what K2's API takes
 
 
+UPSTREAM_NAMES = {"site": "the K2Think site", "api": "the API upstream (IFM's API, or a vLLM or SGLang server)"}
+
+
+def no_probabilities(settings, name):
+    """The refusal of a request for token probabilities, naming the upstream kinds in use."""
+    names = [UPSTREAM_NAMES[kind] for kind in settings.upstream]
+    said = names[0] + " does not" if len(names) == 1 else "neither " + " nor ".join(names) + " does"
+    return ApiError(400, f"'{name}' is not supported: {said} report token probabilities through this proxy",
+                    param=name, code="unsupported_parameter")
+
+
 def sampling(temperature, top_p, max_tokens, stop, seed=None, stop_param="stop"):
     """The sampling options upstream understands, those given; max_tokens no more than the model can write."""
     expect(stop is None or len(stop) <= MAX_STOP_SEQUENCES, f"'{stop_param}' may hold at most {MAX_STOP_SEQUENCES} "
@@ -1505,15 +1516,19 @@ def json_text(value):
     return json.dumps(value, ensure_ascii=False)
 
 
+DONE_LINE = b"data: [DONE]\n\n"  # the last line of an OpenAI stream, chat completions' and Responses' alike
+
+
 def sse_event(name, data):
     """One named server-sent event, as the Anthropic and Responses streams send them."""
     return b"event: " + name.encode() + b"\ndata: " + json_text(data).encode() + b"\n\n"
 
 
-def requested_model(body):
-    """The model a completion request names; a 400 when the body is not an object or names none."""
+def requested_model(body, default=None):
+    """The model a completion request names (`default`, when it may name none); a 400 when the body is not an
+    object or names none it must."""
     expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
-    model = body.get("model")
+    model = default if body.get("model") is None and default else body.get("model")
     expect(isinstance(model, str) and model, "'model' must be a non-empty string", "model", "invalid_type")
     return model
 
@@ -6466,8 +6481,8 @@ def parse_chat_request(body, settings, models):
     expect(n in (None, 1), "Only n=1 is supported", "n")
     options = object_field(body, "stream_options")
     for name in ("logprobs", "top_logprobs"):
-        expect(body.get(name) in (None, False), f"'{name}' is not supported: the site does not report token "
-               "probabilities", name, "unsupported_parameter")
+        if body.get(name) not in (None, False):
+            raise no_probabilities(settings, name)
     effort = REQUEST_EFFORTS[one_of_field(body, "reasoning_effort", tuple(REQUEST_EFFORTS),
                                           default_effort(settings, show_reasoning))]
     tools = chat_tools(body, settings.tool_support)
@@ -6530,7 +6545,7 @@ class ChatChunks:
                     content += self._think_closed("</think>")
                     tail = self._ending(event)
                 case Failed(error):
-                    tail = b"data: " + json.dumps(openai_error_body(error)).encode() + b"\n\ndata: [DONE]\n\n"
+                    tail = b"data: " + json.dumps(openai_error_body(error)).encode() + b"\n\n" + DONE_LINE
                 case _:
                     raise unknown_event(event)
         if content:
@@ -6550,7 +6565,7 @@ class ChatChunks:
             usage = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                      "model": self.core.model, "choices": [], "usage": openai_usage(finish.usage)}
             data += b"data: " + json.dumps(usage).encode() + b"\n\n"
-        return data + b"data: [DONE]\n\n"
+        return data + DONE_LINE
 
     def _chunk(self, delta, finish_reason=None):
         if not self._role_sent:
@@ -6595,8 +6610,48 @@ def model_card(model_id, created):
             "context_length": CONTEXT_TOKENS}
 
 
+def anthropic_model_card(model_id, models, created):
+    """A model as Anthropic's Models API lists it, for Claude Code's gateway model discovery: named after the
+    model it serves (K2 Horizon 375B A23B), with (no thinking) for a -nothink id."""
+    served, thinks = models.resolve(model_id)
+    name = served.rsplit("/", 1)[-1].replace("-", " ") + ("" if thinks else " (no thinking)")
+    return {"type": "model", "id": model_id, "display_name": name,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created))}
+
+
+def anthropic_page(cards, query):
+    """One page of Anthropic's model list: limit (1 to 1000, 20 when not given), after_id or before_id."""
+    limit = query.get("limit", str(ANTHROPIC_PAGE))
+    expect(limit.isdigit() and 1 <= int(limit) <= ANTHROPIC_PAGE_MAX, f"'limit' must be an integer from 1 to "
+           f"{ANTHROPIC_PAGE_MAX}", "limit")
+    ids = [card["id"] for card in cards]
+    after, before = query.get("after_id"), query.get("before_id")
+    for name, value in (("after_id", after), ("before_id", before)):
+        expect(value is None or value in ids, f"'{name}' names no model of the list", name)
+    start = ids.index(after) + 1 if after else 0
+    end = ids.index(before) if before else len(ids)
+    if before and not after:
+        start = max(start, end - int(limit))
+    page = cards[start:end][:int(limit)]
+    more = (start > 0) if before and not after else start + len(page) < end
+    return {"data": page, "has_more": more, "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None}
+
+
+ANTHROPIC_PAGE, ANTHROPIC_PAGE_MAX = 20, 1000  # Anthropic's default and largest page of models
+
+
+def asks_as_anthropic(request):
+    """Whether a model route was called by an Anthropic client (it sends anthropic-version)."""
+    return "anthropic-version" in request.headers
+
+
 async def list_models(request):
+    """The models, in OpenAI's shape, or in Anthropic's to an Anthropic client."""
     state = request.app[STATE]
+    if asks_as_anthropic(request):
+        cards = [anthropic_model_card(m, state.models, state.started) for m in state.models.listed()]
+        return web.json_response(anthropic_page(cards, request.query))
     return web.json_response({"object": "list",
                               "data": [model_card(m, state.started) for m in state.models.listed()]})
 
@@ -6605,6 +6660,8 @@ async def get_model(request):
     state = request.app[STATE]
     model_id = request.match_info["model"]
     state.models.resolve(model_id)
+    if asks_as_anthropic(request):
+        return web.json_response(anthropic_model_card(model_id, state.models, state.started))
     return web.json_response(model_card(model_id, state.started))
 
 
@@ -7106,15 +7163,18 @@ async def count_message_tokens(request):
 RESPONSE_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
                     "xhigh": "high"}  # OpenAI's → the site's
 SUMMARIES = ("auto", "concise", "detailed")
+FREEFORM_INPUT = "input"  # the one argument of a freeform (custom) tool offered to the model as a function
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
 SKIPPED_ITEMS = frozenset((  # items of history that say nothing the model could use: built-in tools
     "web_search_call", "file_search_call", "computer_call", "computer_call_output",
     "image_generation_call", "code_interpreter_call", "local_shell_call", "local_shell_call_output",
     "mcp_list_tools", "mcp_call", "mcp_approval_request", "mcp_approval_response", "item_reference"))
-ECHOED = ("instructions", "max_output_tokens", "metadata", "parallel_tool_calls", "previous_response_id", "store",
-          "temperature", "text", "tool_choice", "tools", "top_p", "truncation", "user")  # a response repeats these
-ECHO_DEFAULTS = {"parallel_tool_calls": True, "store": True, "text": {"format": {"type": "text"}},
-                 "tool_choice": "auto", "tools": [], "truncation": "disabled", "metadata": {}}
+ECHO_DEFAULTS = {  # what a response repeats of its request, and the specification's value when it is not given
+    "instructions": None, "previous_response_id": None, "tools": [], "tool_choice": "auto", "truncation": "disabled",
+    "parallel_tool_calls": True, "text": {"format": {"type": "text"}}, "top_p": 1, "presence_penalty": 0,
+    "frequency_penalty": 0, "top_logprobs": 0, "temperature": 1, "user": None, "max_output_tokens": None,
+    "max_tool_calls": None, "store": True, "metadata": {}, "safety_identifier": None, "prompt_cache_key": None}
+SERVICE_TIER = "default"  # the one tier there is: a request's service_tier is taken and answered with this
 
 
 def response_part(part, where, limit):
@@ -7187,7 +7247,8 @@ class TurnBuilder:
 
     def _call(self, item, where):
         call_id, name = item.get("call_id"), item.get("name")
-        arguments = item.get("arguments") if item.get("type") == "function_call" else {"input": item.get("input")}
+        arguments = (item.get("arguments") if item.get("type") == "function_call"
+                     else {FREEFORM_INPUT: item.get("input")})
         expect(isinstance(call_id, str) and isinstance(name, str) and isinstance(arguments, (str, dict)),
                f"{where} must have a string call_id and name and its arguments", where, "invalid_type")
         return call_id, name, check_arguments(arguments, f"{where}.arguments")
@@ -7219,18 +7280,66 @@ def reasoning_text(item, where):
     return "\n".join(texts)
 
 
+BUILT_IN_TOOLS = ("web_search", "file_search", "code_interpreter", "image_generation", "computer", "mcp",
+                  "local_shell", "tool_search")  # OpenAI runs these itself (their types start so): left out here
+
+
+def freeform_tool(tool, where):
+    """A freeform (custom) tool as a function of one string argument, its grammar (if any) told to the model."""
+    answer_format = object_in(tool.get("format")) or {"type": "text"}
+    kind = answer_format.get("type")
+    expect(kind in ("text", "grammar"), f"{where}.format.type must be text or grammar", f"{where}.format.type")
+    description = tool.get("description")
+    expect(description is None or isinstance(description, str), f"{where}.description must be a string",
+           f"{where}.description", "invalid_type")
+    told = (description or "") + "\nThis tool takes raw text, not JSON: put all of it in the argument "
+    told += f"'{FREEFORM_INPUT}'."
+    if kind == "grammar":
+        syntax, definition = answer_format.get("syntax"), answer_format.get("definition")
+        expect(isinstance(syntax, str) and isinstance(definition, str), f"{where}.format needs a syntax and a "
+               "definition (strings)", f"{where}.format", "invalid_type")
+        told += f" The text must follow this {syntax} grammar:\n{definition}"
+    parameters = {"type": "object", "properties": {FREEFORM_INPUT: {"type": "string", "description": "The raw "
+                  "text input of the tool"}}, "required": [FREEFORM_INPUT]}
+    return check_tool(tool.get("name"), told.strip(), parameters, where)
+
+
+def freeform_input(arguments):
+    """The raw text of a freeform tool's call from the arguments the model gave: its input argument, else the
+    one string it gave, else the arguments as written."""
+    try:
+        given = loads(arguments)
+    except ValueError:
+        return arguments
+    if isinstance(given, dict):
+        texts = [value for value in given.values() if isinstance(value, str)]
+        if isinstance(given.get(FREEFORM_INPUT), str):
+            return given[FREEFORM_INPUT]
+        if len(given) == 1 and texts:
+            return texts[0]
+    return arguments
+
+
 def response_tools(body, enabled):
-    """(ToolPlan or None, function name → its namespace, built-in tool types left out). Namespaces are flattened
-    into their functions; built-in tools (web search, …) are left out, never refused: Codex always sends some."""
+    """(ToolPlan or None, function name → its namespace, the freeform tools' names, built-in tool types left
+    out). Namespaces are flattened into their functions, freeform tools become functions of one string;
+    built-in tools (web search, …) are left out, as Codex always sends some; any other type is a 400."""
     tools, choice = body.get("tools") or [], body.get("tool_choice", "auto")
     expect(isinstance(tools, list) and all(isinstance(t, dict) for t in tools), "'tools' must be a list of objects",
            "tools", "invalid_type")
-    checked, namespaces, left_out = [], {}, []
+    checked, namespaces, freeform, left_out = [], {}, set(), []
     for index, tool in enumerate(tools):
         kind = tool.get("type")
+        if kind == "custom":
+            checked.append(freeform_tool(tool, f"tools[{index}]"))
+            freeform.add(tool["name"])
+            continue
         inner = tool.get("tools") if kind == "namespace" else [tool] if kind == "function" else None
         if inner is None:
-            left_out.append(str(kind))
+            expect(isinstance(kind, str) and kind.startswith(BUILT_IN_TOOLS), f"tools[{index}] has type {kind!r}, "
+                   "which cannot be served here (function, namespace and custom tools can)", f"tools[{index}].type",
+                   "unsupported_tool")
+            left_out.append(kind)
             continue
         expect(isinstance(inner, list) and all(isinstance(t, dict) for t in inner), f"tools[{index}].tools must be a "
                "list of functions", f"tools[{index}].tools", "invalid_type")
@@ -7240,11 +7349,13 @@ def response_tools(body, enabled):
                                       where))
             if kind == "namespace":
                 namespaces[function["name"]] = tool.get("name")
-    if isinstance(choice, dict) and choice.get("type") == "function":
+    if isinstance(choice, dict) and choice.get("type") in ("function", "custom"):
         choice = choice.get("name")
     expect(isinstance(choice, str), "tool_choice must be \"auto\", \"none\", \"required\" or "
-           "{\"type\": \"function\", \"name\": ...}", "tool_choice")
-    return tool_plan(checked, choice, enabled), namespaces, left_out
+           "{\"type\": \"function\" or \"custom\", \"name\": ...}", "tool_choice")
+    expect(choice != "required" or checked or not left_out, f"tool_choice is required, but the request's only tools "
+           f"({', '.join(left_out)}) cannot run here", "tool_choice", "unsupported_tool")
+    return tool_plan(checked, choice, enabled), namespaces, frozenset(freeform), left_out
 
 
 def response_history(body, previous):
@@ -7279,13 +7390,14 @@ class ResponsesAsked:
     store: bool
     history: list
     namespaces: dict
+    freeform: frozenset  # the names of the freeform tools, whose calls are custom_tool_call items
     echo: dict
 
 
 def parse_responses_request(body, settings, models, previous=()):
     """Checks a Responses request and translates it; every problem is a 400 naming the field (a 404 for an unknown
     previous_response_id). Returns the CoreRequest, what else was asked, and the built-in tool types left out."""
-    model = requested_model(body)
+    model = requested_model(body, models.default)  # the specification lets a request leave the model out
     upstream_model, show_reasoning = models.resolve(model)
     stream, stored = body.get("stream", False), body.get("store", True)
     expect(isinstance(stream, bool) and isinstance(stored, bool), "'stream' and 'store' must be true or false",
@@ -7296,7 +7408,7 @@ def parse_responses_request(body, settings, models, previous=()):
     instructions = body.get("instructions")
     expect(instructions is None or isinstance(instructions, str), "'instructions' must be a string",
            "instructions", "invalid_type")
-    tools, namespaces, left_out = response_tools(body, settings.tool_support)
+    tools, namespaces, freeform, left_out = response_tools(body, settings.tool_support)
     history = response_history(body, list(previous))
     turns = TurnBuilder(FileLimit.of(settings))
     if instructions:
@@ -7305,12 +7417,40 @@ def parse_responses_request(body, settings, models, previous=()):
         turns.add(item, f"input[{index}]")
     params = sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
                       integer_field(body, "max_output_tokens", 1), None)
+    for name in ("presence_penalty", "frequency_penalty"):
+        number_field(body, name, -2, 2)
+    integer_field(body, "max_tool_calls", 1)
+    if body.get("top_logprobs") not in (None, 0):
+        raise no_probabilities(settings, "top_logprobs")
+    expect(body.get("background") in (None, False), "'background' is not supported: a response is made while "
+           "its request waits (stream it for a long one)", "background", "unsupported_parameter")
     effort = RESPONSE_EFFORTS[effort] if effort else default_effort(settings, show_reasoning)
     core = CoreRequest(model, upstream_model, turns.finish(), params, effort, stream,
                        show_reasoning and summary is not None, tools, response_format(body), session_hint(body))
-    echo = {**ECHO_DEFAULTS, **{name: body[name] for name in ECHOED if body.get(name) is not None},
-            "reasoning": {"effort": reasoning.get("effort"), "summary": summary}}
-    return core, ResponsesAsked(stored, history, namespaces, echo), left_out
+    echo = {**ECHO_DEFAULTS, **{name: body[name] for name in ECHO_DEFAULTS if body.get(name) is not None},
+            "tools": echoed_tools(body.get("tools") or []), "text": echoed_text(body),
+            "reasoning": {"effort": reasoning.get("effort"), "summary": summary}, "background": False,
+            "service_tier": SERVICE_TIER}
+    return core, ResponsesAsked(stored, history, namespaces, freeform, echo), left_out
+
+
+def echoed_tools(tools):
+    """The tools as a response repeats them: a function with its description, parameters and strict (the
+    specification's default, true) even when the request left them out; other tools as they came."""
+    def echoed(tool):
+        if tool.get("type") != "function":
+            return tool
+        return {"description": None, "parameters": None, **tool, "strict": tool.get("strict", True)}
+    return [echoed(tool) for tool in tools]
+
+
+def echoed_text(body):
+    """The text options as a response repeats them: a json_schema format with its description, null when none."""
+    text = body.get("text") or {}
+    answer_format = text.get("format") or {"type": "text"}
+    if answer_format.get("type") == "json_schema":
+        answer_format = {"description": None, **answer_format, "strict": bool(answer_format.get("strict"))}
+    return {**text, "format": answer_format}
 
 
 def response_format(body):
@@ -7347,7 +7487,8 @@ def function_call_item(item_id, call_id, name, arguments, status, namespace):
 
 
 def responses_usage(usage):
-    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+    return {"input_tokens": usage.prompt_tokens,
+            "input_tokens_details": {"cached_tokens": usage.cached_tokens, "cache_write_tokens": 0},
             "output_tokens": usage.completion_tokens,
             "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}, "total_tokens": usage.total_tokens}
 
@@ -7366,8 +7507,10 @@ class ResponseBuilder:
         self.kept = None  # (response, history) of the finished response, while it is to be stored
 
     def response(self, status, output, usage=None, error=None, incomplete=None):
-        return {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": error,
-                "incomplete_details": incomplete, "model": self.core.model, "output": output,
+        """The response object with every field the specification requires, whatever its status."""
+        return {"id": self.id, "object": "response", "created_at": self.created,
+                "completed_at": int(time.time()) if status == "completed" else None, "status": status,
+                "error": error, "incomplete_details": incomplete, "model": self.core.model, "output": output,
                 "usage": responses_usage(usage) if usage else None, **self.asked.echo}
 
     def finished(self, output, finish):
@@ -7384,11 +7527,16 @@ class ResponseBuilder:
         if self.kept:
             await self.store.put(*self.kept, self.owner)
 
-    def failed(self, error):
+    def failed(self, error, output=()):
         code = "rate_limit_exceeded" if error.status == 429 else error.code or "server_error"
-        return self.response("failed", [], error={"code": code, "message": error.message})
+        return self.response("failed", list(output), error={"code": code, "message": error.message})
 
     def call(self, call_id, name, arguments, status):
+        """The output item of a call: a custom_tool_call with its raw input for a freeform tool, else a
+        function_call."""
+        if name in self.asked.freeform:
+            return {"type": "custom_tool_call", "id": "ctc_" + call_id, "call_id": "call_" + call_id, "name": name,
+                    "input": freeform_input(arguments) if arguments else "", "status": status}
         return function_call_item("fc_" + call_id, "call_" + call_id, name, arguments, status,
                                   self.asked.namespaces.get(name))
 
@@ -7434,34 +7582,39 @@ class ResponseEvents:
                 return self._open("reasoning") + self._delta(b"response.reasoning_summary_text.delta",
                                                              b"summary_index", text)
             case Text(text):
-                return self._open("message") + self._delta(b"response.output_text.delta", b"content_index", text)
+                return self._open("message") + self._delta(b"response.output_text.delta", b"content_index", text,
+                                                           b', "logprobs": []}')
             case ToolCallStart(_, id_, name):
                 self.call = (id_, name)
                 return self._open("function_call")
             case ToolArguments(_, text):
                 self.pieces.append(text)
+                if self.item["type"] == "custom_tool_call":  # its raw input is known once the arguments are
+                    return b""
                 return self._event("response.function_call_arguments.delta", item_id=self.item["id"],
                                    output_index=len(self.output), delta=text)
             case Finish():
                 closed, final = self._close(), self.builder.finished(self.output, event)
                 kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-                return closed + self._event(kind, response=final)
-            case Failed(error):
-                return self._event("response.failed", response=self.builder.failed(error))
+                return closed + self._event(kind, response=final) + DONE_LINE
+            case Failed(error):  # what was streamed stays, its open item closed as incomplete
+                closed = self._close("incomplete")
+                return closed + self._event("response.failed", response=self.builder.failed(error, self.output)) \
+                    + DONE_LINE
         raise unknown_event(event)
 
     def _event(self, kind, **fields):
         self.sequence += 1
         return sse_event(kind, {"type": kind, "sequence_number": self.sequence - 1, **fields})
 
-    def _delta(self, kind, index_name, text):
+    def _delta(self, kind, index_name, text, tail=b"}"):
         """The event a stream sends for nearly every frame, its fixed parts written as they are."""
         self.pieces.append(text)
         self.sequence += 1
         head = (b'event: %s\ndata: {"type": "%s", "sequence_number": %d, "item_id": "%s", "output_index": %d, '
                 b'"%s": 0, "delta": ' % (kind, kind, self.sequence - 1, self.item["id"].encode(), len(self.output),
                                          index_name))
-        return head + json_text(text).encode() + b"}\n\n"
+        return head + json_text(text).encode() + tail + b"\n\n"
 
     def _open(self, kind):
         if self.item and self.item["type"] == kind and kind != "function_call":
@@ -7486,20 +7639,25 @@ class ResponseEvents:
                                part={"type": "summary_text", "text": text})
         return b""
 
-    def _close(self):
+    def _close(self, status="completed"):
+        """The done events of the open item; `status` incomplete when the response failed while it was open."""
         if not self.item:
             return b""
         text, kind, place = "".join(self.pieces), self.item["type"], {"item_id": self.item["id"],
                                                                       "output_index": len(self.output)}
         if kind == "message":
             ended = self._event("response.output_text.done", **place, content_index=0, text=text, logprobs=[])
-            done = message_item(self.item["id"], text, "completed")
+            done = message_item(self.item["id"], text, status)
         elif kind == "reasoning":
             ended = self._event("response.reasoning_summary_text.done", **place, summary_index=0, text=text)
-            done = reasoning_item(self.item["id"], text, "completed")
+            done = reasoning_item(self.item["id"], text, status)
+        elif kind == "custom_tool_call":
+            done = {**self.item, "input": freeform_input(text) if text else "", "status": status}
+            ended = self._event("response.custom_tool_call_input.delta", **place, delta=done["input"])
+            ended += self._event("response.custom_tool_call_input.done", **place, input=done["input"])
         else:
             ended = self._event("response.function_call_arguments.done", **place, arguments=text)
-            done = {**self.item, "arguments": text, "status": "completed"}
+            done = {**self.item, "arguments": text, "status": status}
         ended += self._part("done", text)
         ended += self._event("response.output_item.done", output_index=len(self.output), item=done)
         self.output.append(done)

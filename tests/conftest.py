@@ -183,11 +183,14 @@ async def read_sse(response):
 async def read_named_sse(response):
     """The (event name, JSON data) pairs of an SSE answer whose events are named, as Anthropic and Responses send."""
     import json
-    events, name = [], None
+    events, name, ended = [], None, False
     for line in (await response.read()).decode().split("\n"):
         if line.startswith("event: "):
             name = line[7:].strip()
+        elif line == "data: [DONE]":  # a Responses stream's end: nothing may follow it
+            ended = True
         elif line.startswith("data: "):
+            assert not ended, f"an event after data: [DONE]: {line}"
             events.append((name, json.loads(line[6:])))
             name = None
     return events
@@ -198,7 +201,7 @@ def stream_text_of(path, raw):
     if path == CHAT:
         events = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: {")]
         return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e.get("choices"))
-    data = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: ")]
+    data = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: {")]
     if path == MESSAGES:
         return "".join(d["delta"].get("text", "") for d in data if d.get("type") == "content_block_delta")
     return "".join(d["delta"] for d in data if d.get("type") == "response.output_text.delta")
@@ -217,7 +220,7 @@ def ends_with_error(path, raw):
         assert events[-1] == "[DONE]"
         return json.loads(events[-2])["error"]["code"]
     names = [line[7:].strip() for line in raw.split("\n") if line.startswith("event: ")]
-    data = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: ")]
+    data = [json.loads(line[6:]) for line in raw.split("\n") if line.startswith("data: {")]
     if path == MESSAGES:
         assert names[-1] == "error"
         return data[-1]["error"]["type"]

@@ -634,3 +634,19 @@ def test_the_docs_name_every_request_field_the_sdk_knows_and_each_block_type():
     for block in ("text", "image", "document", "tool_result", "tool_use", "thinking", "redacted_thinking",
                   "server_tool_use"):
         assert f"`{block}`" in text, block
+
+
+async def test_an_anthropic_client_lists_the_models_in_anthropics_shape(sdk, proxy):
+    client = await sdk()
+    page = await client.models.list()
+    ids = [model.id for model in page.data]
+    assert ids[0] == MODEL and all(model.type == "model" for model in page.data)
+    assert page.data[0].display_name == "K2 Horizon 375B A23B" and page.has_more is False
+    assert page.first_id == ids[0] and page.last_id == ids[-1]
+    assert any(model.display_name.endswith("(no thinking)") for model in page.data)
+    one = await client.models.retrieve(MODEL)
+    assert one.id == MODEL and one.display_name == "K2 Horizon 375B A23B" and one.created_at.year >= 2026
+    second = await client.models.list(limit=1, after_id=ids[0])
+    assert [model.id for model in second.data] == [ids[1]] and second.has_more is True
+    openai_shape = await (await proxy.get("/v1/models", headers={"Authorization": f"Bearer {API_KEY}"})).json()
+    assert openai_shape["object"] == "list" and openai_shape["data"][0]["object"] == "model"

@@ -7,6 +7,7 @@ import base64
 import json
 import logging
 
+import open_responses
 import openai
 import pydantic
 import pytest
@@ -23,6 +24,7 @@ from conftest import (
     read_named_sse,
     state_of,
 )
+from fake_api import ApiReply
 from fake_site import Reply
 
 import k2proxy
@@ -386,3 +388,176 @@ async def test_the_store_counts_the_bytes_it_holds(make_proxy, fake):
     assert all(isinstance(data, bytes) for data in held)
     assert store.bytes == sum(map(len, held)) <= store.max_bytes
     assert json.loads(held[0])["response"]["id"] == ids[1]
+
+
+# --- the Open Responses specification: whole response objects, every event, [DONE], freeform tools
+
+PATCH = {"type": "custom", "name": "apply_patch", "description": "Applies a patch to files.",
+         "format": {"type": "grammar", "syntax": "lark", "definition": "start: begin_patch hunk+ end_patch"}}
+PATCH_TEXT = "*** Begin Patch\n*** Add File: a.txt\n+hi\n*** End Patch"
+PATCH_CALL = '<tool_call>{"name": "apply_patch", "arguments": {"input": ' + json.dumps(PATCH_TEXT) + '}}</tool_call>'
+CITY = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+SPEC_CASES = {  # name: (request fields, the site's reply, the API's reply)
+    "text": ({}, Reply(answer=ANSWER), ApiReply(answer=ANSWER)),
+    "reasoning summary": ({"reasoning": {"summary": "auto"}}, Reply(reasoning=REASONING, answer=ANSWER),
+                          ApiReply(reasoning=REASONING, answer=ANSWER)),
+    "function call": ({"tools": [SHELL]}, Reply(answer="Let me look. " + CALL), ApiReply(
+        answer="Let me look.", tool_calls=[{"name": "exec_command", "arguments": {"cmd": "ls"}}])),
+    "freeform call": ({"tools": [PATCH]}, Reply(answer=PATCH_CALL),
+                      ApiReply(answer="", tool_calls=[{"name": "apply_patch", "arguments": {"input": PATCH_TEXT}}])),
+    "json schema": ({"text": {"format": {"type": "json_schema", "name": "city", "schema": CITY}}},
+                    Reply(answer='{"city": "Paris"}'), ApiReply(json_answer={"city": "Paris"})),
+    "cut short": ({"max_output_tokens": 50}, Reply(answer=ANSWER, finish_reason="length"),
+                  ApiReply(answer=ANSWER, finish_reason="length")),
+}
+
+
+@pytest.fixture(params=["site", "api"])
+def upstream(request, make_proxy, api_proxy, fake, fake_api):
+    """(a proxy starter, the function that steers its upstream's reply) for each upstream kind."""
+    if request.param == "site":
+        return make_proxy, lambda site, api: setattr(fake, "reply", site)
+    return api_proxy, lambda site, api: setattr(fake_api, "reply", api)
+
+
+@pytest.mark.parametrize("case", SPEC_CASES)
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_every_response_and_event_has_what_the_specification_requires(upstream, case, stream):
+    start, steer = upstream
+    fields, site_reply, api_reply = SPEC_CASES[case]
+    steer(site_reply, api_reply)
+    proxy = await start()
+    answer = await post(proxy, request(stream=stream, **fields))
+    assert answer.status == 200
+    if stream:
+        raw = (await answer.read()).decode()
+        assert open_responses.stream_problems(raw) == []
+        events, _ = open_responses.parse_stream(raw)
+        final = events[-1]["response"]
+    else:
+        final = await answer.json()
+        assert open_responses.response_problems(final) == []
+    kinds = [item["type"] for item in final["output"]]
+    expected = {"function call": "function_call", "freeform call": "custom_tool_call"}.get(case, "message")
+    assert expected in kinds and final["status"] == ("incomplete" if case == "cut short" else "completed")
+
+
+@pytest.mark.parametrize("reply", [Reply(reasoning="r" * 80, answer="a" * 80, piece=4, drop_after=6),
+                                   ApiReply(reasoning="r" * 80, answer="a" * 80, piece=4, truncate="mid_content")],
+                         ids=["site", "api"])
+async def test_a_stream_that_fails_midway_is_the_specifications_too(make_proxy, api_proxy, fake, fake_api, reply):
+    if isinstance(reply, Reply):
+        fake.reply, proxy = reply, await make_proxy(MAX_RETRIES=0)
+    else:
+        fake_api.reply, proxy = reply, await api_proxy(MAX_RETRIES=0)
+    raw = (await (await post(proxy, request(stream=True, reasoning={"summary": "auto"}))).read()).decode()
+    assert open_responses.stream_problems(raw) == []
+    events, _ = open_responses.parse_stream(raw)
+    assert events[-1]["type"] == "response.failed" and events[-1]["response"]["error"]["message"]
+
+
+def sdk_of(proxy):
+    return openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key=API_KEY, max_retries=0, timeout=20)
+
+
+async def test_a_response_repeats_the_requests_values_and_the_specifications_defaults(proxy, fake):
+    fake.reply = Reply(answer='{"city": "Paris"}')
+    async with sdk_of(proxy) as sdk:
+        raw = sdk.responses.with_raw_response  # the JSON as sent: the SDK's types would make created_at a float
+        plain = json.loads((await raw.create(model=MODEL, input="Hello")).text)
+        given = json.loads((await raw.create(
+            model=MODEL, input="Hello", instructions="Be brief.", temperature=0.5, top_p=0.9, max_output_tokens=100,
+            max_tool_calls=3, safety_identifier="user-1", prompt_cache_key="conversation-1", user="u",
+            metadata={"team": "a"}, tools=[{k: v for k, v in SHELL.items() if k != "strict"}],
+            extra_body={"presence_penalty": 0.1, "frequency_penalty": 0.2, "service_tier": "flex"},
+            text={"format": {"type": "json_schema", "name": "city", "schema": CITY}})).text)
+    assert open_responses.response_problems(plain) == open_responses.response_problems(given) == []
+    assert {name: plain[name] for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                          "top_logprobs", "background", "service_tier", "previous_response_id",
+                                          "instructions", "max_tool_calls", "safety_identifier", "truncation")} == {
+        "temperature": 1, "top_p": 1, "presence_penalty": 0, "frequency_penalty": 0, "top_logprobs": 0,
+        "background": False, "service_tier": "default", "previous_response_id": None, "instructions": None,
+        "max_tool_calls": None, "safety_identifier": None, "truncation": "disabled"}
+    assert isinstance(plain["completed_at"], int) and plain["completed_at"] >= plain["created_at"]
+    assert plain["usage"]["input_tokens_details"] == {"cached_tokens": 0, "cache_write_tokens": 0}
+    assert (given["temperature"], given["top_p"], given["presence_penalty"], given["frequency_penalty"]) == (
+        0.5, 0.9, 0.1, 0.2)
+    assert (given["max_output_tokens"], given["max_tool_calls"], given["safety_identifier"],
+            given["prompt_cache_key"], given["user"], given["metadata"]) == (100, 3, "user-1", "conversation-1", "u",
+                                                                             {"team": "a"})
+    assert given["service_tier"] == "default", "the one tier there is, whatever was asked"
+    assert given["tools"][0]["strict"] is True and given["tools"][0]["description"] == SHELL["description"]
+    assert given["text"]["format"]["description"] is None and given["text"]["format"]["name"] == "city"
+
+
+async def test_a_stream_ends_with_done_and_the_sdk_reads_it(proxy, fake):
+    fake.reply = Reply(reasoning=REASONING, answer=ANSWER)
+    raw = (await (await post(proxy, request(stream=True))).read()).decode()
+    assert raw.endswith('"type": "response.completed"' + raw.split('"type": "response.completed"')[1].split(
+        "\n\n")[0] + "\n\ndata: [DONE]\n\n")
+    async with sdk_of(proxy) as sdk:
+        kinds = [event.type async for event in await sdk.responses.create(model=MODEL, input="Hello", stream=True)]
+        async with sdk.responses.stream(model=MODEL, input="Hello") as stream:
+            final = await stream.get_final_response()
+    assert kinds[-1] == "response.completed" and final.output_text == ANSWER
+
+
+async def test_the_model_may_be_left_out(proxy, fake):
+    fake.reply = Reply(answer=ANSWER)
+    async with sdk_of(proxy) as sdk:
+        response = await sdk.responses.create(input="Hello")
+    assert response.output_text == ANSWER and response.model == MODEL
+    assert fake.received[0].body["model"] == MODEL
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+async def test_a_freeform_tool_is_offered_called_and_answered(upstream, fake, fake_api, stream):
+    start, steer = upstream
+    steer(Reply(answer=PATCH_CALL), ApiReply(answer="", tool_calls=[{"name": "apply_patch",
+                                                                     "arguments": {"input": PATCH_TEXT}}]))
+    proxy = await start()
+    async with sdk_of(proxy) as sdk:
+        options = {"model": MODEL, "input": "Add a.txt", "tools": [PATCH], "tool_choice": "required"}
+        if stream:
+            async with sdk.responses.stream(**options) as events:
+                kinds = [event.type async for event in events]
+                first = await events.get_final_response()
+            assert "response.custom_tool_call_input.done" in kinds
+        else:
+            first = await sdk.responses.create(**options)
+        [call] = first.output
+        assert call.type == "custom_tool_call" and call.name == "apply_patch" and call.input == PATCH_TEXT
+        steer(Reply(answer="Done."), ApiReply(answer="Done."))
+        second = await sdk.responses.create(model=MODEL, tools=[PATCH], input=[
+            {"role": "user", "content": "Add a.txt"}, call.model_dump(exclude_none=True),
+            {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "Success. Updated a.txt"}])
+    assert second.output_text == "Done."
+    received = (fake.received if fake.received else fake_api.received)
+    sent = json.dumps(received[-1].body)
+    assert "Success. Updated a.txt" in sent and "lark grammar" in json.dumps(received[0].body)
+    assert "start: begin_patch hunk+ end_patch" in json.dumps(received[0].body)
+
+
+@pytest.mark.parametrize("tools,choice,param", [
+    ([{"type": "bogus_tool"}], "auto", "tools[0].type"),
+    ([SHELL, {"type": "custom", "name": "x", "format": {"type": "regex_only"}}], "auto", "tools[1].format.type"),
+    ([{"type": "web_search"}], "required", "tool_choice"),
+])
+async def test_a_tool_that_cannot_be_served_is_a_400_naming_it(proxy, fake, tools, choice, param):
+    async with sdk_of(proxy) as sdk:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await sdk.responses.create(model=MODEL, input="Hi", tools=tools, tool_choice=choice)
+    assert refused.value.body["param"] == param and not fake.received
+
+
+@pytest.mark.parametrize("upstream_kind,named", [("site", "the K2Think site"), ("api", "the API upstream")])
+async def test_the_probabilities_refusal_names_the_upstream_in_use(make_proxy, api_proxy, upstream_kind, named):
+    proxy = await (make_proxy() if upstream_kind == "site" else api_proxy())
+    async with sdk_of(proxy) as sdk:
+        with pytest.raises(openai.BadRequestError) as chat:
+            await sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], logprobs=True)
+        with pytest.raises(openai.BadRequestError) as responses:
+            await sdk.responses.create(model=MODEL, input="Hi", top_logprobs=3)
+    for refused in (chat, responses):
+        message = refused.value.body["message"]
+        assert named in message and ("site" in message) == (upstream_kind == "site")

@@ -135,7 +135,7 @@ async def test_control_characters_a_client_chose_are_escaped_in_every_log_line(p
     await proxy.post(MESSAGES, json={**asked(MESSAGES), "model": "k2\nFORGED"}, headers=AUTH)
     await proxy.post("/v1/messages%0D%0AFORGED", json=asked(MESSAGES), headers=AUTH)
     await proxy.get("/v1/models/k2%0AFORGED", headers=AUTH)
-    await proxy.post(RESPONSES, json=asked(RESPONSES, tools=[{"type": "web\nFORGED"}]), headers=AUTH)
+    await proxy.post(RESPONSES, json=asked(RESPONSES, tools=[{"type": "web_search\nFORGED"}]), headers=AUTH)
     messages = [r.getMessage() for r in caplog.records]
     assert len([m for m in messages if "FORGED" in m]) >= 5
     assert [m for m in messages if CONTROL.search(m)] == []

@@ -272,7 +272,8 @@ async def test_tool_kinds_left_out_are_remembered_and_logged_up_to_a_bound(proxy
 @pytest.mark.parametrize("path", [MESSAGES, RESPONSES])
 async def test_tool_kinds_left_out_are_noted_up_to_a_bound_each_cut_and_escaped(proxy, fake, caplog, path):
     caplog.set_level(logging.INFO, logger="k2proxy")
-    tools = [{"type": f"kind_{number}\nFORGED " + "y" * 300, "name": "x"} for number in range(150)]
+    built_in = "web_search_" if path == RESPONSES else "kind_"  # Responses refuses a type that is no built-in tool
+    tools = [{"type": f"{built_in}{number}\nFORGED " + "y" * 300, "name": "x"} for number in range(150)]
     response = await proxy.post(path, json=asked(path, tools=tools), headers=AUTH)
     assert response.status == 200
     noted = [r.getMessage() for r in caplog.records if "left out of the prompt" in r.getMessage()]
