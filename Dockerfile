@@ -7,7 +7,7 @@ FROM python:3.12.12-alpine3.23
 # adds the redis package (requirements-redis.txt). Left empty, the image holds aiohttp and pypdf.
 ARG WITH_REDIS=
 
-# Token, account, API key and IFM key files (and a generated key) live on the /data volume; .env comes from `docker run --env-file` or compose.
+# Token, account, API key and IFM key files (and the generated keys) live on the /data volume; .env comes from `docker run --env-file` or compose.
 ENV PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     USER_TOKENS_FILE=/data/tokens.txt \
@@ -15,7 +15,8 @@ ENV PYTHONUNBUFFERED=1 \
     ACCOUNTS_FILE=/data/accounts.txt \
     API_KEYS_FILE=/data/api_keys.txt \
     IFM_KEYS_FILE=/data/ifm_keys.txt \
-    GENERATED_KEY_FILE=/data/k2proxy_key.txt
+    GENERATED_KEY_FILE=/data/k2proxy_key.txt \
+    COMPACTION_KEY_FILE=/data/k2proxy_compaction_key.txt
 
 WORKDIR /app
 COPY requirements.txt requirements-pdf.txt requirements-redis.txt ./

@@ -12,7 +12,7 @@ The upstream side
     client (one HTTP session, failover: the one driver of attempts) · upstream: the web site · upstream: the
     official API · accounts · models · upstream check
 What a process keeps
-    monitoring · API keys · stored responses
+    monitoring · API keys · stored responses · seals (what a client gives back unread and unchanged)
 Replicas (REDIS_URL), a layer the code above does not know about
     shared state (the link to Redis) · replicas (the shared backends, the fleet)
 Serving
@@ -21,7 +21,7 @@ Serving
 Operating
     admin API · server · routes and middlewares · processes
 
-aiohttp is the only dependency of the default path (redis, only with REDIS_URL).
+aiohttp is the only dependency of the default path (redis, only with REDIS_URL; pypdf, only for PDFs).
 """
 
 import argparse
@@ -197,6 +197,11 @@ SETTINGS = (
     Setting("ADMIN_KEY", "", _text, "Key for the admin page and API; empty: the first API key", True),
     Setting("GENERATED_KEY_FILE", "k2proxy_key.txt", _text,
             "Where the key generated when VALID_API_KEY is empty is kept (0600), so that it survives restarts"),
+    Setting("COMPACTION_KEY", "", _text,
+            "The secret that seals compaction items (at least 32 characters); empty: one is generated, kept in "
+            "COMPACTION_KEY_FILE (0600) and, with REDIS_URL, shared by the replicas", True),
+    Setting("COMPACTION_KEY_FILE", "k2proxy_compaction_key.txt", _text,
+            "Where the compaction key generated when COMPACTION_KEY is empty is kept (0600)"),
     Setting("API_KEYS_FILE", "api_keys.txt", _text,
             "Named API keys with limits, one per line: name:key [rpm=N] [concurrent=N]; watched like the token file"),
     Setting("METRICS_KEY", "", _text,
@@ -379,27 +384,49 @@ def new_key(values=None):
     return "sk-" + secrets.token_urlsafe(32)
 
 
-def kept_key(values):
-    """The generated key kept in GENERATED_KEY_FILE, or a new one saved there readable by this user only; a new
-    one for this run alone when the file cannot be written."""
-    path = Path(values["generated_key_file"])
-    key = read_if_there(path).strip()
-    if key.startswith("sk-") and len(key.split()) == 1:
-        return key
-    key = new_key()
+def new_seal_key(values=None):
+    """A compaction key for one run, which nothing keeps."""
+    return secrets.token_urlsafe(SEAL_KEY_BYTES)
+
+
+SEAL_KEY_BYTES = 32  # of randomness in a generated compaction key
+SEAL_KEY_CHARS = 32  # the shortest COMPACTION_KEY taken
+
+
+def kept_secret(path, fresh, valid, what):
+    """The secret kept in `path`, or a `fresh()` one saved there readable by this user only; one for this run
+    alone when the file cannot be written."""
+    path = Path(path)
+    secret = read_if_there(path).strip()
+    if valid(secret):
+        return secret
+    secret = fresh()
     try:
         handle = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(handle, "w", encoding="utf-8") as out:
-            out.write(key + "\n")
+            out.write(secret + "\n")
     except OSError as exc:
-        print(f"k2proxy: cannot keep the generated key in {path} ({exc.strerror}); it is good for this run only",
+        print(f"k2proxy: cannot keep the generated {what} in {path} ({exc.strerror}); it is good for this run only",
               file=sys.stderr)
-    return key
+    return secret
 
 
-def load_settings(environ, dotenv_text=None, generate_key=new_key):
+def kept_key(values):
+    """The generated API key kept in GENERATED_KEY_FILE, or a new one saved there."""
+    return kept_secret(values["generated_key_file"], new_key,
+                       lambda key: key.startswith("sk-") and len(key.split()) == 1, "key")
+
+
+def kept_seal_key(values):
+    """The generated compaction key kept in COMPACTION_KEY_FILE, or a new one saved there."""
+    return kept_secret(values["compaction_key_file"], new_seal_key,
+                       lambda key: len(key) >= SEAL_KEY_CHARS and len(key.split()) == 1, "compaction key")
+
+
+def load_settings(environ, dotenv_text=None, generate_key=new_key, generate_seal_key=new_seal_key):
     """Builds Settings from the environment over .env over defaults; the first bad value raises. Names that look
-    like settings but are not are kept as `warnings`. An empty VALID_API_KEY takes `generate_key(settings values)`."""
+    like settings but are not are kept as `warnings`. An empty VALID_API_KEY takes `generate_key(settings values)`,
+    an empty COMPACTION_KEY `generate_seal_key(settings values)`."""
     dotenv = parse_dotenv(dotenv_text) if dotenv_text else {}
     source = {**dotenv, **environ}
     values = {}
@@ -423,6 +450,11 @@ def load_settings(environ, dotenv_text=None, generate_key=new_key):
     if values["api_key_generated"]:
         values["valid_api_key"] = [generate_key(values)]
     values["admin_key"] = values["admin_key"] or values["valid_api_key"][0]
+    if values["compaction_key"] and len(values["compaction_key"]) < SEAL_KEY_CHARS:
+        raise SettingsError(f"setting COMPACTION_KEY is invalid: it must be at least {SEAL_KEY_CHARS} characters "
+                            "(or empty, for a generated one)")
+    values["compaction_key_generated"] = not values["compaction_key"]
+    values["compaction_key"] = values["compaction_key"] or generate_seal_key(values)
     if values["workers"] > 1 and not values["redis_url"]:
         raise SettingsError(f"setting WORKERS={values['workers']} needs REDIS_URL: the workers are replicas, which "
                             "share key limits, stored responses and credential state through Redis (see "
@@ -5021,6 +5053,62 @@ class ResponseStore:
                              f"{self.max_count})", param=param, code="response_not_found")
 
 
+# ─── Seals ───────────────────────────────────────────────────────────────────
+# What the proxy hands a client to give back unread and unchanged (a
+# compaction item's summary): authenticated encryption under COMPACTION_KEY,
+# encrypt-then-MAC from the standard library. Offers Sealer to the app state
+# (replicas share its key: see Replicas).
+
+SEAL_PREFIX = b"k2s1."  # the format's version, authenticated with the rest
+SEAL_NONCE_BYTES, SEAL_TAG_BYTES = 16, 32
+
+
+class Sealer:
+    """Seals a JSON object into text a client can neither read nor forge nor alter, and opens it again: a SHAKE-256
+    keystream (keyed by a derived key and a fresh nonce) XORed with the JSON, then an HMAC-SHA256 of the prefix,
+    nonce and ciphertext; both keys are derived from the one secret."""
+
+    def __init__(self, secret):
+        self.take(secret)
+
+    def take(self, secret):
+        """Seals from now on under this secret (a replica takes the one its replicas share)."""
+        master = secret.encode()
+        self.cipher_key = hmac.new(master, b"k2proxy seal: cipher", hashlib.sha256).digest()
+        self.mac_key = hmac.new(master, b"k2proxy seal: mac", hashlib.sha256).digest()
+
+    def _keystream(self, nonce, length):
+        return hashlib.shake_256(self.cipher_key + nonce).digest(length)
+
+    def seal(self, payload):
+        plain = json_text(payload).encode()
+        nonce = secrets.token_bytes(SEAL_NONCE_BYTES)
+        cipher = (int.from_bytes(plain, "big") ^ int.from_bytes(self._keystream(nonce, len(plain)), "big")).to_bytes(
+            len(plain), "big")
+        tag = hmac.new(self.mac_key, SEAL_PREFIX + nonce + cipher, hashlib.sha256).digest()
+        return (SEAL_PREFIX + base64.urlsafe_b64encode(nonce + cipher + tag).rstrip(b"=")).decode()
+
+    def open(self, sealed):
+        """The object sealed in `sealed`, or None when it is not something this key sealed, unchanged."""
+        if not isinstance(sealed, str) or not sealed.startswith(SEAL_PREFIX.decode()):
+            return None
+        text = sealed[len(SEAL_PREFIX):]
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (ValueError, binascii.Error):
+            return None
+        nonce, cipher, tag = raw[:SEAL_NONCE_BYTES], raw[SEAL_NONCE_BYTES:-SEAL_TAG_BYTES], raw[-SEAL_TAG_BYTES:]
+        if len(raw) < SEAL_NONCE_BYTES + SEAL_TAG_BYTES or not hmac.compare_digest(
+                tag, hmac.new(self.mac_key, SEAL_PREFIX + nonce + cipher, hashlib.sha256).digest()):
+            return None
+        plain = (int.from_bytes(cipher, "big") ^ int.from_bytes(self._keystream(nonce, len(cipher)), "big")).to_bytes(
+            len(cipher), "big")
+        try:
+            return loads(plain.decode())
+        except (UnicodeDecodeError, ValueError):
+            return None
+
+
 # ─── Shared state ────────────────────────────────────────────────────────────
 # Replicas that share one Redis (REDIS_URL; the redis package is imported only
 # then), as a layer below all the local code, which knows nothing of it. The
@@ -5692,6 +5780,21 @@ class Fleet:
         log.info("%s: took the edit another replica's admin page saved", file.path)
 
 
+SEAL_KEY = REDIS_PREFIX + "compaction-key"  # the generated compaction key the replicas share
+SEAL_KEY_RECHECK_SECONDS = 60  # between two reads of it (a replica that started while Redis was down adopts it)
+
+
+async def share_seal_key(shared, sealer, own):
+    """Seals under the compaction key the replicas share: the first replica's generated key, which the others
+    adopt, so that any replica opens a compaction item another made."""
+    with contextlib.suppress(Unshared):
+        await shared.run(lambda client: client.set(SEAL_KEY, own, nx=True))
+        agreed = await shared.run(lambda client: client.get(SEAL_KEY))
+        if agreed:
+            sealer.take(agreed.decode() if isinstance(agreed, bytes) else agreed)
+    return SEAL_KEY_RECHECK_SECONDS
+
+
 # ─── App state ───────────────────────────────────────────────────────────────
 # Everything a running proxy keeps, and its key in the aiohttp application:
 # settings, the HTTP client and the upstream kinds, models, accounts, API keys,
@@ -5771,10 +5874,12 @@ class AppState:
         self.monitor = Monitor(settings)
         self.keys = ApiKeys(settings)
         self.responses: ResponseStore | SharedResponseStore = ResponseStore(settings)
+        self.sealer = Sealer(settings.compaction_key)
         self.save_lock = asyncio.Lock()
         self.shared: Shared | None = None
         self.fleet: Alone | Fleet = Alone(self.monitor)
         self.replica_steps: list[typing.Callable[[], typing.Awaitable[float]]] = []  # the replicas' background work
+        self.steps_before_serving: list[typing.Callable[[], typing.Awaitable[float]]] = []  # of those, run first
         if settings.redis_url:
             self.share(Shared(settings.redis_url, replica_name()))
         self.accounts.claim = self.fleet.claim_sign_in
@@ -5793,7 +5898,10 @@ class AppState:
         self.responses = SharedResponseStore(self.responses, shared)
         self.fleet = Fleet(shared, self.settings, [*self.site.pools.values(), self.api.pool], self.accounts,
                            self.edited_files(), self.monitor, self.save_lock)
-        self.replica_steps = [shared.beat, self.fleet.sync, limits.renew_leases]
+        seal_key = [functools.partial(share_seal_key, shared, self.sealer, self.settings.compaction_key)
+                    ] if self.settings.compaction_key_generated else []  # each replica seals under the first's key
+        self.steps_before_serving = [shared.beat, self.fleet.sync, *seal_key]
+        self.replica_steps = [*self.steps_before_serving, limits.renew_leases]
 
     def edited_files(self):
         """The files the admin page edits, by the name the fleet knows each by, with how each is loaded."""
@@ -5822,7 +5930,7 @@ class AppState:
         for place, kind in enumerate(self.upstreams, 1):
             log.info("upstream %d of %d: %s", place, len(self.upstreams), kind.describe())
         await self.keys.reload()
-        for step in self.replica_steps[:2]:  # in step with the fleet (its heartbeat, its exchange) before serving
+        for step in self.steps_before_serving:  # in step with the fleet (its heartbeat, its exchange, its seal key)
             await step()
         self.tasks = [asyncio.ensure_future(keep_polling(step)) for step in self.replica_steps]
         self.tasks += [asyncio.ensure_future(keep_polling(self.site.watch_tokens)),
@@ -6272,17 +6380,22 @@ async def serve_completion(request, asked):
         writer.stop()
 
 
+async def answer_asked(request, asked):
+    """The answer to what a front door made of a request: its own (a tool that cannot run here), else the core's,
+    for a prompt that fits K2's context."""
+    if asked.answered:
+        request[RECORD].stream = asked.core.stream
+        return await asked.answered(request)
+    tokens = asked.core.prompt_tokens
+    expect(tokens <= CONTEXT_TOKENS, f"prompt is too long: about {tokens} tokens > {CONTEXT_TOKENS} maximum "
+           "(K2 Horizon's context); shorten the conversation", "messages", "context_length_exceeded")
+    return await serve_completion(request, asked)
+
+
 def completion_handler(dialect):
     """The handler of a dialect's completion route: its request, read and parsed, through the core."""
     async def complete(request):
-        asked = await dialect.parse(await read_request(request), request)
-        if asked.answered:
-            request[RECORD].stream = asked.core.stream
-            return await asked.answered(request)
-        tokens = asked.core.prompt_tokens
-        expect(tokens <= CONTEXT_TOKENS, f"prompt is too long: about {tokens} tokens > {CONTEXT_TOKENS} maximum "
-               "(K2 Horizon's context); shorten the conversation", "messages", "context_length_exceeded")
-        return await serve_completion(request, asked)
+        return await answer_asked(request, await dialect.parse(await read_request(request), request))
     return complete
 
 
@@ -7163,13 +7276,21 @@ async def count_message_tokens(request):
 RESPONSE_EFFORTS = {"none": "low", "minimal": "low", "low": "low", "medium": "medium", "high": "high",
                     "xhigh": "high"}  # OpenAI's → the site's
 SUMMARIES = ("auto", "concise", "detailed")
+COMPACTION_ITEMS = ("compaction", "compaction_summary")  # a sealed summary sent back in place of the history
+COMPACTION_TRIGGER = "compaction_trigger"  # the last input item of a request that asks for a compaction
+COMPACTION_PROMPT = (
+    "Summarize the conversation so far for a handoff: it will go on from your summary alone, which replaces "
+    "every turn above. Keep the user's requests and goals, the decisions made and why, what was done (files, "
+    "commands, their results), what is still open and the next step, and every detail the next step needs. "
+    "Write the summary only.")
+COMPACTION_NOTE = "The conversation before this point was compacted. Its summary:"
 FREEFORM_INPUT = "input"  # the one argument of a freeform (custom) tool offered to the model as a function
 INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
 SKIPPED_ITEMS = frozenset((  # items of history that say nothing the model could use: built-in tools
     "web_search_call", "file_search_call", "computer_call", "computer_call_output",
     "image_generation_call", "code_interpreter_call", "local_shell_call", "local_shell_call_output",
     "mcp_list_tools", "mcp_call", "mcp_approval_request", "mcp_approval_response", "item_reference"))
-ECHO_DEFAULTS = {  # what a response repeats of its request, and the specification's value when it is not given
+ECHO_DEFAULTS: dict[str, object] = {  # what a response repeats of its request; the specification's value if not given
     "instructions": None, "previous_response_id": None, "tools": [], "tool_choice": "auto", "truncation": "disabled",
     "parallel_tool_calls": True, "text": {"format": {"type": "text"}}, "top_p": 1, "presence_penalty": 0,
     "frequency_penalty": 0, "top_logprobs": 0, "temperature": 1, "user": None, "max_output_tokens": None,
@@ -7212,9 +7333,10 @@ def response_parts(content, where, limit):
 class TurnBuilder:
     """Builds a Transcript from Responses items: an assistant message and the calls after it are one turn."""
 
-    def __init__(self, limit):
+    def __init__(self, limit, unseal):
         self.transcript = Transcript()
         self.limit = limit
+        self.unseal = unseal  # (encrypted_content, where) → the summary a compaction item holds, or a 400
         self.texts, self.calls, self.thoughts = [], [], []
 
     def add(self, item, where):
@@ -7232,6 +7354,9 @@ class TurnBuilder:
         self._end_turn()
         if kind in ("function_call_output", "custom_tool_call_output"):
             self._result(item, where)
+        elif kind in COMPACTION_ITEMS:
+            summary = self.unseal(item.get("encrypted_content"), f"{where}.encrypted_content")
+            self.transcript.add("user", f"{COMPACTION_NOTE}\n\n{summary}")
         elif kind == "message":
             role = item.get("role")
             expect(role in ("user", "system", "developer"), f"{where}.role must be user, assistant, system or "
@@ -7392,11 +7517,18 @@ class ResponsesAsked:
     namespaces: dict
     freeform: frozenset  # the names of the freeform tools, whose calls are custom_tool_call items
     echo: dict
+    compacting: bool = False  # the answer is one compaction item, K2's summary sealed
 
 
-def parse_responses_request(body, settings, models, previous=()):
+def refuse_sealed(encrypted_content, where):
+    raise ApiError(400, f"{where}: compaction items cannot be opened here", param=where, code="invalid_compaction")
+
+
+def parse_responses_request(body, settings, models, previous=(), unseal=refuse_sealed):
     """Checks a Responses request and translates it; every problem is a 400 naming the field (a 404 for an unknown
-    previous_response_id). Returns the CoreRequest, what else was asked, and the built-in tool types left out."""
+    previous_response_id). Returns the CoreRequest, what else was asked, and the built-in tool types left out. A
+    compaction item of the input is opened by `unseal`; a compaction_trigger at its end asks K2 for the
+    conversation's summary instead of an answer."""
     model = requested_model(body, models.default)  # the specification lets a request leave the model out
     upstream_model, show_reasoning = models.resolve(model)
     stream, stored = body.get("stream", False), body.get("store", True)
@@ -7410,11 +7542,19 @@ def parse_responses_request(body, settings, models, previous=()):
            "instructions", "invalid_type")
     tools, namespaces, freeform, left_out = response_tools(body, settings.tool_support)
     history = response_history(body, list(previous))
-    turns = TurnBuilder(FileLimit.of(settings))
+    compacting = bool(history) and history[-1].get("type") == COMPACTION_TRIGGER
+    history = history[:-1] if compacting else history
+    turns = TurnBuilder(FileLimit.of(settings), unseal)
     if instructions:
         turns.transcript.add("system", instructions)
     for index, item in enumerate(history):
+        expect(item.get("type") != COMPACTION_TRIGGER, f"input[{index}]: a compaction_trigger comes last in the "
+               "input", f"input[{index}].type")
         turns.add(item, f"input[{index}]")
+    if compacting:
+        expect(history, "there is nothing to compact: the input holds only the compaction_trigger", "input")
+        turns.add({"role": "user", "content": COMPACTION_PROMPT}, "compaction")
+        tools = None
     params = sampling(number_field(body, "temperature", 0, 2), number_field(body, "top_p", 0, 1),
                       integer_field(body, "max_output_tokens", 1), None)
     for name in ("presence_penalty", "frequency_penalty"):
@@ -7425,13 +7565,15 @@ def parse_responses_request(body, settings, models, previous=()):
     expect(body.get("background") in (None, False), "'background' is not supported: a response is made while "
            "its request waits (stream it for a long one)", "background", "unsupported_parameter")
     effort = RESPONSE_EFFORTS[effort] if effort else default_effort(settings, show_reasoning)
+    answer_format = None if compacting else response_format(body)
     core = CoreRequest(model, upstream_model, turns.finish(), params, effort, stream,
-                       show_reasoning and summary is not None, tools, response_format(body), session_hint(body))
+                       show_reasoning and summary is not None and not compacting, tools, answer_format,
+                       session_hint(body))
     echo = {**ECHO_DEFAULTS, **{name: body[name] for name in ECHO_DEFAULTS if body.get(name) is not None},
             "tools": echoed_tools(body.get("tools") or []), "text": echoed_text(body),
             "reasoning": {"effort": reasoning.get("effort"), "summary": summary}, "background": False,
             "service_tier": SERVICE_TIER}
-    return core, ResponsesAsked(stored, history, namespaces, freeform, echo), left_out
+    return core, ResponsesAsked(stored, history, namespaces, freeform, echo, compacting), left_out
 
 
 def echoed_tools(tools):
@@ -7497,11 +7639,12 @@ class ResponseBuilder:
     """One response's id and fields, and its finished form once the completion ends, kept in the store when the
     request asked for it."""
 
-    def __init__(self, core, asked, store, owner):
+    def __init__(self, core, asked, store, owner, sealer):
         self.core = core
         self.asked = asked
         self.store = store
         self.owner = owner
+        self.sealer = sealer
         self.id = "resp_" + uuid.uuid4().hex
         self.created = int(time.time())
         self.kept = None  # (response, history) of the finished response, while it is to be stored
@@ -7518,9 +7661,14 @@ class ResponseBuilder:
         cut = INCOMPLETE_REASONS.get(finish.reason)
         final = self.response("incomplete" if cut else "completed", output, finish.usage,
                               incomplete={"reason": cut} if cut else None)
-        if self.asked.store:
-            self.kept = (final, self.asked.history + output)
+        if self.asked.store:  # a compaction stands for the whole conversation before it
+            self.kept = (final, output if self.asked.compacting else self.asked.history + output)
         return final
+
+    def compaction(self, summary):
+        """The one output item of a compaction: K2's summary sealed, for this key alone to send back."""
+        sealed = self.sealer.seal({"summary": summary, "client": self.owner, "model": self.core.model})
+        return {"type": "compaction", "id": "cmp_" + uuid.uuid4().hex, "encrypted_content": sealed}
 
     async def settle(self):
         """Stores the finished response before the client sees its end, so that any replica can continue it."""
@@ -7542,7 +7690,9 @@ class ResponseBuilder:
 
 
 def response_body(builder, answer):
-    """One response object for a whole Answer."""
+    """One response object for a whole Answer (for a compaction, its one item)."""
+    if builder.asked.compacting:
+        return builder.finished([builder.compaction(answer.text)], answer.finish)
     output = []
     if answer.reasoning:
         output.append(reasoning_item("rs_" + uuid.uuid4().hex, answer.reasoning, "completed"))
@@ -7602,6 +7752,13 @@ class ResponseEvents:
                 return closed + self._event("response.failed", response=self.builder.failed(error, self.output)) \
                     + DONE_LINE
         raise unknown_event(event)
+
+    def whole(self, item):
+        """The added and done events of an item known whole at once (a compaction)."""
+        place = len(self.output)
+        self.output.append(item)
+        return (self._event("response.output_item.added", output_index=place, item=item)
+                + self._event("response.output_item.done", output_index=place, item=item))
 
     def _event(self, kind, **fields):
         self.sequence += 1
@@ -7665,16 +7822,105 @@ class ResponseEvents:
         return ended
 
 
-async def response_asked(body, request):
-    state = request.app[STATE]
-    core, asked, left_out = parse_responses_request(body, state.settings, state.models, await continued(body, request))
+class CompactionEvents:
+    """A compaction's stream: the response's opening, nothing while K2 writes the summary (it is sealed whole,
+    within MAX_ANSWER_MB), then the compaction item's added and done events and the response's end."""
+
+    def __init__(self, builder, limit):
+        self.builder = builder
+        self.events = ResponseEvents(builder)
+        self.limit = limit
+        self.summary: list[str] = []
+        self.size = 0
+
+    def opening(self):
+        return self.events.opening()
+
+    def heartbeat(self):
+        return self.events.heartbeat()
+
+    def render(self, events):
+        return b"".join(self._render(event) for event in events)
+
+    def _render(self, event):
+        match event:
+            case Text(text):
+                self.size += len(text)
+                if self.size > self.limit:
+                    raise answer_too_large(self.limit)
+                self.summary.append(text)
+                return b""
+            case Reasoning() | ToolCallStart() | ToolArguments():
+                return b""
+            case Finish():
+                return self.events.whole(self.builder.compaction("".join(self.summary))) + self.events.render([event])
+            case Failed():
+                return self.events.render([event])
+        raise unknown_event(event)
+
+
+def opener(sealer, owner):
+    """The unseal of a request by `owner`: the summary of a compaction item this proxy sealed for that key."""
+    def unseal(encrypted_content, where):
+        opened = sealer.open(encrypted_content)
+        expect(isinstance(opened, dict) and opened.get("client") == owner and isinstance(opened.get("summary"), str),
+               f"{where} is not a compaction item this proxy made for this key (it was changed, made elsewhere, or "
+               "under another COMPACTION_KEY)", where, "invalid_compaction")
+        return opened["summary"]
+    return unseal
+
+
+async def response_asked(body, request, answer_body=response_body):
+    state, owner = request.app[STATE], request[RECORD].client
+    core, asked, left_out = parse_responses_request(body, state.settings, state.models, await continued(body, request),
+                                                    opener(state.sealer, owner))
     core = await read_documents(core, state.settings, state.budget)
     state.note_left_out_tools(left_out)
-    builder = ResponseBuilder(core, asked, state.responses, request[RECORD].client)
-    return Asked(core, lambda: ResponseEvents(builder), lambda answer: response_body(builder, answer), builder.settle)
+    builder = ResponseBuilder(core, asked, state.responses, owner, state.sealer)
+    limit = int(state.settings.max_answer_mb * MB)
+    events = (lambda: CompactionEvents(builder, limit)) if asked.compacting else (lambda: ResponseEvents(builder))
+    return Asked(core, events, lambda answer: answer_body(builder, answer), builder.settle)
 
 
 RESPONSES = Dialect("responses", openai_error_response, response_asked)
+
+
+COMPACTED_FIELDS = ("model", "input", "instructions", "previous_response_id", "prompt_cache_key", "reasoning")
+
+
+def compacted_body(builder, answer):
+    """The answer of POST /v1/responses/compact: the compacted response object, its one compaction item."""
+    final = response_body(builder, answer)
+    return {"id": final["id"], "object": "response.compaction", "created_at": final["created_at"],
+            "output": final["output"], "usage": final["usage"]}
+
+
+def compaction_failed(error):
+    """A compaction's failure as a clear error: Codex does not fall back to compacting itself, and reads a 500 or
+    503 as the service's high demand."""
+    if error.status < 500:
+        return error
+    return ApiError(502, f"compaction failed, the conversation is unchanged: {error.message}", code="compaction_failed",
+                    retry_after=error.retry_after)
+
+
+async def compact_response(request):
+    """POST /v1/responses/compact: K2's summary of the conversation, sealed in one compaction item that later
+    requests send back in place of the history it replaces."""
+    body = await read_request(request)
+    expect(isinstance(body, dict), "The request body must be a JSON object", None, "invalid_type")
+    expect(body.get("input") is not None or body.get("previous_response_id") is not None, "a compaction needs "
+           "'input' (the conversation) or 'previous_response_id'", "input")
+    items = body.get("input") or []
+    items = [{"type": "message", "role": "user", "content": items}] if isinstance(items, str) else items
+    expect(isinstance(items, list), "'input' must be a string or a list of items", "input", "invalid_type")
+    asked_for = {name: body[name] for name in COMPACTED_FIELDS if name in body}
+    asked = await response_asked({**asked_for, "input": [*items, {"type": COMPACTION_TRIGGER}], "stream": False,
+                                  "store": False}, request, compacted_body)
+    try:
+        return await answer_asked(request, asked)
+    except ApiError as error:
+        raise compaction_failed(error) from None
 
 
 async def get_response(request):
@@ -8187,6 +8433,7 @@ ROUTES = (
     Route("POST", "/v1/messages", completion_handler(ANTHROPIC), Auth.API, ANTHROPIC, completion=True),
     Route("POST", "/v1/messages/count_tokens", count_message_tokens, Auth.API, ANTHROPIC, limited=True),
     Route("POST", "/v1/responses", completion_handler(RESPONSES), Auth.API, RESPONSES, completion=True),
+    Route("POST", "/v1/responses/compact", compact_response, Auth.API, RESPONSES, completion=True),
     Route("GET", "/v1/responses/{id}", get_response, Auth.API, RESPONSES, limited=True),
     Route("DELETE", "/v1/responses/{id}", delete_response, Auth.API, RESPONSES, limited=True),
     Route("GET", "/v1/models", list_models, Auth.API),
@@ -8408,7 +8655,7 @@ def main(argv=None):
         if args.env_file and not env_file.is_file():
             raise SettingsError(f"--env-file {args.env_file}: no such file")
         settings = load_settings(os.environ, env_file.read_text(encoding="utf-8") if env_file.is_file() else None,
-                                 kept_key)
+                                 kept_key, kept_seal_key)
         app = make_app(settings)
     except (SettingsError, UnicodeDecodeError) as exc:
         print(f"k2proxy: {exc}", file=sys.stderr)

@@ -121,6 +121,18 @@ def test_a_stored_response_continues_and_is_read_on_another_replica(replicas):
     assert status == 401, "another key's stored responses stay its own on every replica"
 
 
+def test_a_compaction_made_on_one_replica_is_opened_on_another(replicas):
+    fleet = replicas()  # each with a compaction key generated in a home of its own: they agree on one in Redis
+    status, compacted = fleet.call(0, "POST", "/v1/responses/compact", {"model": MODEL, "input": "Remember 42."})
+    assert status == 200 and compacted["object"] == "response.compaction"
+    [item] = compacted["output"]
+    status, answer = fleet.call(1, "POST", "/v1/responses", {"model": MODEL, "input": [
+        item, {"role": "user", "content": "Which number?"}]})
+    assert status == 200, answer
+    own = [(home / "k2proxy_compaction_key.txt").read_text() for home in fleet.homes]
+    assert own[0] != own[1], "the keys each generated differ; the one they seal under is shared"
+
+
 def test_a_key_added_on_one_replicas_admin_api_works_on_another_within_two_seconds(replicas):
     fleet = replicas(count=3)
     assert completion(fleet, 1, "sk-new")[0] == 401
