@@ -4517,6 +4517,7 @@ class RequestRecord:
     upstream_failed: bool = False  # the error was upstream's (or no token could serve), not the client's
     route: str = ""             # the route's path, as routed ("/v1/models/{model:.+}")
     key: str | None = None             # the name of the API key it came with ("" for VALID_API_KEY's)
+    api_key: "ApiKey | None" = None    # that key, for a WebSocket's messages to count against its limits
     client: str = ""            # a digest of that key's value: who owns stored responses and replayed reasoning
     slot: "Slot | None" = None  # its Slot within its key's limits, while it holds one
     first_content: float | None = None  # seconds from arrival to the first content sent
@@ -6050,6 +6051,13 @@ async def read_json(request):
     except asyncio.TimeoutError:
         raise ApiError(408, f"The request body did not arrive within BODY_TIMEOUT ({state.settings.body_timeout:g} "
                             "s); send it at once, or raise BODY_TIMEOUT", code="body_timeout") from None
+    return await parsed_within(request, raw)
+
+
+async def parsed_within(request, raw):
+    """The JSON value of a body (or a WebSocket message) whose bytes are counted already, once the memory budget
+    has room for what parsing it takes; parsed off the event loop when large."""
+    state = request.app[STATE]
     cost = parse_cost(raw)
     if request[RECORD].reserved + cost > state.budget.limit:
         raise ApiError(413, f"The request body's JSON would take more memory once read than MEMORY_BUDGET_MB "
@@ -6346,14 +6354,16 @@ async def through_upstreams(state, core):
             yield Restart(error)
 
 
-async def serve_completion(request, asked):
-    """Runs the request's core through the upstream kind that can serve it into its writer, and answers."""
+async def serve_completion(request, asked, writer: Writer | None = None):
+    """Runs the request's core through the upstream kind that can serve it into its writer (an SSE stream or a
+    JSON body, unless one is given), and answers."""
     state, record = request.app[STATE], request[RECORD]
     core = in_conversation(request, asked.core)
     record.stream = core.stream  # its model is noted already, by read_request
     settings = state.settings
-    writer: Writer = (EventStream(request, asked.stream_writer(), settings.keepalive_seconds, asked.settle)
-                      if core.stream else Collector(asked.answer_body, int(settings.max_answer_mb * MB), asked.settle))
+    writer = writer or (EventStream(request, asked.stream_writer(), settings.keepalive_seconds, asked.settle)
+                        if core.stream else Collector(asked.answer_body, int(settings.max_answer_mb * MB),
+                                                      asked.settle))
     writer.start()
     try:
         try:
@@ -6380,16 +6390,16 @@ async def serve_completion(request, asked):
         writer.stop()
 
 
-async def answer_asked(request, asked):
+async def answer_asked(request, asked, writer: Writer | None = None):
     """The answer to what a front door made of a request: its own (a tool that cannot run here), else the core's,
-    for a prompt that fits K2's context."""
+    for a prompt that fits K2's context, into `writer` when one is given."""
     if asked.answered:
         request[RECORD].stream = asked.core.stream
         return await asked.answered(request)
     tokens = asked.core.prompt_tokens
     expect(tokens <= CONTEXT_TOKENS, f"prompt is too long: about {tokens} tokens > {CONTEXT_TOKENS} maximum "
            "(K2 Horizon's context); shorten the conversation", "messages", "context_length_exceeded")
-    return await serve_completion(request, asked)
+    return await serve_completion(request, asked, writer)
 
 
 def completion_handler(dialect):
@@ -7639,12 +7649,13 @@ class ResponseBuilder:
     """One response's id and fields, and its finished form once the completion ends, kept in the store when the
     request asked for it."""
 
-    def __init__(self, core, asked, store, owner, sealer):
+    def __init__(self, core, asked, store, owner, sealer, remember=None):
         self.core = core
         self.asked = asked
         self.store = store
         self.owner = owner
         self.sealer = sealer
+        self.remember = remember  # (id, conversation) → None: a WebSocket's memory of its last response
         self.id = "resp_" + uuid.uuid4().hex
         self.created = int(time.time())
         self.kept = None  # (response, history) of the finished response, while it is to be stored
@@ -7661,8 +7672,11 @@ class ResponseBuilder:
         cut = INCOMPLETE_REASONS.get(finish.reason)
         final = self.response("incomplete" if cut else "completed", output, finish.usage,
                               incomplete={"reason": cut} if cut else None)
-        if self.asked.store:  # a compaction stands for the whole conversation before it
-            self.kept = (final, output if self.asked.compacting else self.asked.history + output)
+        conversation = output if self.asked.compacting else self.asked.history + output  # a compaction stands
+        if self.asked.store:                                                                 # for what was before
+            self.kept = (final, conversation)
+        if self.remember:
+            self.remember(self.id, conversation)
         return final
 
     def compaction(self, summary):
@@ -7870,13 +7884,19 @@ def opener(sealer, owner):
     return unseal
 
 
-async def response_asked(body, request, answer_body=response_body):
+async def response_asked(body, request, answer_body=response_body, socket=None):
+    """What a Responses request asks, and how its answer is written; on a WebSocket, `socket` is the connection's
+    memory, whose last response previous_response_id may name even when it was not stored."""
     state, owner = request.app[STATE], request[RECORD].client
-    core, asked, left_out = parse_responses_request(body, state.settings, state.models, await continued(body, request),
+    if socket and socket.last and isinstance(body, dict) and body.get("previous_response_id") == socket.last[0]:
+        previous = socket.last[1]
+    else:
+        previous = await continued(body, request)
+    core, asked, left_out = parse_responses_request(body, state.settings, state.models, previous,
                                                     opener(state.sealer, owner))
     core = await read_documents(core, state.settings, state.budget)
     state.note_left_out_tools(left_out)
-    builder = ResponseBuilder(core, asked, state.responses, owner, state.sealer)
+    builder = ResponseBuilder(core, asked, state.responses, owner, state.sealer, socket and socket.remember)
     limit = int(state.settings.max_answer_mb * MB)
     events = (lambda: CompactionEvents(builder, limit)) if asked.compacting else (lambda: ResponseEvents(builder))
     return Asked(core, events, lambda answer: answer_body(builder, answer), builder.settle)
@@ -7937,6 +7957,157 @@ async def delete_response(request):
     if not await store.delete(response_id, request[RECORD].client):
         raise store.missing(response_id)
     return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+
+# WebSocket mode: GET /v1/responses with Upgrade: websocket. Each response.create message is a request of its own
+# (its key's limits, its record and log line, the memory budget), answered with the same events as the stream, one
+# JSON message each; the connection remembers its last response for previous_response_id.
+
+SOCKET_QUEUE = 8  # response.create messages a connection may send ahead of the one being answered
+SOCKET_REFUSED_FIELDS = ("stream", "stream_options", "background")  # HTTP streaming's, never sent on a socket
+
+
+def socket_messages(data):
+    """The JSON messages of rendered SSE bytes: each event's data, without its framing, the heartbeats' comments
+    or the stream's [DONE]."""
+    return [line[6:].decode() for block in data.split(b"\n\n") for line in block.split(b"\n")
+            if line.startswith(b"data: ") and line != DONE_LINE.strip()]
+
+
+def socket_error(error):
+    """An error as the WebSocket mode sends it: its HTTP status beside OpenAI's error object."""
+    return json_text({"type": "error", "status": error.status, **openai_error_body(error)})
+
+
+class SocketStream:
+    """Writes a completion's events to a WebSocket, one JSON message per event; a failure before anything was
+    sent is raised, for the connection's error message."""
+
+    response: web.StreamResponse | None = None  # the socket is the connection's, answered by its handler
+
+    def __init__(self, ws, renderer):
+        self.ws = ws
+        self.renderer = renderer
+        self.sent = False
+
+    @property
+    def committed(self):
+        return self.sent
+
+    def reset(self):
+        """A failed attempt's events are void; none was sent (else the stream would be committed)."""
+
+    def start(self):
+        pass
+
+    def stop(self):
+        pass
+
+    async def write(self, events):
+        await self._send(events)
+
+    async def close(self, events):
+        if isinstance(events[-1], Failed) and not self.sent:
+            raise events[-1].error
+        await self._send(events)
+
+    async def _send(self, events):
+        """Sends the events, after the opening when they are the first: rendered in the order they are numbered."""
+        opening = b"" if self.sent else self.renderer.opening()
+        data, self.sent = opening + self.renderer.render(events), True
+        try:
+            for message in socket_messages(data):
+                await self.ws.send_str(message)
+        except (ConnectionError, RuntimeError):
+            raise ClientGone() from None
+
+
+class ResponseSocket:
+    """One WebSocket connection in Responses' WebSocket mode: its messages answered one after another while
+    reading goes on, so that a closed socket ends the response under way at once."""
+
+    def __init__(self, request, ws):
+        self.request = request
+        self.ws = ws
+        self.owner = request[RECORD]  # the connection's own record: who it is (key and client)
+        self.last = None  # (id, conversation) of the last response answered here
+
+    def remember(self, response_id, conversation):
+        self.last = (response_id, conversation)
+
+    async def serve(self):
+        waiting: asyncio.Queue[str] = asyncio.Queue(SOCKET_QUEUE)
+        worker = asyncio.ensure_future(self.answer_each(waiting))
+        try:
+            async for message in self.ws:
+                if message.type is not web.WSMsgType.TEXT:
+                    await self.ws.send_str(socket_error(ApiError(400, "Send response.create events as text "
+                                                                      "messages of JSON", code="invalid_message")))
+                elif waiting.full():
+                    await self.ws.send_str(socket_error(ApiError(
+                        429, f"At most {SOCKET_QUEUE} response.create events may wait on one connection",
+                        code="too_many_waiting")))
+                else:
+                    waiting.put_nowait(message.data)
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+    async def answer_each(self, waiting):
+        while True:
+            await self.answer(await waiting.get())
+
+    async def answer(self, text):
+        """One response.create: a request of its own, from its record to its log line."""
+        state, request = self.request.app[STATE], self.request
+        record = RequestRecord("WS", request.path, RESPONSES.name, True, time.monotonic(), route=request.path,
+                               key=self.owner.key, client=self.owner.client)
+        state.monitor.begin(record)
+        request[RECORD], status = record, 200
+        try:
+            key = state.keys.find(self.owner.api_key.value)  # still a key: the admin may have removed it since
+            if key is None:
+                raise ApiError(401, "This connection's API key is no longer valid", code="invalid_api_key")
+            record.slot = await state.keys.admit(key)
+            await reserve(request, BODY_MEMORY_FACTOR * len(text))
+            body = await parsed_within(request, text.encode())
+            body = self.create_event(body)
+            if isinstance(body.get("model"), str):
+                record.model = body["model"][:MODEL_NAME_CHARS]
+            asked = await response_asked(body, request, socket=self)
+            await answer_asked(request, asked, SocketStream(self.ws, asked.stream_writer()))
+        except ApiError as error:
+            status, record.reason = error.status, error.code
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.ws.send_str(socket_error(error))
+        except asyncio.CancelledError:
+            record.outcome = Outcome.CLIENT_GONE
+            raise
+        finally:
+            state.finish(record, status)
+
+    @staticmethod
+    def create_event(message):
+        """The request body of a response.create event (its fields beside its type, or under "response")."""
+        expect(isinstance(message, dict) and message.get("type") == "response.create", "A message must be a "
+               "response.create event: {\"type\": \"response.create\", \"model\": ..., \"input\": ...}", "type")
+        body = object_in(message.get("response")) or {k: v for k, v in message.items() if k != "type"}
+        for name in SOCKET_REFUSED_FIELDS:
+            expect(name not in body, f"'{name}' is not sent on a WebSocket: every response there is streamed", name)
+        return {**body, "stream": True}
+
+
+async def responses_socket(request):
+    """GET /v1/responses: Responses' WebSocket mode (a plain GET is told how to use it)."""
+    settings = request.app[STATE].settings
+    ws = web.WebSocketResponse(max_msg_size=int(settings.max_request_mb * MB), heartbeat=settings.keepalive_seconds)
+    if not ws.can_prepare(request).ok:
+        raise ApiError(400, "GET /v1/responses opens a WebSocket (send Upgrade: websocket); create a response "
+                            "over HTTP with POST /v1/responses", code="websocket_expected")
+    await ws.prepare(request)
+    await ResponseSocket(request, ws).serve()
+    return ws
 
 
 # ─── Admin API ───────────────────────────────────────────────────────────────
@@ -8434,6 +8605,7 @@ ROUTES = (
     Route("POST", "/v1/messages/count_tokens", count_message_tokens, Auth.API, ANTHROPIC, limited=True),
     Route("POST", "/v1/responses", completion_handler(RESPONSES), Auth.API, RESPONSES, completion=True),
     Route("POST", "/v1/responses/compact", compact_response, Auth.API, RESPONSES, completion=True),
+    Route("GET", "/v1/responses", responses_socket, Auth.API, RESPONSES, shown_path="/v1/responses (WebSocket)"),
     Route("GET", "/v1/responses/{id}", get_response, Auth.API, RESPONSES, limited=True),
     Route("DELETE", "/v1/responses/{id}", delete_response, Auth.API, RESPONSES, limited=True),
     Route("GET", "/v1/models", list_models, Auth.API),
@@ -8564,7 +8736,7 @@ async def admit_key(request):
     if key is None:
         raise ApiError(401, "Invalid or missing API key: send Authorization: Bearer <key> (or x-api-key: <key>)",
                        code="invalid_api_key")
-    record.key, record.client = key.name, hashlib.sha256(key.value.encode()).hexdigest()[:32]
+    record.key, record.api_key, record.client = key.name, key, hashlib.sha256(key.value.encode()).hexdigest()[:32]
     if route_of(request).keyed_limits:
         record.slot = await state.keys.admit(key)
 

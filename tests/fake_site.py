@@ -354,7 +354,8 @@ class FakeK2Think:
     def refusal(self, body):
         """The site's answer to a payload it does not take as a chat request, or None: every site refuses an
         unknown model and a system message after the first (K2's template); the 2026 site also the
-        chat_id/id/session_id trio (its HTTP answer is then a bare task_id), an assistant turn without a thinking field, and an effort its template does not know."""
+        chat_id/id/session_id trio (its HTTP answer is then a bare task_id), an assistant turn without a thinking
+        field, and an effort its template does not know."""
         served = [m.get("id") for m in self.models] if isinstance(self.models, list) else [SITES[self.site][0]["id"]]
         if not isinstance(body, dict) or body.get("model") not in served:
             return web.json_response(MODEL_NOT_FOUND, status=400)

@@ -145,6 +145,13 @@ def stream_problems(raw):
     the [DONE] after the end."""
     events, ended = parse_stream(raw)
     problems = [] if ended else ["the stream does not end with data: [DONE] alone after its last event"]
+    return problems + events_problems(events)
+
+
+def events_problems(events):
+    """What a response's events do against the specification, however they came (a stream, a WebSocket's
+    messages): each event's fields, the sequence numbers and the order."""
+    problems = []
     for number, event in enumerate(events):
         kind = event.get("type")
         if event.get("sequence_number") != number:

@@ -682,3 +682,117 @@ async def test_a_compaction_that_fails_upstream_is_a_clear_error_not_high_demand
         await compacted(proxy)
     assert failed.value.status_code == 502 and failed.value.body["code"] == "compaction_failed"
     assert failed.value.body["message"].startswith("compaction failed, the conversation is unchanged: ")
+
+
+# --- WebSocket mode: GET /v1/responses with Upgrade: websocket
+
+async def socket_events(connection):
+    """The events of one response on a WebSocket connection, up to its end (or an error)."""
+    events = []
+    async for event in connection:
+        events.append(event.model_dump(mode="json", exclude_unset=True))
+        if event.type in (*open_responses.ENDS, "error"):
+            return events
+    return events
+
+
+@pytest.mark.parametrize("upstream_kind", ["site", "api"])
+async def test_a_websocket_answers_response_create_with_the_streams_events(make_proxy, api_proxy, fake, fake_api,
+                                                                         upstream_kind):
+    site = upstream_kind == "site"
+    (fake if site else fake_api).reply = (Reply if site else ApiReply)(reasoning=REASONING, answer=ANSWER)
+    proxy = await (make_proxy() if site else api_proxy())
+    over_http = (await (await post(proxy, request(stream=True, reasoning={"summary": "auto"}))).read()).decode()
+    async with sdk_of(proxy) as sdk, sdk.responses.connect() as connection:
+        await connection.response.create(model=MODEL, input="Hello", reasoning={"summary": "auto"})
+        read_by_the_sdk = await socket_events(connection)
+    assert read_by_the_sdk[-1]["response"]["output"][-1]["content"][0]["text"] == ANSWER
+    socket = await proxy.ws_connect("/v1/responses", headers=AUTH)  # the messages as sent, unparsed by the SDK
+    await socket.send_json({"type": "response.create", "model": MODEL, "input": "Hello",
+                            "reasoning": {"summary": "auto"}})
+    events = await raw_socket_events(socket)
+    await socket.close()
+    assert open_responses.events_problems(events) == []
+    assert [e["type"] for e in events] == [e["type"] for e in open_responses.parse_stream(over_http)[0]]
+
+
+async def raw_socket_events(socket):
+    events = []
+    while not events or events[-1]["type"] not in (*open_responses.ENDS, "error"):
+        events.append(await asyncio.wait_for(socket.receive_json(), 5))
+    return events
+
+
+async def test_a_websocket_continues_by_previous_response_id_unstored_and_serves_many(proxy, fake):
+    fake.reply = Reply(answer=ANSWER)
+    async with sdk_of(proxy) as sdk, sdk.responses.connect() as connection:
+        await connection.response.create(model=MODEL, input="Remember 42.", store=False)
+        first = (await socket_events(connection))[-1]["response"]
+        await connection.response.create(model=MODEL, input="Which number?", store=False,
+                                         previous_response_id=first["id"])
+        second = (await socket_events(connection))[-1]["response"]
+        await connection.response.create(model=MODEL, input="Again?", previous_response_id="resp_unknown")
+        [error] = await socket_events(connection)
+        await connection.response.create(model=MODEL, input="Still here?")
+        third = (await socket_events(connection))[-1]["response"]
+    assert first["status"] == second["status"] == third["status"] == "completed"
+    assert "Remember 42." in json.dumps(fake.received[1].body) and "Which number?" in json.dumps(fake.received[1].body)
+    assert error["type"] == "error" and error["status"] == 404 and error["error"]["param"] == "previous_response_id"
+    assert len(fake.received) == 3, "the refused one went nowhere; the connection served on"
+
+
+async def test_a_websocket_needs_a_key_and_counts_each_response_against_its_limits(keyed, fake):
+    proxy = await keyed("rpm=2")
+    fake.reply = Reply(answer=ANSWER)
+    async with openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key="sk-wrong", max_retries=0) as sdk:
+        with pytest.raises(Exception) as refused:
+            async with sdk.responses.connect() as connection:
+                await connection.response.create(model=MODEL, input="Hi")
+                await socket_events(connection)
+    assert "401" in str(refused.value)
+    async with openai.AsyncOpenAI(base_url=str(proxy.make_url("/v1")), api_key=ALICE, max_retries=0) as sdk, \
+            sdk.responses.connect() as connection:
+        ends = []
+        for _ in range(3):
+            await connection.response.create(model=MODEL, input="Hi")
+            ends.append((await socket_events(connection))[-1])
+    assert [end["type"] for end in ends] == ["response.completed", "response.completed", "error"]
+    assert ends[-1]["status"] == 429 and len(fake.received) == 2
+
+
+async def test_a_socket_dropped_mid_response_ends_its_request(proxy, fake):
+    fake.reply = Reply(reasoning="x" * 1000, piece=5, delay=0.05)
+    socket = await proxy.ws_connect("/v1/responses", headers=AUTH)
+    await socket.send_json({"type": "response.create", "model": MODEL, "input": "Hello",
+                            "reasoning": {"summary": "auto"}})  # its events begin with the reasoning's first words
+    first = await asyncio.wait_for(socket.receive_json(), 5)
+    assert first["type"] == "response.created"
+    await socket.close()
+    await asyncio.wait_for(fake.client_gone.wait(), 5)
+    assert fake.open_streams == 0
+
+
+@pytest.mark.parametrize("message,param", [
+    ({"type": "response.cancel"}, "type"),
+    ({"type": "response.create", "model": MODEL, "input": "Hi", "stream": True}, "stream"),
+    ({"type": "response.create", "model": MODEL, "input": "Hi", "background": False}, "background"),
+    ({"type": "response.create", "model": MODEL, "input": 42}, "input"),
+])
+async def test_a_bad_websocket_message_is_an_error_event_and_the_connection_stays(proxy, fake, message, param):
+    fake.reply = Reply(answer=ANSWER)
+    socket = await proxy.ws_connect("/v1/responses", headers=AUTH)
+    await socket.send_json(message)
+    error = await asyncio.wait_for(socket.receive_json(), 5)
+    assert error["type"] == "error" and error["status"] == 400 and error["error"]["param"] == param
+    await socket.send_str("not json")
+    assert (await asyncio.wait_for(socket.receive_json(), 5))["error"]["code"] == "invalid_json"
+    await socket.send_json({"type": "response.create", "model": MODEL, "input": "Hi"})
+    assert (await raw_socket_events(socket))[-1]["type"] == "response.completed"
+    await socket.close()
+    assert not fake.received[:-1]
+
+
+async def test_a_plain_get_of_the_responses_path_says_how_to_use_it(proxy):
+    answer = await proxy.get("/v1/responses", headers=AUTH)
+    error = (await answer.json())["error"]
+    assert answer.status == 400 and error["code"] == "websocket_expected" and "POST /v1/responses" in error["message"]
