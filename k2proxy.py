@@ -73,7 +73,9 @@ class SettingsError(ValueError):
     """A setting that stops start-up; the message names it."""
 
 
-WHOLE_NUMBER = re.compile(r"[0-9]+")  # not str.isdigit(), which also takes "²" and "①", which int() refuses
+WHOLE_NUMBER = re.compile(r"[0-9]{1,18}")  # not str.isdigit(), which also takes "²" and "①", which int()
+# refuses; at most 18 digits, as no count read here needs more (and int() refuses over 4,300, an upstream's
+# header with more would be a 500)
 
 
 def _text(value):
@@ -575,7 +577,27 @@ def not_a_number(name):
     raise ValueError(f"{name} is not a JSON number")
 
 
-JSON_DECODER = json.JSONDecoder(parse_constant=not_a_number)  # strict JSON: no NaN or Infinity
+JSON_INT_DIGITS = 4000  # below Python's 4,300-digit limit on int ⇄ str, so that a sum of two still prints
+
+
+def bounded_int(text):
+    """A JSON integer; ValueError for one too long to read or print (usage from a broken upstream)."""
+    if len(text) > JSON_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits is longer than {JSON_INT_DIGITS}")
+    return int(text)
+
+
+def finite_float(text):
+    """A JSON number with a fraction or an exponent as a float; ValueError for one beyond a float (1e400), which
+    Python would read as infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text[:20]} is beyond the largest number JSON values may hold here")
+    return value
+
+
+JSON_DECODER = json.JSONDecoder(parse_constant=not_a_number, parse_float=finite_float, parse_int=bounded_int)
+# strict JSON: no NaN or Infinity, written or overflowing, and integers that can be printed
 
 
 class TooDeep(ValueError):
@@ -2982,6 +3004,55 @@ async def read_body(response, limit):
     return b"".join(parts)
 
 
+WAITING_CHUNKS_BYTES = 4 * MB  # of an answer read ahead of its consumer, before reading pauses
+
+
+async def arrived_chunks(response):
+    """The chunks of an answer's body, read by a task of its own as they arrive: aiohttp raises a broken
+    connection before the data it still holds, so a consumer slower than the network (a WebSocket, a slow client)
+    would lose an answer's end to a connection torn down after it, as the site's are. Reading pauses while
+    WAITING_CHUNKS_BYTES wait."""
+    waiting: collections.deque[bytes] = collections.deque()
+    arrived, room = asyncio.Event(), asyncio.Event()
+    ended: list[BaseException | None] = []  # [None] at the body's end, [the error] when reading it failed
+    held = 0
+
+    async def read():
+        nonlocal held
+        try:
+            async for chunk in response.content.iter_any():
+                waiting.append(chunk)
+                held += len(chunk)
+                arrived.set()
+                while held > WAITING_CHUNKS_BYTES:
+                    room.clear()
+                    await room.wait()
+            ended.append(None)
+        except (ClientError, OSError, asyncio.TimeoutError) as exc:
+            ended.append(exc)
+        arrived.set()
+
+    reader = asyncio.ensure_future(read())
+    try:
+        while True:
+            while waiting:
+                chunk = waiting.popleft()
+                held -= len(chunk)
+                room.set()
+                yield chunk
+            if ended:
+                if ended[0] is not None:
+                    raise ended[0]
+                return
+            arrived.clear()
+            if not waiting and not ended:
+                await arrived.wait()
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
+
+
 async def keep_polling(step, wake=None):
     """Runs `step` again and again, waiting the seconds it returns (or until `wake` is set); a step that fails
     unexpectedly is logged and tried again a second later, so no background loop dies."""
@@ -3226,8 +3297,10 @@ async def site_frames(response):
     if kind != "text/event-stream":
         raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {kind or 'no content type'}, not a stream")
     decoder = SSEDecoder(parse_frame)
-    async for chunk in response.content.iter_any():
-        yield decoder.feed(chunk)
+    chunks = arrived_chunks(response)
+    async with contextlib.aclosing(chunks):
+        async for chunk in chunks:
+            yield decoder.feed(chunk)
     yield decoder.feed(b"", final=True)
 
 
@@ -3759,16 +3832,17 @@ class ApiUpstream:
             if response.content_type != "text/event-stream":
                 raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {response.content_type or 'no content type'}"
                                                    ", not a stream")
-            reader, decoder = ApiReader(), SSEDecoder(api_chunk)
-            async for data in response.content.iter_any():
-                delta = reader.read(decoder.feed(data))
-                events = progress.events(delta)
-                if events:
-                    yield events
-                if delta.error:
-                    raise delta.error
-                if delta.ended:
-                    break
+            reader, decoder, chunks = ApiReader(), SSEDecoder(api_chunk), arrived_chunks(response)
+            async with contextlib.aclosing(chunks):
+                async for data in chunks:
+                    delta = reader.read(decoder.feed(data))
+                    events = progress.events(delta)
+                    if events:
+                        yield events
+                    if delta.error:
+                        raise delta.error
+                    if delta.ended:
+                        break
         if reader.finish_reason is None:
             raise UpstreamError(TRUNCATED, "upstream's stream ended before its answer did (no finish reason)")
 
@@ -6302,8 +6376,10 @@ async def within_deadline(work, seconds):
 
 
 async def pull(events, writer, record):
-    """Writes what an upstream kind yields, attempt by attempt, and ends with its Finish; a Restart voids what the
-    writer holds, unless the client has seen some of it."""
+    """Writes what an upstream kind yields, attempt by attempt, and ends with its Finish, once the upstream side is
+    closed (the client sees the end of a request that is over); a Restart voids what the writer holds, unless the
+    client has seen some of it."""
+    last = None
     async with contextlib.aclosing(events):
         async for item in events:
             if isinstance(item, Attempt):
@@ -6313,13 +6389,15 @@ async def pull(events, writer, record):
                     raise item.error
                 writer.reset()
             elif isinstance(item[-1], Finish):
-                record.usage = item[-1].usage
-                return await writer.close(item)
+                record.usage, last = item[-1].usage, item
+                break
             else:
                 if record.first_content is None:
                     record.first_content = time.monotonic() - record.started
                 await writer.write(item)
-    raise UpstreamError(NOT_AN_ANSWER, "upstream's answer ended without a finish")
+    if last is None:
+        raise UpstreamError(NOT_AN_ANSWER, "upstream's answer ended without a finish")
+    return await writer.close(last)
 
 
 def in_conversation(request, core):
@@ -7963,8 +8041,11 @@ async def delete_response(request):
 # (its key's limits, its record and log line, the memory budget), answered with the same events as the stream, one
 # JSON message each; the connection remembers its last response for previous_response_id.
 
+SOCKET_ROUTE = "/v1/responses (WebSocket)"  # how the request log, /metrics and the admin page name its messages
+WARM_UP = Finish("stop", Usage(0, 0, 0))  # the end of a response that asked for none (generate: false)
 SOCKET_QUEUE = 8  # response.create messages a connection may send ahead of the one being answered
-SOCKET_REFUSED_FIELDS = ("stream", "stream_options", "background")  # HTTP streaming's, never sent on a socket
+SOCKET_STREAM_FIELDS = ("stream", "stream_options")  # HTTP streaming's: the specification says a client leaves
+                                                     # them out, Codex sends them; either way the answer streams
 
 
 def socket_messages(data):
@@ -8061,7 +8142,7 @@ class ResponseSocket:
     async def answer(self, text):
         """One response.create: a request of its own, from its record to its log line."""
         state, request = self.request.app[STATE], self.request
-        record = RequestRecord("WS", request.path, RESPONSES.name, True, time.monotonic(), route=request.path,
+        record = RequestRecord("WS", request.path, RESPONSES.name, True, time.monotonic(), route=SOCKET_ROUTE,
                                key=self.owner.key, client=self.owner.client)
         state.monitor.begin(record)
         request[RECORD], status = record, 200
@@ -8076,7 +8157,11 @@ class ResponseSocket:
             if isinstance(body.get("model"), str):
                 record.model = body["model"][:MODEL_NAME_CHARS]
             asked = await response_asked(body, request, socket=self)
-            await answer_asked(request, asked, SocketStream(self.ws, asked.stream_writer()))
+            if body.get("generate") is False:  # Codex's warm-up: the connection made ready, no answer asked for
+                record.stream = True
+                await SocketStream(self.ws, asked.stream_writer()).close([WARM_UP])
+            else:
+                await answer_asked(request, asked, SocketStream(self.ws, asked.stream_writer()))
         except ApiError as error:
             status, record.reason = error.status, error.code
             with contextlib.suppress(ConnectionError, RuntimeError):
@@ -8093,9 +8178,9 @@ class ResponseSocket:
         expect(isinstance(message, dict) and message.get("type") == "response.create", "A message must be a "
                "response.create event: {\"type\": \"response.create\", \"model\": ..., \"input\": ...}", "type")
         body = object_in(message.get("response")) or {k: v for k, v in message.items() if k != "type"}
-        for name in SOCKET_REFUSED_FIELDS:
-            expect(name not in body, f"'{name}' is not sent on a WebSocket: every response there is streamed", name)
-        return {**body, "stream": True}
+        expect(body.get("stream") is not False, "'stream' cannot be false on a WebSocket: every response there is "
+               "streamed (leave it out)", "stream")
+        return {**{k: v for k, v in body.items() if k not in SOCKET_STREAM_FIELDS}, "stream": True}
 
 
 async def responses_socket(request):
@@ -8172,7 +8257,16 @@ async def admin_status(request):
         "version": __version__, "uptime_s": int(time.time()) - state.started,
         "models": {"ids": state.models.ids, "source": state.models.source},
         "accounts": state.accounts.stats(), "stats": state.monitor.summary(),
-        "settings": state.settings.public(), "replicas": await replicas_seen(state)})
+        "settings": state.settings.public(), "replicas": await replicas_seen(state),
+        "redis": shared_status(state.shared)})
+
+
+def shared_status(shared):
+    """What the admin sees of Redis (where it is, and why it cannot be reached); None without REDIS_URL."""
+    if shared is None:
+        return None
+    problem = shared.problem()
+    return {"place": shared.place, "up": problem is None, "problem": problem and problem.message}
 
 
 async def replicas_seen(state):
@@ -8545,11 +8639,12 @@ async def health(request):
         body["ifm_keys"] = state.api.pool.counts()
     if state.shared:
         body["redis"] = "unreachable" if shared_problem else "ok"
-    if problem or shared_problem:
-        body["reason"] = "; ".join(error.message for error in (problem, shared_problem) if error)
+    if problem or shared_problem:  # Redis's place and error are the admin's (GET /admin/status), not the public's
+        body["reason"] = "; ".join(filter(None, (problem and problem.message, shared_problem and REDIS_DOWN_PUBLIC)))
     return web.json_response(body, status=503 if problem else 200)
 
 
+REDIS_DOWN_PUBLIC = "Redis cannot be reached: this replica serves from its own state (details: GET /admin/status)"
 UNREACHABLE_DEGRADED = 3  # connection failures in a row after which /health says degraded
 
 
@@ -8605,7 +8700,7 @@ ROUTES = (
     Route("POST", "/v1/messages/count_tokens", count_message_tokens, Auth.API, ANTHROPIC, limited=True),
     Route("POST", "/v1/responses", completion_handler(RESPONSES), Auth.API, RESPONSES, completion=True),
     Route("POST", "/v1/responses/compact", compact_response, Auth.API, RESPONSES, completion=True),
-    Route("GET", "/v1/responses", responses_socket, Auth.API, RESPONSES, shown_path="/v1/responses (WebSocket)"),
+    Route("GET", "/v1/responses", responses_socket, Auth.API, RESPONSES, shown_path=SOCKET_ROUTE),
     Route("GET", "/v1/responses/{id}", get_response, Auth.API, RESPONSES, limited=True),
     Route("DELETE", "/v1/responses/{id}", delete_response, Auth.API, RESPONSES, limited=True),
     Route("GET", "/v1/models", list_models, Auth.API),
@@ -8756,14 +8851,21 @@ async def add_cors_headers(request, response):
             response.headers["Vary"] = "Origin"
 
 
+CORS_REQUEST_HEADERS = re.compile(  # what a browser client of the API may send: its key, its dialect's own
+    r"authorization|content-type|accept|x-api-key|anthropic-[a-z0-9-]+|openai-[a-z0-9-]+|x-stainless-[a-z0-9-]+"
+    r"|x-session-id|session_id|conversation_id|x-claude-code-[a-z0-9-]+|x-request-id")
+CORS_ASKED_CHARS = 4096  # of Access-Control-Request-Headers read
+
+
 def preflight(request):
     """Answers a browser's CORS preflight for any /v1 path, before routing."""
     if not allowed_origin(request, request.app[STATE].settings.cors_origins):
         raise ApiError(403, "This origin may not call the API; see CORS_ORIGINS", code="origin_not_allowed")
+    asked = request.headers.get("Access-Control-Request-Headers", "")[:CORS_ASKED_CHARS]
+    allowed = [name.strip() for name in asked.split(",") if CORS_REQUEST_HEADERS.fullmatch(name.strip().lower())]
     return web.Response(status=204, headers={
         "Access-Control-Allow-Methods": "GET, POST, DELETE, OPTIONS",
-        "Access-Control-Allow-Headers": request.headers.get("Access-Control-Request-Headers",
-                                                            "Authorization, Content-Type"),
+        "Access-Control-Allow-Headers": ", ".join(dict.fromkeys(allowed)) or "Authorization, Content-Type",
         "Access-Control-Max-Age": "86400"})
 
 

@@ -193,7 +193,8 @@ async def test_cors_allows_any_origin_by_default(proxy):
 
 async def test_one_log_line_per_request_without_secrets(proxy, fake, caplog):
     caplog.set_level("INFO", logger="k2proxy")
-    await proxy.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH)
+    await (await proxy.post("/v1/chat/completions", json=chat(stream=True), headers=AUTH)).read()  # to its end
+    await proxy.get("/health")  # on the same connection, served once the stream's handler (and its log) is done
     lines = [r.getMessage() for r in caplog.records if "/v1/chat/completions" in r.getMessage()]
     assert len(lines) == 1
     assert "model=IFM/K2-Horizon-375B-A23B" in lines[0] and "stream=true" in lines[0] and "status=200" in lines[0]
@@ -288,3 +289,27 @@ async def test_parameters_that_change_nothing_here_are_accepted(proxy, fake):
     extra = {"logprobs": False, "presence_penalty": 0.5, "frequency_penalty": 0.5, "seed": 7, "user": "u",
              "logit_bias": {"50256": -100}, "parallel_tool_calls": True, "service_tier": "auto", "metadata": {}}
     assert (await proxy.post("/v1/chat/completions", json=chat(**extra), headers=AUTH)).status == 200
+
+
+async def test_a_preflight_allows_the_headers_the_api_reads_not_whatever_it_is_asked(make_proxy):
+    proxy = await make_proxy(CORS_ORIGINS="https://chat.example")
+    asked = "authorization, x-stainless-os, anthropic-version, x-evil-header, cookie, content-type"
+    preflight = await proxy.options("/v1/messages", headers={
+        "Origin": "https://chat.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": asked})
+    assert preflight.status == 204
+    assert preflight.headers["Access-Control-Allow-Headers"] == (
+        "authorization, x-stainless-os, anthropic-version, content-type")
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/responses", {"model": MODEL, "input": "Hi", "temperature": 1e400}),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "top_p": -1e999}),
+    ("/v1/responses", {"model": MODEL, "input": "Hi", "metadata": {"n": 1e400}}),
+])
+async def test_a_number_beyond_a_float_is_a_400_never_infinity(proxy, fake, path, body):
+    raw = json.dumps(body).replace("Infinity", "1e400")  # what a client writes; Python would read it as infinity
+    response = await proxy.post(path, data=raw, headers={**AUTH, "Content-Type": "application/json"})
+    error = (await response.json())["error"]
+    assert response.status == 400 and error["code"] == "invalid_json" and "1e400" in error["message"]
+    assert not fake.received

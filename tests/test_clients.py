@@ -11,7 +11,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import E2E_KEY, MODEL, REQUIRE_PROGRAMS, ROOT, Pair, free_port, need_program
+from conftest import E2E_KEY, MODEL, REQUIRE_PROGRAMS, ROOT, Pair, free_port, http_json, need_program
 
 CLIS = Path(os.environ.get("K2PROXY_CLIS") or ROOT / ".clis" / "node_modules" / ".bin")  # CI: also the newest
 INSTALL = "npm install --prefix .clis @anthropic-ai/claude-code@2.1.197 @openai/codex@0.169.0"
@@ -117,7 +117,7 @@ def test_claude_code_reads_a_pdf_through_the_proxy_and_the_model_reads_its_text(
 CODEX_CONFIG = """model = "{model}"
 model_provider = "k2proxy"
 check_for_update_on_startup = false
-
+{top}
 [analytics]
 enabled = false
 
@@ -134,12 +134,13 @@ stream_max_retries = 0
 """
 
 
-def codex(started, tmp_path, prompt):
-    """`codex exec` with a fresh CODEX_HOME whose config.toml has the proxy as its provider."""
+def codex(started, tmp_path, prompt, top="", provider=""):
+    """`codex exec` with a fresh CODEX_HOME whose config.toml has the proxy as its provider (`top` and `provider`:
+    more lines of config, at the top and in the provider's table)."""
     home, codex_home, work = tmp_path / "codex-home", tmp_path / "codex", tmp_path / "codex-work"
     for folder in (home, codex_home, work):
         folder.mkdir(exist_ok=True)
-    (codex_home / "config.toml").write_text(CODEX_CONFIG.format(model=MODEL, url=started.url))
+    (codex_home / "config.toml").write_text(CODEX_CONFIG.format(model=MODEL, url=started.url, top=top) + provider)
     env = {"PATH": os.environ["PATH"], "HOME": str(home), "CODEX_HOME": str(codex_home), "K2PROXY_API_KEY": E2E_KEY}
     return subprocess.run([cli("codex"), "exec", "--skip-git-repo-check", "--ephemeral", prompt], env=env, cwd=work,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
@@ -164,6 +165,36 @@ def test_codex_runs_the_shell_command_the_model_calls_and_sends_its_output_back(
     result = started.received()[-1]["body"]["messages"][-1]
     assert result["role"] == "user" and result["content"].startswith('<tool_result name="exec_command"')
     assert f"Output:\n{marker}" in result["content"], "the command's output, as Codex reports it"
+
+
+def test_codex_compacts_a_long_session_through_the_proxy(pair, tmp_path):
+    """Codex compacts a session whose tokens pass its limit (a custom provider's compaction is a Responses request
+    of its own), then goes on from the summary."""
+    started = pair()
+    marker = f"tool-ran-{secrets.token_hex(4)}"
+    call = f'<tool_call>{{"name": "exec_command", "arguments": {{"cmd": "echo {marker}"}}}}</tool_call>'
+    many = {"prompt_tokens": 9000, "completion_tokens": 100, "total_tokens": 9100}  # past the limit below
+    summary = f"The user asked for the marker command; echo printed {marker}."
+    started.steer(script=[{"answer": call, "usage": many}, {"answer": summary}, {"answer": "Done: the marker."}])
+    run = codex(started, tmp_path, "Run the marker command", top="model_auto_compact_token_limit = 5000\n")
+    assert (run.returncode, run.stdout.strip()) == (0, "Done: the marker."), run.stderr
+    compaction, after = [r["body"]["messages"] for r in started.received()[1:]]
+    assert "COMPACTION" in compaction[-1]["content"] and marker in json.dumps(compaction)
+    assert summary in json.dumps(after) and "context compacted" in run.stderr
+
+
+def test_codex_works_over_the_websocket_mode_and_runs_a_tool(pair, tmp_path):
+    started = pair()
+    marker = f"tool-ran-{secrets.token_hex(4)}"
+    call = f'<tool_call>{{"name": "exec_command", "arguments": {{"cmd": "echo {marker}"}}}}</tool_call>'
+    started.steer(script=[{"answer": call}, {"answer": "The command printed the marker."}])
+    run = codex(started, tmp_path, "Run the marker command", provider="supports_websockets = true\n")
+    assert (run.returncode, run.stdout.strip()) == (0, "The command printed the marker."), run.stderr
+    assert f"Output:\n{marker}" in started.received()[-1]["body"]["messages"][-1]["content"]
+    status, log = http_json("GET", started.url + "/admin/requests")
+    routes = [entry["route"] for entry in log["requests"]]
+    assert status == 200 and routes.count("/v1/responses (WebSocket)") >= 2 and "/v1/responses" not in routes, \
+        "every turn went over the WebSocket, none fell back to HTTP"
 
 
 def test_claude_code_runs_a_native_tool_call_over_the_api_and_replays_its_reasoning(api_pair, tmp_path):

@@ -6,8 +6,11 @@ import asyncio
 import logging
 import time
 
+import aiohttp
 import pytest
+from aiohttp import web
 from conftest import AUTH, chat, free_port, read_sse, stream_text
+from fake_api import ApiReply
 from fake_site import Reply, make_jwt
 
 import k2proxy
@@ -107,3 +110,50 @@ async def test_health_is_ok_again_once_upstream_answers(make_proxy, fake):
     assert (await proxy.get("/health")).status == 503
     assert (await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
     assert (await proxy.get("/health")).status == 200
+
+
+async def test_an_answer_read_slowly_keeps_its_end_when_upstream_tears_the_connection_down(aiohttp_server):
+    """The site tears its connection down after an answer's end; aiohttp then raises before the bytes it still
+    holds, so a reader slower than the network (a WebSocket, a slow client) lost the end: the proxy reads ahead."""
+    first_read, torn_down = asyncio.Event(), asyncio.Event()
+
+    async def ragged(request):
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: one\n\n")
+        await first_read.wait()  # the reader is at work: the rest arrives while its consumer is busy elsewhere
+        await response.write(b"data: two\n\ndata: the end\n\n")
+        request.transport.close()  # the chunked body never ends
+        torn_down.set()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", ragged)
+    server = await aiohttp_server(app)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(server.make_url("/")) as response:  # aiohttp's own reads
+            assert await asyncio.wait_for(response.content.readany(), 5) == b"data: one\n\n"
+            first_read.set()
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await asyncio.wait_for(response.content.wait_eof(), 5)  # the connection is lost
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.content.readany()  # and the bytes aiohttp held with it
+        first_read.clear()
+        torn_down.clear()
+        async with session.get(server.make_url("/")) as response:
+            chunks = k2proxy.arrived_chunks(response)
+            got = [await asyncio.wait_for(anext(chunks), 5)]
+            first_read.set()
+            await asyncio.wait_for(torn_down.wait(), 5)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                async for chunk in chunks:
+                    got.append(chunk)
+    assert b"".join(got) == b"data: one\n\ndata: two\n\ndata: the end\n\n"
+
+
+@pytest.mark.parametrize("header", ["x-ratelimit-remaining-tokens-daily", "Retry-After"])
+async def test_a_number_longer_than_python_reads_from_upstream_is_ignored_not_a_500(api_proxy, fake_api, header):
+    fake_api.reply = ApiReply(answer="Fine.", headers={header: "9" * 5000})
+    proxy = await api_proxy()
+    response = await proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)
+    assert response.status == 200 and (await response.json())["choices"][0]["message"]["content"] == "Fine."

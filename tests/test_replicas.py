@@ -17,6 +17,7 @@ import urllib.request
 
 import pytest
 from conftest import (
+    ADMIN,
     API_KEY,
     E2E_ADMIN_KEY,
     E2E_KEY,
@@ -171,7 +172,8 @@ def test_redis_stopped_then_restarted_mid_run(replicas, redis_server):
     assert completion(fleet, 0)[0] == 200 and completion(fleet, 1)[0] == 200, "both keep serving"
     eventually(lambda: health(fleet, 0)[1]["status"] == "degraded")
     status, body = health(fleet, 0)
-    assert status == 200 and body["redis"] == "unreachable" and "Redis at 127.0.0.1" in body["reason"]
+    assert status == 200 and body["redis"] == "unreachable" and body["reason"] == k2proxy.REDIS_DOWN_PUBLIC
+    assert "Redis at 127.0.0.1" in fleet.admin(0, "GET", "/admin/status")[1]["redis"]["problem"]
     status, kept = fleet.call(0, "POST", "/v1/responses", {"model": MODEL, "input": "Kept while Redis is down."})
     assert status == 200 and fleet.call(0, "GET", f"/v1/responses/{kept['id']}") == (200, kept)
     status, body = fleet.call(1, "GET", f"/v1/responses/{kept['id']}")
@@ -556,3 +558,14 @@ def test_redis_url_without_the_redis_package_says_what_to_install(monkeypatch):
     with pytest.raises(k2proxy.SettingsError) as missing:
         k2proxy.Shared("redis://127.0.0.1:6379/0", "here")
     assert "pip install -r requirements-redis.txt" in str(missing.value)
+
+
+async def test_public_health_says_redis_is_down_without_where_it_is_and_the_admin_sees_both(make_proxy):
+    port = free_port()
+    proxy = await make_proxy(REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    health = await (await proxy.get("/health")).json()
+    assert health["redis"] == "unreachable" and health["reason"] == k2proxy.REDIS_DOWN_PUBLIC
+    assert str(port) not in json.dumps(health) and "127.0.0.1" not in json.dumps(health)
+    status = await (await proxy.get("/admin/status", headers=ADMIN)).json()
+    assert status["redis"]["up"] is False and status["redis"]["place"] == f"127.0.0.1:{port}/0"
+    assert f"127.0.0.1:{port}" in status["redis"]["problem"]

@@ -774,8 +774,8 @@ async def test_a_socket_dropped_mid_response_ends_its_request(proxy, fake):
 
 @pytest.mark.parametrize("message,param", [
     ({"type": "response.cancel"}, "type"),
-    ({"type": "response.create", "model": MODEL, "input": "Hi", "stream": True}, "stream"),
-    ({"type": "response.create", "model": MODEL, "input": "Hi", "background": False}, "background"),
+    ({"type": "response.create", "model": MODEL, "input": "Hi", "stream": False}, "stream"),
+    ({"type": "response.create", "model": MODEL, "input": "Hi", "background": True}, "background"),
     ({"type": "response.create", "model": MODEL, "input": 42}, "input"),
 ])
 async def test_a_bad_websocket_message_is_an_error_event_and_the_connection_stays(proxy, fake, message, param):

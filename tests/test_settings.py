@@ -186,3 +186,22 @@ def test_shutdown_is_logged(spawn, tmp_path):
     process.wait(10)
     log = process.stderr.read()
     assert "k2proxy stopping" in log and "k2proxy stopped" in log
+
+
+DEFAULT_IN_PROSE = [  # the ways the README and docs/ quote a setting's default in prose
+    re.compile(r"`([A-Z][A-Z0-9_]+)` \(default `?(\d{1,3}(?:,\d{3})+|[^`),]+)`?[),]"),  # `MAX_PDF_PAGES` (default 100,
+    re.compile(r"`([A-Z][A-Z0-9_]+)` setting \(`([^`]+)`"),               # the `REASONING_EFFORT` setting (`high`
+    re.compile(r"default `([A-Z][A-Z0-9_]+)`, `([^`]+)`"),                # default `REASONING_EFFORT`, `high`
+    re.compile(r"`([A-Z][A-Z0-9_]+)` 设置（默认 `([^`]+)`）"),              # the Chinese quick start's
+]
+
+
+def test_the_defaults_the_readme_and_docs_quote_in_prose_are_the_settings():
+    defaults = {setting.name: setting.default for setting in k2proxy.SETTINGS}
+    quoted = [(path.name, name, value) for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+              for pattern in DEFAULT_IN_PROSE for name, value in pattern.findall(path.read_text(encoding="utf-8"))
+              if name in defaults]
+    assert len(quoted) >= 5, quoted
+    def plain(value):  # 400,000 is 400000
+        return value.replace(",", "") if re.fullmatch(r"[\d,]+", value) else value.strip()
+    assert [(where, name, value) for where, name, value in quoted if plain(value) != defaults[name]] == []
