@@ -57,7 +57,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, web
 
 __version__ = "1.0.0"
 log = logging.getLogger("k2proxy")
@@ -263,6 +263,9 @@ SETTINGS = (
     Setting("IDLE_TIMEOUT", "75", _positive, "Seconds an idle keep-alive connection stays open"),
     Setting("MAX_CONNECTIONS", "0", _int_between(0, 1000000),
             "Client connections open at once, more refused at once; 0: three quarters of the open-files limit"),
+    Setting("SHUTDOWN_GRACE", "8", _positive,
+            "Seconds the requests in flight get to finish after SIGTERM or SIGINT, new connections refused meanwhile; "
+            "streams still running then end with an error event (docker stop waits 10 s)"),
     Setting("KEEPALIVE_SECONDS", "15", _positive, "Seconds of upstream silence before a stream gets an SSE comment"),
     Setting("USER_TOKENS_FILE", "tokens.txt", _text, "Token file of user mode, one JWT per line"),
     Setting("GUEST_TOKENS_FILE", "tokens_guest.txt", _text,
@@ -5933,6 +5936,33 @@ class Alone:
         return True
 
 
+class Handling:
+    """The requests being handled, so that a drain (after SIGTERM) can wait for the last one; `draining` tells
+    long-lived connections (WebSockets) to end once their work under way is done."""
+
+    def __init__(self):
+        self.count = 0
+        self.none_left, self.draining = asyncio.Event(), asyncio.Event()
+        self.none_left.set()
+
+    @contextlib.contextmanager
+    def one(self):
+        self.count += 1
+        self.none_left.clear()
+        try:
+            yield
+        finally:
+            self.count -= 1
+            if not self.count:
+                self.none_left.set()
+
+    async def drain(self, seconds):
+        """Until the requests in flight have ended, or `seconds` have passed."""
+        self.draining.set()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.none_left.wait(), seconds)
+
+
 class AppState:
     """Everything a running proxy keeps: settings, the upstream side, models, accounts, keys, the monitor; with
     REDIS_URL, the shared backends and the fleet, which the local code does not tell from the local ones."""
@@ -5959,6 +5989,7 @@ class AppState:
             self.share(Shared(settings.redis_url, replica_name()))
         self.accounts.claim = self.fleet.claim_sign_in
         self.budget = MemoryBudget(settings.memory_budget_mb)
+        self.handling = Handling()
         self.started = int(time.time())
         self.admin_page = None  # (body, headers), read at start-up by the admin section
         self.tasks = []
@@ -8112,6 +8143,7 @@ class ResponseSocket:
         self.ws = ws
         self.owner = request[RECORD]  # the connection's own record: who it is (key and client)
         self.last = None  # (id, conversation) of the last response answered here
+        self.turn = asyncio.Lock()  # held while a response is answered
 
     def remember(self, response_id, conversation):
         self.last = (response_id, conversation)
@@ -8119,6 +8151,7 @@ class ResponseSocket:
     async def serve(self):
         waiting: asyncio.Queue[str] = asyncio.Queue(SOCKET_QUEUE)
         worker = asyncio.ensure_future(self.answer_each(waiting))
+        closer = asyncio.ensure_future(self.close_when_draining())
         try:
             async for message in self.ws:
                 if message.type is not web.WSMsgType.TEXT:
@@ -8131,13 +8164,23 @@ class ResponseSocket:
                 else:
                     waiting.put_nowait(message.data)
         finally:
-            worker.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await worker
+            for task in (worker, closer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def answer_each(self, waiting):
         while True:
-            await self.answer(await waiting.get())
+            text = await waiting.get()
+            async with self.turn:
+                await self.answer(text)
+
+    async def close_when_draining(self):
+        """After SIGTERM: the connection closes as "going away" once the response under way is answered, so that
+        the client connects again, to a replica that stays."""
+        await self.request.app[STATE].handling.draining.wait()
+        async with self.turn:
+            await self.ws.close(code=WSCloseCode.GOING_AWAY, message=b"the proxy is restarting; connect again")
 
     async def answer(self, text):
         """One response.create: a request of its own, from its record to its log line."""
@@ -8583,10 +8626,12 @@ async def serve(app, settings):
     quiet_accept_errors(loop, stopping)
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=SHUTDOWN_SECONDS)
     await runner.setup()
+    handlers = runner.server
+    assert handlers is not None, "set by setup()"
     count = ConnectionCount(connection_cap(settings))
     try:
         server = await loop.create_server(lambda: ClientConnection(
-            runner.server, count, settings.header_timeout, keepalive_timeout=settings.idle_timeout,
+            handlers, count, settings.header_timeout, keepalive_timeout=settings.idle_timeout,
             access_log=None, **HANDLER_ARGS), settings.host, settings.port, reuse_address=True,
             reuse_port=settings.workers > 1)
     except OSError:
@@ -8598,13 +8643,19 @@ async def serve(app, settings):
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stopping.set)
     await stopping.wait()
-    log.info("k2proxy stopping: streams in flight get %d s to end", SHUTDOWN_SECONDS)
+    state = app[STATE]
+    log.info("k2proxy stopping: %d requests in flight get %g s to finish (SHUTDOWN_GRACE); new connections are "
+             "refused", state.handling.count, settings.shutdown_grace)
     server.close()
-    await runner.cleanup()
+    handlers.pre_shutdown()  # idle keep-alive connections close now, the others once their request ends
+    await state.handling.drain(settings.shutdown_grace)
+    if state.handling.count:
+        log.info("k2proxy stopping: %d requests still running end now", state.handling.count)
+    await runner.cleanup()  # the upstream side closes: streams still running get their error event
     log.info("k2proxy stopped")
 
 
-SHUTDOWN_SECONDS = 5  # what streams in flight get to end, after SIGTERM
+SHUTDOWN_SECONDS = 5  # what streams still running after SHUTDOWN_GRACE get to write their end
 # read_json refuses compressed bodies before anything is unpacked; a body left unread (an unknown key's, one
 # over MAX_REQUEST_MB) is not drained afterwards, as aiohttp would for ten seconds: the connection just ends.
 HANDLER_ARGS = {"auto_decompress": False, "lingering_time": 0}
@@ -8782,7 +8833,8 @@ async def handle_errors(request, handler):
                                              time.monotonic(), route=route.path)
     state.monitor.begin(record)
     try:
-        response = await handler(request)
+        with state.handling.one():
+            response = await handler(request)
     except ApiError as error:
         response = route.dialect.error_response(error)
         record.reason = record.reason or error.code

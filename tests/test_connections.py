@@ -5,11 +5,15 @@ HTTP answered without echoing it. All on loopback, each bounded to a few seconds
 import asyncio
 import json
 import resource
+import signal
 import socket
 import time
 
+import aiohttp
 import pytest
-from conftest import API_KEY, ROOT, free_port
+from conftest import API_KEY, E2E_KEY, MODEL, ROOT, free_port, until
+
+import k2proxy
 
 KEY = f"Authorization: Bearer {API_KEY}\r\n".encode()
 
@@ -49,10 +53,11 @@ async def until_served(port, seconds=5):
     pytest.fail(f"no request served within {seconds} s")
 
 
-async def held_open(port):
-    """A connection the proxy has accepted and keeps: one request answered, the connection kept alive."""
+async def held_open(port, key=None):
+    """A connection the proxy has accepted and keeps: one request answered (with `key`), the connection kept alive."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
+    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
     return reader, writer
@@ -152,3 +157,94 @@ def send_and_read(port, data, seconds=10):
                 return b"".join(parts)
             parts.append(part)
         pytest.fail(f"the connection did not end within {seconds} s")
+
+
+# ─── SIGTERM: stop accepting, let what is in flight finish within SHUTDOWN_GRACE, then end the rest ───
+
+SLOW_ANSWER = {"reasoning": "x" * 300, "answer": "all of it", "piece": 5, "delay": 0.03}  # about 2 s
+
+
+async def first_data_then_rest(response, started):
+    """A stream's data lines, once the first has arrived (`started` is set then)."""
+    lines = []
+    async for raw in response.content:
+        if raw.startswith(b"data: "):
+            lines.append(raw[6:].strip().decode())
+            started.set()
+    return lines
+
+
+async def refused(port, seconds=5):
+    """Whether new connections are refused within `seconds`."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+        except ConnectionRefusedError:
+            return True
+        await asyncio.sleep(0.02)
+    return False
+
+
+async def test_sigterm_lets_requests_in_flight_finish_and_refuses_new_connections(pair):
+    started = pair(SHUTDOWN_GRACE=15)
+    started.steer(**SLOW_ANSWER)
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {E2E_KEY}"}) as session:
+        idle_reader, idle_writer = await held_open(started.port, E2E_KEY)
+        streaming = await session.post(started.url + "/v1/chat/completions", json={**body, "stream": True})
+        first = asyncio.Event()
+        stream = asyncio.ensure_future(first_data_then_rest(streaming, first))
+        whole = asyncio.ensure_future(session.post(started.url + "/v1/chat/completions", json=body))
+        await asyncio.wait_for(first.wait(), 10)
+        await until(lambda: len(started.received()) == 2, 10)
+        started.process.send_signal(signal.SIGTERM)
+
+        assert await refused(started.port), "new connections are refused once SIGTERM came"
+        assert await closed_by_the_proxy(idle_reader, 5), "an idle keep-alive connection is closed at once"
+        idle_writer.close()
+        lines = await asyncio.wait_for(stream, 15)
+        answer = await asyncio.wait_for(whole, 15)
+        assert answer.status == 200, await answer.text()
+        message = (await answer.json())["choices"][0]
+    assert lines[-1] == "[DONE]" and json.loads(lines[-2])["choices"][0]["finish_reason"] == "stop"
+    assert "".join(json.loads(line)["choices"][0]["delta"].get("content") or "" for line in lines[:-1]
+                   if json.loads(line)["choices"]) == "all of it"
+    assert message["message"]["content"] == "all of it" and message["finish_reason"] == "stop"
+    assert await asyncio.to_thread(started.process.wait, 10) == 0
+    log = started.process.stderr.read()
+    assert "2 requests in flight get 15 s to finish" in log and "still running" not in log
+
+
+async def test_a_stream_longer_than_the_grace_ends_with_its_error_event(pair):
+    started = pair(SHUTDOWN_GRACE=1)
+    started.steer(reasoning="x" * 2000, answer="never", piece=5, delay=0.05)  # 20 s
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {E2E_KEY}"}) as session:
+        response = await session.post(started.url + "/v1/chat/completions", json={
+            "model": MODEL, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+        first = asyncio.Event()
+        stream = asyncio.ensure_future(first_data_then_rest(response, first))
+        await asyncio.wait_for(first.wait(), 10)
+        started.process.send_signal(signal.SIGTERM)
+        lines = await asyncio.wait_for(stream, 1 + k2proxy.SHUTDOWN_SECONDS + 2)
+    assert lines[-1] == "[DONE]" and json.loads(lines[-2])["error"]["code"] == "shutting_down"
+    assert await asyncio.to_thread(started.process.wait, 10) == 0
+    assert "1 requests still running end now" in started.process.stderr.read()
+
+
+async def test_sigterm_lets_a_websocket_finish_its_response_then_closes_it_as_going_away(pair):
+    started = pair(SHUTDOWN_GRACE=15)
+    started.steer(**SLOW_ANSWER)
+    async with (aiohttp.ClientSession(headers={"Authorization": f"Bearer {E2E_KEY}"}) as session,
+                session.ws_connect(started.url.replace("http", "ws") + "/v1/responses") as ws):
+        await ws.send_json({"type": "response.create", "model": MODEL, "input": "hi"})
+        events = [await asyncio.wait_for(ws.receive_json(), 10)]
+        started.process.send_signal(signal.SIGTERM)
+        while events[-1]["type"] not in ("response.completed", "response.failed", "error"):
+            events.append(await asyncio.wait_for(ws.receive_json(), 15))
+        closing = await asyncio.wait_for(ws.receive(), 5)
+    assert events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][-1]["content"][0]["text"] == "all of it"
+    assert closing.type is aiohttp.WSMsgType.CLOSE and closing.data == aiohttp.WSCloseCode.GOING_AWAY
+    assert await asyncio.to_thread(started.process.wait, 10) == 0

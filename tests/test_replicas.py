@@ -15,6 +15,7 @@ import time
 import urllib.parse
 import urllib.request
 
+import aiohttp
 import pytest
 from conftest import (
     ADMIN,
@@ -233,6 +234,37 @@ def test_workers_serve_one_port_as_replicas_and_stop_together(redis_server, tmp_
         assert process.wait(15) == 0
     with pytest.raises(OSError):
         http_json("GET", f"http://127.0.0.1:{port}/health", timeout=1)
+
+
+async def test_sigterm_lets_every_workers_streams_finish(redis_server, spawn, tmp_path):
+    upstream, port = free_port(), free_port()
+    spawn([str(ROOT / "tests" / "fake_upstream.py"), "--port", str(upstream), "--site", "k2horizon"], upstream)
+    http_json("POST", f"http://127.0.0.1:{upstream}/_fake/reply",
+              {"reasoning": "x" * 300, "answer": "all of it", "piece": 5, "delay": 0.03})  # about 2 s
+    process = spawn([str(ROOT / "k2proxy.py")], port, cwd=tmp_path, env={
+        "WORKERS": "2", "REDIS_URL": redis_server.url, "PORT": str(port), "HOST": "127.0.0.1", "SHUTDOWN_GRACE": "15",
+        "VALID_API_KEY": E2E_KEY, "K2THINK_BASE_URL": f"http://127.0.0.1:{upstream}"})
+
+    async def stream(session, first):
+        async with session.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=chat(stream=True)) as response:
+            lines = []
+            async for raw in response.content:
+                if raw.startswith(b"data: "):
+                    lines.append(raw[6:].strip().decode())
+                    first.set()
+            return lines
+
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {E2E_KEY}"},
+                                     connector=aiohttp.TCPConnector(force_close=True)) as session:
+        firsts = [asyncio.Event() for _ in range(6)]
+        streams = [asyncio.ensure_future(stream(session, first)) for first in firsts]
+        await asyncio.wait_for(asyncio.gather(*(first.wait() for first in firsts)), 10)
+        process.send_signal(signal.SIGTERM)
+        answers = await asyncio.wait_for(asyncio.gather(*streams), 15)
+    for lines in answers:
+        assert lines[-1] == "[DONE]" and json.loads(lines[-2])["choices"][0]["finish_reason"] == "stop"
+    assert await asyncio.to_thread(process.wait, 10) == 0
+    assert process.stderr.read().count("requests in flight get 15 s to finish") == 2, "both workers drained"
 
 
 async def test_redis_down_is_warned_once_a_minute_and_named_by_health(caplog):
