@@ -8514,16 +8514,32 @@ async def admin_switch_mode(request):
 
 # ─── Server ──────────────────────────────────────────────────────────────────
 # The connection layer under aiohttp's application: a deadline for a new
-# connection's headers, a cap on open connections, malformed HTTP answered
-# without echo, running out of file descriptors logged once a minute, and
-# serve(), which runs an application until SIGINT or SIGTERM.
+# connection's headers, a cap on open connections (at which the one idle
+# longest makes room), a short idle timeout for connections that showed no
+# key, malformed HTTP answered without echo, running out of file descriptors
+# logged once a minute, and serve(), which runs an application until SIGINT or
+# SIGTERM, then drains it.
 
-class ConnectionCount:
-    """How many client connections are open, against the cap."""
+class Connections:
+    """The client connections open, against the cap."""
 
     def __init__(self, cap):
         self.cap = cap
-        self.open = 0
+        self.open: set[ClientConnection] = set()
+
+    def make_room(self):
+        """Closes the connection that has waited longest for a request, so that idle sockets cannot lock clients
+        out; False when every one is busy with a request."""
+        waiting = [connection for connection in self.open if connection.waiting()]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda connection: connection.heard)
+        self.open.discard(oldest)
+        oldest.force_close()
+        return True
+
+
+KEYLESS_IDLE_SECONDS = 2  # a connection idle this long is closed until a request on it has shown a valid key
 
 
 BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
@@ -8532,30 +8548,38 @@ BUSY_ANSWER = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/j
 
 class ClientConnection(web.RequestHandler):
     """aiohttp's handler of one client connection, with what aiohttp lacks: a deadline for the first request's
-    headers (aiohttp's keep-alive timer covers the requests after it), a cap on open connections (one more is
-    answered 503 and closed at once, not queued), and errors for malformed HTTP that echo none of its bytes."""
+    headers (aiohttp's keep-alive timer covers the requests after it), a cap on open connections (at the cap the
+    connection idle longest is closed; when all are busy, one more is answered 503 and closed at once, not queued),
+    KEYLESS_IDLE_SECONDS between requests until one shows a valid key, and errors for malformed HTTP that echo none
+    of its bytes."""
 
-    def __init__(self, manager, count, header_timeout, **handler_args):
+    def __init__(self, manager, connections, header_timeout, **handler_args):
         super().__init__(manager, loop=asyncio.get_running_loop(), **handler_args)
-        self.count = count
+        self.connections = connections
         self.header_timeout = header_timeout
         self.refused = False
         self.deadline = None
         self.tail = b""  # the first request's last bytes so far, to find the end of its headers across reads
+        self.keyed = False  # a request on it has shown a valid key: it may idle for IDLE_TIMEOUT
+        self.heard = 0.0  # the loop's time when its last bytes arrived
+        self.idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport):
-        if self.count.open >= self.count.cap:
+        connections = self.connections
+        if len(connections.open) >= connections.cap and not connections.make_room():
             self.refused = True
             body = json.dumps(openai_error_body(ApiError(503, "Too many connections; try again in a moment",
                                                          code="too_many_connections"))).encode()
             transport.write(BUSY_ANSWER % (len(body), body))
             transport.close()
             return
-        self.count.open += 1
+        connections.open.add(self)
         super().connection_made(transport)
-        self.deadline = asyncio.get_running_loop().call_later(self.header_timeout, self.force_close)
+        self.heard = self._loop.time()
+        self.deadline = self._loop.call_later(self.header_timeout, self.force_close)
 
     def data_received(self, data):
+        self.heard = self._loop.time()
         if self.deadline:
             seen = self.tail + data
             if HEADERS_END in seen:
@@ -8567,10 +8591,26 @@ class ClientConnection(web.RequestHandler):
     def connection_lost(self, exc):
         if self.refused:
             return
-        self.count.open -= 1
-        if self.deadline:
-            self.deadline.cancel()
+        self.connections.open.discard(self)
+        for timer in (self.deadline, self.idle_timer):
+            if timer:
+                timer.cancel()
         super().connection_lost(exc)
+
+    def waiting(self):
+        """Whether it waits for a request (its first, or the next), by aiohttp's own test for an idle connection."""
+        return self._waiter is not None and not self._messages
+
+    def request_ended(self):
+        """Until a request on it has shown a valid key, it is closed once idle for KEYLESS_IDLE_SECONDS."""
+        if not self.keyed:
+            if self.idle_timer:
+                self.idle_timer.cancel()
+            self.idle_timer = self._loop.call_later(KEYLESS_IDLE_SECONDS, self.close_if_waiting)
+
+    def close_if_waiting(self):
+        if self.waiting():
+            self.force_close()
 
     def handle_error(self, request, status=500, exc=None, message=None):
         """Malformed HTTP: an OpenAI error naming the fault, without a byte of what was sent (aiohttp echoes it)."""
@@ -8628,10 +8668,10 @@ async def serve(app, settings):
     await runner.setup()
     handlers = runner.server
     assert handlers is not None, "set by setup()"
-    count = ConnectionCount(connection_cap(settings))
+    connections = Connections(connection_cap(settings))
     try:
         server = await loop.create_server(lambda: ClientConnection(
-            handlers, count, settings.header_timeout, keepalive_timeout=settings.idle_timeout,
+            handlers, connections, settings.header_timeout, keepalive_timeout=settings.idle_timeout,
             access_log=None, **HANDLER_ARGS), settings.host, settings.port, reuse_address=True,
             reuse_port=settings.workers > 1)
     except OSError:
@@ -8859,7 +8899,19 @@ async def handle_errors(request, handler):
 
 @web.middleware
 async def check_keys(request, handler):
-    """Asks each request for the key its route's auth names (a CORS preflight of the API for none)."""
+    """Asks each request for the key its route's auth names (a CORS preflight of the API for none); a connection
+    whose requests show none is closed sooner once idle."""
+    # a ClientConnection under serve(); aiohttp's own in the tests' in-process servers
+    connection = request.protocol if isinstance(request.protocol, ClientConnection) else None
+    try:
+        return await admitted(request, handler, connection)
+    finally:
+        if connection:
+            connection.request_ended()
+
+
+async def admitted(request, handler, connection):
+    """The handler's answer, once the request has shown the key its route asks for (it marks the connection)."""
     settings, auth = request.app[STATE].settings, route_of(request).auth
     if auth is Auth.API and request.method == "OPTIONS":
         return preflight(request)
@@ -8872,6 +8924,8 @@ async def check_keys(request, handler):
     elif auth is Auth.ADMIN and matching_key(bearer(request), [settings.admin_key]) is None:
         raise ApiError(401, "Invalid or missing admin key: send Authorization: Bearer <ADMIN_KEY>",
                        code="invalid_admin_key")
+    if connection and auth is not Auth.PUBLIC:
+        connection.keyed = True
     return await handler(request)
 
 

@@ -1,6 +1,7 @@
 """Client connections of a proxy run as a process (`python k2proxy.py`): a deadline for the first request's headers,
-idle keep-alive connections closed, a cap on open connections, descriptors running out reported once, and malformed
-HTTP answered without echoing it. All on loopback, each bounded to a few seconds."""
+idle keep-alive connections closed (sooner without a key), a cap on open connections at which idle ones make room,
+descriptors running out reported once, malformed HTTP answered without echoing it, and SIGTERM's drain. All on
+loopback, each bounded to a few seconds."""
 
 import asyncio
 import json
@@ -94,9 +95,18 @@ async def test_idle_keep_alive_connections_are_closed(start):
     writer.close()
 
 
-async def test_connections_beyond_the_cap_are_refused_at_once(start):
+async def busy(port):
+    """A connection with a request under way: a keyed upload whose handler has asked for its body (100 Continue)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + KEY + b"Expect: 100-continue\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)).startswith(b"HTTP/1.1 100")
+    return reader, writer
+
+
+async def test_connections_beyond_the_cap_are_refused_at_once_when_all_are_busy(start):
     port, _ = start(MAX_CONNECTIONS=5, HEADER_TIMEOUT=30)
-    held = [await held_open(port) for _ in range(5)]
+    held = [await busy(port) for _ in range(5)]
     reader, _writer = await asyncio.open_connection("127.0.0.1", port)
     answer = await asyncio.wait_for(reader.read(), 5)
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -105,6 +115,29 @@ async def test_connections_beyond_the_cap_are_refused_at_once(start):
     for _, held_writer in held:
         held_writer.close()
     await until_served(port)
+
+
+async def test_idle_sockets_at_the_cap_make_room_for_clients_with_a_key(start):
+    port, _ = start(MAX_CONNECTIONS=20, HEADER_TIMEOUT=30)
+    idle = [await held_open(port) for _ in range(20)]  # keyless keep-alive sockets, one GET /health each
+    statuses = [await get_models(port) for _ in range(10)]
+    assert statuses == [b"HTTP/1.1 200 OK"] * 10, "a client with a key is served while idle sockets fill the cap"
+    closed = await asyncio.gather(*(closed_by_the_proxy(reader, 5) for reader, _ in idle[:10]))
+    assert all(closed), "the ten that waited longest made room"
+    for _, writer in idle:
+        writer.close()
+
+
+async def test_a_connection_that_showed_no_key_is_closed_soon_once_idle_and_a_keyed_one_stays(start):
+    port, _ = start()  # IDLE_TIMEOUT 75
+    keyless_reader, keyless_writer = await held_open(port)
+    keyed_reader, keyed_writer = await held_open(port, API_KEY)
+    assert await closed_by_the_proxy(keyless_reader, k2proxy.KEYLESS_IDLE_SECONDS + 3)
+    keyed_writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + KEY + b"\r\n")
+    head = await asyncio.wait_for(keyed_reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200"), "the keyed connection is still open and serves"
+    for writer in (keyless_writer, keyed_writer):
+        writer.close()
 
 
 @pytest.mark.load
