@@ -510,7 +510,8 @@ class Failure:
     name: str
     status: int                   # what the client gets
     code: str
-    charge: bool                  # counts against the token (MAX_TOKEN_FAILURES disables it)
+    charge: bool                  # counts against the token (MAX_TOKEN_FAILURES disables it); unless refused, only
+                                  # where another token is seen working: else it is upstream's outage
     fail_over: bool               # another token may do better, while the client has seen nothing
     retry_anonymous: bool = True  # without tokens, asking again is worth it
     cool_down: bool = False       # the credential rests for Retry-After instead of being charged
@@ -2714,6 +2715,7 @@ class Credential:
     day: int | None = None               # the UTC day tokens_today counts
     tokens_today: int = 0         # prompt and completion tokens of its answers on that day
     budget_left: int | None = None       # the daily budget upstream says is left (x-ratelimit-remaining-tokens-daily)
+    answered: bool | None = None  # how its last request ended: answered, or failed; None before its first
     minutes: Minutes = field(default_factory=lambda: Minutes(Uses), repr=False)
 
     def health(self):
@@ -2853,19 +2855,38 @@ class CredentialPool:
             return
         credential.failures = 0
         credential.successes += 1
+        credential.answered = True
 
     def fail(self, credential, error):
-        """Applies the failure's policy: a rest for a rate limit, a charge when the credential was to blame."""
+        """Applies the failure's policy: a rest for a rate limit, a charge when the credential was to blame. A failure
+        that may be upstream's (a 5xx, a timeout, a broken answer) is charged only while another credential is seen
+        working; else it is returned, for the caller to charge if another one answers the same request."""
         if credential is NO_CREDENTIAL:
-            return
+            return None
         failure, now = error.failure, self.clock()
         credential.last_error = str(error)[:LAST_ERROR_CHARS]
         credential.errors += 1
+        credential.answered = False
         credential.minutes.at(now).failures += 1
         if failure.cool_down:
             credential.cooling_until = now + (error.retry_after or RATE_LIMIT_REST)
         if not failure.charge:
-            return
+            return None
+        if not failure.refused and not any(held.answered for held in self.credentials if held is not credential):
+            return error
+        self.charge(credential, error)
+        return None
+
+    def failing_everywhere(self):
+        """Whether every usable credential's last request failed: upstream's outage, which a further attempt of the
+        same request would only prolong (each request is one probe until something answers)."""
+        now = self.clock()
+        usable = [held for held in self.credentials if self.state(held, now) is CredentialState.ACTIVE]
+        return bool(usable) and all(held.answered is False for held in usable)
+
+    def charge(self, credential, error):
+        """Counts a failure against the credential; MAX_TOKEN_FAILURES in a row (or one refusal) disables it."""
+        failure, now = error.failure, self.clock()
         credential.failures += 1
         credential.refused = failure.refused and credential.account is not None
         if failure.disables:
@@ -3182,11 +3203,13 @@ class Attempts(typing.Protocol):
 
 async def failover(kind, core, body, max_retries):
     """The completion's events, attempt by attempt, from one credential of the kind's pool to the next: each
-    attempt opens with an Attempt; a failure another credential may do better on is charged as its policy says,
-    logged, and followed by a Restart (the core voids what the client has not seen) and, after a server's failure,
+    attempt opens with an Attempt; a failure another credential may do better on is charged as its policy says (one
+    that may be upstream's once another credential answers), logged, and followed (unless every credential is
+    failing) by a Restart (the core voids what the client has not seen) and, after a server's failure,
     a pause; an answer that came whole is the credential's success, then its closing events."""
     pool = kind.pool
     tried: list[Credential] = []
+    uncharged: list[tuple[Credential, UpstreamError]] = []  # failures that may be upstream's, until one answers
     error: UpstreamError | None = None
     for _ in range(max_retries + 1):
         credential = pool.acquire(tried)
@@ -3203,15 +3226,18 @@ async def failover(kind, core, body, max_retries):
                     yield events
         except UpstreamError as caught:
             failure = caught.without(credential.value)
-            pool.fail(credential, failure)
+            if pool.fail(credential, failure):
+                uncharged.append((credential, failure))
             log.info("upstream attempt %d failed (%s) %s: %s", len(tried), kind.named(credential),
                      failure.failure.code, failure)
-            if not worth_another_try(failure.failure, credential):
+            if not worth_another_try(failure.failure, credential) or pool.failing_everywhere():
                 raise failure from None
             error = failure
             yield Restart(failure)
             continue
         pool.succeed(credential)
+        for failed, failure in uncharged:  # they failed where this one answered: their own failure
+            pool.charge(failed, failure)
         closing = progress.closing(core.prompt_tokens)  # may still fail: an answer without the JSON asked for
         await kind.settle(core, credential, progress, closing)
         yield closing

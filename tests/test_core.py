@@ -245,6 +245,7 @@ def pool(clock):
 def test_a_charged_kind_counts_against_the_token_and_disables_it_at_the_limit(kind, charged, disabled_as):
     tokens = pool([1000.0])
     token = tokens.credentials[0]
+    tokens.succeed(tokens.credentials[1])  # another token works: the failures are this one's
     for _ in range(2):
         tokens.fail(token, k2proxy.UpstreamError(kind, "x"))
     assert token.failures == 2 * charged and token.disabled == disabled_as and token.last_error == "x"
@@ -272,12 +273,27 @@ def test_a_refused_account_token_asks_its_account_to_sign_in_again():
     assert tokens.refused_accounts() == []
 
 
+@pytest.mark.parametrize("kind", [k2proxy.BROKEN, k2proxy.TIMED_OUT, k2proxy.NO_CONTENT])
+def test_a_failure_that_may_be_upstreams_is_not_charged_while_no_other_token_works(kind):
+    tokens = pool([1000.0])
+    for _ in range(5):
+        for token in tokens.credentials:
+            error = k2proxy.UpstreamError(kind, "x")
+            assert tokens.fail(token, error) is error, "returned, to charge if another token answers the request"
+    assert [token.failures for token in tokens.credentials] == [0, 0] and tokens.ready() is None
+    assert tokens.failing_everywhere()
+    tokens.succeed(tokens.credentials[1])
+    assert not tokens.failing_everywhere()
+    assert tokens.fail(tokens.credentials[0], k2proxy.UpstreamError(kind, "x")) is None
+    assert tokens.credentials[0].failures == 1, "charged once another token is seen working"
+
+
 def test_a_pool_is_ready_again_once_its_tokens_cooldown_is_over():
     clock = [1000.0]
     tokens = pool(clock)
     for token in tokens.credentials:
         for _ in range(2):
-            tokens.fail(token, k2proxy.UpstreamError(k2proxy.BROKEN, "x"))
+            tokens.charge(token, k2proxy.UpstreamError(k2proxy.BROKEN, "x"))
     assert tokens.ready().code == "no_usable_tokens"
     clock[0] += k2proxy.load_settings({}).token_cooldown
     assert tokens.ready() is None, "a request would be served now, so /health says ok"

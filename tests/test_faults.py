@@ -16,10 +16,11 @@ from fake_site import Reply, make_jwt
 import k2proxy
 
 TOKEN = make_jwt(time.time() + 3600)
+WORKING = make_jwt(time.time() + 3600, "working")  # another account's token, which answers
 TIMEOUT = 0.5
 
 FAULTS = {
-    # name: (reply, expected HTTP status, expected error code or None, token charged)
+    # name: (reply, expected HTTP status, expected error code or None, token charged while another token works)
     "slow first byte": (Reply(first_delay=3), 504, "upstream_timeout", True),
     "stall mid-stream": (Reply(reasoning="x" * 200, piece=5, hang_after=5), 200, "upstream_timeout", True),
     "drop mid-stream": (Reply(reasoning="x" * 200, piece=5, drop_after=5), 200, "upstream_error", True),
@@ -39,13 +40,16 @@ FAULTS = {
 
 @pytest.fixture
 async def one_token_proxy(make_proxy, tmp_path):
-    (tmp_path / "tokens.txt").write_text(TOKEN + "\n")
+    """A proxy whose next request goes to TOKEN, with no retry, after another token (WORKING) has answered one."""
+    (tmp_path / "tokens.txt").write_text(f"{WORKING}\n{TOKEN}\n")
     return await make_proxy(PROXY_MODE="user", REQUEST_TIMEOUT=TIMEOUT, MAX_RETRIES=0)
 
 
 @pytest.mark.parametrize("fault", FAULTS)
 async def test_fault_gets_its_documented_result(one_token_proxy, fake, fault):
     reply, status, code, charged = FAULTS[fault]
+    fake.by_token[WORKING] = Reply()
+    assert (await one_token_proxy.post("/v1/chat/completions", json=chat(), headers=AUTH)).status == 200
     fake.reply = reply
     started = time.monotonic()
 
@@ -63,7 +67,8 @@ async def test_fault_gets_its_documented_result(one_token_proxy, fake, fault):
     if code is None:
         assert stream_text(events[:-1]) == reply.answer
     assert time.monotonic() - started < 8
-    token = one_token_proxy.server.app[k2proxy.STATE].site.pool.credentials[0]
+    token = one_token_proxy.server.app[k2proxy.STATE].site.pool.credentials[1]
+    assert [r.token for r in fake.received] == [WORKING, TOKEN]
     assert token.failures == (1 if charged else 0), token.last_error
 
 

@@ -117,12 +117,15 @@ async def test_retries_stop_at_max_retries(user_proxy, fake):
     assert status == 502 and len(fake.received) == 3
 
 
-async def test_failure_after_content_is_not_retried_but_is_charged(user_proxy, fake):
+async def test_failure_after_content_is_not_retried_but_is_charged_while_another_token_works(user_proxy, fake):
     proxy = await user_proxy(GOOD[0], GOOD[1])
-    fake.reply = Reply(reasoning="x" * 100, piece=5, drop_after=5)
-    status, events = await ask(proxy, stream=True)
-    assert status == 200 and events[-2]["error"] and len(fake.received) == 1
-    assert pool_of(proxy).credentials[0].failures == 1
+    fake.by_token[GOOD[0]] = Reply(reasoning="x" * 100, piece=5, drop_after=5)
+    assert (await ask(proxy))[0] == 200 and [r.token for r in fake.received] == [GOOD[0], GOOD[1]]
+    assert pool_of(proxy).credentials[0].failures == 1, "GOOD[1] answered where GOOD[0] failed"
+    fake.received.clear()
+    status, events = await ask(proxy, stream=True)  # GOOD[0]'s turn: content, then the drop
+    assert status == 200 and events[-2]["error"] and [r.token for r in fake.received] == [GOOD[0]]
+    assert pool_of(proxy).credentials[0].failures == 2
 
 
 async def test_auth_failures_disable_until_reset(user_proxy, fake):
@@ -158,12 +161,13 @@ async def test_other_failures_disable_then_readmit_on_probation(user_proxy, fake
 
 
 async def test_success_resets_the_failure_count(user_proxy, fake):
-    proxy = await user_proxy(GOOD[0])
+    proxy = await user_proxy(GOOD[0], GOOD[1])
     fake.script = [Reply(status=500, body="x"), Reply()]
-    assert (await ask(proxy))[0] == 502
-    assert pool_of(proxy).credentials[0].failures == 1
     assert (await ask(proxy))[0] == 200
-    assert pool_of(proxy).credentials[0].failures == 0 and pool_of(proxy).credentials[0].successes == 1
+    first = pool_of(proxy).credentials[0]
+    assert first.failures == 1, "charged: GOOD[1] answered the same request"
+    assert (await ask(proxy))[0] == 200 and fake.received[-1].token == GOOD[0]
+    assert first.failures == 0 and first.successes == 1
 
 
 async def test_rate_limited_token_cools_down_and_is_skipped(user_proxy, fake):
@@ -460,3 +464,50 @@ async def test_upstreams_retry_after_reaches_clients_at_most_an_hour(make_proxy,
     stats = await (await proxy.get("/admin/tokens/stats" if kind == "site" else "/admin/ifm-keys/stats",
                                    headers=ADMIN)).json()
     assert stats["tokens"][0]["cooling_until"] <= time.time() + 3601
+
+
+# ─── an outage that is upstream's: nobody disabled, one probe a request, served again at once ───
+
+@pytest.mark.parametrize("storm", [Reply(status=500, body="down"), Reply(status=502, body="<html>bad gateway</html>"),
+                                   Reply(drop_after=0), Reply(first_delay=2)])
+async def test_a_site_outage_disables_no_token_and_service_returns_with_the_site(user_proxy, fake, storm):
+    proxy = await user_proxy(*GOOD[:3], REQUEST_TIMEOUT="0.5")
+    for _ in range(3):  # every token has answered: the storm hits a working pool
+        assert (await ask(proxy))[0] == 200
+    fake.received.clear()
+    fake.reply = storm
+    statuses = [(await ask(proxy, stream=n % 2 == 0))[0] for n in range(8)]
+    assert set(statuses) <= {502, 504}
+    assert len(fake.received) == 3 + 7, "the first request tries every token, then each request is one probe"
+    fake.reply = Reply(answer="back")
+    status, body = await ask(proxy)
+    assert status == 200 and body["choices"][0]["message"]["content"] == "back"
+    stats = pool_of(proxy).stats()
+    assert [row["status"] for row in stats] == ["active"] * 3
+    assert max(row["failures"] for row in stats) <= 1, "at most the first failures, while others still worked"
+
+
+async def test_an_api_slower_than_request_timeout_disables_no_key_and_each_request_waits_once(api_proxy, fake_api):
+    keys = [f"IFM-key-{n}" for n in range(3)]
+    proxy = await api_proxy(key=",".join(keys), REQUEST_TIMEOUT="0.3")
+    fake_api.reply = ApiReply(first_delay=2)
+    statuses = []
+    for _ in range(6):
+        response = await asyncio.wait_for(proxy.post(CHAT, json=chat(), headers=AUTH), 0.3 * 3 + 3)
+        statuses.append(response.status)
+    assert statuses == [504] * 6
+    assert len(fake_api.received) == 3 + 5, "once every key has timed out, a request waits for one, not for each"
+    fake_api.reply = ApiReply(answer="back")
+    response = await proxy.post(CHAT, json=chat(), headers=AUTH)
+    assert response.status == 200 and (await response.json())["choices"][0]["message"]["content"] == "back"
+    stats = await (await proxy.get("/admin/ifm-keys/stats", headers=ADMIN)).json()
+    assert [row["status"] for row in stats["tokens"]] == ["active"] * 3
+    assert all(row["failures"] == 0 for row in stats["tokens"]), "no key ever answered: nothing was theirs"
+
+
+async def test_a_token_that_fails_where_the_others_answer_is_still_disabled(user_proxy, fake):
+    proxy = await user_proxy(*GOOD[:3], MAX_TOKEN_FAILURES=2)
+    fake.by_token[GOOD[0]] = Reply(status=500, body="this token's account is broken")
+    for _ in range(6):
+        assert (await ask(proxy))[0] == 200
+    assert [row["status"] for row in pool_of(proxy).stats()] == ["disabled", "active", "active"]
