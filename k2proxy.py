@@ -2483,6 +2483,7 @@ class WatchedFile:
     def __init__(self, path):
         self.path = Path(path)
         self.state = "unread"
+        self.seen = None  # a change seen at the last poll and not read yet: taken once the file stays as it is
         self.version = file_version("")  # of the text last read or saved, which what was loaded from it matches
         self._unreadable = "not yet"  # the state last reported unreadable, so that it is reported once
         self._open_mode_told = False  # the warning about a file others may read is given once
@@ -2526,8 +2527,14 @@ class WatchedFile:
                         self.path, mode, self.path)
 
     async def changes(self, force=False):
-        """The file's text when it changed since the last call (or `force`), else None."""
-        if await asyncio.to_thread(self.stat) == self.state and not force:
+        """The file's text when it changed since the last call and has stayed as it is since the poll that saw the
+        change (a file rewritten in place is not taken cut inside a line), or at once at the first call or with
+        `force`; else None."""
+        found = await asyncio.to_thread(self.stat)
+        if found == self.state and not force:
+            return None
+        if self.state != "unread" and found != self.seen and not force:
+            self.seen = found
             return None
         text, self.state = await asyncio.to_thread(self.read)
         if text is not None:
@@ -5229,6 +5236,8 @@ SILENT_SECONDS = 1.5         # a replica whose heartbeat is older (three beats) 
 REDIS_WARNING_SECONDS = 60   # between two warnings that Redis cannot be reached
 REDIS_PREFIX = "k2proxy:"    # of every key k2proxy keeps in Redis
 REPLICAS_KEY = REDIS_PREFIX + "replicas"
+EPOCH_KEY = REDIS_PREFIX + "epoch"  # when Redis's data began: the first heartbeat after a start that lost it
+REFILL_SECONDS = 3 * HEARTBEAT_SECONDS  # after Redis lost its data, how long replicas take to put back their own
 
 
 # A capped store in Redis: the entries under a prefix (their data, their order, their sizes and their bytes in all),
@@ -5302,7 +5311,9 @@ class Shared:
         self.down_since = self.started  # until the first heartbeat gets through
         self.reason = "not reached yet"
         self.warned_at = None
-        self.resyncs = []  # async callables the sections below add: run when Redis is back
+        self.epoch = None  # EPOCH_KEY as this replica last read it
+        self.saw_data_lost = False  # the epoch changed under this replica: Redis lost the data it had seen
+        self.resyncs = []  # async callables the sections below add: run when Redis is back, or lost its data
         self.put_entry, self.drop_entry = self.script(PUT_ENTRY_SCRIPT), self.script(DROP_ENTRY_SCRIPT)  # CappedStore's
 
     def script(self, text):
@@ -5330,14 +5341,25 @@ class Shared:
         now = self.clock()
         entry = json_text({"started": self.started, "seen": now, "version": __version__})
         try:
-            await self.client.hset(REPLICAS_KEY, self.replica, entry)
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hset(REPLICAS_KEY, self.replica, entry)
+                pipe.set(EPOCH_KEY, f"{now} {secrets.token_hex(8)}", nx=True)  # when, and which start of the data
+                pipe.get(EPOCH_KEY)
+                *_, epoch = await pipe.execute()
         except self.failures as exc:
             self.lost(exc)
         else:
-            if not self.up:
+            emptied = self.epoch is not None and epoch != self.epoch
+            if emptied:
+                self.saw_data_lost = True
+                log.warning("Redis at %s lost its data (restarted without persistence, or flushed): this replica "
+                            "puts back what it keeps", self.place)
+            self.epoch = epoch
+            if not self.up or emptied:
+                if not self.up:
+                    log.info("Redis at %s reached: key limits, stored responses, credential state, the request log "
+                             "and admin edits are shared with the other replicas", self.place)
                 self.up = True
-                log.info("Redis at %s reached: key limits, stored responses, credential state, the request log and "
-                         "admin edits are shared with the other replicas", self.place)
                 for resync in self.resyncs:
                     with contextlib.suppress(Unshared):
                         await resync()
@@ -5373,6 +5395,15 @@ class Shared:
                 seen.append({"name": name, "started": beat["started"], "seen": beat["seen"],
                              "uptime_s": int(now - beat["started"]), "version": beat["version"]})
         return sorted(seen, key=lambda entry: entry["started"])
+
+    async def refilling(self):
+        """Seconds since Redis lost data this replica had seen, while the replicas may still be putting back their own
+        (REFILL_SECONDS), or None. (A Redis new to this replica is not one that lost data.)"""
+        epoch = await self.run(lambda redis: redis.get(EPOCH_KEY))
+        if self.epoch is None or (epoch == self.epoch and not self.saw_data_lost):
+            return None
+        age = self.clock() - float(epoch.split()[0]) if epoch else 0.0  # none: just lost, no heartbeat since
+        return age if 0 <= age < REFILL_SECONDS else None  # (a replica whose clock is behind does not wait)
 
     async def silent_since(self, within):
         """Seconds since the oldest heartbeat of a replica that went silent, less than `within` seconds ago, without
@@ -5603,11 +5634,17 @@ class SharedResponseStore:
         503 when it could be in a Redis that cannot be reached."""
         kept = self.local.held(response_id)
         if kept is None:
+            refilling = silent = None
             try:
                 data, = await self.kept_in_redis.get_many([response_id])
-                silent = data is None and await self.shared.silent_since(self.local.ttl)
+                if data is None:
+                    refilling = await self.shared.refilling()
+                    silent = await self.shared.silent_since(self.local.ttl)
             except Unshared:
                 raise store_unreachable(STORE_UNREACHABLE) from None
+            if refilling is not None:
+                raise store_unreachable(f"Redis lost its data {refilling:.1f} s ago and the replicas are putting back "
+                                        "the responses they hold")
             if silent:  # it may be kept by that replica, to be moved to Redis when the two meet again
                 raise store_unreachable(f"No response with this id in Redis, and a replica has not been heard from "
                                         f"for {silent:.0f} s: it may hold it")

@@ -184,6 +184,34 @@ def test_redis_stopped_then_restarted_mid_run(replicas, redis_server):
     assert fleet.call(1, "GET", f"/v1/responses/{kept['id']}") == (200, kept), "moved to Redis when it came back"
 
 
+async def test_after_redis_lost_its_data_a_response_kept_elsewhere_is_a_503_until_put_back(redis_server, caplog):
+    now = [1000.0]
+    one, two = (k2proxy.Shared(redis_server.url, name, clock=lambda: now[0]) for name in ("one", "two"))
+    stores = [k2proxy.SharedResponseStore(k2proxy.ResponseStore(k2proxy.load_settings({})), shared)
+              for shared in (one, two)]
+    for shared in (one, two):
+        await shared.beat()
+    redis_server.stop()
+    await stores[0].put({"id": "resp_kept", "output": []}, [], "owner")  # Redis gone: replica one keeps it
+    redis_server.start()  # empty
+    with caplog.at_level(logging.WARNING, logger="k2proxy"):
+        for _ in range(3):  # replica two reaches Redis again first (its first command may meet a dead connection)
+            await two.beat()
+    assert two.up and not one.up and "lost its data" in caplog.text
+    with pytest.raises(k2proxy.ApiError) as refused:
+        await stores[1].get("resp_kept", "owner")
+    assert (refused.value.status, refused.value.code) == (503, "store_unreachable"), "said, not silently a 404"
+    assert "lost its data" in refused.value.message
+    await one.beat()  # replica one is back and puts back what it kept
+    assert await stores[1].get("resp_kept", "owner") is not None
+    now[0] += k2proxy.REFILL_SECONDS
+    for shared in (one, two):
+        await shared.beat()
+    assert await stores[1].get("resp_unknown", "owner") is None, "once the replicas have had time, unknown is a 404"
+    for shared in (one, two):
+        await shared.leave()
+
+
 def test_the_admin_api_shows_every_replica_and_the_fleets_log_and_metrics_are_per_replica(replicas):
     fleet = replicas()
     assert completion(fleet, 0)[0] == 200 and completion(fleet, 1)[0] == 200

@@ -415,10 +415,28 @@ async def test_a_keys_file_read_while_it_was_written_is_not_taken_half(proxy_set
     with open(path, "a") as writer:
         writer.write(f"bob:{BOB[:5]}")  # "sk-bo": a key anyone could guess
     mid_write(path, [BOB[5:] + "\n"])
-    await keys.reload()
+    await keys.reload()  # the change seen
+    await keys.reload()  # read, as the rest is written
     assert [key.name for key in keys.named] == ["alice"] and keys.find(BOB[:5]) is None
     await keys.reload()
+    await keys.reload()
     assert keys.find(BOB).name == "bob" and keys.find(BOB[:5]) is None
+
+
+async def test_a_keys_file_rewritten_in_place_is_taken_only_once_it_stays_as_it_is(proxy_settings, tmp_path):
+    path = tmp_path / "api_keys.txt"
+    path.write_text(f"alice:{ALICE}\n")
+    keys = k2proxy.ApiKeys(proxy_settings(API_KEYS_FILE=path))
+    await keys.reload()
+    path.write_text(f"alice:{ALICE}\nbob:{BOB[:5]}")  # truncated and written again, cut inside bob's key
+    await keys.reload()  # a poll sees the change
+    assert keys.find(BOB[:5]) is None
+    with open(path, "a") as writer:  # the writer goes on before the next poll
+        writer.write(BOB[5:] + "\n")
+    await keys.reload()
+    assert keys.find(BOB[:5]) is None and keys.find(BOB) is None, "changed since the last poll: not taken yet"
+    await keys.reload()
+    assert keys.find(BOB).name == "bob" and keys.find(BOB[:5]) is None and keys.find(ALICE).name == "alice"
 
 
 async def test_a_token_file_read_while_it_was_written_is_not_taken_half(proxy_settings, tmp_path, mid_write):
@@ -432,8 +450,10 @@ async def test_a_token_file_read_while_it_was_written_is_not_taken_half(proxy_se
     with open(path, "a") as writer:
         writer.write(other[:30])
     mid_write(path, [other[30:] + "\n"])
-    await site.pool.reload()
+    await site.pool.reload()  # the change seen
+    await site.pool.reload()  # read, as the rest is written
     assert [c.value for c in site.pool.credentials] == [whole]
+    await site.pool.reload()
     await site.pool.reload()
     assert [c.value for c in site.pool.credentials] == [whole, other]
 
