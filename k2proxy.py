@@ -6363,7 +6363,13 @@ class EventStream:
                     opening = self.renderer.opening()
         data = opening + render()
         if last and self.settle:
-            await self.settle()
+            settle, self.settle = self.settle, None  # once: when it fails, the stream ends with a Failed instead
+            try:
+                await settle()
+            except Exception:
+                if opening:
+                    await self.response.write(opening)
+                raise
         self._last_write = time.monotonic()
         try:
             await (self.response.write_eof(data) if last else self.response.write(data))

@@ -796,3 +796,25 @@ async def test_a_plain_get_of_the_responses_path_says_how_to_use_it(proxy):
     answer = await proxy.get("/v1/responses", headers=AUTH)
     error = (await answer.json())["error"]
     assert answer.status == 400 and error["code"] == "websocket_expected" and "POST /v1/responses" in error["message"]
+
+
+class StoreThatFails(k2proxy.ResponseStore):
+    """A store whose put fails as an unexpected error would (a bug, a broken backend)."""
+
+    async def put(self, response, history, owner):
+        raise RuntimeError("the store broke")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_response_whose_storing_fails_ends_as_failed_saying_so(proxy, fake, stream, caplog):
+    state_of(proxy).responses = StoreThatFails(state_of(proxy).settings)
+    fake.reply = Reply(answer="kept nowhere")
+    response = await asyncio.wait_for(post(proxy, request(stream=stream)), 10)
+    if not stream:
+        assert response.status == 500 and (await response.json())["error"]["code"] == "internal_error"
+        return
+    events = await asyncio.wait_for(read_named_sse(response), 10)
+    assert [name for name, _ in events][-1] == "response.failed" and "response.completed" not in dict(events)
+    failed = events[-1][1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["code"] == "internal_error"
+    assert "the store broke" in caplog.text
