@@ -5949,36 +5949,56 @@ TOOL_KINDS_NOTED, TOOL_KIND_CHARS = 64, 40  # tool types left out that are logge
 
 class MemoryBudget:
     """Memory that request bodies may take at once: a body is admitted when its share fits, else waits (bodies
-    that fit go first), then is refused with a 503 and Retry-After."""
+    that fit go first), then is refused with a 503 and Retry-After. A limited key (one with rpm or concurrent
+    limits) holds at most `key_share` of it, so that its uploads cannot starve the others."""
 
-    def __init__(self, megabytes):
+    def __init__(self, megabytes, key_share=None):
         self.limit = int(megabytes * MB)
+        self.key_share = self.limit if key_share is None else key_share
         self.used = 0
-        self.waiting: collections.deque[tuple[int, asyncio.Future]] = collections.deque()  # in arrival order
+        self.held: collections.Counter[str] = collections.Counter()  # by each limited key
+        self.waiting: collections.deque[tuple[int, str | None, asyncio.Future]] = collections.deque()  # in order
 
-    async def admit(self, amount):
-        if self.used + amount <= self.limit:
-            self.used += amount
-            return
+    def fits(self, amount, holder):
+        return self.used + amount <= self.limit and (holder is None or self.held[holder] + amount <= self.key_share)
+
+    def take(self, amount, holder):
+        self.used += amount
+        if holder is not None:
+            self.held[holder] += amount
+
+    async def admit(self, amount, holder=None, wait=True):
+        """Takes `amount` for `holder` (a limited key's name, or None); waits BODY_WAIT_SECONDS at most for it, or
+        not at all without `wait` (a body already read, whose share of parsing must not wait on bodies still
+        arriving, which may wait on it in turn)."""
+        if self.fits(amount, holder):
+            return self.take(amount, holder)
+        busy = ApiError(503, "The proxy is busy reading other large requests; try again in a moment", code="busy",
+                        retry_after=1)
+        if not wait:
+            raise busy
         waiter = asyncio.get_running_loop().create_future()
-        self.waiting.append((amount, waiter))
+        self.waiting.append((amount, holder, waiter))
         try:
             await asyncio.wait_for(waiter, BODY_WAIT_SECONDS)
         except asyncio.TimeoutError:
             if waiter.done() and not waiter.cancelled():  # admitted in the very turn it gave up: give the share back
-                self.release(amount)
-            raise ApiError(503, "The proxy is busy reading other large requests; try again in a moment",
-                           code="busy", retry_after=1) from None
+                self.release(amount, holder)
+            raise busy from None
 
-    def release(self, amount):
+    def release(self, amount, holder=None):
         self.used -= amount
+        if holder is not None:
+            self.held[holder] -= amount
+            if not self.held[holder]:
+                del self.held[holder]
         for entry in list(self.waiting):
-            wanted, waiter = entry
+            wanted, whose, waiter = entry
             if waiter.done():
                 self.waiting.remove(entry)
-            elif self.used + wanted <= self.limit:
+            elif self.fits(wanted, whose):
                 self.waiting.remove(entry)
-                self.used += wanted
+                self.take(wanted, whose)
                 waiter.set_result(None)
 
 
@@ -6026,6 +6046,21 @@ class Handling:
             await asyncio.wait_for(self.none_left.wait(), seconds)
 
 
+KEY_BUDGET_SHARE = 0.5  # of MEMORY_BUDGET_MB, the most one limited key holds at once
+
+
+def key_share(settings):
+    """What one limited key may hold of the memory budget: KEY_BUDGET_SHARE of it, and never less than its largest
+    body takes before it is parsed."""
+    return int(max(settings.memory_budget_mb * KEY_BUDGET_SHARE, settings.max_request_mb * BODY_MEMORY_FACTOR) * MB)
+
+
+def budget_holder(record):
+    """Whose share of the memory budget a request takes: its key's when the key is limited, else nobody's."""
+    key = record.api_key
+    return key.name if key is not None and (key.rpm or key.concurrent) else None
+
+
 class AppState:
     """Everything a running proxy keeps: settings, the upstream side, models, accounts, keys, the monitor; with
     REDIS_URL, the shared backends and the fleet, which the local code does not tell from the local ones."""
@@ -6051,7 +6086,7 @@ class AppState:
         if settings.redis_url:
             self.share(Shared(settings.redis_url, replica_name()))
         self.accounts.claim = self.fleet.claim_sign_in
-        self.budget = MemoryBudget(settings.memory_budget_mb)
+        self.budget = MemoryBudget(settings.memory_budget_mb, key_share(settings))
         self.handling = Handling()
         self.started = int(time.time())
         self.admin_page = None  # (body, headers), read at start-up by the admin section
@@ -6125,7 +6160,7 @@ class AppState:
         """A request's end: its share of the figures, its memory budget and its key's limits given back, and its
         log line; a request whose client left is logged as CLIENT_GONE_STATUS, whatever was sent."""
         status = CLIENT_GONE_STATUS if record.outcome is Outcome.CLIENT_GONE else status
-        self.budget.release(record.reserved)
+        self.budget.release(record.reserved, budget_holder(record))
         record.reserved = 0
         if record.slot:
             self.keys.done(record.slot)
@@ -6150,26 +6185,75 @@ STATE = web.AppKey("state", AppState)
 # routes) and read_request (completions, whose model the log line names).
 
 SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
-MAX_EXPANSION = 12              # a body that would take more than this many times its size once parsed is refused
+MAX_EXPANSION = 12              # a body whose values would take more than this many times its size is refused
 EXPANSION_FLOOR = MB            # smaller bodies are parsed whatever their shape
-CONTAINER_BYTES, ELEMENT_BYTES = 64, 40  # the least a parsed object, and an element of one, takes
-THREAD_PARSE_BYTES = 256 * 1024  # larger bodies are parsed off the event loop
+# What parsing takes at its peak, measured on CPython 3.11 to 3.13 (tests/test_limits.py holds the bound): for each
+# value between commas (a number, a string, a list's slot), each object or list, each string and each key.
+VALUE_BYTES, CONTAINER_BYTES, STRING_BYTES, ENTRY_BYTES = 110, 150, 60, 40
+BACKSLASH = ord("\\")
+STRING_REST = re.compile(rb'(?:[^"\\]++|\\.)*+"', re.DOTALL)  # a JSON string after its opening quote
+QUOTES_SCANNED = 20_000         # a body of more strings is counted as if its strings held structure too
+THREAD_PARSE_BYTES = 256 * 1024  # larger bodies are measured and parsed off the event loop
+FOUR_BYTE_UTF8 = re.compile(rb"[\xf0-\xf4]")        # the lead byte of a character beyond U+FFFF
+TWO_BYTE_UTF8 = re.compile(rb"[\xc4-\xef]")          # of one beyond U+00FF
+FOUR_BYTE_ESCAPE = re.compile(rb"\\u[dD][89abAB]")   # a surrogate pair's first half, escaped
+TWO_BYTE_ESCAPE = re.compile(rb"\\u(?:0[1-9a-fA-F]|[1-9a-fA-F])")  # \u0100 and beyond
+WIDENED_GROWTH, ESCAPED_GROWTH = 3, 1.5  # what building a string with escapes takes, in its own size: one an escape
+                                         # makes wider than the text, any other
 
 
-def expanded_size(raw):
-    """A rough bound of what a JSON body takes once parsed: each container and each element is an object of its
-    own. Brackets, commas and quotes count wherever they stand, so text full of them counts high; the bound is
-    for refusing bodies built to expand (a list of millions of {}), which count far higher."""
-    quotes = raw.count(b'"') - raw.count(b'\\"')
-    containers = raw.count(b"{") + raw.count(b"[")
-    return len(raw) + CONTAINER_BYTES * containers + ELEMENT_BYTES * (raw.count(b",") + quotes // 2)
+def widths(raw):
+    """(bytes a character of the body's text takes once decoded, and of its widest string once parsed): CPython
+    keeps a string at the width of its widest character, so one emoji makes a text of ASCII four times its size,
+    and an escape (\\ud83d\\ude00) can widen a string of an ASCII body."""
+    text = 1 if raw.isascii() else 4 if FOUR_BYTE_UTF8.search(raw) else 2 if TWO_BYTE_UTF8.search(raw) else 1
+    if b"\\u" not in raw:
+        return text, text
+    return text, max(text, 4 if FOUR_BYTE_ESCAPE.search(raw) else 2 if TWO_BYTE_ESCAPE.search(raw) else 1)
+
+
+def structure(raw):
+    """(values, containers, strings, keys) of a body's JSON, counted from its commas, brackets, quotes and colons
+    outside its strings in a large body (commas in a CSV pasted into a message are text); a small one, or one of
+    more than QUOTES_SCANNED strings, is counted whole, which can only count more."""
+    strings = (raw.count(b'"') - raw.count(b'\\"')) // 2
+    if len(raw) <= THREAD_PARSE_BYTES or strings > QUOTES_SCANNED:
+        return raw.count(b","), raw.count(b"{") + raw.count(b"["), strings, raw.count(b":")
+    values = containers = strings = keys = start = 0
+    while start < len(raw):
+        opening = raw.find(b'"', start)
+        end = len(raw) if opening < 0 else opening
+        values += raw.count(b",", start, end)
+        containers += raw.count(b"{", start, end) + raw.count(b"[", start, end)
+        keys += raw.count(b":", start, end)
+        if opening < 0:
+            break
+        start = string_end(raw, opening)
+        strings += 1
+    return values, containers, strings, keys
+
+
+def string_end(raw, opening):
+    """Where the JSON string opened at `opening` ends (past its closing quote), or the body's end."""
+    closing = raw.find(b'"', opening + 1)
+    if closing < 0:
+        return len(raw)
+    if raw[closing - 1] != BACKSLASH:
+        return closing + 1
+    rest = STRING_REST.match(raw, opening + 1)  # escapes: read by the regex engine, escaped quotes and all
+    return rest.end() if rest else len(raw)
 
 
 def parse_cost(raw):
-    """What parsing a body will take besides its bytes; a 413 for a body built to expand (a list of millions of {}),
-    which would take more than MAX_EXPANSION times its size."""
-    cost = expanded_size(raw)
-    if len(raw) > EXPANSION_FLOOR and cost > MAX_EXPANSION * len(raw):
+    """What parsing a body takes besides the BODY_MEMORY_FACTOR counted for its bytes: its text beyond a byte a
+    character, its strings at their width, and its values at their measured size; a 413 for a body built to expand
+    (a list of millions of {}), whose values would take more than MAX_EXPANSION times its size."""
+    text_width, string_width = widths(raw)
+    values, containers, strings, keys = structure(raw)
+    size = (VALUE_BYTES * values + CONTAINER_BYTES * containers + STRING_BYTES * strings + ENTRY_BYTES * keys)
+    growth = WIDENED_GROWTH if string_width > text_width else ESCAPED_GROWTH if b"\\" in raw else 1
+    cost = (text_width - 1) * len(raw) + int(string_width * growth * len(raw)) + size
+    if len(raw) > EXPANSION_FLOOR and size > MAX_EXPANSION * len(raw):
         raise ApiError(413, f"The request body's JSON is made of so many small values that it would take over "
                             f"{MAX_EXPANSION} times its size once read; send fewer, larger values",
                        code="request_too_complex")
@@ -6226,12 +6310,14 @@ async def parsed_within(request, raw):
     """The JSON value of a body (or a WebSocket message) whose bytes are counted already, once the memory budget
     has room for what parsing it takes; parsed off the event loop when large."""
     state = request.app[STATE]
-    cost = parse_cost(raw)
+    cost = parse_cost(raw) if len(raw) <= THREAD_PARSE_BYTES else await asyncio.to_thread(parse_cost, raw)
     if request[RECORD].reserved + cost > state.budget.limit:
-        raise ApiError(413, f"The request body's JSON would take more memory once read than MEMORY_BUDGET_MB "
-                            f"({state.settings.memory_budget_mb:g} MB) allows; send fewer, larger values",
+        raise ApiError(413, f"The request body would take about {(request[RECORD].reserved + cost) / MB:.0f} MB "
+                            f"once read, more than MEMORY_BUDGET_MB ({state.settings.memory_budget_mb:g} MB) allows "
+                            "(text with characters beyond U+FFFF takes four bytes a character, small values many "
+                            "times their size); send a smaller body, or fewer, larger values",
                        code="request_too_complex")
-    await reserve(request, cost)
+    await reserve(request, cost, wait=False)
     return parse_body(raw) if len(raw) <= THREAD_PARSE_BYTES else await asyncio.to_thread(parse_body, raw)
 
 
@@ -6255,10 +6341,12 @@ def body_too_large(state):
 MODEL_NAME_CHARS = 100  # of a model id in a log line
 
 
-async def reserve(request, amount):
-    """Takes `amount` bytes of MEMORY_BUDGET_MB for the request until it ends (a 503 when none frees in time)."""
-    await request.app[STATE].budget.admit(amount)
-    request[RECORD].reserved += amount
+async def reserve(request, amount, wait=True):
+    """Takes `amount` bytes of MEMORY_BUDGET_MB for the request until it ends, within its key's share (a 503 when
+    none frees in time)."""
+    record = request[RECORD]
+    await request.app[STATE].budget.admit(amount, budget_holder(record), wait)
+    record.reserved += amount
 
 
 async def read_request(request):

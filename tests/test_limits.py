@@ -5,11 +5,14 @@ completion."""
 
 import asyncio
 import json
+import tracemalloc
 
 import pytest
 from conftest import (
+    ALICE,
     API_KEY,
     AUTH,
+    BOB,
     CHAT,
     COUNT,
     DEEP,
@@ -26,6 +29,8 @@ from conftest import (
 )
 from fake_api import ApiReply
 from fake_site import Reply
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import k2proxy
 
@@ -56,6 +61,50 @@ def test_real_bodies_are_not_taken_for_expanding_ones():
         with pytest.raises(k2proxy.ApiError) as refused:
             k2proxy.parse_cost(attack)
         assert refused.value.status == 413
+
+
+# ─── what parsing takes, against what the budget is charged: the grammar of JSON bodies, generated ───
+
+CHARACTERS = {  # how wide CPython keeps a string of them
+    "ascii": st.characters(max_codepoint=0x7F), "latin-1": st.characters(min_codepoint=0x80, max_codepoint=0xFF),
+    "two bytes": st.characters(min_codepoint=0x100, max_codepoint=0xFFFF, exclude_categories=("Cs",)),
+    "four bytes": st.characters(min_codepoint=0x10000, max_codepoint=0x10FFFF)}
+texts = st.lists(st.sampled_from(list(CHARACTERS)), min_size=1, max_size=3).flatmap(
+    lambda kinds: st.text(st.one_of(*(CHARACTERS[kind] for kind in kinds)), max_size=40))
+scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**30, 10**30),
+                    st.floats(allow_nan=False, allow_infinity=False), texts)
+json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner,
+                                                                                                   max_size=4),
+                           max_leaves=12)
+
+
+@settings(max_examples=60)
+@given(unit=json_values, text=texts, repeat=st.integers(1, 3000), long_text=st.integers(0, 300_000),
+       ascii_only=st.booleans(), compact=st.booleans())
+def test_what_parsing_a_body_takes_is_within_what_the_budget_is_charged(unit, text, repeat, long_text, ascii_only,
+                                                                        compact):
+    """The peak of reading a body (its text decoded, its JSON parsed) is within BODY_MEMORY_FACTOR times its size
+    (its bytes, their text) and parse_cost, or the body is refused before it is parsed; whatever its characters
+    (one emoji makes a text four times wider), escapes (\\ud83d\\ude00 widens a string) and values."""
+    body = {"model": MODEL, "messages": [{"role": "user", "content": (text or "x") * (long_text // max(1, len(text)))}],
+            "x": [unit] * repeat}
+    raw = json.dumps(body, ensure_ascii=ascii_only, separators=(",", ":") if compact else None).encode()
+    try:
+        charged = (k2proxy.BODY_MEMORY_FACTOR - 1) * len(raw) + k2proxy.parse_cost(raw)  # less its bytes, held apart
+    except k2proxy.ApiError as refused:
+        assert refused.status == 413 and len(raw) > k2proxy.EXPANSION_FLOOR
+        return
+    tracemalloc.start()
+    try:
+        parsed = k2proxy.parse_body(raw)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert parsed == json.loads(raw)
+    assert peak <= charged + PARSE_OVERHEAD, f"{peak} bytes at the peak, {charged} charged, for {len(raw)}"
+
+
+PARSE_OVERHEAD = 64 * 1024  # what parsing any body takes besides its values (the decoder's own state)
 
 
 @pytest.mark.parametrize("depth", [65, 100_000])
@@ -200,6 +249,14 @@ async def test_a_body_slower_than_body_timeout_is_a_408_and_gives_its_budget_bac
     assert fake.received == []
 
 
+def messages_body(size):
+    """About `size` bytes of a completion request of many short messages: nine or ten times its size once parsed
+    (as parse_cost counts it), under MAX_EXPANSION."""
+    head, tail = b'{"model": "' + MODEL.encode() + b'", "messages": [', b'{"role": "user", "content": "hi"}]}'
+    message = b'{"role": "user", "content": "' + b"m" * 40 + b'"},'
+    return head + message * ((size - len(head) - len(tail)) // len(message)) + tail
+
+
 def rows_body(size):
     """About `size` bytes of a completion request of rows of two numbers and a word: 11 times its size parsed."""
     head, tail = b'{"model": "' + MODEL.encode() + b'", "messages": [{"role": "user", "content": "hi"}], "x": [', b"]}"
@@ -213,7 +270,7 @@ async def test_what_parsing_a_body_takes_is_held_against_the_budget_while_its_re
     proxy = await make_proxy(MAX_REQUEST_MB="1", MEMORY_BUDGET_MB="4", REQUEST_TIMEOUT="30")
     limit = state_of(proxy).budget.limit
     first = rows_body(100_000)
-    first_cost = k2proxy.expanded_size(first)
+    first_cost = k2proxy.parse_cost(first)
     assert first_cost > 5 * len(first), "parsing it takes several times its size"
     # a plain body that fits beside the first one's bytes, but not beside what parsing the first one took
     room = limit - 3 * len(first) - first_cost
@@ -238,9 +295,9 @@ async def test_a_body_that_can_never_fit_the_budget_is_not_told_to_try_again(mak
     """The defaults at 1/16 scale: a body within MAX_REQUEST_MB and MAX_EXPANSION, on an idle proxy."""
     monkeypatch.setattr(k2proxy, "BODY_WAIT_SECONDS", 0.2)
     proxy = await make_proxy(MAX_REQUEST_MB="2", MEMORY_BUDGET_MB="24")
-    body = rows_body(1_950_000)
+    body = messages_body(1_950_000)
     assert k2proxy.EXPANSION_FLOOR < len(body) < 2 * k2proxy.MB
-    assert 9 * len(body) < k2proxy.expanded_size(body) <= k2proxy.MAX_EXPANSION * len(body)
+    assert 8 * len(body) < k2proxy.parse_cost(body) <= k2proxy.MAX_EXPANSION * len(body)
     response = await proxy.post(CHAT, data=body, headers={**AUTH, "Content-Type": "application/json"})
     answer = await response.json()
     assert response.status in (200, 413), f"{response.status} {answer}: no retry can ever be served"
@@ -260,7 +317,7 @@ async def test_a_stored_read_and_a_continuation_take_their_share_of_the_budget(m
     finally:
         budget.release(budget.limit)
     follow_up = json.dumps(asked(RESPONSES, "More", previous_response_id=stored["id"])).encode()
-    others = budget.limit - 3 * len(follow_up) - k2proxy.expanded_size(follow_up)  # all but what its body takes
+    others = budget.limit - 3 * len(follow_up) - k2proxy.parse_cost(follow_up)  # all but what its body takes
     await budget.admit(others)
     try:
         continued = await proxy.post(RESPONSES, data=follow_up, headers={**AUTH, "Content-Type": "application/json"})
@@ -342,3 +399,31 @@ async def test_hidden_reasoning_of_a_whole_answer_counts_against_max_answer_mb(m
     assert response.status == 502 and "MAX_ANSWER_MB" in error["message"]
     streamed = await proxy.post(path, json={**body, "stream": True}, headers=AUTH)
     assert stream_ended_well(path, (await streamed.read()).decode()), "a stream holds none of it"
+
+
+async def test_a_limited_keys_trickled_uploads_cannot_take_the_budget_from_another_key(keyed, fake, monkeypatch):
+    monkeypatch.setattr(k2proxy, "BODY_WAIT_SECONDS", 0.5)
+    proxy = await keyed(alice_limits="rpm=1000", MAX_REQUEST_MB="1", MEMORY_BUDGET_MB="8")
+    budget, never = state_of(proxy).budget, asyncio.Event()
+
+    async def trickle():
+        """A chunked upload that never ends: it holds BODY_MEMORY_FACTOR times MAX_REQUEST_MB from its start."""
+        async def chunks():
+            yield b'{"model": "'
+            await never.wait()
+        return await proxy.post(CHAT, data=chunks(), headers={"Authorization": f"Bearer {ALICE}",
+                                                                "Content-Type": "application/json"})
+    uploads = [asyncio.ensure_future(trickle()) for _ in range(3)]
+    try:
+        await until(lambda: budget.held["alice"] == 3 * k2proxy.MB and len(budget.waiting) == 2)
+        assert budget.used <= budget.key_share, "alice holds her share, no more"
+        body = json.dumps(chat("y" * 900_000)).encode()
+        response = await proxy.post(CHAT, data=body, headers={"Authorization": f"Bearer {BOB}",
+                                                               "Content-Type": "application/json"})
+        assert response.status == 200, await response.text()
+        refused = await asyncio.wait_for(asyncio.gather(*uploads[1:]), 5)
+        assert [answer.status for answer in refused] == [503, 503], "alice's uploads beyond her share wait, then 503"
+    finally:
+        never.set()
+        for upload in uploads:
+            upload.cancel()
