@@ -266,6 +266,8 @@ SETTINGS = (
     Setting("SHUTDOWN_GRACE", "8", _positive,
             "Seconds the requests in flight get to finish after SIGTERM or SIGINT, new connections refused meanwhile; "
             "streams still running then end with an error event (docker stop waits 10 s)"),
+    Setting("STALL_TIMEOUT", "60", _positive,
+            "Seconds a streaming client may leave what it was sent unread before its stream is cut"),
     Setting("KEEPALIVE_SECONDS", "15", _positive, "Seconds of upstream silence before a stream gets an SSE comment"),
     Setting("USER_TOKENS_FILE", "tokens.txt", _text, "Token file of user mode, one JWT per line"),
     Setting("GUEST_TOKENS_FILE", "tokens_guest.txt", _text,
@@ -2879,7 +2881,7 @@ class CredentialPool:
             credential.cooling_until = now + (error.retry_after or RATE_LIMIT_REST)
         if not failure.charge:
             return None
-        if not failure.refused and not any(held.answered for held in self.credentials if held is not credential):
+        if upstreams_own(failure) and not any(held.answered for held in self.credentials if held is not credential):
             return error
         self.charge(credential, error)
         return None
@@ -3035,7 +3037,8 @@ async def read_body(response, limit):
     return b"".join(parts)
 
 
-WAITING_CHUNKS_BYTES = 4 * MB  # of an answer read ahead of its consumer, before reading pauses
+WAITING_CHUNKS_BYTES = 256 * 1024  # of an answer read ahead of its consumer, before reading pauses (then aiohttp
+# buffers 128 KB more, and the network holds the rest: upstream waits, as the client does)
 
 
 async def arrived_chunks(response):
@@ -3237,7 +3240,8 @@ async def failover(kind, core, body, max_retries):
                 uncharged.append((credential, failure))
             log.info("upstream attempt %d failed (%s) %s: %s", len(tried), kind.named(credential),
                      failure.failure.code, failure)
-            if not worth_another_try(failure.failure, credential) or pool.failing_everywhere():
+            if not worth_another_try(failure.failure, credential) or (upstreams_own(failure.failure)
+                                                                        and pool.failing_everywhere()):
                 raise failure from None
             error = failure
             yield Restart(failure)
@@ -3250,6 +3254,11 @@ async def failover(kind, core, body, max_retries):
         yield closing
         return
     raise error or pool.unavailable()
+
+
+def upstreams_own(failure):
+    """Whether a failure may be upstream's rather than the credential's: one the policy charges, but not a refusal."""
+    return failure.charge and not failure.refused
 
 
 def worth_another_try(failure, credential):
@@ -6397,16 +6406,20 @@ class Writer(typing.Protocol):
 
 class EventStream:
     """Writes a completion's events as server-sent events through a dialect's renderer. The response opens with
-    the first bytes sent, so a failure before any is still a real HTTP error; silence gets heartbeats."""
+    the first bytes sent, so a failure before any is still a real HTTP error; silence gets heartbeats. A write
+    waits while the client's buffers are full (so upstream is read no faster than the client reads), and a client
+    that leaves it waiting STALL_TIMEOUT seconds is cut."""
 
-    def __init__(self, request, renderer, keepalive_seconds, settle=None):
+    def __init__(self, request, renderer, keepalive_seconds, stall_timeout, settle=None):
         self.request = request
         self.renderer = renderer
         self.settle = settle
         self.response = None
         self._open_lock = asyncio.Lock()
         self._keepalive_every = keepalive_seconds
+        self._stall_timeout = stall_timeout
         self._last_write = time.monotonic()
+        self._waiting_since: float | None = None  # when the write under way began, while the client has not taken it
         self._heartbeat = None
 
     @property
@@ -6458,23 +6471,38 @@ class EventStream:
                 if opening:
                     await self.response.write(opening)
                 raise
-        self._last_write = time.monotonic()
+        self._last_write = self._waiting_since = time.monotonic()
         try:
             await (self.response.write_eof(data) if last else self.response.write(data))
         except (ConnectionError, RuntimeError):
             raise ClientGone() from None
+        finally:
+            self._waiting_since = None
 
     async def _beat(self):
-        """Sends the dialect's heartbeat after each KEEPALIVE_SECONDS of silence, so proxies keep the stream."""
+        """Sends the dialect's heartbeat after each KEEPALIVE_SECONDS of silence, so proxies keep the stream, and
+        cuts the stream of a client that has left a write waiting STALL_TIMEOUT seconds."""
         try:
             while True:
-                idle = time.monotonic() - self._last_write
-                if idle >= self._keepalive_every:
+                now = time.monotonic()
+                if self._waiting_since is not None:  # no heartbeat behind data the client has not read
+                    stalled = now - self._waiting_since
+                    if stalled >= self._stall_timeout:
+                        return self._cut()
+                    await asyncio.sleep(self._stall_timeout - stalled)
+                elif now - self._last_write >= self._keepalive_every:
                     await self._send(self.renderer.heartbeat)
                 else:
-                    await asyncio.sleep(self._keepalive_every - idle)
+                    await asyncio.sleep(min(self._keepalive_every - (now - self._last_write), self._stall_timeout))
         except ClientGone:
             pass
+
+    def _cut(self):
+        """Ends the connection of a client that stopped reading: the waiting write fails, and the request ends."""
+        self.request[RECORD].reason = "client_stalled"
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
 
 
 class Collector:
@@ -6627,7 +6655,8 @@ async def serve_completion(request, asked, writer: Writer | None = None):
     core = in_conversation(request, asked.core)
     record.stream = core.stream  # its model is noted already, by read_request
     settings = state.settings
-    writer = writer or (EventStream(request, asked.stream_writer(), settings.keepalive_seconds, asked.settle)
+    writer = writer or (EventStream(request, asked.stream_writer(), settings.keepalive_seconds,
+                                    settings.stall_timeout, asked.settle)
                         if core.stream else Collector(asked.answer_body, int(settings.max_answer_mb * MB),
                                                       asked.settle))
     writer.start()

@@ -314,6 +314,7 @@ class FakeK2Think:
         self.token_lifetime = 3600
         self.signins = []                  # (email, issued token or None, time), in order
         self.open_streams = 0
+        self.sent_bytes = 0                # of answers, written so far
         self.streams_cut_by_client = 0
         self.client_gone = asyncio.Event()
         self.app = web.Application(client_max_size=256 * 1024 * 1024)
@@ -450,12 +451,12 @@ class FakeK2Think:
         finally:
             self.open_streams -= 1
 
-    @staticmethod
-    async def write(response, reply, text):
+    async def write(self, response, reply, text):
         data = text.encode()
         size = reply.chunk_bytes or max(len(data), 1)
         for start in range(0, len(data), size):
             await response.write(data[start:start + size])
+            self.sent_bytes += min(size, len(data) - start)
             if reply.chunk_bytes:
                 await asyncio.sleep(0.001)
 

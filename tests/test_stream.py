@@ -3,6 +3,8 @@
 
 import asyncio
 import json
+import logging
+import socket
 
 import pytest
 from conftest import (
@@ -12,6 +14,7 @@ from conftest import (
     chat,
     post_chat,
     read_sse,
+    state_of,
     stream_ended_well,
     stream_text,
     stream_text_of,
@@ -290,3 +293,24 @@ def test_any_stream_of_the_grammar_reaches_every_dialect_exactly(served, stream)
     served.fake.reply = Reply(raw=tuple(stream.reads), ragged=stream.complete_end)
     for client in served.clients:
         assert served.run(client.ask([client.user("Hi")])) == (stream.shown[1], stream.shown[0])
+
+
+# ─── a client that stops reading: back-pressure on upstream, then the stream cut at STALL_TIMEOUT ───
+
+async def test_a_client_that_stops_reading_holds_upstream_back_and_is_cut_at_the_stall_timeout(make_proxy, fake,
+                                                                                                caplog):
+    caplog.set_level(logging.INFO, logger="k2proxy")
+    proxy = await make_proxy(STALL_TIMEOUT="1", KEEPALIVE_SECONDS="1")
+    fake.reply = Reply(reasoning="r" * 30_000_000, answer="never read", piece=10_000, style="incremental")
+    body = json.dumps(chat(stream=True)).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)  # never read
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: " + AUTH["Authorization"].encode()
+                 + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    state = state_of(proxy)
+    await until(lambda: state.monitor.in_flight == 1)
+    await until(lambda: state.monitor.in_flight == 0, seconds=10)  # cut, though upstream has more to send
+    assert "status=499 (client gone, client_stalled)" in caplog.text
+    assert fake.sent_bytes < 20_000_000, "upstream was read no faster than the client read, not to its end"
+    await until(lambda: fake.streams_cut_by_client == 1)  # and its connection closed
+    writer.close()
