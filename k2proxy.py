@@ -520,6 +520,11 @@ class Failure:
     refused: bool = False         # upstream refused the credential itself: its account signs in again
     disables: bool = False        # the credential is disabled at once (an API key that upstream refused)
 
+    @property
+    def maybe_upstreams(self):
+        """Whether it may be upstream's doing rather than the credential's: charged, but not a refusal."""
+        return self.charge and not self.refused
+
 
 REFUSED_TOKEN = Failure("token refused", 502, "upstream_auth_failed", charge=True, fail_over=True, refused=True)
 RATE_LIMITED = Failure("rate limited", 429, "rate_limited", charge=False, fail_over=True, cool_down=True,
@@ -619,9 +624,15 @@ def loads(text):
         value = JSON_DECODER.decode(text)
     except RecursionError:
         raise TooDeep(f"JSON nested more than {MAX_JSON_DEPTH} levels deep") from None
-    if json_depth(value) > MAX_JSON_DEPTH:
+    if may_nest_too_deeply(text) and json_depth(value) > MAX_JSON_DEPTH:
         raise TooDeep(f"JSON nested more than {MAX_JSON_DEPTH} levels deep")
     return value
+
+
+def may_nest_too_deeply(text):
+    """Whether JSON text has brackets enough to nest past MAX_JSON_DEPTH (text of a few, as nearly every chunk of
+    an upstream's stream, cannot): the count is done in C, the walk of the value in Python."""
+    return text.count("{") + text.count("[") > MAX_JSON_DEPTH
 
 
 def check_arguments(arguments, where):
@@ -2881,7 +2892,7 @@ class CredentialPool:
             credential.cooling_until = now + (error.retry_after or RATE_LIMIT_REST)
         if not failure.charge:
             return None
-        if upstreams_own(failure) and not any(held.answered for held in self.credentials if held is not credential):
+        if failure.maybe_upstreams and not any(held.answered for held in self.credentials if held is not credential):
             return error
         self.charge(credential, error)
         return None
@@ -3240,7 +3251,7 @@ async def failover(kind, core, body, max_retries):
                 uncharged.append((credential, failure))
             log.info("upstream attempt %d failed (%s) %s: %s", len(tried), kind.named(credential),
                      failure.failure.code, failure)
-            if not worth_another_try(failure.failure, credential) or (upstreams_own(failure.failure)
+            if not worth_another_try(failure.failure, credential) or (failure.failure.maybe_upstreams
                                                                         and pool.failing_everywhere()):
                 raise failure from None
             error = failure
@@ -3254,11 +3265,6 @@ async def failover(kind, core, body, max_retries):
         yield closing
         return
     raise error or pool.unavailable()
-
-
-def upstreams_own(failure):
-    """Whether a failure may be upstream's rather than the credential's: one the policy charges, but not a refusal."""
-    return failure.charge and not failure.refused
 
 
 def worth_another_try(failure, credential):
@@ -3645,7 +3651,7 @@ def session_id(secret, client, hint, turns):
         opening = [turn for turn in turns if turn.role == "system"][:1] + [
             turn for turn in turns if turn.role == "user"][:1]
         hint = "opening:" + json_text([[turn.role, turn.text] for turn in opening])
-    return hmac.new(secret, f"{client}\0{hint}".encode("utf-8", "surrogatepass"), hashlib.sha256).hexdigest()[:32]
+    return hmac.digest(secret, f"{client}\0{hint}".encode("utf-8", "surrogatepass"), "sha256").hex()[:32]
 
 
 def turn_digest(text, calls):
@@ -6284,7 +6290,7 @@ def parse_body(raw):
         raise too_deep from None
     except ValueError as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from None
-    if json_depth(value) > MAX_JSON_DEPTH:
+    if may_nest_too_deeply(text) and json_depth(value) > MAX_JSON_DEPTH:
         raise too_deep
     if SURROGATE_ESCAPE.search(text):  # rare, so the whole value is checked only then
         try:
