@@ -358,7 +358,7 @@ async def test_eight_31_mb_bodies_of_wide_text_at_once_peak_within_the_budget(pa
         statuses = await asyncio.gather(*(send(session) for _ in range(8)))
     growth_mb = peak_rss_kb(running.process.pid) / 1024 - before_mb
     print(f"\n8 x 31 MB of ASCII and one emoji: statuses {sorted(statuses)}, peak RSS growth {growth_mb:.0f} MB")
-    assert 200 in statuses and set(statuses) <= {200, 503}, "read in turns; those that waited too long are told so"
+    assert 200 in statuses and set(statuses) <= {200, 529}, "read in turns, others told to retry (Anthropic's 503)"
     assert growth_mb <= 384 + WIDE_BODY_OVERHEAD_MB, f"peak memory grew by {growth_mb:.0f} MB"
 
 
