@@ -3029,7 +3029,8 @@ class CredentialPool:
 
 ERROR_BODY_BYTES = 64 * 1024  # of an error answer, a sign-in answer or an HTML page
 DNS_CACHE_SECONDS = 300
-TOKEN_FILE_POLL_SECONDS = 1  # edits to a watched file take effect within two polls
+TOKEN_FILE_POLL_SECONDS = 0.5  # edits to a watched file take effect within two polls: one sees the change, the
+# next takes it, once the file has stayed as it is (well within the 2 s the README promises)
 
 
 async def read_body(response, limit):
@@ -3100,14 +3101,14 @@ async def arrived_chunks(response):
 
 async def keep_polling(step, wake=None):
     """Runs `step` again and again, waiting the seconds it returns (or until `wake` is set); a step that fails
-    unexpectedly is logged and tried again a second later, so no background loop dies."""
+    unexpectedly is logged and tried again TOKEN_FILE_POLL_SECONDS later, so no background loop dies."""
     while True:
         if wake:
             wake.clear()  # before the step: a wake-up during it must still cut the next wait short
         try:
             seconds = await step()
         except Exception:
-            log.exception("a background task failed; trying again in %d s", TOKEN_FILE_POLL_SECONDS)
+            log.exception("a background task failed; trying again in %g s", TOKEN_FILE_POLL_SECONDS)
             seconds = TOKEN_FILE_POLL_SECONDS
         if wake is None:
             await asyncio.sleep(seconds)
