@@ -57,7 +57,7 @@ import uuid
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
-from aiohttp import ClientError, ClientSession, ClientTimeout, TCPConnector, WSCloseCode, web
+from aiohttp import ClientError, ClientSession, ClientTimeout, ServerDisconnectedError, TCPConnector, WSCloseCode, web
 
 __version__ = "1.0.0"
 log = logging.getLogger("k2proxy")
@@ -3159,6 +3159,10 @@ class HttpClient:
             response = await session.post(url, data=body, headers=headers, allow_redirects=False)
         except asyncio.TimeoutError:
             raise UpstreamError(TIMED_OUT, f"upstream did not answer within {self.request_timeout:g} s") from None
+        except ServerDisconnectedError:  # reached, then dropped before its answer (a whole answer cut short)
+            if self.stopping:
+                raise self.stopped() from None
+            raise UpstreamError(BROKEN, "upstream closed the connection before it answered") from None
         except (ClientError, OSError) as exc:
             if self.stopping:
                 raise self.stopped() from None
@@ -3597,6 +3601,26 @@ class ApiReader:
         return delta
 
 
+def answer_delta(body):
+    """The Delta of a whole (non-streamed) answer of the API: its message's reasoning (or its mirror), content and
+    tool calls, its finish reason and usage; an UpstreamError for a body that is not such an answer."""
+    try:
+        value = loads(body)
+    except ValueError:
+        raise UpstreamError(TRUNCATED, "upstream's answer ended before it was whole (not JSON)") from None
+    choices = value.get("choices") if isinstance(value, dict) else None
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
+        raise UpstreamError(NOT_AN_ANSWER, "upstream answered JSON that is not a chat completion")
+    message = object_in(choices[0].get("message"))
+    thought = message.get("reasoning_content")
+    thought = thought if isinstance(thought, str) else message.get("reasoning")
+    content, finish = message.get("content"), choices[0].get("finish_reason")
+    calls = [piece for index, call in enumerate(message.get("tool_calls") or ())
+             if (piece := call_piece({**call, "index": index} if isinstance(call, dict) else call))]
+    return Delta(thought if isinstance(thought, str) else "", content if isinstance(content, str) else "",
+                 object_in(value.get("usage")) or None, finish if isinstance(finish, str) else None, True, calls=calls)
+
+
 def call_piece(call):
     """A CallPiece of a streamed tool call, or None when it is not one."""
     if not isinstance(call, dict) or whole_number(call.get("index")) is None:
@@ -3752,9 +3776,9 @@ def api_messages(core, replayed):
 
 def api_payload(core, messages):
     """The chat completion request the API takes: effort where the chat template reads it, native tools with K2's
-    tool formats, native structured output; always streamed, with usage."""
-    payload = {"model": core.upstream_model, "messages": messages, "stream": True,
-               "stream_options": {"include_usage": True}, **core.params,
+    tool formats, native structured output; streamed with usage when the client streams, else one JSON answer."""
+    streamed = {"stream": True, "stream_options": {"include_usage": True}} if core.stream else {"stream": False}
+    payload = {"model": core.upstream_model, "messages": messages, **streamed, **core.params,
                "chat_template_kwargs": {"reasoning_effort": core.effort}}
     if core.tools:
         payload.update(tools=[api_tool(tool) for tool in core.tools.tools],
@@ -3835,8 +3859,9 @@ class ApiUpstream:
         await self.pool.reload()
         return TOKEN_FILE_POLL_SECONDS
 
-    def headers(self, credential, session):
-        headers = {"Content-Type": "application/json", "Accept": "text/event-stream", "X-Session-ID": session}
+    def headers(self, credential, session, stream):
+        headers = {"Content-Type": "application/json", "Accept": "text/event-stream" if stream else "application/json",
+                   "X-Session-ID": session}
         if credential.value:
             headers["Authorization"] = f"Bearer {credential.value}"
         return headers
@@ -3871,8 +3896,10 @@ class ApiUpstream:
         return session_id(self.session_secret, core.client, core.session_hint, core.turns)
 
     async def attempt(self, core, body, credential, progress):
-        """One attempt: the events of each network read; a stream without a finish is truncated."""
-        async with self.http.exchange(self.url, body, self.headers(credential, self.session_of(core))) as response:
+        """One attempt: the events of each network read, or of the one JSON answer of a request not streamed; an
+        answer without a finish is truncated."""
+        headers = self.headers(credential, self.session_of(core), core.stream)
+        async with self.http.exchange(self.url, body, headers) as response:
             budget = response.headers.get("x-ratelimit-remaining-tokens-daily", "").strip()
             progress.budget = int(budget) if WHOLE_NUMBER.fullmatch(budget) else None
             if response.status != 200:
@@ -3881,6 +3908,18 @@ class ApiUpstream:
                 self.pool.spent(credential, 0, 0 if failure.failure is BUDGET_SPENT and progress.budget is None
                                 else progress.budget)
                 raise failure
+            if response.content_type == "application/json" and not core.stream:
+                limit = int(self.settings.max_answer_mb * MB)
+                text = await read_body(response, limit + 1)
+                if len(text) > limit:
+                    raise answer_too_large(limit)
+                delta = answer_delta(text)
+                events = progress.events(delta)
+                if events:
+                    yield events
+                if delta.finish_reason is None:
+                    raise UpstreamError(TRUNCATED, "upstream's answer came without a finish reason")
+                return
             if response.content_type != "text/event-stream":
                 raise UpstreamError(NOT_AN_ANSWER, f"upstream answered {response.content_type or 'no content type'}"
                                                    ", not a stream")
@@ -4514,7 +4553,7 @@ async def probe_api_key(api, credential, model):
     name = f"api key {mask_token(credential.value)}" if credential.value else "api (no key)"
     core = CoreRequest(model, model, (Turn("user", (text_part(API_CHECK_PROMPT),)),), {"max_tokens": CHECK_MAX_TOKENS},
                        "low", True, True, session_hint=CHECK_SESSION)
-    listed = await fetch_model_list(api.http, api.models_url, api.headers(credential, api.session_of(core)))
+    listed = await fetch_model_list(api.http, api.models_url, api.headers(credential, api.session_of(core), False))
     body = json_text(api_payload(core, api_messages(core, {}))).encode()
     answer, progress = [], api.progress(core)
     try:

@@ -14,6 +14,7 @@ from aiohttp import web
 from conftest import (
     API_KEY,
     AUTH,
+    CHAT,
     DEEP,
     DIALECTS,
     EACH_DIALECT,
@@ -29,7 +30,11 @@ from conftest import (
     stream_text_of,
 )
 from fake_api import ApiReply
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import BaseModel
+
+import k2proxy
 
 OTHER_KEY = "sk-second-client-key"
 IFM_KEY = "IFM-dialects-test-key"
@@ -644,3 +649,58 @@ async def test_a_native_tool_call_nested_too_deeply_from_the_api_is_never_a_500(
         assert response.status == 200
         raw = (await response.read()).decode()
         assert stream_ended_well(path, raw) if stream else json.loads(raw)
+
+
+# ─── 10. a request not streamed asks the API for one JSON answer, read by the documented grammar ───
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_not_streamed_is_asked_of_the_api_as_one_answer(api_proxy, fake_api, stream):
+    proxy = await api_proxy()
+    response = await proxy.post(CHAT, json=asked(CHAT, stream=stream), headers=AUTH)
+    assert response.status == 200
+    sent = fake_api.received[-1].body
+    assert sent["stream"] is stream and ("stream_options" in sent) is stream
+
+
+texts = st.text(max_size=30)
+absent = object()  # a field left out of the message
+tool_calls = st.lists(st.fixed_dictionaries({"id": st.text(min_size=1, max_size=8), "type": st.just("function"),
+                                             "function": st.fixed_dictionaries({
+                                                 "name": st.from_regex(r"[a-z_]{1,10}", fullmatch=True),
+                                                 "arguments": st.text(max_size=30)})}), max_size=3)
+
+
+@given(reasoning=st.one_of(st.just(absent), st.none(), texts), mirror_only=st.booleans(),
+       content=st.one_of(st.just(absent), st.none(), texts), calls=tool_calls,
+       finish=st.sampled_from(["stop", "length", "tool_calls", None]),
+       usage=st.one_of(st.none(), st.fixed_dictionaries({"prompt_tokens": st.integers(0, 10**6),
+                                                          "completion_tokens": st.integers(0, 10**6)})),
+       noise=st.dictionaries(st.sampled_from(["refusal", "annotations", "audio", "function_call"]),
+                             st.none(), max_size=2),
+       cut=st.one_of(st.none(), st.floats(0, 0.999)))
+def test_a_whole_answer_of_the_api_is_read_by_its_grammar(reasoning, mirror_only, content, calls, finish, usage,
+                                                          noise, cut):
+    """shared/ifm-api.md's "Response": the reasoning as reasoning_content and its mirror reasoning (or the mirror
+    alone), content, tool calls, the finish reason and usage, whatever else the message holds; a body cut anywhere
+    is a truncated answer, tried again on the next key."""
+    message = {"role": "assistant", **noise}
+    if reasoning is not absent:
+        message.update({"reasoning": reasoning} if mirror_only else {"reasoning_content": reasoning,
+                                                                      "reasoning": reasoning})
+    if content is not absent:
+        message["content"] = content
+    message["tool_calls"] = calls
+    body = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "model": MODEL,
+                       "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                       **({"usage": usage} if usage else {})}, ensure_ascii=False).encode()
+    if cut is not None:
+        with pytest.raises(k2proxy.UpstreamError) as truncated:
+            k2proxy.answer_delta(body[:int(len(body) * cut)])
+        assert truncated.value.failure is k2proxy.TRUNCATED
+        return
+    delta = k2proxy.answer_delta(body)
+    assert (delta.reasoning, delta.text) == (reasoning if isinstance(reasoning, str) else "",
+                                            content if isinstance(content, str) else "")
+    assert [(piece.index, piece.name, piece.arguments) for piece in delta.calls] == [
+        (index, call["function"]["name"], call["function"]["arguments"]) for index, call in enumerate(calls)]
+    assert (delta.finish_reason, delta.usage, delta.ended) == (finish, usage, True)
