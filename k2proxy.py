@@ -1974,43 +1974,132 @@ def held_tag_prefix(text, tag):
     return 0
 
 
+def text_digest(text):
+    """A running SHA-256 of text (lone surrogates included: a JSON escape may carry one)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass"))
+
+
+class KeptEnd:
+    """Text that grows piece by piece, of which only the end is kept: the start it forgot is held as its length and
+    digest, enough to tell whether a later text starts with it. The site's rule compares each snapshot with the text
+    so far, which would otherwise keep every character a stream read for as long as it runs."""
+
+    __slots__ = ("_digest", "_forgotten", "_parts", "length")
+
+    def __init__(self, text=""):
+        self._parts = collections.deque([text] if text else ())
+        self.length = len(text)
+        self._forgotten = 0  # characters at the start that only the digest holds
+        self._digest = hashlib.sha256()
+
+    def append(self, part):
+        if part:
+            self._parts.append(part)
+            self.length += len(part)
+
+    def _kept(self):
+        if len(self._parts) > 1:
+            self._parts = collections.deque(["".join(self._parts)])
+        return self._parts[0] if self._parts else ""
+
+    def text(self):
+        """The whole text, when nothing of it was forgotten."""
+        if self._forgotten:
+            raise ValueError("the start of this text was forgotten")
+        return self._kept()
+
+    def since(self, offset):
+        """The text after its first `offset` characters, which are not forgotten."""
+        return self._kept()[offset - self._forgotten:]
+
+    def cut(self, offset):
+        """Ends the text after its first `offset` characters, which are not forgotten; returns what it cut off."""
+        kept, keep = self._kept(), offset - self._forgotten
+        self._parts = collections.deque([kept[:keep]] if keep else ())
+        self.length = offset
+        return kept[keep:]
+
+    def forget(self, offset):
+        """Keeps of the text only what follows its first `offset` characters, and the digest of those."""
+        while self._parts and self._forgotten < offset:
+            part = self._parts.popleft()
+            size = min(len(part), offset - self._forgotten)
+            if size < len(part):
+                self._parts.appendleft(part[size:])
+            self._fold(part[:size])
+
+    def _fold(self, part):
+        self._digest.update(part.encode("utf-8", "surrogatepass"))
+        self._forgotten += len(part)
+
+    def prefix_of(self, text):
+        """Whether `text` starts with this text."""
+        return len(text) >= self.length and self.starts_alike(text) and self.kept_prefix_of(text, self.length)
+
+    def starts_alike(self, text):
+        """Whether `text` starts with the part forgotten (by its digest: the one step whose work is all of it)."""
+        return not self._forgotten or (len(text) >= self._forgotten and
+                                       text_digest(text[:self._forgotten]).digest() == self._digest.digest())
+
+    def kept_prefix_of(self, text, length):
+        """Whether `text`, where it starts_alike, goes on with this text's kept characters up to `length`."""
+        return (len(text) >= length >= self._forgotten
+                and text.startswith(self._kept()[:length - self._forgotten], self._forgotten))
+
+    def added_to(self, earlier):
+        """What this text adds to `earlier`, when it starts with it, else None. `earlier` is either this text's own
+        copy (the same start forgotten) or any text when this one forgot nothing."""
+        if not self._forgotten:
+            text = self._kept()
+            return text[earlier.length:] if earlier.prefix_of(text) else None
+        if earlier._forgotten != self._forgotten or earlier._digest.digest() != self._digest.digest():
+            return None
+        mine, theirs = self._kept(), earlier._kept()
+        return mine[len(theirs):] if mine.startswith(theirs) else None
+
+    def copy(self, more=""):
+        """A copy, with `more` after it: what was sent, while the text read is behind it."""
+        copy = KeptEnd()
+        copy._parts, copy.length, copy._forgotten = collections.deque(self._parts), self.length, self._forgotten
+        copy._digest = self._digest.copy()
+        copy.append(more)
+        return copy
+
+
 class TrimmedText:
     """One side of the answer (reasoning or answer) as it streams, without leading or trailing blanks."""
 
-    __slots__ = ("_held", "parts")
+    __slots__ = ("_held", "kept")
 
     def __init__(self):
-        self.parts = []
+        self.kept = KeptEnd()
         self._held = ""
 
     def add(self, text):
         """Takes raw text, returns what can be shown now; trailing blanks wait for more text."""
         if not text:
             return ""
-        text = self._held + text if self.parts else text.lstrip()
+        text = self._held + text if self.kept.length else text.lstrip()
         shown = text.rstrip()
         self._held = text[len(shown):]
-        if shown:
-            self.parts.append(shown)
+        self.kept.append(shown)
         return shown
 
     def text(self):
-        return "".join(self.parts)
+        return self.kept.text()
 
     def mark(self):
-        """Where this side stands: (parts shown, blanks held)."""
-        return len(self.parts), self._held
+        """Where this side stands: (characters shown, blanks held)."""
+        return self.kept.length, self._held
 
     def since(self, mark):
         """The text shown after `mark`."""
-        return "".join(self.parts[mark[0]:])
+        return self.kept.since(mark[0])
 
     def rewind(self, mark):
         """Goes back to `mark`; returns the text shown since, which is no longer counted."""
-        dropped = self.since(mark)
-        del self.parts[mark[0]:]
         self._held = mark[1]
-        return dropped
+        return self.kept.cut(mark[0])
 
 
 # The splitter's states, and what moves it on (text it cannot place yet is held, never guessed):
@@ -2244,23 +2333,35 @@ def growth(new, old):
     return new[0][len(old[0]):], new[1][len(old[1]):]
 
 
+MARK_REACH = 65536  # characters: a mark further behind the text read is dropped, and the text before the oldest
+# mark kept is forgotten, so that a stream holds at most about this much of what it read (issue 38)
+
+
 class UpstreamText:
     """The message so far, from frames of every form, as the (reasoning, answer) each frame grew it by: a top-level
     content replaces the message, a piece is appended, a snapshot that shrinks or diverges from what was sent emits
-    nothing (k2think-protocol.md, "The rule that never loses and never doubles text")."""
+    nothing (k2think-protocol.md, "The rule that never loses and never doubles text"). Of the text read it keeps
+    only what a later frame may be read on from (KeptEnd); `keep` keeps all of it, for --check's report."""
 
-    def __init__(self):
-        self._raw = []
-        self._raw_size = 0
+    def __init__(self, keep=False):
+        self.keep = keep
+        self._raw = KeptEnd()
+        self._pieces = 0        # of the raw text since it was last replaced by a whole message
         self._head = ""
         self.snapshots = False  # whether pieces have been whole-answer snapshots, as the older site sent
         self.forms = set()      # the TextForms seen
         self._repeats = 0
+        self._repeated = ""     # the first piece, while it repeats
         self.splitter = MarkupSplitter()
-        self._sent = None       # the (reasoning, answer) sent, while the message read is behind it
+        self._sent: tuple[KeptEnd, KeptEnd] | None = None  # what was sent, while the message read is behind it
 
     def read(self, frame):
         """The (reasoning, answer) a frame adds."""
+        shown = self._read_frame(frame)
+        self._forget()
+        return shown
+
+    def _read_frame(self, frame):
         if frame.form is None:
             return "", ""
         if frame.text or frame.reasoning:
@@ -2280,15 +2381,33 @@ class UpstreamText:
                 whole.answer.add(frame.text)
                 return self._adopt(whole, "")
 
+    def _forget(self):
+        """Forgets the text read before the oldest mark within MARK_REACH (all of it without one), unless the message
+        read is behind what was sent, which is then compared with it whole."""
+        if self.keep or self._sent is not None:
+            return
+        marks = self.splitter.marks
+        while marks and marks[0].offset < self._raw.length - MARK_REACH:
+            marks.popleft()
+        sides = self.splitter.reasoning, self.splitter.answer
+        if marks:
+            self._raw.forget(marks[0].offset)
+            for side, mark in zip(sides, (marks[0].reasoning, marks[0].answer)):
+                side.kept.forget(mark[0])
+        else:
+            self._raw.forget(self._raw.length)
+            for side in sides:
+                side.kept.forget(side.kept.length)
+
     def replace(self, text):
         """A whole message so far: read on from where it stops sharing the text read, else read it anew."""
         self._repeats = 0
-        raw = self.raw_text()
-        if text.startswith(raw):
-            return self._extend(text, len(raw))
-        resumed = self._resume(text, raw)
-        if resumed is not None:
-            return resumed
+        if self._raw.starts_alike(text):
+            if self._raw.kept_prefix_of(text, self._raw.length):
+                return self._extend(text, self._raw.length)
+            resumed = self._resume(text)
+            if resumed is not None:
+                return resumed
         fresh = MarkupSplitter()
         fresh.feed(text)
         return self._adopt(fresh, text)
@@ -2298,24 +2417,26 @@ class UpstreamText:
         for the next one: one that grows it makes the repeats snapshots, anything else pieces."""
         if not text:
             return "", ""
-        if not self.snapshots and len(self._raw) == 1 and text == self._raw[0]:
+        if (not self.snapshots and self._pieces == 1 and len(text) == self._raw.length
+                and self._raw.prefix_of(text)):
             self._repeats += 1
+            self._repeated = text
             return "", ""
         if self._repeats:
             repeats, self._repeats = self._repeats, 0
-            first = self._raw[0]
+            first, self._repeated = self._repeated, ""
             if not (len(text) > len(first) and text.startswith(first[:SNAPSHOT_HEAD_CHARS])):  # a snapshot
                 parts = [self._append(first) for _ in range(repeats)] + [self._read(text)]
                 return "".join(r for r, _ in parts), "".join(a for _, a in parts)
         return self._read(text)
 
     def _read(self, text):
-        if self._raw and (len(text) > self._raw_size or (self.snapshots and len(text) == self._raw_size)):
-            raw = self.raw_text()
-            if text.startswith(raw):
-                self.snapshots = True
-                return self._extend(text, len(raw))
-        if self.snapshots or (len(self._head) == SNAPSHOT_HEAD_CHARS and len(text) >= self._raw_size
+        raw = self._raw
+        if (self._pieces and (len(text) > raw.length or (self.snapshots and len(text) == raw.length))
+                and raw.prefix_of(text)):
+            self.snapshots = True
+            return self._extend(text, raw.length)
+        if self.snapshots or (len(self._head) == SNAPSHOT_HEAD_CHARS and len(text) >= raw.length
                                and text.startswith(self._head)):
             rewritten = self._rewritten(text)
             if rewritten is not None:
@@ -2324,33 +2445,33 @@ class UpstreamText:
 
     def _append(self, text):
         self._raw.append(text)
-        self._raw_size += len(text)
+        self._pieces += 1
         if len(self._head) < SNAPSHOT_HEAD_CHARS:
             self._head = (self._head + text)[:SNAPSHOT_HEAD_CHARS]
         return self._emit(self.splitter.feed(text))
 
     def _extend(self, text, read):
         """A message that starts with the `read` characters read so far: only the rest is parsed."""
-        self._take_raw(text)
+        self._take_raw(text, read)
         return self._emit(self.splitter.feed(text[read:]))
 
-    def _resume(self, text, raw):
+    def _resume(self, text):
         """A message that shares the text read up to a mark (a line end in a reasoning block) is parsed on from
-        there: the work is the text after the mark, not the whole message. None when it shares no mark."""
-        mark = next((m for m in reversed(self.splitter.marks) if text.startswith(raw[:m.offset])), None)
+        there: the work is the text after the mark, not the whole message. None when it shares no mark (`text`
+        starts_alike the text read)."""
+        mark = next((m for m in reversed(self.splitter.marks) if self._raw.kept_prefix_of(text, m.offset)), None)
         if mark is None:
             return None
         dropped = self.splitter.rewind(mark)
+        sides = self.splitter.reasoning, self.splitter.answer
+        sent = self._sent or (sides[0].kept.copy(dropped[0]), sides[1].kept.copy(dropped[1]))
         self.splitter.feed(text[mark.offset:])
-        self._take_raw(text)
+        self._take_raw(text, mark.offset)
         again = self.splitter.since(mark)
         if self._sent is None and grown(again, dropped):
             return growth(again, dropped)
-        if self._sent is None:
-            reasoning, answer = self.splitter.texts()
-            self._sent = (reasoning[:len(reasoning) - len(again[0])] + dropped[0],
-                          answer[:len(answer) - len(again[1])] + dropped[1])
-        return self._catch_up()
+        self._sent = sent
+        return self._catch_up(sent)
 
     def _rewritten(self, text):
         """A snapshot in pieces' form whose markup changed (Open WebUI rewrites the reasoning tag), read anew: kept
@@ -2359,45 +2480,54 @@ class UpstreamText:
         as the second frame); an incremental piece does neither."""
         fresh = MarkupSplitter()
         fresh.feed(text)
-        if not grown(fresh.texts(), self._sent or self.splitter.texts()):
+        before = self._sent or self._sides()
+        if not all(side.prefix_of(new) for side, new in zip(before, fresh.texts())):
             return None
         self.snapshots = True
         return self._adopt(fresh, text)
 
+    def _sides(self):
+        return self.splitter.reasoning.kept, self.splitter.answer.kept
+
     def _adopt(self, splitter, raw):
         """A message read anew takes the place of the one read: what it adds to what was sent."""
-        self._sent = self._sent or self.splitter.texts()
+        reasoning, answer = self._sides()
+        self._sent = sent = self._sent or (reasoning.copy(), answer.copy())
         self.splitter = splitter
         self._take_raw(raw)
-        return self._catch_up()
+        return self._catch_up(sent)
 
-    def _take_raw(self, text):
-        self._raw, self._raw_size, self._head = [text] if text else [], len(text), text[:SNAPSHOT_HEAD_CHARS]
+    def _take_raw(self, text, known=0):
+        """The text read is now `text`, whose first `known` characters are those read already."""
+        if known:
+            self._raw.cut(known)
+            self._raw.append(text[known:])
+        else:
+            self._raw = KeptEnd(text)
+        self._pieces, self._head = 1 if text else 0, text[:SNAPSHOT_HEAD_CHARS]
 
     def _emit(self, shown):
         """What the parse showed, while it is level with what was sent; else what it now adds to that."""
-        return shown if self._sent is None else self._catch_up()
+        return shown if self._sent is None else self._catch_up(self._sent)
 
-    def _catch_up(self):
-        """What the message read adds to what was sent, once it has grown past it (both texts from the start)."""
-        texts = self.splitter.texts()
-        if not grown(texts, self._sent):
+    def _catch_up(self, sent):
+        """What the message read adds to `sent`, once it has grown past it (both texts from the start)."""
+        added = [side.added_to(before) for side, before in zip(self._sides(), sent)]
+        if None in added:
             return "", ""
-        added, self._sent = growth(texts, self._sent), None
-        return added
+        self._sent = None
+        return added[0], added[1]
 
     def finish(self):
         return self._emit(self.splitter.finish())
 
     def raw_text(self):
-        """The message as upstream sent it, markup and all."""
-        if len(self._raw) > 1:
-            self._raw = ["".join(self._raw)]
-        return self._raw[0] if self._raw else ""
+        """The message as upstream sent it, markup and all (kept whole only with `keep`)."""
+        return self._raw.text()
 
     def is_empty(self):
         """Whether the answer, once finished, held no reasoning and no answer at all."""
-        return not (self.splitter.reasoning.parts or self.splitter.answer.parts)
+        return not (self.splitter.reasoning.kept.length or self.splitter.answer.kept.length)
 
 
 def bare_task_id(fields):
@@ -2449,8 +2579,8 @@ def site_error(status, detail, retry_after=None):
 class SiteReader:
     """The site's frames, read by network read into Deltas: for requests, --check and tests alike."""
 
-    def __init__(self):
-        self.text = UpstreamText()
+    def __init__(self, keep=False):
+        self.text = UpstreamText(keep)
         self.whole_reasoning, self.whole_answer = WholeText(), WholeText()
         self.fields = set()  # the top-level keys of every frame: what an answer without text did hold
         self.frames = 0
@@ -4423,7 +4553,7 @@ def check_payload(model):
 async def look_at_chat(site, token, mode, model, payload=None):
     """One tiny chat (or `payload`), read as the proxy reads answers; (what it looked like, the UpstreamError or
     None)."""
-    look, reader, started = AnswerLook(), SiteReader(), time.monotonic()
+    look, reader, started = AnswerLook(), SiteReader(keep=True), time.monotonic()
     body = json_text(payload or check_payload(model)).encode()
     try:
         async with site.http.exchange(site.urls[mode], body, site.headers(token, mode)) as response:

@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import random
+import socket
 import time
 import urllib.request
 
@@ -20,6 +21,7 @@ from conftest import (
     BOB,
     CHAT,
     COUNT,
+    E2E_ADMIN_KEY,
     E2E_KEY,
     MODEL,
     RESPONSES,
@@ -364,3 +366,45 @@ async def test_eight_31_mb_bodies_of_wide_text_at_once_peak_within_the_budget(pa
 
 WIDE_BODY_OVERHEAD_MB = 160  # besides the budget: what the allocator keeps of large blocks freed (glibc raises its
 # mmap threshold after freeing one, and keeps heap blocks), and the uploads still arriving
+
+
+STALLED = 40  # clients that ask for a long site answer and never read it
+STALLED_ANSWER = 16_000_000  # characters: four times what the network holds for one connection on loopback
+HELD_PER_STALLED_MB = 3.5  # the read-ahead, aiohttp's buffers, one network read being parsed and one write
+
+
+@pytest.mark.load
+async def test_clients_that_never_read_long_site_answers_hold_no_more_than_the_read_ahead(pair):
+    """Issue 38: 50 streams whose clients never read once took the proxy from 56 to 659 MB: each kept all it had read
+    of its answer. Now each holds its read-ahead and what it is parsing, however long the answer, until it is cut."""
+    running = pair(LOG_LEVEL="WARNING", STALL_TIMEOUT="3", ADMIN_KEY=E2E_ADMIN_KEY)
+    running.steer(reasoning="r" * STALLED_ANSWER, answer="never read", piece=10_000, style="incremental")
+    before_mb = peak_rss_kb(running.process.pid) / 1024
+    body = json.dumps(chat(stream=True)).encode()
+    writers = []
+    for _ in range(STALLED):
+        _, writer = await asyncio.open_connection("127.0.0.1", running.port)
+        writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + E2E_KEY.encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        writers.append(writer)
+    admin = {"Authorization": f"Bearer {E2E_ADMIN_KEY}"}
+    async with aiohttp.ClientSession() as session:
+        async def in_flight():
+            async with session.get(running.url + "/metrics", headers=admin) as metrics:
+                line = next(line for line in (await metrics.text()).splitlines()
+                            if line.startswith("k2proxy_in_flight_requests"))
+                return float(line.split()[-1])
+        deadline = time.monotonic() + 30
+        while await in_flight() < STALLED:  # all asked
+            assert time.monotonic() < deadline, "the stalled requests did not all start"
+            await asyncio.sleep(0.05)
+        while await in_flight():  # each cut at STALL_TIMEOUT, though upstream has more to send
+            assert time.monotonic() < deadline, "the stalled streams were not cut"
+            await asyncio.sleep(0.1)
+    for writer in writers:
+        writer.close()
+    growth_mb = peak_rss_kb(running.process.pid) / 1024 - before_mb
+    print(f"\n{STALLED} clients that never read {STALLED_ANSWER:,}-character answers: peak RSS growth "
+          f"{growth_mb:.0f} MB")
+    assert growth_mb < STALLED * HELD_PER_STALLED_MB, f"peak memory grew by {growth_mb:.0f} MB"

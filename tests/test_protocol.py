@@ -1,11 +1,16 @@
 """Upstream parsing: every variant of the protocol page yields exactly the reasoning and the answer, in work that
 grows linearly and with what waits for a closer kept small."""
 
+import hashlib
+import json
+import tracemalloc
 from dataclasses import replace
+from unittest import mock
 
 import pytest
-from fake_site import Reply, json_document, old_site, snapshots, sse_events
+from fake_site import Reply, details_snapshot, json_document, old_site, quoted, snapshots, sse_events
 from hypothesis import given
+from hypothesis import strategies as st
 from site_grammar import site_streams
 
 import k2proxy
@@ -49,6 +54,78 @@ def test_any_stream_of_the_grammar_is_read_exactly(stream):
     reasoning, answer, usage, ended = parse_reads(stream.reads)
     assert (reasoning, answer) == (stream.reasoning, stream.answer)
     assert (usage, ended) == (stream.usage, stream.ended)
+
+
+@given(stream=site_streams(), reach=st.integers(0, 64))
+def test_any_stream_of_the_grammar_is_read_exactly_however_little_of_it_is_kept(stream, reach):
+    """The text read is forgotten but for what lies within MARK_REACH of its end: however short that reach, every
+    stream of the grammar still gives exactly the model's reasoning and answer."""
+    with mock.patch.object(k2proxy, "MARK_REACH", reach):
+        reasoning, answer, usage, ended = parse_reads(stream.reads)
+    assert (reasoning, answer) == (stream.reasoning, stream.answer)
+    assert (usage, ended) == (stream.usage, stream.ended)
+
+
+LONG_LINES = 8000  # of the reasoning and of the answer: 0.8 MB each
+SNAPSHOT_LINES = 600  # of the reasoning while it streams in whole snapshots (each frame repeats all of it)
+
+
+def numbered_lines(count, name):
+    return [f"{name} line {number}: " + "x" * 80 for number in range(count)]
+
+
+def long_answer_frames(shape):
+    """(reasoning lines, answer lines, the frames' payloads made one at a time) of a long answer in one of the 2026
+    site's shapes: pieces of the whole message; the realtime save's snapshots of the reasoning block, then pieces
+    of the answer; the older site's snapshots of <think> markup in choices form."""
+    answer = numbered_lines(LONG_LINES, "answer")
+    if shape == "pieces":
+        reasoning = numbered_lines(LONG_LINES, "reasoning")
+        head = '<details type="reasoning" done="true" duration="2">\n<summary>Thought for 2 seconds</summary>\n'
+        pieces = [head, *(quoted(line) + "\n" for line in reasoning), "</details>\n",
+                  *(line + "\n" for line in answer)]
+        payloads = ({"choices": [{"delta": {"content": piece}}]} for piece in pieces)
+    elif shape == "realtime save":
+        reasoning = numbered_lines(SNAPSHOT_LINES, "reasoning")
+        thinking = ({"content": details_snapshot("\n".join(reasoning[:shown]), 10 ** 9, "", 0)}
+                    for shown in range(1, SNAPSHOT_LINES + 1))
+        payloads = (*thinking, *({"choices": [{"delta": {"content": "\n" + line}}]} for line in answer))
+    else:
+        reasoning = numbered_lines(SNAPSHOT_LINES, "reasoning")
+        whole = "<think>" + "\n".join(reasoning) + "</think>\n<answer>"
+        steps = [whole[:end] for end in range(0, len(whole), len(whole) // SNAPSHOT_LINES)][1:]
+        payloads = ({"choices": [{"delta": {"content": text}}]} for text in (*steps, whole))
+        payloads = (*payloads, *({"choices": [{"delta": {"content": "\n" + line}}]} for line in answer))
+    return reasoning, answer, payloads
+
+
+@pytest.mark.parametrize("shape", ["pieces", "realtime save", "snapshots"])
+def test_a_long_answer_is_read_without_keeping_what_was_read(shape):
+    """Issue 38: a stream kept every character it read for its whole life (three times over: the markup, the
+    reasoning, the answer), so slow clients could hold memory without bound. Of 1.6 MB read it now keeps about
+    MARK_REACH, and still gives exactly the model's text."""
+    reasoning, answer, payloads = long_answer_frames(shape)
+    reader, digests, sizes = k2proxy.SiteReader(), [hashlib.sha256(), hashlib.sha256()], [0, 0]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for payload in payloads:
+            delta = reader.read([k2proxy.parse_frame(json.dumps(payload))])
+            for index, text in enumerate((delta.reasoning, delta.text)):
+                digests[index].update(text.encode())
+                sizes[index] += len(text)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    for index, text in enumerate(reader.finish()):
+        digests[index].update(text.encode())
+        sizes[index] += len(text)
+    expected = ["\n".join(reasoning), "".join(line + "\n" for line in answer).strip()]
+    if shape != "pieces":
+        expected[1] = "\n".join(answer)
+    assert sizes == [len(text) for text in expected], "the exact text"
+    assert [digest.digest() for digest in digests] == [hashlib.sha256(text.encode()).digest() for text in expected]
+    assert held < 4 * k2proxy.MARK_REACH, f"{held:,} bytes held after reading {sum(sizes):,} characters"
 
 
 @pytest.mark.parametrize("markup,style,form", VARIANTS)
