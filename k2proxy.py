@@ -1781,7 +1781,7 @@ class SSEDecoder:
         rest = "" if final else lines.pop()
         self._partial = [rest]
         self._partial_size = len(rest)
-        return [frame for frame in map(self.parse, filter(None, map(sse_payload, lines))) if frame]
+        return [frame for frame in map(self.parse, filter(None, map(sse_payload, filter(None, lines)))) if frame]
 
 
 def sse_payload(line):
@@ -2057,13 +2057,21 @@ class KeptEnd:
         mine, theirs = self._kept(), earlier._kept()
         return mine[len(theirs):] if mine.startswith(theirs) else None
 
-    def copy(self, more=""):
-        """A copy, with `more` after it: what was sent, while the text read is behind it."""
+    def copy(self, length=None, more=""):
+        """A copy of its first `length` characters (all by default, none of them forgotten since) with `more` after
+        them: what was sent, while the text read is behind it."""
         copy = KeptEnd()
         copy._parts, copy.length, copy._forgotten = collections.deque(self._parts), self.length, self._forgotten
         copy._digest = self._digest.copy()
+        if length is not None:
+            copy.cut(length)
         copy.append(more)
         return copy
+
+    @property
+    def kept_chars(self):
+        """Characters of it kept as text."""
+        return self.length - self._forgotten
 
 
 class TrimmedText:
@@ -2382,14 +2390,16 @@ class UpstreamText:
                 return self._adopt(whole, "")
 
     def _forget(self):
-        """Forgets the text read before the oldest mark within MARK_REACH (all of it without one), unless the message
-        read is behind what was sent, which is then compared with it whole."""
-        if self.keep or self._sent is not None:
+        """Once more than MARK_REACH characters are kept, forgets the text read before the oldest mark within
+        MARK_REACH (all of it without one), unless the message read is behind what was sent, which is then compared
+        with it whole."""
+        sides = self.splitter.reasoning, self.splitter.answer
+        if (self.keep or self._sent is not None
+                or self._raw.kept_chars + sides[0].kept.kept_chars + sides[1].kept.kept_chars <= MARK_REACH):
             return
         marks = self.splitter.marks
         while marks and marks[0].offset < self._raw.length - MARK_REACH:
             marks.popleft()
-        sides = self.splitter.reasoning, self.splitter.answer
         if marks:
             self._raw.forget(marks[0].offset)
             for side, mark in zip(sides, (marks[0].reasoning, marks[0].answer)):
@@ -2463,15 +2473,15 @@ class UpstreamText:
         if mark is None:
             return None
         dropped = self.splitter.rewind(mark)
-        sides = self.splitter.reasoning, self.splitter.answer
-        sent = self._sent or (sides[0].kept.copy(dropped[0]), sides[1].kept.copy(dropped[1]))
         self.splitter.feed(text[mark.offset:])
         self._take_raw(text, mark.offset)
         again = self.splitter.since(mark)
         if self._sent is None and grown(again, dropped):
             return growth(again, dropped)
-        self._sent = sent
-        return self._catch_up(sent)
+        if self._sent is None:  # what was sent: each side as it stood at the mark, and what it had shown since
+            self._sent = (self.splitter.reasoning.kept.copy(mark.reasoning[0], dropped[0]),
+                          self.splitter.answer.kept.copy(mark.answer[0], dropped[1]))
+        return self._catch_up(self._sent)
 
     def _rewritten(self, text):
         """A snapshot in pieces' form whose markup changed (Open WebUI rewrites the reasoning tag), read anew: kept
