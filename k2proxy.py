@@ -1997,6 +1997,13 @@ class KeptEnd:
             self._parts.append(part)
             self.length += len(part)
 
+    def reset(self, text):
+        """Starts over as `text`, with nothing forgotten."""
+        if self._forgotten:
+            self._digest, self._forgotten = hashlib.sha256(), 0
+        self._parts = collections.deque([text] if text else ())
+        self.length = len(text)
+
     def _kept(self):
         if len(self._parts) > 1:
             self._parts = collections.deque(["".join(self._parts)])
@@ -2508,12 +2515,13 @@ class UpstreamText:
         return self._catch_up(sent)
 
     def _take_raw(self, text, known=0):
-        """The text read is now `text`, whose first `known` characters are those read already."""
-        if known:
+        """The text read is now `text`, whose first `known` characters are those read already (whose digest is
+        kept on when part of them was forgotten; else `text` itself is kept, not a copy)."""
+        if known and self._raw.kept_chars < self._raw.length:
             self._raw.cut(known)
             self._raw.append(text[known:])
         else:
-            self._raw = KeptEnd(text)
+            self._raw.reset(text)
         self._pieces, self._head = 1 if text else 0, text[:SNAPSHOT_HEAD_CHARS]
 
     def _emit(self, shown):
