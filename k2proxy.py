@@ -2405,7 +2405,9 @@ class UpstreamText:
                 or self._raw.kept_chars + sides[0].kept.kept_chars + sides[1].kept.kept_chars <= MARK_REACH):
             return
         marks = self.splitter.marks
-        while marks and marks[0].offset < self._raw.length - MARK_REACH:
+        while marks and (marks[0].offset < self._raw.length - MARK_REACH
+                         or marks[0].reasoning[0] < sides[0].kept.length - MARK_REACH
+                         or marks[0].answer[0] < sides[1].kept.length - MARK_REACH):  # sides grow alone by deltas
             marks.popleft()
         if marks:
             self._raw.forget(marks[0].offset)

@@ -128,6 +128,22 @@ def test_a_long_answer_is_read_without_keeping_what_was_read(shape):
     assert held < 4 * k2proxy.MARK_REACH, f"{held:,} bytes held after reading {sum(sizes):,} characters"
 
 
+def test_responses_style_deltas_after_a_snapshot_are_not_kept_either():
+    """Deltas grow a side without the markup: a reasoning line end of the snapshot before them is no reason to keep
+    what they add."""
+    reader = k2proxy.SiteReader()
+    reader.read([k2proxy.Frame(text=THINKING.replace("> Wh", "> a\n> b"), form=WHOLE)])
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(LONG_LINES):
+            reader.read([k2proxy.Frame(text=f"{number:05} " + "y" * 94, form=k2proxy.TextForm.ANSWER)])
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 4 * k2proxy.MARK_REACH, f"{held:,} bytes held after {LONG_LINES * 100:,} characters of deltas"
+
+
 @pytest.mark.parametrize("markup,style,form", VARIANTS)
 @pytest.mark.parametrize("cut", [1, 2, 5, 64, 100000])
 @pytest.mark.parametrize("site", SITES)
