@@ -4,12 +4,12 @@
 Usage: python tests/bench.py [--quick]
 Starts the fake upstream and the proxy as processes on 127.0.0.1 and prints markdown: time to first content,
 streamed and non-streamed throughput (direct and by each completion route), proxy CPU for long snapshot answers,
-proxy memory, the targets, what each completion's bookkeeping costs, the rate of every other route, and PDF
-pages read a second with other requests' latency meanwhile; then the same for the official API's upstream kind
-(the fake API directly and through a second proxy with UPSTREAM=api); then, with a redis-server of its own, what
-REDIS_URL costs a request (a proxy in process and one with REDIS_URL, in turns) and the streamed rate of
-WORKERS=1 against WORKERS=2 (skipped, saying why, without redis-server or the redis package). Timing misses are
-reported, not failed; the exit status is non-zero only when requests failed.
+proxy memory, the targets, what each completion's bookkeeping costs, the rate of every other route, and PDF pages
+read a second with other requests' latency meanwhile; then the same for the official API's upstream kind (the fake
+API directly, through the floor of tests/passthrough.py, and through a second proxy with UPSTREAM=api); then, with
+a redis-server of its own, what REDIS_URL costs a request (a proxy in process and one with REDIS_URL, in turns) and
+the streamed rate of WORKERS=1 against WORKERS=2 (skipped, saying why, without redis-server or the redis package).
+Timing misses are reported, not failed; the exit status is non-zero only when requests failed.
 """
 
 import argparse
