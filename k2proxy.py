@@ -2065,7 +2065,7 @@ class KeptEnd:
         return mine[len(theirs):] if mine.startswith(theirs) else None
 
     def copy(self, length=None, more=""):
-        """A copy of its first `length` characters (all by default, none of them forgotten since) with `more` after
+        """A copy of its first `length` characters (all by default; those past what it forgot) with `more` after
         them: what was sent, while the text read is behind it."""
         copy = KeptEnd()
         copy._parts, copy.length, copy._forgotten = collections.deque(self._parts), self.length, self._forgotten
@@ -2348,8 +2348,8 @@ def growth(new, old):
     return new[0][len(old[0]):], new[1][len(old[1]):]
 
 
-MARK_REACH = 65536  # characters: a mark further behind the text read is dropped, and the text before the oldest
-# mark kept is forgotten, so that a stream holds at most about this much of what it read (issue 38)
+MARK_REACH = 65536  # characters: a mark further behind the markup or either side read is dropped, and the text
+# before the oldest mark kept is forgotten, so that a stream holds about this much of what it read (issue 38)
 
 
 class UpstreamText:

@@ -142,6 +142,17 @@ def chat(content="Hi", model=MODEL, **extra):
     return {"model": model, "messages": [{"role": "user", "content": content}], **extra}
 
 
+async def never_reading_client(port, key):
+    """A client that asks the proxy at `port` for a streamed chat completion and never reads it (a small receive
+    buffer, so the proxy's writes soon wait); its writer, to close at the end."""
+    body = json.dumps(chat(stream=True)).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode()
+                 + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    return writer
+
+
 def asked(path, content="Hi", stream=False, **extra):
     """A minimal request of the dialect served at `path`."""
     if path == CHAT:

@@ -55,10 +55,11 @@ async def until_served(port, seconds=5):
 
 
 async def held_open(port, key=None):
-    """A connection the proxy has accepted and keeps: one request answered (with `key`), the connection kept alive."""
+    """A connection the proxy has accepted and keeps: one request answered (with `key`, by a route that checks it, so
+    that the connection has shown a valid key; else GET /health), the connection kept alive."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    auth = f"Authorization: Bearer {key}\r\n".encode() if key else b""
-    writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n" + auth + b"\r\n")
+    request = f"GET /v1/models HTTP/1.1\r\nAuthorization: Bearer {key}\r\n" if key else "GET /health HTTP/1.1\r\n"
+    writer.write(request.encode() + b"Host: x\r\n\r\n")
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]))
     return reader, writer

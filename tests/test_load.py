@@ -8,7 +8,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import time
 import urllib.request
 
@@ -30,6 +29,7 @@ from conftest import (
     chat,
     expanding_body,
     free_port,
+    never_reading_client,
     until,
 )
 from fake_site import Reply
@@ -380,14 +380,7 @@ async def test_clients_that_never_read_long_site_answers_hold_no_more_than_the_r
     running = pair(LOG_LEVEL="WARNING", STALL_TIMEOUT="3", ADMIN_KEY=E2E_ADMIN_KEY)
     running.steer(reasoning="r" * STALLED_ANSWER, answer="never read", piece=10_000, style="incremental")
     before_mb = peak_rss_kb(running.process.pid) / 1024
-    body = json.dumps(chat(stream=True)).encode()
-    writers = []
-    for _ in range(STALLED):
-        _, writer = await asyncio.open_connection("127.0.0.1", running.port)
-        writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + E2E_KEY.encode()
-                     + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        writers.append(writer)
+    writers = [await never_reading_client(running.port, E2E_KEY) for _ in range(STALLED)]
     admin = {"Authorization": f"Bearer {E2E_ADMIN_KEY}"}
     async with aiohttp.ClientSession() as session:
         async def in_flight():

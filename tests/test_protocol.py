@@ -99,6 +99,17 @@ def long_answer_frames(shape):
     return reasoning, answer, payloads
 
 
+def bytes_held(work):
+    """The memory that Python objects allocated by `work()` still take when it returns."""
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        work()
+        return tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+
+
 @pytest.mark.parametrize("shape", ["pieces", "realtime save", "snapshots"])
 def test_a_long_answer_is_read_without_keeping_what_was_read(shape):
     """Issue 38: a stream kept every character it read for its whole life (three times over: the markup, the
@@ -106,20 +117,18 @@ def test_a_long_answer_is_read_without_keeping_what_was_read(shape):
     MARK_REACH, and still gives exactly the model's text."""
     reasoning, answer, payloads = long_answer_frames(shape)
     reader, digests, sizes = k2proxy.SiteReader(), [hashlib.sha256(), hashlib.sha256()], [0, 0]
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+
+    def shown(texts):
+        for index, text in enumerate(texts):
+            digests[index].update(text.encode())
+            sizes[index] += len(text)
+
+    def read_all():
         for payload in payloads:
             delta = reader.read([k2proxy.parse_frame(json.dumps(payload))])
-            for index, text in enumerate((delta.reasoning, delta.text)):
-                digests[index].update(text.encode())
-                sizes[index] += len(text)
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
-    for index, text in enumerate(reader.finish()):
-        digests[index].update(text.encode())
-        sizes[index] += len(text)
+            shown((delta.reasoning, delta.text))
+    held = bytes_held(read_all)
+    shown(reader.finish())
     expected = ["\n".join(reasoning), "".join(line + "\n" for line in answer).strip()]
     if shape != "pieces":
         expected[1] = "\n".join(answer)
@@ -133,14 +142,11 @@ def test_responses_style_deltas_after_a_snapshot_are_not_kept_either():
     what they add."""
     reader = k2proxy.SiteReader()
     reader.read([k2proxy.Frame(text=THINKING.replace("> Wh", "> a\n> b"), form=WHOLE)])
-    tracemalloc.start()
-    try:
-        before = tracemalloc.get_traced_memory()[0]
+
+    def read_all():
         for number in range(LONG_LINES):
             reader.read([k2proxy.Frame(text=f"{number:05} " + "y" * 94, form=k2proxy.TextForm.ANSWER)])
-        held = tracemalloc.get_traced_memory()[0] - before
-    finally:
-        tracemalloc.stop()
+    held = bytes_held(read_all)
     assert held < 4 * k2proxy.MARK_REACH, f"{held:,} bytes held after {LONG_LINES * 100:,} characters of deltas"
 
 

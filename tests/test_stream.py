@@ -4,14 +4,15 @@
 import asyncio
 import json
 import logging
-import socket
 
 import pytest
 from conftest import (
+    API_KEY,
     AUTH,
     DIALECTS,
     asked,
     chat,
+    never_reading_client,
     post_chat,
     read_sse,
     state_of,
@@ -302,11 +303,7 @@ async def test_a_client_that_stops_reading_holds_upstream_back_and_is_cut_at_the
     caplog.set_level(logging.INFO, logger="k2proxy")
     proxy = await make_proxy(STALL_TIMEOUT="1", KEEPALIVE_SECONDS="1")
     fake.reply = Reply(reasoning="r" * 30_000_000, answer="never read", piece=10_000, style="incremental")
-    body = json.dumps(chat(stream=True)).encode()
-    _, writer = await asyncio.open_connection("127.0.0.1", proxy.server.port)  # never read
-    writer.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: " + AUTH["Authorization"].encode()
-                 + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    writer = await never_reading_client(proxy.server.port, API_KEY)
     state = state_of(proxy)
     await until(lambda: state.monitor.in_flight == 1)
     await until(lambda: state.monitor.in_flight == 0, seconds=10)  # cut, though upstream has more to send
